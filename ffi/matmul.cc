@@ -1,0 +1,130 @@
+// mc2_matmul_ffi: the local (per-rank) part of matmul + all-reduce,
+//   out[m, n] = round(x1[m, k] @ x2 (+ bias[n]) (+ x3[m, n]))
+// computed in fp32 with one rounding to the output dtype. x2 is (k, n), or
+// (n, k) when transpose_x2. The all-reduce itself is XLA's collective, run
+// on `out` after this call.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "ffi_common.h"
+#include "mc2_ffi.h"
+
+namespace jax_mc2 {
+namespace {
+
+constexpr char kOp[] = "mc2_matmul_ffi";
+// Rows of x1 converted and multiplied per sgemm call: bounds the fp32 tiles
+// while keeping each call large enough for BLAS to reach its peak.
+constexpr int64_t kRowBlock = 512;
+
+ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2,
+                         ffi::RemainingArgs extra,
+                         ffi::Result<ffi::AnyBuffer> out, bool transpose_x2,
+                         bool has_bias, bool has_x3, int64_t parallelism) {
+  const ffi::DataType dtype = x1.element_type();
+  if (!IsFloatType(dtype) || x2.element_type() != dtype ||
+      out->element_type() != dtype) {
+    return InvalidArgument(kOp, "x1, x2 and out must share one float dtype");
+  }
+  auto x1_dims = x1.dimensions();
+  auto x2_dims = x2.dimensions();
+  auto out_dims = out->dimensions();
+  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
+    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
+                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
+  }
+  const int64_t k = x1_dims.back();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
+  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
+  const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
+  if (x2_k != k || static_cast<int64_t>(out->element_count()) != m * n ||
+      out_dims.back() != n) {
+    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
+                                    ", x2 " + DimsToString(x2_dims) + ", out " +
+                                    DimsToString(out_dims));
+  }
+  if (extra.size() != static_cast<size_t>(has_bias) + static_cast<size_t>(has_x3)) {
+    return InvalidArgument(kOp, "expected " +
+                                    std::to_string(int{has_bias} + int{has_x3}) +
+                                    " optional operands, got " + std::to_string(extra.size()));
+  }
+  const void* bias_data = nullptr;
+  const void* x3_data = nullptr;
+  size_t next = 0;
+  if (has_bias) {
+    auto bias = extra.get<ffi::AnyBuffer>(next++);
+    if (bias.has_error()) return bias.error();
+    if (bias->element_type() != dtype || static_cast<int64_t>(bias->element_count()) != n) {
+      return InvalidArgument(kOp, "bias must be (n,) = (" + std::to_string(n) +
+                                      ",) of the x1 dtype, got " +
+                                      DimsToString(bias->dimensions()));
+    }
+    bias_data = bias->untyped_data();
+  }
+  if (has_x3) {
+    auto x3 = extra.get<ffi::AnyBuffer>(next++);
+    if (x3.has_error()) return x3.error();
+    if (x3->element_type() != dtype || static_cast<int64_t>(x3->element_count()) != m * n) {
+      return InvalidArgument(kOp, "x3 must have the output shape " + DimsToString(out_dims) +
+                                      ", got " + DimsToString(x3->dimensions()));
+    }
+    x3_data = x3->untyped_data();
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1_dims));
+  }
+  void* out_data = out->untyped_data();
+  std::vector<float> bias_f(has_bias ? n : 0);
+  if (has_bias) LoadAsFloat(dtype, bias_data, 0, n, bias_f.data());
+
+  SetBlasThreads(BlasThreads(parallelism));
+  // x2 is read whole by every row block: convert it once.
+  std::vector<float> x2_f(static_cast<size_t>(k) * n);
+  LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, x2_f.data());
+  const int64_t rows = std::min(m, kRowBlock);
+  std::vector<float> a(static_cast<size_t>(rows) * k);
+  std::vector<float> c(static_cast<size_t>(rows) * n);
+  std::vector<float> x3_tile(has_x3 ? static_cast<size_t>(rows) * n : 0);
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r = std::min(rows, m - r0);
+    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.data());
+    Sgemm(false, transpose_x2, r, n, k, a.data(), k, x2_f.data(), transpose_x2 ? k : n,
+          c.data(), n);
+    // Epilogue on the fp32 tile: + bias, + x3, one rounding to the dtype.
+    if (has_x3) LoadAsFloat(dtype, x3_data, r0 * n, r * n, x3_tile.data());
+    if (has_bias || has_x3) {
+      for (int64_t i = 0; i < r; ++i) {
+        float* row = c.data() + i * n;
+        if (has_bias) {
+          for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
+        }
+        if (has_x3) {
+          const float* x3_row = x3_tile.data() + i * n;
+          for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+        }
+      }
+    }
+    StoreFromFloat(dtype, c.data(), r * n, out_data, r0 * n);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2MatmulHandler, Mc2MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x1
+                                  .Arg<ffi::AnyBuffer>()  // x2
+                                  .RemainingArgs()        // bias?, x3?
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<bool>("transpose_x2")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_x3")
+                                  .Attr<int64_t>("parallelism"));
+
+}  // namespace jax_mc2

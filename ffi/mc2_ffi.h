@@ -1,0 +1,11 @@
+// Every XLA FFI handler the jax_mc2 extension exports.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mc2 {
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2MatmulHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2AddRmsNormHandler);
+
+}  // namespace jax_mc2

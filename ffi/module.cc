@@ -1,0 +1,24 @@
+// The nanobind module: exposes the FFI handlers as capsules by target name.
+#include <nanobind/nanobind.h>
+
+#include "mc2_ffi.h"
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+nb::capsule EncapsulateFfiHandler(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+}  // namespace
+
+NB_MODULE(_mc2_ffi, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["mc2_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2MatmulHandler);
+    d["mc2_add_rms_norm_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2AddRmsNormHandler);
+    return d;
+  });
+}

@@ -1,0 +1,86 @@
+// mc2_add_rms_norm_ffi: the epilogue of matmul + all-reduce + add + RMSNorm,
+// run on the all-reduced matmul output `mm`:
+//   y        = round(mm + residual)
+//   norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
+// Statistics are fp32 over the already-rounded y; each element's square is
+// scaled by 1/n before the sum, and the fp16 and bf16 paths round where the
+// Ascend AddRmsNorm kernel rounds (see the per-dtype comments).
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ffi_common.h"
+#include "mc2_ffi.h"
+
+namespace jax_mc2 {
+namespace {
+
+constexpr char kOp[] = "mc2_add_rms_norm_ffi";
+
+ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
+                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
+                             float epsilon) {
+  const ffi::DataType dtype = mm.element_type();
+  if (!IsFloatType(dtype) || residual.element_type() != dtype ||
+      gamma.element_type() != dtype || y->element_type() != dtype ||
+      norm_out->element_type() != dtype) {
+    return InvalidArgument(kOp, "mm, residual, gamma, y and norm_out must share one float dtype");
+  }
+  auto dims = residual.dimensions();
+  if (dims.size() == 0) return InvalidArgument(kOp, "residual must have at least one dimension");
+  const int64_t n = dims.back();
+  const int64_t total = static_cast<int64_t>(residual.element_count());
+  if (static_cast<int64_t>(mm.element_count()) != total ||
+      static_cast<int64_t>(y->element_count()) != total ||
+      static_cast<int64_t>(norm_out->element_count()) != total ||
+      static_cast<int64_t>(gamma.element_count()) != n) {
+    return InvalidArgument(kOp, "mm, y and norm_out must have residual's " +
+                                    std::to_string(total) + " elements and gamma (n,) = (" +
+                                    std::to_string(n) + ",), got mm " +
+                                    DimsToString(mm.dimensions()) + ", gamma " +
+                                    DimsToString(gamma.dimensions()));
+  }
+  if (n == 0 || total == 0) return ffi::Error::Success();
+  const int64_t rows = total / n;
+
+  std::vector<float> g(n), a(n), b(n), out(n);
+  LoadAsFloat(dtype, gamma.untyped_data(), 0, n, g.data());
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    LoadAsFloat(dtype, mm.untyped_data(), r * n, n, a.data());
+    LoadAsFloat(dtype, residual.untyped_data(), r * n, n, b.data());
+    for (int64_t j = 0; j < n; ++j) a[j] += b[j];
+    // y is rounded to the dtype first; the statistics read the rounded y.
+    StoreFromFloat(dtype, a.data(), n, y->untyped_data(), r * n);
+    LoadAsFloat(dtype, y->untyped_data(), r * n, n, a.data());
+    float mean_square = 0.0f;
+    for (int64_t j = 0; j < n; ++j) mean_square += a[j] * a[j] * inv_n;
+    const float rstd = 1.0f / std::sqrt(mean_square + epsilon);
+    if (dtype == ffi::DataType::F32) {
+      for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd * g[j];
+    } else {
+      // fp16: t = half(y * rstd), norm = half(t * gamma) (a half multiply,
+      // exact in fp32 then rounded once). bf16: the same two roundings.
+      for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd;
+      StoreFromFloat(dtype, out.data(), n, norm_out->untyped_data(), r * n);
+      LoadAsFloat(dtype, norm_out->untyped_data(), r * n, n, out.data());
+      for (int64_t j = 0; j < n; ++j) out[j] *= g[j];
+    }
+    StoreFromFloat(dtype, out.data(), n, norm_out->untyped_data(), r * n);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2AddRmsNormHandler, Mc2AddRmsNormImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // mm (all-reduced)
+                                  .Arg<ffi::AnyBuffer>()  // residual
+                                  .Arg<ffi::AnyBuffer>()  // gamma
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // norm_out
+                                  .Attr<float>("epsilon"));
+
+}  // namespace jax_mc2

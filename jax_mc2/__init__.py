@@ -1,0 +1,29 @@
+"""jax_mc2: fused compute + communication operators for JAX with the
+semantics of Huawei Ascend CANN's MC2 operators."""
+
+from jax_mc2 import _ffi as _ffi  # registers the FFI targets
+from jax_mc2 import parallel as parallel
+from jax_mc2 import targets as targets
+from jax_mc2.ops.matmul_all_reduce import mm_all_reduce_base as mm_all_reduce_base
+from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
+    inplace_matmul_all_reduce_add_rms_norm as inplace_matmul_all_reduce_add_rms_norm,
+)
+from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
+    matmul_all_reduce_add_rms_norm as matmul_all_reduce_add_rms_norm,
+)
+from jax_mc2.targets import get_target as get_target
+from jax_mc2.targets import set_target as set_target
+from jax_mc2.targets import target as target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "get_target",
+    "inplace_matmul_all_reduce_add_rms_norm",
+    "matmul_all_reduce_add_rms_norm",
+    "mm_all_reduce_base",
+    "parallel",
+    "set_target",
+    "target",
+    "targets",
+]

@@ -1,0 +1,108 @@
+"""Every touch of JAX internals in jax_mc2 lives here.
+
+The primitives follow jax's own collectives (``jax/_src/lax/parallel.py``):
+``core.Primitive`` with ``def_impl(dispatch.apply_primitive)``, effectful
+abstract evaluation with ``NamedAxisEffect``, ``vma`` typing through the
+aval's manual-axis type, and ``mlir.lower_fun`` lowerings. Tested with
+jax/jaxlib 0.10.x (pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+from jax._src import config as _config
+from jax._src import core, dispatch
+from jax._src.interpreters import ad, batching, mlir
+
+__all__ = [
+    "Primitive",
+    "ad",
+    "batching",
+    "config_enum_state",
+    "config_optional_enum_state",
+    "drop_varying_axes",
+    "lower_fun",
+    "lowering_parallelism",
+    "lowering_platforms",
+    "named_axis_effects",
+    "new_primitive",
+    "register_lowering",
+    "result_aval",
+]
+
+Primitive = core.Primitive
+
+
+def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:
+    """A primitive whose eager calls go through jit (so they validate too)."""
+    prim = core.Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_impl(functools.partial(dispatch.apply_primitive, prim))
+    return prim
+
+
+def named_axis_effects(axis_names: Iterable[str]) -> set:
+    return {core.NamedAxisEffect(a) for a in axis_names}
+
+
+def drop_varying_axes(aval, axis_names: Iterable[str]):
+    """``aval`` with ``axis_names`` removed from its varying set (``vma``).
+
+    An all-reduce over an axis makes its result invariant along it; outside
+    ``shard_map`` (or with ``check_vma=False``) the set is empty anyway.
+    """
+    mat = aval.mat
+    names = set(axis_names)
+    if not (mat.varying & names):
+        return aval
+    return aval.update(manual_axis_type=mat.update(varying=mat.varying - names))
+
+
+def lower_fun(fun: Callable, *, multiple_results: bool) -> Callable:
+    return mlir.lower_fun(fun, multiple_results=multiple_results)
+
+
+def register_lowering(prim: core.Primitive, rule: Callable, platform: str | None = None) -> None:
+    mlir.register_lowering(prim, rule, platform=platform)
+
+
+def lowering_platforms(ctx) -> tuple[str, ...]:
+    """The platforms a lowering context lowers for, e.g. ``("cpu",)``."""
+    return tuple(ctx.module_context.platforms)
+
+
+def lowering_parallelism(ctx) -> int:
+    """How many programs XLA runs at once for this lowering.
+
+    Inside ``shard_map`` that is the mesh size (every simulated CPU device runs
+    its shard concurrently); outside it is one. The CPU kernels divide the
+    cores among them.
+    """
+    axis_context = ctx.module_context.axis_context
+    mesh = getattr(axis_context, "mesh", None)
+    if mesh is None:
+        return 1
+    return int(mesh.size)
+
+
+def config_enum_state(name: str, values: list[str], default: str, help: str):
+    """A jax config option that is part of the jit cache key."""
+    return _config.enum_state(
+        name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
+    )
+
+
+def config_optional_enum_state(name: str, values: list[str], default: str | None, help: str):
+    return _config.optional_enum_state(
+        name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
+    )
+
+
+def result_aval(template, shape, dtype, inputs, reduced_axes: Iterable[str] = ()):
+    """An output aval of ``shape``/``dtype`` whose ``vma`` is the union of the
+    inputs' varying axes, less the axes an all-reduce made invariant."""
+    varying = frozenset().union(*(a.mat.varying for a in inputs)) - frozenset(reduced_axes)
+    aval = template.update(shape=tuple(shape), dtype=dtype, weak_type=False)
+    return aval.update(manual_axis_type=aval.mat.update(varying=varying))

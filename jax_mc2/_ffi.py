@@ -1,0 +1,70 @@
+"""Loads the C++ extension and registers every XLA FFI target once at import.
+
+Also holds the ``ffi`` implementation's local compute: thin ``jax.ffi.ffi_call``
+wrappers, one per custom-call target. The collectives between them are XLA's
+own (see ``jax_mc2.ops``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import jax
+import numpy as np
+
+
+def _preload_openblas() -> None:
+    # The extension links libscipy_openblas.so; load it from the installed
+    # scipy-openblas32 package so the dynamic linker finds it whatever the
+    # extension's rpath says.
+    import scipy_openblas32
+
+    path = os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so")
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
+
+from jax_mc2 import _mc2_ffi  # noqa: E402
+
+MATMUL = "mc2_matmul_ffi"
+ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
+
+#: Every target a lowering of this package uses.
+TARGETS = (MATMUL, ADD_RMS_NORM)
+
+REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
+for _name, _capsule in REGISTERED.items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+def matmul(x1, x2, bias=None, x3=None, *, transpose_x2: bool, parallelism: int):
+    """``round(x1 @ x2 + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``).
+
+    x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
+    x3: the output shape.
+    """
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), x1.dtype)
+    operands = [x1, x2] + [a for a in (bias, x3) if a is not None]
+    return jax.ffi.ffi_call(MATMUL, out)(
+        *operands,
+        transpose_x2=bool(transpose_x2),
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        parallelism=np.int64(parallelism),
+    )
+
+
+def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
+    """``(y, norm_out)`` of add + RMSNorm (custom call ``mc2_add_rms_norm_ffi``).
+
+    With ``alias_residual``, ``y`` is written into ``residual``'s buffer.
+    """
+    out = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
+    return jax.ffi.ffi_call(
+        ADD_RMS_NORM,
+        (out, out),
+        input_output_aliases={1: 0} if alias_residual else None,
+    )(mm.reshape(residual.shape), residual, gamma, epsilon=np.float32(epsilon))

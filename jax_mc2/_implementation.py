@@ -1,0 +1,68 @@
+"""Implementation selection: ``xla`` (lax ops + lax collectives), ``ffi``
+(C++ CPU kernels + XLA collectives) and ``ascend`` (CANN MC2 kernels).
+
+Precedence: the ``implementation=`` argument of a call, then the
+``JAX_MC2_IMPLEMENTATION`` environment variable (the ``jax_mc2_implementation``
+config option), then the platform default chosen at lowering time: ``ffi`` on
+CPU, ``xla`` on GPU/TPU. An implementation that cannot serve a call raises
+``NotImplementedError``; none falls back silently to other numerics.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jax_mc2 import _compat
+
+XLA = "xla"
+FFI = "ffi"
+ASCEND = "ascend"
+IMPLEMENTATIONS = (XLA, FFI, ASCEND)
+
+
+def _env_default() -> str | None:
+    value = os.environ.get("JAX_MC2_IMPLEMENTATION") or None
+    if value is not None and value not in IMPLEMENTATIONS:
+        raise ValueError(f"JAX_MC2_IMPLEMENTATION must be one of {IMPLEMENTATIONS}, got {value!r}")
+    return value
+
+
+_implementation_state = _compat.config_optional_enum_state(
+    "jax_mc2_implementation",
+    list(IMPLEMENTATIONS),
+    _env_default(),
+    "Default jax_mc2 implementation (None: ffi on CPU, xla elsewhere).",
+)
+
+
+def requested(op: str, implementation: str | None) -> str | None:
+    """The implementation a call asks for (None: the platform default).
+
+    Validates the name and refuses ``ascend`` up front: its launch layer
+    needs CANN, which this build does not include.
+    """
+    impl = implementation if implementation is not None else _implementation_state.value
+    if impl is None:
+        return None
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}")
+    if impl == ASCEND:
+        raise NotImplementedError(
+            f"{op}: implementation='ascend' needs the CANN toolkit (ACL runtime, HCCL and the "
+            "aclnn MC2 kernels) and jax_mc2's ascend_kernels launch layer, which this build "
+            "does not include; use implementation='ffi' (CPU) or 'xla'"
+        )
+    return impl
+
+
+def for_platform(op: str, requested_impl: str | None, platforms: tuple[str, ...]) -> str:
+    """The implementation that lowers a call on ``platforms``."""
+    on_cpu = all(p == "cpu" for p in platforms)
+    if requested_impl is None:
+        return FFI if on_cpu else XLA
+    if requested_impl == FFI and not on_cpu:
+        raise NotImplementedError(
+            f"{op}: implementation='ffi' has CPU kernels only, cannot lower for "
+            f"{', '.join(platforms)}; use implementation='xla'"
+        )
+    return requested_impl

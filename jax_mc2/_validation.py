@@ -1,0 +1,101 @@
+"""Argument checks that produce jax_mc2's error messages.
+
+Every message names the operator, the argument, the rule and the values, e.g.
+``mm_all_reduce_base: x2 must be 2-D (k, n) with k == x1.shape[-1] == 512,
+got (256, 64)``. Shape and dtype errors are ``TypeError``, bad static values
+``ValueError``, and valid requests that a chip or an implementation does not
+support ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+INT32_MAX = 2**31 - 1
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def type_error(op: str, message: str) -> TypeError:
+    return TypeError(f"{op}: {message}")
+
+
+def value_error(op: str, message: str) -> ValueError:
+    return ValueError(f"{op}: {message}")
+
+
+def unsupported(op: str, message: str) -> NotImplementedError:
+    return NotImplementedError(f"{op}: {message}")
+
+
+def check_rank(op: str, name: str, aval, ranks: Iterable[int], layout: str) -> None:
+    ranks = tuple(ranks)
+    if aval.ndim not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise type_error(op, f"{name} must be {want} {layout}, got shape {shape_str(aval.shape)}")
+
+
+def check_dtype(op: str, name: str, aval, allowed: Iterable, rule: str = "") -> None:
+    allowed = tuple(np.dtype(d) for d in allowed)
+    if np.dtype(aval.dtype) not in allowed:
+        names = ", ".join(d.name for d in allowed)
+        suffix = f" ({rule})" if rule else ""
+        raise type_error(
+            op, f"{name} dtype must be one of {names}{suffix}, got {dtype_name(aval.dtype)}"
+        )
+
+
+def check_same_dtype(op: str, name: str, aval, ref_name: str, ref_aval) -> None:
+    if np.dtype(aval.dtype) != np.dtype(ref_aval.dtype):
+        raise type_error(
+            op,
+            f"{name} dtype must equal {ref_name} dtype {dtype_name(ref_aval.dtype)}, "
+            f"got {dtype_name(aval.dtype)}",
+        )
+
+
+def check_shape(op: str, name: str, aval, expected, rule: str) -> None:
+    if tuple(aval.shape) != tuple(expected):
+        raise type_error(
+            op, f"{name} must be {rule} = {shape_str(expected)}, got {shape_str(aval.shape)}"
+        )
+
+
+def check_choice(op: str, name: str, value, choices: Iterable) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise value_error(op, f"{name} must be one of {choices!r}, got {value!r}")
+
+
+def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise value_error(op, f"{name} must be a Python int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise value_error(op, f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def canonical_axis_name(op: str, axis_name) -> tuple[str, ...]:
+    """``None`` → ``()``, a name → ``(name,)``, a tuple/list of names as is."""
+    if axis_name is None:
+        return ()
+    if isinstance(axis_name, (tuple, list)):
+        names = tuple(axis_name)
+    else:
+        names = (axis_name,)
+    for a in names:
+        if not isinstance(a, str) or not a:
+            raise value_error(
+                op, f"axis_name must be None, a mesh axis name or a tuple of names, got {axis_name!r}"
+            )
+    if len(set(names)) != len(names):
+        raise value_error(op, f"axis_name must not repeat a name, got {axis_name!r}")
+    return names

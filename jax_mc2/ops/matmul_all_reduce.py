@@ -1,0 +1,325 @@
+"""Matmul + all-reduce (seed 004, ``torch_npu.npu_mm_all_reduce_base``).
+
+``out = allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``. ``bias`` and
+``x3`` are added on every rank before the reduction, as the CANN kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_mc2 import _compat, _implementation, reference, targets
+from jax_mc2 import _validation as v
+
+OP = "mm_all_reduce_base"
+_F32 = jnp.float32
+
+_QUANT_KWARGS = (
+    "antiquant_scale",
+    "antiquant_offset",
+    "dequant_scale",
+    "pertoken_scale",
+    "comm_quant_scale_1",
+    "comm_quant_scale_2",
+)
+
+
+# --------------------------------------------------------------------------
+# Validation shared by the matmul + all-reduce family
+
+
+def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None, residual=None):
+    """Checks the matmul operands; returns the output shape.
+
+    x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
+    x3: the output shape. All share x1's dtype (fp16/bf16; fp32 on generic).
+    """
+    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    targets.check_float_dtype(op, "x1", x1)
+    k = x1.shape[-1]
+    layout = "(n, k)" if transpose_x2 else "(k, n)"
+    if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
+        raise v.type_error(
+            op,
+            f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}"
+            f"{' (transpose_x2=True)' if transpose_x2 else ''}, got {v.shape_str(x2.shape)}",
+        )
+    v.check_same_dtype(op, "x2", x2, "x1", x1)
+    if k == 0:
+        raise v.type_error(
+            op, f"k must be >= 1 (empty k is not supported), got x1 {v.shape_str(x1.shape)}"
+        )
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out_shape = (*x1.shape[:-1], n)
+    if bias is not None:
+        v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
+        v.check_same_dtype(op, "bias", bias, "x1", x1)
+    if x3 is not None:
+        v.check_shape(op, "x3", x3, out_shape, "the output shape")
+        v.check_same_dtype(op, "x3", x3, "x1", x1)
+    return out_shape
+
+
+def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name):
+    """The current chip target's rules: operator availability, world size,
+    comm_turn, size limits and empty tensors."""
+    support = targets.operator_support(op)
+    targets.check_world_size(op, world_size, axis_name)
+    name = targets.get_target()
+    if comm_turn != 0 and support.comm_turn_zero_only:
+        raise v.unsupported(
+            op,
+            f"comm_turn={comm_turn} is not supported on target {name!r} (CANN accepts only "
+            "comm_turn=0); use the 'generic' target to split the communication",
+        )
+    m = int(np.prod(x1.shape[:-1]))
+    dims = {"m": m, "k": x1.shape[-1], "n": out_shape[-1]}
+    if support.max_dim is not None:
+        for dim, size in dims.items():
+            if size > support.max_dim:
+                raise v.unsupported(
+                    op, f"{dim} = {size} exceeds {support.max_dim} on target {name!r}"
+                )
+    if support.nonempty_matmul and (m == 0 or dims["n"] == 0):
+        raise v.unsupported(
+            op,
+            f"x1 and x2 must not be empty on target {name!r}, got m = {m}, n = {dims['n']}",
+        )
+
+
+def check_comm_turn(op, comm_turn):
+    return v.check_int(op, "comm_turn", comm_turn, minimum=0)
+
+
+def check_reduce_op(op, reduce_op):
+    if reduce_op != "sum":
+        raise v.value_error(op, f"reduce_op must be 'sum' (the only reduction CANN supports), got {reduce_op!r}")
+
+
+def world_size_of(axis_name: tuple[str, ...]) -> int:
+    """Size of the communication group; NameError if a name is unbound."""
+    return int(lax.axis_size(axis_name)) if axis_name else 1
+
+
+# --------------------------------------------------------------------------
+# Batching helpers shared by the family
+
+
+def move_batch_to_front(args, dims, size):
+    """Every operand with its batch dimension first (unbatched ones broadcast)."""
+    out = []
+    for a, d in zip(args, dims):
+        if a is None:
+            out.append(None)
+        elif d is jax_batching_not_mapped():
+            out.append(jnp.broadcast_to(a, (size, *a.shape)))
+        else:
+            out.append(jnp.moveaxis(a, d, 0))
+    return out
+
+
+def jax_batching_not_mapped():
+    return _compat.batching.not_mapped
+
+
+def map_over_batch(fn, args, dims):
+    """Applies ``fn`` to each batch element with ``lax.map``: the rule for
+    operands (weights, bias, gamma) that cannot be folded into rows."""
+    not_mapped = jax_batching_not_mapped()
+    mapped_idx = [i for i, d in enumerate(dims) if d is not not_mapped and args[i] is not None]
+    mapped = [jnp.moveaxis(args[i], dims[i], 0) for i in mapped_idx]
+
+    def body(slices):
+        full = list(args)
+        for i, s in zip(mapped_idx, slices):
+            full[i] = s
+        return fn(*full)
+
+    return lax.map(body, mapped)
+
+
+# --------------------------------------------------------------------------
+# The primitive
+
+
+mm_all_reduce_p = _compat.new_primitive("mc2_mm_all_reduce")
+
+
+def _split_operands(operands, has_bias, has_x3):
+    x1, x2, *rest = operands
+    bias = rest.pop(0) if has_bias else None
+    x3 = rest.pop(0) if has_x3 else None
+    return x1, x2, bias, x3
+
+
+def _abstract_eval(*operands, transpose_x2, has_bias, has_x3, axis_name, world_size,
+                   comm_turn, implementation):
+    del implementation
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+    out_shape = check_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias, x3=x3)
+    check_comm_turn(OP, comm_turn)
+    check_chip_limits(OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size,
+                      axis_name=axis_name)
+    out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
+    return out, _compat.named_axis_effects(axis_name)
+
+
+mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn,
+                     parallelism):
+    from jax_mc2 import _ffi
+
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+
+    def local(x1_c, x3_c):
+        return _ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2,
+                           parallelism=parallelism)
+
+    return reference.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name,
+                                               comm_turn=comm_turn)
+
+
+def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+    return reference.matmul_all_reduce(x1, x2, bias, x3, transpose_x2=transpose_x2,
+                                       axis_name=axis_name, comm_turn=comm_turn)
+
+
+def _lowering(ctx, *operands, implementation, world_size, **params):
+    del world_size
+    impl = _implementation.for_platform(OP, implementation, _compat.lowering_platforms(ctx))
+    if impl == _implementation.FFI:
+        fn = functools.partial(_ffi_composition, **params,
+                               parallelism=_compat.lowering_parallelism(ctx))
+    else:
+        fn = functools.partial(_xla_composition, **params)
+    return _compat.lower_fun(fn, multiple_results=False)(ctx, *operands)
+
+
+_compat.register_lowering(mm_all_reduce_p, _lowering)
+
+
+def _jvp(primals, tangents, *, transpose_x2, has_bias, has_x3, axis_name, world_size,
+         comm_turn, implementation):
+    out = mm_all_reduce_p.bind(*primals, transpose_x2=transpose_x2, has_bias=has_bias,
+                               has_x3=has_x3, axis_name=axis_name, world_size=world_size,
+                               comm_turn=comm_turn, implementation=implementation)
+    x1, x2, _, _ = _split_operands(primals, has_bias, has_x3)
+    tangents = [_compat.ad.instantiate_zeros(t) for t in tangents]
+    dx1, dx2, dbias, dx3 = _split_operands(tangents, has_bias, has_x3)
+    # The op is bilinear in (x1, x2) and linear in bias and x3; the tangent
+    # is the same all-reduce of the fp32 sum of the linear parts. It is built
+    # from lax ops so reverse mode transposes it with JAX's own rules.
+    acc = lax.dot_general(dx1, x2, (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
+                          preferred_element_type=_F32)
+    acc = acc + lax.dot_general(x1, dx2,
+                                (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
+                                preferred_element_type=_F32)
+    if dbias is not None:
+        acc = acc + dbias.astype(_F32)
+    if dx3 is not None:
+        acc = acc + dx3.astype(_F32)
+    return out, reference.all_reduce(acc.astype(out.dtype), axis_name)
+
+
+_compat.ad.primitive_jvps[mm_all_reduce_p] = _jvp
+
+
+def _batch(args, dims, **params):
+    not_mapped = jax_batching_not_mapped()
+    x1, x2, bias, x3 = _split_operands(list(args), params["has_bias"], params["has_x3"])
+    d1, d2, db, d3 = _split_operands(list(dims), params["has_bias"], params["has_x3"])
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
+    if d2 is not_mapped and db is not_mapped:
+        # Only row operands are batched: fold the batch into the rows.
+        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
+        lead = x1.shape[:-1]
+        x1f = x1.reshape(size * lead[1], *x1.shape[2:]) if x1.ndim == 4 else x1
+        x3f = None
+        if x3 is not None:
+            x3f = x3.reshape(size * lead[1], *x3.shape[2:]) if x3.ndim == 4 else x3
+        ops = [x1f, x2] + [a for a in (bias, x3f) if a is not None]
+        out = mm_all_reduce_p.bind(*ops, **params)
+        return out.reshape(*lead, out.shape[-1]), 0
+    out = map_over_batch(lambda *a: mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
+                         [x1, x2, bias, x3], [d1, d2, db, d3])
+    return out, 0
+
+
+_compat.batching.primitive_batchers[mm_all_reduce_p] = _batch
+
+
+# --------------------------------------------------------------------------
+# Public function
+
+
+def mm_all_reduce_base(
+    x1,
+    x2,
+    axis_name,
+    *,
+    reduce_op="sum",
+    bias=None,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    x3=None,
+    dequant_scale=None,
+    pertoken_scale=None,
+    comm_quant_scale_1=None,
+    comm_quant_scale_2=None,
+    comm_turn=0,
+    antiquant_group_size=0,
+    transpose_x2=False,
+    implementation=None,
+):
+    """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
+
+    Args:
+      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
+      x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype.
+      axis_name: mesh axis name (or tuple of names) bound by an enclosing
+        ``shard_map``; None for a group of one (no communication).
+      bias: [n], added on every rank before the reduction.
+      x3: the output shape, added on every rank before the reduction.
+      comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
+        own matmul and all-reduce (same result; CANN accepts only 0).
+      implementation: "xla", "ffi", "ascend" or None (platform default).
+
+    Returns:
+      [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
+    """
+    check_reduce_op(OP, reduce_op)
+    quant_args = dict(zip(_QUANT_KWARGS, (antiquant_scale, antiquant_offset, dequant_scale,
+                                          pertoken_scale, comm_quant_scale_1, comm_quant_scale_2)))
+    given = [name for name, value in quant_args.items() if value is not None]
+    if antiquant_group_size != 0:
+        given.append("antiquant_group_size")
+    if given:
+        raise v.unsupported(
+            OP,
+            f"quantized modes ({', '.join(given)}) are not implemented in this version of "
+            "jax_mc2; only the non-quantized mode (fp16/bf16 x1 and x2) is",
+        )
+    axes = v.canonical_axis_name(OP, axis_name)
+    impl = _implementation.requested(OP, implementation)
+    comm_turn = check_comm_turn(OP, comm_turn)
+    world_size = world_size_of(axes)
+    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
+    operands = [x1, x2] + [jnp.asarray(a) for a in (bias, x3) if a is not None]
+    return mm_all_reduce_p.bind(
+        *operands,
+        transpose_x2=bool(transpose_x2),
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        axis_name=axes,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=impl,
+    )

@@ -1,0 +1,243 @@
+"""Matmul + all-reduce + add + RMSNorm (seed 002,
+aclnnMatmulAllReduceAddRmsNorm and aclnnInplaceMatmulAllReduceAddRmsNorm).
+
+    mm       = allReduce(x1 @ x2 + bias)
+    y        = mm + residual
+    norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
+
+The in-place variant writes ``y`` into ``residual``'s buffer: a caller that
+donates ``residual`` gets its buffer back as ``y``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_mc2 import _compat, _implementation, reference, targets
+from jax_mc2 import _validation as v
+from jax_mc2.ops.matmul_all_reduce import (
+    check_chip_limits,
+    check_comm_turn,
+    check_matmul,
+    check_reduce_op,
+    jax_batching_not_mapped,
+    map_over_batch,
+    move_batch_to_front,
+    world_size_of,
+)
+
+OP = "matmul_all_reduce_add_rms_norm"
+INPLACE_OP = "inplace_matmul_all_reduce_add_rms_norm"
+_F32 = jnp.float32
+
+
+def _op_name(inplace: bool) -> str:
+    return INPLACE_OP if inplace else OP
+
+
+def check_epsilon(op, epsilon) -> float:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating)):
+        raise v.value_error(op, f"epsilon must be a Python float in (0, 1), got {epsilon!r}")
+    if not 0.0 < float(epsilon) < 1.0:
+        raise v.value_error(op, f"epsilon must be in (0, 1), got {epsilon!r}")
+    return float(epsilon)
+
+
+def check_norm_operands(op, x1, x2, residual, gamma, bias, *, transpose_x2):
+    """x1: [m, k] or [b, s, k]; residual: [b, s, n] with b * s == m; gamma: [n]."""
+    mm_shape = check_matmul(op, x1, x2, transpose_x2=transpose_x2, bias=bias)
+    v.check_rank(op, "residual", residual, (3,), "(b, s, n)")
+    v.check_same_dtype(op, "residual", residual, "x1", x1)
+    n = mm_shape[-1]
+    b, s, rn = residual.shape
+    if x1.ndim == 3:
+        ok, rule = residual.shape == mm_shape, f"(b, s, n) = {v.shape_str(mm_shape)} (x1 is (b, s, k))"
+    else:
+        ok, rule = (b * s == mm_shape[0] and rn == n), f"(b, s, n) with b * s == m == {mm_shape[0]} and n == {n}"
+    if not ok:
+        raise v.type_error(op, f"residual must be {rule}, got {v.shape_str(residual.shape)}")
+    v.check_shape(op, "gamma", gamma, (n,), "1-D (n,)")
+    v.check_same_dtype(op, "gamma", gamma, "x1", x1)
+    return mm_shape
+
+
+mm_all_reduce_add_rms_norm_p = _compat.new_primitive(
+    "mc2_mm_all_reduce_add_rms_norm", multiple_results=True
+)
+
+
+def _split(operands, has_bias):
+    x1, x2, residual, gamma, *rest = operands
+    return x1, x2, residual, gamma, (rest[0] if has_bias else None)
+
+
+def _abstract_eval(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, world_size,
+                   comm_turn, implementation):
+    del implementation
+    op = _op_name(inplace)
+    x1, x2, residual, gamma, bias = _split(operands, has_bias)
+    mm_shape = check_norm_operands(op, x1, x2, residual, gamma, bias, transpose_x2=transpose_x2)
+    check_epsilon(op, epsilon)
+    check_comm_turn(op, comm_turn)
+    check_chip_limits(op, x1, mm_shape, comm_turn=comm_turn, world_size=world_size,
+                      axis_name=axis_name)
+    mm = _compat.result_aval(x1, mm_shape, x1.dtype, [a for a in (x1, x2, bias) if a is not None],
+                             axis_name)
+    out = _compat.result_aval(residual, residual.shape, residual.dtype, [mm, residual, gamma])
+    return [out, out], _compat.named_axis_effects(axis_name)
+
+
+mm_all_reduce_add_rms_norm_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def _ffi_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn,
+                     parallelism):
+    from jax_mc2 import _ffi
+
+    x1, x2, residual, gamma, bias = _split(operands, has_bias)
+
+    def local(x1_c, _):
+        return _ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2,
+                           parallelism=parallelism)
+
+    mm = reference.chunked_matmul_all_reduce(local, x1, None, axis_name=axis_name,
+                                             comm_turn=comm_turn)
+    return _ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
+
+
+def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn):
+    del inplace
+    x1, x2, residual, gamma, bias = _split(operands, has_bias)
+    return reference.matmul_all_reduce_add_rms_norm(
+        x1, x2, residual, gamma, bias, epsilon=epsilon, transpose_x2=transpose_x2,
+        axis_name=axis_name, comm_turn=comm_turn)
+
+
+def _lowering(ctx, *operands, implementation, world_size, **params):
+    del world_size
+    op = _op_name(params["inplace"])
+    impl = _implementation.for_platform(op, implementation, _compat.lowering_platforms(ctx))
+    if impl == _implementation.FFI:
+        fn = functools.partial(_ffi_composition, **params,
+                               parallelism=_compat.lowering_parallelism(ctx))
+    else:
+        fn = functools.partial(_xla_composition, **params)
+    return _compat.lower_fun(fn, multiple_results=True)(ctx, *operands)
+
+
+_compat.register_lowering(mm_all_reduce_add_rms_norm_p, _lowering)
+
+
+def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **params):
+    y, norm_out = mm_all_reduce_add_rms_norm_p.bind(
+        *primals, epsilon=epsilon, transpose_x2=transpose_x2, has_bias=has_bias,
+        axis_name=axis_name, **params)
+    x1, x2, residual, gamma, _ = _split(primals, has_bias)
+    dx1, dx2, dres, dgamma, dbias = _split(
+        [_compat.ad.instantiate_zeros(t) for t in tangents], has_bias)
+    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    dmm = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
+    dmm = dmm + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
+    if dbias is not None:
+        dmm = dmm + dbias.astype(_F32)
+    dmm = reference.all_reduce(dmm.astype(y.dtype), axis_name).astype(_F32)
+    # d(norm_out) from the primal y: norm = y * rstd * gamma,
+    # rstd = (mean(y^2) + eps)^-1/2, d rstd = -rstd^3 * mean(y * dy).
+    yf = y.astype(_F32)
+    dy = dmm.reshape(residual.shape) + dres.astype(_F32)
+    n = residual.shape[-1]
+    rstd = lax.rsqrt(jnp.mean(yf * yf, axis=-1, keepdims=True) + np.float32(epsilon))
+    drstd = -(rstd**3) * jnp.sum(yf * dy, axis=-1, keepdims=True) / n
+    g = gamma.astype(_F32)
+    dnorm = (dy * rstd + yf * drstd) * g + yf * rstd * dgamma.astype(_F32)
+    return (y, norm_out), (dy.astype(y.dtype), dnorm.astype(norm_out.dtype))
+
+
+_compat.ad.primitive_jvps[mm_all_reduce_add_rms_norm_p] = _jvp
+
+
+def _batch(args, dims, **params):
+    not_mapped = jax_batching_not_mapped()
+    has_bias = params["has_bias"]
+    x1, x2, residual, gamma, bias = _split(list(args), has_bias)
+    d1, d2, dr, dg, db = _split(list(dims), has_bias)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
+    if d2 is not_mapped and dg is not_mapped and db is not_mapped:
+        # Only x1 and residual are batched: fold the batch into b (or m).
+        x1, residual = move_batch_to_front([x1, residual], [d1, dr], size)
+        x1f = x1.reshape(-1, *x1.shape[2:])
+        rf = residual.reshape(-1, *residual.shape[2:])
+        ops = [x1f, x2, rf, gamma] + ([bias] if has_bias else [])
+        outs = mm_all_reduce_add_rms_norm_p.bind(*ops, **params)
+        return [o.reshape(residual.shape) for o in outs], [0, 0]
+
+    def one(x1_, x2_, r_, g_, b_):
+        ops = [x1_, x2_, r_, g_] + ([b_] if has_bias else [])
+        return tuple(mm_all_reduce_add_rms_norm_p.bind(*ops, **params))
+
+    outs = map_over_batch(one, [x1, x2, residual, gamma, bias], [d1, d2, dr, dg, db])
+    return list(outs), [0, 0]
+
+
+_compat.batching.primitive_batchers[mm_all_reduce_add_rms_norm_p] = _batch
+
+
+def _bind(inplace, x1, x2, residual, gamma, axis_name, *, bias, epsilon, reduce_op, comm_turn,
+          transpose_x2, implementation):
+    op = _op_name(inplace)
+    check_reduce_op(op, reduce_op)
+    epsilon = check_epsilon(op, epsilon)
+    axes = v.canonical_axis_name(op, axis_name)
+    impl = _implementation.requested(op, implementation)
+    comm_turn = check_comm_turn(op, comm_turn)
+    world_size = world_size_of(axes)
+    operands = [jnp.asarray(a) for a in (x1, x2, residual, gamma)]
+    if bias is not None:
+        operands.append(jnp.asarray(bias))
+    y, norm_out = mm_all_reduce_add_rms_norm_p.bind(
+        *operands, epsilon=epsilon, transpose_x2=bool(transpose_x2), has_bias=bias is not None,
+        inplace=inplace, axis_name=axes, world_size=world_size, comm_turn=comm_turn,
+        implementation=impl)
+    return y, norm_out
+
+
+def matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, axis_name, *, bias=None,
+                                   epsilon=1e-6, reduce_op="sum", comm_turn=0,
+                                   transpose_x2=False, implementation=None):
+    """Matmul + all-reduce + add + RMSNorm.
+
+    Args:
+      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
+      x2: [k, n], or [n, k] with ``transpose_x2=True``.
+      residual: [b, s, n] (b * s == m when x1 is 2-D).
+      gamma: [n].
+      axis_name: mesh axis name(s) bound by ``shard_map``, or None.
+      bias: [n], added on every rank before the reduction.
+      epsilon: in (0, 1).
+      comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
+
+    Returns:
+      ``(y, norm_out)``, both [b, s, n] in residual's dtype:
+      ``y = allReduce(x1 @ x2 + bias) + residual``, ``norm_out = RMSNorm(y) * gamma``.
+    """
+    return _bind(False, x1, x2, residual, gamma, axis_name, bias=bias, epsilon=epsilon,
+                 reduce_op=reduce_op, comm_turn=comm_turn, transpose_x2=transpose_x2,
+                 implementation=implementation)
+
+
+def inplace_matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, axis_name, *, bias=None,
+                                           epsilon=1e-6, reduce_op="sum", comm_turn=0,
+                                           transpose_x2=False, implementation=None):
+    """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
+    ``residual``'s buffer (``input_output_aliases``): donate ``residual``
+    (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``.
+
+    Returns ``(y, norm_out)``.
+    """
+    return _bind(True, x1, x2, residual, gamma, axis_name, bias=bias, epsilon=epsilon,
+                 reduce_op=reduce_op, comm_turn=comm_turn, transpose_x2=transpose_x2,
+                 implementation=implementation)

@@ -1,0 +1,106 @@
+"""The ``xla`` implementation: every operator as plain lax ops + lax collectives.
+
+These compositions are what ``implementation="xla"`` lowers to (on GPU/TPU by
+default), and they define the numerics the ``ffi`` kernels match: products
+accumulate in fp32, ``bias`` and ``x3`` are added to the fp32 accumulator on
+every rank, one rounding to the output dtype, then the all-reduce in that
+dtype (as HCCL does).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def row_chunks(m: int, comm_turn: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) that split m rows into ``comm_turn`` chunks
+    (sizes differ by at most one; empty chunks dropped). comm_turn=0: one."""
+    if comm_turn <= 1 or m <= 1:
+        return [(0, m)]
+    bounds = np.linspace(0, m, min(comm_turn, m) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False, out_dtype=None):
+    """One rank's ``x1 @ x2 + bias + x3``, fp32 accumulation, one rounding.
+
+    x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2);
+    bias: [n]; x3: the output shape [m, n] or [b, s, n].
+    """
+    out_dtype = out_dtype or x1.dtype
+    contract = 0 if not transpose_x2 else 1
+    acc = lax.dot_general(
+        x1, x2, (((x1.ndim - 1,), (contract,)), ((), ())), preferred_element_type=_F32
+    )
+    if bias is not None:
+        acc = acc + bias.astype(_F32)
+    if x3 is not None:
+        acc = acc + x3.astype(_F32)
+    return acc.astype(out_dtype)
+
+
+def all_reduce(x, axis_name: tuple[str, ...]):
+    return lax.psum(x, axis_name) if axis_name else x
+
+
+def chunked_matmul_all_reduce(local_fn, x1, x3, *, axis_name, comm_turn):
+    """Splits the rows of x1 (and x3) into ``comm_turn`` chunks, each with its
+    own matmul and all-reduce so XLA can overlap one chunk's communication
+    with the next chunk's compute. ``local_fn(x1_chunk, x3_chunk)`` computes
+    one chunk's per-rank result."""
+    lead = x1.shape[:-1]
+    m = int(np.prod(lead))
+    chunks = row_chunks(m, comm_turn)
+    if len(chunks) == 1:
+        return all_reduce(local_fn(x1, x3), axis_name)
+    x1_2d = x1.reshape(m, x1.shape[-1])
+    x3_2d = None if x3 is None else x3.reshape(m, x3.shape[-1])
+    parts = []
+    for start, stop in chunks:
+        x3_c = None if x3_2d is None else x3_2d[start:stop]
+        parts.append(all_reduce(local_fn(x1_2d[start:stop], x3_c), axis_name))
+    out = jnp.concatenate(parts, axis=0)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def matmul_all_reduce(x1, x2, bias, x3, *, transpose_x2, axis_name, comm_turn):
+    """``allReduce(x1 @ x2 + bias + x3)`` (seed 004, non-quantized)."""
+
+    def local(x1_c, x3_c):
+        return local_matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2)
+
+    return chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
+
+
+def add_rms_norm(mm, residual, gamma, *, epsilon):
+    """``y = mm + residual``; ``norm_out = y / sqrt(mean(y^2) + eps) * gamma``.
+
+    y is rounded to the dtype first and the statistics are fp32 over the
+    rounded y. For fp16/bf16, ``y * rstd`` is rounded to the dtype before the
+    multiplication by gamma (ascend-semantics: AddRmsNorm single-N kernel).
+    """
+    dtype = residual.dtype
+    y = (mm.astype(_F32) + residual.astype(_F32)).astype(dtype)
+    yf = y.astype(_F32)
+    n = residual.shape[-1]
+    mean_square = jnp.sum(yf * yf * np.float32(1.0 / n), axis=-1, keepdims=True)
+    rstd = np.float32(1.0) / jnp.sqrt(mean_square + np.float32(epsilon))
+    t = yf * rstd
+    if dtype != _F32:
+        t = t.astype(dtype).astype(_F32)
+    norm_out = (t * gamma.astype(_F32)).astype(dtype)
+    return y, norm_out
+
+
+def matmul_all_reduce_add_rms_norm(
+    x1, x2, residual, gamma, bias, *, epsilon, transpose_x2, axis_name, comm_turn
+):
+    """Seed 002: ``mm = allReduce(x1 @ x2 + bias)``, then add + RMSNorm."""
+    mm = matmul_all_reduce(
+        x1, x2, bias, None, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
+    )
+    return add_rms_norm(mm.reshape(residual.shape), residual, gamma, epsilon=epsilon)
