@@ -17,6 +17,7 @@ from jax._src import core, dispatch
 from jax._src.interpreters import ad, batching, mlir
 
 __all__ = [
+    "NOT_MAPPED",
     "Primitive",
     "ad",
     "batching",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 Primitive = core.Primitive
+
+#: The batch dimension of an operand that ``vmap`` does not map.
+NOT_MAPPED = None
 
 
 def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitive:

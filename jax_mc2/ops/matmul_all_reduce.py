@@ -116,21 +116,17 @@ def move_batch_to_front(args, dims, size):
     for a, d in zip(args, dims):
         if a is None:
             out.append(None)
-        elif d is jax_batching_not_mapped():
+        elif d is _compat.NOT_MAPPED:
             out.append(jnp.broadcast_to(a, (size, *a.shape)))
         else:
             out.append(jnp.moveaxis(a, d, 0))
     return out
 
 
-def jax_batching_not_mapped():
-    return _compat.batching.not_mapped
-
-
 def map_over_batch(fn, args, dims):
     """Applies ``fn`` to each batch element with ``lax.map``: the rule for
     operands (weights, bias, gamma) that cannot be folded into rows."""
-    not_mapped = jax_batching_not_mapped()
+    not_mapped = _compat.NOT_MAPPED
     mapped_idx = [i for i, d in enumerate(dims) if d is not not_mapped and args[i] is not None]
     mapped = [jnp.moveaxis(args[i], dims[i], 0) for i in mapped_idx]
 
@@ -233,7 +229,7 @@ _compat.ad.primitive_jvps[mm_all_reduce_p] = _jvp
 
 
 def _batch(args, dims, **params):
-    not_mapped = jax_batching_not_mapped()
+    not_mapped = _compat.NOT_MAPPED
     x1, x2, bias, x3 = _split_operands(list(args), params["has_bias"], params["has_x3"])
     d1, d2, db, d3 = _split_operands(list(dims), params["has_bias"], params["has_x3"])
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)

@@ -24,7 +24,6 @@ from jax_mc2.ops.matmul_all_reduce import (
     check_comm_turn,
     check_matmul,
     check_reduce_op,
-    jax_batching_not_mapped,
     map_over_batch,
     move_batch_to_front,
     world_size_of,
@@ -161,7 +160,7 @@ _compat.ad.primitive_jvps[mm_all_reduce_add_rms_norm_p] = _jvp
 
 
 def _batch(args, dims, **params):
-    not_mapped = jax_batching_not_mapped()
+    not_mapped = _compat.NOT_MAPPED
     has_bias = params["has_bias"]
     x1, x2, residual, gamma, bias = _split(list(args), has_bias)
     d1, d2, dr, dg, db = _split(list(dims), has_bias)
