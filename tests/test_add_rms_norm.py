@@ -1,0 +1,232 @@
+"""matmul_all_reduce_add_rms_norm and its in-place variant against the NumPy
+oracle, both implementations, and their JAX transformations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
+import numpy as np
+import pytest
+from conftest import IMPLEMENTATIONS, make_mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_mc2 as mc2
+import oracle
+
+DTYPES = (np.float16, oracle.BF16, np.float32)
+OPS = {
+    "plain": mc2.matmul_all_reduce_add_rms_norm,
+    "inplace": mc2.inplace_matmul_all_reduce_add_rms_norm,
+}
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _case(rng, world, dtype, *, x3d, transpose_x2, b=2, s=6, k_local=16, n=32):
+    k = k_local * world
+    x1 = _rand(rng, (b, s, k) if x3d else (b * s, k), dtype)
+    x2 = _rand(rng, (n, k) if transpose_x2 else (k, n), dtype, 0.3)
+    residual = _rand(rng, (b, s, n), dtype)
+    gamma = _rand(rng, (n,), dtype)
+    bias = _rand(rng, (n,), dtype)
+    return x1, x2, residual, gamma, bias
+
+
+def _oracle(x1, x2, residual, gamma, bias, world, *, transpose_x2, epsilon):
+    kl = x1.shape[-1] // world
+    x1s = [x1[..., r * kl:(r + 1) * kl] for r in range(world)]
+    x2s = [(x2[:, r * kl:(r + 1) * kl] if transpose_x2 else x2[r * kl:(r + 1) * kl])
+           for r in range(world)]
+    biases = None if bias is None else [bias] * world
+    mm = oracle.mm_all_reduce_base(x1s, x2s, biases, transpose_x2=transpose_x2)
+    mm = mm.astype(residual.dtype)  # the all-reduce result is in the dtype
+    return oracle.add_rms_norm(mm, residual, gamma, epsilon)
+
+
+def _check(got, want, dtype, world):
+    for g, w in zip(got, want):
+        tol = oracle.tolerance(dtype, world, scale=np.abs(w).max() + 1)
+        np.testing.assert_allclose(np.asarray(g).astype(np.float64), w, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", OPS)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_values_sharded(variant, impl, dtype, world):
+    rng = np.random.default_rng(world)
+    x3d = world in (1, 4)
+    transpose_x2 = world in (2, 4)
+    x1, x2, residual, gamma, bias = _case(rng, world, dtype, x3d=x3d, transpose_x2=transpose_x2)
+    mesh = make_mesh((world,), ("tp",))
+    x_spec = P(None, None, "tp") if x3d else P(None, "tp")
+    w_spec = P(None, "tp") if transpose_x2 else P("tp", None)
+    for with_bias in (False, True):
+        def f(x1, x2, r, g, b, with_bias=with_bias):
+            return OPS[variant](x1, x2, r, g, "tp", bias=b if with_bias else None,
+                                epsilon=1e-5, transpose_x2=transpose_x2, implementation=impl)
+
+        fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(x_spec, w_spec, P(), P(), P()),
+                                   out_specs=(P(), P())))
+        y, norm_out = fn(x1, x2, residual, gamma, bias)
+        assert y.dtype == dtype and y.shape == residual.shape == norm_out.shape
+        want = _oracle(x1, x2, residual, gamma, bias if with_bias else None, world,
+                       transpose_x2=transpose_x2, epsilon=1e-5)
+        _check((y, norm_out), want, dtype, world)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_values_single_device_no_axis(impl, dtype):
+    rng = np.random.default_rng(1)
+    x1, x2, residual, gamma, bias = _case(rng, 1, dtype, x3d=False, transpose_x2=False)
+    got = mc2.matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, None, bias=bias,
+                                             implementation=impl)
+    want = _oracle(x1, x2, residual, gamma, bias, 1, transpose_x2=False, epsilon=1e-6)
+    _check(got, want, dtype, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+def test_y_rounded_before_statistics(dtype):
+    # The kernel semantics: y is rounded to the dtype, norm_out is computed
+    # from the rounded y, and y * rstd is rounded before gamma. A NumPy model
+    # of exactly those steps agrees with both implementations to 1 ulp.
+    rng = np.random.default_rng(2)
+    x1, x2, residual, gamma, bias = _case(rng, 1, dtype, x3d=True, transpose_x2=False)
+    mm = oracle.per_rank_matmul(x1, x2, bias, dtype=dtype)
+    y = (mm.astype(np.float32) + residual.astype(np.float32)).astype(dtype)
+    yf = y.astype(np.float32)
+    ms = np.sum(yf * yf * np.float32(1 / yf.shape[-1]), axis=-1, keepdims=True, dtype=np.float32)
+    t = (yf * (np.float32(1) / np.sqrt(ms + np.float32(1e-6)))).astype(dtype)
+    want = (t.astype(np.float32) * gamma.astype(np.float32)).astype(dtype).astype(np.float64)
+    ulp = np.abs(want) * (2**-10 if dtype == np.float16 else 2**-7) + 1e-7
+    for impl in IMPLEMENTATIONS:
+        got_y, got = mc2.matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, None, bias=bias,
+                                                        implementation=impl)
+        np.testing.assert_array_equal(np.asarray(got_y), y)
+        assert np.all(np.abs(np.asarray(got).astype(np.float64) - want) <= ulp)
+
+
+def test_epsilon_is_used():
+    z = np.zeros((1, 4, 8), np.float32)
+    y, norm = mc2.matmul_all_reduce_add_rms_norm(np.zeros((4, 2), np.float32),
+                                                 np.zeros((2, 8), np.float32), z + 1e-3,
+                                                 np.ones(8, np.float32), None, epsilon=0.5)
+    np.testing.assert_allclose(np.asarray(norm), 1e-3 / np.sqrt(1e-6 + 0.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_inplace_aliases_residual(impl):
+    rng = np.random.default_rng(4)
+    x1, x2, residual, gamma, _ = _case(rng, 1, np.float16, x3d=True, transpose_x2=False)
+    f = jax.jit(functools.partial(mc2.inplace_matmul_all_reduce_add_rms_norm, axis_name=None,
+                                  implementation=impl), donate_argnums=(2,))
+    compiled = f.lower(x1, x2, residual, gamma).compile().as_text()
+    assert "input_output_alias" in compiled
+    if impl == "ffi":
+        assert "output_to_operand_aliasing" in compiled
+    res = jax.device_put(residual)
+    pointer = res.unsafe_buffer_pointer()
+    y, norm_out = f(x1, x2, res, gamma)
+    assert res.is_deleted()
+    assert y.unsafe_buffer_pointer() == pointer
+    want = mc2.matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, None, implementation=impl)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(norm_out), np.asarray(want[1]))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("comm_turn", [2, 7])
+def test_comm_turn_identical_and_lowered(impl, comm_turn):
+    rng = np.random.default_rng(6)
+    x1, x2, residual, gamma, bias = _case(rng, 4, np.bfloat16 if False else oracle.BF16,
+                                          x3d=True, transpose_x2=False)
+    mesh = make_mesh((4,), ("tp",))
+
+    def build(turn):
+        return jax.jit(jax.shard_map(
+            lambda a, b, r, g, c: mc2.matmul_all_reduce_add_rms_norm(
+                a, b, r, g, "tp", bias=c, comm_turn=turn, implementation=impl),
+            mesh=mesh, in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P()),
+            out_specs=(P(), P())))
+
+    args = (x1, x2, residual, gamma, bias)
+    base, split = build(0)(*args), build(comm_turn)(*args)
+    for a, b in zip(base, split):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    text = build(comm_turn).lower(*args).as_text()
+    assert text.count("stablehlo.all_reduce") == comm_turn
+    if impl == "ffi":
+        assert text.count("custom_call @mc2_matmul_ffi") == comm_turn
+        assert text.count("custom_call @mc2_add_rms_norm_ffi") == 1
+    text = build(0).lower(*args).as_text()
+    assert text.count("stablehlo.all_reduce") == 1
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_grads_sharded(impl):
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    rng = np.random.default_rng(8)
+    x1 = _rand(rng, (4, 3, 16), np.float32)
+    x2 = _rand(rng, (16, 8), np.float32, 0.3)
+    residual = _rand(rng, (4, 3, 8), np.float32)
+    gamma = _rand(rng, (8,), np.float32)
+    bias = _rand(rng, (8,), np.float32)
+
+    def f(x1, x2, residual, gamma, bias):
+        return jax.shard_map(
+            lambda a, b, r, g, c: mc2.matmul_all_reduce_add_rms_norm(
+                a, b, r, g, "tp", bias=c, implementation=impl),
+            mesh=mesh, in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P(), P()),
+            out_specs=(P("dp"), P("dp")))(x1, x2, residual, gamma, bias)
+
+    args = (x1, x2, residual, gamma, bias)
+    jax.test_util.check_grads(f, args, order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+    def loss(*a):
+        y, norm = f(*a)
+        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+
+    def loss_ref(x1, x2, residual, gamma, bias):
+        y = x1 @ x2 + 4 * bias + residual
+        norm = y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * gamma
+        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+
+    got = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
+    want = jax.grad(loss_ref, argnums=tuple(range(5)))(*args)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vmap(impl):
+    rng = np.random.default_rng(10)
+    x1 = _rand(rng, (3, 6, 8), np.float32)
+    x2 = _rand(rng, (8, 5), np.float32)
+    residual = _rand(rng, (3, 2, 3, 5), np.float32)
+    gamma = _rand(rng, (5,), np.float32)
+    gammas = _rand(rng, (3, 5), np.float32)
+    op = functools.partial(mc2.matmul_all_reduce_add_rms_norm, axis_name=None,
+                           implementation=impl)
+    y, norm = jax.vmap(lambda a, r: op(a, x2, r, gamma))(x1, residual)
+    for i in range(3):
+        wy, wn = oracle.add_rms_norm(x1[i] @ x2, residual[i], gamma, 1e-6)
+        np.testing.assert_allclose(np.asarray(y[i]), wy, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(norm[i]), wn, atol=1e-4)
+    y, norm = jax.vmap(lambda a, r, g: op(a, x2, r, g))(x1, residual, gammas)
+    for i in range(3):
+        _, wn = oracle.add_rms_norm(x1[i] @ x2, residual[i], gammas[i], 1e-6)
+        np.testing.assert_allclose(np.asarray(norm[i]), wn, atol=1e-4)
+
+
+def test_eval_shape():
+    args = (jax.ShapeDtypeStruct((2, 64, 256), jnp.float16),
+            jax.ShapeDtypeStruct((256, 128), jnp.float16),
+            jax.ShapeDtypeStruct((2, 64, 128), jnp.float16),
+            jax.ShapeDtypeStruct((128,), jnp.float16))
+    y, norm = jax.eval_shape(functools.partial(mc2.matmul_all_reduce_add_rms_norm,
+                                               axis_name=None), *args)
+    assert y.shape == norm.shape == (2, 64, 128) and y.dtype == norm.dtype == jnp.float16
