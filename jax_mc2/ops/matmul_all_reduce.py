@@ -39,6 +39,7 @@ def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None, residual=None)
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
     x3: the output shape. All share x1's dtype (fp16/bf16; fp32 on generic).
     """
+    targets.operator_support(op)  # is the operator on this chip at all?
     v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
     targets.check_float_dtype(op, "x1", x1)
     k = x1.shape[-1]
