@@ -14,6 +14,13 @@ namespace jax_mc2 {
 
 namespace ffi = xla::ffi;
 
+// The conversion loops: an F16C/AVX2 path for float16 chosen at run time,
+// and loops written so the compiler vectorizes the bfloat16 ones.
+void LoadFp16(const uint16_t* src, int64_t count, float* dst);
+void StoreFp16(const float* src, int64_t count, uint16_t* dst);
+void LoadBf16(const uint16_t* src, int64_t count, float* dst);
+void StoreBf16(const float* src, int64_t count, uint16_t* dst);
+
 // Converts `count` elements of a float16/bfloat16/float32 buffer starting at
 // element `offset` into fp32.
 inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset,
@@ -24,16 +31,12 @@ inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset,
       std::copy(src, src + count, dst);
       return;
     }
-    case ffi::DataType::F16: {
-      const uint16_t* src = static_cast<const uint16_t*>(data) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = Fp16ToFloat(src[i]);
+    case ffi::DataType::F16:
+      LoadFp16(static_cast<const uint16_t*>(data) + offset, count, dst);
       return;
-    }
-    case ffi::DataType::BF16: {
-      const uint16_t* src = static_cast<const uint16_t*>(data) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = Bf16ToFloat(src[i]);
+    case ffi::DataType::BF16:
+      LoadBf16(static_cast<const uint16_t*>(data) + offset, count, dst);
       return;
-    }
     default:
       return;
   }
@@ -44,24 +47,23 @@ inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset,
 inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count,
                            void* data, int64_t offset) {
   switch (type) {
-    case ffi::DataType::F32: {
+    case ffi::DataType::F32:
       std::copy(src, src + count, static_cast<float*>(data) + offset);
       return;
-    }
-    case ffi::DataType::F16: {
-      uint16_t* dst = static_cast<uint16_t*>(data) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = FloatToFp16(src[i]);
+    case ffi::DataType::F16:
+      StoreFp16(src, count, static_cast<uint16_t*>(data) + offset);
       return;
-    }
-    case ffi::DataType::BF16: {
-      uint16_t* dst = static_cast<uint16_t*>(data) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = FloatToBf16(src[i]);
+    case ffi::DataType::BF16:
+      StoreBf16(src, count, static_cast<uint16_t*>(data) + offset);
       return;
-    }
     default:
       return;
   }
 }
+
+// values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
+// applies when it writes an intermediate in the dtype and reads it back.
+void RoundInPlace(ffi::DataType type, float* values, int64_t count);
 
 inline bool IsFloatType(ffi::DataType type) {
   return type == ffi::DataType::F32 || type == ffi::DataType::F16 ||

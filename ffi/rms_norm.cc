@@ -53,20 +53,16 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
     for (int64_t j = 0; j < n; ++j) a[j] += b[j];
     // y is rounded to the dtype first; the statistics read the rounded y.
     StoreFromFloat(dtype, a.data(), n, y->untyped_data(), r * n);
-    LoadAsFloat(dtype, y->untyped_data(), r * n, n, a.data());
+    RoundInPlace(dtype, a.data(), n);
     float mean_square = 0.0f;
     for (int64_t j = 0; j < n; ++j) mean_square += a[j] * a[j] * inv_n;
     const float rstd = 1.0f / std::sqrt(mean_square + epsilon);
-    if (dtype == ffi::DataType::F32) {
-      for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd * g[j];
-    } else {
-      // fp16: t = half(y * rstd), norm = half(t * gamma) (a half multiply,
-      // exact in fp32 then rounded once). bf16: the same two roundings.
-      for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd;
-      StoreFromFloat(dtype, out.data(), n, norm_out->untyped_data(), r * n);
-      LoadAsFloat(dtype, norm_out->untyped_data(), r * n, n, out.data());
-      for (int64_t j = 0; j < n; ++j) out[j] *= g[j];
-    }
+    for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd;
+    // fp16/bf16: y * rstd is rounded to the dtype before the multiplication
+    // by gamma (a product of two 16-bit floats, exact in fp32), which is
+    // then rounded once more on the store.
+    RoundInPlace(dtype, out.data(), n);
+    for (int64_t j = 0; j < n; ++j) out[j] *= g[j];
     StoreFromFloat(dtype, out.data(), n, norm_out->untyped_data(), r * n);
   }
   return ffi::Error::Success();

@@ -1,0 +1,1 @@
+"""jax_mc2 benchmarks: ``python -m benchmarks.run [--json FILE]``."""

@@ -1,0 +1,212 @@
+"""Times every operator side by side in one process and prints a table.
+
+For each case the contenders (the ``ffi`` and ``xla`` implementations and the
+unfused ``jnp`` composition of the same math, all on the same mesh) run
+interleaved after a warm-up, each call ends in ``block_until_ready``, and the
+median of ``--repeat`` runs is reported with the useful GFLOP/s (2·m·k·n), the
+ratio to the unfused composition and the ratio to the dense fp32 GEMM ceiling
+measured in the same run (the better of OpenBLAS sgemm called directly and
+XLA's float32 dot on one device).
+
+    python -m benchmarks.run [--json FILE] [--quick] [--implementations xla,ffi]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_mc2 as mc2  # noqa: E402
+
+
+@dataclass
+class Row:
+    operator: str
+    shape: str
+    dtype: str
+    devices: int
+    implementation: str
+    median_ms: float
+    gflops: float
+    vs_unfused: float | None = None
+    vs_ceiling: float | None = None
+
+
+def time_interleaved(fns: dict, args: tuple, repeat: int) -> dict[str, float]:
+    """Median milliseconds of each function, run round-robin after warm-up."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _openblas_sgemm():
+    import scipy_openblas32
+
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"))
+    fn = lib.scipy_cblas_sgemm
+    fn.restype = None
+    i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
+    lib.scipy_openblas_set_num_threads(os.cpu_count() or 1)
+
+    def sgemm(a, b, c):
+        m, k = a.shape
+        n = b.shape[1]
+        fn(101, 111, 111, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, n, 0.0, c.ctypes.data, n)
+        return c
+
+    return sgemm
+
+
+def measure_ceiling(m, k, n, repeat) -> float:
+    """Dense fp32 GEMM GFLOP/s on one device: max(OpenBLAS sgemm, XLA f32 dot)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), np.float32)
+    b = rng.standard_normal((k, n), np.float32)
+    c = np.empty((m, n), np.float32)
+    sgemm = _openblas_sgemm()
+    xla_dot = jax.jit(jnp.dot)
+    times = time_interleaved({"sgemm": lambda a, b: sgemm(a, b, c), "xla": xla_dot}, (a, b),
+                             repeat)
+    return 2 * m * k * n / (min(times.values()) * 1e-3) / 1e9
+
+
+def _mesh(devices):
+    return Mesh(np.array(jax.devices()[:devices]), ("tp",))
+
+
+def mm_case(m, k, n, dtype, devices, impls, repeat):
+    rng = np.random.default_rng(1)
+    x1 = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    x2 = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+    bias = jnp.asarray(rng.standard_normal(n), dtype)
+    axis = "tp" if devices > 1 else None
+
+    def unfused(a, b, c):
+        out = (jnp.matmul(a, b) + c).astype(a.dtype)
+        return lax.psum(out, axis) if axis else out
+
+    def op(impl):
+        return lambda a, b, c: mc2.mm_all_reduce_base(a, b, axis, bias=c, implementation=impl)
+
+    fns = {impl: op(impl) for impl in impls}
+    fns["unfused jnp"] = unfused
+    wrap = _wrap(devices, (P(None, "tp"), P("tp", None), P()), P())
+    return time_interleaved({k_: wrap(f) for k_, f in fns.items()}, (x1, x2, bias), repeat)
+
+
+def norm_case(m, k, n, dtype, devices, impls, repeat):
+    rng = np.random.default_rng(2)
+    x1 = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    x2 = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+    residual = jnp.asarray(rng.standard_normal((1, m, n)), dtype)
+    gamma = jnp.asarray(rng.standard_normal(n), dtype)
+    axis = "tp" if devices > 1 else None
+
+    def unfused(a, b, r, g):
+        mm = jnp.matmul(a, b)
+        mm = lax.psum(mm, axis) if axis else mm
+        y = mm.reshape(r.shape) + r
+        yf = y.astype(jnp.float32)
+        norm = yf * lax.rsqrt(jnp.mean(yf * yf, -1, keepdims=True) + 1e-6) * g.astype(jnp.float32)
+        return y, norm.astype(y.dtype)
+
+    def op(impl):
+        return lambda a, b, r, g: mc2.matmul_all_reduce_add_rms_norm(a, b, r, g, axis,
+                                                                    implementation=impl)
+
+    fns = {impl: op(impl) for impl in impls}
+    fns["unfused jnp"] = unfused
+    wrap = _wrap(devices, (P(None, "tp"), P("tp", None), P(), P()), (P(), P()))
+    return time_interleaved({k_: wrap(f) for k_, f in fns.items()}, (x1, x2, residual, gamma),
+                            repeat)
+
+
+def _wrap(devices, in_specs, out_specs):
+    def wrap(fn):
+        if devices == 1:
+            return jax.jit(fn)
+        return jax.jit(jax.shard_map(fn, mesh=_mesh(devices), in_specs=in_specs,
+                                     out_specs=out_specs))
+
+    return wrap
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="jax_mc2 benchmarks")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--implementations", default=None,
+                        help="comma-separated (default: ffi,xla on CPU, xla elsewhere)")
+    args = parser.parse_args(argv)
+    backend = jax.default_backend()
+    impls = (args.implementations.split(",") if args.implementations
+             else (["ffi", "xla"] if backend == "cpu" else ["xla"]))
+    repeat = max(args.repeat, 10)
+    big = 512 if args.quick else 2048
+    shapes_1 = [(512, 512, 512), (big, big, big)] if not args.quick else [(512, 512, 512)]
+    shapes_8 = [(big, big, big), (1024, 4096, 1024)] if not args.quick else [(512, 1024, 512)]
+    ndev = min(8, len(jax.devices()))
+
+    ceiling = measure_ceiling(big, big, big, repeat)
+    rows: list[Row] = []
+    for opname, case in (("mm_all_reduce_base", mm_case),
+                         ("matmul_all_reduce_add_rms_norm", norm_case)):
+        for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
+            for m, k, n in shapes:
+                for dtype in (jnp.float16, jnp.bfloat16):
+                    times = case(m, k, n, dtype, devices, impls, repeat)
+                    flops = 2 * m * k * n
+                    base = times["unfused jnp"]
+                    for name, ms in times.items():
+                        gflops = flops / (ms * 1e-3) / 1e9
+                        rows.append(Row(opname, f"{m}x{k}x{n}", jnp.dtype(dtype).name, devices,
+                                        name, round(ms, 3), round(gflops, 1),
+                                        round(base / ms, 2) if name != "unfused jnp" else 1.0,
+                                        round(gflops / ceiling, 2)))
+                    print(f"  done {opname} {m}x{k}x{n} {jnp.dtype(dtype).name} x{devices}",
+                          flush=True)
+
+    print(f"\njax_mc2 benchmarks — {backend} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} cores, jax {jax.__version__}, median of {repeat}")
+    print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
+    header = ("| operator | m x k x n | dtype | devices | implementation | median ms | "
+              "GFLOP/s | vs unfused jnp | vs fp32 ceiling |")
+    print(header)
+    print("|" + "---|" * 9)
+    for r in rows:
+        print(f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
+              f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {r.vs_ceiling:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": backend, "machine": platform.machine(), "cores": os.cpu_count(),
+                       "jax": jax.__version__, "ceiling_gflops": ceiling,
+                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+// Bulk conversions between fp32 and the 16-bit float formats (round half to
+// even). float16 uses the F16C instructions when the CPU has them; the
+// scalar fallbacks in dtypes.h give the same bits.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "ffi_common.h"
+
+namespace jax_mc2 {
+namespace {
+
+bool HasF16c() {
+  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+  return has;
+}
+
+__attribute__((target("avx2,f16c"))) void LoadFp16F16c(const uint16_t* src, int64_t count,
+                                                        float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < count; ++i) dst[i] = Fp16ToFloat(src[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void StoreFp16F16c(const float* src, int64_t count,
+                                                         uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+  for (; i < count; ++i) dst[i] = FloatToFp16(src[i]);
+}
+
+}  // namespace
+
+void LoadFp16(const uint16_t* src, int64_t count, float* dst) {
+  if (HasF16c()) return LoadFp16F16c(src, count, dst);
+  for (int64_t i = 0; i < count; ++i) dst[i] = Fp16ToFloat(src[i]);
+}
+
+void StoreFp16(const float* src, int64_t count, uint16_t* dst) {
+  if (HasF16c()) return StoreFp16F16c(src, count, dst);
+  for (int64_t i = 0; i < count; ++i) dst[i] = FloatToFp16(src[i]);
+}
+
+__attribute__((target_clones("avx2", "default"))) void LoadBf16(const uint16_t* src,
+                                                                 int64_t count, float* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = BitsToFloat(uint32_t{src[i]} << 16);
+}
+
+__attribute__((target_clones("avx2", "default"))) void StoreBf16(const float* src, int64_t count,
+                                                                  uint16_t* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits = FloatToBits(src[i]);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (bits >> 16) | 0x0040u;
+    dst[i] = static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  }
+}
+
+void RoundInPlace(ffi::DataType type, float* values, int64_t count) {
+  if (type == ffi::DataType::F32) return;
+  constexpr int64_t kChunk = 1024;
+  uint16_t tmp[kChunk];
+  for (int64_t i = 0; i < count; i += kChunk) {
+    const int64_t c = std::min(kChunk, count - i);
+    StoreFromFloat(type, values + i, c, tmp, 0);
+    LoadAsFloat(type, tmp, 0, c, values + i);
+  }
+}
+
+}  // namespace jax_mc2
