@@ -89,8 +89,7 @@ def measure_ceiling(m, k, n, repeat) -> float:
     c = np.empty((m, n), np.float32)
     sgemm = _openblas_sgemm()
     xla_dot = jax.jit(jnp.dot)
-    times = time_interleaved({"sgemm": lambda a, b: sgemm(a, b, c), "xla": xla_dot}, (a, b),
-                             repeat)
+    times = time_interleaved({"sgemm": lambda a, b: sgemm(a, b, c), "xla": xla_dot}, (a, b), repeat)
     return 2 * m * k * n / (min(times.values()) * 1e-3) / 1e9
 
 
@@ -135,22 +134,25 @@ def norm_case(m, k, n, dtype, devices, impls, repeat):
         return y, norm.astype(y.dtype)
 
     def op(impl):
-        return lambda a, b, r, g: mc2.matmul_all_reduce_add_rms_norm(a, b, r, g, axis,
-                                                                    implementation=impl)
+        return lambda a, b, r, g: mc2.matmul_all_reduce_add_rms_norm(
+            a, b, r, g, axis, implementation=impl
+        )
 
     fns = {impl: op(impl) for impl in impls}
     fns["unfused jnp"] = unfused
     wrap = _wrap(devices, (P(None, "tp"), P("tp", None), P(), P()), (P(), P()))
-    return time_interleaved({k_: wrap(f) for k_, f in fns.items()}, (x1, x2, residual, gamma),
-                            repeat)
+    return time_interleaved(
+        {k_: wrap(f) for k_, f in fns.items()}, (x1, x2, residual, gamma), repeat
+    )
 
 
 def _wrap(devices, in_specs, out_specs):
     def wrap(fn):
         if devices == 1:
             return jax.jit(fn)
-        return jax.jit(jax.shard_map(fn, mesh=_mesh(devices), in_specs=in_specs,
-                                     out_specs=out_specs))
+        return jax.jit(
+            jax.shard_map(fn, mesh=_mesh(devices), in_specs=in_specs, out_specs=out_specs)
+        )
 
     return wrap
 
@@ -160,12 +162,18 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument("--implementations", default=None,
-                        help="comma-separated (default: ffi,xla on CPU, xla elsewhere)")
+    parser.add_argument(
+        "--implementations",
+        default=None,
+        help="comma-separated (default: ffi,xla on CPU, xla elsewhere)",
+    )
     args = parser.parse_args(argv)
     backend = jax.default_backend()
-    impls = (args.implementations.split(",") if args.implementations
-             else (["ffi", "xla"] if backend == "cpu" else ["xla"]))
+    impls = (
+        args.implementations.split(",")
+        if args.implementations
+        else (["ffi", "xla"] if backend == "cpu" else ["xla"])
+    )
     repeat = max(args.repeat, 10)
     big = 512 if args.quick else 2048
     shapes_1 = [(512, 512, 512), (big, big, big)] if not args.quick else [(512, 512, 512)]
@@ -174,8 +182,10 @@ def main(argv=None):
 
     ceiling = measure_ceiling(big, big, big, repeat)
     rows: list[Row] = []
-    for opname, case in (("mm_all_reduce_base", mm_case),
-                         ("matmul_all_reduce_add_rms_norm", norm_case)):
+    for opname, case in (
+        ("mm_all_reduce_base", mm_case),
+        ("matmul_all_reduce_add_rms_norm", norm_case),
+    ):
         for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
             for m, k, n in shapes:
                 for dtype in (jnp.float16, jnp.bfloat16):
@@ -184,28 +194,54 @@ def main(argv=None):
                     base = times["unfused jnp"]
                     for name, ms in times.items():
                         gflops = flops / (ms * 1e-3) / 1e9
-                        rows.append(Row(opname, f"{m}x{k}x{n}", jnp.dtype(dtype).name, devices,
-                                        name, round(ms, 3), round(gflops, 1),
-                                        round(base / ms, 2) if name != "unfused jnp" else 1.0,
-                                        round(gflops / ceiling, 2)))
-                    print(f"  done {opname} {m}x{k}x{n} {jnp.dtype(dtype).name} x{devices}",
-                          flush=True)
+                        rows.append(
+                            Row(
+                                opname,
+                                f"{m}x{k}x{n}",
+                                jnp.dtype(dtype).name,
+                                devices,
+                                name,
+                                round(ms, 3),
+                                round(gflops, 1),
+                                round(base / ms, 2) if name != "unfused jnp" else 1.0,
+                                round(gflops / ceiling, 2),
+                            )
+                        )
+                    print(
+                        f"  done {opname} {m}x{k}x{n} {jnp.dtype(dtype).name} x{devices}",
+                        flush=True,
+                    )
 
-    print(f"\njax_mc2 benchmarks — {backend} ({jax.devices()[0].device_kind}), "
-          f"{os.cpu_count()} cores, jax {jax.__version__}, median of {repeat}")
+    print(
+        f"\njax_mc2 benchmarks — {backend} ({jax.devices()[0].device_kind}), "
+        f"{os.cpu_count()} cores, jax {jax.__version__}, median of {repeat}"
+    )
     print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
-    header = ("| operator | m x k x n | dtype | devices | implementation | median ms | "
-              "GFLOP/s | vs unfused jnp | vs fp32 ceiling |")
+    header = (
+        "| operator | m x k x n | dtype | devices | implementation | median ms | "
+        "GFLOP/s | vs unfused jnp | vs fp32 ceiling |"
+    )
     print(header)
     print("|" + "---|" * 9)
     for r in rows:
-        print(f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
-              f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {r.vs_ceiling:.2f} |")
+        print(
+            f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
+            f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {r.vs_ceiling:.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"backend": backend, "machine": platform.machine(), "cores": os.cpu_count(),
-                       "jax": jax.__version__, "ceiling_gflops": ceiling,
-                       "rows": [asdict(r) for r in rows]}, f, indent=2)
+            json.dump(
+                {
+                    "backend": backend,
+                    "machine": platform.machine(),
+                    "cores": os.cpu_count(),
+                    "jax": jax.__version__,
+                    "ceiling_gflops": ceiling,
+                    "rows": [asdict(r) for r in rows],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ S = jax.ShapeDtypeStruct
 def mm_case(world, x1, x2, dtype, **kw):
     def run():
         mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
-        f = jax.shard_map(functools.partial(mc2.mm_all_reduce_base, axis_name="tp", **kw),
-                          mesh=mesh, in_specs=(P(*(None,) * (len(x1) - 1), "tp"), P("tp", None)),
-                          out_specs=P())
+        f = jax.shard_map(
+            functools.partial(mc2.mm_all_reduce_base, axis_name="tp", **kw),
+            mesh=mesh,
+            in_specs=(P(*(None,) * (len(x1) - 1), "tp"), P("tp", None)),
+            out_specs=P(),
+        )
         return jax.eval_shape(f, S(x1, dtype), S(x2, dtype))
 
     return run
@@ -40,39 +43,75 @@ def mm_case(world, x1, x2, dtype, **kw):
 def norm_case(world, x1, x2, residual, dtype, **kw):
     def run():
         mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
-        f = jax.shard_map(functools.partial(mc2.matmul_all_reduce_add_rms_norm, axis_name="tp", **kw),
-                          mesh=mesh,
-                          in_specs=(P(*(None,) * (len(x1) - 1), "tp"), P("tp", None), P(), P()),
-                          out_specs=(P(), P()))
-        return jax.eval_shape(f, S(x1, dtype), S(x2, dtype), S(residual, dtype),
-                              S((x2[1],), dtype))[1]
+        f = jax.shard_map(
+            functools.partial(mc2.matmul_all_reduce_add_rms_norm, axis_name="tp", **kw),
+            mesh=mesh,
+            in_specs=(P(*(None,) * (len(x1) - 1), "tp"), P("tp", None), P(), P()),
+            out_specs=(P(), P()),
+        )
+        return jax.eval_shape(
+            f, S(x1, dtype), S(x2, dtype), S(residual, dtype), S((x2[1],), dtype)
+        )[1]
 
     return run
 
 
 CASES = [
-    ("mm_all_reduce_base", "fp16 (m,k)=(1024,4096) n=1024, 8 ranks",
-     mm_case(8, (1024, 4096), (4096, 1024), jnp.float16)),
-    ("mm_all_reduce_base", "bf16 (b,s,k)=(4,256,2048) n=512, 4 ranks",
-     mm_case(4, (4, 256, 2048), (2048, 512), jnp.bfloat16)),
-    ("mm_all_reduce_base", "fp32 (m,k)=(256,1024) n=256, 2 ranks",
-     mm_case(2, (256, 1024), (1024, 256), jnp.float32)),
-    ("mm_all_reduce_base", "bf16 (m,k)=(256,1024) n=256, 16 ranks",
-     mm_case(16, (256, 1024), (1024, 256), jnp.bfloat16)),
-    ("mm_all_reduce_base", "fp16 (m,k)=(256,1024) n=256, comm_turn=4, 8 ranks",
-     mm_case(8, (256, 1024), (1024, 256), jnp.float16, comm_turn=4)),
-    ("mm_all_reduce_base", "fp16 empty m: (0,1024) n=256, 2 ranks",
-     mm_case(2, (0, 1024), (1024, 256), jnp.float16)),
-    ("mm_all_reduce_base", "fp16 k mismatch: x1 (64,512) x2 (256,64), 1 rank",
-     mm_case(1, (64, 512), (256, 64), jnp.float16)),
-    ("matmul_all_reduce_add_rms_norm", "bf16 (b,s,k)=(2,512,4096) n=1024, 8 ranks",
-     norm_case(8, (2, 512, 4096), (4096, 1024), (2, 512, 1024), jnp.bfloat16)),
-    ("matmul_all_reduce_add_rms_norm", "fp16 (m,k)=(1024,2048) n=512, 4 ranks",
-     norm_case(4, (1024, 2048), (2048, 512), (4, 256, 512), jnp.float16)),
-    ("matmul_all_reduce_add_rms_norm", "fp16 epsilon=1.5, 2 ranks",
-     norm_case(2, (64, 256), (256, 64), (1, 64, 64), jnp.float16, epsilon=1.5)),
-    ("matmul_all_reduce_add_rms_norm", "fp16 residual 2-D (64,64), 2 ranks",
-     norm_case(2, (64, 256), (256, 64), (64, 64), jnp.float16)),
+    (
+        "mm_all_reduce_base",
+        "fp16 (m,k)=(1024,4096) n=1024, 8 ranks",
+        mm_case(8, (1024, 4096), (4096, 1024), jnp.float16),
+    ),
+    (
+        "mm_all_reduce_base",
+        "bf16 (b,s,k)=(4,256,2048) n=512, 4 ranks",
+        mm_case(4, (4, 256, 2048), (2048, 512), jnp.bfloat16),
+    ),
+    (
+        "mm_all_reduce_base",
+        "fp32 (m,k)=(256,1024) n=256, 2 ranks",
+        mm_case(2, (256, 1024), (1024, 256), jnp.float32),
+    ),
+    (
+        "mm_all_reduce_base",
+        "bf16 (m,k)=(256,1024) n=256, 16 ranks",
+        mm_case(16, (256, 1024), (1024, 256), jnp.bfloat16),
+    ),
+    (
+        "mm_all_reduce_base",
+        "fp16 (m,k)=(256,1024) n=256, comm_turn=4, 8 ranks",
+        mm_case(8, (256, 1024), (1024, 256), jnp.float16, comm_turn=4),
+    ),
+    (
+        "mm_all_reduce_base",
+        "fp16 empty m: (0,1024) n=256, 2 ranks",
+        mm_case(2, (0, 1024), (1024, 256), jnp.float16),
+    ),
+    (
+        "mm_all_reduce_base",
+        "fp16 k mismatch: x1 (64,512) x2 (256,64), 1 rank",
+        mm_case(1, (64, 512), (256, 64), jnp.float16),
+    ),
+    (
+        "matmul_all_reduce_add_rms_norm",
+        "bf16 (b,s,k)=(2,512,4096) n=1024, 8 ranks",
+        norm_case(8, (2, 512, 4096), (4096, 1024), (2, 512, 1024), jnp.bfloat16),
+    ),
+    (
+        "matmul_all_reduce_add_rms_norm",
+        "fp16 (m,k)=(1024,2048) n=512, 4 ranks",
+        norm_case(4, (1024, 2048), (2048, 512), (4, 256, 512), jnp.float16),
+    ),
+    (
+        "matmul_all_reduce_add_rms_norm",
+        "fp16 epsilon=1.5, 2 ranks",
+        norm_case(2, (64, 256), (256, 64), (1, 64, 64), jnp.float16, epsilon=1.5),
+    ),
+    (
+        "matmul_all_reduce_add_rms_norm",
+        "fp16 residual 2-D (64,64), 2 ranks",
+        norm_case(2, (64, 256), (256, 64), (64, 64), jnp.float16),
+    ),
 ]
 
 
@@ -101,7 +140,7 @@ def main():
                 reasons.append((op, desc, name, detail))
         print(f"{op:<32}{desc:<52}" + "".join(f"{c:>12}" for c in cells))
     print("\nReasons for rejection:")
-    for op, desc, name, detail in reasons:
+    for _op, desc, name, detail in reasons:
         print(f"  [{name}] {desc}\n      {detail}")
 
 

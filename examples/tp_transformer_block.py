@@ -77,23 +77,43 @@ def block_tp(params, x, *, heads, mesh, dp, implementation=None):
     attn = attention(params, rms_norm(x, params["ln1"]), heads)
     # y = x + attn @ wo + bo;  h2 = RMSNorm(y) * ln2  (one fused operator)
     y, h2 = mc2.parallel.row_parallel_linear_add_rms_norm(
-        attn, params["wo"], x, params["ln2"], mesh=mesh, axis="tp", bias=params["bo"],
-        data_axis=dp, implementation=implementation)
+        attn,
+        params["wo"],
+        x,
+        params["ln2"],
+        mesh=mesh,
+        axis="tp",
+        bias=params["bo"],
+        data_axis=dp,
+        implementation=implementation,
+    )
     down = mc2.parallel.row_parallel_linear(
-        swiglu(params, h2), params["w_down"], mesh=mesh, axis="tp", bias=params["b_down"],
-        data_axis=dp, implementation=implementation)
+        swiglu(params, h2),
+        params["w_down"],
+        mesh=mesh,
+        axis="tp",
+        bias=params["b_down"],
+        data_axis=dp,
+        implementation=implementation,
+    )
     return y + down
 
 
 def block_reference(params, x, *, heads):
     """The same block with plain jax.numpy on one device."""
     attn = attention(params, rms_norm(x, params["ln1"]), heads)
-    y = (jnp.einsum("bsd,de->bse", attn, params["wo"], preferred_element_type=jnp.float32)
-         + params["bo"].astype(jnp.float32) + x.astype(jnp.float32)).astype(x.dtype)
+    y = (
+        jnp.einsum("bsd,de->bse", attn, params["wo"], preferred_element_type=jnp.float32)
+        + params["bo"].astype(jnp.float32)
+        + x.astype(jnp.float32)
+    ).astype(x.dtype)
     h2 = rms_norm(y, params["ln2"])
-    down = (jnp.einsum("bsf,fd->bsd", swiglu(params, h2), params["w_down"],
-                       preferred_element_type=jnp.float32)
-            + params["b_down"].astype(jnp.float32)).astype(x.dtype)
+    down = (
+        jnp.einsum(
+            "bsf,fd->bsd", swiglu(params, h2), params["w_down"], preferred_element_type=jnp.float32
+        )
+        + params["b_down"].astype(jnp.float32)
+    ).astype(x.dtype)
     return y + down
 
 
@@ -126,8 +146,10 @@ def main():
     dtype = jnp.dtype(args.dtype)
     devices = jax.devices()
     if len(devices) < 8:
-        raise SystemExit(f"needs 8 devices, found {len(devices)}: set XLA_FLAGS="
-                         "--xla_force_host_platform_device_count=8")
+        raise SystemExit(
+            f"needs 8 devices, found {len(devices)}: set XLA_FLAGS="
+            "--xla_force_host_platform_device_count=8"
+        )
 
     params = init_params(jax.random.key(0), args.d_model, args.ffn, dtype)
     x = jax.random.normal(jax.random.key(1), (args.batch, args.seq, args.d_model)).astype(dtype)
@@ -135,36 +157,52 @@ def main():
     reference = functools.partial(block_reference, heads=args.heads)
     ref_fwd = jax.jit(reference)
     want = np.asarray(ref_fwd(params, x), np.float32)
-    want_grads = jax.tree.map(lambda g: np.asarray(g, np.float32),
-                              jax.jit(jax.grad(loss_of(reference)))(params, x))
+    want_grads = jax.tree.map(
+        lambda g: np.asarray(g, np.float32), jax.jit(jax.grad(loss_of(reference)))(params, x)
+    )
     scale = np.abs(want).max()
-    print(f"jax_mc2 tensor-parallel decoder block: batch={args.batch} seq={args.seq} "
-          f"d_model={args.d_model} heads={args.heads} ffn={args.ffn} dtype={dtype.name}, "
-          f"{len(devices)} {devices[0].platform.upper()} devices")
+    print(
+        f"jax_mc2 tensor-parallel decoder block: batch={args.batch} seq={args.seq} "
+        f"d_model={args.d_model} heads={args.heads} ffn={args.ffn} dtype={dtype.name}, "
+        f"{len(devices)} {devices[0].platform.upper()} devices"
+    )
     ref_ms = median_ms(ref_fwd, params, x)
-    print(f"{'mesh':<14}{'implementation':<16}{'max |err| fwd':>15}{'rel':>10}"
-          f"{'max |err| grad':>16}{'step ms':>10}{'1-device ms':>13}")
+    print(
+        f"{'mesh':<14}{'implementation':<16}{'max |err| fwd':>15}{'rel':>10}"
+        f"{'max |err| grad':>16}{'step ms':>10}{'1-device ms':>13}"
+    )
     worst = 0.0
     for shape, names, dp in (((8,), ("tp",), None), ((2, 4), ("dp", "tp"), "dp")):
         mesh = Mesh(np.array(devices[: int(np.prod(shape))]).reshape(shape), names)
         for impl in ("ffi", "xla"):
-            block = functools.partial(block_tp, heads=args.heads, mesh=mesh, dp=dp,
-                                      implementation=impl)
+            block = functools.partial(
+                block_tp, heads=args.heads, mesh=mesh, dp=dp, implementation=impl
+            )
             fwd = jax.jit(block)
             grad = jax.jit(jax.grad(loss_of(block)))
             got = np.asarray(fwd(params, x), np.float32)
             got_grads = grad(params, x)
             err = float(np.abs(got - want).max())
-            gerr = max(float(np.abs(np.asarray(got_grads[k], np.float32) - want_grads[k]).max()
-                             / (np.abs(want_grads[k]).max() + 1e-30)) for k in want_grads)
+            gerr = max(
+                float(
+                    np.abs(np.asarray(got_grads[k], np.float32) - want_grads[k]).max()
+                    / (np.abs(want_grads[k]).max() + 1e-30)
+                )
+                for k in want_grads
+            )
             worst = max(worst, err / scale)
             mesh_name = " x ".join(f"{n}={s}" for n, s in zip(names, shape))
-            print(f"{mesh_name:<14}{impl:<16}{err:>15.3e}{err / scale:>10.2e}{gerr:>16.2e}"
-                  f"{median_ms(fwd, params, x):>10.2f}{ref_ms:>13.2f}")
+            print(
+                f"{mesh_name:<14}{impl:<16}{err:>15.3e}{err / scale:>10.2e}{gerr:>16.2e}"
+                f"{median_ms(fwd, params, x):>10.2f}{ref_ms:>13.2f}"
+            )
     tol = {"bfloat16": 3e-2, "float16": 5e-3, "float32": 1e-4}[dtype.name]
     status = "OK" if worst <= tol else "MISMATCH"
-    print(f"{status}: worst relative forward error {worst:.2e} (tolerance {tol:.0e} for {dtype.name}); "
-          "grad errors are relative to each weight's largest gradient")
+    print(
+        f"{status}: worst relative forward error {worst:.2e} "
+        f"(tolerance {tol:.0e} for {dtype.name}); "
+        "grad errors are relative to each weight's largest gradient"
+    )
     if status != "OK":
         raise SystemExit(1)
 

@@ -17,7 +17,7 @@ bool HasF16c() {
 }
 
 __attribute__((target("avx2,f16c"))) void LoadFp16F16c(const uint16_t* src, int64_t count,
-                                                        float* dst) {
+                                                       float* dst) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
@@ -27,7 +27,7 @@ __attribute__((target("avx2,f16c"))) void LoadFp16F16c(const uint16_t* src, int6
 }
 
 __attribute__((target("avx2,f16c"))) void StoreFp16F16c(const float* src, int64_t count,
-                                                         uint16_t* dst) {
+                                                        uint16_t* dst) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
@@ -48,13 +48,13 @@ void StoreFp16(const float* src, int64_t count, uint16_t* dst) {
   for (int64_t i = 0; i < count; ++i) dst[i] = FloatToFp16(src[i]);
 }
 
-__attribute__((target_clones("avx2", "default"))) void LoadBf16(const uint16_t* src,
-                                                                 int64_t count, float* dst) {
+__attribute__((target_clones("avx2", "default"))) void LoadBf16(const uint16_t* src, int64_t count,
+                                                                float* dst) {
   for (int64_t i = 0; i < count; ++i) dst[i] = BitsToFloat(uint32_t{src[i]} << 16);
 }
 
 __attribute__((target_clones("avx2", "default"))) void StoreBf16(const float* src, int64_t count,
-                                                                  uint16_t* dst) {
+                                                                 uint16_t* dst) {
   for (int64_t i = 0; i < count; ++i) {
     uint32_t bits = FloatToBits(src[i]);
     uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;

@@ -23,8 +23,8 @@ void StoreBf16(const float* src, int64_t count, uint16_t* dst);
 
 // Converts `count` elements of a float16/bfloat16/float32 buffer starting at
 // element `offset` into fp32.
-inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset,
-                        int64_t count, float* dst) {
+inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset, int64_t count,
+                        float* dst) {
   switch (type) {
     case ffi::DataType::F32: {
       const float* src = static_cast<const float*>(data) + offset;
@@ -44,8 +44,8 @@ inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset,
 
 // Rounds `count` fp32 values half-to-even into a float16/bfloat16/float32
 // buffer at element `offset`.
-inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count,
-                           void* data, int64_t offset) {
+inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count, void* data,
+                           int64_t offset) {
   switch (type) {
     case ffi::DataType::F32:
       std::copy(src, src + count, static_cast<float*>(data) + offset);
@@ -66,8 +66,7 @@ inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count,
 void RoundInPlace(ffi::DataType type, float* values, int64_t count);
 
 inline bool IsFloatType(ffi::DataType type) {
-  return type == ffi::DataType::F32 || type == ffi::DataType::F16 ||
-         type == ffi::DataType::BF16;
+  return type == ffi::DataType::F32 || type == ffi::DataType::F16 || type == ffi::DataType::BF16;
 }
 
 inline std::string DimsToString(ffi::Span<const int64_t> dims) {
@@ -80,8 +79,7 @@ inline std::string DimsToString(ffi::Span<const int64_t> dims) {
   return s + ")";
 }
 
-inline ffi::Error InvalidArgument(const std::string& op,
-                                  const std::string& what) {
+inline ffi::Error InvalidArgument(const std::string& op, const std::string& what) {
   return ffi::Error::InvalidArgument(op + ": " + what);
 }
 

@@ -20,13 +20,11 @@ constexpr char kOp[] = "mc2_matmul_ffi";
 // while keeping each call large enough for BLAS to reach its peak.
 constexpr int64_t kRowBlock = 512;
 
-ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2,
-                         ffi::RemainingArgs extra,
-                         ffi::Result<ffi::AnyBuffer> out, bool transpose_x2,
-                         bool has_bias, bool has_x3, int64_t parallelism) {
+ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
+                         ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
+                         bool has_x3, int64_t parallelism) {
   const ffi::DataType dtype = x1.element_type();
-  if (!IsFloatType(dtype) || x2.element_type() != dtype ||
-      out->element_type() != dtype) {
+  if (!IsFloatType(dtype) || x2.element_type() != dtype || out->element_type() != dtype) {
     return InvalidArgument(kOp, "x1, x2 and out must share one float dtype");
   }
   auto x1_dims = x1.dimensions();
@@ -41,15 +39,13 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2,
   for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
   const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
   const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
-  if (x2_k != k || static_cast<int64_t>(out->element_count()) != m * n ||
-      out_dims.back() != n) {
+  if (x2_k != k || static_cast<int64_t>(out->element_count()) != m * n || out_dims.back() != n) {
     return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
                                     ", x2 " + DimsToString(x2_dims) + ", out " +
                                     DimsToString(out_dims));
   }
   if (extra.size() != static_cast<size_t>(has_bias) + static_cast<size_t>(has_x3)) {
-    return InvalidArgument(kOp, "expected " +
-                                    std::to_string(int{has_bias} + int{has_x3}) +
+    return InvalidArgument(kOp, "expected " + std::to_string(int{has_bias} + int{has_x3}) +
                                     " optional operands, got " + std::to_string(extra.size()));
   }
   const void* bias_data = nullptr;
@@ -93,8 +89,8 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2,
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.data());
-    Sgemm(false, transpose_x2, r, n, k, a.data(), k, x2_f.data(), transpose_x2 ? k : n,
-          c.data(), n);
+    Sgemm(false, transpose_x2, r, n, k, a.data(), k, x2_f.data(), transpose_x2 ? k : n, c.data(),
+          n);
     // Epilogue on the fp32 tile: + bias, + x3, one rounding to the dtype.
     if (has_x3) LoadAsFloat(dtype, x3_data, r0 * n, r * n, x3_tile.data());
     if (has_bias || has_x3) {

@@ -22,9 +22,8 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
                              ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
                              float epsilon) {
   const ffi::DataType dtype = mm.element_type();
-  if (!IsFloatType(dtype) || residual.element_type() != dtype ||
-      gamma.element_type() != dtype || y->element_type() != dtype ||
-      norm_out->element_type() != dtype) {
+  if (!IsFloatType(dtype) || residual.element_type() != dtype || gamma.element_type() != dtype ||
+      y->element_type() != dtype || norm_out->element_type() != dtype) {
     return InvalidArgument(kOp, "mm, residual, gamma, y and norm_out must share one float dtype");
   }
   auto dims = residual.dimensions();
@@ -35,10 +34,9 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
       static_cast<int64_t>(y->element_count()) != total ||
       static_cast<int64_t>(norm_out->element_count()) != total ||
       static_cast<int64_t>(gamma.element_count()) != n) {
-    return InvalidArgument(kOp, "mm, y and norm_out must have residual's " +
-                                    std::to_string(total) + " elements and gamma (n,) = (" +
-                                    std::to_string(n) + ",), got mm " +
-                                    DimsToString(mm.dimensions()) + ", gamma " +
+    return InvalidArgument(kOp, "mm, y and norm_out must have residual's " + std::to_string(total) +
+                                    " elements and gamma (n,) = (" + std::to_string(n) +
+                                    ",), got mm " + DimsToString(mm.dimensions()) + ", gamma " +
                                     DimsToString(gamma.dimensions()));
   }
   if (n == 0 || total == 0) return ffi::Error::Success();

@@ -45,7 +45,9 @@ def requested(op: str, implementation: str | None) -> str | None:
     if impl is None:
         return None
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}")
+        raise ValueError(
+            f"{op}: implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}"
+        )
     if impl == ASCEND:
         raise NotImplementedError(
             f"{op}: implementation='ascend' needs the CANN toolkit (ACL runtime, HCCL and the "

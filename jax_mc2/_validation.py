@@ -94,7 +94,8 @@ def canonical_axis_name(op: str, axis_name) -> tuple[str, ...]:
     for a in names:
         if not isinstance(a, str) or not a:
             raise value_error(
-                op, f"axis_name must be None, a mesh axis name or a tuple of names, got {axis_name!r}"
+                op,
+                f"axis_name must be None, a mesh axis name or a tuple of names, got {axis_name!r}",
             )
     if len(set(names)) != len(names):
         raise value_error(op, f"axis_name must not repeat a name, got {axis_name!r}")

@@ -84,10 +84,17 @@ PROFILES: dict[str, TargetProfile] = {
                 _A2_RANKS, _INT32_MAX, True, True, "npu_mm_all_reduce_base: 1, 2, 4, 8 cards"
             ),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(
-                _A2_RANKS, _INT32_MAX, True, False, "aclnnMatmulAllReduceAddRmsNorm: 1, 2, 4, 8 cards"
+                _A2_RANKS,
+                _INT32_MAX,
+                True,
+                False,
+                "aclnnMatmulAllReduceAddRmsNorm: 1, 2, 4, 8 cards",
             ),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(
-                _A2_RANKS, _INT32_MAX, True, False,
+                _A2_RANKS,
+                _INT32_MAX,
+                True,
+                False,
                 "aclnnInplaceMatmulAllReduceAddRmsNorm: 1, 2, 4, 8 cards",
             ),
         },

@@ -15,14 +15,20 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-process_id, num_processes, port, out_dir = (int(sys.argv[1]), int(sys.argv[2]),
-                                            int(sys.argv[3]), sys.argv[4])
+process_id, num_processes, port, out_dir = (
+    int(sys.argv[1]),
+    int(sys.argv[2]),
+    int(sys.argv[3]),
+    sys.argv[4],
+)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                           num_processes=num_processes, process_id=process_id)
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
+)
+
+from multiprocess_case import make_case  # noqa: E402
 
 import jax_mc2 as mc2  # noqa: E402
-from multiprocess_case import make_case  # noqa: E402
 
 mesh = Mesh(np.array(jax.devices()), ("tp",))
 x1, x2, bias, residual, gamma = make_case(len(jax.devices()))
@@ -33,18 +39,29 @@ def put(a, spec):
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
-args = (put(x1, P(None, None, "tp")), put(x2, P("tp", None)), put(bias, P()),
-        put(residual, P()), put(gamma, P()))
+args = (
+    put(x1, P(None, None, "tp")),
+    put(x2, P("tp", None)),
+    put(bias, P()),
+    put(residual, P()),
+    put(gamma, P()),
+)
 results = {}
 for impl in ("ffi", "xla"):
+
     def f(a, b, c, r, g, impl=impl):
         out = mc2.mm_all_reduce_base(a, b, "tp", bias=c, implementation=impl)
         y, norm = mc2.matmul_all_reduce_add_rms_norm(a, b, r, g, "tp", bias=c, implementation=impl)
         return out, y, norm
 
-    outs = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(None, None, "tp"), P("tp", None),
-                                                        P(), P(), P()),
-                                 out_specs=(P(), P(), P())))(*args)
+    outs = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P()),
+            out_specs=(P(), P(), P()),
+        )
+    )(*args)
     for name, o in zip(("mm", "y", "norm"), outs):
         results[f"{impl}_{name}"] = np.asarray(o.addressable_data(0))
 np.savez(os.path.join(out_dir, f"result_{process_id}.npz"), **results)

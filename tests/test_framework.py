@@ -7,15 +7,14 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jax_mc2 as mc2
-import oracle
 from jax_mc2 import _ffi
 
 
@@ -27,7 +26,8 @@ def test_every_lowered_target_is_registered():
     texts = [
         jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None)).lower(x1, x2).as_text(),
         jax.jit(lambda a, b, c, d: mc2.matmul_all_reduce_add_rms_norm(a, b, c, d, None))
-        .lower(x1, x2, r, g).as_text(),
+        .lower(x1, x2, r, g)
+        .as_text(),
     ]
     used = set()
     for t in texts:
@@ -39,29 +39,39 @@ def test_default_implementation_on_cpu_is_ffi():
     x1, x2 = np.ones((4, 8), np.float32), np.ones((8, 4), np.float32)
     text = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None)).lower(x1, x2).as_text()
     assert "mc2_matmul_ffi" in text
-    text = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None, implementation="xla")).lower(
-        x1, x2).as_text()
+    text = (
+        jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None, implementation="xla"))
+        .lower(x1, x2)
+        .as_text()
+    )
     assert "mc2_matmul_ffi" not in text and "dot_general" in text
 
 
 def test_implementation_from_environment():
-    code = ("import jax, numpy as np, jax_mc2 as mc2\n"
-            "f = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None))\n"
-            "print('mc2_matmul_ffi' in f.lower(np.ones((2, 4), np.float32),"
-            " np.ones((4, 2), np.float32)).as_text())\n")
+    code = (
+        "import jax, numpy as np, jax_mc2 as mc2\n"
+        "f = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None))\n"
+        "print('mc2_matmul_ffi' in f.lower(np.ones((2, 4), np.float32),"
+        " np.ones((4, 2), np.float32)).as_text())\n"
+    )
     env = dict(os.environ, JAX_MC2_IMPLEMENTATION="xla")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     env["JAX_MC2_IMPLEMENTATION"] = "ascend"
-    code = ("import numpy as np, jax_mc2 as mc2\n"
-            "try:\n"
-            "    mc2.mm_all_reduce_base(np.ones((2, 4), np.float16), np.ones((4, 2), np.float16), None)\n"
-            "except NotImplementedError as e:\n"
-            "    print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
+    code = (
+        "import numpy as np, jax_mc2 as mc2\n"
+        "try:\n"
+        "    x = np.ones((2, 4), np.float16)\n"
+        "    mc2.mm_all_reduce_base(x, x.T, None)\n"
+        "except NotImplementedError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert "implementation='ascend' needs the CANN toolkit" in out.stdout
 
@@ -82,37 +92,75 @@ def test_ffi_on_non_cpu_platform_refused():
 def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3=False):
     out = jax.ShapeDtypeStruct(out_shape, operands[0].dtype)
     return jax.ffi.ffi_call(_ffi.MATMUL, out)(
-        *operands, transpose_x2=transpose_x2, has_bias=has_bias, has_x3=has_x3,
-        parallelism=np.int64(1))
+        *operands,
+        transpose_x2=transpose_x2,
+        has_bias=has_bias,
+        has_x3=has_x3,
+        parallelism=np.int64(1),
+    )
 
 
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((6, 4), np.float16)),
-         r"mc2_matmul_ffi: shapes do not form a matmul: x1 \(4, 8\), x2 \(6, 4\), out \(4, 4\)"),
-        (lambda: _raw_matmul((4, 5), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16)),
-         "mc2_matmul_ffi: shapes do not form a matmul"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float32)),
-         "mc2_matmul_ffi: x1, x2 and out must share one float dtype"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.int32), np.ones((8, 4), np.int32)),
-         "mc2_matmul_ffi: x1, x2 and out must share one float dtype"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16),
-                             np.ones(3, np.float16), has_bias=True),
-         r"mc2_matmul_ffi: bias must be \(n,\) = \(4,\) of the x1 dtype, got \(3,\)"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16),
-                             has_bias=True),
-         "mc2_matmul_ffi: expected 1 optional operands, got 0"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16),
-                             np.ones((2, 4), np.float16), has_x3=True),
-         r"mc2_matmul_ffi: x3 must have the output shape \(4, 4\), got \(2, 4\)"),
-        (lambda: _raw_matmul((4, 4), np.ones((4, 0), np.float16), np.ones((0, 4), np.float16)),
-         "mc2_matmul_ffi: k must be at least 1"),
-        (lambda: jax.ffi.ffi_call(_ffi.ADD_RMS_NORM, (jax.ShapeDtypeStruct((2, 4), np.float32),) * 2)(
-            np.ones((2, 4), np.float32), np.ones((2, 4), np.float32), np.ones(3, np.float32),
-            epsilon=np.float32(1e-6)),
-         r"mc2_add_rms_norm_ffi: mm, y and norm_out must have residual's 8 elements and gamma "
-         r"\(n,\) = \(4,\)"),
+        (
+            lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((6, 4), np.float16)),
+            r"mc2_matmul_ffi: shapes do not form a matmul: x1 \(4, 8\), x2 \(6, 4\), out \(4, 4\)",
+        ),
+        (
+            lambda: _raw_matmul((4, 5), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16)),
+            "mc2_matmul_ffi: shapes do not form a matmul",
+        ),
+        (
+            lambda: _raw_matmul((4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float32)),
+            "mc2_matmul_ffi: x1, x2 and out must share one float dtype",
+        ),
+        (
+            lambda: _raw_matmul((4, 4), np.ones((4, 8), np.int32), np.ones((8, 4), np.int32)),
+            "mc2_matmul_ffi: x1, x2 and out must share one float dtype",
+        ),
+        (
+            lambda: _raw_matmul(
+                (4, 4),
+                np.ones((4, 8), np.float16),
+                np.ones((8, 4), np.float16),
+                np.ones(3, np.float16),
+                has_bias=True,
+            ),
+            r"mc2_matmul_ffi: bias must be \(n,\) = \(4,\) of the x1 dtype, got \(3,\)",
+        ),
+        (
+            lambda: _raw_matmul(
+                (4, 4), np.ones((4, 8), np.float16), np.ones((8, 4), np.float16), has_bias=True
+            ),
+            "mc2_matmul_ffi: expected 1 optional operands, got 0",
+        ),
+        (
+            lambda: _raw_matmul(
+                (4, 4),
+                np.ones((4, 8), np.float16),
+                np.ones((8, 4), np.float16),
+                np.ones((2, 4), np.float16),
+                has_x3=True,
+            ),
+            r"mc2_matmul_ffi: x3 must have the output shape \(4, 4\), got \(2, 4\)",
+        ),
+        (
+            lambda: _raw_matmul((4, 4), np.ones((4, 0), np.float16), np.ones((0, 4), np.float16)),
+            "mc2_matmul_ffi: k must be at least 1",
+        ),
+        (
+            lambda: jax.ffi.ffi_call(
+                _ffi.ADD_RMS_NORM, (jax.ShapeDtypeStruct((2, 4), np.float32),) * 2
+            )(
+                np.ones((2, 4), np.float32),
+                np.ones((2, 4), np.float32),
+                np.ones(3, np.float32),
+                epsilon=np.float32(1e-6),
+            ),
+            r"mc2_add_rms_norm_ffi: mm, y and norm_out must have residual's 8 elements and gamma "
+            r"\(n,\) = \(4,\)",
+        ),
     ],
 )
 def test_ffi_handlers_return_errors(call, message):
@@ -158,5 +206,7 @@ def test_kernel_rounding_all_fp16_values():
     with np.errstate(invalid="ignore", over="ignore"):
         want = (a.astype(np.float32) + half.astype(np.float32)).astype(np.float16)
     nan = np.isnan(a.astype(np.float32)).ravel()
-    np.testing.assert_array_equal(got.view(np.uint16).ravel()[~nan], want.view(np.uint16).ravel()[~nan])
+    np.testing.assert_array_equal(
+        got.view(np.uint16).ravel()[~nan], want.view(np.uint16).ravel()[~nan]
+    )
     assert np.all(np.isnan(got.astype(np.float32)).ravel()[nan])

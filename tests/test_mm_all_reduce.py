@@ -4,15 +4,15 @@ implementations, 1/2/4/8 devices, and its JAX transformations."""
 import functools
 
 import jax
-import jax.test_util  # noqa: F401  (check_grads)
 import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
 import numpy as np
+import oracle
 import pytest
 from conftest import IMPLEMENTATIONS, make_mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
-import oracle
 
 DTYPES = (np.float16, oracle.BF16, np.float32)
 
@@ -30,11 +30,19 @@ def _sharded_mm(world, impl, *, x3d, transpose_x2, with_bias, with_x3, comm_turn
 
     def f(x1, x2, bias, x3):
         return mc2.mm_all_reduce_base(
-            x1, x2, "tp", bias=bias if with_bias else None, x3=x3 if with_x3 else None,
-            transpose_x2=transpose_x2, comm_turn=comm_turn, implementation=impl)
+            x1,
+            x2,
+            "tp",
+            bias=bias if with_bias else None,
+            x3=x3 if with_x3 else None,
+            transpose_x2=transpose_x2,
+            comm_turn=comm_turn,
+            implementation=impl,
+        )
 
-    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(x_spec, w_spec, P(), P()),
-                                 out_specs=out_spec))
+    return jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=(x_spec, w_spec, P(), P()), out_specs=out_spec)
+    )
 
 
 def _case(rng, world, dtype, *, x3d, transpose_x2, m=24, k_local=16, n=20):
@@ -48,12 +56,22 @@ def _case(rng, world, dtype, *, x3d, transpose_x2, m=24, k_local=16, n=20):
 
 def _oracle_sharded(x1, x2, bias, x3, world, *, transpose_x2, with_bias, with_x3):
     k_local = x1.shape[-1] // world
-    x1s = [x1[..., r * k_local:(r + 1) * k_local] for r in range(world)]
-    x2s = [(x2[:, r * k_local:(r + 1) * k_local] if transpose_x2
-            else x2[r * k_local:(r + 1) * k_local]) for r in range(world)]
+    x1s = [x1[..., r * k_local : (r + 1) * k_local] for r in range(world)]
+    x2s = [
+        (
+            x2[:, r * k_local : (r + 1) * k_local]
+            if transpose_x2
+            else x2[r * k_local : (r + 1) * k_local]
+        )
+        for r in range(world)
+    ]
     return oracle.mm_all_reduce_base(
-        x1s, x2s, [bias] * world if with_bias else None, [x3] * world if with_x3 else None,
-        transpose_x2=transpose_x2)
+        x1s,
+        x2s,
+        [bias] * world if with_bias else None,
+        [x3] * world if with_x3 else None,
+        transpose_x2=transpose_x2,
+    )
 
 
 def _assert_close(got, want, dtype, world):
@@ -71,27 +89,42 @@ def test_values_sharded(impl, dtype, world, x3d):
     transpose_x2 = world % 4 == 0  # cover both layouts across the grid
     x1, x2, bias, x3 = _case(rng, world, dtype, x3d=x3d, transpose_x2=transpose_x2)
     for with_bias, with_x3 in [(False, False), (True, True)]:
-        f = _sharded_mm(world, impl, x3d=x3d, transpose_x2=transpose_x2, with_bias=with_bias,
-                        with_x3=with_x3)
+        f = _sharded_mm(
+            world, impl, x3d=x3d, transpose_x2=transpose_x2, with_bias=with_bias, with_x3=with_x3
+        )
         got = f(x1, x2, bias, x3)
         assert got.dtype == dtype and got.shape == x1.shape[:-1] + (20,)
-        want = _oracle_sharded(x1, x2, bias, x3, world, transpose_x2=transpose_x2,
-                               with_bias=with_bias, with_x3=with_x3)
+        want = _oracle_sharded(
+            x1, x2, bias, x3, world, transpose_x2=transpose_x2, with_bias=with_bias, with_x3=with_x3
+        )
         _assert_close(got, want, dtype, world)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("transpose_x2", [False, True])
-@pytest.mark.parametrize("with_bias,with_x3", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(
+    "with_bias,with_x3", [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_values_single_device(impl, dtype, transpose_x2, with_bias, with_x3):
     rng = np.random.default_rng(7)
     x1, x2, bias, x3 = _case(rng, 1, dtype, x3d=False, transpose_x2=transpose_x2, k_local=40)
-    got = mc2.mm_all_reduce_base(x1, x2, None, bias=bias if with_bias else None,
-                                 x3=x3 if with_x3 else None, transpose_x2=transpose_x2,
-                                 implementation=impl)
-    want = oracle.mm_all_reduce_base([x1], [x2], [bias] if with_bias else None,
-                                     [x3] if with_x3 else None, transpose_x2=transpose_x2)
+    got = mc2.mm_all_reduce_base(
+        x1,
+        x2,
+        None,
+        bias=bias if with_bias else None,
+        x3=x3 if with_x3 else None,
+        transpose_x2=transpose_x2,
+        implementation=impl,
+    )
+    want = oracle.mm_all_reduce_base(
+        [x1],
+        [x2],
+        [bias] if with_bias else None,
+        [x3] if with_x3 else None,
+        transpose_x2=transpose_x2,
+    )
     _assert_close(got, want, dtype, 1)
 
 
@@ -104,9 +137,12 @@ def test_ffi_and_xla_agree_bitwise_on_one_device(dtype):
     a = mc2.mm_all_reduce_base(x1, x2, None, bias=bias, x3=x3, implementation="ffi")
     b = mc2.mm_all_reduce_base(x1, x2, None, bias=bias, x3=x3, implementation="xla")
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    ulp = np.abs(np.asarray(b, np.float64)) * {np.dtype(np.float16): 2**-10,
-                                                 oracle.BF16: 2**-7,
-                                                 np.dtype(np.float32): 2**-22}[np.dtype(dtype)]
+    ulp = (
+        np.abs(np.asarray(b, np.float64))
+        * {np.dtype(np.float16): 2**-10, oracle.BF16: 2**-7, np.dtype(np.float32): 2**-22}[
+            np.dtype(dtype)
+        ]
+    )
     assert np.all(diff <= ulp + 1e-30)
 
 
@@ -126,29 +162,44 @@ def test_comm_turn_identical(impl, comm_turn):
 def test_lowered_collectives_and_custom_calls(impl, comm_turn, chunks):
     rng = np.random.default_rng(0)
     x1, x2, bias, x3 = _case(rng, 4, np.float16, x3d=False, transpose_x2=False)
-    f = _sharded_mm(4, impl, x3d=False, transpose_x2=False, with_bias=True, with_x3=True,
-                    comm_turn=comm_turn)
+    f = _sharded_mm(
+        4, impl, x3d=False, transpose_x2=False, with_bias=True, with_x3=True, comm_turn=comm_turn
+    )
     text = f.lower(x1, x2, bias, x3).as_text()
     assert text.count("stablehlo.all_reduce") == chunks
     assert text.count("custom_call @mc2_matmul_ffi") == (chunks if impl == "ffi" else 0)
     compiled = f.lower(x1, x2, bias, x3).compile().as_text()
     assert "all-gather" not in compiled
     # The all-reduce communicates in the output dtype (f16), as HCCL does.
-    assert "f16" in [line.split("all-reduce(")[0].split("=")[-1].strip().split("[")[0]
-                     for line in compiled.splitlines() if " all-reduce(" in line][0]
+    assert (
+        "f16"
+        in [
+            line.split("all-reduce(")[0].split("=")[-1].strip().split("[")[0]
+            for line in compiled.splitlines()
+            if " all-reduce(" in line
+        ][0]
+    )
 
 
 def test_eval_shape():
     x1 = jax.ShapeDtypeStruct((4, 128, 512), jnp.bfloat16)
     x2 = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16)
-    out = jax.eval_shape(functools.partial(mc2.mm_all_reduce_base, axis_name=None,
-                                           transpose_x2=True), x1, x2)
+    out = jax.eval_shape(
+        functools.partial(mc2.mm_all_reduce_base, axis_name=None, transpose_x2=True), x1, x2
+    )
     assert out.shape == (4, 128, 64) and out.dtype == jnp.bfloat16
     mesh = make_mesh((8,), ("tp",))
-    f = jax.shard_map(lambda a, b: mc2.mm_all_reduce_base(a, b, "tp"), mesh=mesh,
-                      in_specs=(P(None, "tp"), P("tp", None)), out_specs=P())
-    out = jax.eval_shape(f, jax.ShapeDtypeStruct((256, 1024), jnp.float16),
-                         jax.ShapeDtypeStruct((1024, 32), jnp.float16))
+    f = jax.shard_map(
+        lambda a, b: mc2.mm_all_reduce_base(a, b, "tp"),
+        mesh=mesh,
+        in_specs=(P(None, "tp"), P("tp", None)),
+        out_specs=P(),
+    )
+    out = jax.eval_shape(
+        f,
+        jax.ShapeDtypeStruct((256, 1024), jnp.float16),
+        jax.ShapeDtypeStruct((1024, 32), jnp.float16),
+    )
     assert out.shape == (256, 32) and out.dtype == jnp.float16
 
 
@@ -162,16 +213,29 @@ def test_vma_typing(impl):
         seen["x1"], seen["out"] = jax.typeof(x1), jax.typeof(out)
         return out
 
-    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("dp", "tp"), P("tp", None), P()),
-                              out_specs=P("dp", None), check_vma=True))
+    g = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P("dp", "tp"), P("tp", None), P()),
+            out_specs=P("dp", None),
+            check_vma=True,
+        )
+    )
     x1 = np.ones((8, 32), np.float32)
     g(x1, np.ones((32, 4), np.float32), np.zeros(4, np.float32))
     assert str(seen["x1"]) == "float32[4,8]{V:(dp,tp)}"
     assert str(seen["out"]) == "float32[4,4]{V:dp}"
     # Reduced over both axes: invariant everywhere.
-    h = jax.jit(jax.shard_map(lambda a, b: mc2.mm_all_reduce_base(a, b, ("dp", "tp")),
-                              mesh=mesh, in_specs=(P(None, ("dp", "tp")), P(("dp", "tp"), None)),
-                              out_specs=P(), check_vma=True))
+    h = jax.jit(
+        jax.shard_map(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, ("dp", "tp")),
+            mesh=mesh,
+            in_specs=(P(None, ("dp", "tp")), P(("dp", "tp"), None)),
+            out_specs=P(),
+            check_vma=True,
+        )
+    )
     np.testing.assert_allclose(np.asarray(h(x1, np.ones((32, 4), np.float32))), 32.0)
 
 
@@ -186,13 +250,17 @@ def test_grads_sharded(impl):
 
     def f(x1, x2, bias, x3):
         return jax.shard_map(
-            lambda a, b, c, d: mc2.mm_all_reduce_base(a, b, "tp", bias=c, x3=d,
-                                                      implementation=impl),
-            mesh=mesh, in_specs=(P("dp", None, "tp"), P("tp", None), P(), P("dp")),
-            out_specs=P("dp"))(x1, x2, bias, x3)
+            lambda a, b, c, d: mc2.mm_all_reduce_base(
+                a, b, "tp", bias=c, x3=d, implementation=impl
+            ),
+            mesh=mesh,
+            in_specs=(P("dp", None, "tp"), P("tp", None), P(), P("dp")),
+            out_specs=P("dp"),
+        )(x1, x2, bias, x3)
 
-    jax.test_util.check_grads(f, (x1, x2, bias, x3), order=1, modes=("fwd", "rev"),
-                              atol=1e-2, rtol=1e-2)
+    jax.test_util.check_grads(
+        f, (x1, x2, bias, x3), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2
+    )
 
     def loss(x1, x2, bias, x3):
         return jnp.sum(jnp.sin(f(x1, x2, bias, x3)))
@@ -217,15 +285,22 @@ def test_vmap(impl):
     got = jax.vmap(lambda a, c: mm(a, x2, x3=c))(x1, x3)
     np.testing.assert_allclose(np.asarray(got), x1 @ x2 + x3, atol=1e-5)
     got = jax.vmap(lambda a, b: mm(a, b), in_axes=(1, 0))(x1.transpose(1, 0, 2)[:, :3], x2s)
-    np.testing.assert_allclose(np.asarray(got), np.einsum("bmk,bkn->bmn", x1[:3], x2s),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), np.einsum("bmk,bkn->bmn", x1[:3], x2s), atol=1e-5)
     got = jax.vmap(jax.vmap(lambda a: mm(a, x2)))(x1[:, :, None, :].repeat(2, 2))
     assert got.shape == (3, 5, 2, 4)
     # vmap inside shard_map: batch over a leading axis of the per-shard data.
     mesh = make_mesh((4,), ("tp",))
-    f = jax.jit(jax.shard_map(jax.vmap(lambda a, b: mc2.mm_all_reduce_base(
-        a, b, "tp", implementation=impl), in_axes=(0, None)), mesh=mesh,
-        in_specs=(P(None, None, "tp"), P("tp", None)), out_specs=P()))
+    f = jax.jit(
+        jax.shard_map(
+            jax.vmap(
+                lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation=impl),
+                in_axes=(0, None),
+            ),
+            mesh=mesh,
+            in_specs=(P(None, None, "tp"), P("tp", None)),
+            out_specs=P(),
+        )
+    )
     xs = _rand(rng, (3, 5, 16), np.float32)
     w = _rand(rng, (16, 4), np.float32)
     np.testing.assert_allclose(np.asarray(f(xs, w)), xs @ w, atol=1e-4)
@@ -242,6 +317,7 @@ def test_empty_m_and_n(impl):
     x1 = np.ones((0, 8), np.float16)
     out = mc2.mm_all_reduce_base(x1, np.ones((8, 3), np.float16), None, implementation=impl)
     assert out.shape == (0, 3)
-    out = mc2.mm_all_reduce_base(np.ones((2, 8), np.float16), np.ones((8, 0), np.float16), None,
-                                 implementation=impl)
+    out = mc2.mm_all_reduce_base(
+        np.ones((2, 8), np.float16), np.ones((8, 0), np.float16), None, implementation=impl
+    )
     assert out.shape == (2, 0)

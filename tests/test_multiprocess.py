@@ -29,10 +29,23 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"),
-                               str(i), "2", str(port), str(tmp_path)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "multiprocess_worker.py"),
+                str(i),
+                "2",
+                str(port),
+                str(tmp_path),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     for p in procs:
         try:
@@ -47,20 +60,29 @@ def test_two_processes_match_one(tmp_path):
     mesh = make_mesh((4,), ("tp",))
     x1, x2, bias, residual, gamma = make_case(4)
     for impl in ("ffi", "xla"):
+
         def f(a, b, c, r, g, impl=impl):
             out = mc2.mm_all_reduce_base(a, b, "tp", bias=c, implementation=impl)
-            y, norm = mc2.matmul_all_reduce_add_rms_norm(a, b, r, g, "tp", bias=c,
-                                                         implementation=impl)
+            y, norm = mc2.matmul_all_reduce_add_rms_norm(
+                a, b, r, g, "tp", bias=c, implementation=impl
+            )
             return out, y, norm
 
-        want = jax.jit(jax.shard_map(f, mesh=mesh,
-                                     in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P()),
-                                     out_specs=(P(), P(), P())))(x1, x2, bias, residual, gamma)
+        want = jax.jit(
+            jax.shard_map(
+                f,
+                mesh=mesh,
+                in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P()),
+                out_specs=(P(), P(), P()),
+            )
+        )(x1, x2, bias, residual, gamma)
         for pid in range(2):
             got = np.load(tmp_path / f"result_{pid}.npz")
             for name, w in zip(("mm", "y", "norm"), want):
                 # Summation order over 4 ranks may differ between in-process and
                 # gloo all-reduces: allow one fp16 rounding step per rank.
-                np.testing.assert_allclose(got[f"{impl}_{name}"].astype(np.float32),
-                                           np.asarray(w, np.float32),
-                                           atol=4 * 2**-10 * (np.abs(np.asarray(w, np.float32)).max() + 1))
+                np.testing.assert_allclose(
+                    got[f"{impl}_{name}"].astype(np.float32),
+                    np.asarray(w, np.float32),
+                    atol=4 * 2**-10 * (np.abs(np.asarray(w, np.float32)).max() + 1),
+                )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -99,7 +98,9 @@ def check_comm_turn(op, comm_turn):
 
 def check_reduce_op(op, reduce_op):
     if reduce_op != "sum":
-        raise v.value_error(op, f"reduce_op must be 'sum' (the only reduction CANN supports), got {reduce_op!r}")
+        raise v.value_error(
+            op, f"reduce_op must be 'sum' (the only reduction CANN supports), got {reduce_op!r}"
+        )
 
 
 def world_size_of(axis_name: tuple[str, ...]) -> int:
@@ -154,14 +155,16 @@ def _split_operands(operands, has_bias, has_x3):
     return x1, x2, bias, x3
 
 
-def _abstract_eval(*operands, transpose_x2, has_bias, has_x3, axis_name, world_size,
-                   comm_turn, implementation):
+def _abstract_eval(
+    *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn, implementation
+):
     del implementation
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
     out_shape = check_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias, x3=x3)
     check_comm_turn(OP, comm_turn)
-    check_chip_limits(OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size,
-                      axis_name=axis_name)
+    check_chip_limits(
+        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name
+    )
     out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
     return out, _compat.named_axis_effects(axis_name)
 
@@ -169,32 +172,33 @@ def _abstract_eval(*operands, transpose_x2, has_bias, has_x3, axis_name, world_s
 mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
 
 
-def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn,
-                     parallelism):
+def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
     from jax_mc2 import _ffi
 
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
 
     def local(x1_c, x3_c):
-        return _ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2,
-                           parallelism=parallelism)
+        return _ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism)
 
-    return reference.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name,
-                                               comm_turn=comm_turn)
+    return reference.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+    )
 
 
 def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
-    return reference.matmul_all_reduce(x1, x2, bias, x3, transpose_x2=transpose_x2,
-                                       axis_name=axis_name, comm_turn=comm_turn)
+    return reference.matmul_all_reduce(
+        x1, x2, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
+    )
 
 
 def _lowering(ctx, *operands, implementation, world_size, **params):
     del world_size
     impl = _implementation.for_platform(OP, implementation, _compat.lowering_platforms(ctx))
     if impl == _implementation.FFI:
-        fn = functools.partial(_ffi_composition, **params,
-                               parallelism=_compat.lowering_parallelism(ctx))
+        fn = functools.partial(
+            _ffi_composition, **params, parallelism=_compat.lowering_parallelism(ctx)
+        )
     else:
         fn = functools.partial(_xla_composition, **params)
     return _compat.lower_fun(fn, multiple_results=False)(ctx, *operands)
@@ -203,22 +207,46 @@ def _lowering(ctx, *operands, implementation, world_size, **params):
 _compat.register_lowering(mm_all_reduce_p, _lowering)
 
 
-def _jvp(primals, tangents, *, transpose_x2, has_bias, has_x3, axis_name, world_size,
-         comm_turn, implementation):
-    out = mm_all_reduce_p.bind(*primals, transpose_x2=transpose_x2, has_bias=has_bias,
-                               has_x3=has_x3, axis_name=axis_name, world_size=world_size,
-                               comm_turn=comm_turn, implementation=implementation)
+def _jvp(
+    primals,
+    tangents,
+    *,
+    transpose_x2,
+    has_bias,
+    has_x3,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
+    out = mm_all_reduce_p.bind(
+        *primals,
+        transpose_x2=transpose_x2,
+        has_bias=has_bias,
+        has_x3=has_x3,
+        axis_name=axis_name,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=implementation,
+    )
     x1, x2, _, _ = _split_operands(primals, has_bias, has_x3)
     tangents = [_compat.ad.instantiate_zeros(t) for t in tangents]
     dx1, dx2, dbias, dx3 = _split_operands(tangents, has_bias, has_x3)
     # The op is bilinear in (x1, x2) and linear in bias and x3; the tangent
     # is the same all-reduce of the fp32 sum of the linear parts. It is built
     # from lax ops so reverse mode transposes it with JAX's own rules.
-    acc = lax.dot_general(dx1, x2, (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
-                          preferred_element_type=_F32)
-    acc = acc + lax.dot_general(x1, dx2,
-                                (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
-                                preferred_element_type=_F32)
+    acc = lax.dot_general(
+        dx1,
+        x2,
+        (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
+        preferred_element_type=_F32,
+    )
+    acc = acc + lax.dot_general(
+        x1,
+        dx2,
+        (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
+        preferred_element_type=_F32,
+    )
     if dbias is not None:
         acc = acc + dbias.astype(_F32)
     if dx3 is not None:
@@ -245,8 +273,11 @@ def _batch(args, dims, **params):
         ops = [x1f, x2] + [a for a in (bias, x3f) if a is not None]
         out = mm_all_reduce_p.bind(*ops, **params)
         return out.reshape(*lead, out.shape[-1]), 0
-    out = map_over_batch(lambda *a: mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-                         [x1, x2, bias, x3], [d1, d2, db, d3])
+    out = map_over_batch(
+        lambda *a: mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
+        [x1, x2, bias, x3],
+        [d1, d2, db, d3],
+    )
     return out, 0
 
 
@@ -293,8 +324,19 @@ def mm_all_reduce_base(
       [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
     """
     check_reduce_op(OP, reduce_op)
-    quant_args = dict(zip(_QUANT_KWARGS, (antiquant_scale, antiquant_offset, dequant_scale,
-                                          pertoken_scale, comm_quant_scale_1, comm_quant_scale_2)))
+    quant_args = dict(
+        zip(
+            _QUANT_KWARGS,
+            (
+                antiquant_scale,
+                antiquant_offset,
+                dequant_scale,
+                pertoken_scale,
+                comm_quant_scale_1,
+                comm_quant_scale_2,
+            ),
+        )
+    )
     given = [name for name, value in quant_args.items() if value is not None]
     if antiquant_group_size != 0:
         given.append("antiquant_group_size")

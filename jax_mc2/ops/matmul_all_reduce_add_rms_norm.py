@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _implementation, reference, targets
+from jax_mc2 import _compat, _implementation, reference
 from jax_mc2 import _validation as v
 from jax_mc2.ops.matmul_all_reduce import (
     check_chip_limits,
@@ -54,9 +54,15 @@ def check_norm_operands(op, x1, x2, residual, gamma, bias, *, transpose_x2):
     n = mm_shape[-1]
     b, s, rn = residual.shape
     if x1.ndim == 3:
-        ok, rule = residual.shape == mm_shape, f"(b, s, n) = {v.shape_str(mm_shape)} (x1 is (b, s, k))"
+        ok, rule = (
+            residual.shape == mm_shape,
+            f"(b, s, n) = {v.shape_str(mm_shape)} (x1 is (b, s, k))",
+        )
     else:
-        ok, rule = (b * s == mm_shape[0] and rn == n), f"(b, s, n) with b * s == m == {mm_shape[0]} and n == {n}"
+        ok, rule = (
+            (b * s == mm_shape[0] and rn == n),
+            f"(b, s, n) with b * s == m == {mm_shape[0]} and n == {n}",
+        )
     if not ok:
         raise v.type_error(op, f"residual must be {rule}, got {v.shape_str(residual.shape)}")
     v.check_shape(op, "gamma", gamma, (n,), "1-D (n,)")
@@ -74,18 +80,29 @@ def _split(operands, has_bias):
     return x1, x2, residual, gamma, (rest[0] if has_bias else None)
 
 
-def _abstract_eval(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, world_size,
-                   comm_turn, implementation):
+def _abstract_eval(
+    *operands,
+    epsilon,
+    transpose_x2,
+    has_bias,
+    inplace,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
     del implementation
     op = _op_name(inplace)
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     mm_shape = check_norm_operands(op, x1, x2, residual, gamma, bias, transpose_x2=transpose_x2)
     check_epsilon(op, epsilon)
     check_comm_turn(op, comm_turn)
-    check_chip_limits(op, x1, mm_shape, comm_turn=comm_turn, world_size=world_size,
-                      axis_name=axis_name)
-    mm = _compat.result_aval(x1, mm_shape, x1.dtype, [a for a in (x1, x2, bias) if a is not None],
-                             axis_name)
+    check_chip_limits(
+        op, x1, mm_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name
+    )
+    mm = _compat.result_aval(
+        x1, mm_shape, x1.dtype, [a for a in (x1, x2, bias) if a is not None], axis_name
+    )
     out = _compat.result_aval(residual, residual.shape, residual.dtype, [mm, residual, gamma])
     return [out, out], _compat.named_axis_effects(axis_name)
 
@@ -93,18 +110,19 @@ def _abstract_eval(*operands, epsilon, transpose_x2, has_bias, inplace, axis_nam
 mm_all_reduce_add_rms_norm_p.def_effectful_abstract_eval(_abstract_eval)
 
 
-def _ffi_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn,
-                     parallelism):
+def _ffi_composition(
+    *operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn, parallelism
+):
     from jax_mc2 import _ffi
 
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
 
     def local(x1_c, _):
-        return _ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2,
-                           parallelism=parallelism)
+        return _ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2, parallelism=parallelism)
 
-    mm = reference.chunked_matmul_all_reduce(local, x1, None, axis_name=axis_name,
-                                             comm_turn=comm_turn)
+    mm = reference.chunked_matmul_all_reduce(
+        local, x1, None, axis_name=axis_name, comm_turn=comm_turn
+    )
     return _ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
 
 
@@ -112,8 +130,16 @@ def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_n
     del inplace
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     return reference.matmul_all_reduce_add_rms_norm(
-        x1, x2, residual, gamma, bias, epsilon=epsilon, transpose_x2=transpose_x2,
-        axis_name=axis_name, comm_turn=comm_turn)
+        x1,
+        x2,
+        residual,
+        gamma,
+        bias,
+        epsilon=epsilon,
+        transpose_x2=transpose_x2,
+        axis_name=axis_name,
+        comm_turn=comm_turn,
+    )
 
 
 def _lowering(ctx, *operands, implementation, world_size, **params):
@@ -121,8 +147,9 @@ def _lowering(ctx, *operands, implementation, world_size, **params):
     op = _op_name(params["inplace"])
     impl = _implementation.for_platform(op, implementation, _compat.lowering_platforms(ctx))
     if impl == _implementation.FFI:
-        fn = functools.partial(_ffi_composition, **params,
-                               parallelism=_compat.lowering_parallelism(ctx))
+        fn = functools.partial(
+            _ffi_composition, **params, parallelism=_compat.lowering_parallelism(ctx)
+        )
     else:
         fn = functools.partial(_xla_composition, **params)
     return _compat.lower_fun(fn, multiple_results=True)(ctx, *operands)
@@ -133,11 +160,17 @@ _compat.register_lowering(mm_all_reduce_add_rms_norm_p, _lowering)
 
 def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **params):
     y, norm_out = mm_all_reduce_add_rms_norm_p.bind(
-        *primals, epsilon=epsilon, transpose_x2=transpose_x2, has_bias=has_bias,
-        axis_name=axis_name, **params)
+        *primals,
+        epsilon=epsilon,
+        transpose_x2=transpose_x2,
+        has_bias=has_bias,
+        axis_name=axis_name,
+        **params,
+    )
     x1, x2, residual, gamma, _ = _split(primals, has_bias)
     dx1, dx2, dres, dgamma, dbias = _split(
-        [_compat.ad.instantiate_zeros(t) for t in tangents], has_bias)
+        [_compat.ad.instantiate_zeros(t) for t in tangents], has_bias
+    )
     dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
     dmm = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
     dmm = dmm + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
@@ -185,8 +218,21 @@ def _batch(args, dims, **params):
 _compat.batching.primitive_batchers[mm_all_reduce_add_rms_norm_p] = _batch
 
 
-def _bind(inplace, x1, x2, residual, gamma, axis_name, *, bias, epsilon, reduce_op, comm_turn,
-          transpose_x2, implementation):
+def _bind(
+    inplace,
+    x1,
+    x2,
+    residual,
+    gamma,
+    axis_name,
+    *,
+    bias,
+    epsilon,
+    reduce_op,
+    comm_turn,
+    transpose_x2,
+    implementation,
+):
     op = _op_name(inplace)
     check_reduce_op(op, reduce_op)
     epsilon = check_epsilon(op, epsilon)
@@ -198,15 +244,33 @@ def _bind(inplace, x1, x2, residual, gamma, axis_name, *, bias, epsilon, reduce_
     if bias is not None:
         operands.append(jnp.asarray(bias))
     y, norm_out = mm_all_reduce_add_rms_norm_p.bind(
-        *operands, epsilon=epsilon, transpose_x2=bool(transpose_x2), has_bias=bias is not None,
-        inplace=inplace, axis_name=axes, world_size=world_size, comm_turn=comm_turn,
-        implementation=impl)
+        *operands,
+        epsilon=epsilon,
+        transpose_x2=bool(transpose_x2),
+        has_bias=bias is not None,
+        inplace=inplace,
+        axis_name=axes,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=impl,
+    )
     return y, norm_out
 
 
-def matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, axis_name, *, bias=None,
-                                   epsilon=1e-6, reduce_op="sum", comm_turn=0,
-                                   transpose_x2=False, implementation=None):
+def matmul_all_reduce_add_rms_norm(
+    x1,
+    x2,
+    residual,
+    gamma,
+    axis_name,
+    *,
+    bias=None,
+    epsilon=1e-6,
+    reduce_op="sum",
+    comm_turn=0,
+    transpose_x2=False,
+    implementation=None,
+):
     """Matmul + all-reduce + add + RMSNorm.
 
     Args:
@@ -223,20 +287,53 @@ def matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, axis_name, *, bias=N
       ``(y, norm_out)``, both [b, s, n] in residual's dtype:
       ``y = allReduce(x1 @ x2 + bias) + residual``, ``norm_out = RMSNorm(y) * gamma``.
     """
-    return _bind(False, x1, x2, residual, gamma, axis_name, bias=bias, epsilon=epsilon,
-                 reduce_op=reduce_op, comm_turn=comm_turn, transpose_x2=transpose_x2,
-                 implementation=implementation)
+    return _bind(
+        False,
+        x1,
+        x2,
+        residual,
+        gamma,
+        axis_name,
+        bias=bias,
+        epsilon=epsilon,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
 
 
-def inplace_matmul_all_reduce_add_rms_norm(x1, x2, residual, gamma, axis_name, *, bias=None,
-                                           epsilon=1e-6, reduce_op="sum", comm_turn=0,
-                                           transpose_x2=False, implementation=None):
+def inplace_matmul_all_reduce_add_rms_norm(
+    x1,
+    x2,
+    residual,
+    gamma,
+    axis_name,
+    *,
+    bias=None,
+    epsilon=1e-6,
+    reduce_op="sum",
+    comm_turn=0,
+    transpose_x2=False,
+    implementation=None,
+):
     """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
     ``residual``'s buffer (``input_output_aliases``): donate ``residual``
     (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``.
 
     Returns ``(y, norm_out)``.
     """
-    return _bind(True, x1, x2, residual, gamma, axis_name, bias=bias, epsilon=epsilon,
-                 reduce_op=reduce_op, comm_turn=comm_turn, transpose_x2=transpose_x2,
-                 implementation=implementation)
+    return _bind(
+        True,
+        x1,
+        x2,
+        residual,
+        gamma,
+        axis_name,
+        bias=bias,
+        epsilon=epsilon,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )

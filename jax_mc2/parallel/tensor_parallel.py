@@ -33,7 +33,9 @@ def _bias_once(bias, axis):
 
 def _x_spec(x, axis, data_axis, op):
     if x.ndim not in (2, 3):
-        raise v.type_error(op, f"x must be 2-D (m, k) or 3-D (b, s, k), got shape {v.shape_str(x.shape)}")
+        raise v.type_error(
+            op, f"x must be 2-D (m, k) or 3-D (b, s, k), got shape {v.shape_str(x.shape)}"
+        )
     return P(data_axis, axis) if x.ndim == 2 else P(data_axis, None, axis)
 
 
@@ -44,8 +46,19 @@ def _check_mesh(op, mesh, axis, data_axis):
             raise v.value_error(op, f"mesh has no axis {name!r}; its axes are {mesh.axis_names}")
 
 
-def row_parallel_linear(x, w, *, mesh, axis, bias=None, quant=None, data_axis=None, comm_turn=0,
-                        transpose_w=False, implementation=None):
+def row_parallel_linear(
+    x,
+    w,
+    *,
+    mesh,
+    axis,
+    bias=None,
+    quant=None,
+    data_axis=None,
+    comm_turn=0,
+    transpose_w=False,
+    implementation=None,
+):
     """``x @ w + bias`` with x and w sharded along ``axis`` (row parallel).
 
     Args:
@@ -70,18 +83,38 @@ def row_parallel_linear(x, w, *, mesh, axis, bias=None, quant=None, data_axis=No
 
     def shard(x_s, w_s, *b):
         return mm_all_reduce_base(
-            x_s, w_s, axis, bias=_bias_once(b[0], axis) if b else None, comm_turn=comm_turn,
-            transpose_x2=transpose_w, implementation=implementation)
+            x_s,
+            w_s,
+            axis,
+            bias=_bias_once(b[0], axis) if b else None,
+            comm_turn=comm_turn,
+            transpose_x2=transpose_w,
+            implementation=implementation,
+        )
 
     args = (x, w) + ((bias,) if bias is not None else ())
     specs = (x_spec, w_spec) + ((P(),) if bias is not None else ())
-    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=out_spec,
-                         check_vma=True)(*args)
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=True)(
+        *args
+    )
 
 
-def row_parallel_linear_add_rms_norm(x, w, residual, gamma, *, mesh, axis, bias=None,
-                                     epsilon=1e-6, data_axis=None, comm_turn=0,
-                                     transpose_w=False, inplace=False, implementation=None):
+def row_parallel_linear_add_rms_norm(
+    x,
+    w,
+    residual,
+    gamma,
+    *,
+    mesh,
+    axis,
+    bias=None,
+    epsilon=1e-6,
+    data_axis=None,
+    comm_turn=0,
+    transpose_w=False,
+    inplace=False,
+    implementation=None,
+):
     """``y = x @ w + bias + residual``, ``norm_out = RMSNorm(y) * gamma``.
 
     Args:
@@ -101,11 +134,21 @@ def row_parallel_linear_add_rms_norm(x, w, residual, gamma, *, mesh, axis, bias=
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
 
     def shard(x_s, w_s, r_s, g_s, *b):
-        return fn(x_s, w_s, r_s, g_s, axis, bias=_bias_once(b[0], axis) if b else None,
-                  epsilon=epsilon, comm_turn=comm_turn, transpose_x2=transpose_w,
-                  implementation=implementation)
+        return fn(
+            x_s,
+            w_s,
+            r_s,
+            g_s,
+            axis,
+            bias=_bias_once(b[0], axis) if b else None,
+            epsilon=epsilon,
+            comm_turn=comm_turn,
+            transpose_x2=transpose_w,
+            implementation=implementation,
+        )
 
     args = (x, w, residual, gamma) + ((bias,) if bias is not None else ())
     specs = (x_spec, w_spec, r_spec, P()) + ((P(),) if bias is not None else ())
-    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=(r_spec, r_spec),
-                         check_vma=True)(*args)
+    return jax.shard_map(
+        shard, mesh=mesh, in_specs=specs, out_specs=(r_spec, r_spec), check_vma=True
+    )(*args)
