@@ -5,6 +5,7 @@
 // on `out` after this call.
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -80,32 +81,32 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
 
   SetBlasThreads(BlasThreads(parallelism));
   // x2 is read whole by every row block: convert it once.
-  std::vector<float> x2_f(static_cast<size_t>(k) * n);
-  LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, x2_f.data());
+  std::unique_ptr<float[]> x2_f(new float[static_cast<size_t>(k) * n]);
+  LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, x2_f.get());
   const int64_t rows = std::min(m, kRowBlock);
-  std::vector<float> a(static_cast<size_t>(rows) * k);
-  std::vector<float> c(static_cast<size_t>(rows) * n);
-  std::vector<float> x3_tile(has_x3 ? static_cast<size_t>(rows) * n : 0);
+  // Uninitialized: every element is written before it is read.
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * k]);
+  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  std::unique_ptr<float[]> x3_tile(has_x3 ? new float[static_cast<size_t>(rows) * n] : nullptr);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.data());
-    Sgemm(false, transpose_x2, r, n, k, a.data(), k, x2_f.data(), transpose_x2 ? k : n, c.data(),
-          n);
+    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.get());
+    Sgemm(false, transpose_x2, r, n, k, a.get(), k, x2_f.get(), transpose_x2 ? k : n, c.get(), n);
     // Epilogue on the fp32 tile: + bias, + x3, one rounding to the dtype.
-    if (has_x3) LoadAsFloat(dtype, x3_data, r0 * n, r * n, x3_tile.data());
+    if (has_x3) LoadAsFloat(dtype, x3_data, r0 * n, r * n, x3_tile.get());
     if (has_bias || has_x3) {
       for (int64_t i = 0; i < r; ++i) {
-        float* row = c.data() + i * n;
+        float* row = c.get() + i * n;
         if (has_bias) {
           for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
         }
         if (has_x3) {
-          const float* x3_row = x3_tile.data() + i * n;
+          const float* x3_row = x3_tile.get() + i * n;
           for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
         }
       }
     }
-    StoreFromFloat(dtype, c.data(), r * n, out_data, r0 * n);
+    StoreFromFloat(dtype, c.get(), r * n, out_data, r0 * n);
   }
   return ffi::Error::Success();
 }
