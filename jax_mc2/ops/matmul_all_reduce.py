@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jax_mc2 import _compat, _implementation, reference, targets
 from jax_mc2 import _validation as v
+from jax_mc2.ops._lowering import implementation_lowering
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -192,19 +191,10 @@ def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_
     )
 
 
-def _lowering(ctx, *operands, implementation, world_size, **params):
-    del world_size
-    impl = _implementation.for_platform(OP, implementation, _compat.lowering_platforms(ctx))
-    if impl == _implementation.FFI:
-        fn = functools.partial(
-            _ffi_composition, **params, parallelism=_compat.lowering_parallelism(ctx)
-        )
-    else:
-        fn = functools.partial(_xla_composition, **params)
-    return _compat.lower_fun(fn, multiple_results=False)(ctx, *operands)
-
-
-_compat.register_lowering(mm_all_reduce_p, _lowering)
+_compat.register_lowering(
+    mm_all_reduce_p,
+    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+)
 
 
 def _jvp(

@@ -11,14 +11,13 @@ donates ``residual`` gets its buffer back as ``y``.
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from jax_mc2 import _compat, _implementation, reference
 from jax_mc2 import _validation as v
+from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
     check_chip_limits,
     check_comm_turn,
@@ -142,20 +141,15 @@ def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_n
     )
 
 
-def _lowering(ctx, *operands, implementation, world_size, **params):
-    del world_size
-    op = _op_name(params["inplace"])
-    impl = _implementation.for_platform(op, implementation, _compat.lowering_platforms(ctx))
-    if impl == _implementation.FFI:
-        fn = functools.partial(
-            _ffi_composition, **params, parallelism=_compat.lowering_parallelism(ctx)
-        )
-    else:
-        fn = functools.partial(_xla_composition, **params)
-    return _compat.lower_fun(fn, multiple_results=True)(ctx, *operands)
-
-
-_compat.register_lowering(mm_all_reduce_add_rms_norm_p, _lowering)
+_compat.register_lowering(
+    mm_all_reduce_add_rms_norm_p,
+    implementation_lowering(
+        lambda params: _op_name(params["inplace"]),
+        _ffi_composition,
+        _xla_composition,
+        multiple_results=True,
+    ),
+)
 
 
 def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **params):
