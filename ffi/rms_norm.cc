@@ -18,6 +18,22 @@ namespace {
 
 constexpr char kOp[] = "mc2_add_rms_norm_ffi";
 
+// sum_j (v_j * v_j * scale) in fp32, over kLanes interleaved partial sums so
+// the compiler vectorizes it (the kernel's reduction order is unspecified:
+// the Ascend kernel reduces with a tree).
+float SumOfScaledSquares(const float* v, int64_t n, float scale) {
+  constexpr int64_t kLanes = 16;
+  float partial[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) partial[l] += v[j + l] * v[j + l] * scale;
+  }
+  for (; j < n; ++j) partial[0] += v[j] * v[j] * scale;
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
+  return total;
+}
+
 ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
                              ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
                              float epsilon) {
@@ -52,8 +68,7 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
     // y is rounded to the dtype first; the statistics read the rounded y.
     StoreFromFloat(dtype, a.data(), n, y->untyped_data(), r * n);
     RoundInPlace(dtype, a.data(), n);
-    float mean_square = 0.0f;
-    for (int64_t j = 0; j < n; ++j) mean_square += a[j] * a[j] * inv_n;
+    const float mean_square = SumOfScaledSquares(a.data(), n, inv_n);
     const float rstd = 1.0f / std::sqrt(mean_square + epsilon);
     for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd;
     // fp16/bf16: y * rstd is rounded to the dtype before the multiplication
