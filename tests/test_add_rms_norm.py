@@ -176,9 +176,7 @@ def test_inplace_aliases_residual(impl):
 @pytest.mark.parametrize("comm_turn", [2, 7])
 def test_comm_turn_identical_and_lowered(impl, comm_turn):
     rng = np.random.default_rng(6)
-    x1, x2, residual, gamma, bias = _case(
-        rng, 4, np.bfloat16 if False else oracle.BF16, x3d=True, transpose_x2=False
-    )
+    x1, x2, residual, gamma, bias = _case(rng, 4, oracle.BF16, x3d=True, transpose_x2=False)
     mesh = make_mesh((4,), ("tp",))
 
     def build(turn):
