@@ -87,26 +87,28 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
   // Uninitialized: every element is written before it is read.
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * k]);
   std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
-  std::unique_ptr<float[]> x3_tile(has_x3 ? new float[static_cast<size_t>(rows) * n] : nullptr);
+  std::vector<float> x3_row(has_x3 ? n : 0);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.get());
     Sgemm(false, transpose_x2, r, n, k, a.get(), k, x2_f.get(), transpose_x2 ? k : n, c.get(), n);
-    // Epilogue on the fp32 tile: + bias, + x3, one rounding to the dtype.
-    if (has_x3) LoadAsFloat(dtype, x3_data, r0 * n, r * n, x3_tile.get());
-    if (has_bias || has_x3) {
-      for (int64_t i = 0; i < r; ++i) {
-        float* row = c.get() + i * n;
-        if (has_bias) {
-          for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
-        }
-        if (has_x3) {
-          const float* x3_row = x3_tile.get() + i * n;
-          for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
-        }
-      }
+    if (!has_bias && !has_x3) {
+      StoreFromFloat(dtype, c.get(), r * n, out_data, r0 * n);
+      continue;
     }
-    StoreFromFloat(dtype, c.get(), r * n, out_data, r0 * n);
+    // Epilogue, one row at a time while it is in cache: + bias, + x3, one
+    // rounding to the dtype.
+    for (int64_t i = 0; i < r; ++i) {
+      float* row = c.get() + i * n;
+      if (has_bias) {
+        for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
+      }
+      if (has_x3) {
+        LoadAsFloat(dtype, x3_data, (r0 + i) * n, n, x3_row.data());
+        for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+      }
+      StoreFromFloat(dtype, row, n, out_data, (r0 + i) * n);
+    }
   }
   return ffi::Error::Success();
 }
