@@ -10,6 +10,8 @@ import numpy as np
 import oracle
 import pytest
 from conftest import IMPLEMENTATIONS, make_mesh
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -240,7 +242,8 @@ def test_vma_typing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_grads_sharded(impl):
+@pytest.mark.parametrize("transpose_x2,comm_turn", [(False, 0), (True, 3)])
+def test_grads_sharded(impl, transpose_x2, comm_turn):
     mesh = make_mesh((2, 4), ("dp", "tp"))
     rng = np.random.default_rng(5)
     x1 = _rand(rng, (8, 3, 16), np.float32)
@@ -251,7 +254,14 @@ def test_grads_sharded(impl):
     def f(x1, x2, bias, x3):
         return jax.shard_map(
             lambda a, b, c, d: mc2.mm_all_reduce_base(
-                a, b, "tp", bias=c, x3=d, implementation=impl
+                a,
+                b.T if transpose_x2 else b,
+                "tp",
+                bias=c,
+                x3=d,
+                transpose_x2=transpose_x2,
+                comm_turn=comm_turn,
+                implementation=impl,
             ),
             mesh=mesh,
             in_specs=(P("dp", None, "tp"), P("tp", None), P(), P("dp")),
@@ -321,3 +331,39 @@ def test_empty_m_and_n(impl):
         np.ones((2, 8), np.float16), np.ones((8, 0), np.float16), None, implementation=impl
     )
     assert out.shape == (2, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    k=st.integers(1, 40),
+    n=st.integers(1, 40),
+    batch=st.sampled_from([None, 1, 3]),
+    dtype=st.sampled_from(DTYPES),
+    transpose_x2=st.booleans(),
+    with_bias=st.booleans(),
+    with_x3=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_oracle(
+    impl, m, k, n, batch, dtype, transpose_x2, with_bias, with_x3, seed
+):
+    rng = np.random.default_rng(seed)
+    lead = (m,) if batch is None else (batch, m)
+    x1 = _rand(rng, (*lead, k), dtype)
+    x2 = _rand(rng, (n, k) if transpose_x2 else (k, n), dtype)
+    bias = _rand(rng, (n,), dtype) if with_bias else None
+    x3 = _rand(rng, (*lead, n), dtype) if with_x3 else None
+    got = mc2.mm_all_reduce_base(
+        x1, x2, None, bias=bias, x3=x3, transpose_x2=transpose_x2, implementation=impl
+    )
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    want = oracle.mm_all_reduce_base(
+        [x1],
+        [x2],
+        [bias] if with_bias else None,
+        [x3] if with_x3 else None,
+        transpose_x2=transpose_x2,
+    )
+    _assert_close(got, want, dtype, 1)
