@@ -1,0 +1,23 @@
+"""The shape-check example runs as a user would run it (the main example is
+run by CI and the README's first command)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shape_check_example():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "shape_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "generic    atlas-a2    atlas-a3  ascend-950" in out.stdout
+    assert "world size 16 (axis_name=('tp',)) is not supported on target 'atlas-a2'" in out.stdout
+    assert "epsilon must be in (0, 1), got 1.5" in out.stdout
