@@ -20,7 +20,6 @@ __all__ = [
     "NOT_MAPPED",
     "Primitive",
     "ad",
-    "batching",
     "config_enum_state",
     "config_optional_enum_state",
     "drop_varying_axes",
@@ -29,6 +28,7 @@ __all__ = [
     "lowering_platforms",
     "named_axis_effects",
     "new_primitive",
+    "register_batching_rule",
     "register_lowering",
     "result_aval",
 ]
@@ -62,6 +62,25 @@ def drop_varying_axes(aval, axis_names: Iterable[str]):
     if not (mat.varying & names):
         return aval
     return aval.update(manual_axis_type=mat.update(varying=mat.varying - names))
+
+
+def register_batching_rule(prim: core.Primitive, op_name, rule: Callable) -> None:
+    """Registers ``rule(args, dims, **params)`` as ``prim``'s vmap rule.
+
+    A collective over an axis that ``vmap`` itself binds (``vmap(...,
+    axis_name=...)``) has no rule: it raises NotImplementedError naming the
+    axis instead of failing inside JAX. ``op_name(params)`` names the operator.
+    """
+
+    def fancy_rule(axis_data, args, dims, **params):
+        if axis_data.name is not None and axis_data.name in params["axis_name"]:
+            raise NotImplementedError(
+                f"{op_name(params)}: axis_name {axis_data.name!r} is bound by jax.vmap; the "
+                "all-reduce runs over mesh axes only: bind the axis with jax.shard_map"
+            )
+        return rule(args, dims, **params)
+
+    batching.fancy_primitive_batchers[prim] = fancy_rule
 
 
 def lower_fun(fun: Callable, *, multiple_results: bool) -> Callable:

@@ -316,6 +316,21 @@ def test_vmap(impl):
     np.testing.assert_allclose(np.asarray(f(xs, w)), xs @ w, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, w: mc2.mm_all_reduce_base(x, w, "i"),
+        lambda x, w: mc2.matmul_all_reduce_add_rms_norm(
+            x, w, jnp.ones((1, 3, 2)), jnp.ones(2), ("i",)
+        )[1],
+    ],
+)
+def test_vmap_named_axis_refused(op):
+    xs, w = np.ones((4, 3, 8), np.float32), np.ones((8, 2), np.float32)
+    with pytest.raises(NotImplementedError, match="axis_name 'i' is bound by jax.vmap"):
+        jax.vmap(op, in_axes=(0, None), axis_name="i")(xs, w)
+
+
 def test_unbound_axis_name():
     x = np.ones((4, 8), np.float16)
     with pytest.raises(NameError, match="unbound axis name: tp"):

@@ -271,7 +271,7 @@ def _batch(args, dims, **params):
     return out, 0
 
 
-_compat.batching.primitive_batchers[mm_all_reduce_p] = _batch
+_compat.register_batching_rule(mm_all_reduce_p, lambda params: OP, _batch)
 
 
 # --------------------------------------------------------------------------

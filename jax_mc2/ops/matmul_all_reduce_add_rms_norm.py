@@ -209,7 +209,9 @@ def _batch(args, dims, **params):
     return list(outs), [0, 0]
 
 
-_compat.batching.primitive_batchers[mm_all_reduce_add_rms_norm_p] = _batch
+_compat.register_batching_rule(
+    mm_all_reduce_add_rms_norm_p, lambda params: _op_name(params["inplace"]), _batch
+)
 
 
 def _bind(
