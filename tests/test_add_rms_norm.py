@@ -273,3 +273,33 @@ def test_eval_shape():
         functools.partial(mc2.matmul_all_reduce_add_rms_norm, axis_name=None), *args
     )
     assert y.shape == norm.shape == (2, 64, 128) and y.dtype == norm.dtype == jnp.float16
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vma_typing(impl):
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    seen = {}
+
+    def f(x1, x2, residual, gamma):
+        y, norm = mc2.matmul_all_reduce_add_rms_norm(
+            x1, x2, residual, gamma, "tp", implementation=impl
+        )
+        seen["y"], seen["norm"] = jax.typeof(y), jax.typeof(norm)
+        return y, norm
+
+    g = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P()),
+            out_specs=(P("dp"), P("dp")),
+            check_vma=True,
+        )
+    )
+    g(
+        np.ones((4, 3, 16), np.float32),
+        np.ones((16, 8), np.float32),
+        np.ones((4, 3, 8), np.float32),
+        np.ones(8, np.float32),
+    )
+    assert str(seen["y"]) == str(seen["norm"]) == "float32[2,3,8]{V:dp}"

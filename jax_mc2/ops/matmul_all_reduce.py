@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _implementation, reference, targets
+from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._lowering import implementation_lowering
 
@@ -172,8 +172,6 @@ mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
 
 
 def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
-    from jax_mc2 import _ffi
-
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
 
     def local(x1_c, x3_c):
@@ -225,18 +223,9 @@ def _jvp(
     # The op is bilinear in (x1, x2) and linear in bias and x3; the tangent
     # is the same all-reduce of the fp32 sum of the linear parts. It is built
     # from lax ops so reverse mode transposes it with JAX's own rules.
-    acc = lax.dot_general(
-        dx1,
-        x2,
-        (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
-        preferred_element_type=_F32,
-    )
-    acc = acc + lax.dot_general(
-        x1,
-        dx2,
-        (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ())),
-        preferred_element_type=_F32,
-    )
+    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    acc = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
+    acc = acc + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
     if dbias is not None:
         acc = acc + dbias.astype(_F32)
     if dx3 is not None:

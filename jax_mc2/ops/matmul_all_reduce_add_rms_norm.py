@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _implementation, reference
+from jax_mc2 import _compat, _ffi, _implementation, reference
 from jax_mc2 import _validation as v
 from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
@@ -112,8 +112,6 @@ mm_all_reduce_add_rms_norm_p.def_effectful_abstract_eval(_abstract_eval)
 def _ffi_composition(
     *operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn, parallelism
 ):
-    from jax_mc2 import _ffi
-
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
 
     def local(x1_c, _):
