@@ -17,9 +17,11 @@ namespace jax_mc2 {
 namespace {
 
 constexpr char kOp[] = "mc2_matmul_ffi";
-// Rows of x1 converted and multiplied per sgemm call: bounds the fp32 tiles
-// while keeping each call large enough for BLAS to reach its peak.
-constexpr int64_t kRowBlock = 512;
+// The fp32 tiles of x1 and of the output hold at most this many elements
+// each (64 MiB). Below that the whole matmul is one sgemm call: OpenBLAS
+// packs x2 once per call, and splitting m costs up to 15 % at the per-device
+// shapes of a sharded matmul.
+constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
 ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
                          ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
@@ -83,7 +85,7 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
   // x2 is read whole by every row block: convert it once.
   std::unique_ptr<float[]> x2_f(new float[static_cast<size_t>(k) * n]);
   LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, x2_f.get());
-  const int64_t rows = std::min(m, kRowBlock);
+  const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, k)));
   // Uninitialized: every element is written before it is read.
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * k]);
   std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
