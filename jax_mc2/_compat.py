@@ -99,15 +99,15 @@ def lowering_platforms(ctx) -> tuple[str, ...]:
 def lowering_parallelism(ctx) -> int:
     """How many programs XLA runs at once for this lowering.
 
-    Inside ``shard_map`` that is the mesh size (every simulated CPU device runs
-    its shard concurrently); outside it is one. The CPU kernels divide the
-    cores among them.
+    Inside ``shard_map`` that is the number of this process's devices in the
+    mesh (every simulated CPU device runs its shard concurrently); outside it
+    is one. The CPU kernels divide the cores among them.
     """
     axis_context = ctx.module_context.axis_context
     mesh = getattr(axis_context, "mesh", None)
     if mesh is None:
         return 1
-    return int(mesh.size)
+    return max(1, len(mesh.local_devices))
 
 
 def config_enum_state(name: str, values: list[str], default: str, help: str):

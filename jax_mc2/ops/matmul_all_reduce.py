@@ -12,6 +12,7 @@ from jax import lax
 
 from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
 
 OP = "mm_all_reduce_base"
@@ -105,39 +106,6 @@ def check_reduce_op(op, reduce_op):
 def world_size_of(axis_name: tuple[str, ...]) -> int:
     """Size of the communication group; NameError if a name is unbound."""
     return int(lax.axis_size(axis_name)) if axis_name else 1
-
-
-# --------------------------------------------------------------------------
-# Batching helpers shared by the family
-
-
-def move_batch_to_front(args, dims, size):
-    """Every operand with its batch dimension first (unbatched ones broadcast)."""
-    out = []
-    for a, d in zip(args, dims):
-        if a is None:
-            out.append(None)
-        elif d is _compat.NOT_MAPPED:
-            out.append(jnp.broadcast_to(a, (size, *a.shape)))
-        else:
-            out.append(jnp.moveaxis(a, d, 0))
-    return out
-
-
-def map_over_batch(fn, args, dims):
-    """Applies ``fn`` to each batch element with ``lax.map``: the rule for
-    operands (weights, bias, gamma) that cannot be folded into rows."""
-    not_mapped = _compat.NOT_MAPPED
-    mapped_idx = [i for i, d in enumerate(dims) if d is not not_mapped and args[i] is not None]
-    mapped = [jnp.moveaxis(args[i], dims[i], 0) for i in mapped_idx]
-
-    def body(slices):
-        full = list(args)
-        for i, s in zip(mapped_idx, slices):
-            full[i] = s
-        return fn(*full)
-
-    return lax.map(body, mapped)
 
 
 # --------------------------------------------------------------------------

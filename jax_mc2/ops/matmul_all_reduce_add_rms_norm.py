@@ -17,14 +17,13 @@ from jax import lax
 
 from jax_mc2 import _compat, _ffi, _implementation, reference
 from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
     check_chip_limits,
     check_comm_turn,
     check_matmul,
     check_reduce_op,
-    map_over_batch,
-    move_batch_to_front,
     world_size_of,
 )
 
