@@ -10,6 +10,8 @@ import numpy as np
 import oracle
 import pytest
 from conftest import IMPLEMENTATIONS, make_mesh
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -50,7 +52,7 @@ def _oracle(x1, x2, residual, gamma, bias, world, *, transpose_x2, epsilon):
 
 def _check(got, want, dtype, world):
     for g, w in zip(got, want):
-        tol = oracle.tolerance(dtype, world, scale=np.abs(w).max() + 1)
+        tol = oracle.tolerance(dtype, world, scale=np.abs(w).max(initial=0) + 1)
         np.testing.assert_allclose(np.asarray(g).astype(np.float64), w, atol=tol, rtol=0)
 
 
@@ -303,3 +305,42 @@ def test_vma_typing(impl):
         np.ones(8, np.float32),
     )
     assert str(seen["y"]) == str(seen["norm"]) == "float32[2,3,8]{V:dp}"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(0, 3),
+    s=st.integers(1, 9),
+    k=st.integers(1, 48),
+    n=st.integers(1, 48),
+    x1_3d=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    transpose_x2=st.booleans(),
+    with_bias=st.booleans(),
+    epsilon=st.floats(1e-7, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_oracle(
+    impl, b, s, k, n, x1_3d, dtype, transpose_x2, with_bias, epsilon, seed
+):
+    rng = np.random.default_rng(seed)
+    x1 = _rand(rng, (b, s, k) if x1_3d else (b * s, k), dtype)
+    x2 = _rand(rng, (n, k) if transpose_x2 else (k, n), dtype, 0.3)
+    residual = _rand(rng, (b, s, n), dtype)
+    gamma = _rand(rng, (n,), dtype)
+    bias = _rand(rng, (n,), dtype) if with_bias else None
+    y, norm_out = mc2.matmul_all_reduce_add_rms_norm(
+        x1,
+        x2,
+        residual,
+        gamma,
+        None,
+        bias=bias,
+        epsilon=epsilon,
+        transpose_x2=transpose_x2,
+        implementation=impl,
+    )
+    assert y.shape == norm_out.shape == (b, s, n)
+    want = _oracle(x1, x2, residual, gamma, bias, 1, transpose_x2=transpose_x2, epsilon=epsilon)
+    _check((y, norm_out), want, dtype, 1)
