@@ -3,6 +3,7 @@ semantics of Huawei Ascend CANN's MC2 operators."""
 
 from jax_mc2 import _ffi as _ffi  # registers the FFI targets
 from jax_mc2 import parallel as parallel
+from jax_mc2 import quant as quant
 from jax_mc2 import targets as targets
 from jax_mc2.ops.matmul_all_reduce import mm_all_reduce_base as mm_all_reduce_base
 from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
@@ -23,6 +24,7 @@ __all__ = [
     "matmul_all_reduce_add_rms_norm",
     "mm_all_reduce_base",
     "parallel",
+    "quant",
     "set_target",
     "target",
     "targets",
