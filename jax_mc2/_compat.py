@@ -18,11 +18,9 @@ from jax._src.interpreters import ad, batching, mlir
 
 __all__ = [
     "NOT_MAPPED",
-    "Primitive",
     "ad",
     "config_enum_state",
     "config_optional_enum_state",
-    "drop_varying_axes",
     "lower_fun",
     "lowering_parallelism",
     "lowering_platforms",
@@ -32,8 +30,6 @@ __all__ = [
     "register_lowering",
     "result_aval",
 ]
-
-Primitive = core.Primitive
 
 #: The batch dimension of an operand that ``vmap`` does not map.
 NOT_MAPPED = None
@@ -49,19 +45,6 @@ def new_primitive(name: str, *, multiple_results: bool = False) -> core.Primitiv
 
 def named_axis_effects(axis_names: Iterable[str]) -> set:
     return {core.NamedAxisEffect(a) for a in axis_names}
-
-
-def drop_varying_axes(aval, axis_names: Iterable[str]):
-    """``aval`` with ``axis_names`` removed from its varying set (``vma``).
-
-    An all-reduce over an axis makes its result invariant along it; outside
-    ``shard_map`` (or with ``check_vma=False``) the set is empty anyway.
-    """
-    mat = aval.mat
-    names = set(axis_names)
-    if not (mat.varying & names):
-        return aval
-    return aval.update(manual_axis_type=mat.update(varying=mat.varying - names))
 
 
 def register_batching_rule(prim: core.Primitive, op_name, rule: Callable) -> None:

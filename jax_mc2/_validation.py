@@ -13,8 +13,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-INT32_MAX = 2**31 - 1
-
 
 def dtype_name(dtype) -> str:
     return np.dtype(dtype).name
@@ -43,16 +41,6 @@ def check_rank(op: str, name: str, aval, ranks: Iterable[int], layout: str) -> N
         raise type_error(op, f"{name} must be {want} {layout}, got shape {shape_str(aval.shape)}")
 
 
-def check_dtype(op: str, name: str, aval, allowed: Iterable, rule: str = "") -> None:
-    allowed = tuple(np.dtype(d) for d in allowed)
-    if np.dtype(aval.dtype) not in allowed:
-        names = ", ".join(d.name for d in allowed)
-        suffix = f" ({rule})" if rule else ""
-        raise type_error(
-            op, f"{name} dtype must be one of {names}{suffix}, got {dtype_name(aval.dtype)}"
-        )
-
-
 def check_same_dtype(op: str, name: str, aval, ref_name: str, ref_aval) -> None:
     if np.dtype(aval.dtype) != np.dtype(ref_aval.dtype):
         raise type_error(
@@ -67,12 +55,6 @@ def check_shape(op: str, name: str, aval, expected, rule: str) -> None:
         raise type_error(
             op, f"{name} must be {rule} = {shape_str(expected)}, got {shape_str(aval.shape)}"
         )
-
-
-def check_choice(op: str, name: str, value, choices: Iterable) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise value_error(op, f"{name} must be one of {choices!r}, got {value!r}")
 
 
 def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:

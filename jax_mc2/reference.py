@@ -25,13 +25,12 @@ def row_chunks(m: int, comm_turn: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False, out_dtype=None):
+def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
     """One rank's ``x1 @ x2 + bias + x3``, fp32 accumulation, one rounding.
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2);
     bias: [n]; x3: the output shape [m, n] or [b, s, n].
     """
-    out_dtype = out_dtype or x1.dtype
     contract = 0 if not transpose_x2 else 1
     acc = lax.dot_general(
         x1, x2, (((x1.ndim - 1,), (contract,)), ((), ())), preferred_element_type=_F32
@@ -40,7 +39,7 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False, out_dtype=No
         acc = acc + bias.astype(_F32)
     if x3 is not None:
         acc = acc + x3.astype(_F32)
-    return acc.astype(out_dtype)
+    return acc.astype(x1.dtype)
 
 
 def all_reduce(x, axis_name: tuple[str, ...]):

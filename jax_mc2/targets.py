@@ -55,10 +55,6 @@ class TargetProfile:
     float_dtypes: tuple[np.dtype, ...]
     operators: dict[str, OperatorSupport] = field(default_factory=dict)
 
-    @property
-    def is_chip(self) -> bool:
-        return self.name != GENERIC
-
 
 _INT32_MAX = 2**31 - 1
 _A2_RANKS = frozenset({1, 2, 4, 8})
