@@ -146,6 +146,46 @@ def norm_case(m, k, n, dtype, devices, impls, repeat):
     )
 
 
+def quant_case(m, k, n, dtype, devices, impls, repeat):
+    """W8A8: int8 x int8, int32 bias, perchannel packed (fp16 out) or bf16 scales."""
+    from jax_mc2 import quant
+
+    rng = np.random.default_rng(3)
+    x1 = jnp.asarray(rng.integers(-128, 128, (m, k)), jnp.int8)
+    x2 = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    bias = jnp.asarray(rng.integers(-1000, 1000, n), jnp.int32)
+    raw = (rng.random(n) * 1e-4).astype(np.float32)
+    scale = quant.trans_quant_param(raw) if dtype == jnp.float16 else jnp.asarray(raw, jnp.bfloat16)
+    scale_f32 = jnp.asarray(
+        raw if dtype != jnp.float16 else (raw.view(np.uint32) & 0xFFFFE000).view(np.float32)
+    )
+    axis = "tp" if devices > 1 else None
+
+    def unfused(a, b, c, s):
+        acc = jnp.matmul(a, b, preferred_element_type=jnp.int32) + c
+        out = (acc.astype(jnp.float32) * scale_f32).astype(dtype)
+        return lax.psum(out, axis) if axis else out
+
+    def int8_dot(a, b, c, s):
+        return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+
+    def op(impl):
+        return lambda a, b, c, s: mc2.quant_matmul_all_reduce(
+            a, b, axis, dequant_scale=s, bias=c, implementation=impl
+        )
+
+    fns = {impl: op(impl) for impl in impls}
+    fns["unfused jnp"] = unfused
+    fns["int8 dot_general"] = int8_dot
+    out_spec = P() if devices > 1 else None
+    in_specs = (P(None, "tp"), P("tp", None), P(), P())
+    wrapped = {}
+    for name, fn in fns.items():
+        spec = P(None, "tp") if name == "int8 dot_general" else out_spec
+        wrapped[name] = _wrap(devices, in_specs, spec)(fn)
+    return time_interleaved(wrapped, (x1, x2, bias, scale), repeat)
+
+
 def _wrap(devices, in_specs, out_specs):
     def wrap(fn):
         if devices == 1:
@@ -185,6 +225,7 @@ def main(argv=None):
     for opname, case in (
         ("mm_all_reduce_base", mm_case),
         ("matmul_all_reduce_add_rms_norm", norm_case),
+        ("quant_matmul_all_reduce (int8)", quant_case),
     ):
         for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
             for m, k, n in shapes:

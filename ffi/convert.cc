@@ -63,6 +63,21 @@ __attribute__((target_clones("avx2", "default"))) void StoreBf16(const float* sr
   }
 }
 
+__attribute__((target_clones("avx2", "default"))) void LoadInt8(const int8_t* src, int64_t count,
+                                                                float* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+__attribute__((target_clones("avx2", "default"))) void AccumulateInt32(const float* src,
+                                                                       int64_t count, bool first,
+                                                                       int32_t* acc) {
+  if (first) {
+    for (int64_t i = 0; i < count; ++i) acc[i] = static_cast<int32_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<int32_t>(src[i]);
+  }
+}
+
 void RoundInPlace(ffi::DataType type, float* values, int64_t count) {
   if (type == ffi::DataType::F32) return;
   constexpr int64_t kChunk = 1024;

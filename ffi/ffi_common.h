@@ -61,6 +61,10 @@ inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count, 
   }
 }
 
+// int8 -> fp32 (exact) and fp32 holding exact integers -> int32 (+=).
+void LoadInt8(const int8_t* src, int64_t count, float* dst);
+void AccumulateInt32(const float* src, int64_t count, bool first, int32_t* acc);
+
 // values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
 // applies when it writes an intermediate in the dtype and reads it back.
 void RoundInPlace(ffi::DataType type, float* values, int64_t count);

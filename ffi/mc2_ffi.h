@@ -7,5 +7,6 @@ namespace jax_mc2 {
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2MatmulHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2AddRmsNormHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2Int8MatmulHandler);
 
 }  // namespace jax_mc2

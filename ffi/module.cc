@@ -19,6 +19,7 @@ NB_MODULE(_mc2_ffi, m) {
     nb::dict d;
     d["mc2_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2MatmulHandler);
     d["mc2_add_rms_norm_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2AddRmsNormHandler);
+    d["mc2_int8_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2Int8MatmulHandler);
     return d;
   });
 }

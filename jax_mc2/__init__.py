@@ -12,6 +12,9 @@ from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
 from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
     matmul_all_reduce_add_rms_norm as matmul_all_reduce_add_rms_norm,
 )
+from jax_mc2.ops.quant_matmul_all_reduce import (
+    quant_matmul_all_reduce as quant_matmul_all_reduce,
+)
 from jax_mc2.targets import get_target as get_target
 from jax_mc2.targets import set_target as set_target
 from jax_mc2.targets import target as target
@@ -24,6 +27,7 @@ __all__ = [
     "matmul_all_reduce_add_rms_norm",
     "mm_all_reduce_base",
     "parallel",
+    "quant_matmul_all_reduce",
     "quant",
     "set_target",
     "target",

@@ -30,9 +30,10 @@ from jax_mc2 import _mc2_ffi  # noqa: E402
 
 MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
+INT8_MATMUL = "mc2_int8_matmul_ffi"
 
 #: Every target a lowering of this package uses.
-TARGETS = (MATMUL, ADD_RMS_NORM)
+TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL)
 
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
@@ -68,3 +69,26 @@ def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
         (out, out),
         input_output_aliases={1: 0} if alias_residual else None,
     )(mm.reshape(residual.shape), residual, gamma, epsilon=np.float32(epsilon))
+
+
+def int8_matmul(
+    x1, x2, scale, pertoken=None, bias=None, x3=None, *, out_dtype, transpose_x2, parallelism
+):
+    """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
+    (custom call ``mc2_int8_matmul_ffi``; the int8 products are exact).
+
+    x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
+    scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
+    x3: the output shape in ``out_dtype``.
+    """
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), out_dtype)
+    operands = [x1, x2, scale] + [a for a in (pertoken, bias, x3) if a is not None]
+    return jax.ffi.ffi_call(INT8_MATMUL, out)(
+        *operands,
+        transpose_x2=bool(transpose_x2),
+        has_pertoken=pertoken is not None,
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        parallelism=np.int64(parallelism),
+    )

@@ -39,6 +39,7 @@ class OperatorSupport:
     comm_turn_zero_only: CANN accepts only comm_turn=0.
     nonempty_matmul: x1 and x2 may not be empty tensors (m, n >= 1).
     source: where the rule comes from.
+    max_last_dim: the largest last dimension of x1 and of x2 (None: no limit).
     """
 
     world_sizes: frozenset[int] | None = None
@@ -46,6 +47,7 @@ class OperatorSupport:
     comm_turn_zero_only: bool = False
     nonempty_matmul: bool = False
     source: str = ""
+    max_last_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ PROFILES: dict[str, TargetProfile] = {
             "mm_all_reduce_base": OperatorSupport(),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(),
+            "quant_matmul_all_reduce": OperatorSupport(),
         },
     ),
     ATLAS_A2: TargetProfile(
@@ -93,9 +96,18 @@ PROFILES: dict[str, TargetProfile] = {
                 False,
                 "aclnnInplaceMatmulAllReduceAddRmsNorm: 1, 2, 4, 8 cards",
             ),
+            # aclnnQuantMatmulAllReduce: x1 and x2 last dimensions <= 65535.
+            "quant_matmul_all_reduce": OperatorSupport(
+                _A2_RANKS,
+                _INT32_MAX,
+                True,
+                True,
+                "aclnnQuantMatmulAllReduce: 1, 2, 4, 8 cards",
+                max_last_dim=65535,
+            ),
         },
     ),
-    # The non-quantized matmul + all-reduce documents list Atlas A2 only.
+    # The matmul + all-reduce documents of these operators list Atlas A2 only.
     ATLAS_A3: TargetProfile(ATLAS_A3, "Atlas A3 training / inference", (FLOAT16, BFLOAT16), {}),
     ASCEND_950: TargetProfile(
         ASCEND_950,

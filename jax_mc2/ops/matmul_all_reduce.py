@@ -65,7 +65,7 @@ def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None, residual=None)
     return out_shape
 
 
-def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name):
+def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name, x2=None):
     """The current chip target's rules: operator availability, world size,
     comm_turn, size limits and empty tensors."""
     support = targets.operator_support(op)
@@ -84,6 +84,14 @@ def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name):
             if size > support.max_dim:
                 raise v.unsupported(
                     op, f"{dim} = {size} exceeds {support.max_dim} on target {name!r}"
+                )
+    if support.max_last_dim is not None and x2 is not None:
+        for arg, aval in (("x1", x1), ("x2", x2)):
+            if aval.shape[-1] > support.max_last_dim:
+                raise v.unsupported(
+                    op,
+                    f"{arg}.shape[-1] = {aval.shape[-1]} exceeds {support.max_last_dim} on "
+                    f"target {name!r}",
                 )
     if support.nonempty_matmul and (m == 0 or dims["n"] == 0):
         raise v.unsupported(

@@ -1,0 +1,166 @@
+// mc2_int8_matmul_ffi: the local (per-rank) part of an int8 x int8 matmul +
+// dequant, shared by the quantized matmul + all-reduce operators:
+//   acc[m, n] = x1[m, k] @ x2 (+ bias[n])            exact, int32
+//   y         = round(float32(acc) * scale[n or 1] (* pertoken[m]))
+//   out       = round(y + x3)                         when x3 is given
+// x2 is (k, n), or (n, k) when transpose_x2. The GEMM core is BLAS sgemm on
+// fp32 tiles over k-chunks of at most 1024: every partial sum is an integer
+// of magnitude <= 1024 * 128 * 128 = 2^24, exact in fp32, and the chunks are
+// added in int32.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "ffi_common.h"
+#include "mc2_ffi.h"
+
+namespace jax_mc2 {
+namespace {
+
+constexpr char kOp[] = "mc2_int8_matmul_ffi";
+constexpr int64_t kChunkK = 1024;
+constexpr int64_t kMaxTileElements = int64_t{1} << 24;
+
+ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+                             ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
+                             bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
+                             int64_t parallelism) {
+  const ffi::DataType out_type = out->element_type();
+  if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
+    return InvalidArgument(kOp, "x1 and x2 must be int8");
+  }
+  if (!IsFloatType(out_type)) return InvalidArgument(kOp, "out must be a float dtype");
+  if (scale.element_type() != ffi::DataType::F32) {
+    return InvalidArgument(kOp, "scale must be float32");
+  }
+  auto x1_dims = x1.dimensions();
+  auto x2_dims = x2.dimensions();
+  auto out_dims = out->dimensions();
+  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
+    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
+                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
+  }
+  const int64_t k = x1_dims.back();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
+  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
+  const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
+  if (x2_k != k || static_cast<int64_t>(out->element_count()) != m * n || out_dims.back() != n) {
+    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
+                                    ", x2 " + DimsToString(x2_dims) + ", out " +
+                                    DimsToString(out_dims));
+  }
+  const int64_t scale_len = static_cast<int64_t>(scale.element_count());
+  if (scale_len != 1 && scale_len != n) {
+    return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +
+                                    " elements, got " + DimsToString(scale.dimensions()));
+  }
+  const size_t expected = size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3};
+  if (extra.size() != expected) {
+    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
+                                    " optional operands, got " + std::to_string(extra.size()));
+  }
+  size_t next = 0;
+  const float* pertoken = nullptr;
+  const int32_t* bias = nullptr;
+  const void* x3_data = nullptr;
+  if (has_pertoken) {
+    auto p = extra.get<ffi::AnyBuffer>(next++);
+    if (p.has_error()) return p.error();
+    if (p->element_type() != ffi::DataType::F32 || static_cast<int64_t>(p->element_count()) != m) {
+      return InvalidArgument(kOp, "pertoken scale must be float32 (m,) = (" + std::to_string(m) +
+                                      ",), got " + DimsToString(p->dimensions()));
+    }
+    pertoken = static_cast<const float*>(p->untyped_data());
+  }
+  if (has_bias) {
+    auto b = extra.get<ffi::AnyBuffer>(next++);
+    if (b.has_error()) return b.error();
+    if (b->element_type() != ffi::DataType::S32 || static_cast<int64_t>(b->element_count()) != n) {
+      return InvalidArgument(kOp, "bias must be int32 (n,) = (" + std::to_string(n) + ",), got " +
+                                      DimsToString(b->dimensions()));
+    }
+    bias = static_cast<const int32_t*>(b->untyped_data());
+  }
+  if (has_x3) {
+    auto x3 = extra.get<ffi::AnyBuffer>(next++);
+    if (x3.has_error()) return x3.error();
+    if (x3->element_type() != out_type || static_cast<int64_t>(x3->element_count()) != m * n) {
+      return InvalidArgument(kOp, "x3 must have the output shape " + DimsToString(out_dims) +
+                                      " and dtype, got " + DimsToString(x3->dimensions()));
+    }
+    x3_data = x3->untyped_data();
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1_dims));
+  }
+
+  SetBlasThreads(BlasThreads(parallelism));
+  const int8_t* a8 = static_cast<const int8_t*>(x1.untyped_data());
+  const int8_t* b8 = static_cast<const int8_t*>(x2.untyped_data());
+  const float* s = static_cast<const float*>(scale.untyped_data());
+  void* out_data = out->untyped_data();
+  const int64_t kc_max = std::min(k, kChunkK);
+  const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
+  std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
+  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(rows) * n]);
+  std::vector<float> x3_row(has_x3 ? n : 0);
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r = std::min(rows, m - r0);
+    for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k - k0);
+      for (int64_t i = 0; i < r; ++i) LoadInt8(a8 + (r0 + i) * k + k0, kc, a.get() + i * kc);
+      // x2's chunk: rows k0..k0+kc of (k, n), or columns of (n, k).
+      if (transpose_x2) {
+        for (int64_t j = 0; j < n; ++j) LoadInt8(b8 + j * k + k0, kc, b.get() + j * kc);
+      } else {
+        LoadInt8(b8 + k0 * n, kc * n, b.get());
+      }
+      Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), transpose_x2 ? kc : n, c.get(), n);
+      AccumulateInt32(c.get(), r * n, k0 == 0, acc.get());
+    }
+    // Epilogue per row: + bias (int32), dequant in fp32, round, + x3, round.
+    for (int64_t i = 0; i < r; ++i) {
+      const int32_t* acc_row = acc.get() + i * n;
+      float* row = c.get() + i * n;
+      const float token = pertoken ? pertoken[r0 + i] : 1.0f;
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t v = bias ? acc_row[j] + bias[j] : acc_row[j];
+        float y = static_cast<float>(v) * s[scale_len == 1 ? 0 : j];
+        if (pertoken) y *= token;
+        row[j] = y;
+      }
+      if (has_x3) {
+        RoundInPlace(out_type, row, n);
+        LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
+        for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+      }
+      StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8MatmulHandler, Mc2Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x1 int8
+                                  .Arg<ffi::AnyBuffer>()  // x2 int8
+                                  .Arg<ffi::AnyBuffer>()  // scale f32 (1,) or (n,)
+                                  .RemainingArgs()        // pertoken?, bias?, x3?
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<bool>("transpose_x2")
+                                  .Attr<bool>("has_pertoken")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_x3")
+                                  .Attr<int64_t>("parallelism"));
+
+}  // namespace jax_mc2

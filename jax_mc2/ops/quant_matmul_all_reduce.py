@@ -1,0 +1,284 @@
+"""Quantized matmul + all-reduce (seed 000, aclnnQuantMatmulAllReduce).
+
+    out = allReduce(dequantScale * (x1_int8 @ x2_int8 + bias_int32) + x3)
+
+The int8 products accumulate exactly in int32 and the int32 bias is added
+before any scale. ``dequant_scale`` is either packed 64-bit words (see
+``jax_mc2.quant.trans_quant_param``; float16 output) or bfloat16 (bfloat16
+output), pertensor ``(1,)`` or perchannel ``(n,)`` / ``(1, n)``. Each rank
+rounds the dequantized result to the output dtype, adds x3 (a second
+rounding), and the all-reduce runs in the output dtype.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_mc2 import _compat, _ffi, _implementation, reference, targets
+from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
+from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops.matmul_all_reduce import (
+    check_chip_limits,
+    check_comm_turn,
+    check_reduce_op,
+    world_size_of,
+)
+
+OP = "quant_matmul_all_reduce"
+_F32 = jnp.float32
+_PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
+
+
+def scale_layout(op, name, scale, n):
+    """Checks a dequant scale; returns ``(output dtype, packed pair form?)``.
+
+    Packed words (int64/uint64, or uint32 ``[..., 2]`` (low, high) pairs when
+    x64 is off) give float16 output, bfloat16 scales bfloat16 output. The
+    logical shape is ``(1,)``, ``(n,)`` or ``(1, n)``.
+    """
+    dtype = np.dtype(scale.dtype)
+    pair = dtype == np.dtype(np.uint32) and scale.ndim >= 1 and scale.shape[-1] == 2
+    if dtype in _PACKED_WIDE or pair:
+        out_dtype = np.dtype(np.float16)
+    elif dtype == np.dtype(jnp.bfloat16):
+        out_dtype = np.dtype(jnp.bfloat16)
+    else:
+        raise v.type_error(
+            op,
+            f"{name} dtype must be int64/uint64 packed scales (or uint32 (low, high) pairs "
+            f"[..., 2]) for float16 output, or bfloat16 for bfloat16 output, got "
+            f"{dtype.name}{list(scale.shape)}",
+        )
+    shape = tuple(scale.shape[:-1]) if pair else tuple(scale.shape)
+    if shape not in ((1,), (n,), (1, n)):
+        raise v.type_error(
+            op,
+            f"{name} must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n}, got "
+            f"{v.shape_str(shape)}{' (uint32 pairs)' if pair else ''}",
+        )
+    return out_dtype, pair
+
+
+def decode_scale(scale):
+    """float32 ``[1]`` or ``[n]`` scale the hardware applies: the fp19 field
+    ``float32(low & 0xFFFFE000)`` of packed words, or ``float32(bf16)``."""
+    dtype = np.dtype(scale.dtype)
+    if dtype == np.dtype(jnp.bfloat16):
+        return scale.astype(_F32).reshape(-1)
+    if dtype in _PACKED_WIDE:
+        low = (scale.astype(jnp.uint64) & np.uint64(0xFFFFFFFF)).astype(jnp.uint32)
+    else:
+        low = scale[..., 0]
+    return lax.bitcast_convert_type(low & np.uint32(0xFFFFE000), _F32).reshape(-1)
+
+
+def check_int8_matmul(op, x1, x2, *, transpose_x2, bias=None):
+    """x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] transposed);
+    bias: int32 [n]. Returns the output shape."""
+    targets.operator_support(op)
+    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    for name, aval in (("x1", x1), ("x2", x2)):
+        if np.dtype(aval.dtype) != np.dtype(np.int8):
+            raise v.type_error(op, f"{name} dtype must be int8, got {v.dtype_name(aval.dtype)}")
+    k = x1.shape[-1]
+    layout = "(n, k)" if transpose_x2 else "(k, n)"
+    if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
+        raise v.type_error(
+            op,
+            f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}"
+            f"{' (transpose_x2=True)' if transpose_x2 else ''}, got {v.shape_str(x2.shape)}",
+        )
+    if k == 0:
+        raise v.type_error(
+            op, f"k must be >= 1 (empty k is not supported), got x1 {v.shape_str(x1.shape)}"
+        )
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    if bias is not None:
+        v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
+        if np.dtype(bias.dtype) != np.dtype(np.int32):
+            raise v.type_error(op, f"bias dtype must be int32, got {v.dtype_name(bias.dtype)}")
+    return (*x1.shape[:-1], n)
+
+
+quant_mm_all_reduce_p = _compat.new_primitive("mc2_quant_mm_all_reduce")
+
+
+def _split(operands, has_bias, has_x3):
+    x1, x2, scale, *rest = operands
+    bias = rest.pop(0) if has_bias else None
+    x3 = rest.pop(0) if has_x3 else None
+    return x1, x2, scale, bias, x3
+
+
+def _abstract_eval(
+    *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn, implementation
+):
+    del implementation
+    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
+    out_shape = check_int8_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias)
+    out_dtype, _ = scale_layout(OP, "dequant_scale", scale, out_shape[-1])
+    if x3 is not None:
+        v.check_shape(OP, "x3", x3, out_shape, "the output shape")
+        if np.dtype(x3.dtype) != out_dtype:
+            raise v.type_error(
+                OP,
+                f"x3 dtype must equal the output dtype {out_dtype.name} (set by dequant_scale), "
+                f"got {v.dtype_name(x3.dtype)}",
+            )
+    check_comm_turn(OP, comm_turn)
+    check_chip_limits(
+        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+    )
+    out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
+    return out, _compat.named_axis_effects(axis_name)
+
+
+quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def _out_dtype(scale):
+    return jnp.bfloat16 if np.dtype(scale.dtype) == np.dtype(jnp.bfloat16) else jnp.float16
+
+
+def local_int8_matmul(x1, x2, scale_f32, bias, x3, *, transpose_x2, out_dtype):
+    """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics)."""
+    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
+    if bias is not None:
+        acc = acc + bias
+    y = (acc.astype(_F32) * scale_f32).astype(out_dtype)
+    if x3 is not None:
+        y = (y.astype(_F32) + x3.astype(_F32)).astype(out_dtype)
+    return y
+
+
+def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
+    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
+    scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
+
+    def local(x1_c, x3_c):
+        return local_int8_matmul(
+            x1_c, x2, scale_f32, bias, x3_c, transpose_x2=transpose_x2, out_dtype=out_dtype
+        )
+
+    return reference.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+    )
+
+
+def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
+    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
+    scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
+
+    def local(x1_c, x3_c):
+        return _ffi.int8_matmul(
+            x1_c,
+            x2,
+            scale_f32,
+            None,
+            bias,
+            x3_c,
+            out_dtype=out_dtype,
+            transpose_x2=transpose_x2,
+            parallelism=parallelism,
+        )
+
+    return reference.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+    )
+
+
+_compat.register_lowering(
+    quant_mm_all_reduce_p,
+    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+)
+
+
+def _jvp(primals, tangents, **params):
+    raise NotImplementedError(
+        f"{OP}: not differentiable (int8 operands and packed scales); differentiate the "
+        "floating-point model and quantize after training"
+    )
+
+
+_compat.ad.primitive_jvps[quant_mm_all_reduce_p] = _jvp
+
+
+def _batch(args, dims, **params):
+    not_mapped = _compat.NOT_MAPPED
+    x1, x2, scale, bias, x3 = _split(list(args), params["has_bias"], params["has_x3"])
+    d1, d2, ds, db, d3 = _split(list(dims), params["has_bias"], params["has_x3"])
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
+    if d2 is not_mapped and ds is not_mapped and db is not_mapped:
+        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
+        x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
+        x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
+        ops = [x1f, x2, scale] + [a for a in (bias, x3f) if a is not None]
+        out = quant_mm_all_reduce_p.bind(*ops, **params)
+        return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
+    out = map_over_batch(
+        lambda *a: quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
+        [x1, x2, scale, bias, x3],
+        [d1, d2, ds, db, d3],
+    )
+    return out, 0
+
+
+_compat.register_batching_rule(quant_mm_all_reduce_p, lambda params: OP, _batch)
+
+
+def quant_matmul_all_reduce(
+    x1,
+    x2,
+    axis_name,
+    *,
+    dequant_scale,
+    bias=None,
+    x3=None,
+    reduce_op="sum",
+    comm_turn=0,
+    transpose_x2=False,
+    implementation=None,
+):
+    """int8 matmul + dequant + x3 + all-reduce (aclnnQuantMatmulAllReduce).
+
+    Args:
+      x1: int8 [m, k] or [b, s, k].
+      x2: int8 [k, n], or [n, k] with ``transpose_x2=True``.
+      axis_name: mesh axis name(s) bound by ``shard_map``, or None.
+      dequant_scale: packed 64-bit scales from ``quant.trans_quant_param``
+        (int64/uint64, or uint32 [..., 2] pairs without x64) -> float16
+        output, or bfloat16 -> bfloat16 output; shape (1,), (n,) or (1, n).
+      bias: int32 [n], added to the int32 accumulator on every rank.
+      x3: the output shape and dtype, added on every rank before the reduction.
+      comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
+
+    Returns:
+      [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
+    """
+    check_reduce_op(OP, reduce_op)
+    axes = v.canonical_axis_name(OP, axis_name)
+    impl = _implementation.requested(OP, implementation)
+    comm_turn = check_comm_turn(OP, comm_turn)
+    world_size = world_size_of(axes)
+    scale = dequant_scale if isinstance(dequant_scale, np.ndarray) else jnp.asarray(dequant_scale)
+    if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
+        from jax_mc2.quant import packed_scale_words
+
+        low, high = packed_scale_words(scale)
+        scale = jnp.stack([low, high], axis=-1)  # NumPy words survive with x64 off
+    operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
+    operands += [jnp.asarray(a) for a in (bias, x3) if a is not None]
+    return quant_mm_all_reduce_p.bind(
+        *operands,
+        transpose_x2=bool(transpose_x2),
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        axis_name=axes,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=impl,
+    )

@@ -1,0 +1,361 @@
+"""quant_matmul_all_reduce (seed 000) against a NumPy model of
+``allReduce(dequantScale * (x1 @ x2 + bias) + x3)``, both implementations."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+from conftest import IMPLEMENTATIONS, make_mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_mc2 as mc2
+from jax_mc2 import quant
+
+
+def _oracle_rank(x1, x2, scale_f32, bias, x3, *, transpose_x2, out_dtype):
+    """One rank, from the seed formula: exact integer matmul + int32 bias,
+    float32 dequant rounded to the output dtype, then + x3 rounded again."""
+    w = x2.T if transpose_x2 else x2
+    acc = x1.astype(np.int64) @ w.astype(np.int64)
+    if bias is not None:
+        acc = acc + bias
+    y = (acc.astype(np.float32) * scale_f32.reshape(-1)).astype(out_dtype)
+    if x3 is not None:
+        y = (y.astype(np.float32) + x3.astype(np.float32)).astype(out_dtype)
+    return y
+
+
+def _applied_scale(scale, kind):
+    """The float32 scale the hardware applies (§1.3), computed from the raw
+    fp32 values: the fp19 truncation for packed words, bf16 as is."""
+    if kind == "bf16":
+        return scale.astype(oracle.BF16).astype(np.float32)
+    return (scale.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+def _make_scale(scale, kind):
+    if kind == "bf16":
+        return scale.astype(oracle.BF16)
+    if kind == "int64":  # NumPy words, as torch_npu's npu_trans_quant_param returns
+        words = [(int(v) & 0xFFFFE000) | (1 << 46) for v in scale.view(np.uint32).ravel()]
+        return np.array(words, np.uint64).view(np.int64).reshape(scale.shape)
+    return quant.trans_quant_param(scale)  # uint32 (low, high) pairs (x64 off)
+
+
+def _case(rng, m, k, n, *, transpose_x2, scale_shape, kind):
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (n, k) if transpose_x2 else (k, n), dtype=np.int8)
+    scale = (rng.random(scale_shape) * 2e-4 + 1e-5).astype(np.float32)
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    out_dtype = oracle.BF16 if kind == "bf16" else np.dtype(np.float16)
+    x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    return x1, x2, scale, bias, x3, out_dtype
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["pairs", "int64", "bf16"])
+@pytest.mark.parametrize("scale_shape", [(1,), "n", "1n"], ids=["pertensor", "n", "1n"])
+@pytest.mark.parametrize("transpose_x2", [False, True])
+def test_single_device_bit_exact(impl, kind, scale_shape, transpose_x2):
+    rng = np.random.default_rng(0)
+    m, k, n = 24, 1500, 40  # k > 1024: the ffi kernel's int32 k-chunks are exercised
+    shape = {"n": (n,), "1n": (1, n)}.get(scale_shape, scale_shape)
+    x1, x2, scale, bias, x3, out_dtype = _case(
+        rng, m, k, n, transpose_x2=transpose_x2, scale_shape=shape, kind=kind
+    )
+    applied = _applied_scale(scale, kind)
+    for b, c in [(None, None), (bias, None), (bias, x3)]:
+        got = mc2.quant_matmul_all_reduce(
+            x1,
+            x2,
+            None,
+            dequant_scale=_make_scale(scale, kind),
+            bias=b,
+            x3=c,
+            transpose_x2=transpose_x2,
+            implementation=impl,
+        )
+        want = _oracle_rank(x1, x2, applied, b, c, transpose_x2=transpose_x2, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and got.shape == (m, n)
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+
+def test_packed_scales_with_x64():
+    rng = np.random.default_rng(1)
+    x1, x2, scale, bias, _, _ = _case(
+        rng, 8, 64, 16, transpose_x2=False, scale_shape=(16,), kind="pairs"
+    )
+    want = _oracle_rank(
+        x1, x2, _applied_scale(scale, "pairs"), bias, None, transpose_x2=False, out_dtype=np.float16
+    )
+    with jax.enable_x64(True):
+        packed = quant.trans_quant_param(scale)
+        assert packed.dtype == jnp.int64
+        for impl in IMPLEMENTATIONS:
+            got = mc2.quant_matmul_all_reduce(
+                x1, x2, None, dequant_scale=packed, bias=bias, implementation=impl
+            )
+            np.testing.assert_array_equal(np.asarray(got), want)
+            got = mc2.quant_matmul_all_reduce(
+                x1,
+                x2,
+                None,
+                dequant_scale=packed.astype(jnp.uint64),
+                bias=bias,
+                implementation=impl,
+            )
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["pairs", "bf16"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_sharded_values(impl, kind, world):
+    rng = np.random.default_rng(world)
+    k_local = 48
+    x1, x2, scale, bias, x3, out_dtype = _case(
+        rng, 16, k_local * world, 24, transpose_x2=False, scale_shape=(24,), kind=kind
+    )
+    x1 = x1.reshape(2, 8, -1)
+    x3 = x3.reshape(2, 8, -1)
+    mesh = make_mesh((world,), ("tp",))
+    f = jax.jit(
+        jax.shard_map(
+            lambda a, b, s, c, d: mc2.quant_matmul_all_reduce(
+                a, b, "tp", dequant_scale=s, bias=c, x3=d, implementation=impl
+            ),
+            mesh=mesh,
+            in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P()),
+            out_specs=P(),
+        )
+    )
+    got = f(x1, x2, _make_scale(scale, kind), bias, x3)
+    applied = _applied_scale(scale, kind)
+    want = sum(
+        _oracle_rank(
+            x1[..., r * k_local : (r + 1) * k_local],
+            x2[r * k_local : (r + 1) * k_local],
+            applied,
+            bias,
+            x3,
+            transpose_x2=False,
+            out_dtype=out_dtype,
+        ).astype(np.float64)
+        for r in range(world)
+    )
+    tol = oracle.tolerance(out_dtype, world, scale=np.abs(want).max() + 1)
+    np.testing.assert_allclose(np.asarray(got).astype(np.float64), want, atol=tol)
+    text = f.lower(x1, x2, _make_scale(scale, kind), bias, x3).as_text()
+    assert text.count("stablehlo.all_reduce") == 1
+    assert text.count("custom_call @mc2_int8_matmul_ffi") == (1 if impl == "ffi" else 0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_comm_turn_vmap_eval_shape_and_vma(impl):
+    rng = np.random.default_rng(3)
+    x1, x2, scale, bias, x3, _ = _case(
+        rng, 12, 64, 8, transpose_x2=False, scale_shape=(1,), kind="pairs"
+    )
+    packed = quant.trans_quant_param(scale)
+    mesh = make_mesh((2, 2), ("dp", "tp"))
+    seen = {}
+
+    def f(a, b, s, turn):
+        out = mc2.quant_matmul_all_reduce(
+            a, b, "tp", dequant_scale=s, comm_turn=turn, implementation=impl
+        )
+        seen["out"] = jax.typeof(out)
+        return out
+
+    outs = [
+        jax.jit(
+            jax.shard_map(
+                functools.partial(f, turn=t),
+                mesh=mesh,
+                in_specs=(P("dp", "tp"), P("tp", None), P()),
+                out_specs=P("dp"),
+            )
+        )(x1, x2, packed)
+        for t in (0, 3)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    assert str(seen["out"]) == "float16[6,8]{V:dp}"
+    # vmap over a leading batch of x1 folds into rows.
+    xs = np.stack([x1, x1[::-1]])
+    got = jax.vmap(
+        lambda a: mc2.quant_matmul_all_reduce(
+            a, x2, None, dequant_scale=packed, implementation=impl
+        )
+    )(xs)
+    one = mc2.quant_matmul_all_reduce(x1[::-1], x2, None, dequant_scale=packed, implementation=impl)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(one))
+    out = jax.eval_shape(
+        lambda a, b, s: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s),
+        jax.ShapeDtypeStruct((2, 128, 512), jnp.int8),
+        jax.ShapeDtypeStruct((512, 64), jnp.int8),
+        jax.ShapeDtypeStruct((64,), jnp.bfloat16),
+    )
+    assert out.shape == (2, 128, 64) and out.dtype == jnp.bfloat16
+
+
+def test_not_differentiable():
+    x3 = np.ones((2, 4), np.float16)
+    with pytest.raises(NotImplementedError, match="quant_matmul_all_reduce: not differentiable"):
+        jax.grad(
+            lambda c: jnp.sum(
+                mc2.quant_matmul_all_reduce(
+                    np.ones((2, 8), np.int8),
+                    np.ones((8, 4), np.int8),
+                    None,
+                    dequant_scale=jnp.ones((4,), jnp.bfloat16),
+                    x3=c.astype(jnp.bfloat16),
+                ).astype(jnp.float32)
+            )
+        )(x3.astype(np.float32))
+
+
+S = jax.ShapeDtypeStruct
+I8 = jnp.int8
+
+
+def _shape(x1, x2, scale, **kw):
+    arrays = {k: a for k, a in kw.items() if isinstance(a, S)}
+    static = {k: a for k, a in kw.items() if k not in arrays}
+    return jax.eval_shape(
+        lambda a, b, s, arr: mc2.quant_matmul_all_reduce(
+            a, b, None, dequant_scale=s, **arr, **static
+        ),
+        x1,
+        x2,
+        scale,
+        arrays,
+    )
+
+
+INVALID = [
+    (
+        S((4, 8), jnp.float16),
+        S((8, 4), I8),
+        S((4,), jnp.bfloat16),
+        {},
+        TypeError,
+        "quant_matmul_all_reduce: x1 dtype must be int8, got float16",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), jnp.int32),
+        S((4,), jnp.bfloat16),
+        {},
+        TypeError,
+        "x2 dtype must be int8, got int32",
+    ),
+    (
+        S((4, 8), I8),
+        S((6, 4), I8),
+        S((4,), jnp.bfloat16),
+        {},
+        TypeError,
+        r"x2 must be 2-D \(k, n\) with k == x1.shape\[-1\] == 8, got \(6, 4\)",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((4,), jnp.float32),
+        {},
+        TypeError,
+        "dequant_scale dtype must be int64/uint64 packed scales .* got float32",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((3,), jnp.bfloat16),
+        {},
+        TypeError,
+        r"dequant_scale must be pertensor \(1,\) or perchannel \(n,\) / \(1, n\) with n = 4, "
+        r"got \(3,\)",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((2, 4, 2), jnp.uint32),
+        {},
+        TypeError,
+        r"got \(2, 4\) \(uint32 pairs\)",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((4,), jnp.bfloat16),
+        {"bias": S((4,), jnp.float16)},
+        TypeError,
+        "bias dtype must be int32, got float16",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((4,), jnp.bfloat16),
+        {"bias": S((5,), jnp.int32)},
+        TypeError,
+        r"bias must be 1-D \(n,\) = \(4,\), got \(5,\)",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((4,), jnp.bfloat16),
+        {"x3": S((4, 4), jnp.float16)},
+        TypeError,
+        "x3 dtype must equal the output dtype bfloat16 .set by dequant_scale., got float16",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((1, 2), jnp.uint32),
+        {"x3": S((4, 5), jnp.float16)},
+        TypeError,
+        r"x3 must be the output shape = \(4, 4\), got \(4, 5\)",
+    ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        S((4,), jnp.bfloat16),
+        {"reduce_op": "max"},
+        ValueError,
+        "reduce_op must be 'sum'",
+    ),
+]
+
+
+@pytest.mark.parametrize("x1,x2,scale,kw,exc,msg", INVALID)
+def test_invalid(x1, x2, scale, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        _shape(x1, x2, scale, **kw)
+
+
+def test_chip_targets():
+    args = (S((4, 8), I8), S((8, 4), I8), S((4,), jnp.bfloat16))
+    with mc2.target("atlas-a2"):
+        assert _shape(*args).dtype == jnp.bfloat16
+        with pytest.raises(
+            NotImplementedError, match=r"x1.shape\[-1\] = 65536 exceeds 65535 on target 'atlas-a2'"
+        ):
+            _shape(S((2, 65536), I8), S((65536, 4), I8), S((4,), jnp.bfloat16))
+        with pytest.raises(
+            NotImplementedError, match=r"x2.shape\[-1\] = 70000 exceeds 65535 on target 'atlas-a2'"
+        ):
+            _shape(S((2, 8), I8), S((8, 70000), I8), S((1,), jnp.bfloat16))
+        with pytest.raises(NotImplementedError, match="x1 and x2 must not be empty"):
+            _shape(S((0, 8), I8), S((8, 4), I8), S((4,), jnp.bfloat16))
+    # The generic target only applies the math: large k is fine.
+    assert _shape(S((2, 65536), I8), S((65536, 4), I8), S((4,), jnp.bfloat16)).shape == (2, 4)
+    for name in ("atlas-a3", "ascend-950"):
+        with (
+            mc2.target(name),
+            pytest.raises(
+                NotImplementedError,
+                match=f"quant_matmul_all_reduce: not available on target '{name}'",
+            ),
+        ):
+            _shape(*args)
