@@ -56,6 +56,21 @@ def norm_case(world, x1, x2, residual, dtype, **kw):
     return run
 
 
+def quant_case(world, x1, x2, scale_dtype, n):
+    def run():
+        mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
+        f = jax.shard_map(
+            lambda a, b, s: mc2.quant_matmul_all_reduce(a, b, "tp", dequant_scale=s),
+            mesh=mesh,
+            in_specs=(P(*(None,) * (len(x1) - 1), "tp"), P("tp", None), P()),
+            out_specs=P(),
+        )
+        scale = S((n, 2), jnp.uint32) if scale_dtype == "packed" else S((n,), scale_dtype)
+        return jax.eval_shape(f, S(x1, jnp.int8), S(x2, jnp.int8), scale)
+
+    return run
+
+
 CASES = [
     (
         "mm_all_reduce_base",
@@ -91,6 +106,16 @@ CASES = [
         "mm_all_reduce_base",
         "fp16 k mismatch: x1 (64,512) x2 (256,64), 1 rank",
         mm_case(1, (64, 512), (256, 64), jnp.float16),
+    ),
+    (
+        "quant_matmul_all_reduce",
+        "int8 (m,k)=(1024,4096) n=1024, packed scales, 8 ranks",
+        quant_case(8, (1024, 4096), (4096, 1024), "packed", 1024),
+    ),
+    (
+        "quant_matmul_all_reduce",
+        "int8 (m,k)=(64,131072) n=64, bf16 scales, 2 ranks",
+        quant_case(2, (64, 131072), (131072, 64), jnp.bfloat16, 64),
     ),
     (
         "matmul_all_reduce_add_rms_norm",
