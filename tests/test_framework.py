@@ -28,6 +28,9 @@ def test_every_lowered_target_is_registered():
         jax.jit(lambda a, b, c, d: mc2.matmul_all_reduce_add_rms_norm(a, b, c, d, None))
         .lower(x1, x2, r, g)
         .as_text(),
+        jax.jit(lambda a, b, s: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s))
+        .lower(np.ones((4, 8), np.int8), np.ones((8, 4), np.int8), jnp.ones(4, jnp.bfloat16))
+        .as_text(),
     ]
     used = set()
     for t in texts:
