@@ -46,22 +46,26 @@ def all_reduce(x, axis_name: tuple[str, ...]):
     return lax.psum(x, axis_name) if axis_name else x
 
 
-def chunked_matmul_all_reduce(local_fn, x1, x3, *, axis_name, comm_turn):
-    """Splits the rows of x1 (and x3) into ``comm_turn`` chunks, each with its
-    own matmul and all-reduce so XLA can overlap one chunk's communication
-    with the next chunk's compute. ``local_fn(x1_chunk, x3_chunk)`` computes
-    one chunk's per-rank result."""
+def chunked_matmul_all_reduce(local_fn, x1, *row_operands, axis_name, comm_turn):
+    """Splits the rows of x1 into ``comm_turn`` chunks, each with its own
+    matmul and all-reduce so XLA can overlap one chunk's communication with
+    the next chunk's compute. ``row_operands`` (x3 ``[..., n]``, pertoken
+    scales ``[m]``, or None) are split with the rows; ``local_fn(x1_chunk,
+    *row_operand_chunks)`` computes one chunk's per-rank result."""
     lead = x1.shape[:-1]
     m = int(np.prod(lead))
     chunks = row_chunks(m, comm_turn)
     if len(chunks) == 1:
-        return all_reduce(local_fn(x1, x3), axis_name)
+        return all_reduce(local_fn(x1, *row_operands), axis_name)
     x1_2d = x1.reshape(m, x1.shape[-1])
-    x3_2d = None if x3 is None else x3.reshape(m, x3.shape[-1])
+    rows_2d = [None if a is None else a.reshape(m, -1) for a in row_operands]
     parts = []
     for start, stop in chunks:
-        x3_c = None if x3_2d is None else x3_2d[start:stop]
-        parts.append(all_reduce(local_fn(x1_2d[start:stop], x3_c), axis_name))
+        rows_c = [None if a is None else a[start:stop] for a in rows_2d]
+        rows_c = [
+            c if a is None or a.ndim > 1 else c.reshape(-1) for c, a in zip(rows_c, row_operands)
+        ]
+        parts.append(all_reduce(local_fn(x1_2d[start:stop], *rows_c), axis_name))
     out = jnp.concatenate(parts, axis=0)
     return out.reshape(*lead, out.shape[-1])
 

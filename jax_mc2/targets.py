@@ -39,7 +39,8 @@ class OperatorSupport:
     comm_turn_zero_only: CANN accepts only comm_turn=0.
     nonempty_matmul: x1 and x2 may not be empty tensors (m, n >= 1).
     source: where the rule comes from.
-    max_last_dim: the largest last dimension of x1 and of x2 (None: no limit).
+    max_last_dim: the largest last dimension of x1 and of x2 in the int8
+      quantized modes (None: no limit).
     """
 
     world_sizes: frozenset[int] | None = None
@@ -79,8 +80,14 @@ PROFILES: dict[str, TargetProfile] = {
         "Atlas A2 training / Atlas 800I A2 inference (HCCS full mesh)",
         (FLOAT16, BFLOAT16),
         {
+            # Full quantization: k <= 65535 and x2's last dimension <= 65535.
             "mm_all_reduce_base": OperatorSupport(
-                _A2_RANKS, _INT32_MAX, True, True, "npu_mm_all_reduce_base: 1, 2, 4, 8 cards"
+                _A2_RANKS,
+                _INT32_MAX,
+                True,
+                True,
+                "npu_mm_all_reduce_base: 1, 2, 4, 8 cards",
+                max_last_dim=65535,
             ),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(
                 _A2_RANKS,
@@ -115,7 +122,7 @@ PROFILES: dict[str, TargetProfile] = {
         (FLOAT16, BFLOAT16),
         {
             "mm_all_reduce_base": OperatorSupport(
-                _950_RANKS, _INT32_MAX, True, True, "Ascend 950: up to 64 ranks"
+                _950_RANKS, _INT32_MAX, True, True, "Ascend 950: up to 64 ranks", max_last_dim=65535
             ),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(
                 _950_RANKS, _INT32_MAX, True, False, "Ascend 950: up to 64 ranks"

@@ -203,7 +203,10 @@ def test_comm_turn_vmap_eval_shape_and_vma(impl):
 
 def test_not_differentiable():
     x3 = np.ones((2, 4), np.float16)
-    with pytest.raises(NotImplementedError, match="quant_matmul_all_reduce: not differentiable"):
+    with pytest.raises(
+        NotImplementedError,
+        match="quant_matmul_all_reduce: the int8 quantized mode is not differentiable",
+    ):
         jax.grad(
             lambda c: jnp.sum(
                 mc2.quant_matmul_all_reduce(
@@ -359,3 +362,163 @@ def test_chip_targets():
             ),
         ):
             _shape(*args)
+
+
+# --------------------------------------------------------------------------
+# mm_all_reduce_base, full quantization (seed 004 table 3)
+
+TABLE3 = [
+    # (dequant kind, pertoken, output dtype)
+    ("pairs", False, np.dtype(np.float16)),
+    ("bf16", False, oracle.BF16),
+    ("f32", True, np.dtype(np.float16)),
+    ("bf16", True, oracle.BF16),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind,with_pertoken,out_dtype", TABLE3)
+@pytest.mark.parametrize("x1_3d", [False, True])
+def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_3d):
+    rng = np.random.default_rng(7)
+    m, k, n = 12, 1100, 24
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    raw = (rng.random(n) * 2e-4 + 1e-5).astype(np.float32)
+    scale = raw if kind == "f32" else _make_scale(raw, kind)
+    applied = raw if kind == "f32" else _applied_scale(raw, kind)
+    token = (rng.random(m) * 2 + 0.5).astype(np.float32) if with_pertoken else None
+    bias = rng.integers(-5000, 5000, n).astype(np.int32)
+    x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    # The seed formula with pertoken: f32(acc + bias) * scale * pertoken.
+    acc = (x1.astype(np.int64) @ x2.astype(np.int64) + bias).astype(np.float32) * applied
+    if with_pertoken:
+        acc = acc * token[:, None]
+    want = (acc.astype(out_dtype).astype(np.float32) + x3.astype(np.float32)).astype(out_dtype)
+    shape = (2, m // 2) if x1_3d else (m,)
+    got = mc2.mm_all_reduce_base(
+        x1.reshape(*shape, k),
+        x2,
+        None,
+        dequant_scale=scale,
+        pertoken_scale=token,
+        bias=bias,
+        x3=x3.reshape(*shape, n),
+        implementation=impl,
+    )
+    assert got.dtype == out_dtype and got.shape == (*shape, n)
+    np.testing.assert_array_equal(
+        np.asarray(got).reshape(m, n).view(np.uint16), want.view(np.uint16)
+    )
+    # comm_turn splits the rows, and the pertoken scales with them.
+    mesh = make_mesh((2,), ("tp",))
+    f = jax.jit(
+        jax.shard_map(
+            lambda a, b, s, t, c, d: mc2.mm_all_reduce_base(
+                a,
+                b,
+                "tp",
+                dequant_scale=s,
+                pertoken_scale=t,
+                bias=c,
+                x3=d,
+                comm_turn=5,
+                implementation=impl,
+            ),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None), P(), P(), P(), P()),
+            out_specs=P(),
+        )
+    )
+    if with_pertoken:
+        got2 = f(x1, x2, scale, token, bias, x3)
+        want2 = sum(
+            (
+                (
+                    (
+                        x1[:, r * 550 : (r + 1) * 550].astype(np.int64)
+                        @ x2[r * 550 : (r + 1) * 550].astype(np.int64)
+                        + bias
+                    ).astype(np.float32)
+                    * applied
+                    * token[:, None]
+                )
+                .astype(out_dtype)
+                .astype(np.float32)
+                + x3.astype(np.float32)
+            )
+            .astype(out_dtype)
+            .astype(np.float64)
+            for r in range(2)
+        )
+        tol = oracle.tolerance(out_dtype, 2, scale=np.abs(want2).max() + 1)
+        np.testing.assert_allclose(np.asarray(got2).astype(np.float64), want2, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,msg",
+    [
+        (
+            {"dequant_scale": S((4,), jnp.float32)},
+            TypeError,
+            "a float32 scale needs pertoken_scale or quant.trans_quant_param",
+        ),
+        (
+            {"dequant_scale": S((4, 2), jnp.uint32), "pertoken_scale": S((6,), jnp.float32)},
+            TypeError,
+            "dequant_scale dtype must be float32 .float16 output. or bfloat16",
+        ),
+        (
+            {"dequant_scale": S((4,), jnp.bfloat16), "pertoken_scale": S((5,), jnp.float32)},
+            TypeError,
+            r"pertoken_scale must be 1-D \(m,\) \(b \* s for 3-D x1\) = \(6,\), got \(5,\)",
+        ),
+        (
+            {"dequant_scale": S((4,), jnp.bfloat16), "pertoken_scale": S((6,), jnp.float16)},
+            TypeError,
+            "pertoken_scale dtype must be float32, got float16",
+        ),
+        (
+            {"pertoken_scale": S((6,), jnp.float32)},
+            TypeError,
+            "pertoken_scale is only used with dequant_scale",
+        ),
+        ({}, TypeError, "int8 x1 is the full-quantization mode: pass dequant_scale"),
+        (
+            {"dequant_scale": S((4,), jnp.bfloat16), "comm_quant_scale_1": S((4,), jnp.bfloat16)},
+            NotImplementedError,
+            r"quantized modes \(comm_quant_scale_1\) are not implemented",
+        ),
+    ],
+)
+def test_mm_all_reduce_base_full_quant_invalid(kw, exc, msg):
+    arrays = {k: a for k, a in kw.items() if isinstance(a, S)}
+    with pytest.raises(exc, match=msg) as info:
+        jax.eval_shape(
+            lambda a, b, arr: mc2.mm_all_reduce_base(a, b, None, **arr),
+            S((6, 8), I8),
+            S((8, 4), I8),
+            arrays,
+        )
+    assert str(info.value).startswith("mm_all_reduce_base: ")
+
+
+def test_mm_all_reduce_base_full_quant_chip_rules():
+    args = (S((2, 70000), I8), S((70000, 4), I8), S((4,), jnp.bfloat16))
+    f = lambda a, b, s: mc2.mm_all_reduce_base(a, b, None, dequant_scale=s)  # noqa: E731
+    assert jax.eval_shape(f, *args).shape == (2, 4)
+    with (
+        mc2.target("atlas-a2"),
+        pytest.raises(
+            NotImplementedError, match=r"mm_all_reduce_base: x1.shape\[-1\] = 70000 exceeds 65535"
+        ),
+    ):
+        jax.eval_shape(f, *args)
+    # The non-quantized mode has no such limit.
+    with mc2.target("atlas-a2"):
+        out = jax.eval_shape(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, None),
+            S((2, 70000), jnp.float16),
+            S((70000, 4), jnp.float16),
+        )
+        assert out.shape == (2, 4)

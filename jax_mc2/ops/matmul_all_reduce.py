@@ -18,11 +18,9 @@ from jax_mc2.ops._lowering import implementation_lowering
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
 
-_QUANT_KWARGS = (
+_NOT_IMPLEMENTED_KWARGS = (
     "antiquant_scale",
     "antiquant_offset",
-    "dequant_scale",
-    "pertoken_scale",
     "comm_quant_scale_1",
     "comm_quant_scale_2",
 )
@@ -264,6 +262,9 @@ def mm_all_reduce_base(
 ):
     """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
 
+    The weight-only (antiquant_*) and low-bit communication (comm_quant_*)
+    modes raise NotImplementedError in this version.
+
     Args:
       x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
       x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype.
@@ -271,6 +272,12 @@ def mm_all_reduce_base(
         ``shard_map``; None for a group of one (no communication).
       bias: [n], added on every rank before the reduction.
       x3: the output shape, added on every rank before the reduction.
+      dequant_scale: full quantization (int8 x1 and x2, int32 bias):
+        ``allReduce(dequant_scale * (x1 @ x2 + bias) (* pertoken_scale) + x3)``
+        with packed int64/uint64 words (or uint32 pairs; float16 output),
+        bfloat16 (bfloat16 output) or, with pertoken_scale, float32 (float16
+        output); shape (1,), (n,) or (1, n).
+      pertoken_scale: float32 [m] ([b * s] for 3-D x1), with dequant_scale.
       comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
         own matmul and all-reduce (same result; CANN accepts only 0).
       implementation: "xla", "ffi", "ascend" or None (platform default).
@@ -279,27 +286,44 @@ def mm_all_reduce_base(
       [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
     """
     check_reduce_op(OP, reduce_op)
-    quant_args = dict(
+    not_implemented = dict(
         zip(
-            _QUANT_KWARGS,
-            (
-                antiquant_scale,
-                antiquant_offset,
-                dequant_scale,
-                pertoken_scale,
-                comm_quant_scale_1,
-                comm_quant_scale_2,
-            ),
+            _NOT_IMPLEMENTED_KWARGS,
+            (antiquant_scale, antiquant_offset, comm_quant_scale_1, comm_quant_scale_2),
         )
     )
-    given = [name for name, value in quant_args.items() if value is not None]
+    given = [name for name, value in not_implemented.items() if value is not None]
     if antiquant_group_size != 0:
         given.append("antiquant_group_size")
     if given:
         raise v.unsupported(
             OP,
             f"quantized modes ({', '.join(given)}) are not implemented in this version of "
-            "jax_mc2; only the non-quantized mode (fp16/bf16 x1 and x2) is",
+            "jax_mc2; the non-quantized mode and full quantization (int8 x1 and x2 with "
+            "dequant_scale and optional pertoken_scale) are",
+        )
+    if dequant_scale is not None:
+        from jax_mc2.ops.quant_matmul_all_reduce import bind_int8_matmul_all_reduce
+
+        return bind_int8_matmul_all_reduce(
+            OP,
+            x1,
+            x2,
+            axis_name,
+            dequant_scale=dequant_scale,
+            pertoken_scale=pertoken_scale,
+            bias=bias,
+            x3=x3,
+            reduce_op=reduce_op,
+            comm_turn=comm_turn,
+            transpose_x2=transpose_x2,
+            implementation=implementation,
+        )
+    if pertoken_scale is not None:
+        raise v.type_error(OP, "pertoken_scale is only used with dequant_scale (full quantization)")
+    if np.dtype(getattr(x1, "dtype", np.float32)) == np.dtype(np.int8):
+        raise v.type_error(
+            OP, "int8 x1 is the full-quantization mode: pass dequant_scale (and int8 x2)"
         )
     axes = v.canonical_axis_name(OP, axis_name)
     impl = _implementation.requested(OP, implementation)

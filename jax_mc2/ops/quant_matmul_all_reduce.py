@@ -1,13 +1,17 @@
-"""Quantized matmul + all-reduce (seed 000, aclnnQuantMatmulAllReduce).
+"""int8 x int8 matmul + dequant + all-reduce: aclnnQuantMatmulAllReduce
+(seed 000) and the full-quantization mode of npu_mm_all_reduce_base (seed 004,
+table 3), which share one primitive.
 
-    out = allReduce(dequantScale * (x1_int8 @ x2_int8 + bias_int32) + x3)
+    out = allReduce(dequantScale * (x1_int8 @ x2_int8 + bias_int32) (* pertokenScale) + x3)
 
 The int8 products accumulate exactly in int32 and the int32 bias is added
-before any scale. ``dequant_scale`` is either packed 64-bit words (see
-``jax_mc2.quant.trans_quant_param``; float16 output) or bfloat16 (bfloat16
-output), pertensor ``(1,)`` or perchannel ``(n,)`` / ``(1, n)``. Each rank
-rounds the dequantized result to the output dtype, adds x3 (a second
-rounding), and the all-reduce runs in the output dtype.
+before any scale. ``dequant_scale`` is packed 64-bit words (see
+``jax_mc2.quant.trans_quant_param``; float16 output), bfloat16 (bfloat16
+output) or, with a float32 ``pertoken_scale`` (mm_all_reduce_base only),
+float32 (float16 output) or bfloat16 (bfloat16 output); pertensor ``(1,)`` or
+perchannel ``(n,)`` / ``(1, n)``. Each rank rounds the dequantized result to
+the output dtype, adds x3 (a second rounding), and the all-reduce runs in the
+output dtype.
 """
 
 from __future__ import annotations
@@ -32,25 +36,39 @@ _F32 = jnp.float32
 _PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
 
 
-def scale_layout(op, name, scale, n):
+def scale_layout(op, name, scale, n, *, pertoken=False):
     """Checks a dequant scale; returns ``(output dtype, packed pair form?)``.
 
     Packed words (int64/uint64, or uint32 ``[..., 2]`` (low, high) pairs when
-    x64 is off) give float16 output, bfloat16 scales bfloat16 output. The
-    logical shape is ``(1,)``, ``(n,)`` or ``(1, n)``.
+    x64 is off) give float16 output, bfloat16 scales bfloat16 output; with a
+    pertoken scale, float32 gives float16 output (packed words are refused).
+    The logical shape is ``(1,)``, ``(n,)`` or ``(1, n)``.
     """
     dtype = np.dtype(scale.dtype)
     pair = dtype == np.dtype(np.uint32) and scale.ndim >= 1 and scale.shape[-1] == 2
-    if dtype in _PACKED_WIDE or pair:
+    if (dtype in _PACKED_WIDE or pair) and not pertoken:
         out_dtype = np.dtype(np.float16)
     elif dtype == np.dtype(jnp.bfloat16):
         out_dtype = np.dtype(jnp.bfloat16)
+    elif dtype == np.dtype(np.float32) and pertoken:
+        out_dtype = np.dtype(np.float16)
+    elif pertoken:
+        raise v.type_error(
+            op,
+            f"{name} dtype must be float32 (float16 output) or bfloat16 (bfloat16 output) with "
+            f"pertoken_scale, got {dtype.name}{list(scale.shape)}",
+        )
     else:
         raise v.type_error(
             op,
             f"{name} dtype must be int64/uint64 packed scales (or uint32 (low, high) pairs "
             f"[..., 2]) for float16 output, or bfloat16 for bfloat16 output, got "
-            f"{dtype.name}{list(scale.shape)}",
+            f"{dtype.name}{list(scale.shape)}"
+            + (
+                "; a float32 scale needs pertoken_scale or quant.trans_quant_param"
+                if dtype == np.dtype(np.float32)
+                else ""
+            ),
         )
     shape = tuple(scale.shape[:-1]) if pair else tuple(scale.shape)
     if shape not in ((1,), (n,), (1, n)):
@@ -66,7 +84,7 @@ def decode_scale(scale):
     """float32 ``[1]`` or ``[n]`` scale the hardware applies: the fp19 field
     ``float32(low & 0xFFFFE000)`` of packed words, or ``float32(bf16)``."""
     dtype = np.dtype(scale.dtype)
-    if dtype == np.dtype(jnp.bfloat16):
+    if dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float32)):
         return scale.astype(_F32).reshape(-1)
     if dtype in _PACKED_WIDE:
         low = (scale.astype(jnp.uint64) & np.uint64(0xFFFFFFFF)).astype(jnp.uint32)
@@ -106,31 +124,48 @@ def check_int8_matmul(op, x1, x2, *, transpose_x2, bias=None):
 quant_mm_all_reduce_p = _compat.new_primitive("mc2_quant_mm_all_reduce")
 
 
-def _split(operands, has_bias, has_x3):
+def _split(operands, has_pertoken, has_bias, has_x3):
     x1, x2, scale, *rest = operands
+    pertoken = rest.pop(0) if has_pertoken else None
     bias = rest.pop(0) if has_bias else None
     x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, scale, bias, x3
+    return x1, x2, scale, pertoken, bias, x3
 
 
 def _abstract_eval(
-    *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn, implementation
+    *operands,
+    op,
+    transpose_x2,
+    has_pertoken,
+    has_bias,
+    has_x3,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
 ):
     del implementation
-    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
-    out_shape = check_int8_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias)
-    out_dtype, _ = scale_layout(OP, "dequant_scale", scale, out_shape[-1])
+    x1, x2, scale, pertoken, bias, x3 = _split(operands, has_pertoken, has_bias, has_x3)
+    out_shape = check_int8_matmul(op, x1, x2, transpose_x2=transpose_x2, bias=bias)
+    out_dtype, _ = scale_layout(op, "dequant_scale", scale, out_shape[-1], pertoken=has_pertoken)
+    if pertoken is not None:
+        m = int(np.prod(x1.shape[:-1]))
+        v.check_shape(op, "pertoken_scale", pertoken, (m,), "1-D (m,) (b * s for 3-D x1)")
+        if np.dtype(pertoken.dtype) != np.dtype(np.float32):
+            raise v.type_error(
+                op, f"pertoken_scale dtype must be float32, got {v.dtype_name(pertoken.dtype)}"
+            )
     if x3 is not None:
-        v.check_shape(OP, "x3", x3, out_shape, "the output shape")
+        v.check_shape(op, "x3", x3, out_shape, "the output shape")
         if np.dtype(x3.dtype) != out_dtype:
             raise v.type_error(
-                OP,
+                op,
                 f"x3 dtype must equal the output dtype {out_dtype.name} (set by dequant_scale), "
                 f"got {v.dtype_name(x3.dtype)}",
             )
-    check_comm_turn(OP, comm_turn)
+    check_comm_turn(op, comm_turn)
     check_chip_limits(
-        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+        op, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
     )
     out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
     return out, _compat.named_axis_effects(axis_name)
@@ -143,64 +178,83 @@ def _out_dtype(scale):
     return jnp.bfloat16 if np.dtype(scale.dtype) == np.dtype(jnp.bfloat16) else jnp.float16
 
 
-def local_int8_matmul(x1, x2, scale_f32, bias, x3, *, transpose_x2, out_dtype):
-    """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics)."""
+def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype):
+    """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics):
+    ``f32(acc + bias) * scale * pertoken`` left to right in float32."""
     dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
     acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
     if bias is not None:
         acc = acc + bias
-    y = (acc.astype(_F32) * scale_f32).astype(out_dtype)
+    y = acc.astype(_F32) * scale_f32
+    if pertoken is not None:
+        y = y * pertoken.reshape(*x1.shape[:-1], 1)
+    y = y.astype(out_dtype)
     if x3 is not None:
         y = (y.astype(_F32) + x3.astype(_F32)).astype(out_dtype)
     return y
 
 
-def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
-    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
+def _composition(local_fn, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn):
+    """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
+    out_dtype)``, each all-reduced; x3 and the pertoken scales follow their rows."""
+    x1, x2, scale, pertoken, bias, x3 = _split(operands, has_pertoken, has_bias, has_x3)
     scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
-
-    def local(x1_c, x3_c):
-        return local_int8_matmul(
-            x1_c, x2, scale_f32, bias, x3_c, transpose_x2=transpose_x2, out_dtype=out_dtype
-        )
-
     return reference.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+        lambda a, c, token: local_fn(a, x2, scale_f32, token, bias, c, out_dtype),
+        x1,
+        x3,
+        pertoken,
+        axis_name=axis_name,
+        comm_turn=comm_turn,
     )
 
 
-def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
-    x1, x2, scale, bias, x3 = _split(operands, has_bias, has_x3)
-    scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
+def _xla_composition(
+    *operands, op, transpose_x2, has_pertoken, has_bias, has_x3, axis_name, comm_turn
+):
+    del op
 
-    def local(x1_c, x3_c):
+    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
+        return local_int8_matmul(
+            x1, x2, scale_f32, pertoken, bias, x3, transpose_x2=transpose_x2, out_dtype=out_dtype
+        )
+
+    return _composition(local, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn)
+
+
+def _ffi_composition(
+    *operands, op, transpose_x2, has_pertoken, has_bias, has_x3, axis_name, comm_turn, parallelism
+):
+    del op
+
+    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
         return _ffi.int8_matmul(
-            x1_c,
+            x1,
             x2,
             scale_f32,
-            None,
+            pertoken,
             bias,
-            x3_c,
+            x3,
             out_dtype=out_dtype,
             transpose_x2=transpose_x2,
             parallelism=parallelism,
         )
 
-    return reference.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
-    )
+    return _composition(local, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn)
 
 
 _compat.register_lowering(
     quant_mm_all_reduce_p,
-    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+    implementation_lowering(
+        lambda params: params["op"], _ffi_composition, _xla_composition, multiple_results=False
+    ),
 )
 
 
-def _jvp(primals, tangents, **params):
+def _jvp(primals, tangents, *, op, **params):
     raise NotImplementedError(
-        f"{OP}: not differentiable (int8 operands and packed scales); differentiate the "
-        "floating-point model and quantize after training"
+        f"{op}: the int8 quantized mode is not differentiable (int8 operands and packed "
+        "scales); differentiate the floating-point model and quantize after training"
     )
 
 
@@ -209,25 +263,28 @@ _compat.ad.primitive_jvps[quant_mm_all_reduce_p] = _jvp
 
 def _batch(args, dims, **params):
     not_mapped = _compat.NOT_MAPPED
-    x1, x2, scale, bias, x3 = _split(list(args), params["has_bias"], params["has_x3"])
-    d1, d2, ds, db, d3 = _split(list(dims), params["has_bias"], params["has_x3"])
+    flags = params["has_pertoken"], params["has_bias"], params["has_x3"]
+    x1, x2, scale, pertoken, bias, x3 = _split(list(args), *flags)
+    d1, d2, ds, dp, db, d3 = _split(list(dims), *flags)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
     if d2 is not_mapped and ds is not_mapped and db is not_mapped:
-        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
+        # Only row operands are batched: fold the batch into the rows.
+        x1, x3, pertoken = move_batch_to_front([x1, x3, pertoken], [d1, d3, dp], size)
         x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
         x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
-        ops = [x1f, x2, scale] + [a for a in (bias, x3f) if a is not None]
+        tf = None if pertoken is None else pertoken.reshape(-1)
+        ops = [x1f, x2, scale] + [a for a in (tf, bias, x3f) if a is not None]
         out = quant_mm_all_reduce_p.bind(*ops, **params)
         return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
     out = map_over_batch(
         lambda *a: quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        [x1, x2, scale, bias, x3],
-        [d1, d2, ds, db, d3],
+        [x1, x2, scale, pertoken, bias, x3],
+        [d1, d2, ds, dp, db, d3],
     )
     return out, 0
 
 
-_compat.register_batching_rule(quant_mm_all_reduce_p, lambda params: OP, _batch)
+_compat.register_batching_rule(quant_mm_all_reduce_p, lambda params: params["op"], _batch)
 
 
 def quant_matmul_all_reduce(
@@ -259,10 +316,42 @@ def quant_matmul_all_reduce(
     Returns:
       [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
     """
-    check_reduce_op(OP, reduce_op)
-    axes = v.canonical_axis_name(OP, axis_name)
-    impl = _implementation.requested(OP, implementation)
-    comm_turn = check_comm_turn(OP, comm_turn)
+    return bind_int8_matmul_all_reduce(
+        OP,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=dequant_scale,
+        pertoken_scale=None,
+        bias=bias,
+        x3=x3,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+
+
+def bind_int8_matmul_all_reduce(
+    op,
+    x1,
+    x2,
+    axis_name,
+    *,
+    dequant_scale,
+    pertoken_scale,
+    bias,
+    x3,
+    reduce_op,
+    comm_turn,
+    transpose_x2,
+    implementation,
+):
+    """Canonicalizes the arguments and binds the int8 primitive for ``op``."""
+    check_reduce_op(op, reduce_op)
+    axes = v.canonical_axis_name(op, axis_name)
+    impl = _implementation.requested(op, implementation)
+    comm_turn = check_comm_turn(op, comm_turn)
     world_size = world_size_of(axes)
     scale = dequant_scale if isinstance(dequant_scale, np.ndarray) else jnp.asarray(dequant_scale)
     if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
@@ -271,10 +360,12 @@ def quant_matmul_all_reduce(
         low, high = packed_scale_words(scale)
         scale = jnp.stack([low, high], axis=-1)  # NumPy words survive with x64 off
     operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
-    operands += [jnp.asarray(a) for a in (bias, x3) if a is not None]
+    operands += [jnp.asarray(a) for a in (pertoken_scale, bias, x3) if a is not None]
     return quant_mm_all_reduce_p.bind(
         *operands,
+        op=op,
         transpose_x2=bool(transpose_x2),
+        has_pertoken=pertoken_scale is not None,
         has_bias=bias is not None,
         has_x3=x3 is not None,
         axis_name=axes,
