@@ -1,8 +1,14 @@
 // mc2_matmul_ffi: the local (per-rank) part of matmul + all-reduce,
-//   out[m, n] = round(x1[m, k] @ x2 (+ bias[n]) (+ x3[m, n]))
+//   out[m, n] = round(x1[m, k] @ w (+ bias[n]) (+ x3[m, n]))
 // computed in fp32 with one rounding to the output dtype. x2 is (k, n), or
 // (n, k) when transpose_x2. The all-reduce itself is XLA's collective, run
 // on `out` after this call.
+//
+// w is x2 itself (x1's dtype), or, with `antiquant`, the int8 x2 dequantized
+// to x1's dtype: w = (x2 + offset) * scale, per tensor, per channel (n) or
+// per group of `group_size` rows of k, with the Ascend weight-quant
+// arithmetic: float16 in fp16 steps (each add and multiply rounded to fp16),
+// bfloat16 in fp32 then rounded once to bf16, float32 in fp32.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -23,12 +29,54 @@ constexpr char kOp[] = "mc2_matmul_ffi";
 // shapes of a sharded matmul.
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
+struct Antiquant {
+  const void* scale = nullptr;
+  const void* offset = nullptr;  // optional
+  int64_t scale_rows = 1;        // 1, or ceil(k / group_size) per group
+  int64_t scale_cols = 1;        // 1 (pertensor) or n
+  int64_t group_size = 0;
+};
+
+// Dequantizes the int8 x2 (as stored: (k, n), or (n, k) transposed) into
+// fp32 values of w, already rounded to `dtype`.
+void DequantizeWeights(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t n,
+                       bool transpose_x2, const Antiquant& aq, float* w) {
+  std::vector<float> scale(aq.scale_rows * aq.scale_cols), offset(aq.offset ? scale.size() : 0);
+  LoadAsFloat(dtype, aq.scale, 0, scale.size(), scale.data());
+  if (aq.offset) LoadAsFloat(dtype, aq.offset, 0, offset.size(), offset.data());
+  const int64_t rows = transpose_x2 ? n : k, cols = transpose_x2 ? k : n;
+  std::vector<float> row(cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t kk = transpose_x2 ? c : r, j = transpose_x2 ? r : c;
+      const int64_t group = aq.group_size > 0 ? kk / aq.group_size : 0;
+      const int64_t idx =
+          (aq.scale_rows > 1 ? group * aq.scale_cols : 0) + (aq.scale_cols > 1 ? j : 0);
+      float v = static_cast<float>(x2[r * cols + c]);
+      if (dtype == ffi::DataType::F16) {
+        // fp16 arithmetic: each step rounded to fp16.
+        if (aq.offset) v = Fp16ToFloat(FloatToFp16(v + offset[idx]));
+        v = Fp16ToFloat(FloatToFp16(v * scale[idx]));
+      } else {
+        if (aq.offset) v += offset[idx];
+        v *= scale[idx];
+      }
+      row[c] = v;
+    }
+    RoundInPlace(dtype, row.data(), cols);  // bf16: one rounding of the fp32 result
+    std::copy(row.begin(), row.end(), w + r * cols);
+  }
+}
+
 ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
                          ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
-                         bool has_x3, int64_t parallelism) {
+                         bool has_x3, bool antiquant, bool has_offset, int64_t group_size,
+                         int64_t parallelism) {
   const ffi::DataType dtype = x1.element_type();
-  if (!IsFloatType(dtype) || x2.element_type() != dtype || out->element_type() != dtype) {
-    return InvalidArgument(kOp, "x1, x2 and out must share one float dtype");
+  const ffi::DataType w_type = antiquant ? ffi::DataType::S8 : dtype;
+  if (!IsFloatType(dtype) || x2.element_type() != w_type || out->element_type() != dtype) {
+    return InvalidArgument(kOp, antiquant ? "x1 and out must share one float dtype, x2 int8"
+                                          : "x1, x2 and out must share one float dtype");
   }
   auto x1_dims = x1.dimensions();
   auto x2_dims = x2.dimensions();
@@ -47,13 +95,41 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
                                     ", x2 " + DimsToString(x2_dims) + ", out " +
                                     DimsToString(out_dims));
   }
-  if (extra.size() != static_cast<size_t>(has_bias) + static_cast<size_t>(has_x3)) {
-    return InvalidArgument(kOp, "expected " + std::to_string(int{has_bias} + int{has_x3}) +
+  const size_t expected =
+      (antiquant ? 1 + size_t{has_offset} : 0) + size_t{has_bias} + size_t{has_x3};
+  if (extra.size() != expected) {
+    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
                                     " optional operands, got " + std::to_string(extra.size()));
+  }
+  size_t next = 0;
+  Antiquant aq;
+  if (antiquant) {
+    auto scale = extra.get<ffi::AnyBuffer>(next++);
+    if (scale.has_error()) return scale.error();
+    auto s_dims = scale->dimensions();
+    const int64_t count = static_cast<int64_t>(scale->element_count());
+    aq.group_size = group_size;
+    aq.scale_rows = group_size > 0 ? (k + group_size - 1) / group_size : 1;
+    aq.scale_cols = (count == 1 && group_size == 0) ? 1 : n;
+    if (scale->element_type() != dtype || count != aq.scale_rows * aq.scale_cols) {
+      return InvalidArgument(kOp, "antiquant scale must have x1's dtype and " +
+                                      std::to_string(aq.scale_rows * aq.scale_cols) +
+                                      " elements, got " + DimsToString(s_dims));
+    }
+    aq.scale = scale->untyped_data();
+    if (has_offset) {
+      auto offset = extra.get<ffi::AnyBuffer>(next++);
+      if (offset.has_error()) return offset.error();
+      if (offset->element_type() != dtype ||
+          static_cast<int64_t>(offset->element_count()) != count) {
+        return InvalidArgument(kOp, "antiquant offset must match the scale, got " +
+                                        DimsToString(offset->dimensions()));
+      }
+      aq.offset = offset->untyped_data();
+    }
   }
   const void* bias_data = nullptr;
   const void* x3_data = nullptr;
-  size_t next = 0;
   if (has_bias) {
     auto bias = extra.get<ffi::AnyBuffer>(next++);
     if (bias.has_error()) return bias.error();
@@ -82,9 +158,14 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
   if (has_bias) LoadAsFloat(dtype, bias_data, 0, n, bias_f.data());
 
   SetBlasThreads(BlasThreads(parallelism));
-  // x2 is read whole by every row block: convert it once.
-  std::unique_ptr<float[]> x2_f(new float[static_cast<size_t>(k) * n]);
-  LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, x2_f.get());
+  // The weights are read whole by every row block: convert them once.
+  std::unique_ptr<float[]> w(new float[static_cast<size_t>(k) * n]);
+  if (antiquant) {
+    DequantizeWeights(dtype, static_cast<const int8_t*>(x2.untyped_data()), k, n, transpose_x2, aq,
+                      w.get());
+  } else {
+    LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, w.get());
+  }
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, k)));
   // Uninitialized: every element is written before it is read.
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * k]);
@@ -93,7 +174,7 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.get());
-    Sgemm(false, transpose_x2, r, n, k, a.get(), k, x2_f.get(), transpose_x2 ? k : n, c.get(), n);
+    Sgemm(false, transpose_x2, r, n, k, a.get(), k, w.get(), transpose_x2 ? k : n, c.get(), n);
     if (!has_bias && !has_x3) {
       StoreFromFloat(dtype, c.get(), r * n, out_data, r0 * n);
       continue;
@@ -121,11 +202,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2MatmulHandler, Mc2MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()  // x1
                                   .Arg<ffi::AnyBuffer>()  // x2
-                                  .RemainingArgs()        // bias?, x3?
+                                  .RemainingArgs()        // [scale, offset?], bias?, x3?
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<bool>("transpose_x2")
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("has_x3")
+                                  .Attr<bool>("antiquant")
+                                  .Attr<bool>("has_offset")
+                                  .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

@@ -40,20 +40,37 @@ for _name, _capsule in REGISTERED.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 
 
-def matmul(x1, x2, bias=None, x3=None, *, transpose_x2: bool, parallelism: int):
-    """``round(x1 @ x2 + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``).
+def matmul(
+    x1,
+    x2,
+    bias=None,
+    x3=None,
+    *,
+    transpose_x2: bool,
+    parallelism: int,
+    antiquant_scale=None,
+    antiquant_offset=None,
+    group_size: int = 0,
+):
+    """``round(x1 @ w + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``).
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
-    x3: the output shape.
+    x3: the output shape. w is x2, or with ``antiquant_scale`` the int8 x2
+    dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
+    offset [1], [n] or [ceil(k / group_size), n]).
     """
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), x1.dtype)
-    operands = [x1, x2] + [a for a in (bias, x3) if a is not None]
+    operands = [x1, x2]
+    operands += [a for a in (antiquant_scale, antiquant_offset, bias, x3) if a is not None]
     return jax.ffi.ffi_call(MATMUL, out)(
         *operands,
         transpose_x2=bool(transpose_x2),
         has_bias=bias is not None,
         has_x3=x3 is not None,
+        antiquant=antiquant_scale is not None,
+        has_offset=antiquant_offset is not None,
+        group_size=np.int64(group_size),
         parallelism=np.int64(parallelism),
     )
 

@@ -100,6 +100,9 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
         transpose_x2=transpose_x2,
         has_bias=has_bias,
         has_x3=has_x3,
+        antiquant=False,
+        has_offset=False,
+        group_size=np.int64(0),
         parallelism=np.int64(1),
     )
 

@@ -148,16 +148,16 @@ MM_INVALID = [
     (
         S((4, 8)),
         S((8, 4)),
-        {"antiquant_scale": S((4,))},
+        {"comm_quant_scale_1": S((4,))},
         NotImplementedError,
-        r"quantized modes \(antiquant_scale\) are not implemented",
+        r"quantized modes \(comm_quant_scale_1\) are not implemented",
     ),
     (
         S((4, 8)),
         S((8, 4)),
         {"antiquant_group_size": 32},
-        NotImplementedError,
-        r"quantized modes \(antiquant_group_size\)",
+        ValueError,
+        r"antiquant_offset and antiquant_group_size need antiquant_scale",
     ),
 ]
 

@@ -18,13 +18,6 @@ from jax_mc2.ops._lowering import implementation_lowering
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
 
-_NOT_IMPLEMENTED_KWARGS = (
-    "antiquant_scale",
-    "antiquant_offset",
-    "comm_quant_scale_1",
-    "comm_quant_scale_2",
-)
-
 
 # --------------------------------------------------------------------------
 # Validation shared by the matmul + all-reduce family
@@ -262,8 +255,10 @@ def mm_all_reduce_base(
 ):
     """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
 
-    The weight-only (antiquant_*) and low-bit communication (comm_quant_*)
-    modes raise NotImplementedError in this version.
+    Modes: non-quantized (float x1 and x2); weight-only quantization (int8 x2
+    with antiquant_scale); full quantization (int8 x1 and x2 with
+    dequant_scale). Low-bit communication (comm_quant_scale_*) raises
+    NotImplementedError in this version.
 
     Args:
       x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
@@ -272,6 +267,11 @@ def mm_all_reduce_base(
         ``shard_map``; None for a group of one (no communication).
       bias: [n], added on every rank before the reduction.
       x3: the output shape, added on every rank before the reduction.
+      antiquant_scale: weight-only quantization, int8 x2 dequantized as
+        ``(x2 + antiquant_offset) * antiquant_scale`` in x1's dtype; pertensor
+        (1,), perchannel (n,) / (1, n), or pergroup (ceil(k / G), n) with
+        ``antiquant_group_size`` G (a multiple of 32 in [32, k - 1]).
+      antiquant_offset: antiquant_scale's shape and dtype (optional).
       dequant_scale: full quantization (int8 x1 and x2, int32 bias):
         ``allReduce(dequant_scale * (x1 @ x2 + bias) (* pertoken_scale) + x3)``
         with packed int64/uint64 words (or uint32 pairs; float16 output),
@@ -286,21 +286,48 @@ def mm_all_reduce_base(
       [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
     """
     check_reduce_op(OP, reduce_op)
-    not_implemented = dict(
-        zip(
-            _NOT_IMPLEMENTED_KWARGS,
-            (antiquant_scale, antiquant_offset, comm_quant_scale_1, comm_quant_scale_2),
+    given = [
+        name
+        for name, value in (
+            ("comm_quant_scale_1", comm_quant_scale_1),
+            ("comm_quant_scale_2", comm_quant_scale_2),
         )
-    )
-    given = [name for name, value in not_implemented.items() if value is not None]
-    if antiquant_group_size != 0:
-        given.append("antiquant_group_size")
+        if value is not None
+    ]
     if given:
         raise v.unsupported(
             OP,
             f"quantized modes ({', '.join(given)}) are not implemented in this version of "
-            "jax_mc2; the non-quantized mode and full quantization (int8 x1 and x2 with "
-            "dequant_scale and optional pertoken_scale) are",
+            "jax_mc2; the non-quantized mode, weight-only quantization (antiquant_scale) and "
+            "full quantization (int8 x1 and x2 with dequant_scale) are",
+        )
+    if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
+        raise v.value_error(
+            OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
+        )
+    if antiquant_scale is not None:
+        if dequant_scale is not None or pertoken_scale is not None:
+            raise v.value_error(
+                OP,
+                "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
+                "quantization) are different modes; pass one of them",
+            )
+        from jax_mc2.ops.weight_quant_matmul_all_reduce import bind_weight_quant
+
+        axes = v.canonical_axis_name(OP, axis_name)
+        return bind_weight_quant(
+            x1,
+            x2,
+            scale=antiquant_scale,
+            offset=antiquant_offset,
+            bias=bias,
+            x3=x3,
+            group_size=v.check_int(OP, "antiquant_group_size", antiquant_group_size, minimum=0),
+            transpose_x2=transpose_x2,
+            axis_name=axes,
+            world_size=world_size_of(axes),
+            comm_turn=check_comm_turn(OP, comm_turn),
+            implementation=_implementation.requested(OP, implementation),
         )
     if dequant_scale is not None:
         from jax_mc2.ops.quant_matmul_all_reduce import bind_int8_matmul_all_reduce

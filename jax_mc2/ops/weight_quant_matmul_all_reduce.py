@@ -1,0 +1,259 @@
+"""Weight-only quantized matmul + all-reduce: the antiquant mode of
+npu_mm_all_reduce_base (seed 004 table 2, aclnnWeightQuantMatmulAllReduce).
+
+    out = allReduce(x1 @ ((x2_int8 + antiquant_offset) * antiquant_scale) + bias + x3)
+
+The int8 weights are dequantized to x1's dtype with the Ascend weight-quant
+arithmetic (ascend-semantics §8): for float16 in fp16 steps (the add and the
+multiply each rounded to fp16), for bfloat16 in fp32 and rounded once to
+bf16. The matmul then runs as the non-quantized one (fp32 accumulation,
++ bias + x3, one rounding) and the all-reduce is in x1's dtype.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mc2 import _compat, _ffi, reference, targets
+from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
+from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops.matmul_all_reduce import check_chip_limits, check_comm_turn
+
+OP = "mm_all_reduce_base"
+_F32 = jnp.float32
+
+
+def check_group_size(op, group_size, k):
+    """0 (no groups), or a multiple of 32 in [32, k - 1]."""
+    group_size = v.check_int(op, "antiquant_group_size", group_size, minimum=0)
+    if group_size and (group_size % 32 or not 32 <= group_size <= k - 1):
+        raise v.value_error(
+            op,
+            "antiquant_group_size must be 0 or a multiple of 32 in [32, k - 1] = "
+            f"[32, {k - 1}], got {group_size}",
+        )
+    return group_size
+
+
+def antiquant_scale_shape(scale_shape, n, k, group_size):
+    """The canonical (rows, cols) of a pertensor / perchannel / pergroup scale,
+    or None when the shape fits none of them."""
+    if group_size:
+        return (-(-k // group_size), n) if tuple(scale_shape) == (-(-k // group_size), n) else None
+    if tuple(scale_shape) == (1,):
+        return (1, 1)
+    if tuple(scale_shape) in ((n,), (1, n)):
+        return (1, n)
+    return None
+
+
+def dequantize_weights(x2, scale, offset, *, dtype, group_size, transpose_x2):
+    """The int8 x2 (stored (k, n), or (n, k) transposed) dequantized to
+    ``dtype`` with the kernel's arithmetic (lax ops: the ``xla`` numerics)."""
+    k = x2.shape[1] if transpose_x2 else x2.shape[0]
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    rows, cols = antiquant_scale_shape(scale.shape, n, k, group_size)
+
+    def expand(a):  # scale/offset broadcast to the (k, n) weight
+        a = a.reshape(rows, cols).astype(_F32)
+        if group_size:
+            a = jnp.repeat(a, group_size, axis=0)[:k]
+        return a.T if transpose_x2 else a
+
+    w = x2.astype(_F32)
+    if np.dtype(dtype) == np.dtype(np.float16):
+        if offset is not None:
+            w = (w + expand(offset)).astype(dtype).astype(_F32)
+        return (w * expand(scale)).astype(dtype)
+    if offset is not None:
+        w = w + expand(offset)
+    return (w * expand(scale)).astype(dtype)
+
+
+weight_quant_mm_all_reduce_p = _compat.new_primitive("mc2_weight_quant_mm_all_reduce")
+
+
+def _split(operands, has_offset, has_bias, has_x3):
+    x1, x2, scale, *rest = operands
+    offset = rest.pop(0) if has_offset else None
+    bias = rest.pop(0) if has_bias else None
+    x3 = rest.pop(0) if has_x3 else None
+    return x1, x2, scale, offset, bias, x3
+
+
+def _abstract_eval(
+    *operands,
+    transpose_x2,
+    has_offset,
+    has_bias,
+    has_x3,
+    group_size,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
+    del implementation
+    x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
+    targets.operator_support(OP)
+    v.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    targets.check_float_dtype(OP, "x1", x1)
+    if np.dtype(x2.dtype) != np.dtype(np.int8):
+        raise v.type_error(
+            OP, f"x2 dtype must be int8 with antiquant_scale, got {v.dtype_name(x2.dtype)}"
+        )
+    k = x1.shape[-1]
+    if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
+        layout = "(n, k)" if transpose_x2 else "(k, n)"
+        raise v.type_error(
+            OP,
+            f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}, got {v.shape_str(x2.shape)}",
+        )
+    if k == 0:
+        raise v.type_error(OP, f"k must be >= 1, got x1 {v.shape_str(x1.shape)}")
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    check_group_size(OP, group_size, k)
+    if antiquant_scale_shape(scale.shape, n, k, group_size) is None:
+        rule = (
+            f"pergroup (ceil(k / {group_size}), n) = ({-(-k // group_size)}, {n})"
+            if group_size
+            else f"pertensor (1,) or perchannel (n,) / (1, n) with n = {n}"
+        )
+        raise v.type_error(OP, f"antiquant_scale must be {rule}, got {v.shape_str(scale.shape)}")
+    v.check_same_dtype(OP, "antiquant_scale", scale, "x1", x1)
+    if offset is not None:
+        v.check_shape(OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape")
+        v.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
+    out_shape = (*x1.shape[:-1], n)
+    if bias is not None:
+        v.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
+        v.check_same_dtype(OP, "bias", bias, "x1", x1)
+    if x3 is not None:
+        v.check_shape(OP, "x3", x3, out_shape, "the output shape")
+        v.check_same_dtype(OP, "x3", x3, "x1", x1)
+    check_comm_turn(OP, comm_turn)
+    check_chip_limits(
+        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+    )
+    out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
+    return out, _compat.named_axis_effects(axis_name)
+
+
+weight_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+def _xla_composition(
+    *operands, transpose_x2, has_offset, has_bias, has_x3, group_size, axis_name, comm_turn
+):
+    x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
+    w = dequantize_weights(
+        x2, scale, offset, dtype=x1.dtype, group_size=group_size, transpose_x2=transpose_x2
+    )
+    return reference.matmul_all_reduce(
+        x1, w, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
+    )
+
+
+def _ffi_composition(
+    *operands,
+    transpose_x2,
+    has_offset,
+    has_bias,
+    has_x3,
+    group_size,
+    axis_name,
+    comm_turn,
+    parallelism,
+):
+    x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
+
+    def local(x1_c, x3_c):
+        return _ffi.matmul(
+            x1_c,
+            x2,
+            bias,
+            x3_c,
+            transpose_x2=transpose_x2,
+            parallelism=parallelism,
+            antiquant_scale=scale,
+            antiquant_offset=offset,
+            group_size=group_size,
+        )
+
+    return reference.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+    )
+
+
+_compat.register_lowering(
+    weight_quant_mm_all_reduce_p,
+    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+)
+
+
+def _jvp(primals, tangents, **params):
+    raise NotImplementedError(
+        f"{OP}: the weight-only quantized mode (antiquant_scale) is not differentiable; "
+        "differentiate the floating-point model and quantize the weights after training"
+    )
+
+
+_compat.ad.primitive_jvps[weight_quant_mm_all_reduce_p] = _jvp
+
+
+def _batch(args, dims, **params):
+    not_mapped = _compat.NOT_MAPPED
+    flags = params["has_offset"], params["has_bias"], params["has_x3"]
+    x1, x2, scale, offset, bias, x3 = _split(list(args), *flags)
+    d1, d2, ds, do, db, d3 = _split(list(dims), *flags)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
+    if all(d is not_mapped for d in (d2, ds, do, db)):
+        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
+        x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
+        x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
+        ops = [x1f, x2, scale] + [a for a in (offset, bias, x3f) if a is not None]
+        out = weight_quant_mm_all_reduce_p.bind(*ops, **params)
+        return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
+    out = map_over_batch(
+        lambda *a: weight_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
+        [x1, x2, scale, offset, bias, x3],
+        [d1, d2, ds, do, db, d3],
+    )
+    return out, 0
+
+
+_compat.register_batching_rule(weight_quant_mm_all_reduce_p, lambda params: OP, _batch)
+
+
+def bind_weight_quant(
+    x1,
+    x2,
+    *,
+    scale,
+    offset,
+    bias,
+    x3,
+    group_size,
+    transpose_x2,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
+    """Binds the weight-only quantized primitive (arguments already canonical)."""
+    operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
+    operands += [jnp.asarray(a) for a in (offset, bias, x3) if a is not None]
+    return weight_quant_mm_all_reduce_p.bind(
+        *operands,
+        transpose_x2=bool(transpose_x2),
+        has_offset=offset is not None,
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        group_size=int(group_size),
+        axis_name=axis_name,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=implementation,
+    )
