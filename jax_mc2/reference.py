@@ -9,6 +9,8 @@ dtype (as HCCL does).
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -46,17 +48,20 @@ def all_reduce(x, axis_name: tuple[str, ...]):
     return lax.psum(x, axis_name) if axis_name else x
 
 
-def chunked_matmul_all_reduce(local_fn, x1, *row_operands, axis_name, comm_turn):
+def chunked_matmul_all_reduce(local_fn, x1, *row_operands, axis_name, comm_turn, reduce=None):
     """Splits the rows of x1 into ``comm_turn`` chunks, each with its own
     matmul and all-reduce so XLA can overlap one chunk's communication with
     the next chunk's compute. ``row_operands`` (x3 ``[..., n]``, pertoken
     scales ``[m]``, or None) are split with the rows; ``local_fn(x1_chunk,
-    *row_operand_chunks)`` computes one chunk's per-rank result."""
+    *row_operand_chunks)`` computes one chunk's per-rank result, and
+    ``reduce`` (default: the all-reduce over ``axis_name``) combines it."""
+    if reduce is None:
+        reduce = functools.partial(all_reduce, axis_name=axis_name)
     lead = x1.shape[:-1]
     m = int(np.prod(lead))
     chunks = row_chunks(m, comm_turn)
     if len(chunks) == 1:
-        return all_reduce(local_fn(x1, *row_operands), axis_name)
+        return reduce(local_fn(x1, *row_operands))
     x1_2d = x1.reshape(m, x1.shape[-1])
     rows_2d = [None if a is None else a.reshape(m, -1) for a in row_operands]
     parts = []
@@ -65,7 +70,7 @@ def chunked_matmul_all_reduce(local_fn, x1, *row_operands, axis_name, comm_turn)
         rows_c = [
             c if a is None or a.ndim > 1 else c.reshape(-1) for c, a in zip(rows_c, row_operands)
         ]
-        parts.append(all_reduce(local_fn(x1_2d[start:stop], *rows_c), axis_name))
+        parts.append(reduce(local_fn(x1_2d[start:stop], *rows_c)))
     out = jnp.concatenate(parts, axis=0)
     return out.reshape(*lead, out.shape[-1])
 
@@ -107,3 +112,43 @@ def matmul_all_reduce_add_rms_norm(
         x1, x2, bias, None, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
     )
     return add_rms_norm(mm.reshape(residual.shape), residual, gamma, epsilon=epsilon)
+
+
+def _int8_sat_rne(x):
+    """float -> int8, round half to even, saturating to [-128, 127]."""
+    return jnp.clip(jnp.round(x), -128, 127).astype(jnp.int8)
+
+
+def comm_quantize(c, scale_1):
+    """Per column ``q = int8(fp16(f32(c) / f32(scale_1)))``: the quantization
+    before the int8 all-to-all of the low-bit communication (ascend-semantics
+    §5.1; the fp16 kernel's half division is a correctly rounded fp32
+    division rounded to fp16)."""
+    return _int8_sat_rne((c.astype(_F32) / scale_1.astype(_F32)).astype(jnp.float16))
+
+
+def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
+    """The low-bit communication chain of ascend-semantics §5.1 on int8 q [m, n]:
+
+    rows padded to a multiple of the R ranks and split into R chunks; an int8
+    all-to-all (rank j gets chunk j of every rank, in rank order); the chunks
+    summed in fp32 (exact); requantized with ``scale_1 / scale_2``; an int8
+    all-gather; dequantized with ``scale_2`` into ``out_dtype``. The bytes on
+    the wire are int8.
+    """
+    m, n = q.shape
+    ranks = int(lax.axis_size(axis_name)) if axis_name else 1
+    chunk = -(-m // ranks)
+    padded = jnp.pad(q, ((0, chunk * ranks - m), (0, 0))).reshape(ranks, chunk, n)
+    if axis_name:
+        padded = lax.all_to_all(padded, axis_name, 0, 0, tiled=False)
+    acc = jnp.sum(padded.astype(_F32), axis=0)
+    ratio = scale_1.astype(_F32) / scale_2.astype(_F32)
+    q2 = _int8_sat_rne((acc * ratio).astype(jnp.float16))
+    gathered = lax.all_gather(q2, axis_name) if axis_name else q2[None]
+    q2 = gathered.reshape(ranks * chunk, n)[:m]
+    if np.dtype(out_dtype) == np.dtype(np.float16):
+        y = q2.astype(jnp.float16).astype(_F32) * scale_2.astype(_F32)
+    else:
+        y = q2.astype(_F32) * scale_2.astype(_F32)
+    return y.astype(out_dtype)

@@ -222,6 +222,7 @@ def test_not_differentiable():
 
 S = jax.ShapeDtypeStruct
 I8 = jnp.int8
+F16 = jnp.float16
 
 
 def _shape(x1, x2, scale, **kw):
@@ -486,8 +487,41 @@ def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_
         ({}, TypeError, "int8 x1 is the full-quantization mode: pass dequant_scale"),
         (
             {"dequant_scale": S((4,), jnp.bfloat16), "comm_quant_scale_1": S((4,), jnp.bfloat16)},
-            NotImplementedError,
-            r"quantized modes \(comm_quant_scale_1\) are not implemented",
+            ValueError,
+            "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
+        ),
+        (
+            {"comm_quant_scale_1": S((4,), F16), "comm_quant_scale_2": S((4,), F16)},
+            ValueError,
+            "low-bit communication .comm_quant_scale_1/2. exists only in the full-quantization",
+        ),
+        (
+            {
+                "dequant_scale": S((4,), jnp.bfloat16),
+                "comm_quant_scale_1": S((4,), F16),
+                "comm_quant_scale_2": S((4,), F16),
+            },
+            TypeError,
+            "comm_quant_scale_1 dtype must equal the output dtype bfloat16, got float16",
+        ),
+        (
+            {
+                "dequant_scale": S((4,), jnp.bfloat16),
+                "comm_quant_scale_1": S((1, 4), jnp.bfloat16),
+                "comm_quant_scale_2": S((4,), jnp.bfloat16),
+            },
+            TypeError,
+            r"comm_quant_scale_1 and comm_quant_scale_2 must have one shape, got \(1, 4\) and "
+            r"\(4,\)",
+        ),
+        (
+            {
+                "dequant_scale": S((4,), jnp.bfloat16),
+                "comm_quant_scale_1": S((3,), jnp.bfloat16),
+                "comm_quant_scale_2": S((3,), jnp.bfloat16),
+            },
+            TypeError,
+            r"comm_quant_scale_1 must be \(n,\) or \(1, n\) with n = 4, got \(3,\)",
         ),
     ],
 )
@@ -522,3 +556,127 @@ def test_mm_all_reduce_base_full_quant_chip_rules():
             S((70000, 4), jnp.float16),
         )
         assert out.shape == (2, 4)
+
+
+# --------------------------------------------------------------------------
+# Low-bit communication (comm_quant_scale_1/2), ascend-semantics §5.1
+
+
+def _sat_rne_int8(x):
+    return np.clip(np.rint(x), -128, 127).astype(np.int8)
+
+
+def _oracle_comm_chain(c_ranks, s1, s2, out_dtype):
+    """Simulates every rank: quantize per column to int8 (through fp16), pad
+    rows to a multiple of R, rank j sums chunk j of every rank in fp32,
+    requantizes with s1 / s2, all-gather, dequantize with s2."""
+    ranks = len(c_ranks)
+    m, n = c_ranks[0].shape
+    s1f, s2f = s1.astype(np.float32).reshape(-1), s2.astype(np.float32).reshape(-1)
+    q = [_sat_rne_int8((c.astype(np.float32) / s1f).astype(np.float16)) for c in c_ranks]
+    chunk = -(-m // ranks)
+    q = [np.concatenate([a, np.zeros((chunk * ranks - m, n), np.int8)]) for a in q]
+    reduced = []
+    for j in range(ranks):
+        acc = np.zeros((chunk, n), np.float32)
+        for i in range(ranks):
+            acc += q[i][j * chunk : (j + 1) * chunk].astype(np.float32)
+        ratio = s1f / s2f
+        reduced.append(_sat_rne_int8((acc * ratio).astype(np.float16)))
+    q2 = np.concatenate(reduced)[:m]
+    if np.dtype(out_dtype) == np.float16:
+        return (q2.astype(np.float16).astype(np.float32) * s2f).astype(np.float16)
+    return (q2.astype(np.float32) * s2f).astype(out_dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["pairs", "bf16"])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_comm_quant_chain(impl, kind, world):
+    rng = np.random.default_rng(world + 10)
+    m, k_local, n = 13, 64, 16  # 13 rows: padded to a multiple of the rank count
+    k = k_local * world
+    out_dtype = oracle.BF16 if kind == "bf16" else np.dtype(np.float16)
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    raw = (rng.random(n) * 1e-4 + 2e-5).astype(np.float32)
+    bias = rng.integers(-3000, 3000, n).astype(np.int32)
+    x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    s1 = (rng.random(n) * 0.05 + 0.02).astype(out_dtype)
+    s2 = (rng.random((1, n)) * 0.2 + 0.05).astype(out_dtype).reshape(1, n)
+    s1 = s1.reshape(1, n)
+    mesh = make_mesh((world,), ("tp",))
+    f = jax.jit(
+        jax.shard_map(
+            lambda a, b, s, c, d, q1, q2: mc2.mm_all_reduce_base(
+                a,
+                b,
+                "tp",
+                dequant_scale=s,
+                bias=c,
+                x3=d,
+                comm_quant_scale_1=q1,
+                comm_quant_scale_2=q2,
+                implementation=impl,
+            ),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None)) + (P(),) * 5,
+            out_specs=P(),
+        )
+    )
+    args = (x1, x2, _make_scale(raw, kind), bias, x3, s1, s2)
+    got = f(*args)
+    applied = _applied_scale(raw, kind)
+    c_ranks = [
+        _oracle_rank(
+            x1[:, r * k_local : (r + 1) * k_local],
+            x2[r * k_local : (r + 1) * k_local],
+            applied,
+            bias,
+            x3,
+            transpose_x2=False,
+            out_dtype=out_dtype,
+        )
+        for r in range(world)
+    ]
+    want = _oracle_comm_chain(c_ranks, s1, s2, out_dtype)
+    assert got.dtype == out_dtype
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+    if world > 1:
+        # int8 bytes on the wire: an s8 all-to-all and an s8 all-gather, no all-reduce.
+        hlo = f.lower(*args).compile().as_text()
+        a2a = [ln for ln in hlo.splitlines() if " all-to-all(" in ln]
+        ag = [ln for ln in hlo.splitlines() if " all-gather(" in ln]
+        assert a2a and all("s8[" in ln.split("all-to-all(")[0] for ln in a2a)
+        assert ag and all("s8[" in ln.split("all-gather(")[0] for ln in ag)
+        assert " all-reduce(" not in hlo
+
+
+def test_comm_quant_error_bound():
+    # With scales that cover the values, the int8 chain stays within its
+    # quantization steps of the fp16 all-reduce: each rank's quantization
+    # errs by at most s1 / 2, the requantization by at most s2 / 2.
+    rng = np.random.default_rng(5)
+    world, m, k_local, n = 4, 64, 128, 32
+    x1 = rng.integers(-128, 128, (m, k_local * world), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (k_local * world, n), dtype=np.int8)
+    scale = quant.trans_quant_param(np.full(n, 2e-5, np.float32))
+    mesh = make_mesh((world,), ("tp",))
+
+    def run(**kw):
+        return jax.jit(
+            jax.shard_map(
+                lambda a, b, s: mc2.mm_all_reduce_base(a, b, "tp", dequant_scale=s, **kw),
+                mesh=mesh,
+                in_specs=(P(None, "tp"), P("tp", None), P()),
+                out_specs=P(),
+            )
+        )(x1, x2, scale)
+
+    full = np.asarray(run(), np.float32)
+    amax = np.abs(full).max()
+    s1 = np.full(n, 2 * amax / 127, np.float16)
+    s2 = (s1.astype(np.float32) * world).astype(np.float16)
+    low = np.asarray(run(comm_quant_scale_1=s1, comm_quant_scale_2=s2), np.float32)
+    bound = world * float(s1[0]) / 2 + float(s2[0]) / 2 + 2**-10 * amax * world
+    assert 0 < np.abs(low - full).max() <= bound

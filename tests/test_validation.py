@@ -149,8 +149,8 @@ MM_INVALID = [
         S((4, 8)),
         S((8, 4)),
         {"comm_quant_scale_1": S((4,))},
-        NotImplementedError,
-        r"quantized modes \(comm_quant_scale_1\) are not implemented",
+        ValueError,
+        r"comm_quant_scale_1 and comm_quant_scale_2 must be given together",
     ),
     (
         S((4, 8)),

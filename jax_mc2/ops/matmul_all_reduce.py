@@ -286,21 +286,19 @@ def mm_all_reduce_base(
       [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
     """
     check_reduce_op(OP, reduce_op)
-    given = [
-        name
-        for name, value in (
-            ("comm_quant_scale_1", comm_quant_scale_1),
-            ("comm_quant_scale_2", comm_quant_scale_2),
-        )
-        if value is not None
-    ]
-    if given:
-        raise v.unsupported(
-            OP,
-            f"quantized modes ({', '.join(given)}) are not implemented in this version of "
-            "jax_mc2; the non-quantized mode, weight-only quantization (antiquant_scale) and "
-            "full quantization (int8 x1 and x2 with dequant_scale) are",
-        )
+    comm_scales = None
+    if comm_quant_scale_1 is not None or comm_quant_scale_2 is not None:
+        if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
+            raise v.value_error(
+                OP, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+            )
+        if dequant_scale is None:
+            raise v.value_error(
+                OP,
+                "low-bit communication (comm_quant_scale_1/2) exists only in the full-"
+                "quantization mode (int8 x1 and x2 with dequant_scale)",
+            )
+        comm_scales = (comm_quant_scale_1, comm_quant_scale_2)
     if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
         raise v.value_error(
             OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
@@ -339,6 +337,7 @@ def mm_all_reduce_base(
             axis_name,
             dequant_scale=dequant_scale,
             pertoken_scale=pertoken_scale,
+            comm_quant_scales=comm_scales,
             bias=bias,
             x3=x3,
             reduce_op=reduce_op,

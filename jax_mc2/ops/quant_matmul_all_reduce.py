@@ -124,12 +124,13 @@ def check_int8_matmul(op, x1, x2, *, transpose_x2, bias=None):
 quant_mm_all_reduce_p = _compat.new_primitive("mc2_quant_mm_all_reduce")
 
 
-def _split(operands, has_pertoken, has_bias, has_x3):
+def _split(operands, has_pertoken, has_bias, has_x3, has_comm_scales=False):
     x1, x2, scale, *rest = operands
     pertoken = rest.pop(0) if has_pertoken else None
     bias = rest.pop(0) if has_bias else None
     x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, scale, pertoken, bias, x3
+    comm = (rest.pop(0), rest.pop(0)) if has_comm_scales else None
+    return x1, x2, scale, pertoken, bias, x3, comm
 
 
 def _abstract_eval(
@@ -139,13 +140,16 @@ def _abstract_eval(
     has_pertoken,
     has_bias,
     has_x3,
+    has_comm_scales,
     axis_name,
     world_size,
     comm_turn,
     implementation,
 ):
     del implementation
-    x1, x2, scale, pertoken, bias, x3 = _split(operands, has_pertoken, has_bias, has_x3)
+    x1, x2, scale, pertoken, bias, x3, comm = _split(
+        operands, has_pertoken, has_bias, has_x3, has_comm_scales
+    )
     out_shape = check_int8_matmul(op, x1, x2, transpose_x2=transpose_x2, bias=bias)
     out_dtype, _ = scale_layout(op, "dequant_scale", scale, out_shape[-1], pertoken=has_pertoken)
     if pertoken is not None:
@@ -162,6 +166,25 @@ def _abstract_eval(
                 op,
                 f"x3 dtype must equal the output dtype {out_dtype.name} (set by dequant_scale), "
                 f"got {v.dtype_name(x3.dtype)}",
+            )
+    if comm is not None:
+        n = out_shape[-1]
+        for name, s in zip(("comm_quant_scale_1", "comm_quant_scale_2"), comm):
+            if tuple(s.shape) not in ((n,), (1, n)):
+                raise v.type_error(
+                    op, f"{name} must be (n,) or (1, n) with n = {n}, got {v.shape_str(s.shape)}"
+                )
+            if np.dtype(s.dtype) != out_dtype:
+                raise v.type_error(
+                    op,
+                    f"{name} dtype must equal the output dtype {out_dtype.name}, got "
+                    f"{v.dtype_name(s.dtype)}",
+                )
+        if comm[0].shape != comm[1].shape:
+            raise v.type_error(
+                op,
+                "comm_quant_scale_1 and comm_quant_scale_2 must have one shape, got "
+                f"{v.shape_str(comm[0].shape)} and {v.shape_str(comm[1].shape)}",
             )
     check_comm_turn(op, comm_turn)
     check_chip_limits(
@@ -194,11 +217,21 @@ def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, ou
     return y
 
 
-def _composition(local_fn, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn):
+def _composition(local_fn, operands, flags, axis_name, comm_turn):
     """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
-    out_dtype)``, each all-reduced; x3 and the pertoken scales follow their rows."""
-    x1, x2, scale, pertoken, bias, x3 = _split(operands, has_pertoken, has_bias, has_x3)
+    out_dtype)``, each all-reduced (or, with comm scales, reduced by the int8
+    low-bit communication chain); x3 and the pertoken scales follow their rows."""
+    x1, x2, scale, pertoken, bias, x3, comm = _split(operands, *flags)
     scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
+    reduce = None
+    if comm is not None:
+        s1, s2 = (s.reshape(-1) for s in comm)
+
+        def reduce(c):
+            q = reference.comm_quantize(c.reshape(-1, c.shape[-1]), s1)
+            y = reference.int8_comm_all_reduce(q, s1, s2, out_dtype=out_dtype, axis_name=axis_name)
+            return y.reshape(c.shape)
+
     return reference.chunked_matmul_all_reduce(
         lambda a, c, token: local_fn(a, x2, scale_f32, token, bias, c, out_dtype),
         x1,
@@ -206,12 +239,20 @@ def _composition(local_fn, operands, has_pertoken, has_bias, has_x3, axis_name, 
         pertoken,
         axis_name=axis_name,
         comm_turn=comm_turn,
+        reduce=reduce,
     )
 
 
-def _xla_composition(
-    *operands, op, transpose_x2, has_pertoken, has_bias, has_x3, axis_name, comm_turn
-):
+def _flags(params):
+    return (
+        params.pop("has_pertoken"),
+        params.pop("has_bias"),
+        params.pop("has_x3"),
+        params.pop("has_comm_scales"),
+    )
+
+
+def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params):
     del op
 
     def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
@@ -219,12 +260,10 @@ def _xla_composition(
             x1, x2, scale_f32, pertoken, bias, x3, transpose_x2=transpose_x2, out_dtype=out_dtype
         )
 
-    return _composition(local, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn)
+    return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
 
-def _ffi_composition(
-    *operands, op, transpose_x2, has_pertoken, has_bias, has_x3, axis_name, comm_turn, parallelism
-):
+def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallelism, **params):
     del op
 
     def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
@@ -240,7 +279,7 @@ def _ffi_composition(
             parallelism=parallelism,
         )
 
-    return _composition(local, operands, has_pertoken, has_bias, has_x3, axis_name, comm_turn)
+    return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
 
 _compat.register_lowering(
@@ -264,8 +303,13 @@ _compat.ad.primitive_jvps[quant_mm_all_reduce_p] = _jvp
 def _batch(args, dims, **params):
     not_mapped = _compat.NOT_MAPPED
     flags = params["has_pertoken"], params["has_bias"], params["has_x3"]
-    x1, x2, scale, pertoken, bias, x3 = _split(list(args), *flags)
-    d1, d2, ds, dp, db, d3 = _split(list(dims), *flags)
+    if params["has_comm_scales"]:
+        raise NotImplementedError(
+            f"{params['op']}: vmap of the low-bit communication mode (comm_quant_scale_*) is "
+            "not supported; its all-to-all splits the rows of one matmul across ranks"
+        )
+    x1, x2, scale, pertoken, bias, x3, _ = _split(list(args), *flags)
+    d1, d2, ds, dp, db, d3, _ = _split(list(dims), *flags)
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
     if d2 is not_mapped and ds is not_mapped and db is not_mapped:
         # Only row operands are batched: fold the batch into the rows.
@@ -323,6 +367,7 @@ def quant_matmul_all_reduce(
         axis_name,
         dequant_scale=dequant_scale,
         pertoken_scale=None,
+        comm_quant_scales=None,
         bias=bias,
         x3=x3,
         reduce_op=reduce_op,
@@ -340,6 +385,7 @@ def bind_int8_matmul_all_reduce(
     *,
     dequant_scale,
     pertoken_scale,
+    comm_quant_scales,
     bias,
     x3,
     reduce_op,
@@ -361,6 +407,7 @@ def bind_int8_matmul_all_reduce(
         scale = jnp.stack([low, high], axis=-1)  # NumPy words survive with x64 off
     operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
     operands += [jnp.asarray(a) for a in (pertoken_scale, bias, x3) if a is not None]
+    operands += [jnp.asarray(a) for a in comm_quant_scales or ()]
     return quant_mm_all_reduce_p.bind(
         *operands,
         op=op,
@@ -368,6 +415,7 @@ def bind_int8_matmul_all_reduce(
         has_pertoken=pertoken_scale is not None,
         has_bias=bias is not None,
         has_x3=x3 is not None,
+        has_comm_scales=comm_quant_scales is not None,
         axis_name=axes,
         world_size=world_size,
         comm_turn=comm_turn,
