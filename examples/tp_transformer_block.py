@@ -6,9 +6,12 @@ residual add + RMSNorm, fused) and the MLP down-projection through
 ``jax_mc2.parallel.row_parallel_linear`` (matmul + all-reduce). The block is
 jitted on a tp=8 mesh and on a dp=2 x tp=4 mesh and compared with the same
 block computed on one device with plain jax.numpy; the gradient of a loss
-with respect to every weight is compared the same way.
+with respect to every weight is compared the same way. For float16/bfloat16
+the block then runs with a W8A8 MLP down-projection (int8 activations per
+token, int8 weights per channel: ``mm_all_reduce_base`` full quantization),
+and with ``--lowbit-comm`` also with its int8 low-bit communication.
 
-    python examples/tp_transformer_block.py [--dtype bfloat16|float16|float32]
+    python examples/tp_transformer_block.py [--dtype bfloat16|float16|float32] [--lowbit-comm]
 """
 
 from __future__ import annotations
@@ -72,8 +75,12 @@ def swiglu(params, h):
     return (jax.nn.silu(gate) * up).astype(h.dtype)
 
 
-def block_tp(params, x, *, heads, mesh, dp, implementation=None):
-    """The block with its two row-parallel projections on jax_mc2 operators."""
+def block_tp(params, x, *, heads, mesh, dp, implementation=None, w8a8=None):
+    """The block with its two row-parallel projections on jax_mc2 operators.
+
+    ``w8a8``: None, or ``(w_down_int8, W8A8 config)`` for an int8 x int8 MLP
+    down-projection (per-token activations, per-channel weights).
+    """
     attn = attention(params, rms_norm(x, params["ln1"]), heads)
     # y = x + attn @ wo + bo;  h2 = RMSNorm(y) * ln2  (one fused operator)
     y, h2 = mc2.parallel.row_parallel_linear_add_rms_norm(
@@ -87,15 +94,27 @@ def block_tp(params, x, *, heads, mesh, dp, implementation=None):
         data_axis=dp,
         implementation=implementation,
     )
-    down = mc2.parallel.row_parallel_linear(
-        swiglu(params, h2),
-        params["w_down"],
-        mesh=mesh,
-        axis="tp",
-        bias=params["b_down"],
-        data_axis=dp,
-        implementation=implementation,
-    )
+    if w8a8 is None:
+        down = mc2.parallel.row_parallel_linear(
+            swiglu(params, h2),
+            params["w_down"],
+            mesh=mesh,
+            axis="tp",
+            bias=params["b_down"],
+            data_axis=dp,
+            implementation=implementation,
+        )
+    else:
+        w_int8, quant = w8a8
+        down = mc2.parallel.row_parallel_linear(
+            swiglu(params, h2),
+            w_int8,
+            mesh=mesh,
+            axis="tp",
+            data_axis=dp,
+            quant=quant,
+            implementation=implementation,
+        ) + params["b_down"].astype(x.dtype)
     return y + down
 
 
@@ -142,6 +161,11 @@ def main():
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument(
+        "--lowbit-comm",
+        action="store_true",
+        help="also run the W8A8 MLP with int8 low-bit communication",
+    )
     args = parser.parse_args()
     dtype = jnp.dtype(args.dtype)
     devices = jax.devices()
@@ -205,6 +229,55 @@ def main():
     )
     if status != "OK":
         raise SystemExit(1)
+    if dtype.name in ("bfloat16", "float16"):
+        w8a8_section(args, params, x, want, scale, devices)
+
+
+def w8a8_section(args, params, x, want, scale, devices):
+    """The same block with a W8A8 (int8 x int8) MLP down-projection, against
+    the unquantized single-device block."""
+    dtype = x.dtype
+    w_int8, w_scale = mc2.parallel.quantize_weight_int8(params["w_down"])
+    comm_scales = [("W8A8", None)]
+    if args.lowbit_comm:
+        # Static calibration of the communication scale from the reference
+        # down-projection: scale_1 covers twice the output range, scale_2 the
+        # sum over the tp ranks.
+        h2 = rms_norm(
+            jax.jit(functools.partial(block_reference, heads=args.heads))(params, x), params["ln2"]
+        )
+        down = jnp.einsum(
+            "bsf,fd->bsd", swiglu(params, h2), params["w_down"], preferred_element_type=jnp.float32
+        )
+        comm_scales.append(
+            ("W8A8 + int8 comm", jnp.full((x.shape[-1],), 2 * jnp.max(jnp.abs(down)) / 127, dtype))
+        )
+    print(
+        f"\nW8A8 MLP down-projection (per-token int8 activations, per-channel int8 weights), "
+        f"{dtype.name} output, against the unquantized 1-device block:"
+    )
+    print(f"{'mesh':<14}{'variant':<20}{'max |err| fwd':>15}{'rel':>10}{'step ms':>10}")
+    for shape, names, dp in (((8,), ("tp",), None), ((2, 4), ("dp", "tp"), "dp")):
+        mesh = Mesh(np.array(devices[: int(np.prod(shape))]).reshape(shape), names)
+        for label, s1 in comm_scales:
+            comm = None if s1 is None else (s1, (s1 * mesh.shape["tp"]).astype(dtype))
+            quant = mc2.parallel.W8A8(w_scale, dtype, comm)
+            fwd = jax.jit(
+                functools.partial(
+                    block_tp, heads=args.heads, mesh=mesh, dp=dp, w8a8=(w_int8, quant)
+                )
+            )
+            got = np.asarray(fwd(params, x), np.float32)
+            err = float(np.abs(got - want).max())
+            mesh_name = " x ".join(f"{n}={s}" for n, s in zip(names, shape))
+            print(
+                f"{mesh_name:<14}{label:<20}{err:>15.3e}{err / scale:>10.2e}"
+                f"{median_ms(fwd, params, x):>10.2f}"
+            )
+            limit = 3e-2 if s1 is None else 1e-1
+            if err / scale > limit:
+                raise SystemExit(f"MISMATCH: {label} relative error {err / scale:.2e} > {limit}")
+    print("OK: W8A8 within 3e-2 (with int8 communication 1e-1) of the unquantized block")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,30 @@ def test_shape_check_example():
     assert "generic    atlas-a2    atlas-a3  ascend-950" in out.stdout
     assert "world size 16 (axis_name=('tp',)) is not supported on target 'atlas-a2'" in out.stdout
     assert "epsilon must be in (0, 1), got 1.5" in out.stdout
+
+
+def test_tp_transformer_block_example_with_lowbit_comm():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "tp_transformer_block.py"),
+            "--lowbit-comm",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--d-model",
+            "128",
+            "--ffn",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK: worst relative forward error" in out.stdout
+    assert "W8A8 + int8 comm" in out.stdout
+    assert "OK: W8A8 within 3e-2" in out.stdout

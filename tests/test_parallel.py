@@ -79,7 +79,7 @@ def test_wrapper_errors():
         mc2.parallel.row_parallel_linear(x, w, mesh=mesh, axis="model")
     with pytest.raises(ValueError, match=r"mesh has no axis 'data'"):
         mc2.parallel.row_parallel_linear(x, w, mesh=mesh, axis="tp", data_axis="data")
-    with pytest.raises(NotImplementedError, match="quant= is not implemented"):
+    with pytest.raises(ValueError, match="quant must be None or jax_mc2.parallel.W8A8"):
         mc2.parallel.row_parallel_linear(x, w, mesh=mesh, axis="tp", quant="w8a8")
     with pytest.raises(TypeError, match=r"x must be 2-D \(m, k\) or 3-D \(b, s, k\)"):
         mc2.parallel.row_parallel_linear(np.ones(16, np.float32), w, mesh=mesh, axis="tp")
@@ -113,3 +113,43 @@ def test_wrapper_grads_match_dense():
     want = jax.grad(loss_ref, argnums=tuple(range(5)))(*args)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+def test_row_parallel_linear_w8a8(impl, dtype):
+    rng = np.random.default_rng(6)
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    x = _rand(rng, (4, 3, 128), dtype)
+    w = _rand(rng, (128, 16), np.float32, 0.1)
+    wq, ws = mc2.parallel.quantize_weight_int8(w)
+    wq, ws = np.asarray(wq), np.asarray(ws)
+    np.testing.assert_array_equal(wq, np.clip(np.round(w / (np.abs(w).max(0) / 127)), -127, 127))
+    out = mc2.parallel.row_parallel_linear(
+        x,
+        wq,
+        mesh=mesh,
+        axis="tp",
+        data_axis="dp",
+        quant=mc2.parallel.W8A8(ws, out_dtype=dtype),
+        implementation=impl,
+    )
+    assert out.dtype == dtype and out.shape == (4, 3, 16)
+    # NumPy model: each tp rank quantizes its k-slice of x per token, the
+    # int8 partial products are dequantized by the weight and token scales,
+    # rounded to the dtype, and summed.
+    scale = ws.astype(oracle.BF16 if dtype == oracle.BF16 else np.float32).astype(np.float32)
+    want = 0
+    for r in range(4):
+        xr = x[..., r * 32 : (r + 1) * 32].astype(np.float32).reshape(-1, 32)
+        t = np.abs(xr).max(-1) / np.float32(127)
+        q = np.clip(np.round(xr / t[:, None]), -127, 127)
+        acc = q @ wq[r * 32 : (r + 1) * 32].astype(np.float64)
+        part = (acc.astype(np.float32) * scale * t[:, None]).astype(dtype)
+        want = want + part.astype(np.float64)
+    want = want.reshape(4, 3, 16)
+    tol = oracle.tolerance(dtype, 4, scale=np.abs(want).max() + 1)
+    np.testing.assert_allclose(np.asarray(out).astype(np.float64), want, atol=tol)
+    # And close to the float product.
+    ref = x.astype(np.float32) @ w
+    assert np.abs(np.asarray(out, np.float32) - ref).max() <= 0.03 * np.abs(ref).max()

@@ -12,6 +12,8 @@ wrappers add it exactly once, on the first rank of ``axis``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -46,6 +48,46 @@ def _check_mesh(op, mesh, axis, data_axis):
             raise v.value_error(op, f"mesh has no axis {name!r}; its axes are {mesh.axis_names}")
 
 
+@dataclasses.dataclass(frozen=True)
+class W8A8:
+    """Int8 weights and activations for :func:`row_parallel_linear`.
+
+    ``weight_scale`` [n] is the per-channel dequant scale of the int8 weight
+    (``w ~= w_int8 * weight_scale``; see :func:`quantize_weight_int8`). The
+    activations are quantized per token on each rank (symmetric, ``amax /
+    127``) and passed to ``mm_all_reduce_base`` as ``pertoken_scale``. The
+    output dtype is ``out_dtype`` (float16 or bfloat16). ``comm_quant_scales``
+    ``(scale_1, scale_2)`` [n] of the output dtype switch the all-reduce to
+    the int8 low-bit communication chain.
+    """
+
+    weight_scale: object
+    out_dtype: object = jnp.bfloat16
+    comm_quant_scales: tuple | None = None
+
+
+def quantize_weight_int8(w):
+    """Per-output-channel symmetric int8 quantization of w [k, n].
+
+    Returns ``(w_int8 [k, n], scale float32 [n])`` with
+    ``w_int8 = round(w / scale)``, ``scale = max|w[:, j]| / 127`` (1 for an
+    all-zero column).
+    """
+    w = jnp.asarray(w).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _quantize_tokens(x):
+    """Per-row symmetric int8 quantization of x [..., k]: (int8, f32 [rows])."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale.reshape(-1)
+
+
 def row_parallel_linear(
     x,
     w,
@@ -67,26 +109,49 @@ def row_parallel_linear(
       w: global [k, n] ([n, k] with ``transpose_w``), sharded on k.
       mesh: the ``jax.sharding.Mesh``.
       axis: the tensor-parallel mesh axis (a name or tuple of names).
-      bias: [n], added exactly once.
-      quant: quantization options (not available in this version).
+      bias: [n], added exactly once (int32 with ``quant``: it is added to the
+        int32 accumulator, in units of the dequantized product).
+      quant: None, or :class:`W8A8` with ``w`` the int8 weight: int8 x int8
+        with per-token activation and per-channel weight scales
+        (``mm_all_reduce_base`` full quantization).
 
     Returns:
       [m, n] or [b, s, n], replicated along ``axis``.
     """
     op = "row_parallel_linear"
-    if quant is not None:
-        raise v.unsupported(op, "quant= is not implemented in this version of jax_mc2")
+    if quant is not None and not isinstance(quant, W8A8):
+        raise v.value_error(op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}")
     _check_mesh(op, mesh, axis, data_axis)
     x_spec = _x_spec(x, axis, data_axis, op)
     w_spec = P(None, axis) if transpose_w else P(axis, None)
     out_spec = P(data_axis, None) if x.ndim == 2 else P(data_axis, None, None)
 
-    def shard(x_s, w_s, *b):
+    def shard(x_s, w_s, *extra):
+        b = extra[0] if bias is not None else None
+        if quant is None:
+            return mm_all_reduce_base(
+                x_s,
+                w_s,
+                axis,
+                bias=None if b is None else _bias_once(b, axis),
+                comm_turn=comm_turn,
+                transpose_x2=transpose_w,
+                implementation=implementation,
+            )
+        w_scale, *comm = extra[1 if bias is not None else 0 :]
+        q, token = _quantize_tokens(x_s)
+        out_dtype = jnp.dtype(quant.out_dtype)
+        # Table 3 of npu_mm_all_reduce_base: bf16 scale -> bf16, fp32 -> fp16.
+        scale = w_scale.astype(jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32)
         return mm_all_reduce_base(
-            x_s,
+            q,
             w_s,
             axis,
-            bias=_bias_once(b[0], axis) if b else None,
+            dequant_scale=scale,
+            pertoken_scale=token,
+            bias=None if b is None else _bias_once(b, axis),
+            comm_quant_scale_1=comm[0] if comm else None,
+            comm_quant_scale_2=comm[1] if comm else None,
             comm_turn=comm_turn,
             transpose_x2=transpose_w,
             implementation=implementation,
@@ -94,6 +159,10 @@ def row_parallel_linear(
 
     args = (x, w) + ((bias,) if bias is not None else ())
     specs = (x_spec, w_spec) + ((P(),) if bias is not None else ())
+    if quant is not None:
+        comm = tuple(quant.comm_quant_scales or ())
+        args += (jnp.asarray(quant.weight_scale),) + comm
+        specs += (P(),) * (1 + len(comm))
     return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=True)(
         *args
     )
