@@ -87,6 +87,37 @@ inline ffi::Error InvalidArgument(const std::string& op, const std::string& what
   return ffi::Error::InvalidArgument(op + ": " + what);
 }
 
+// The dimensions of a matmul x1 [..., k] @ x2 -> out [..., n], with x2
+// (k, n), or (n, k) when transpose_x2.
+struct MatmulShape {
+  int64_t m = 1, k = 0, n = 0;
+};
+
+// Checks that x1, x2 and out form a matmul and fills `shape`.
+inline ffi::Error ParseMatmul(const std::string& op, const ffi::AnyBuffer& x1,
+                              const ffi::AnyBuffer& x2, const ffi::AnyBuffer& out,
+                              bool transpose_x2, MatmulShape& shape) {
+  auto x1_dims = x1.dimensions();
+  auto x2_dims = x2.dimensions();
+  auto out_dims = out.dimensions();
+  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
+    return InvalidArgument(op, "x1 must be at least 2-D and x2 2-D, got x1 " +
+                                   DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
+  }
+  shape.k = x1_dims.back();
+  shape.m = 1;
+  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) shape.m *= x1_dims[i];
+  shape.n = transpose_x2 ? x2_dims[0] : x2_dims[1];
+  const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
+  if (x2_k != shape.k || static_cast<int64_t>(out.element_count()) != shape.m * shape.n ||
+      out_dims.back() != shape.n) {
+    return InvalidArgument(op, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
+                                   ", x2 " + DimsToString(x2_dims) + ", out " +
+                                   DimsToString(out_dims));
+  }
+  return ffi::Error::Success();
+}
+
 // Threads for one BLAS call: the cores shared by the `parallelism` programs
 // that XLA runs at once (one per simulated device in the mesh).
 inline int BlasThreads(int64_t parallelism) {

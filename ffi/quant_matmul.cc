@@ -37,23 +37,11 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   if (scale.element_type() != ffi::DataType::F32) {
     return InvalidArgument(kOp, "scale must be float32");
   }
+  MatmulShape shape;
+  if (ffi::Error e = ParseMatmul(kOp, x1, x2, *out, transpose_x2, shape); e.failure()) return e;
+  const int64_t m = shape.m, k = shape.k, n = shape.n;
   auto x1_dims = x1.dimensions();
-  auto x2_dims = x2.dimensions();
   auto out_dims = out->dimensions();
-  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
-    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
-                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
-  }
-  const int64_t k = x1_dims.back();
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
-  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
-  const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
-  if (x2_k != k || static_cast<int64_t>(out->element_count()) != m * n || out_dims.back() != n) {
-    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
-                                    ", x2 " + DimsToString(x2_dims) + ", out " +
-                                    DimsToString(out_dims));
-  }
   const int64_t scale_len = static_cast<int64_t>(scale.element_count());
   if (scale_len != 1 && scale_len != n) {
     return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +

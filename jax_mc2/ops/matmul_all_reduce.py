@@ -23,15 +23,11 @@ _F32 = jnp.float32
 # Validation shared by the matmul + all-reduce family
 
 
-def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None, residual=None):
-    """Checks the matmul operands; returns the output shape.
+def check_matmul_shapes(op, x1, x2, *, transpose_x2):
+    """x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); k >= 1.
 
-    x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
-    x3: the output shape. All share x1's dtype (fp16/bf16; fp32 on generic).
-    """
-    targets.operator_support(op)  # is the operator on this chip at all?
+    Returns the output shape [m, n] or [b, s, n]."""
     v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
-    targets.check_float_dtype(op, "x1", x1)
     k = x1.shape[-1]
     layout = "(n, k)" if transpose_x2 else "(k, n)"
     if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
@@ -40,13 +36,25 @@ def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None, residual=None)
             f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}"
             f"{' (transpose_x2=True)' if transpose_x2 else ''}, got {v.shape_str(x2.shape)}",
         )
-    v.check_same_dtype(op, "x2", x2, "x1", x1)
     if k == 0:
         raise v.type_error(
             op, f"k must be >= 1 (empty k is not supported), got x1 {v.shape_str(x1.shape)}"
         )
-    n = x2.shape[0] if transpose_x2 else x2.shape[1]
-    out_shape = (*x1.shape[:-1], n)
+    return (*x1.shape[:-1], x2.shape[0] if transpose_x2 else x2.shape[1])
+
+
+def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None):
+    """Checks the matmul operands; returns the output shape.
+
+    x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
+    x3: the output shape. All share x1's dtype (fp16/bf16; fp32 on generic).
+    """
+    targets.operator_support(op)  # is the operator on this chip at all?
+    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    targets.check_float_dtype(op, "x1", x1)
+    out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
+    v.check_same_dtype(op, "x2", x2, "x1", x1)
+    n = out_shape[-1]
     if bias is not None:
         v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
         v.check_same_dtype(op, "bias", bias, "x1", x1)

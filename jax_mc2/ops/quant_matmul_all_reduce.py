@@ -27,6 +27,7 @@ from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
     check_chip_limits,
     check_comm_turn,
+    check_matmul_shapes,
     check_reduce_op,
     world_size_of,
 )
@@ -101,24 +102,13 @@ def check_int8_matmul(op, x1, x2, *, transpose_x2, bias=None):
     for name, aval in (("x1", x1), ("x2", x2)):
         if np.dtype(aval.dtype) != np.dtype(np.int8):
             raise v.type_error(op, f"{name} dtype must be int8, got {v.dtype_name(aval.dtype)}")
-    k = x1.shape[-1]
-    layout = "(n, k)" if transpose_x2 else "(k, n)"
-    if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
-        raise v.type_error(
-            op,
-            f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}"
-            f"{' (transpose_x2=True)' if transpose_x2 else ''}, got {v.shape_str(x2.shape)}",
-        )
-    if k == 0:
-        raise v.type_error(
-            op, f"k must be >= 1 (empty k is not supported), got x1 {v.shape_str(x1.shape)}"
-        )
-    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
+    n = out_shape[-1]
     if bias is not None:
         v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
         if np.dtype(bias.dtype) != np.dtype(np.int32):
             raise v.type_error(op, f"bias dtype must be int32, got {v.dtype_name(bias.dtype)}")
-    return (*x1.shape[:-1], n)
+    return out_shape
 
 
 quant_mm_all_reduce_p = _compat.new_primitive("mc2_quant_mm_all_reduce")

@@ -19,7 +19,11 @@ from jax_mc2 import _compat, _ffi, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
-from jax_mc2.ops.matmul_all_reduce import check_chip_limits, check_comm_turn
+from jax_mc2.ops.matmul_all_reduce import (
+    check_chip_limits,
+    check_comm_turn,
+    check_matmul_shapes,
+)
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -104,16 +108,8 @@ def _abstract_eval(
         raise v.type_error(
             OP, f"x2 dtype must be int8 with antiquant_scale, got {v.dtype_name(x2.dtype)}"
         )
-    k = x1.shape[-1]
-    if x2.ndim != 2 or (x2.shape[1] if transpose_x2 else x2.shape[0]) != k:
-        layout = "(n, k)" if transpose_x2 else "(k, n)"
-        raise v.type_error(
-            OP,
-            f"x2 must be 2-D {layout} with k == x1.shape[-1] == {k}, got {v.shape_str(x2.shape)}",
-        )
-    if k == 0:
-        raise v.type_error(OP, f"k must be >= 1, got x1 {v.shape_str(x1.shape)}")
-    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out_shape = check_matmul_shapes(OP, x1, x2, transpose_x2=transpose_x2)
+    k, n = x1.shape[-1], out_shape[-1]
     check_group_size(OP, group_size, k)
     if antiquant_scale_shape(scale.shape, n, k, group_size) is None:
         rule = (
@@ -126,7 +122,6 @@ def _abstract_eval(
     if offset is not None:
         v.check_shape(OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape")
         v.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
-    out_shape = (*x1.shape[:-1], n)
     if bias is not None:
         v.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
         v.check_same_dtype(OP, "bias", bias, "x1", x1)
