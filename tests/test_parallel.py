@@ -81,6 +81,10 @@ def test_wrapper_errors():
         mc2.parallel.row_parallel_linear(x, w, mesh=mesh, axis="tp", data_axis="data")
     with pytest.raises(ValueError, match="quant must be None or jax_mc2.parallel.W8A8"):
         mc2.parallel.row_parallel_linear(x, w, mesh=mesh, axis="tp", quant="w8a8")
+    with pytest.raises(ValueError, match="W8A8.out_dtype must be float16 or bfloat16, got float32"):
+        mc2.parallel.row_parallel_linear(
+            x, w, mesh=mesh, axis="tp", quant=mc2.parallel.W8A8(np.ones(4), np.float32)
+        )
     with pytest.raises(TypeError, match=r"x must be 2-D \(m, k\) or 3-D \(b, s, k\)"):
         mc2.parallel.row_parallel_linear(np.ones(16, np.float32), w, mesh=mesh, axis="tp")
 

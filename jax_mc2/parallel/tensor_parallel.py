@@ -121,6 +121,10 @@ def row_parallel_linear(
     op = "row_parallel_linear"
     if quant is not None and not isinstance(quant, W8A8):
         raise v.value_error(op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}")
+    if quant is not None and jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
+        raise v.value_error(
+            op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
+        )
     _check_mesh(op, mesh, axis, data_axis)
     x_spec = _x_spec(x, axis, data_axis, op)
     w_spec = P(None, axis) if transpose_w else P(axis, None)
