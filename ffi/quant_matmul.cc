@@ -3,6 +3,8 @@
 //   acc[m, n] = x1[m, k] @ x2 (+ bias[n])            exact, int32
 //   y         = round(float32(acc) * scale[n or 1] (* pertoken[m]))
 //   out       = round(y + x3)                         when x3 is given
+//   q         = int8(fp16(out / comm_scale))          with a comm scale: the
+//               quantization of the int8 low-bit communication, int8 output
 // x2 is (k, n), or (n, k) when transpose_x2. The GEMM core is BLAS sgemm on
 // fp32 tiles over k-chunks of at most 1024: every partial sum is an integer
 // of magnitude <= 1024 * 128 * 128 = 2^24, exact in fp32, and the chunks are
@@ -25,15 +27,29 @@ constexpr char kOp[] = "mc2_int8_matmul_ffi";
 constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
+// q = int8(fp16(c / scale)): a correctly rounded fp32 division rounded to
+// fp16, then rounded half to even and saturated to [-128, 127].
+void QuantizeForComm(const float* c, const float* scale, int64_t n, int8_t* q) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float h = Fp16ToFloat(FloatToFp16(c[j] / scale[j]));
+    const float r = std::nearbyint(std::min(127.0f, std::max(-128.0f, h)));
+    q[j] = static_cast<int8_t>(r);
+  }
+}
+
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
-                             int64_t parallelism) {
-  const ffi::DataType out_type = out->element_type();
+                             bool has_comm_scale, int64_t parallelism) {
+  // With a comm scale the result is rounded to the comm scale's dtype (the
+  // operator's output dtype) and then quantized to int8.
   if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
     return InvalidArgument(kOp, "x1 and x2 must be int8");
   }
-  if (!IsFloatType(out_type)) return InvalidArgument(kOp, "out must be a float dtype");
+  if (has_comm_scale != (out->element_type() == ffi::DataType::S8) ||
+      (!has_comm_scale && !IsFloatType(out->element_type()))) {
+    return InvalidArgument(kOp, "out must be int8 with a comm scale, a float dtype without");
+  }
   if (scale.element_type() != ffi::DataType::F32) {
     return InvalidArgument(kOp, "scale must be float32");
   }
@@ -47,10 +63,26 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +
                                     " elements, got " + DimsToString(scale.dimensions()));
   }
-  const size_t expected = size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3};
+  const size_t expected =
+      size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3} + size_t{has_comm_scale};
   if (extra.size() != expected) {
     return InvalidArgument(kOp, "expected " + std::to_string(expected) +
                                     " optional operands, got " + std::to_string(extra.size()));
+  }
+  ffi::DataType out_type = out->element_type();
+  std::vector<float> comm_scale;
+  if (has_comm_scale) {
+    auto cs = extra.get<ffi::AnyBuffer>(expected - 1);  // the last operand
+    if (cs.has_error()) return cs.error();
+    if (!IsFloatType(cs->element_type()) || cs->element_type() == ffi::DataType::F32 ||
+        static_cast<int64_t>(cs->element_count()) != n) {
+      return InvalidArgument(kOp, "comm scale must be float16/bfloat16 (n,) = (" +
+                                      std::to_string(n) + ",), got " +
+                                      DimsToString(cs->dimensions()));
+    }
+    out_type = cs->element_type();
+    comm_scale.resize(n);
+    LoadAsFloat(out_type, cs->untyped_data(), 0, n, comm_scale.data());
   }
   size_t next = 0;
   const float* pertoken = nullptr;
@@ -130,7 +162,12 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
         LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
         for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
       }
-      StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
+      if (has_comm_scale) {
+        RoundInPlace(out_type, row, n);
+        QuantizeForComm(row, comm_scale.data(), n, static_cast<int8_t*>(out_data) + (r0 + i) * n);
+      } else {
+        StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
+      }
     }
   }
   return ffi::Error::Success();
@@ -143,12 +180,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8MatmulHandler, Mc2Int8MatmulImpl,
                                   .Arg<ffi::AnyBuffer>()  // x1 int8
                                   .Arg<ffi::AnyBuffer>()  // x2 int8
                                   .Arg<ffi::AnyBuffer>()  // scale f32 (1,) or (n,)
-                                  .RemainingArgs()        // pertoken?, bias?, x3?
+                                  .RemainingArgs()        // pertoken?, bias?, x3?, comm scale?
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<bool>("transpose_x2")
                                   .Attr<bool>("has_pertoken")
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("has_x3")
+                                  .Attr<bool>("has_comm_scale")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

@@ -89,23 +89,37 @@ def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
 
 
 def int8_matmul(
-    x1, x2, scale, pertoken=None, bias=None, x3=None, *, out_dtype, transpose_x2, parallelism
+    x1,
+    x2,
+    scale,
+    pertoken=None,
+    bias=None,
+    x3=None,
+    *,
+    out_dtype,
+    transpose_x2,
+    parallelism,
+    comm_scale=None,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
     (custom call ``mc2_int8_matmul_ffi``; the int8 products are exact).
 
     x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
     scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
-    x3: the output shape in ``out_dtype``.
+    x3: the output shape in ``out_dtype``. With ``comm_scale`` ([n],
+    ``out_dtype``) the result is quantized for the int8 low-bit
+    communication, ``int8(fp16(out / comm_scale))``, and returned as int8.
     """
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
-    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), out_dtype)
-    operands = [x1, x2, scale] + [a for a in (pertoken, bias, x3) if a is not None]
+    dtype = jax.numpy.int8 if comm_scale is not None else out_dtype
+    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), dtype)
+    operands = [x1, x2, scale] + [a for a in (pertoken, bias, x3, comm_scale) if a is not None]
     return jax.ffi.ffi_call(INT8_MATMUL, out)(
         *operands,
         transpose_x2=bool(transpose_x2),
         has_pertoken=pertoken is not None,
         has_bias=bias is not None,
         has_x3=x3 is not None,
+        has_comm_scale=comm_scale is not None,
         parallelism=np.int64(parallelism),
     )

@@ -209,21 +209,23 @@ def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, ou
 
 def _composition(local_fn, operands, flags, axis_name, comm_turn):
     """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
-    out_dtype)``, each all-reduced (or, with comm scales, reduced by the int8
-    low-bit communication chain); x3 and the pertoken scales follow their rows."""
+    out_dtype, comm_scale)``, each all-reduced; with comm scales ``local_fn``
+    returns the int8 quantized result and the int8 low-bit communication chain
+    reduces it. x3 and the pertoken scales follow their rows."""
     x1, x2, scale, pertoken, bias, x3, comm = _split(operands, *flags)
     scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
-    reduce = None
+    reduce, s1 = None, None
     if comm is not None:
         s1, s2 = (s.reshape(-1) for s in comm)
 
-        def reduce(c):
-            q = reference.comm_quantize(c.reshape(-1, c.shape[-1]), s1)
-            y = reference.int8_comm_all_reduce(q, s1, s2, out_dtype=out_dtype, axis_name=axis_name)
-            return y.reshape(c.shape)
+        def reduce(q):
+            y = reference.int8_comm_all_reduce(
+                q.reshape(-1, q.shape[-1]), s1, s2, out_dtype=out_dtype, axis_name=axis_name
+            )
+            return y.reshape(q.shape)
 
     return reference.chunked_matmul_all_reduce(
-        lambda a, c, token: local_fn(a, x2, scale_f32, token, bias, c, out_dtype),
+        lambda a, c, token: local_fn(a, x2, scale_f32, token, bias, c, out_dtype, s1),
         x1,
         x3,
         pertoken,
@@ -245,10 +247,11 @@ def _flags(params):
 def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params):
     del op
 
-    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
-        return local_int8_matmul(
+    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
+        c = local_int8_matmul(
             x1, x2, scale_f32, pertoken, bias, x3, transpose_x2=transpose_x2, out_dtype=out_dtype
         )
+        return c if comm_scale is None else reference.comm_quantize(c, comm_scale)
 
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
@@ -256,7 +259,7 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
 def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallelism, **params):
     del op
 
-    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype):
+    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
         return _ffi.int8_matmul(
             x1,
             x2,
@@ -267,6 +270,7 @@ def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallel
             out_dtype=out_dtype,
             transpose_x2=transpose_x2,
             parallelism=parallelism,
+            comm_scale=comm_scale,
         )
 
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
