@@ -15,6 +15,9 @@ from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
 from jax_mc2.ops.quant_matmul_all_reduce import (
     quant_matmul_all_reduce as quant_matmul_all_reduce,
 )
+from jax_mc2.ops.quant_matmul_all_reduce import (
+    quant_matmul_all_reduce_v4 as quant_matmul_all_reduce_v4,
+)
 from jax_mc2.targets import get_target as get_target
 from jax_mc2.targets import set_target as set_target
 from jax_mc2.targets import target as target
@@ -28,6 +31,7 @@ __all__ = [
     "mm_all_reduce_base",
     "parallel",
     "quant_matmul_all_reduce",
+    "quant_matmul_all_reduce_v4",
     "quant",
     "set_target",
     "target",

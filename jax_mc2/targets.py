@@ -73,6 +73,7 @@ PROFILES: dict[str, TargetProfile] = {
             "matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "quant_matmul_all_reduce": OperatorSupport(),
+            "quant_matmul_all_reduce_v4": OperatorSupport(),
         },
     ),
     ATLAS_A2: TargetProfile(
@@ -112,6 +113,14 @@ PROFILES: dict[str, TargetProfile] = {
                 "aclnnQuantMatmulAllReduce: 1, 2, 4, 8 cards",
                 max_last_dim=65535,
             ),
+            "quant_matmul_all_reduce_v4": OperatorSupport(
+                _A2_RANKS,
+                _INT32_MAX,
+                True,
+                True,
+                "aclnnQuantMatmulAllReduceV4: 1, 2, 4, 8 cards",
+                max_last_dim=65535,
+            ),
         },
     ),
     # The matmul + all-reduce documents of these operators list Atlas A2 only.
@@ -129,6 +138,14 @@ PROFILES: dict[str, TargetProfile] = {
             ),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(
                 _950_RANKS, _INT32_MAX, True, False, "Ascend 950: up to 64 ranks"
+            ),
+            "quant_matmul_all_reduce_v4": OperatorSupport(
+                _950_RANKS,
+                _INT32_MAX,
+                True,
+                True,
+                "aclnnQuantMatmulAllReduceV4 on Ascend 950: up to 64 ranks",
+                max_last_dim=65535,
             ),
         },
     ),

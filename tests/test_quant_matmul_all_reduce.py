@@ -680,3 +680,155 @@ def test_comm_quant_error_bound():
     low = np.asarray(run(comm_quant_scale_1=s1, comm_quant_scale_2=s2), np.float32)
     bound = world * float(s1[0]) / 2 + float(s2[0]) / 2 + 2**-10 * amax * world
     assert 0 < np.abs(low - full).max() <= bound
+
+
+# --------------------------------------------------------------------------
+# quant_matmul_all_reduce_v4, the int8 rows of seed 003
+
+V4_ROWS = [
+    # (x2_scale kind, x1_scale, output dtype)
+    ("pairs", False, np.dtype(np.float16)),
+    ("f32", True, np.dtype(np.float16)),
+    ("bf16", False, oracle.BF16),
+    ("bf16", True, oracle.BF16),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind,with_x1_scale,out_dtype", V4_ROWS)
+@pytest.mark.parametrize("world,with_comm", [(1, False), (4, False), (4, True)])
+def test_v4_int8_rows(impl, kind, with_x1_scale, out_dtype, world, with_comm):
+    rng = np.random.default_rng(world)
+    m, k_local, n = 10, 48, 16
+    k = k_local * world
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    raw = (rng.random(n) * 1e-4 + 2e-5).astype(np.float32)
+    scale = raw if kind == "f32" else _make_scale(raw, kind)
+    applied = raw if kind == "f32" else _applied_scale(raw, kind)
+    token = (rng.random(m) + 0.5).astype(np.float32) if with_x1_scale else None
+    bias = rng.integers(-2000, 2000, n).astype(np.int32)
+    x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    s1 = (rng.random(n) * 0.05 + 0.02).astype(out_dtype)
+    s2 = (s1.astype(np.float32) * world).astype(out_dtype)
+    mesh = make_mesh((world,), ("tp",))
+    f = jax.jit(
+        jax.shard_map(
+            lambda a, b, s, t, c, d, q1, q2: mc2.quant_matmul_all_reduce_v4(
+                a,
+                b,
+                "tp",
+                x2_scale=s,
+                x1_scale=t,
+                bias=c,
+                x3=d,
+                comm_quant_scale_1=q1 if with_comm else None,
+                comm_quant_scale_2=q2 if with_comm else None,
+                out_dtype=out_dtype,
+                implementation=impl,
+            ),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None)) + (P(),) * 6,
+            out_specs=P(),
+        )
+    )
+    got = f(x1, x2, scale, token, bias, x3, s1, s2)
+    assert got.dtype == out_dtype and got.shape == (m, n)
+
+    def rank(r):
+        acc = (
+            x1[:, r * k_local : (r + 1) * k_local].astype(np.int64)
+            @ x2[r * k_local : (r + 1) * k_local].astype(np.int64)
+            + bias
+        ).astype(np.float32)
+        y = acc * applied
+        if with_x1_scale:
+            y = y * token[:, None]
+        return (y.astype(out_dtype).astype(np.float32) + x3.astype(np.float32)).astype(out_dtype)
+
+    if with_comm:
+        want = _oracle_comm_chain([rank(r) for r in range(world)], s1, s2, out_dtype)
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+    elif world == 1:
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), rank(0).view(np.uint16))
+    else:
+        want = sum(rank(r).astype(np.float64) for r in range(world))
+        tol = oracle.tolerance(out_dtype, world, scale=np.abs(want).max() + 1)
+        np.testing.assert_allclose(np.asarray(got).astype(np.float64), want, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "x1,kw,exc,msg",
+    [
+        (
+            S((4, 8), jnp.float8_e4m3fn),
+            {},
+            NotImplementedError,
+            "the float8_e4m3fn rows .fp8, hifloat8, MX, perblock. are not implemented",
+        ),
+        (
+            S((4, 8), jnp.uint8),
+            {"x1_format": "hifloat8", "x2_format": "hifloat8"},
+            NotImplementedError,
+            r"the uint8 \(hifloat8\) rows",
+        ),
+        (
+            S((4, 8), I8),
+            {"x2_format": "FRACTAL_NZ"},
+            NotImplementedError,
+            "FRACTAL_NZ weights are not implemented",
+        ),
+        (S((4, 8), I8), {"x2_format": "NCHW"}, ValueError, "x2_format must be one of"),
+        (
+            S((4, 8), I8),
+            {"comm_quant_mode": 1},
+            ValueError,
+            "comm_quant_mode=1 .fp8 pertile communication. needs fp8 x1 and x2",
+        ),
+        (
+            S((4, 8), I8),
+            {"group_size": 549764202624},
+            ValueError,
+            "group_size must be 0 unless both scales are at least 2-D",
+        ),
+        (
+            S((4, 8), I8),
+            {"out_dtype": jnp.float32},
+            TypeError,
+            "out_dtype float32 does not match the int8 row the scales select, whose output is "
+            "bfloat16",
+        ),
+        (
+            S((4, 8), I8),
+            {"comm_quant_scale_2": S((4,), jnp.bfloat16)},
+            ValueError,
+            "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
+        ),
+    ],
+)
+def test_v4_invalid(x1, kw, exc, msg):
+    arrays = {k: a for k, a in kw.items() if isinstance(a, S)}
+    static = {k: a for k, a in kw.items() if k not in arrays}
+    with pytest.raises(exc, match=msg) as info:
+        jax.eval_shape(
+            lambda a, b, s, arr: mc2.quant_matmul_all_reduce_v4(
+                a, b, None, x2_scale=s, **arr, **static
+            ),
+            x1,
+            S((8, 4), x1.dtype),
+            S((4,), jnp.bfloat16),
+            arrays,
+        )
+    assert str(info.value).startswith("quant_matmul_all_reduce_v4: ")
+
+
+def test_v4_chip_targets():
+    args = (S((4, 8), I8), S((8, 4), I8), S((4,), jnp.bfloat16))
+    f = lambda a, b, s: mc2.quant_matmul_all_reduce_v4(a, b, None, x2_scale=s)  # noqa: E731
+    for name in ("generic", "atlas-a2", "ascend-950"):
+        with mc2.target(name):
+            assert jax.eval_shape(f, *args).dtype == jnp.bfloat16
+    with mc2.target("atlas-a3"), pytest.raises(NotImplementedError, match="not available"):
+        jax.eval_shape(f, *args)
+    with mc2.target("ascend-950"), pytest.raises(NotImplementedError, match="exceeds 65535"):
+        jax.eval_shape(f, S((4, 70000), I8), S((70000, 4), I8), S((4,), jnp.bfloat16))

@@ -415,3 +415,105 @@ def bind_int8_matmul_all_reduce(
         comm_turn=comm_turn,
         implementation=impl,
     )
+
+
+OP_V4 = "quant_matmul_all_reduce_v4"
+_V4_FORMATS = (None, "ND", "FRACTAL_NZ", "hifloat8")
+
+
+def quant_matmul_all_reduce_v4(
+    x1,
+    x2,
+    axis_name,
+    *,
+    x2_scale,
+    x1_scale=None,
+    bias=None,
+    x3=None,
+    comm_quant_scale_1=None,
+    comm_quant_scale_2=None,
+    reduce_op="sum",
+    comm_turn=0,
+    group_size=0,
+    comm_quant_mode=0,
+    out_dtype=None,
+    x1_format=None,
+    x2_format=None,
+    transpose_x2=False,
+    implementation=None,
+):
+    """Quantized matmul + all-reduce, aclnnQuantMatmulAllReduceV4 (seed 003).
+
+    ``out = allReduce(x2_scale * (x1 @ x2 + bias) (* x1_scale) + x3)``
+
+    This version implements the int8 rows of the seed's tables (Atlas A2 and
+    Ascend 950): int8 x1 and x2, int32 bias, and
+      - packed int64/uint64 ``x2_scale`` (or uint32 pairs) -> float16;
+      - float32 ``x2_scale`` with float32 pertoken ``x1_scale`` [m] -> float16;
+      - bfloat16 ``x2_scale`` (optionally with ``x1_scale``) -> bfloat16;
+    with optional int8 low-bit communication (``comm_quant_scale_1/2`` in the
+    output dtype). The fp8, hifloat8, MX and perblock rows, fp32 output,
+    ``comm_quant_mode=1`` and FRACTAL_NZ weights raise NotImplementedError.
+
+    Args:
+      x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2).
+      x2_scale: (1,), (n,) or (1, n) dequant scale (see above).
+      x1_scale: float32 [m] pertoken scale.
+      out_dtype: None, or the dtype the scales imply.
+      group_size: 0 (the int8 rows have 1-D scales).
+    """
+    fmt = {"x1_format": x1_format, "x2_format": x2_format}
+    for name, value in fmt.items():
+        if value not in _V4_FORMATS:
+            raise v.value_error(OP_V4, f"{name} must be one of {_V4_FORMATS}, got {value!r}")
+    x1_dtype = np.dtype(getattr(x1, "dtype", np.int8))
+    if x1_dtype != np.dtype(np.int8) or "hifloat8" in fmt.values():
+        raise v.unsupported(
+            OP_V4,
+            f"the {x1_dtype.name}{' (hifloat8)' if 'hifloat8' in fmt.values() else ''} rows "
+            "(fp8, hifloat8, MX, perblock) are not implemented in this version of jax_mc2; the "
+            "int8 rows are",
+        )
+    if "FRACTAL_NZ" in fmt.values():
+        raise v.unsupported(
+            OP_V4, "FRACTAL_NZ weights are not implemented in this version; pass ND weights"
+        )
+    if comm_quant_mode not in (0, 1):
+        raise v.value_error(OP_V4, f"comm_quant_mode must be 0 or 1, got {comm_quant_mode!r}")
+    if comm_quant_mode == 1:
+        raise v.value_error(
+            OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
+        )
+    if group_size != 0:
+        raise v.value_error(
+            OP_V4,
+            f"group_size must be 0 unless both scales are at least 2-D (perblock/MX), got "
+            f"{group_size!r}",
+        )
+    if (comm_quant_scale_1 is None) != (comm_quant_scale_2 is None):
+        raise v.value_error(
+            OP_V4, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+        )
+    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
+    out = bind_int8_matmul_all_reduce(
+        OP_V4,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=x2_scale,
+        pertoken_scale=x1_scale,
+        comm_quant_scales=comm,
+        bias=bias,
+        x3=x3,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+    if out_dtype is not None and np.dtype(out_dtype) != np.dtype(out.dtype):
+        raise v.type_error(
+            OP_V4,
+            f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
+            f"select, whose output is {np.dtype(out.dtype).name}",
+        )
+    return out
