@@ -71,6 +71,37 @@ def quant_case(world, x1, x2, scale_dtype, n):
     return run
 
 
+def v4_case(world, x1_dtype, scale_dtype, n=256, k=1024, **kw):
+    def run():
+        mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
+        f = jax.shard_map(
+            lambda a, b, s: mc2.quant_matmul_all_reduce_v4(a, b, "tp", x2_scale=s, **kw),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None), P()),
+            out_specs=P(),
+        )
+        return jax.eval_shape(f, S((128, k), x1_dtype), S((k, n), x1_dtype), S((n,), scale_dtype))
+
+    return run
+
+
+def weight_quant_case(world, dtype, group):
+    def run():
+        mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
+        f = jax.shard_map(
+            lambda a, b, s: mc2.mm_all_reduce_base(
+                a, b, "tp", antiquant_scale=s, antiquant_group_size=group
+            ),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None), P()),
+            out_specs=P(),
+        )
+        scale = (-(-1024 // world // group), 256) if group else (256,)
+        return jax.eval_shape(f, S((64, 1024), dtype), S((1024, 256), jnp.int8), S(scale, dtype))
+
+    return run
+
+
 CASES = [
     (
         "mm_all_reduce_base",
@@ -116,6 +147,26 @@ CASES = [
         "quant_matmul_all_reduce",
         "int8 (m,k)=(64,131072) n=64, bf16 scales, 2 ranks",
         quant_case(2, (64, 131072), (131072, 64), jnp.bfloat16, 64),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "int8, bf16 x2_scale, 8 ranks",
+        v4_case(8, jnp.int8, jnp.bfloat16),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 e4m3fn, fp32 x2_scale, 8 ranks",
+        v4_case(8, jnp.float8_e4m3fn, jnp.float32),
+    ),
+    (
+        "mm_all_reduce_base",
+        "weight-only int8 x2, fp16 x1, pergroup 64, 4 ranks",
+        weight_quant_case(4, jnp.float16, 64),
+    ),
+    (
+        "mm_all_reduce_base",
+        "weight-only int8 x2, bf16 x1, perchannel, 16 ranks",
+        weight_quant_case(16, jnp.bfloat16, 0),
     ),
     (
         "matmul_all_reduce_add_rms_norm",
