@@ -78,8 +78,35 @@ __attribute__((target_clones("avx2", "default"))) void AccumulateInt32(const flo
   }
 }
 
+namespace {
+
+// fp32 -> bf16 -> fp32 in registers: round the upper 16 bits half to even.
+__attribute__((target_clones("avx2", "default"))) void RoundBf16InPlace(float* values,
+                                                                        int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits = FloatToBits(values[i]);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    uint32_t quiet_nan = (bits | 0x00400000u) & 0xffff0000u;
+    values[i] = BitsToFloat((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  }
+}
+
+// fp32 -> fp16 -> fp32 in registers with F16C.
+__attribute__((target("avx2,f16c"))) void RoundFp16InPlaceF16c(float* values, int64_t count) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(values + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm256_storeu_ps(values + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < count; ++i) values[i] = Fp16ToFloat(FloatToFp16(values[i]));
+}
+
+}  // namespace
+
 void RoundInPlace(ffi::DataType type, float* values, int64_t count) {
   if (type == ffi::DataType::F32) return;
+  if (type == ffi::DataType::BF16) return RoundBf16InPlace(values, count);
+  if (HasF16c()) return RoundFp16InPlaceF16c(values, count);
   constexpr int64_t kChunk = 1024;
   uint16_t tmp[kChunk];
   for (int64_t i = 0; i < count; i += kChunk) {

@@ -18,10 +18,27 @@ namespace {
 
 constexpr char kOp[] = "mc2_add_rms_norm_ffi";
 
+// Elementwise row steps, vectorized for AVX2 where the CPU has it.
+__attribute__((target_clones("avx2", "default"))) void AddInPlace(float* a, const float* b,
+                                                                  int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] += b[j];
+}
+
+__attribute__((target_clones("avx2", "default"))) void ScaleInto(float* out, const float* a,
+                                                                 float s, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a[j] * s;
+}
+
+__attribute__((target_clones("avx2", "default"))) void MulInPlace(float* a, const float* b,
+                                                                  int64_t n) {
+  for (int64_t j = 0; j < n; ++j) a[j] *= b[j];
+}
+
 // sum_j (v_j * v_j * scale) in fp32, over kLanes interleaved partial sums so
 // the compiler vectorizes it (the kernel's reduction order is unspecified:
 // the Ascend kernel reduces with a tree).
-float SumOfScaledSquares(const float* v, int64_t n, float scale) {
+__attribute__((target_clones("avx2", "default"))) float SumOfScaledSquares(const float* v,
+                                                                           int64_t n, float scale) {
   constexpr int64_t kLanes = 16;
   float partial[kLanes] = {};
   int64_t j = 0;
@@ -58,25 +75,30 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
   if (n == 0 || total == 0) return ffi::Error::Success();
   const int64_t rows = total / n;
 
-  std::vector<float> g(n), a(n), b(n), out(n);
+  std::vector<float> g(n);
   LoadAsFloat(dtype, gamma.untyped_data(), 0, n, g.data());
   const float inv_n = static_cast<float>(1.0 / static_cast<double>(n));
+  const void* mm_data = mm.untyped_data();
+  const void* res_data = residual.untyped_data();
+  void* y_data = y->untyped_data();
+  void* norm_data = norm_out->untyped_data();
+  std::vector<float> a(n), b(n), out(n);
   for (int64_t r = 0; r < rows; ++r) {
-    LoadAsFloat(dtype, mm.untyped_data(), r * n, n, a.data());
-    LoadAsFloat(dtype, residual.untyped_data(), r * n, n, b.data());
-    for (int64_t j = 0; j < n; ++j) a[j] += b[j];
+    LoadAsFloat(dtype, mm_data, r * n, n, a.data());
+    LoadAsFloat(dtype, res_data, r * n, n, b.data());
+    AddInPlace(a.data(), b.data(), n);
     // y is rounded to the dtype first; the statistics read the rounded y.
-    StoreFromFloat(dtype, a.data(), n, y->untyped_data(), r * n);
-    RoundInPlace(dtype, a.data(), n);
+    StoreFromFloat(dtype, a.data(), n, y_data, r * n);
+    LoadAsFloat(dtype, y_data, r * n, n, a.data());
     const float mean_square = SumOfScaledSquares(a.data(), n, inv_n);
     const float rstd = 1.0f / std::sqrt(mean_square + epsilon);
-    for (int64_t j = 0; j < n; ++j) out[j] = a[j] * rstd;
+    ScaleInto(out.data(), a.data(), rstd, n);
     // fp16/bf16: y * rstd is rounded to the dtype before the multiplication
     // by gamma (a product of two 16-bit floats, exact in fp32), which is
     // then rounded once more on the store.
     RoundInPlace(dtype, out.data(), n);
-    for (int64_t j = 0; j < n; ++j) out[j] *= g[j];
-    StoreFromFloat(dtype, out.data(), n, norm_out->untyped_data(), r * n);
+    MulInPlace(out.data(), g.data(), n);
+    StoreFromFloat(dtype, out.data(), n, norm_data, r * n);
   }
   return ffi::Error::Success();
 }

@@ -85,7 +85,12 @@ def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
         ADD_RMS_NORM,
         (out, out),
         input_output_aliases={1: 0} if alias_residual else None,
-    )(mm.reshape(residual.shape), residual, gamma, epsilon=np.float32(epsilon))
+    )(
+        mm.reshape(residual.shape),
+        residual,
+        gamma,
+        epsilon=np.float32(epsilon),
+    )
 
 
 def int8_matmul(
