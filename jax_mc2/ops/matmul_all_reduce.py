@@ -115,6 +115,20 @@ def world_size_of(axis_name: tuple[str, ...]) -> int:
     return int(lax.axis_size(axis_name)) if axis_name else 1
 
 
+def collective_params(op, axis_name, comm_turn, implementation) -> dict:
+    """The canonical ``axis_name``, ``world_size``, ``comm_turn`` and
+    ``implementation`` parameters every primitive of the family binds with."""
+    axes = v.canonical_axis_name(op, axis_name)
+    impl = _implementation.requested(op, implementation)
+    comm_turn = check_comm_turn(op, comm_turn)
+    return {
+        "axis_name": axes,
+        "world_size": world_size_of(axes),
+        "comm_turn": comm_turn,
+        "implementation": impl,
+    }
+
+
 # --------------------------------------------------------------------------
 # The primitive
 
@@ -320,7 +334,6 @@ def mm_all_reduce_base(
             )
         from jax_mc2.ops.weight_quant_matmul_all_reduce import bind_weight_quant
 
-        axes = v.canonical_axis_name(OP, axis_name)
         return bind_weight_quant(
             x1,
             x2,
@@ -330,10 +343,7 @@ def mm_all_reduce_base(
             x3=x3,
             group_size=v.check_int(OP, "antiquant_group_size", antiquant_group_size, minimum=0),
             transpose_x2=transpose_x2,
-            axis_name=axes,
-            world_size=world_size_of(axes),
-            comm_turn=check_comm_turn(OP, comm_turn),
-            implementation=_implementation.requested(OP, implementation),
+            **collective_params(OP, axis_name, comm_turn, implementation),
         )
     if dequant_scale is not None:
         from jax_mc2.ops.quant_matmul_all_reduce import bind_int8_matmul_all_reduce
@@ -359,19 +369,12 @@ def mm_all_reduce_base(
         raise v.type_error(
             OP, "int8 x1 is the full-quantization mode: pass dequant_scale (and int8 x2)"
         )
-    axes = v.canonical_axis_name(OP, axis_name)
-    impl = _implementation.requested(OP, implementation)
-    comm_turn = check_comm_turn(OP, comm_turn)
-    world_size = world_size_of(axes)
-    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
-    operands = [x1, x2] + [jnp.asarray(a) for a in (bias, x3) if a is not None]
+    params = collective_params(OP, axis_name, comm_turn, implementation)
+    operands = [jnp.asarray(a) for a in (x1, x2, bias, x3) if a is not None]
     return mm_all_reduce_p.bind(
         *operands,
         transpose_x2=bool(transpose_x2),
         has_bias=bias is not None,
         has_x3=x3 is not None,
-        axis_name=axes,
-        world_size=world_size,
-        comm_turn=comm_turn,
-        implementation=impl,
+        **params,
     )

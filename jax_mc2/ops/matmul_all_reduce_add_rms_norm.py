@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, _implementation, reference
+from jax_mc2 import _compat, _ffi, reference
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
@@ -24,7 +24,7 @@ from jax_mc2.ops.matmul_all_reduce import (
     check_comm_turn,
     check_matmul,
     check_reduce_op,
-    world_size_of,
+    collective_params,
 )
 
 OP = "matmul_all_reduce_add_rms_norm"
@@ -229,10 +229,7 @@ def _bind(
     op = _op_name(inplace)
     check_reduce_op(op, reduce_op)
     epsilon = check_epsilon(op, epsilon)
-    axes = v.canonical_axis_name(op, axis_name)
-    impl = _implementation.requested(op, implementation)
-    comm_turn = check_comm_turn(op, comm_turn)
-    world_size = world_size_of(axes)
+    params = collective_params(op, axis_name, comm_turn, implementation)
     operands = [jnp.asarray(a) for a in (x1, x2, residual, gamma)]
     if bias is not None:
         operands.append(jnp.asarray(bias))
@@ -242,10 +239,7 @@ def _bind(
         transpose_x2=bool(transpose_x2),
         has_bias=bias is not None,
         inplace=inplace,
-        axis_name=axes,
-        world_size=world_size,
-        comm_turn=comm_turn,
-        implementation=impl,
+        **params,
     )
     return y, norm_out
 

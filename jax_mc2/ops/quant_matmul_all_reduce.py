@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, _implementation, reference, targets
+from jax_mc2 import _compat, _ffi, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
@@ -29,7 +29,7 @@ from jax_mc2.ops.matmul_all_reduce import (
     check_comm_turn,
     check_matmul_shapes,
     check_reduce_op,
-    world_size_of,
+    collective_params,
 )
 
 OP = "quant_matmul_all_reduce"
@@ -389,10 +389,7 @@ def bind_int8_matmul_all_reduce(
 ):
     """Canonicalizes the arguments and binds the int8 primitive for ``op``."""
     check_reduce_op(op, reduce_op)
-    axes = v.canonical_axis_name(op, axis_name)
-    impl = _implementation.requested(op, implementation)
-    comm_turn = check_comm_turn(op, comm_turn)
-    world_size = world_size_of(axes)
+    params = collective_params(op, axis_name, comm_turn, implementation)
     scale = dequant_scale if isinstance(dequant_scale, np.ndarray) else jnp.asarray(dequant_scale)
     if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
         from jax_mc2.quant import packed_scale_words
@@ -410,10 +407,7 @@ def bind_int8_matmul_all_reduce(
         has_bias=bias is not None,
         has_x3=x3 is not None,
         has_comm_scales=comm_quant_scales is not None,
-        axis_name=axes,
-        world_size=world_size,
-        comm_turn=comm_turn,
-        implementation=impl,
+        **params,
     )
 
 

@@ -232,12 +232,10 @@ def bind_weight_quant(
     x3,
     group_size,
     transpose_x2,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
+    **params,
 ):
-    """Binds the weight-only quantized primitive (arguments already canonical)."""
+    """Binds the weight-only quantized primitive; ``params`` are the
+    canonical collective parameters (``collective_params``)."""
     operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
     operands += [jnp.asarray(a) for a in (offset, bias, x3) if a is not None]
     return weight_quant_mm_all_reduce_p.bind(
@@ -247,8 +245,5 @@ def bind_weight_quant(
         has_bias=bias is not None,
         has_x3=x3 is not None,
         group_size=int(group_size),
-        axis_name=axis_name,
-        world_size=world_size,
-        comm_turn=comm_turn,
-        implementation=implementation,
+        **params,
     )
