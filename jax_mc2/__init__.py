@@ -5,6 +5,12 @@ from jax_mc2 import _ffi as _ffi  # registers the FFI targets
 from jax_mc2 import parallel as parallel
 from jax_mc2 import quant as quant
 from jax_mc2 import targets as targets
+from jax_mc2.ops.alltoallv_grouped_matmul import (
+    alltoallv_grouped_matmul as alltoallv_grouped_matmul,
+)
+from jax_mc2.ops.alltoallv_grouped_matmul import (
+    grouped_matmul_alltoallv as grouped_matmul_alltoallv,
+)
 from jax_mc2.ops.matmul_all_reduce import mm_all_reduce_base as mm_all_reduce_base
 from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
     inplace_matmul_all_reduce_add_rms_norm as inplace_matmul_all_reduce_add_rms_norm,
@@ -25,7 +31,9 @@ from jax_mc2.targets import target as target
 __version__ = "0.1.0"
 
 __all__ = [
+    "alltoallv_grouped_matmul",
     "get_target",
+    "grouped_matmul_alltoallv",
     "inplace_matmul_all_reduce_add_rms_norm",
     "matmul_all_reduce_add_rms_norm",
     "mm_all_reduce_base",

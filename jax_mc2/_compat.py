@@ -106,9 +106,18 @@ def config_optional_enum_state(name: str, values: list[str], default: str | None
     )
 
 
-def result_aval(template, shape, dtype, inputs, reduced_axes: Iterable[str] = ()):
+def result_aval(
+    template,
+    shape,
+    dtype,
+    inputs,
+    reduced_axes: Iterable[str] = (),
+    varying_axes: Iterable[str] = (),
+):
     """An output aval of ``shape``/``dtype`` whose ``vma`` is the union of the
-    inputs' varying axes, less the axes an all-reduce made invariant."""
+    inputs' varying axes, less the axes an all-reduce made invariant, plus
+    the axes an all-to-all makes varying (each rank receives other rows)."""
     varying = frozenset().union(*(a.mat.varying for a in inputs)) - frozenset(reduced_axes)
+    varying = varying | frozenset(varying_axes)
     aval = template.update(shape=tuple(shape), dtype=dtype, weak_type=False)
     return aval.update(manual_axis_type=aval.mat.update(varying=varying))

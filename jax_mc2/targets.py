@@ -31,6 +31,22 @@ FLOAT32 = np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
+class ExpertParallelLimits:
+    """Size limits of the AlltoAllv grouped-matmul operators (seed 001).
+
+    max_hidden: the largest H1 and N1 (H1, N1 < 65536).
+    max_shared_hidden: the largest H2 of the shared expert (H2 <= 12288).
+    max_tokens: the largest BSK, the rows a rank sends (BSK < 52428800).
+    traffic_bytes: (min, max) bytes a card sends, or None for no rule.
+    """
+
+    max_hidden: int = 65535
+    max_shared_hidden: int = 12288
+    max_tokens: int = 52428799
+    traffic_bytes: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class OperatorSupport:
     """One operator on one chip.
 
@@ -41,6 +57,8 @@ class OperatorSupport:
     source: where the rule comes from.
     max_last_dim: the largest last dimension of x1 and of x2 in the int8
       quantized modes (None: no limit).
+    ep_limits: the size limits of the expert-parallel operators (None: the
+      math only).
     """
 
     world_sizes: frozenset[int] | None = None
@@ -49,6 +67,7 @@ class OperatorSupport:
     nonempty_matmul: bool = False
     source: str = ""
     max_last_dim: int | None = None
+    ep_limits: ExpertParallelLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,20 @@ class TargetProfile:
 _INT32_MAX = 2**31 - 1
 _A2_RANKS = frozenset({1, 2, 4, 8})
 _950_RANKS = frozenset(range(1, 65))
+_MB = 1024 * 1024
+# aclnnAlltoAllvGroupedMatMul / aclnnGroupedMatMulAlltoAllv: epWorldSize.
+_A3_EP_RANKS = frozenset({8, 16, 32, 64})
+_950_EP_RANKS = frozenset({4, 8, 16, 32, 64})
+_A3_EP = OperatorSupport(
+    _A3_EP_RANKS,
+    source="AlltoAllv grouped matmul on Atlas A3: epWorldSize 8, 16, 32, 64",
+    ep_limits=ExpertParallelLimits(traffic_bytes=(2 * _MB, 100 * _MB)),
+)
+_950_EP = OperatorSupport(
+    _950_EP_RANKS,
+    source="AlltoAllv grouped matmul on Ascend 950: epWorldSize 4, 8, 16, 32, 64",
+    ep_limits=ExpertParallelLimits(),
+)
 
 PROFILES: dict[str, TargetProfile] = {
     GENERIC: TargetProfile(
@@ -74,6 +107,8 @@ PROFILES: dict[str, TargetProfile] = {
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "quant_matmul_all_reduce": OperatorSupport(),
             "quant_matmul_all_reduce_v4": OperatorSupport(),
+            "alltoallv_grouped_matmul": OperatorSupport(),
+            "grouped_matmul_alltoallv": OperatorSupport(),
         },
     ),
     ATLAS_A2: TargetProfile(
@@ -123,8 +158,14 @@ PROFILES: dict[str, TargetProfile] = {
             ),
         },
     ),
-    # The matmul + all-reduce documents of these operators list Atlas A2 only.
-    ATLAS_A3: TargetProfile(ATLAS_A3, "Atlas A3 training / inference", (FLOAT16, BFLOAT16), {}),
+    # The matmul + all-reduce documents list Atlas A2 only; the AlltoAllv
+    # grouped matmuls exist on A3 and 950, not on A2.
+    ATLAS_A3: TargetProfile(
+        ATLAS_A3,
+        "Atlas A3 training / inference",
+        (FLOAT16, BFLOAT16),
+        {"alltoallv_grouped_matmul": _A3_EP, "grouped_matmul_alltoallv": _A3_EP},
+    ),
     ASCEND_950: TargetProfile(
         ASCEND_950,
         "Ascend 950",
@@ -147,6 +188,8 @@ PROFILES: dict[str, TargetProfile] = {
                 "aclnnQuantMatmulAllReduceV4 on Ascend 950: up to 64 ranks",
                 max_last_dim=65535,
             ),
+            "alltoallv_grouped_matmul": _950_EP,
+            "grouped_matmul_alltoallv": _950_EP,
         },
     ),
 }

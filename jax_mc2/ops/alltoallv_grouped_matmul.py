@@ -1,0 +1,889 @@
+"""AlltoAllv + grouped matmul for MoE expert parallelism (seed 001).
+
+``alltoallv_grouped_matmul`` (aclnnAlltoAllvGroupedMatMul, *dispatch*:
+communicate, then compute) and its exact inverse ``grouped_matmul_alltoallv``
+(aclnnGroupedMatMulAlltoAllv, *combine*: compute, then communicate)::
+
+    dispatch: ataOut = AlltoAllv(gmmX); permuteOut = Permute(ataOut);
+              gmmY = GroupedMatMul(permuteOut, gmmWeight); mmY = mmX @ mmWeight
+    combine:  y = AlltoAllv(Unpermute(GroupedMatMul(gmmX, gmmWeight))); mmY = mmX @ mmWeight
+
+Layout (``reference/ascend-semantics.md`` §6), with E local experts per rank
+and W ranks, global expert ``d*E + e`` living on rank ``d``:
+
+- dispatch ``send_counts[d*E + e]``: rows this rank sends to expert e of rank
+  d; ``gmm_x`` rows are grouped by global expert id in that order.
+- dispatch ``recv_counts[s*E + e]``: rows it receives from rank s for its
+  expert e. ``permute_out`` and ``gmm_y`` are expert-major, source-rank-minor
+  (stable); expert e's group uses ``gmm_weight[e]``.
+- combine takes the dispatch's layout back: its ``send_counts`` are the
+  dispatch's ``recv_counts`` and its ``recv_counts`` the dispatch's
+  ``send_counts``; ``y`` rows return to "grouped by global expert id" order.
+
+Counts are static (NumPy/Python integers: a per-rank matrix ``(W, E*W)``, or
+one ``(E*W,)`` row every rank uses, as CANN's host arrays) or traced (JAX
+arrays of shape ``(E*W,)`` per shard: routing decided at run time).
+
+XLA:CPU has no ragged all-to-all, so the exchange is XLA's ``all_to_all`` on
+fixed-capacity chunks: each rank sends every peer ``max_tokens_per_peer``
+rows (the exact maximum for static counts). Outputs are padded to a static
+number of rows (``max_recv_tokens`` / ``max_out_tokens``) with zero rows.
+With traced counts, rows beyond a capacity are dropped: a chunk keeps its
+first ``max_tokens_per_peer`` rows and an output its first rows; dispatch and
+combine drop the same rows, so combine stays the exact transpose of dispatch.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_mc2 import _compat, _ffi, _implementation, reference, targets
+from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch
+from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops.matmul_all_reduce import world_size_of
+
+OP_DISPATCH = "alltoallv_grouped_matmul"
+OP_COMBINE = "grouped_matmul_alltoallv"
+_F32 = jnp.float32
+_I32 = jnp.int32
+MAX_LOCAL_EXPERTS = 32
+MAX_COUNTS = 256
+
+
+# --------------------------------------------------------------------------
+# Counts
+
+
+def is_static_counts(counts) -> bool:
+    """Python/NumPy integers are static counts; JAX arrays are traced."""
+    return isinstance(counts, (np.ndarray, list, tuple, int, np.integer))
+
+
+def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
+    """A ``(W, E*W)`` int64 table from a per-rank matrix or one shared row."""
+    table = np.asarray(counts)
+    if table.dtype.kind not in "iu":
+        raise v.type_error(op, f"{name} must hold integers, got dtype {table.dtype.name}")
+    if table.ndim == 1:
+        table = np.broadcast_to(table, (world, table.shape[0]))
+    want = (world, experts * world)
+    if table.shape != want:
+        raise v.type_error(
+            op,
+            f"{name} must be (e*W,) = ({experts * world},) or the per-rank matrix (W, e*W) = "
+            f"{v.shape_str(want)} with e = {experts} local experts and world size W = {world}, "
+            f"got {v.shape_str(np.shape(counts))}",
+        )
+    if (table < 0).any():
+        raise v.value_error(op, f"{name} must be >= 0, got {table.min()}")
+    return table.astype(np.int64)
+
+
+def transpose_count_table(table: np.ndarray, *, world: int, experts: int) -> np.ndarray:
+    """The receiving side of a count table: ``recv[r][s*E+e] = send[s][r*E+e]``."""
+    t = np.asarray(table).reshape(world, world, experts)
+    return t.transpose(1, 0, 2).reshape(world, world * experts)
+
+
+def exchange_counts(send_counts, axis_name):
+    """Traced recv counts from traced send counts: one small all-to-all."""
+    if not axis_name:
+        return send_counts
+    world = world_size_of(axis_name)
+    chunks = send_counts.reshape(world, -1)
+    return lax.all_to_all(chunks, axis_name, 0, 0, tiled=True).reshape(-1)
+
+
+def _max_chunk(table, experts):
+    """The most rows one rank sends one peer."""
+    table = np.asarray(table)
+    if table.size == 0:
+        return 0
+    return int(table.reshape(table.shape[0], -1, experts).sum(-1).max())
+
+
+# --------------------------------------------------------------------------
+# Layout: index maps on this rank's int32 counts (shared by both
+# implementations; cheap integer work on E*W counts and the row indices).
+
+
+def _clip_chunks(counts, world, experts, capacity):
+    """Per-peer counts by expert, [W, E], clipped so each peer's chunk holds
+    at most ``capacity`` rows. Returns (kept rows, offset inside the chunk)."""
+    c = counts.reshape(world, experts)
+    end = jnp.cumsum(c, axis=1)
+    start = jnp.minimum(end - c, capacity)
+    return jnp.minimum(end, capacity) - start, start
+
+
+def _expert_major(kept):
+    """Start and end of each (expert e, peer r) block at flat index e*W + r
+    in the expert-major, peer-minor order."""
+    flat = kept.T.reshape(-1)
+    end = jnp.cumsum(flat)
+    return end - flat, end
+
+
+def _group_offsets(kept, rows):
+    """(E + 1,) int32 group boundaries of the expert-major rows, capped at
+    ``rows`` (rows past the capacity are dropped)."""
+    sizes = kept.sum(axis=0)
+    return jnp.minimum(jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes)]), rows)
+
+
+def _token_slots(counts, world, experts, capacity, rows):
+    """Dispatch's send side: for each chunk slot ``[W * capacity]``, the
+    token row (grouped by global expert id) it carries, or -1."""
+    per_peer = counts.reshape(world, experts).sum(axis=1)
+    start = jnp.cumsum(per_peer) - per_peer
+    j = jnp.arange(capacity, dtype=_I32)
+    row = start[:, None] + j[None, :]
+    ok = (j[None, :] < jnp.minimum(per_peer, capacity)[:, None]) & (row < rows)
+    return jnp.where(ok, row, -1).reshape(-1)
+
+
+def _token_rows(counts, world, experts, capacity, rows):
+    """Combine's receive side, the inverse map: for each of ``rows`` token
+    rows, the chunk slot it came back in, or -1."""
+    per_peer = counts.reshape(world, experts).sum(axis=1)
+    end = jnp.cumsum(per_peer)
+    i = jnp.arange(rows, dtype=_I32)
+    peer = jnp.clip(jnp.searchsorted(end, i, side="right"), 0, world - 1)
+    j = i - (end - per_peer)[peer]
+    ok = (i < end[-1]) & (j < jnp.minimum(per_peer, capacity)[peer])
+    return jnp.where(ok, peer * capacity + j, -1)
+
+
+def _expert_rows_index(counts, world, experts, capacity, rows):
+    """For each of ``rows`` expert-major rows, its chunk slot (peer * capacity
+    + offset), or -1 past the data; plus the (E + 1,) group offsets."""
+    kept, inner = _clip_chunks(counts, world, experts, capacity)
+    start, end = _expert_major(kept)
+    p = jnp.arange(rows, dtype=_I32)
+    q = jnp.clip(jnp.searchsorted(end, p, side="right"), 0, world * experts - 1)
+    e, peer = q // world, q % world
+    slot = peer * capacity + inner[peer, e] + (p - start[q])
+    return jnp.where(p < end[-1], slot, -1), _group_offsets(kept, rows)
+
+
+def _slot_expert_rows(counts, world, experts, capacity, rows):
+    """For each chunk slot ``[W * capacity]``, the expert-major row it
+    carries, or -1 (combine's send side, the inverse of the map above)."""
+    kept, inner = _clip_chunks(counts, world, experts, capacity)
+    start, _ = _expert_major(kept)
+    j = jnp.arange(capacity, dtype=_I32)
+    chunk_end = inner + kept  # [W, E]
+    e = (j[None, :, None] >= chunk_end[:, None, :]).sum(-1)  # [W, C]
+    ok = e < experts
+    e = jnp.minimum(e, experts - 1)
+    peer = jnp.arange(world, dtype=_I32)[:, None]
+    p = start[e * world + peer] + j[None, :] - inner[peer, e]
+    return jnp.where(ok & (p < rows), p, -1).reshape(-1)
+
+
+def take_rows(x, index):
+    """``x[index]`` with zero rows where index is -1."""
+    padded = jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+    return padded[jnp.where(index < 0, x.shape[0], index)]
+
+
+def _exchange(buf, axis_name):
+    """Chunk r of ``buf`` [W * C, H] goes to rank r; returns the chunks
+    received, source-rank-major (XLA's all-to-all)."""
+    return lax.all_to_all(buf, axis_name, 0, 0, tiled=True) if axis_name else buf
+
+
+# --------------------------------------------------------------------------
+# Local compute
+
+
+def grouped_matmul_xla(x, w, group_offsets, *, trans_weight):
+    """Rows [offsets[g], offsets[g+1]) of x [R, K] times w[g] ([G, K, N], or
+    [G, N, K] transposed); fp32 accumulation, one rounding; other rows 0.
+    ``lax.ragged_dot``, so groups must start at row 0."""
+    if trans_weight:
+        w = jnp.swapaxes(w, 1, 2)
+    sizes = jnp.diff(group_offsets).astype(_I32)
+    return lax.ragged_dot(x, w, sizes, preferred_element_type=_F32).astype(x.dtype)
+
+
+def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
+    if impl == _implementation.FFI:
+        return _ffi.matmul(mm_x, mm_w, transpose_x2=trans, parallelism=parallelism)
+    return reference.local_matmul(mm_x, mm_w, transpose_x2=trans)
+
+
+# --------------------------------------------------------------------------
+# Primitives. Both take: x, [weight], [send, recv] (traced counts),
+# [mm_x, mm_weight]. ``has_weight=False`` is the data movement alone (the
+# transpose of the other primitive's data movement).
+
+dispatch_p = _compat.new_primitive("mc2_alltoallv_grouped_matmul", multiple_results=True)
+combine_p = _compat.new_primitive("mc2_grouped_matmul_alltoallv", multiple_results=True)
+
+
+def split_operands(operands, params):
+    ops = list(operands)
+    x = ops.pop(0)
+    w = ops.pop(0) if params["has_weight"] else None
+    send = recv = None
+    if params["send_table"] is None:
+        send, recv = ops.pop(0), ops.pop(0)
+    mm_x = mm_w = None
+    if params["has_mm"]:
+        mm_x, mm_w = ops.pop(0), ops.pop(0)
+    return x, w, send, recv, mm_x, mm_w
+
+
+def _join_operands(x, w, send, recv, mm_x, mm_w):
+    return [a for a in (x, w, send, recv, mm_x, mm_w) if a is not None]
+
+
+def _op_name(prim):
+    return OP_DISPATCH if prim is dispatch_p else OP_COMBINE
+
+
+def _check_counts_operand(op, name, aval, length):
+    if aval.shape != (length,) or not jnp.issubdtype(aval.dtype, jnp.integer):
+        raise v.type_error(
+            op,
+            f"traced {name} must be an integer array of shape (e*W,) = ({length},) per shard, "
+            f"got {aval.dtype.name}{v.shape_str(aval.shape)}",
+        )
+
+
+def _check_chip(op, x, n1, rows_sent, mm_x, out_rows, params):
+    support = targets.operator_support(op)
+    targets.check_world_size(op, params["world_size"], params["axis_name"])
+    limits = support.ep_limits
+    if limits is None:
+        return
+    name = targets.get_target()
+    h1 = x.shape[1]
+    sizes = {"H1": h1, "N1": n1}
+    for dim, size in sizes.items():
+        if size > limits.max_hidden:
+            raise v.unsupported(
+                op, f"{dim} = {size} must be < {limits.max_hidden + 1} on target {name!r}"
+            )
+    if mm_x is not None and mm_x.shape[1] > limits.max_shared_hidden:
+        raise v.unsupported(
+            op,
+            f"H2 = mm_x.shape[1] = {mm_x.shape[1]} exceeds {limits.max_shared_hidden} on "
+            f"target {name!r}",
+        )
+    bsk = x.shape[0] if op == OP_DISPATCH else out_rows
+    if not 0 < bsk <= limits.max_tokens:
+        raise v.unsupported(
+            op, f"BSK = {bsk} must be in (0, {limits.max_tokens + 1}) on target {name!r}"
+        )
+    if limits.traffic_bytes is not None:
+        lo, hi = limits.traffic_bytes
+        width = h1 if op == OP_DISPATCH else n1
+        traffic = rows_sent * width * np.dtype(x.dtype).itemsize
+        if not lo <= traffic <= hi:
+            raise v.unsupported(
+                op,
+                f"per-card traffic {traffic} bytes ({rows_sent} rows x {width} x "
+                f"{np.dtype(x.dtype).itemsize} B) must be in [{lo // 2**20} MB, "
+                f"{hi // 2**20} MB] on target {name!r}",
+            )
+
+
+def _abstract_eval(prim, *operands, **params):
+    op = _op_name(prim)
+    x, w, send, recv, mm_x, mm_w = split_operands(operands, params)
+    world, experts = params["world_size"], params["experts"]
+    targets.operator_support(op)
+    layout = "(BSK, H1)" if prim is dispatch_p else "(A, H1)"
+    v.check_rank(op, "gmm_x", x, (2,), layout)
+    targets.check_float_dtype(op, "gmm_x", x)
+    rows, h1 = x.shape
+    n1 = h1
+    if w is not None:
+        trans = params["trans_weight"]
+        wl = "(e, N1, H1)" if trans else "(e, H1, N1)"
+        k_w = w.shape[2] if (w.ndim == 3 and trans) else (w.shape[1] if w.ndim == 3 else None)
+        if w.ndim != 3 or k_w != h1 or w.shape[0] != experts:
+            raise v.type_error(
+                op,
+                f"gmm_weight must be 3-D {wl} with H1 == gmm_x.shape[1] == {h1}"
+                f"{' (trans_gmm_weight=True)' if trans else ''}, got {v.shape_str(w.shape)}",
+            )
+        v.check_same_dtype(op, "gmm_weight", w, "gmm_x", x)
+        n1 = w.shape[1] if trans else w.shape[2]
+    if experts < 1 or experts > MAX_LOCAL_EXPERTS:
+        raise v.value_error(
+            op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got {experts}"
+        )
+    if experts * world > MAX_COUNTS:
+        raise v.value_error(
+            op,
+            f"e * W = {experts} * {world} = {experts * world} exceeds {MAX_COUNTS} (the "
+            "length of send_counts / recv_counts)",
+        )
+    if send is not None:
+        _check_counts_operand(op, "send_counts", send, experts * world)
+        _check_counts_operand(op, "recv_counts", recv, experts * world)
+        rows_sent = rows
+    else:
+        table = np.asarray(params["send_table"])
+        sums = table.sum(axis=1)
+        if sums.max(initial=0) > rows:
+            r = int(sums.argmax())
+            raise v.type_error(
+                op,
+                f"gmm_x has {rows} rows but rank {r} sends sum(send_counts) = {int(sums[r])}",
+            )
+        recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
+        if recv_sums.max(initial=0) > params["out_rows"]:
+            arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+            raise v.value_error(
+                op,
+                f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
+                "rows a rank receives with these static counts",
+            )
+        if _max_chunk(table, experts) > params["peer_capacity"]:
+            raise v.value_error(
+                op,
+                f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
+                f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
+            )
+        rows_sent = int(sums.max(initial=0))
+    mm_out = []
+    if mm_x is not None:
+        v.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
+        v.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
+        v.check_same_dtype(op, "mm_weight", mm_w, "gmm_x", x)
+        trans = params["trans_mm_weight"]
+        h2 = mm_x.shape[1]
+        if mm_w.ndim != 2 or (mm_w.shape[1] if trans else mm_w.shape[0]) != h2:
+            wl = "(N2, H2)" if trans else "(H2, N2)"
+            raise v.type_error(
+                op,
+                f"mm_weight must be 2-D {wl} with H2 == mm_x.shape[1] == {h2}, got "
+                f"{v.shape_str(mm_w.shape)}",
+            )
+        n2 = mm_w.shape[0] if trans else mm_w.shape[1]
+        mm_out = [_compat.result_aval(mm_x, (mm_x.shape[0], n2), mm_x.dtype, [mm_x, mm_w])]
+    _check_chip(op, x, n1, rows_sent, mm_x, params["out_rows"], params)
+    axes = params["axis_name"]
+    gmm_inputs = [a for a in (x, w, send, recv) if a is not None]
+    y = _compat.result_aval(x, (params["out_rows"], n1), x.dtype, gmm_inputs, varying_axes=axes)
+    outs = [y, *mm_out]
+    if params["permute_out"]:
+        outs.append(
+            _compat.result_aval(x, (params["out_rows"], h1), x.dtype, gmm_inputs, varying_axes=axes)
+        )
+    return outs, _compat.named_axis_effects(axes)
+
+
+dispatch_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(dispatch_p, *a, **p))
+combine_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(combine_p, *a, **p))
+
+
+def rank_counts(params, send, recv):
+    """This rank's (send, recv) int32 count vectors: the traced operands, or
+    its row of the static tables."""
+    if params["send_table"] is None:
+        return send.astype(_I32), recv.astype(_I32)
+    world, experts = params["world_size"], params["experts"]
+    table = np.asarray(params["send_table"], np.int32)
+    recv_table = transpose_count_table(table, world=world, experts=experts).astype(np.int32)
+    if not params["axis_name"]:
+        return jnp.asarray(table[0]), jnp.asarray(recv_table[0])
+    rank = lax.axis_index(params["axis_name"])
+    return jnp.asarray(table)[rank], jnp.asarray(recv_table)[rank]
+
+
+def dispatch_group_offsets(params, send, recv):
+    """The (E + 1,) group boundaries of the dispatch output rows."""
+    _, recv_c = rank_counts(params, send, recv)
+    kept, _ = _clip_chunks(recv_c, params["world_size"], params["experts"], params["peer_capacity"])
+    return _group_offsets(kept, params["out_rows"])
+
+
+def combine_group_offsets(params, send, rows):
+    send_c, _ = rank_counts(params, send, send)
+    kept, _ = _clip_chunks(send_c, params["world_size"], params["experts"], params["peer_capacity"])
+    return _group_offsets(kept, rows)
+
+
+def _dispatch_composition(*operands, impl, parallelism, **params):
+    x, w, send, recv, mm_x, mm_w = split_operands(operands, params)
+    world, experts = params["world_size"], params["experts"]
+    cap, out_rows = params["peer_capacity"], params["out_rows"]
+    send_c, recv_c = rank_counts(params, send, recv)
+    slots = _token_slots(send_c, world, experts, cap, x.shape[0])
+    received = _exchange(take_rows(x, slots), params["axis_name"])
+    gather, offsets = _expert_rows_index(recv_c, world, experts, cap, out_rows)
+    outs = []
+    if w is None:
+        outs.append(take_rows(received, gather))
+    elif impl == _implementation.FFI:
+        res = _ffi.grouped_matmul(
+            received,
+            w,
+            offsets,
+            gather,
+            jnp.arange(out_rows, dtype=_I32),
+            out_rows=out_rows,
+            transpose_w=params["trans_weight"],
+            permute_out=params["permute_out"],
+            parallelism=parallelism,
+        )
+        outs += list(res) if params["permute_out"] else [res]
+    else:
+        permuted = take_rows(received, gather)
+        outs.append(grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"]))
+        if params["permute_out"]:
+            outs.append(permuted)
+    if mm_x is not None:
+        mm_y = _shared_matmul(
+            mm_x, mm_w, trans=params["trans_mm_weight"], impl=impl, parallelism=parallelism
+        )
+        outs.insert(1, mm_y)
+    return outs
+
+
+def _combine_composition(*operands, impl, parallelism, **params):
+    x, w, send, recv, mm_x, mm_w = split_operands(operands, params)
+    world, experts = params["world_size"], params["experts"]
+    cap, out_rows = params["peer_capacity"], params["out_rows"]
+    send_c, recv_c = rank_counts(params, send, recv)
+    rows = x.shape[0]
+    if w is not None and impl == _implementation.FFI:
+        dst, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
+        buf = _ffi.grouped_matmul(
+            x,
+            w,
+            offsets,
+            jnp.arange(rows, dtype=_I32),
+            dst,
+            out_rows=world * cap,
+            transpose_w=params["trans_weight"],
+            permute_out=False,
+            parallelism=parallelism,
+        )
+    else:
+        local = x
+        if w is not None:
+            _, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
+            local = grouped_matmul_xla(x, w, offsets, trans_weight=params["trans_weight"])
+        buf = take_rows(local, _slot_expert_rows(send_c, world, experts, cap, rows))
+    received = _exchange(buf, params["axis_name"])
+    rows_index = _token_rows(recv_c, world, experts, cap, out_rows)
+    outs = [take_rows(received, rows_index)]
+    if mm_x is not None:
+        outs.append(
+            _shared_matmul(
+                mm_x, mm_w, trans=params["trans_mm_weight"], impl=impl, parallelism=parallelism
+            )
+        )
+    return outs
+
+
+def _ffi_lowering(composition):
+    def fn(*operands, parallelism, **params):
+        return composition(*operands, impl=_implementation.FFI, parallelism=parallelism, **params)
+
+    return fn
+
+
+def _xla_lowering(composition):
+    def fn(*operands, **params):
+        return composition(*operands, impl=_implementation.XLA, parallelism=1, **params)
+
+    return fn
+
+
+for _prim, _comp in ((dispatch_p, _dispatch_composition), (combine_p, _combine_composition)):
+    _compat.register_lowering(
+        _prim,
+        implementation_lowering(
+            _op_name(_prim),
+            _ffi_lowering(_comp),
+            _xla_lowering(_comp),
+            multiple_results=True,
+            pass_world_size=True,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------
+# Autodiff. Each primitive is linear in gmm_x for a fixed weight, and its
+# transpose in gmm_x is the other primitive with the transposed weight and
+# the counts swapped: the transpose of dispatch is combine, and vice versa.
+
+
+def swapped_params(params, *, out_rows):
+    """The other primitive's parameters for the same exchange, reversed."""
+    table = params["send_table"]
+    if table is not None:
+        table = transpose_count_table(
+            np.asarray(table), world=params["world_size"], experts=params["experts"]
+        )
+        table = tuple(tuple(int(c) for c in row) for row in table)
+    return dict(
+        params,
+        send_table=table,
+        out_rows=out_rows,
+        trans_weight=not params["trans_weight"],
+        has_mm=False,
+        permute_out=False,
+    )
+
+
+def _transpose(prim, cts, *operands, **params):
+    other = combine_p if prim is dispatch_p else dispatch_p
+    x, w, send, recv, mm_x, _ = split_operands(operands, params)
+    ad = _compat.ad
+    if not ad.is_undefined_primal(x) or (w is not None and ad.is_undefined_primal(w)):
+        raise NotImplementedError(
+            f"{_op_name(prim)}: transposition is defined in gmm_x only (for a fixed weight)"
+        )
+    if mm_x is not None:
+        raise NotImplementedError(f"{_op_name(prim)}: the shared expert is not transposed here")
+    cts = list(cts)
+    ct_y = cts[0]
+    ct_perm = cts[-1] if params["permute_out"] else ad.Zero(x.aval)
+    sp = swapped_params(params, out_rows=x.aval.shape[0])
+    swapped = (None, None) if send is None else (recv, send)
+    ct_x = None
+    if type(ct_y) is not ad.Zero:
+        ct_x = other.bind(*_join_operands(ct_y, w, *swapped, None, None), **sp)[0]
+    if type(ct_perm) is not ad.Zero:
+        moved = other.bind(
+            *_join_operands(ct_perm, None, *swapped, None, None), **dict(sp, has_weight=False)
+        )[0]
+        ct_x = moved if ct_x is None else ct_x + moved
+    if ct_x is None:
+        ct_x = ad.Zero(x.aval)
+    return [ct_x] + [None] * (len(operands) - 1)
+
+
+_compat.ad.primitive_transposes[dispatch_p] = lambda cts, *a, **p: _transpose(
+    dispatch_p, cts, *a, **p
+)
+_compat.ad.primitive_transposes[combine_p] = lambda cts, *a, **p: _transpose(
+    combine_p, cts, *a, **p
+)
+
+
+def _instantiate(t, primal):
+    if t is None:
+        return None
+    if type(t) is _compat.ad.Zero:
+        return jnp.zeros(primal.shape, primal.dtype)
+    return t
+
+
+def _jvp(prim, primals, tangents, **params):
+    x, w, send, recv, mm_x, mm_w = split_operands(primals, params)
+    dx, dw, _, _, dmm_x, dmm_w = split_operands(tangents, params)
+    dx, dw, dmm_x, dmm_w = (
+        _instantiate(t, p) for t, p in ((dx, x), (dw, w), (dmm_x, mm_x), (dmm_w, mm_w))
+    )
+    is_dispatch = prim is dispatch_p
+    need_perm = is_dispatch and w is not None
+    primal_params = dict(params, permute_out=params["permute_out"] or need_perm)
+    outs = prim.bind(*primals, **primal_params)
+    counts = (None, None) if send is None else (send, recv)
+    lin = dict(params, has_mm=False)
+    t_outs = prim.bind(*_join_operands(dx, w, *counts, None, None), **lin)
+    t_y = t_outs[0]
+    if w is not None:
+        trans = params["trans_weight"]
+        if is_dispatch:
+            offsets = dispatch_group_offsets(params, send, recv)
+            t_y = t_y + grouped_matmul_xla(outs[-1], dw, offsets, trans_weight=trans)
+        else:
+            offsets = combine_group_offsets(params, send, x.shape[0])
+            z = grouped_matmul_xla(x, dw, offsets, trans_weight=trans)
+            t_y = (
+                t_y
+                + prim.bind(
+                    *_join_operands(z, None, *counts, None, None), **dict(lin, has_weight=False)
+                )[0]
+            )
+    result, tangent = [outs[0]], [t_y]
+    if mm_x is not None:
+        result.append(outs[1])
+        trans = params["trans_mm_weight"]
+        t_mm = reference.local_matmul(dmm_x, mm_w, transpose_x2=trans).astype(_F32)
+        t_mm = t_mm + reference.local_matmul(mm_x, dmm_w, transpose_x2=trans).astype(_F32)
+        tangent.append(t_mm.astype(mm_x.dtype))
+    if params["permute_out"]:
+        result.append(outs[-1])
+        tangent.append(t_outs[-1])
+    return result, tangent
+
+
+_compat.ad.primitive_jvps[dispatch_p] = lambda p, t, **k: _jvp(dispatch_p, p, t, **k)
+_compat.ad.primitive_jvps[combine_p] = lambda p, t, **k: _jvp(combine_p, p, t, **k)
+
+
+def _batch(prim, args, dims, **params):
+    # Each batch element is its own exchange (lax.map over the batch).
+    outs = map_over_batch(lambda *a: tuple(prim.bind(*a, **params)), list(args), list(dims))
+    return list(outs), [0] * len(outs)
+
+
+_compat.register_batching_rule(
+    dispatch_p, lambda p: OP_DISPATCH, lambda a, d, **p: _batch(dispatch_p, a, d, **p)
+)
+_compat.register_batching_rule(
+    combine_p, lambda p: OP_COMBINE, lambda a, d, **p: _batch(combine_p, a, d, **p)
+)
+
+
+# --------------------------------------------------------------------------
+# Public functions
+
+
+def _common_params(op, gmm_weight, axis_name, send_counts, recv_counts, implementation):
+    axes = v.canonical_axis_name(op, axis_name)
+    impl = _implementation.requested(op, implementation)
+    world = world_size_of(axes)
+    w_shape = np.shape(gmm_weight)
+    if len(w_shape) != 3:
+        raise v.type_error(op, f"gmm_weight must be 3-D (e, H1, N1), got {v.shape_str(w_shape)}")
+    experts = int(w_shape[0])
+    if experts < 1:
+        raise v.value_error(op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got 0")
+    static = is_static_counts(send_counts)
+    if recv_counts is not None and is_static_counts(recv_counts) != static:
+        raise v.type_error(
+            op, "send_counts and recv_counts must both be static (NumPy) or both traced (JAX)"
+        )
+    return axes, impl, world, experts, static
+
+
+def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
+    """(send table or None, send operand, recv operand)."""
+    if is_static_counts(send_counts):
+        table = static_count_table(op, "send_counts", send_counts, world=world, experts=experts)
+        if recv_counts is not None:
+            recv = static_count_table(op, "recv_counts", recv_counts, world=world, experts=experts)
+            derived = transpose_count_table(table, world=world, experts=experts)
+            if not np.array_equal(recv, derived):
+                r, i = (int(a[0]) for a in np.nonzero(recv != derived))
+                s, e = divmod(i, experts)
+                raise v.value_error(
+                    op,
+                    f"recv_counts disagree with send_counts: rank {r} recv_counts[{i}] = "
+                    f"{int(recv[r, i])} but rank {s} send_counts[{r * experts + e}] = "
+                    f"{int(derived[r, i])} (recv[s*e+j] must equal rank s's send[rank*e+j])",
+                )
+        return tuple(tuple(int(c) for c in row) for row in table), None, None
+    send = jnp.asarray(send_counts)
+    if not jnp.issubdtype(send.dtype, jnp.integer) or send.shape != (experts * world,):
+        raise v.type_error(
+            op,
+            f"traced send_counts must be an integer array of shape (e*W,) = "
+            f"({experts * world},) per shard, got {send.dtype.name}{v.shape_str(send.shape)}",
+        )
+    send = send.astype(_I32)
+    recv = exchange_counts(send, axes) if recv_counts is None else jnp.asarray(recv_counts)
+    return None, send, recv
+
+
+def _capacity(op, name, value, default):
+    if value is None:
+        return default
+    return v.check_int(op, name, value, minimum=0)
+
+
+def _check_mm_pair(op, mm_x, mm_weight):
+    if (mm_x is None) != (mm_weight is None):
+        raise v.value_error(
+            op, "mm_x and mm_weight (the shared expert) must be given together or not at all"
+        )
+
+
+def alltoallv_grouped_matmul(
+    gmm_x,
+    gmm_weight,
+    axis_name,
+    *,
+    send_counts,
+    recv_counts=None,
+    mm_x=None,
+    mm_weight=None,
+    trans_gmm_weight=False,
+    trans_mm_weight=False,
+    permute_out_flag=False,
+    max_recv_tokens=None,
+    max_tokens_per_peer=None,
+    implementation=None,
+):
+    """AlltoAllv + Permute + grouped matmul (MoE dispatch), with an optional
+    shared-expert matmul alongside (aclnnAlltoAllvGroupedMatMul).
+
+    Args:
+      gmm_x: [BSK, H1] float16/bfloat16 (float32 on the generic target), rows
+        grouped by global expert id ``d*e + j``. With static counts BSK is
+        the largest rank's ``sum(send_counts)``; rows past a rank's own sum
+        are ignored.
+      gmm_weight: [e, H1, N1], or [e, N1, H1] with ``trans_gmm_weight``;
+        e local experts per rank.
+      axis_name: the expert-parallel mesh axis (or tuple of axes) bound by
+        ``shard_map``; None for a group of one.
+      send_counts: rows to expert j of rank d at ``[d*e + j]``. Static: a
+        NumPy/Python ``(W, e*W)`` per-rank matrix or one ``(e*W,)`` row for
+        every rank. Traced: an integer JAX array ``(e*W,)`` per shard.
+      recv_counts: rows from rank s for local expert j at ``[s*e + j]``;
+        optional (derived from send_counts: statically, or by a small
+        all-to-all of the traced counts). Checked against send_counts when
+        static.
+      mm_x: [BS, H2], with mm_weight [H2, N2] ([N2, H2] with
+        ``trans_mm_weight``): the shared expert, ``mm_y = mm_x @ mm_weight``.
+      permute_out_flag: also return ``permute_out`` [A_cap, H1].
+      max_recv_tokens: A_cap, the static row count of the outputs (rows past
+        a rank's received count are zero). Default: the exact maximum for
+        static counts, ``W * max_tokens_per_peer`` for traced ones.
+      max_tokens_per_peer: rows one rank sends one peer in the fixed-capacity
+        all-to-all. Default: the exact maximum for static counts, BSK for
+        traced ones (always enough; smaller values drop rows past it).
+      implementation: "xla", "ffi", "ascend" or None (platform default).
+
+    Returns:
+      ``(gmm_y [A_cap, N1], mm_y [BS, N2] or None, permute_out [A_cap, H1] or
+      None)``; gmm_y and permute_out are expert-major, source-rank-minor.
+    """
+    op = OP_DISPATCH
+    _check_mm_pair(op, mm_x, mm_weight)
+    axes, impl, world, experts, static = _common_params(
+        op, gmm_weight, axis_name, send_counts, recv_counts, implementation
+    )
+    table, send, recv = _resolve_counts(
+        op, send_counts, recv_counts, world=world, experts=experts, axes=axes
+    )
+    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
+    if table is not None:
+        sums = np.asarray(table).sum(axis=1)
+        if np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
+            raise v.type_error(
+                op,
+                f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
+                f"largest rank's; per rank: {sums.tolist()})",
+            )
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
+        exact = int(
+            transpose_count_table(np.asarray(table), world=world, experts=experts).sum(1).max()
+        )
+        out_rows = _capacity(op, "max_recv_tokens", max_recv_tokens, exact)
+    else:
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
+        out_rows = _capacity(op, "max_recv_tokens", max_recv_tokens, world * peer)
+    has_mm = mm_x is not None
+    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
+    if table is None:
+        operands += [send, recv]
+    if has_mm:
+        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
+    outs = dispatch_p.bind(
+        *operands,
+        send_table=table,
+        experts=experts,
+        peer_capacity=max(peer, 1),
+        out_rows=out_rows,
+        trans_weight=bool(trans_gmm_weight),
+        trans_mm_weight=bool(trans_mm_weight),
+        has_weight=True,
+        has_mm=has_mm,
+        permute_out=bool(permute_out_flag),
+        axis_name=axes,
+        world_size=world,
+        implementation=impl,
+    )
+    gmm_y = outs[0]
+    mm_y = outs[1] if has_mm else None
+    permute_out = outs[-1] if permute_out_flag else None
+    return gmm_y, mm_y, permute_out
+
+
+def grouped_matmul_alltoallv(
+    gmm_x,
+    gmm_weight,
+    axis_name,
+    *,
+    send_counts,
+    recv_counts=None,
+    mm_x=None,
+    mm_weight=None,
+    trans_gmm_weight=False,
+    trans_mm_weight=False,
+    max_out_tokens=None,
+    max_tokens_per_peer=None,
+    implementation=None,
+):
+    """Grouped matmul + Unpermute + AlltoAllv (MoE combine), the exact
+    inverse layout of :func:`alltoallv_grouped_matmul`, with an optional
+    shared-expert matmul (aclnnGroupedMatMulAlltoAllv).
+
+    Args:
+      gmm_x: [A_cap, H1], expert-major, rank-minor (like ``permute_out``):
+        group j has ``sum_d send_counts[d*e + j]`` rows and uses
+        ``gmm_weight[j]``; rows past the groups are ignored.
+      gmm_weight: [e, H1, N1], or [e, N1, H1] with ``trans_gmm_weight``.
+      send_counts: rows of local expert j going back to rank d at
+        ``[d*e + j]`` (the dispatch's recv_counts); static or traced as in
+        :func:`alltoallv_grouped_matmul`.
+      recv_counts: rows from rank s's expert j at ``[s*e + j]`` (the
+        dispatch's send_counts); optional, derived from send_counts.
+      mm_x, mm_weight, trans_mm_weight: the shared expert, ``mm_y = mm_x @
+        mm_weight``.
+      max_out_tokens: BSK_cap, the static row count of ``y``. Default: the
+        exact maximum for static counts, ``W * max_tokens_per_peer`` for
+        traced ones.
+      max_tokens_per_peer: as in :func:`alltoallv_grouped_matmul`; default
+        the exact maximum for static counts, A_cap for traced ones.
+
+    Returns:
+      ``(y [BSK_cap, N1], mm_y [BS, N2] or None)``: y's rows are grouped by
+      global expert id, the order of the dispatch's gmm_x; padding rows 0.
+    """
+    op = OP_COMBINE
+    _check_mm_pair(op, mm_x, mm_weight)
+    axes, impl, world, experts, static = _common_params(
+        op, gmm_weight, axis_name, send_counts, recv_counts, implementation
+    )
+    table, send, recv = _resolve_counts(
+        op, send_counts, recv_counts, world=world, experts=experts, axes=axes
+    )
+    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
+    if table is not None:
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
+        exact = int(
+            transpose_count_table(np.asarray(table), world=world, experts=experts).sum(1).max()
+        )
+        out_rows = _capacity(op, "max_out_tokens", max_out_tokens, exact)
+    else:
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
+        out_rows = _capacity(op, "max_out_tokens", max_out_tokens, world * peer)
+    has_mm = mm_x is not None
+    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
+    if table is None:
+        operands += [send, recv]
+    if has_mm:
+        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
+    outs = combine_p.bind(
+        *operands,
+        send_table=table,
+        experts=experts,
+        peer_capacity=max(peer, 1),
+        out_rows=out_rows,
+        trans_weight=bool(trans_gmm_weight),
+        trans_mm_weight=bool(trans_mm_weight),
+        has_weight=True,
+        has_mm=has_mm,
+        permute_out=False,
+        axis_name=axes,
+        world_size=world,
+        implementation=impl,
+    )
+    return outs[0], (outs[1] if has_mm else None)

@@ -1,0 +1,584 @@
+"""alltoallv_grouped_matmul and grouped_matmul_alltoallv against the NumPy
+model of every rank (tests/ep_oracle.py): static and traced counts, uniform,
+random, skewed and zero counts, the shared expert, transposed weights,
+permute_out, 1/2/4/8 devices, both implementations, round trips, gradients,
+vmap, vma typing and the lowered HLO."""
+
+import functools
+
+import ep_oracle
+import jax
+import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
+import numpy as np
+import oracle
+import pytest
+from conftest import IMPLEMENTATIONS, make_mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_mc2 as mc2
+
+TOL = {
+    np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3),
+    oracle.BF16: dict(rtol=1.6e-2, atol=1.6e-2),
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def count_table(kind, world, experts, rng):
+    """A (W, E*W) send-count table of the named kind."""
+    g = world * experts
+    if kind == "uniform":
+        return np.full((world, g), 3)
+    if kind == "random":
+        return rng.integers(0, 5, size=(world, g))
+    if kind == "skewed":
+        return ep_oracle.zipf_counts(rng, world, experts, rows=4 * g)
+    if kind == "zeros":  # empty experts, and a rank that sends nothing
+        t = rng.integers(0, 4, size=(world, g))
+        t[:, ::2] = 0
+        t[-1] = 0
+        if world == 1:
+            t[0, 1] = 2
+        return t
+    raise ValueError(kind)
+
+
+def _rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _assert_close(got, want, dtype):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), **TOL[np.dtype(dtype)]
+    )
+
+
+def _check_padded(got, want, dtype):
+    """got [cap, n]: its first rows are want, the rest zero."""
+    got = np.asarray(got)
+    assert got.shape[0] >= want.shape[0], (got.shape, want.shape)
+    _assert_close(got[: want.shape[0]], want, dtype)
+    assert not np.asarray(got[want.shape[0] :], np.float32).any()
+
+
+def _ep_call(world, fn, args, in_specs, n_out):
+    mesh = make_mesh((world,), ("ep",))
+    return jax.jit(
+        jax.shard_map(
+            fn, mesh=mesh, in_specs=in_specs, out_specs=tuple(P("ep") for _ in range(n_out))
+        )
+    )(*args)
+
+
+def _dispatch_case(rng, world, experts, table, dtype, *, trans, h1=16, n1=12):
+    bsk = int(table.sum(1).max())
+    xs = _rand(rng, (world, bsk, h1), dtype)
+    shape = (experts, n1, h1) if trans else (experts, h1, n1)
+    ws = _rand(rng, (world, *shape), dtype, 0.3)
+    return xs, ws
+
+
+def run_dispatch(
+    world,
+    impl,
+    table,
+    xs,
+    ws,
+    *,
+    traced,
+    trans=False,
+    mm=None,
+    permute_out=False,
+    trans_mm=False,
+    **kwargs,
+):
+    """Every rank's outputs, stacked: [gmm_y, (mm_y), (permute_out)]."""
+    shared = mm is not None
+    mm_x, mm_w = mm if shared else (np.zeros((world, 1, 1), xs.dtype), np.zeros((1, 1), xs.dtype))
+
+    def f(x, w, counts, mx, mw):
+        y, mm_y, p = mc2.alltoallv_grouped_matmul(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=counts[0] if traced else table,
+            mm_x=mx[0] if shared else None,
+            mm_weight=mw if shared else None,
+            trans_gmm_weight=trans,
+            trans_mm_weight=trans_mm,
+            permute_out_flag=permute_out,
+            implementation=impl,
+            **kwargs,
+        )
+        return tuple(o[None] for o in (y, mm_y, p) if o is not None)
+
+    n_out = 1 + shared + permute_out
+    specs = (P("ep"), P("ep"), P("ep"), P("ep"), P())
+    return _ep_call(world, f, (xs, ws, jnp.asarray(table, jnp.int32), mm_x, mm_w), specs, n_out)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["uniform", "random", "skewed", "zeros"])
+def test_dispatch_matches_oracle(impl, world, kind):
+    rng = np.random.default_rng(world * 10 + len(kind))
+    experts = 2
+    table = count_table(kind, world, experts, rng)
+    dtype = np.float16
+    xs, ws = _dispatch_case(rng, world, experts, table, dtype, trans=False)
+    y, perm = run_dispatch(world, impl, table, xs, ws, traced=False, permute_out=True)
+    want = ep_oracle.dispatch(list(xs), list(ws), table, dtype=dtype)
+    exact_rows = ep_oracle.recv_table(table, experts).sum(1).max()
+    assert y.shape == (world, exact_rows, 12)  # default capacity: the exact maximum
+    for r in range(world):
+        _check_padded(perm[r], want[r][0], dtype)
+        _check_padded(y[r], want[r][1], dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16, np.float32])
+@pytest.mark.parametrize("trans", [False, True])
+def test_dispatch_traced_counts_and_shared_expert(impl, dtype, trans):
+    world, experts = 4, 3
+    rng = np.random.default_rng(7)
+    table = count_table("random", world, experts, rng)
+    xs, ws = _dispatch_case(rng, world, experts, table, dtype, trans=trans)
+    mm_x = _rand(rng, (world, 5, 16), dtype)
+    mm_w = _rand(rng, (6, 16) if trans else (16, 6), dtype, 0.3)
+    y, mm_y, perm = run_dispatch(
+        world,
+        impl,
+        table,
+        xs,
+        ws,
+        traced=True,
+        trans=trans,
+        trans_mm=trans,
+        mm=(mm_x, mm_w),
+        permute_out=True,
+    )
+    bsk = xs.shape[1]
+    assert y.shape == (world, world * bsk, ws.shape[2] if trans else ws.shape[3])
+    want = ep_oracle.dispatch(list(xs), list(ws), table, trans=trans, dtype=dtype)
+    for r in range(world):
+        _check_padded(perm[r], want[r][0], dtype)
+        _check_padded(y[r], want[r][1], dtype)
+        w = mm_w.astype(np.float64).T if trans else mm_w.astype(np.float64)
+        _assert_close(mm_y[r], (mm_x[r].astype(np.float64) @ w).astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_dispatch_traced_recv_counts_given(impl):
+    world, experts = 2, 2
+    rng = np.random.default_rng(3)
+    table = count_table("random", world, experts, rng)
+    recv = ep_oracle.recv_table(table, experts)
+    xs, ws = _dispatch_case(rng, world, experts, table, np.float32, trans=False)
+
+    def f(x, w, s, rc):
+        y, _, _ = mc2.alltoallv_grouped_matmul(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=s[0],
+            recv_counts=rc[0],
+            max_recv_tokens=20,
+            implementation=impl,
+        )
+        return (y[None],)
+
+    (y,) = _ep_call(world, f, (xs, ws, jnp.asarray(table), jnp.asarray(recv)), (P("ep"),) * 4, 1)
+    want = ep_oracle.dispatch(list(xs), list(ws), table, dtype=np.float32)
+    assert y.shape == (world, 20, 12)
+    for r in range(world):
+        _check_padded(y[r], want[r][1], np.float32)
+
+
+def run_combine(world, impl, table, xs, ws, *, traced, trans=False, mm=None, **kwargs):
+    shared = mm is not None
+    mm_x, mm_w = mm if shared else (np.zeros((world, 1, 1), xs.dtype), np.zeros((1, 1), xs.dtype))
+
+    def f(x, w, counts, mx, mw):
+        y, mm_y = mc2.grouped_matmul_alltoallv(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=counts[0] if traced else table,
+            mm_x=mx[0] if shared else None,
+            mm_weight=mw if shared else None,
+            trans_gmm_weight=trans,
+            implementation=impl,
+            **kwargs,
+        )
+        return tuple(o[None] for o in (y, mm_y) if o is not None)
+
+    specs = (P("ep"), P("ep"), P("ep"), P("ep"), P())
+    return _ep_call(
+        world, f, (xs, ws, jnp.asarray(table, jnp.int32), mm_x, mm_w), specs, 1 + shared
+    )
+
+
+def _combine_case(rng, world, experts, table, dtype, *, trans, h1=16, n1=12):
+    """Per-rank expert-major inputs with garbage padding rows past A_r."""
+    a_cap = int(table.sum(1).max()) + 3
+    xs = _rand(rng, (world, a_cap, h1), dtype)
+    shape = (experts, n1, h1) if trans else (experts, h1, n1)
+    return xs, _rand(rng, (world, *shape), dtype, 0.3)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("kind", ["uniform", "random", "skewed", "zeros"])
+def test_combine_matches_oracle(impl, world, kind):
+    rng = np.random.default_rng(world * 100 + len(kind))
+    experts = 2
+    table = count_table(kind, world, experts, rng)
+    dtype = oracle.BF16
+    xs, ws = _combine_case(rng, world, experts, table, dtype, trans=False)
+    (y,) = run_combine(world, impl, table, xs, ws, traced=False)
+    want = ep_oracle.combine(list(xs), list(ws), table, dtype=dtype)
+    for r in range(world):
+        _check_padded(y[r], want[r], dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_combine_traced_counts_and_shared_expert(impl, trans):
+    world, experts = 4, 2
+    dtype = np.float16
+    rng = np.random.default_rng(11)
+    table = count_table("skewed", world, experts, rng)
+    xs, ws = _combine_case(rng, world, experts, table, dtype, trans=trans)
+    mm_x = _rand(rng, (world, 3, 16), dtype)
+    mm_w = _rand(rng, (16, 4), dtype, 0.3)
+    cap = int(ep_oracle.recv_table(table, experts).sum(1).max()) + 5
+    y, mm_y = run_combine(
+        world, impl, table, xs, ws, traced=True, trans=trans, mm=(mm_x, mm_w), max_out_tokens=cap
+    )
+    want = ep_oracle.combine(list(xs), list(ws), table, trans=trans, dtype=dtype)
+    assert y.shape[1] == cap
+    for r in range(world):
+        _check_padded(y[r], want[r], dtype)
+        _assert_close(mm_y[r], (mm_x[r].astype(np.float64) @ mm_w).astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("world", [2, 8])
+def test_dispatch_then_combine_returns_input_order(impl, traced, world):
+    experts, h = 2, 8
+    rng = np.random.default_rng(world)
+    table = count_table("random", world, experts, rng)
+    recv = ep_oracle.recv_table(table, experts)
+    bsk = int(table.sum(1).max())
+    xs = rng.integers(-8, 8, size=(world, bsk, h)).astype(np.float32)
+    eye = np.broadcast_to(np.eye(h, dtype=np.float32), (world, experts, h, h))
+
+    def f(x, w, s, rc):
+        sc = s[0] if traced else table
+        rcv = rc[0] if traced else recv
+        y, _, _ = mc2.alltoallv_grouped_matmul(
+            x[0], w[0], "ep", send_counts=sc, implementation=impl
+        )
+        back, _ = mc2.grouped_matmul_alltoallv(
+            y, w[0], "ep", send_counts=rcv, recv_counts=sc, max_out_tokens=bsk, implementation=impl
+        )
+        return (back[None],)
+
+    (back,) = _ep_call(
+        world, f, (xs, eye, jnp.asarray(table), jnp.asarray(recv)), (P("ep"),) * 4, 1
+    )
+    for r in range(world):
+        n = table[r].sum()
+        np.testing.assert_array_equal(back[r][:n], xs[r][:n])
+        assert not back[r][n:].any()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_traced_capacity_drops_rows_past_it(impl):
+    """A chunk keeps its first max_tokens_per_peer rows; combine drops the
+    same rows, so dispatch + combine returns exactly the kept rows."""
+    world, experts, h, cap = 4, 2, 8, 3
+    rng = np.random.default_rng(5)
+    table = count_table("random", world, experts, rng) + 1
+    bsk = int(table.sum(1).max())
+    xs = rng.integers(-8, 8, size=(world, bsk, h)).astype(np.float32)
+    eye = np.broadcast_to(np.eye(h, dtype=np.float32), (world, experts, h, h))
+
+    def f(x, w, s):
+        y, _, _ = mc2.alltoallv_grouped_matmul(
+            x[0], w[0], "ep", send_counts=s[0], max_tokens_per_peer=cap, implementation=impl
+        )
+        rc = mc2.ops.alltoallv_grouped_matmul.exchange_counts(s[0], ("ep",))
+        back, _ = mc2.grouped_matmul_alltoallv(
+            y,
+            w[0],
+            "ep",
+            send_counts=rc,
+            recv_counts=s[0],
+            max_tokens_per_peer=cap,
+            max_out_tokens=bsk,
+            implementation=impl,
+        )
+        return y[None], back[None]
+
+    y, back = _ep_call(world, f, (xs, eye, jnp.asarray(table)), (P("ep"),) * 3, 2)
+    assert y.shape == (world, world * cap, h)
+    kept_table = np.zeros_like(table)
+    for r in range(world):
+        start = 0
+        for d in range(world):
+            chunk = table[r, d * experts : (d + 1) * experts]
+            ends = np.minimum(np.cumsum(chunk), cap)
+            kept_table[r, d * experts : (d + 1) * experts] = np.diff(ends, prepend=0)
+            n_kept = ends[-1]
+            want = np.zeros((chunk.sum(), h), np.float32)
+            want[:n_kept] = xs[r, start : start + n_kept]
+            np.testing.assert_array_equal(back[r, start : start + chunk.sum()], want)
+            start += chunk.sum()
+    kept_x = [
+        np.concatenate(
+            [
+                xs[r, table[r, : d * experts].sum() :][
+                    : kept_table[r, d * experts : (d + 1) * experts].sum()
+                ]
+                for d in range(world)
+            ]
+        )
+        for r in range(world)
+    ]
+    want = ep_oracle.dispatch(kept_x, list(eye), kept_table, dtype=np.float32)
+    for r in range(world):
+        _check_padded(y[r], want[r][1], np.float32)
+
+
+def test_axis_name_none_is_a_group_of_one():
+    rng = np.random.default_rng(0)
+    x = _rand(rng, (7, 4), np.float32)
+    w = _rand(rng, (3, 4, 5), np.float32)
+    counts = np.array([2, 0, 5])
+    for impl in IMPLEMENTATIONS:
+        y, mm_y, perm = mc2.alltoallv_grouped_matmul(
+            x, w, None, send_counts=counts, permute_out_flag=True, implementation=impl
+        )
+        want = ep_oracle.dispatch([x], [w], counts[None], dtype=np.float32)[0]
+        _assert_close(perm, want[0], np.float32)
+        _assert_close(y, want[1], np.float32)
+        assert mm_y is None
+
+
+def test_multi_axis_ep_group():
+    """axis_name may be a tuple of mesh axes, like lax.psum."""
+    world, experts = 4, 2
+    rng = np.random.default_rng(9)
+    table = count_table("random", world, experts, rng)
+    xs, ws = _dispatch_case(rng, world, experts, table, np.float32, trans=False)
+    mesh = make_mesh((2, 2), ("a", "b"))
+
+    def f(x, w):
+        y, _, _ = mc2.alltoallv_grouped_matmul(x[0], w[0], ("a", "b"), send_counts=table)
+        return y[None]
+
+    y = jax.jit(
+        jax.shard_map(
+            f, mesh=mesh, in_specs=(P(("a", "b")), P(("a", "b"))), out_specs=P(("a", "b"))
+        )
+    )(xs, ws)
+    want = ep_oracle.dispatch(list(xs), list(ws), table, dtype=np.float32)
+    for r in range(world):
+        _check_padded(y[r], want[r][1], np.float32)
+
+
+# --------------------------------------------------------------------------
+# Transformations
+
+
+def _grad_case(world, traced, impl, op):
+    experts, h, n = 2, 6, 5
+    rng = np.random.default_rng(21)
+    table = count_table("random", world, experts, rng) + (op == "combine")
+    recv = ep_oracle.recv_table(table, experts)
+    rows = int(table.sum(1).max()) if op == "dispatch" else int(recv.sum(1).max()) + 2
+    x = _rand(rng, (world, rows, h), np.float32)
+    w = _rand(rng, (world, experts, h, n), np.float32, 0.5)
+    mm_x = _rand(rng, (world, 3, h), np.float32)
+    mm_w = _rand(rng, (h, 4), np.float32, 0.5)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w, mm_x, mm_w, s):
+        sc = s[0] if traced else (table if op == "dispatch" else recv)
+        if op == "dispatch":
+            y, mm_y, p = mc2.alltoallv_grouped_matmul(
+                x[0],
+                w[0],
+                "ep",
+                send_counts=sc,
+                mm_x=mm_x[0],
+                mm_weight=mm_w,
+                permute_out_flag=True,
+                max_recv_tokens=None if not traced else 24,
+                implementation=impl,
+            )
+            return y[None], mm_y[None], p[None]
+        y, mm_y = mc2.grouped_matmul_alltoallv(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=sc,
+            mm_x=mm_x[0],
+            mm_weight=mm_w,
+            max_out_tokens=None if not traced else 24,
+            implementation=impl,
+        )
+        return y[None], mm_y[None]
+
+    counts = jnp.asarray(table if op == "dispatch" else recv, jnp.int32)
+    n_out = 3 if op == "dispatch" else 2
+    g = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P("ep"), P("ep"), P("ep"), P(), P("ep")),
+            out_specs=(P("ep"),) * n_out,
+        )
+    )
+    return functools.partial(lambda c, *a: g(*a, c), counts), (x, w, mm_x, mm_w)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_grads(impl, op, traced):
+    fn, args = _grad_case(4, traced, impl, op)
+    jax.test_util.check_grads(fn, args, order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_transpose_of_dispatch_is_combine(impl):
+    """The VJP of the dispatch data movement in gmm_x is the combine with the
+    counts swapped and the weight transposed (checked against the combine
+    operator itself)."""
+    world, experts, h, n = 4, 2, 6, 5
+    rng = np.random.default_rng(4)
+    table = count_table("random", world, experts, rng)
+    recv = ep_oracle.recv_table(table, experts)
+    bsk = int(table.sum(1).max())
+    x = _rand(rng, (world, bsk, h), np.float32)
+    w = _rand(rng, (world, experts, h, n), np.float32)
+    ct = _rand(rng, (world, int(recv.sum(1).max()), n), np.float32)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w, ct):
+        fwd = lambda xx: mc2.alltoallv_grouped_matmul(  # noqa: E731
+            xx, w[0], "ep", send_counts=table, implementation=impl
+        )[0]
+        _, vjp = jax.vjp(fwd, x[0])
+        (grad,) = vjp(ct[0])
+        direct, _ = mc2.grouped_matmul_alltoallv(
+            ct[0],
+            w[0],
+            "ep",
+            send_counts=recv,
+            trans_gmm_weight=True,
+            max_out_tokens=bsk,
+            implementation=impl,
+        )
+        return grad[None], direct[None]
+
+    grad, direct = jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"), P("ep")))
+    )(x, w, ct)
+    np.testing.assert_allclose(grad, direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vmap_over_a_batch_of_dispatches(impl):
+    world, experts = 2, 2
+    rng = np.random.default_rng(8)
+    table = count_table("random", world, experts, rng)
+    bsk = int(table.sum(1).max())
+    xs = _rand(rng, (world, 3, bsk, 8), np.float32)
+    ws = _rand(rng, (world, experts, 8, 4), np.float32)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w):
+        one = lambda xx: mc2.alltoallv_grouped_matmul(  # noqa: E731
+            xx, w[0], "ep", send_counts=table, implementation=impl
+        )[0]
+        return jax.vmap(one)(x[0])[None]
+
+    y = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")))(xs, ws)
+    for b in range(3):
+        want = ep_oracle.dispatch(list(xs[:, b]), list(ws), table, dtype=np.float32)
+        for r in range(world):
+            _check_padded(y[r, b], want[r][1], np.float32)
+
+
+def test_vmap_over_the_ep_axis_is_refused():
+    x = jnp.ones((2, 4, 3))
+    w = jnp.ones((1, 3, 2))
+    with pytest.raises(NotImplementedError, match="bound by jax.vmap"):
+        jax.vmap(
+            lambda xx: mc2.alltoallv_grouped_matmul(xx, w, "b", send_counts=jnp.array([2, 2]))[0],
+            axis_name="b",
+        )(x)
+
+
+def test_vma_typing_and_eval_shape():
+    world, experts = 4, 2
+    table = np.full((world, experts * world), 2)
+    mesh = make_mesh((world,), ("ep",))
+    seen = {}
+
+    def f(x, w, mx, mw):
+        y, mm_y, p = mc2.alltoallv_grouped_matmul(
+            x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, permute_out_flag=True
+        )
+        seen["y"], seen["mm"] = str(jax.typeof(y)), str(jax.typeof(mm_y))
+        return y
+
+    x = jnp.ones((world * 16, 8), jnp.bfloat16)
+    w = jnp.ones((world, experts, 8, 4), jnp.bfloat16)
+    jax.eval_shape(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P("ep"), P("ep"), P(), P()),
+            out_specs=P("ep"),
+            check_vma=True,
+        ),
+        x,
+        w,
+        jnp.ones((5, 8), jnp.bfloat16),
+        jnp.ones((8, 3), jnp.bfloat16),
+    )
+    assert seen["y"] == "bfloat16[16,4]{V:ep}"
+    assert seen["mm"] == "bfloat16[5,3]"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_lowered_hlo(impl):
+    world, experts = 4, 2
+    table = np.full((world, experts * world), 2)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w):
+        y, _, _ = mc2.alltoallv_grouped_matmul(
+            x, w[0], "ep", send_counts=table, implementation=impl
+        )
+        back, _ = mc2.grouped_matmul_alltoallv(
+            y, w[0], "ep", send_counts=table, implementation=impl
+        )
+        return back
+
+    text = (
+        jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")))
+        .lower(
+            jnp.ones((world * 16, 8), jnp.float16), jnp.ones((world, experts, 8, 8), jnp.float16)
+        )
+        .as_text()
+    )
+    assert text.count("all_to_all") == 2
+    assert "all_gather" not in text and "all_reduce" not in text
+    assert text.count("mc2_grouped_matmul_ffi") == (2 if impl == "ffi" else 0)
