@@ -582,3 +582,168 @@ def test_lowered_hlo(impl):
     assert text.count("all_to_all") == 2
     assert "all_gather" not in text and "all_reduce" not in text
     assert text.count("mc2_grouped_matmul_ffi") == (2 if impl == "ffi" else 0)
+
+
+# --------------------------------------------------------------------------
+# Validation and chip rules (abstract evaluation over an AbstractMesh, so
+# any world size can be checked without devices)
+
+_S = jax.ShapeDtypeStruct
+
+
+def _shape_check(
+    world,
+    *,
+    op="dispatch",
+    dtype=jnp.float16,
+    experts=2,
+    h1=8,
+    n1=4,
+    rows=None,
+    counts=None,
+    mm=None,
+    **kwargs,
+):
+    """eval_shape of one operator call on a (world,) 'ep' AbstractMesh."""
+    counts = np.full((world, experts * world), 1) if counts is None else counts
+    rows = int(np.asarray(counts).sum(-1).max()) if rows is None else rows
+    mesh = jax.sharding.AbstractMesh((world,), ("ep",))
+    fn = mc2.alltoallv_grouped_matmul if op == "dispatch" else mc2.grouped_matmul_alltoallv
+
+    def f(x, w, *shared):
+        extra = dict(mm_x=shared[0], mm_weight=shared[1]) if shared else {}
+        return fn(x, w[0], "ep", send_counts=counts, **extra, **kwargs)[0]
+
+    args = [_S((world * rows, h1), dtype), _S((world, experts, h1, n1), dtype)]
+    specs = [P("ep"), P("ep")]
+    if mm is not None:
+        args += [_S(mm[0], dtype), _S(mm[1], dtype)]
+        specs += [P(), P()]
+    return jax.eval_shape(
+        jax.shard_map(f, mesh=mesh, in_specs=tuple(specs), out_specs=P("ep")), *args
+    )
+
+
+def _eager(x, w, counts, **kwargs):
+    return mc2.alltoallv_grouped_matmul(x, w, None, send_counts=counts, **kwargs)
+
+
+_X = np.zeros((4, 8), np.float16)
+_W = np.zeros((2, 8, 3), np.float16)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: _eager(_X[0], _W, [2, 2]), TypeError, r"gmm_x must be 2-D \(BSK, H1\)"),
+        (lambda: _eager(_X, _W[0], [2, 2]), TypeError, "gmm_weight must be 3-D"),
+        (
+            lambda: _eager(_X, np.zeros((2, 6, 3), np.float16), [2, 2]),
+            TypeError,
+            r"H1 == gmm_x.shape\[1\] == 8",
+        ),
+        (
+            lambda: _eager(_X, _W.astype(oracle.BF16), [2, 2]),
+            TypeError,
+            "gmm_weight dtype must equal gmm_x dtype float16, got bfloat16",
+        ),
+        (lambda: _eager(_X.astype(np.int8), _W, [2, 2]), TypeError, "gmm_x dtype must be one of"),
+        (
+            lambda: _eager(_X, _W, [2, 2], mm_x=_X),
+            ValueError,
+            "mm_x and mm_weight .* together",
+        ),
+        (
+            lambda: _eager(_X, _W, [2, 2], mm_x=_X, mm_weight=np.zeros((5, 2), np.float16)),
+            TypeError,
+            r"mm_weight must be 2-D \(H2, N2\) with H2 == mm_x.shape\[1\] == 8",
+        ),
+        (lambda: _eager(_X, _W, [1, 1, 2]), TypeError, r"send_counts must be \(e\*W,\) = \(2,\)"),
+        (lambda: _eager(_X, _W, [5, -1]), ValueError, "send_counts must be >= 0"),
+        (lambda: _eager(_X, _W, [1.0, 3.0]), TypeError, "send_counts must hold integers"),
+        (lambda: _eager(_X, _W, [1, 2]), TypeError, r"gmm_x rows BSK = 4 must equal sum"),
+        (
+            lambda: _eager(_X, _W, [2, 2], recv_counts=[3, 1]),
+            ValueError,
+            "recv_counts disagree with send_counts",
+        ),
+        (
+            lambda: _eager(_X, _W, [2, 2], recv_counts=jnp.array([2, 2])),
+            TypeError,
+            "both be static .* or both traced",
+        ),
+        (
+            lambda: _eager(_X, _W, jnp.array([2.0, 2.0])),
+            TypeError,
+            "traced send_counts must be an integer array",
+        ),
+        (
+            lambda: _eager(_X, _W, [2, 2], max_recv_tokens=3),
+            ValueError,
+            "max_recv_tokens = 3 is smaller than the 4 rows",
+        ),
+        (
+            lambda: _eager(_X, _W, [2, 2], max_tokens_per_peer=2),
+            ValueError,
+            "max_tokens_per_peer = 2 is smaller than the 4 rows",
+        ),
+        (
+            lambda: _eager(_X, np.zeros((33, 8, 3), np.float16), [0] * 32 + [4]),
+            ValueError,
+            r"e \(local experts\) must be in \[1, 32\], got 33",
+        ),
+        (
+            lambda: _eager(_X, _W, [2, 2], implementation="ascend"),
+            NotImplementedError,
+            "needs the CANN toolkit",
+        ),
+        (
+            lambda: mc2.alltoallv_grouped_matmul(_X, _W, "nope", send_counts=[2, 2]),
+            NameError,
+            "nope",
+        ),
+        (
+            lambda: mc2.grouped_matmul_alltoallv(_X, _W, None, send_counts=[3, 2]),
+            TypeError,
+            "gmm_x has 4 rows but rank 0 sends sum",
+        ),
+    ],
+)
+def test_invalid_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_counts_length_limit():
+    with pytest.raises(ValueError, match=r"e \* W = 32 \* 16 = 512 exceeds 256"):
+        _shape_check(16, experts=32)
+    _shape_check(8, experts=32)  # 256 is the largest
+
+
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_chip_rules(op):
+    big = dict(rows=2048, h1=1024, n1=1024)  # 2048 * 1024 * 2 B = 4 MB a card
+    counts = lambda w: np.full((w, 2 * w), 2048 // (2 * w))  # noqa: E731
+    with mc2.target("atlas-a2"):
+        with pytest.raises(NotImplementedError, match="not available on target 'atlas-a2'"):
+            _shape_check(8, op=op, counts=counts(8), **big)
+    with mc2.target("atlas-a3"):
+        _shape_check(8, op=op, counts=counts(8), **big)
+        _shape_check(64, op=op, counts=counts(64), experts=2, **big)
+        with pytest.raises(NotImplementedError, match=r"world size 4 .* supported: 8, 16, 32, 64"):
+            _shape_check(4, op=op, counts=counts(4), **big)
+        with pytest.raises(NotImplementedError, match=r"per-card traffic .* \[2 MB, 100 MB\]"):
+            _shape_check(8, op=op)
+        with pytest.raises(TypeError, match="float32 is accepted only under the 'generic'"):
+            _shape_check(8, op=op, counts=counts(8), dtype=jnp.float32, **big)
+    with mc2.target("ascend-950"):
+        _shape_check(4, op=op)  # no traffic rule on 950
+        with pytest.raises(NotImplementedError, match=r"world size 2 .* supported: 4, 8, 16"):
+            _shape_check(2, op=op)
+        with pytest.raises(NotImplementedError, match="H1 = 65536 must be < 65536"):
+            _shape_check(4, op=op, h1=65536)
+        with pytest.raises(NotImplementedError, match="H2 = mm_x.shape.1. = 12289 exceeds 12288"):
+            _shape_check(4, op=op, mm=((3, 12289), (12289, 4)))
+        _shape_check(4, op=op, mm=((3, 12288), (12288, 4)))
+    # generic: the math only
+    _shape_check(2, op=op, h1=65536, dtype=jnp.float32)
