@@ -31,9 +31,10 @@ from jax_mc2 import _mc2_ffi  # noqa: E402
 MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
 INT8_MATMUL = "mc2_int8_matmul_ffi"
+GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
 
 #: Every target a lowering of this package uses.
-TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL)
+TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL)
 
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
@@ -126,5 +127,43 @@ def int8_matmul(
         has_bias=bias is not None,
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
+        parallelism=np.int64(parallelism),
+    )
+
+
+def grouped_matmul(
+    x,
+    w,
+    group_offsets,
+    src_index,
+    dst_index,
+    *,
+    out_rows: int,
+    transpose_w: bool,
+    permute_out: bool,
+    parallelism: int,
+):
+    """Grouped matmul with a row gather and scatter (custom call ``mc2_grouped_matmul_ffi``).
+
+    x: [r_in, k]; w: [g, k, n] ([g, n, k] if transpose_w), x's dtype;
+    group_offsets: int32 [g + 1], non-decreasing in [0, v]; src_index,
+    dst_index: int32 [v]. Virtual row i in ``[group_offsets[j],
+    group_offsets[j + 1])`` computes ``y[dst_index[i]] = round(x[src_index[i]]
+    @ w[j])`` in fp32 with one rounding; src -1 reads a zero row, dst -1
+    discards the row, and y rows nobody writes are zero. Returns y [out_rows,
+    n], or ``(y, permute_out)`` with permute_out [v, k] = ``x[src_index]``
+    (zero rows for src -1) when ``permute_out``.
+    """
+    n = w.shape[1] if transpose_w else w.shape[2]
+    y = jax.ShapeDtypeStruct((out_rows, n), x.dtype)
+    out_types = (y, jax.ShapeDtypeStruct((src_index.shape[0], x.shape[1]), x.dtype))
+    return jax.ffi.ffi_call(GROUPED_MATMUL, out_types if permute_out else y)(
+        x,
+        w,
+        group_offsets,
+        src_index,
+        dst_index,
+        transpose_w=bool(transpose_w),
+        has_permute_out=bool(permute_out),
         parallelism=np.int64(parallelism),
     )

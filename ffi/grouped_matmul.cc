@@ -1,0 +1,259 @@
+// mc2_grouped_matmul_ffi: a grouped matmul with a row gather in front and a
+// row scatter behind, the expert GEMM of a mixture of experts:
+//   for every virtual row v in group g (group_offsets[g] <= v < group_offsets[g + 1]):
+//     y[dst[v], :] = round(x[src[v], :] @ w[g])      (dst[v] == -1: discarded)
+//   src[v] == -1 reads a zero row; y rows no virtual row writes are zero.
+//   permute_out[v, :] = x[src[v], :] for every v (optional second result).
+// w is (G, k, n), or (G, n, k) when transpose_w. Each group is one BLAS sgemm
+// on an fp32 tile of its gathered rows, with one rounding to the dtype.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "ffi_common.h"
+#include "mc2_ffi.h"
+
+namespace jax_mc2 {
+namespace {
+
+constexpr char kOp[] = "mc2_grouped_matmul_ffi";
+// The fp32 tiles of the gathered rows and of their results hold at most this
+// many elements each (64 MiB); a larger group runs as several sgemm calls.
+constexpr int64_t kMaxTileElements = int64_t{1} << 24;
+// sgemm takes 32-bit sizes.
+constexpr int64_t kMaxBlasDim = int64_t{1} << 31;
+
+size_t ElementBytes(ffi::DataType type) { return type == ffi::DataType::F32 ? 4 : 2; }
+
+ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer group_offsets,
+                                ffi::AnyBuffer src_index, ffi::AnyBuffer dst_index,
+                                ffi::Result<ffi::AnyBuffer> y, ffi::RemainingRets extra_rets,
+                                bool transpose_w, bool has_permute_out, int64_t parallelism) {
+  // Dtypes and ranks.
+  const ffi::DataType dtype = x.element_type();
+  if (!IsFloatType(dtype) || w.element_type() != dtype || y->element_type() != dtype) {
+    return InvalidArgument(kOp,
+                           "x, w and y must share one float dtype (float16, bfloat16 or "
+                           "float32)");
+  }
+  if (group_offsets.element_type() != ffi::DataType::S32 ||
+      src_index.element_type() != ffi::DataType::S32 ||
+      dst_index.element_type() != ffi::DataType::S32) {
+    return InvalidArgument(kOp, "group_offsets, src_index and dst_index must be int32");
+  }
+  auto x_dims = x.dimensions();
+  auto w_dims = w.dimensions();
+  auto y_dims = y->dimensions();
+  auto off_dims = group_offsets.dimensions();
+  auto src_dims = src_index.dimensions();
+  auto dst_dims = dst_index.dimensions();
+  if (x_dims.size() != 2 || w_dims.size() != 3 || y_dims.size() != 2 || off_dims.size() != 1 ||
+      src_dims.size() != 1 || dst_dims.size() != 1) {
+    return InvalidArgument(kOp,
+                           "expected x (rows, k), w (G, k, n), group_offsets (G + 1,), "
+                           "src_index (V,), dst_index (V,), y (rows, n); got x " +
+                               DimsToString(x_dims) + ", w " + DimsToString(w_dims) +
+                               ", group_offsets " + DimsToString(off_dims) + ", src_index " +
+                               DimsToString(src_dims) + ", dst_index " + DimsToString(dst_dims) +
+                               ", y " + DimsToString(y_dims));
+  }
+
+  // Sizes.
+  const int64_t rows_in = x_dims[0], k = x_dims[1];
+  const int64_t groups = w_dims[0];
+  const int64_t w_k = transpose_w ? w_dims[2] : w_dims[1];
+  const int64_t n = transpose_w ? w_dims[1] : w_dims[2];
+  const int64_t rows_out = y_dims[0];
+  const int64_t v_rows = src_dims[0];
+  if (w_k != k) {
+    return InvalidArgument(kOp, "w's k must match x's k = " + std::to_string(k) + ", got w " +
+                                    DimsToString(w_dims) +
+                                    (transpose_w ? " (G, n, k)" : " (G, k, n)"));
+  }
+  if (y_dims[1] != n) {
+    return InvalidArgument(
+        kOp, "y must be (rows, n) with n = " + std::to_string(n) + ", got " + DimsToString(y_dims));
+  }
+  if (off_dims[0] != groups + 1) {
+    return InvalidArgument(kOp, "group_offsets must have G + 1 = " + std::to_string(groups + 1) +
+                                    " entries for w " + DimsToString(w_dims) + ", got " +
+                                    DimsToString(off_dims));
+  }
+  if (dst_dims[0] != v_rows) {
+    return InvalidArgument(kOp, "src_index and dst_index must have the same length, got " +
+                                    DimsToString(src_dims) + " and " + DimsToString(dst_dims));
+  }
+  if (k >= kMaxBlasDim || n >= kMaxBlasDim) {
+    return InvalidArgument(kOp, "k and n must be below 2^31, got k = " + std::to_string(k) +
+                                    ", n = " + std::to_string(n));
+  }
+  void* permute_data = nullptr;
+  const size_t expected_rets = has_permute_out ? 1 : 0;
+  if (extra_rets.size() != expected_rets) {
+    return InvalidArgument(kOp, "expected " + std::to_string(1 + expected_rets) + " results, got " +
+                                    std::to_string(1 + extra_rets.size()));
+  }
+  if (has_permute_out) {
+    auto permute_out = extra_rets.get<ffi::AnyBuffer>(0);
+    if (permute_out.has_error()) return permute_out.error();
+    auto p_dims = (*permute_out)->dimensions();
+    if ((*permute_out)->element_type() != dtype || p_dims.size() != 2 || p_dims[0] != v_rows ||
+        p_dims[1] != k) {
+      return InvalidArgument(kOp, "permute_out must be (V, k) = (" + std::to_string(v_rows) + ", " +
+                                      std::to_string(k) + ") of x's dtype, got " +
+                                      DimsToString(p_dims));
+    }
+    permute_data = (*permute_out)->untyped_data();
+  }
+
+  // Index values: group offsets, gather and scatter rows.
+  const int32_t* offsets = static_cast<const int32_t*>(group_offsets.untyped_data());
+  const int32_t* src = static_cast<const int32_t*>(src_index.untyped_data());
+  const int32_t* dst = static_cast<const int32_t*>(dst_index.untyped_data());
+  if (offsets[0] < 0 || offsets[groups] > v_rows) {
+    return InvalidArgument(kOp, "group_offsets must lie in [0, V = " + std::to_string(v_rows) +
+                                    "], got group_offsets[0] = " + std::to_string(offsets[0]) +
+                                    ", group_offsets[" + std::to_string(groups) +
+                                    "] = " + std::to_string(offsets[groups]));
+  }
+  int64_t max_group = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (offsets[g + 1] < offsets[g]) {
+      return InvalidArgument(kOp, "group_offsets must be non-decreasing, got group_offsets[" +
+                                      std::to_string(g) + "] = " + std::to_string(offsets[g]) +
+                                      " > group_offsets[" + std::to_string(g + 1) +
+                                      "] = " + std::to_string(offsets[g + 1]));
+    }
+    max_group = std::max<int64_t>(max_group, offsets[g + 1] - offsets[g]);
+  }
+  const int64_t first = offsets[0], last = offsets[groups];
+  // written[r]: some virtual row inside a group writes y row r. Only those
+  // rows may not collide; rows outside every group write nothing.
+  std::vector<uint8_t> written(rows_out, 0);
+  for (int64_t v = 0; v < v_rows; ++v) {
+    if (src[v] < -1 || src[v] >= rows_in) {
+      return InvalidArgument(kOp, "src_index[" + std::to_string(v) +
+                                      "] = " + std::to_string(src[v]) + " is outside [-1, " +
+                                      std::to_string(rows_in) + ")");
+    }
+    if (dst[v] < -1 || dst[v] >= rows_out) {
+      return InvalidArgument(kOp, "dst_index[" + std::to_string(v) +
+                                      "] = " + std::to_string(dst[v]) + " is outside [-1, " +
+                                      std::to_string(rows_out) + ")");
+    }
+    if (v >= first && v < last && dst[v] >= 0) {
+      if (written[dst[v]]) {
+        return InvalidArgument(kOp, "dst_index[" + std::to_string(v) +
+                                        "] = " + std::to_string(dst[v]) +
+                                        " duplicates the y row of an earlier virtual row");
+      }
+      written[dst[v]] = 1;
+    }
+  }
+
+  const size_t esize = ElementBytes(dtype);
+  const char* x_bytes = static_cast<const char*>(x.untyped_data());
+  char* y_bytes = static_cast<char*>(y->untyped_data());
+  char* p_bytes = static_cast<char*>(permute_data);
+  const size_t x_row_bytes = static_cast<size_t>(k) * esize;
+  const size_t y_row_bytes = static_cast<size_t>(n) * esize;
+  // permute_out row v: a copy of the raw x row (no conversion), or zeros.
+  auto copy_permute_row = [&](int64_t v) {
+    char* out = p_bytes + v * x_row_bytes;
+    if (src[v] < 0) {
+      std::memset(out, 0, x_row_bytes);
+    } else {
+      std::memcpy(out, x_bytes + src[v] * x_row_bytes, x_row_bytes);
+    }
+  };
+  // y rows that no virtual row writes are zero (the zero bit pattern is 0.0
+  // in every float dtype).
+  for (int64_t r = 0; r < rows_out; ++r) {
+    if (!written[r]) std::memset(y_bytes + r * y_row_bytes, 0, y_row_bytes);
+  }
+  if (has_permute_out) {
+    for (int64_t v = 0; v < first; ++v) copy_permute_row(v);
+    for (int64_t v = last; v < v_rows; ++v) copy_permute_row(v);
+  }
+  if (k == 0 || n == 0) {
+    // Nothing to multiply: written y rows are empty sums (zero).
+    for (int64_t r = 0; r < rows_out; ++r) {
+      if (written[r]) std::memset(y_bytes + r * y_row_bytes, 0, y_row_bytes);
+    }
+    if (has_permute_out) {
+      for (int64_t v = first; v < last; ++v) copy_permute_row(v);
+    }
+    return ffi::Error::Success();
+  }
+
+  SetBlasThreads(BlasThreads(parallelism));
+  const int64_t tile_rows =
+      std::min(max_group,
+               std::max<int64_t>(64, std::min(kMaxBlasDim - 1, kMaxTileElements / std::max(n, k))));
+  // Scratch reused by every group. Uninitialized: every element is written
+  // before it is read.
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(tile_rows) * k]);
+  std::unique_ptr<float[]> c(new float[static_cast<size_t>(tile_rows) * n]);
+  const bool convert_w = dtype != ffi::DataType::F32;
+  std::unique_ptr<float[]> w_f32(convert_w ? new float[static_cast<size_t>(k) * n] : nullptr);
+  const int64_t ldb = transpose_w ? k : n;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = offsets[g], end = offsets[g + 1];
+    if (begin == end) continue;
+    const float* b;
+    if (convert_w) {
+      LoadAsFloat(dtype, w.untyped_data(), g * k * n, k * n, w_f32.get());
+      b = w_f32.get();
+    } else {
+      b = static_cast<const float*>(w.untyped_data()) + g * k * n;
+    }
+    for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, end - r0);
+      // Gather: one fp32 row per virtual row (zeros for src -1).
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t v = r0 + i;
+        float* row = a.get() + i * k;
+        if (src[v] < 0) {
+          std::fill(row, row + k, 0.0f);
+        } else {
+          LoadAsFloat(dtype, x_bytes, src[v] * k, k, row);
+        }
+        if (has_permute_out) copy_permute_row(v);
+      }
+      Sgemm(false, transpose_w, rows, n, k, a.get(), k, b, ldb, c.get(), n);
+      // Scatter: one rounding per element into the destination row. A src
+      // -1 row is stored as zeros, not as 0 * w (NaN where w holds an Inf).
+      for (int64_t i = 0; i < rows; ++i) {
+        const int32_t d = dst[r0 + i];
+        if (d < 0) continue;
+        if (src[r0 + i] < 0) {
+          std::memset(y_bytes + d * y_row_bytes, 0, y_row_bytes);
+        } else {
+          StoreFromFloat(dtype, c.get() + i * n, n, y_bytes, d * n);
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2GroupedMatmulHandler, Mc2GroupedMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Arg<ffi::AnyBuffer>()  // group_offsets
+                                  .Arg<ffi::AnyBuffer>()  // src_index
+                                  .Arg<ffi::AnyBuffer>()  // dst_index
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .RemainingRets()        // permute_out?
+                                  .Attr<bool>("transpose_w")
+                                  .Attr<bool>("has_permute_out")
+                                  .Attr<int64_t>("parallelism"));
+
+}  // namespace jax_mc2
