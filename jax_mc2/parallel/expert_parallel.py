@@ -1,0 +1,281 @@
+"""An expert-parallel mixture-of-experts layer over a mesh axis.
+
+Tokens are sharded over every mesh axis (the data axes, then the expert
+axis); the routed experts are sharded over the expert axis ``axis`` (expert
+``g`` lives on rank ``g // e`` of it, with e = G / W local experts) and
+replicated over the data axes. Each rank routes its own tokens:
+
+    top-k routing -> per-expert counts -> alltoallv_grouped_matmul (dispatch,
+    gate+up projection, shared expert alongside) -> SwiGLU ->
+    grouped_matmul_alltoallv (down projection, combine) -> weighted sum
+
+The counts are traced (routing happens at run time), so the all-to-alls run
+at a static capacity. With ``capacity_factor`` c, every rank sends each
+expert at most ``ceil(c * t * k / G)`` of its ``t * k`` token-expert
+assignments (GShard's per-group capacity; later assignments, in token order,
+are dropped and counted), and the all-to-all moves about ``c`` times the
+useful bytes. ``capacity_factor=None`` is the exact no-drop mode: every
+capacity is the worst case, ``t * k`` rows per peer (W times the useful
+bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jax_mc2 import _validation as v
+from jax_mc2.ops.alltoallv_grouped_matmul import (
+    alltoallv_grouped_matmul,
+    exchange_counts,
+    grouped_matmul_alltoallv,
+)
+
+OP = "expert_parallel_moe"
+_F32 = jnp.float32
+
+
+class SharedExpert(NamedTuple):
+    """A SwiGLU shared expert every token goes through (replicated weights).
+
+    w_gate, w_up: [H, Fs]; w_down: [Fs, H]."""
+
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
+
+
+class MoEOutput(NamedTuple):
+    """y: [T, H] like x. dropped: int32, token-expert assignments dropped by
+    the capacity over the whole mesh. tokens_per_expert: int32 [G], the
+    routed assignments per expert before dropping, over the whole mesh."""
+
+    y: jax.Array
+    dropped: jax.Array
+    tokens_per_expert: jax.Array
+
+
+class Capacities(NamedTuple):
+    """Static sizes of one rank's exchange (see :func:`moe_capacities`)."""
+
+    per_expert: int  # assignments one rank may send one expert
+    per_peer: int  # rows one rank sends one peer in the all-to-all
+    recv: int  # rows a rank can receive (the dispatch output rows)
+    assignments: int  # t * k rows a rank routes
+
+
+def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
+    """The static capacities for ``tokens`` local tokens per rank."""
+    a = tokens * top_k
+    local = num_experts // world
+    if capacity_factor is None:
+        return Capacities(a, a, world * a, a)
+    c = max(1, math.ceil(capacity_factor * a / num_experts))
+    per_peer = min(a, local * c)
+    return Capacities(c, per_peer, min(world * per_peer, num_experts * c), a)
+
+
+def swiglu(h):
+    """[..., 2F] gate|up -> silu(gate) * up, computed in fp32."""
+    gate, up = jnp.split(h.astype(_F32), 2, axis=-1)
+    return (jax.nn.silu(gate) * up).astype(h.dtype)
+
+
+def route(x, router_weight, top_k):
+    """Top-k routing: (expert ids [t, k] int32, weights [t, k] fp32, the
+    softmax over the k selected logits)."""
+    logits = jnp.dot(x.astype(_F32), router_weight.astype(_F32))
+    top, ids = lax.top_k(logits, top_k)
+    return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+
+
+def _local_moe(
+    x,
+    router_weight,
+    w_gate_up,
+    w_down,
+    shared,
+    *,
+    axis,
+    all_axes,
+    top_k,
+    num_experts,
+    world,
+    capacity_factor,
+    implementation,
+):
+    t, _ = x.shape
+    caps = moe_capacities(t, top_k, num_experts, world, capacity_factor)
+    ids, weights = route(x, router_weight, top_k)
+    flat = ids.reshape(-1)  # assignment i = token i // k, its (i % k)-th expert
+    by_expert = jnp.argsort(flat, stable=True)
+    sorted_ids = flat[by_expert]
+    first = jnp.searchsorted(sorted_ids, jnp.arange(num_experts, dtype=jnp.int32))
+    slot = (
+        jnp.zeros_like(flat)
+        .at[by_expert]
+        .set(jnp.arange(flat.shape[0], dtype=jnp.int32) - first[sorted_ids])
+    )
+    keep = slot < caps.per_expert
+    # Kept assignments grouped by expert id, then the dropped ones.
+    order = jnp.argsort(jnp.where(keep, flat, num_experts), stable=True)
+    send = jnp.zeros(num_experts, jnp.int32).at[flat].add(keep.astype(jnp.int32))
+    recv = exchange_counts(send, (axis,))
+    gmm_x = x[order // top_k]
+    mm = {}
+    if shared is not None:
+        mm = dict(mm_x=x, mm_weight=jnp.concatenate([shared.w_gate, shared.w_up], axis=1))
+    h, h_shared, _ = alltoallv_grouped_matmul(
+        gmm_x,
+        w_gate_up,
+        axis,
+        send_counts=send,
+        recv_counts=recv,
+        max_recv_tokens=caps.recv,
+        max_tokens_per_peer=caps.per_peer,
+        implementation=implementation,
+        **mm,
+    )
+    if shared is not None:
+        mm = dict(mm_x=swiglu(h_shared), mm_weight=shared.w_down)
+    out, out_shared = grouped_matmul_alltoallv(
+        swiglu(h),
+        w_down,
+        axis,
+        send_counts=recv,
+        recv_counts=send,
+        max_out_tokens=caps.assignments,
+        max_tokens_per_peer=caps.per_peer,
+        implementation=implementation,
+        **mm,
+    )
+    # Back to assignment order (dropped assignments come back as zero rows).
+    per_assignment = out[jnp.argsort(order)].reshape(t, top_k, -1).astype(_F32)
+    y = jnp.einsum("tk,tkh->th", weights, per_assignment)
+    if shared is not None:
+        y = y + out_shared.astype(_F32)
+    dropped = lax.psum(jnp.sum(~keep, dtype=jnp.int32), all_axes)
+    per_expert = lax.psum(jnp.zeros(num_experts, jnp.int32).at[flat].add(1), all_axes)
+    return y.astype(x.dtype), dropped, per_expert
+
+
+def expert_parallel_moe(
+    x,
+    router_weight,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    mesh,
+    axis,
+    top_k=2,
+    capacity_factor=None,
+    shared_expert=None,
+    data_axes=None,
+    implementation=None,
+):
+    """Mixture of SwiGLU experts with expert parallelism over ``axis``.
+
+    Args:
+      x: [T, H] float16/bfloat16 (float32 on the generic target); T is
+        sharded over ``(*data_axes, axis)``.
+      router_weight: [H, G], replicated; routing logits ``x @ router_weight``
+        in fp32, top ``top_k`` experts per token, weights the softmax over
+        the selected logits.
+      w_gate, w_up: [G, H, F]; w_down: [G, F, H]; sharded over ``axis`` on
+        their first dimension (G a multiple of the axis size W, G / W <= 32).
+      mesh: the ``Mesh``; axis: its expert-parallel axis name.
+      top_k: experts per token.
+      capacity_factor: None for the exact no-drop mode, or c > 0: each rank
+        sends each expert at most ``ceil(c * t * top_k / G)`` of its ``t *
+        top_k`` assignments (t local tokens); the rest are dropped and
+        counted in ``dropped``.
+      shared_expert: an optional :class:`SharedExpert` (replicated weights),
+        computed alongside the routed experts by the operators' shared-expert
+        matmuls and added to every token.
+      data_axes: the other mesh axes the tokens are sharded over (default:
+        every mesh axis but ``axis``).
+      implementation: passed to the operators.
+
+    Returns:
+      :class:`MoEOutput` ``(y [T, H], dropped, tokens_per_expert [G])``.
+    """
+    if axis not in mesh.axis_names:
+        raise v.value_error(OP, f"mesh has no axis {axis!r}; its axes are {mesh.axis_names}")
+    if data_axes is None:
+        data_axes = tuple(a for a in mesh.axis_names if a != axis)
+    data_axes = tuple(data_axes)
+    for a in data_axes:
+        if a not in mesh.axis_names or a == axis:
+            raise v.value_error(
+                OP, f"data_axes must be other axes of the mesh {mesh.axis_names}, got {data_axes}"
+            )
+    world = mesh.shape[axis]
+    if x.ndim != 2:
+        raise v.type_error(OP, f"x must be 2-D (T, H), got shape {v.shape_str(x.shape)}")
+    tokens, hidden = x.shape
+    g = router_weight.shape[-1]
+    if router_weight.shape != (hidden, g):
+        raise v.type_error(
+            OP,
+            f"router_weight must be (H, G) with H == {hidden}, got "
+            f"{v.shape_str(router_weight.shape)}",
+        )
+    if w_gate.ndim != 3 or w_gate.shape[:2] != (g, hidden) or w_up.shape != w_gate.shape:
+        raise v.type_error(
+            OP,
+            f"w_gate and w_up must be (G, H, F) with G == {g}, H == {hidden}, got "
+            f"{v.shape_str(w_gate.shape)} and {v.shape_str(w_up.shape)}",
+        )
+    ffn = w_gate.shape[2]
+    if w_down.shape != (g, ffn, hidden):
+        raise v.type_error(
+            OP,
+            f"w_down must be (G, F, H) = {v.shape_str((g, ffn, hidden))}, got "
+            f"{v.shape_str(w_down.shape)}",
+        )
+    if g % world:
+        raise v.value_error(OP, f"G = {g} experts must be a multiple of the {axis!r} size {world}")
+    if not 1 <= top_k <= g:
+        raise v.value_error(OP, f"top_k must be in [1, G = {g}], got {top_k}")
+    shards = world * math.prod(mesh.shape[a] for a in data_axes)
+    if tokens % shards:
+        raise v.value_error(
+            OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
+        )
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise v.value_error(OP, f"capacity_factor must be None or > 0, got {capacity_factor}")
+    all_axes = (*data_axes, axis)
+    token_spec = P(all_axes)
+    w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
+    shared_specs = None if shared_expert is None else SharedExpert(P(), P(), P())
+
+    def body(x, router_weight, w_gate_up, w_down, shared):
+        return _local_moe(
+            x,
+            router_weight,
+            w_gate_up,
+            w_down,
+            shared,
+            axis=axis,
+            all_axes=all_axes,
+            top_k=top_k,
+            num_experts=g,
+            world=world,
+            capacity_factor=capacity_factor,
+            implementation=implementation,
+        )
+
+    fn = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(token_spec, P(), P(axis), P(axis), shared_specs),
+        out_specs=(token_spec, P(), P()),
+    )
+    y, dropped, per_expert = fn(x, router_weight, w_gate_up, w_down, shared_expert)
+    return MoEOutput(y, dropped, per_expert)
