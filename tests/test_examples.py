@@ -1,5 +1,5 @@
-"""The shape-check example runs as a user would run it (the main example is
-run by CI and the README's first command)."""
+"""The examples run as a user would run them (the main example is also run
+by CI and the README's first command)."""
 
 import os
 import subprocess
@@ -48,3 +48,20 @@ def test_tp_transformer_block_example_with_lowbit_comm():
     assert "OK: worst relative forward error" in out.stdout
     assert "W8A8 + int8 comm" in out.stdout
     assert "OK: W8A8 within 3e-2" in out.stdout
+
+
+def test_moe_expert_parallel_example():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    small = ["--tokens", "128", "--d-model", "32", "--ffn", "64", "--shared-ffn", "32"]
+    for extra in ([], ["--capacity-factor", "1.25", "--dtype", "bfloat16"]):
+        out = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "moe_expert_parallel.py"), *small]
+            + extra,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "dp=2 x ep=4" in out.stdout
+    assert "capacity factor 1.25" in out.stdout
