@@ -26,7 +26,7 @@ jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
 )
 
-from multiprocess_case import make_case  # noqa: E402
+from multiprocess_case import ep_round_trip, make_case, make_ep_case  # noqa: E402
 
 import jax_mc2 as mc2  # noqa: E402
 
@@ -64,5 +64,19 @@ for impl in ("ffi", "xla"):
     )(*args)
     for name, o in zip(("mm", "y", "norm"), outs):
         results[f"{impl}_{name}"] = np.asarray(o.addressable_data(0))
+table, gx, gw = make_ep_case(len(jax.devices()))
+ep_args = (put(gx, P("tp")), put(gw, P("tp")), put(table, P("tp")))
+for impl in ("ffi", "xla"):
+    outs = jax.jit(
+        jax.shard_map(
+            ep_round_trip(impl),
+            mesh=mesh,
+            in_specs=(P("tp"), P("tp"), P("tp")),
+            out_specs=(P("tp"), P("tp")),
+        )
+    )(*ep_args)
+    for name, o in zip(("ep_y", "ep_back"), outs):
+        for shard in o.addressable_shards:
+            results[f"{impl}_{name}_{shard.index[0].start}"] = np.asarray(shard.data)
 np.savez(os.path.join(out_dir, f"result_{process_id}.npz"), **results)
 jax.distributed.shutdown()
