@@ -8,7 +8,12 @@ ratio to the unfused composition and the ratio to the dense fp32 GEMM ceiling
 measured in the same run (the better of OpenBLAS sgemm called directly and
 XLA's float32 dot on one device).
 
-    python -m benchmarks.run [--json FILE] [--quick] [--implementations xla,ffi]
+The expert-parallel cases (grouped matmul against ``lax.ragged_dot`` and a
+dense batched einsum; the AlltoAllv dispatch operator on the mesh) are in
+``benchmarks/expert_parallel.py``.
+
+    python -m benchmarks.run [--json FILE] [--quick] [--suite all|tp|ep]
+        [--implementations xla,ffi]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from jax.sharding import Mesh  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_mc2 as mc2  # noqa: E402
+from benchmarks import expert_parallel  # noqa: E402
 
 
 @dataclass
@@ -257,6 +263,84 @@ def _wrap(devices, in_specs, out_specs):
     return wrap
 
 
+def ep_report(quick, impls, repeat, ndev, ceiling):
+    """The grouped-matmul and dispatch tables; returns their rows."""
+    m, k, n, groups = (1024, 256, 256, 8) if quick else (4096, 1024, 1024, 8)
+    gmm_rows = []
+    for routing in ("uniform", "zipf"):
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+            times, sizes = expert_parallel.grouped_matmul_case(
+                m, k, n, groups, routing, dtype, impls, repeat, time_interleaved
+            )
+            flops = 2 * m * k * n
+            for name, ms in times.items():
+                gmm_rows.append(
+                    {
+                        "routing": routing,
+                        "dtype": jnp.dtype(dtype).name,
+                        "group_sizes": sizes.tolist(),
+                        "contender": name,
+                        "median_ms": round(ms, 3),
+                        "gflops": round(flops / (ms * 1e-3) / 1e9, 1),
+                        "vs_ragged_dot": round(times["lax.ragged_dot"] / ms, 2),
+                        "vs_dense_einsum": round(times["dense batched einsum"] / ms, 2),
+                        "vs_ceiling": round(flops / (ms * 1e-3) / 1e9 / ceiling, 2),
+                    }
+                )
+            print(f"  done grouped matmul {routing} {jnp.dtype(dtype).name}", flush=True)
+    print(
+        f"\ngrouped matmul, one device: M x K x N = {m} x {k} x {n}, G = {groups} groups "
+        "(uniform; Zipf-skewed sizes in the JSON), useful FLOPs 2·M·K·N:\n"
+    )
+    print(
+        "| routing | dtype | contender | median ms | GFLOP/s | vs ragged_dot | "
+        "vs dense einsum | vs fp32 ceiling |"
+    )
+    print("|" + "---|" * 8)
+    for r in gmm_rows:
+        print(
+            f"| {r['routing']} | {r['dtype']} | {r['contender']} | {r['median_ms']:.2f} | "
+            f"{r['gflops']:.1f} | {r['vs_ragged_dot']:.2f} | {r['vs_dense_einsum']:.2f} | "
+            f"{r['vs_ceiling']:.2f} |"
+        )
+    dispatch_rows = []
+    if ndev > 1:
+        bsk, h, n, experts = (256, 128, 128, 2) if quick else (1024, 512, 512, 2)
+        for counts in ("uniform", "zipf", "traced random, cf 1.25"):
+            for dtype in (jnp.bfloat16, jnp.float16):
+                times, ratio, flops = expert_parallel.dispatch_case(
+                    ndev, bsk, h, n, experts, counts, dtype, impls, repeat, time_interleaved
+                )
+                for name, ms in times.items():
+                    dispatch_rows.append(
+                        {
+                            "counts": counts,
+                            "dtype": jnp.dtype(dtype).name,
+                            "implementation": name,
+                            "median_ms": round(ms, 3),
+                            "gflops": round(flops / (ms * 1e-3) / 1e9, 1),
+                            "vs_xla": round(times["xla"] / ms, 2) if "xla" in times else None,
+                            "bytes_moved_over_useful": round(ratio, 2),
+                        }
+                    )
+                print(f"  done dispatch {counts} {jnp.dtype(dtype).name}", flush=True)
+        print(
+            f"\nalltoallv_grouped_matmul (dispatch) on {ndev} devices: BSK = {bsk} rows per "
+            f"rank, H1 = {h}, N1 = {n}, e = {experts} ({ndev * experts} experts); the xla "
+            "implementation is the unfused lax composition (all_to_all + gather + "
+            "ragged_dot); all-to-all bytes moved / useful bytes:\n"
+        )
+        print("| counts | dtype | implementation | median ms | GFLOP/s | vs xla | moved / useful |")
+        print("|" + "---|" * 7)
+        for r in dispatch_rows:
+            vs = f"{r['vs_xla']:.2f}" if r["vs_xla"] is not None else "-"
+            print(
+                f"| {r['counts']} | {r['dtype']} | {r['implementation']} | {r['median_ms']:.2f} | "
+                f"{r['gflops']:.1f} | {vs} | {r['bytes_moved_over_useful']:.2f} |"
+            )
+    return {"grouped_matmul": gmm_rows, "dispatch": dispatch_rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="jax_mc2 benchmarks")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -266,6 +350,12 @@ def main(argv=None):
         "--implementations",
         default=None,
         help="comma-separated (default: ffi,xla on CPU, xla elsewhere)",
+    )
+    parser.add_argument(
+        "--suite",
+        default="all",
+        choices=["all", "tp", "ep"],
+        help="tp: the matmul + all-reduce operators; ep: grouped matmul and AlltoAllv",
     )
     args = parser.parse_args(argv)
     backend = jax.default_backend()
@@ -282,11 +372,16 @@ def main(argv=None):
 
     ceiling = measure_ceiling(big, big, big, repeat)
     rows: list[Row] = []
-    for opname, case in (
-        ("mm_all_reduce_base", mm_case),
-        ("matmul_all_reduce_add_rms_norm", norm_case),
-        ("quant_matmul_all_reduce (int8)", quant_case),
-    ):
+    tp_cases = (
+        ()
+        if args.suite == "ep"
+        else (
+            ("mm_all_reduce_base", mm_case),
+            ("matmul_all_reduce_add_rms_norm", norm_case),
+            ("quant_matmul_all_reduce (int8)", quant_case),
+        )
+    )
+    for opname, case in tp_cases:
         for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
             for m, k, n in shapes:
                 for dtype in (jnp.float16, jnp.bfloat16):
@@ -329,8 +424,9 @@ def main(argv=None):
             f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
             f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {r.vs_ceiling:.2f} |"
         )
+    ep = ep_report(args.quick, impls, repeat, ndev, ceiling) if args.suite != "tp" else None
     lowbit = None
-    if ndev > 1:
+    if ndev > 1 and args.suite != "ep":
         m, k, n = (512, 1024, 512) if args.quick else (2048, 2048, 2048)
         rows_lb, err = lowbit_comm_report(m, k, n, ndev, repeat)
         base_bytes = rows_lb[0][1]
@@ -356,6 +452,7 @@ def main(argv=None):
                     "ceiling_gflops": ceiling,
                     "rows": [asdict(r) for r in rows],
                     "lowbit_comm": lowbit,
+                    "expert_parallel": ep,
                 },
                 f,
                 indent=2,
