@@ -191,6 +191,67 @@ CASES = [
 ]
 
 
+def ep_case(world, bsk, h1, n1, experts, dtype, op="dispatch", shared=None):
+    """AlltoAllv grouped matmul on a (world,) 'ep' AbstractMesh (any world
+    size, no devices), with uniform static counts."""
+
+    def run():
+        mesh = jax.sharding.AbstractMesh((world,), ("ep",))
+        counts = np.full(experts * world, bsk // (experts * world))
+        fn = mc2.alltoallv_grouped_matmul if op == "dispatch" else mc2.grouped_matmul_alltoallv
+
+        def f(x, w, *mm):
+            extra = dict(mm_x=mm[0], mm_weight=mm[1]) if mm else {}
+            return fn(x, w[0], "ep", send_counts=counts, **extra)[0]
+
+        args = [S((world * bsk, h1), dtype), S((world, experts, h1, n1), dtype)]
+        if shared is not None:
+            args += [S((bsk, shared), dtype), S((shared, h1), dtype)]
+        specs = (P("ep"), P("ep")) + ((P(), P()) if shared is not None else ())
+        return jax.eval_shape(jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=P("ep")), *args)
+
+    return run
+
+
+EP_CASES = [
+    (
+        "alltoallv_grouped_matmul",
+        "bf16 BSK=8192 H1=4096 N1=7168 e=4, 8 ranks",
+        ep_case(8, 8192, 4096, 7168, 4, jnp.bfloat16),
+    ),
+    (
+        "alltoallv_grouped_matmul",
+        "fp16 BSK=4096 H1=2048 N1=1024 e=2, 4 ranks",
+        ep_case(4, 4096, 2048, 1024, 2, jnp.float16),
+    ),
+    (
+        "alltoallv_grouped_matmul",
+        "bf16 e=4, shared expert H2=16384, 16 ranks",
+        ep_case(16, 4096, 2048, 1024, 4, jnp.bfloat16, shared=16384),
+    ),
+    (
+        "alltoallv_grouped_matmul",
+        "fp16 BSK=256 H1=256 N1=256 e=2 (256 KB a card), 8 ranks",
+        ep_case(8, 256, 256, 256, 2, jnp.float16),
+    ),
+    (
+        "alltoallv_grouped_matmul",
+        "fp16 e=8, 64 ranks (e*W = 512)",
+        ep_case(64, 8192, 1024, 1024, 8, jnp.float16),
+    ),
+    (
+        "grouped_matmul_alltoallv",
+        "bf16 A=8192 H1=4096 N1=7168 e=4, 32 ranks",
+        ep_case(32, 8192, 4096, 7168, 4, jnp.bfloat16, op="combine"),
+    ),
+    (
+        "grouped_matmul_alltoallv",
+        "fp32 A=4096 H1=1024 N1=1024 e=2, 8 ranks",
+        ep_case(8, 4096, 1024, 1024, 2, jnp.float32, op="combine"),
+    ),
+]
+
+
 def verdict(run):
     try:
         out = run()
@@ -206,7 +267,7 @@ def main():
     print(header)
     print("-" * len(header))
     reasons = []
-    for op, desc, run in CASES:
+    for op, desc, run in CASES + EP_CASES:
         cells = []
         for name in names:
             with mc2.target(name):
