@@ -747,3 +747,123 @@ def test_chip_rules(op):
         _shape_check(4, op=op, mm=((3, 12288), (12288, 4)))
     # generic: the math only
     _shape_check(2, op=op, h1=65536, dtype=jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# The GPU path (lax.ragged_all_to_all) checked on CPU through an emulation
+
+
+def _emulated_ragged_all_to_all(world):
+    """lax.ragged_all_to_all's documented semantics from all_gathers: slice i
+    of rank s goes to rank i // per, at its output_offsets[i]. A receiver
+    whose recv_sizes disagree with the senders' send_sizes gets NaNs."""
+
+    def ragged(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+    ):
+        per = input_offsets.shape[0] // world
+        me = jax.lax.axis_index(axis_name)
+        ops, io, ss, oo = (
+            jax.lax.all_gather(a, axis_name)
+            for a in (operand, input_offsets, send_sizes, output_offsets)
+        )
+        rows = jnp.arange(output.shape[0])
+        out = output
+        mismatch = jnp.zeros((), bool)
+        for s in range(world):
+            for e in range(per):
+                i = me * per + e
+                off, size, src = oo[s, i], ss[s, i], io[s, i]
+                mask = (rows >= off) & (rows < off + size)
+                src_rows = jnp.clip(src + rows - off, 0, operand.shape[0] - 1)
+                out = jnp.where(mask[:, None], ops[s][src_rows], out)
+                mismatch |= recv_sizes[s * per + e] != size
+                mismatch |= (src < 0) | (src + size > operand.shape[0])
+        return jnp.where(mismatch, jnp.nan, out)
+
+    return ragged
+
+
+@pytest.fixture
+def ragged_on_cpu(monkeypatch):
+    from jax_mc2.ops import alltoallv_grouped_matmul as mod
+
+    def use(world):
+        monkeypatch.setattr(mod, "ragged_all_to_all", _emulated_ragged_all_to_all(world))
+        monkeypatch.setattr(mod, "RAGGED_PLATFORMS", {"cpu"})
+
+    return use
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("kind", ["random", "zeros", "skewed"])
+def test_ragged_path_equals_padded_path(ragged_on_cpu, traced, kind):
+    world, experts = 4, 2
+    rng = np.random.default_rng(31)
+    table = count_table(kind, world, experts, rng)
+    recv = ep_oracle.recv_table(table, experts)
+    bsk = int(table.sum(1).max())
+    xs, ws = _dispatch_case(rng, world, experts, table, np.float32, trans=False, n1=16)
+    kwargs = dict(max_tokens_per_peer=3, max_recv_tokens=10) if traced else {}
+
+    def f(x, w, s, rc, impl):
+        sc, rcv = (s[0], rc[0]) if traced else (table, recv)
+        y, _, p = mc2.alltoallv_grouped_matmul(
+            x[0], w[0], "ep", send_counts=sc, permute_out_flag=True, implementation=impl, **kwargs
+        )
+        back, _ = mc2.grouped_matmul_alltoallv(
+            y,
+            w[0],
+            "ep",
+            send_counts=rcv,
+            recv_counts=sc,
+            trans_gmm_weight=True,
+            max_out_tokens=bsk,
+            max_tokens_per_peer=kwargs.get("max_tokens_per_peer"),
+            implementation=impl,
+        )
+        return y[None], p[None], back[None]
+
+    args = (xs, ws, jnp.asarray(table), jnp.asarray(recv))
+    padded = _ep_call(world, functools.partial(f, impl="xla"), args, (P("ep"),) * 4, 3)
+    ragged_on_cpu(world)
+    ragged = _ep_call(world, functools.partial(f, impl="xla"), args, (P("ep"),) * 4, 3)
+    text = (
+        jax.jit(
+            jax.shard_map(
+                functools.partial(f, impl="xla"),
+                mesh=make_mesh((world,), ("ep",)),
+                in_specs=(P("ep"),) * 4,
+                out_specs=(P("ep"),) * 3,
+            )
+        )
+        .lower(*args)
+        .as_text()
+    )
+    assert "all_gather" in text  # the emulation, i.e. the ragged path ran
+    for got, want in zip(ragged, padded):
+        assert not np.isnan(np.asarray(got)).any()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_gpu_lowering_uses_ragged_all_to_all():
+    """Lowered for CUDA (no GPU needed), the xla implementation exchanges with
+    ragged all-to-alls and no fixed-capacity all-to-all of the rows."""
+    world, experts = 4, 2
+    table = np.full((world, experts * world), 2)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w):
+        y, _, _ = mc2.alltoallv_grouped_matmul(x, w[0], "ep", send_counts=table)
+        back, _ = mc2.grouped_matmul_alltoallv(y, w[0], "ep", send_counts=table)
+        return back
+
+    traced = jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep"))
+    ).trace(jnp.ones((world * 16, 8), jnp.bfloat16), jnp.ones((world, experts, 8, 8), jnp.bfloat16))
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("ragged_all_to_all") == 2
+    # the only plain all-to-alls carry the (offset, size) replies: i32 [W, e, 2]
+    for line in text.splitlines():
+        if "all_to_all" in line and "ragged" not in line:
+            assert "xi32>" in line and "bf16" not in line, line

@@ -15,23 +15,25 @@ def implementation_lowering(
     xla_composition: Callable,
     *,
     multiple_results: bool,
-    pass_world_size: bool = False,
+    pass_context: bool = False,
 ) -> Callable:
     """A lowering rule for a primitive with ``implementation`` and
     ``world_size`` parameters (the latter only serves abstract evaluation).
 
     ``ffi_composition`` gets the other parameters plus ``parallelism`` (the
     number of programs XLA runs at once, to divide the CPU cores among);
-    ``xla_composition`` gets the other parameters (and ``world_size`` with
-    ``pass_world_size``). ``op_name`` may be a function of the parameters, for
-    primitives shared by several operators.
+    ``xla_composition`` gets the other parameters. With ``pass_context`` both
+    also get ``world_size`` and ``platforms`` (what the lowering is for).
+    ``op_name`` may be a function of the parameters, for primitives shared by
+    several operators.
     """
 
     def rule(ctx, *operands, implementation, world_size, **params):
-        if pass_world_size:
-            params["world_size"] = world_size
         op = op_name(params) if callable(op_name) else op_name
-        impl = _implementation.for_platform(op, implementation, _compat.lowering_platforms(ctx))
+        platforms = _compat.lowering_platforms(ctx)
+        impl = _implementation.for_platform(op, implementation, platforms)
+        if pass_context:
+            params.update(world_size=world_size, platforms=platforms)
         if impl == _implementation.FFI:
             parallelism = _compat.lowering_parallelism(ctx)
             fn = functools.partial(ffi_composition, **params, parallelism=parallelism)

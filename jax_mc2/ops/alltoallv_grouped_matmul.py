@@ -24,9 +24,13 @@ Counts are static (NumPy/Python integers: a per-rank matrix ``(W, E*W)``, or
 one ``(E*W,)`` row every rank uses, as CANN's host arrays) or traced (JAX
 arrays of shape ``(E*W,)`` per shard: routing decided at run time).
 
-XLA:CPU has no ragged all-to-all, so the exchange is XLA's ``all_to_all`` on
-fixed-capacity chunks: each rank sends every peer ``max_tokens_per_peer``
-rows (the exact maximum for static counts). Outputs are padded to a static
+XLA:CPU has no ragged all-to-all, so on CPU the exchange is XLA's
+``all_to_all`` on fixed-capacity chunks: each rank sends every peer
+``max_tokens_per_peer`` rows (the exact maximum for static counts). On GPU the
+``xla`` implementation uses ``lax.ragged_all_to_all`` instead, one slice per
+(peer, expert) block written straight to its place in ``permute_out`` (or, for
+the combine, in ``y``), keeping exactly the same rows: identical results with
+only the useful bytes on the wire. Outputs are padded to a static
 number of rows (``max_recv_tokens`` / ``max_out_tokens``) with zero rows.
 With traced counts, rows beyond a capacity are dropped: a chunk keeps its
 first ``max_tokens_per_peer`` rows and an output its first rows; dispatch and
@@ -188,6 +192,76 @@ def take_rows(x, index):
     """``x[index]`` with zero rows where index is -1."""
     padded = jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
     return padded[jnp.where(index < 0, x.shape[0], index)]
+
+
+#: The ragged all-to-all the GPU path calls (tests substitute an emulation to
+#: check the offsets on CPU, where XLA has no ragged all-to-all).
+ragged_all_to_all = lax.ragged_all_to_all
+#: Platforms whose XLA lowers ragged all-to-all; tests add "cpu".
+RAGGED_PLATFORMS = {"cuda", "rocm"}
+
+
+def uses_ragged_exchange(impl, platforms) -> bool:
+    """The xla implementation on GPU exchanges exactly the rows the counts
+    say (``lax.ragged_all_to_all``) instead of fixed-capacity chunks."""
+    return impl == _implementation.XLA and all(p in RAGGED_PLATFORMS for p in platforms)
+
+
+def _zero_padded(x, rows):
+    return jnp.concatenate([x, jnp.zeros((rows, *x.shape[1:]), x.dtype)])
+
+
+def _fit(offsets, sizes, rows):
+    """Receive slices clipped to an output of ``rows`` rows."""
+    return offsets, jnp.clip(jnp.minimum(sizes, rows - offsets), 0)
+
+
+def _reply(offsets, sizes, world, axis_name):
+    """Every receiver tells every sender where each of its (W*E,) slices
+    lands and how many of its rows fit: one small all-to-all."""
+    both = jnp.stack([offsets, sizes], axis=-1).reshape(world, -1, 2)
+    got = lax.all_to_all(both, axis_name, 0, 0, tiled=True).reshape(-1, 2)
+    return got[:, 0], got[:, 1]
+
+
+def _ragged_dispatch(x, send_c, recv_c, world, experts, capacity, out_rows, axis_name):
+    """``permute_out`` straight from one ragged all-to-all: block (d, e) of x
+    lands at its expert-major place on rank d. The same rows as the
+    fixed-capacity exchange (chunks clipped to ``capacity``, rows past
+    ``out_rows`` dropped, rows past x zero)."""
+    kept, _ = _clip_chunks(recv_c, world, experts, capacity)  # [s, e]
+    start, _ = _expert_major(kept)  # at e*W + s
+    recv_off = start.reshape(experts, world).T.reshape(-1)  # at s*E + e
+    recv_off, recv_size = _fit(recv_off, kept.reshape(-1), out_rows)
+    out_off, send_size = _reply(recv_off, recv_size, world, axis_name)
+    in_off = jnp.minimum(jnp.cumsum(send_c) - send_c, x.shape[0])
+    out = jnp.zeros((out_rows, x.shape[1]), x.dtype)
+    return ragged_all_to_all(
+        _zero_padded(x, capacity), out, in_off, send_size, out_off, recv_size, axis_name=axis_name
+    )
+
+
+def _ragged_combine(local, send_c, recv_c, world, experts, capacity, out_rows, axis_name):
+    """The inverse: block (e, d) of the expert-major rows goes back to rank
+    d, straight to its place in the token order."""
+    kept_send, _ = _clip_chunks(send_c, world, experts, capacity)  # [d, e]
+    start, _ = _expert_major(kept_send)  # at e*W + d
+    in_off = jnp.minimum(start.reshape(experts, world).T.reshape(-1), local.shape[0])
+    kept, inner = _clip_chunks(recv_c, world, experts, capacity)  # [s, e]
+    per_peer = recv_c.reshape(world, experts).sum(axis=1)
+    token_off = ((jnp.cumsum(per_peer) - per_peer)[:, None] + inner).reshape(-1)
+    recv_off, recv_size = _fit(token_off, kept.reshape(-1), out_rows)
+    out_off, send_size = _reply(recv_off, recv_size, world, axis_name)
+    out = jnp.zeros((out_rows, local.shape[1]), local.dtype)
+    return ragged_all_to_all(
+        _zero_padded(local, capacity),
+        out,
+        in_off,
+        send_size,
+        out_off,
+        recv_size,
+        axis_name=axis_name,
+    )
 
 
 def _exchange(buf, axis_name):
@@ -412,15 +486,28 @@ def combine_group_offsets(params, send, rows):
     return _group_offsets(kept, rows)
 
 
-def _dispatch_composition(*operands, impl, parallelism, **params):
+def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
     x, w, send, recv, mm_x, mm_w = split_operands(operands, params)
     world, experts = params["world_size"], params["experts"]
     cap, out_rows = params["peer_capacity"], params["out_rows"]
     send_c, recv_c = rank_counts(params, send, recv)
+    outs = []
+    if uses_ragged_exchange(impl, platforms) and params["axis_name"]:
+        permuted = _ragged_dispatch(
+            x, send_c, recv_c, world, experts, cap, out_rows, params["axis_name"]
+        )
+        kept, _ = _clip_chunks(recv_c, world, experts, cap)
+        if w is not None:
+            offsets = _group_offsets(kept, out_rows)
+            outs.append(
+                grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"])
+            )
+        if w is None or params["permute_out"]:
+            outs.append(permuted)
+        return _with_shared(outs, mm_x, mm_w, params, impl, parallelism)
     slots = _token_slots(send_c, world, experts, cap, x.shape[0])
     received = _exchange(take_rows(x, slots), params["axis_name"])
     gather, offsets = _expert_rows_index(recv_c, world, experts, cap, out_rows)
-    outs = []
     if w is None:
         outs.append(take_rows(received, gather))
     elif impl == _implementation.FFI:
@@ -441,6 +528,11 @@ def _dispatch_composition(*operands, impl, parallelism, **params):
         outs.append(grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"]))
         if params["permute_out"]:
             outs.append(permuted)
+    return _with_shared(outs, mm_x, mm_w, params, impl, parallelism)
+
+
+def _with_shared(outs, mm_x, mm_w, params, impl, parallelism):
+    """Inserts the shared expert's ``mm_y`` after the first output."""
     if mm_x is not None:
         mm_y = _shared_matmul(
             mm_x, mm_w, trans=params["trans_mm_weight"], impl=impl, parallelism=parallelism
@@ -449,12 +541,21 @@ def _dispatch_composition(*operands, impl, parallelism, **params):
     return outs
 
 
-def _combine_composition(*operands, impl, parallelism, **params):
+def _combine_composition(*operands, impl, parallelism, platforms, **params):
     x, w, send, recv, mm_x, mm_w = split_operands(operands, params)
     world, experts = params["world_size"], params["experts"]
     cap, out_rows = params["peer_capacity"], params["out_rows"]
     send_c, recv_c = rank_counts(params, send, recv)
     rows = x.shape[0]
+    if uses_ragged_exchange(impl, platforms) and params["axis_name"]:
+        local = x
+        if w is not None:
+            _, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
+            local = grouped_matmul_xla(x, w, offsets, trans_weight=params["trans_weight"])
+        y = _ragged_combine(
+            local, send_c, recv_c, world, experts, cap, out_rows, params["axis_name"]
+        )
+        return _with_shared([y], mm_x, mm_w, params, impl, parallelism)
     if w is not None and impl == _implementation.FFI:
         dst, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
         buf = _ffi.grouped_matmul(
@@ -476,14 +577,7 @@ def _combine_composition(*operands, impl, parallelism, **params):
         buf = take_rows(local, _slot_expert_rows(send_c, world, experts, cap, rows))
     received = _exchange(buf, params["axis_name"])
     rows_index = _token_rows(recv_c, world, experts, cap, out_rows)
-    outs = [take_rows(received, rows_index)]
-    if mm_x is not None:
-        outs.append(
-            _shared_matmul(
-                mm_x, mm_w, trans=params["trans_mm_weight"], impl=impl, parallelism=parallelism
-            )
-        )
-    return outs
+    return _with_shared([take_rows(received, rows_index)], mm_x, mm_w, params, impl, parallelism)
 
 
 def _ffi_lowering(composition):
@@ -508,7 +602,7 @@ for _prim, _comp in ((dispatch_p, _dispatch_composition), (combine_p, _combine_c
             _ffi_lowering(_comp),
             _xla_lowering(_comp),
             multiple_results=True,
-            pass_world_size=True,
+            pass_context=True,
         ),
     )
 
