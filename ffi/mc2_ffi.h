@@ -8,5 +8,6 @@ namespace jax_mc2 {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2MatmulHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2AddRmsNormHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2Int8MatmulHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2LowpMatmulHandler);
 
 }  // namespace jax_mc2

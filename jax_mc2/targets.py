@@ -41,6 +41,8 @@ class OperatorSupport:
     source: where the rule comes from.
     max_last_dim: the largest last dimension of x1 and of x2 in the int8
       quantized modes (None: no limit).
+    low_precision: the fp8 / hifloat8 / MX rows and the fp8 communication
+      (quant_matmul_all_reduce_v4 on Ascend 950) exist.
     """
 
     world_sizes: frozenset[int] | None = None
@@ -49,6 +51,7 @@ class OperatorSupport:
     nonempty_matmul: bool = False
     source: str = ""
     max_last_dim: int | None = None
+    low_precision: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ PROFILES: dict[str, TargetProfile] = {
             "matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "quant_matmul_all_reduce": OperatorSupport(),
-            "quant_matmul_all_reduce_v4": OperatorSupport(),
+            "quant_matmul_all_reduce_v4": OperatorSupport(low_precision=True),
         },
     ),
     ATLAS_A2: TargetProfile(
@@ -146,6 +149,7 @@ PROFILES: dict[str, TargetProfile] = {
                 True,
                 "aclnnQuantMatmulAllReduceV4 on Ascend 950: up to 64 ranks",
                 max_last_dim=65535,
+                low_precision=True,
             ),
         },
     ),

@@ -32,6 +32,16 @@ def test_every_lowered_target_is_registered():
         jax.jit(lambda a, b, s: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s))
         .lower(np.ones((4, 8), np.int8), np.ones((8, 4), np.int8), jnp.ones(4, jnp.bfloat16))
         .as_text(),
+        jax.jit(
+            lambda a, b, s, t: mc2.quant_matmul_all_reduce_v4(a, b, None, x2_scale=s, x1_scale=t)
+        )
+        .lower(
+            jnp.ones((4, 8), jnp.float8_e4m3fn),
+            jnp.ones((8, 4), jnp.float8_e4m3fn),
+            np.ones(4, np.float32),
+            np.ones(4, np.float32),
+        )
+        .as_text(),
     ]
     used = set()
     for t in texts:

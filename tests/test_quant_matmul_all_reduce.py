@@ -763,14 +763,14 @@ def test_v4_int8_rows(impl, kind, with_x1_scale, out_dtype, world, with_comm):
         (
             S((4, 8), jnp.float8_e4m3fn),
             {},
-            NotImplementedError,
-            "the float8_e4m3fn rows .fp8, hifloat8, MX, perblock. are not implemented",
+            TypeError,
+            "x2_scale dtype for float8_e4m3fn x1/x2 must be float32 .pertoken / perblock.",
         ),
         (
             S((4, 8), jnp.uint8),
             {"x1_format": "hifloat8", "x2_format": "hifloat8"},
-            NotImplementedError,
-            r"the uint8 \(hifloat8\) rows",
+            TypeError,
+            "x2_scale dtype for hifloat8 x1/x2 must be float32",
         ),
         (
             S((4, 8), I8),
