@@ -412,6 +412,40 @@ def bind_int8_matmul_all_reduce(
     )
 
 
+def nz_weight_to_nd(op, x1, x2, *, transpose_x2):
+    """An int8 FRACTAL_NZ weight as the ND (k, n) (or (n, k)) matrix it holds.
+
+    NZ of the stored 2-D matrix (r, c) is (ceil(c/32), ceil(r/16), 16, 32)
+    for int8 (ascend-semantics §9): for x2 (k, n) that is (ceil(n/32),
+    ceil(k/16), 16, 32), for a transposed x2 (n, k) (ceil(k/32), ceil(n/16),
+    16, 32). k is x1's; n is the padded extent (n1 * 32, or n1 * 16
+    transposed), so n should be a multiple of it (pad the scales otherwise).
+    """
+    from jax_mc2 import quant
+
+    x2 = x2 if hasattr(x2, "dtype") else jnp.asarray(x2)
+    if np.dtype(x2.dtype) != np.dtype(np.int8):
+        raise v.type_error(op, f"a FRACTAL_NZ x2 must be int8, got {v.dtype_name(x2.dtype)}")
+    k = x1.shape[-1]
+    stored = "(n, k)" if transpose_x2 else "(k, n)"
+    layout = (
+        "(ceil(k/32), ceil(n/16), 16, 32)" if transpose_x2 else "(ceil(n/32), ceil(k/16), 16, 32)"
+    )
+    k_blocks = -(-k // 32) if transpose_x2 else -(-k // 16)
+    k_axis = 0 if transpose_x2 else 1
+    if x2.ndim != 4 or tuple(x2.shape[2:]) != (16, 32) or x2.shape[k_axis] != k_blocks:
+        raise v.type_error(
+            op,
+            f"a FRACTAL_NZ int8 x2 storing {stored} must be {layout} with k == x1.shape[-1] == "
+            f"{k}, got {v.shape_str(x2.shape)}",
+        )
+    if transpose_x2:
+        shape = (x2.shape[1] * 16, k)
+    else:
+        shape = (k, x2.shape[0] * 32)
+    return quant.from_fractal_nz(x2, shape)
+
+
 OP_V4 = "quant_matmul_all_reduce_v4"
 _V4_FORMATS = (None, "ND", "FRACTAL_NZ", "hifloat8")
 _V4_X1_FORMATS = (None, "ND", "hifloat8")
@@ -499,7 +533,13 @@ def quant_matmul_all_reduce_v4(
       group_size: 0, or ``quant.group_size(m, n, k)`` for perblock / MX.
       comm_quant_mode: 0, or 1 for the fp8 pertile communication.
       x1_format / x2_format: None / "ND", or "hifloat8" for uint8 HiFloat8
-        codes (both).
+        codes (both); ``x2_format="FRACTAL_NZ"`` takes an int8 x2 in the NZ
+        layout of ``quant.to_fractal_nz`` (the int8 rows, as seed 003's
+        sample; its tables list ND for the other rows): (ceil(n/32),
+        ceil(k/16), 16, 32) for x2 (k, n), (ceil(k/32), ceil(n/16), 16, 32)
+        for a transposed (n, k); n is the padded extent (n1 * 32, or n1 * 16
+        transposed) and the operator converts it back with
+        ``quant.from_fractal_nz``.
     """
     for name, value, allowed in (
         ("x1_format", x1_format, _V4_X1_FORMATS),
@@ -557,9 +597,7 @@ def quant_matmul_all_reduce_v4(
             params=params,
         )
     if x2_format == "FRACTAL_NZ":
-        raise v.unsupported(
-            OP_V4, "FRACTAL_NZ weights are not implemented in this version; pass ND weights"
-        )
+        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2)
     if comm_quant_mode == 1:
         raise v.value_error(
             OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
