@@ -21,6 +21,10 @@ def test_shape_check_example():
     assert "generic    atlas-a2    atlas-a3  ascend-950" in out.stdout
     assert "world size 16 (axis_name=('tp',)) is not supported on target 'atlas-a2'" in out.stdout
     assert "epsilon must be in (0, 1), got 1.5" in out.stdout
+    assert (
+        "the float8_e4m3fn rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
+        "target 'atlas-a2'" in out.stdout
+    )
 
 
 def test_tp_transformer_block_example_with_lowbit_comm():
