@@ -666,11 +666,9 @@ def test_chip_targets():
             "hifloat8 packed rows on target 'ascend-950', got float32",
         ):
             _shape(*hif8, x1_format="hifloat8", x2_format="hifloat8", out_dtype=jnp.float32)
+        # World sizes: up to 64 ranks.
         with pytest.raises(NotImplementedError, match=r"world size 65 .* 'ascend-950'"):
-            mesh_world = 65  # noqa: F841  (world sizes: up to 64)
-            from jax_mc2 import targets
-
-            targets.check_world_size("quant_matmul_all_reduce_v4", 65, ("tp",))
+            mc2.targets.check_world_size("quant_matmul_all_reduce_v4", 65, ("tp",))
         with pytest.raises(NotImplementedError, match="exceeds 65535"):
             _shape(
                 S((4, 70000), F8),
