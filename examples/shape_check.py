@@ -24,6 +24,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jax_mc2 as mc2  # noqa: E402
 
 S = jax.ShapeDtypeStruct
+F8 = jnp.float8_e4m3fn
+E8M0 = jnp.float8_e8m0fnu
 
 
 def mm_case(world, x1, x2, dtype, **kw):
@@ -81,6 +83,33 @@ def v4_case(world, x1_dtype, scale_dtype, n=256, k=1024, **kw):
             out_specs=P(),
         )
         return jax.eval_shape(f, S((128, k), x1_dtype), S((k, n), x1_dtype), S((n,), scale_dtype))
+
+    return run
+
+
+def v4_quant_case(world, x1, x2, x2_scale, x1_scale=None, *, transpose_x2=False, **kw):
+    """quant_matmul_all_reduce_v4 with k sharded over ``world`` ranks.
+
+    x1, x2, x2_scale, x1_scale: ``(global ShapeDtypeStruct, PartitionSpec)``.
+    """
+
+    def run():
+        mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
+        arrays = [x1, x2, x2_scale] + ([x1_scale] if x1_scale else [])
+
+        def fn(a, b, s, *t):
+            return mc2.quant_matmul_all_reduce_v4(
+                a,
+                b,
+                "tp",
+                x2_scale=s,
+                x1_scale=t[0] if t else None,
+                transpose_x2=transpose_x2,
+                **kw,
+            )
+
+        f = jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec for _, spec in arrays), out_specs=P())
+        return jax.eval_shape(f, *(aval for aval, _ in arrays))
 
     return run
 
@@ -155,8 +184,132 @@ CASES = [
     ),
     (
         "quant_matmul_all_reduce_v4",
-        "fp8 e4m3fn, fp32 x2_scale, 8 ranks",
-        v4_case(8, jnp.float8_e4m3fn, jnp.float32),
+        "int8 FRACTAL_NZ x2 (k,n)=(1024,256), 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 1024), jnp.int8), P(None, "tp")),
+            (S((8, 64, 16, 32), jnp.int8), P(None, "tp")),
+            (S((256,), jnp.bfloat16), P()),
+            x2_format="FRACTAL_NZ",
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 e4m3fn pertoken, bf16 out, 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 1024), F8), P(None, "tp")),
+            (S((1024, 256), F8), P("tp", None)),
+            (S((256,), jnp.float32), P()),
+            (S((128,), jnp.float32), P()),
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 e4m3fn without x1_scale (fp32 x2_scale), 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 1024), F8), P(None, "tp")),
+            (S((1024, 256), F8), P("tp", None)),
+            (S((256,), jnp.float32), P()),
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 e5m2 pertoken + fp8 comm (mode 1), 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 1024), jnp.float8_e5m2), P(None, "tp")),
+            (S((1024, 256), jnp.float8_e5m2), P("tp", None)),
+            (S((1,), jnp.float32), P()),
+            (S((128,), jnp.float32), P()),
+            comm_quant_mode=1,
+            out_dtype=jnp.float32,
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "hifloat8 packed x2_scale, fp16 out, 4 ranks",
+        v4_quant_case(
+            4,
+            (S((128, 1024), jnp.uint8), P(None, "tp")),
+            (S((1024, 256), jnp.uint8), P("tp", None)),
+            (S((256, 2), jnp.uint32), P()),
+            x1_format="hifloat8",
+            x2_format="hifloat8",
+            out_dtype=jnp.float16,
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "hifloat8 packed x2_scale, fp32 out, 4 ranks",
+        v4_quant_case(
+            4,
+            (S((128, 1024), jnp.uint8), P(None, "tp")),
+            (S((1024, 256), jnp.uint8), P("tp", None)),
+            (S((256, 2), jnp.uint32), P()),
+            x1_format="hifloat8",
+            x2_format="hifloat8",
+            out_dtype=jnp.float32,
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 perblock (m,k)=(256,2048) n=384, 8 ranks",
+        v4_quant_case(
+            8,
+            (S((256, 2048), F8), P(None, "tp")),
+            (S((2048, 384), F8), P("tp", None)),
+            (S((16, 3), jnp.float32), P("tp", None)),
+            (S((2, 16), jnp.float32), P(None, "tp")),
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 perblock m=200, group_size=0 (infers 100)",
+        v4_quant_case(
+            8,
+            (S((200, 2048), F8), P(None, "tp")),
+            (S((2048, 384), F8), P("tp", None)),
+            (S((16, 3), jnp.float32), P("tp", None)),
+            (S((2, 16), jnp.float32), P(None, "tp")),
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "fp8 perblock m=200, group_size (128,128,128)",
+        v4_quant_case(
+            8,
+            (S((200, 2048), F8), P(None, "tp")),
+            (S((2048, 384), F8), P("tp", None)),
+            (S((16, 3), jnp.float32), P("tp", None)),
+            (S((2, 16), jnp.float32), P(None, "tp")),
+            group_size=mc2.quant.group_size(128, 128, 128),
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "MXFP4 x2 (n,k)=(256,2048), fp32 out, 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 2048), jnp.float4_e2m1fn), P(None, "tp")),
+            (S((256, 2048), jnp.float4_e2m1fn), P(None, "tp")),
+            (S((256, 32, 2), E8M0), P(None, "tp", None)),
+            (S((128, 32, 2), E8M0), P(None, "tp", None)),
+            transpose_x2=True,
+            out_dtype=jnp.float32,
+        ),
+    ),
+    (
+        "quant_matmul_all_reduce_v4",
+        "MXFP8 x2 not transposed, 8 ranks",
+        v4_quant_case(
+            8,
+            (S((128, 2048), F8), P(None, "tp")),
+            (S((2048, 256), F8), P("tp", None)),
+            (S((256, 32, 2), E8M0), P(None, "tp", None)),
+            (S((128, 32, 2), E8M0), P(None, "tp", None)),
+        ),
     ),
     (
         "mm_all_reduce_base",

@@ -32,9 +32,10 @@ MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
 INT8_MATMUL = "mc2_int8_matmul_ffi"
 GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
+LOWP_MATMUL = "mc2_lowp_matmul_ffi"
 
 #: Every target a lowering of this package uses.
-TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL)
+TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL, LOWP_MATMUL)
 
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
@@ -165,5 +166,49 @@ def grouped_matmul(
         dst_index,
         transpose_w=bool(transpose_w),
         has_permute_out=bool(permute_out),
+        parallelism=np.int64(parallelism),
+    )
+
+
+def lowp_matmul(
+    x1,
+    x2,
+    x2_scale,
+    x1_scale=None,
+    bias=None,
+    x3=None,
+    *,
+    mode: int,
+    transpose_x2: bool,
+    out_dtype,
+    comm: bool,
+    block_k: int,
+    parallelism: int,
+):
+    """One rank's fp8 / hifloat8 / MX matmul + dequant (custom call
+    ``mc2_lowp_matmul_ffi``; see ffi/lowp_matmul.cc for the modes).
+
+    x1: [m, k] or [b, s, k] float8_e4m3fn, float8_e5m2 or uint8 HiFloat8
+    codes; x2: [k, n] ([n, k] if transpose_x2) of the same
+    dtype. ``mode`` 0: x2_scale float32 [1] or [n], x1_scale float32 [m];
+    1 (perblock): x2_scale float32 [kb, n], x1_scale float32 [m, kb] per
+    ``block_k`` rows of k; 2 (MX): float8_e8m0fnu [n, kb32] and [m, kb32].
+    bias: float32 [n]; x3: [m, n] of a float dtype. With ``comm`` the result
+    is the fp8 pertile communication wire, float8_e4m3fn [m, n + 4 * ceil(n / 128)].
+    """
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    width = n + 4 * (-(-n // 128)) if comm else n
+    dtype = jax.numpy.float8_e4m3fn if comm else out_dtype
+    out = jax.ShapeDtypeStruct((*x1.shape[:-1], width), dtype)
+    operands = [x1, x2, x2_scale] + [a for a in (x1_scale, bias, x3) if a is not None]
+    return jax.ffi.ffi_call(LOWP_MATMUL, out)(
+        *operands,
+        mode=np.int64(mode),
+        transpose_x2=bool(transpose_x2),
+        has_x1_scale=x1_scale is not None,
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        comm=bool(comm),
+        block_k=np.int64(block_k),
         parallelism=np.int64(parallelism),
     )

@@ -59,6 +59,8 @@ class OperatorSupport:
       quantized modes (None: no limit).
     ep_limits: the size limits of the expert-parallel operators (None: the
       math only).
+    low_precision: the fp8 / hifloat8 / MX rows and the fp8 communication
+      (quant_matmul_all_reduce_v4 on Ascend 950) exist.
     """
 
     world_sizes: frozenset[int] | None = None
@@ -68,6 +70,7 @@ class OperatorSupport:
     source: str = ""
     max_last_dim: int | None = None
     ep_limits: ExpertParallelLimits | None = None
+    low_precision: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ PROFILES: dict[str, TargetProfile] = {
             "matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "inplace_matmul_all_reduce_add_rms_norm": OperatorSupport(),
             "quant_matmul_all_reduce": OperatorSupport(),
-            "quant_matmul_all_reduce_v4": OperatorSupport(),
+            "quant_matmul_all_reduce_v4": OperatorSupport(low_precision=True),
             "alltoallv_grouped_matmul": OperatorSupport(),
             "grouped_matmul_alltoallv": OperatorSupport(),
         },
@@ -187,6 +190,7 @@ PROFILES: dict[str, TargetProfile] = {
                 True,
                 "aclnnQuantMatmulAllReduceV4 on Ascend 950: up to 64 ranks",
                 max_last_dim=65535,
+                low_precision=True,
             ),
             "alltoallv_grouped_matmul": _950_EP,
             "grouped_matmul_alltoallv": _950_EP,

@@ -23,6 +23,10 @@ def test_shape_check_example():
     assert "epsilon must be in (0, 1), got 1.5" in out.stdout
     assert "e * W = 8 * 64 = 512 exceeds 256" in out.stdout
     assert "alltoallv_grouped_matmul: not available on target 'atlas-a2'" in out.stdout
+    assert (
+        "the float8_e4m3fn rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
+        "target 'atlas-a2'" in out.stdout
+    )
 
 
 def test_tp_transformer_block_example_with_lowbit_comm():

@@ -35,6 +35,16 @@ def test_every_lowered_target_is_registered():
         jax.jit(lambda a, w: mc2.alltoallv_grouped_matmul(a, w, None, send_counts=[4])[0])
         .lower(x1, np.ones((1, 8, 4), np.float16))
         .as_text(),
+        jax.jit(
+            lambda a, b, s, t: mc2.quant_matmul_all_reduce_v4(a, b, None, x2_scale=s, x1_scale=t)
+        )
+        .lower(
+            jnp.ones((4, 8), jnp.float8_e4m3fn),
+            jnp.ones((8, 4), jnp.float8_e4m3fn),
+            np.ones(4, np.float32),
+            np.ones(4, np.float32),
+        )
+        .as_text(),
     ]
     used = set()
     for t in texts:

@@ -763,20 +763,21 @@ def test_v4_int8_rows(impl, kind, with_x1_scale, out_dtype, world, with_comm):
         (
             S((4, 8), jnp.float8_e4m3fn),
             {},
-            NotImplementedError,
-            "the float8_e4m3fn rows .fp8, hifloat8, MX, perblock. are not implemented",
+            TypeError,
+            "x2_scale dtype for float8_e4m3fn x1/x2 must be float32 .pertoken / perblock.",
         ),
         (
             S((4, 8), jnp.uint8),
             {"x1_format": "hifloat8", "x2_format": "hifloat8"},
-            NotImplementedError,
-            r"the uint8 \(hifloat8\) rows",
+            TypeError,
+            "x2_scale dtype for hifloat8 x1/x2 must be float32",
         ),
         (
             S((4, 8), I8),
             {"x2_format": "FRACTAL_NZ"},
-            NotImplementedError,
-            "FRACTAL_NZ weights are not implemented",
+            TypeError,
+            r"a FRACTAL_NZ int8 x2 storing \(k, n\) must be \(ceil\(n/32\), ceil\(k/16\), 16, "
+            r"32\) with k == x1.shape\[-1\] == 8, got \(8, 4\)",
         ),
         (S((4, 8), I8), {"x2_format": "NCHW"}, ValueError, "x2_format must be one of"),
         (
@@ -832,3 +833,86 @@ def test_v4_chip_targets():
         jax.eval_shape(f, *args)
     with mc2.target("ascend-950"), pytest.raises(NotImplementedError, match="exceeds 65535"):
         jax.eval_shape(f, S((4, 70000), I8), S((70000, 4), I8), S((4,), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("transpose_x2", [False, True])
+def test_v4_fractal_nz_weights(impl, transpose_x2):
+    # An int8 weight in the FRACTAL_NZ layout gives the ND weight's result.
+    rng = np.random.default_rng(8)
+    m, k, n = 6, 40, 64  # k is not a multiple of the 16-row / 32-column NZ blocks
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k) if transpose_x2 else (k, n), dtype=np.int8)
+    scale = (rng.random(n) * 1e-4 + 1e-5).astype(np.float32)
+    bias = rng.integers(-500, 500, n).astype(np.int32)
+    kw = dict(x2_scale=_make_scale(scale, "pairs"), bias=bias, transpose_x2=transpose_x2)
+    kw["implementation"] = impl
+    # The NZ layout of the stored matrix: nz[j // 32, i // 16, i % 16, j % 32] = w[i, j].
+    r, c = w.shape
+    padded = np.zeros((-(-r // 16) * 16, -(-c // 32) * 32), np.int8)
+    padded[:r, :c] = w
+    nz = padded.reshape(-1, 16, padded.shape[1] // 32, 32).transpose(2, 0, 1, 3)
+    assert np.array_equal(np.asarray(quant.to_fractal_nz(w)), nz)
+    want = mc2.quant_matmul_all_reduce_v4(x1, w, None, **kw)
+    got = mc2.quant_matmul_all_reduce_v4(x1, nz, None, x2_format="FRACTAL_NZ", **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    applied = _applied_scale(scale, "pairs")
+    exact = _oracle_rank(
+        x1, w, applied, bias, None, transpose_x2=transpose_x2, out_dtype=np.float16
+    )
+    np.testing.assert_array_equal(np.asarray(got), exact)
+    if transpose_x2:
+        return
+    # Sharded over k: each rank holds its k1 blocks of the NZ weight.
+    mesh = make_mesh((2,), ("tp",))
+    f = jax.jit(
+        jax.shard_map(
+            lambda a, b, s: mc2.quant_matmul_all_reduce_v4(
+                a, b, "tp", x2_scale=s, x2_format="FRACTAL_NZ", implementation=impl
+            ),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P(None, "tp"), P()),
+            out_specs=P(),
+        )
+    )
+    x1b = rng.integers(-128, 128, (m, 64), dtype=np.int8)
+    wb = rng.integers(-128, 128, (64, n), dtype=np.int8)
+    nz_b = np.concatenate(
+        [np.asarray(quant.to_fractal_nz(wb[r * 32 : (r + 1) * 32])) for r in range(2)], axis=1
+    )
+    got = f(x1b, nz_b, kw["x2_scale"])
+    want = sum(
+        _oracle_rank(
+            x1b[:, r * 32 : (r + 1) * 32],
+            wb[r * 32 : (r + 1) * 32],
+            applied,
+            None,
+            None,
+            transpose_x2=False,
+            out_dtype=np.float16,
+        ).astype(np.float64)
+        for r in range(2)
+    )
+    tol = oracle.tolerance(np.float16, 2, scale=np.abs(want).max() + 1)
+    np.testing.assert_allclose(np.asarray(got).astype(np.float64), want, atol=tol)
+
+
+def test_v4_fractal_nz_invalid():
+    f = lambda a, b, s, **kw: mc2.quant_matmul_all_reduce_v4(  # noqa: E731
+        a, b, None, x2_scale=s, x2_format="FRACTAL_NZ", **kw
+    )
+    scale = S((64,), jnp.bfloat16)
+    with pytest.raises(
+        TypeError,
+        match=r"must be \(ceil\(n/32\), ceil\(k/16\), 16, 32\) with k "
+        r"== x1.shape\[-1\] == 40, got \(2, 2, 16, 32\)",
+    ):
+        jax.eval_shape(f, S((4, 40), I8), S((2, 2, 16, 32), I8), scale)
+    with pytest.raises(TypeError, match=r"storing \(n, k\) must be \(ceil\(k/32\), ceil\(n/16\)"):
+        jax.eval_shape(
+            functools.partial(f, transpose_x2=True), S((4, 40), I8), S((2, 4, 16, 16), I8), scale
+        )
+    with pytest.raises(TypeError, match="a FRACTAL_NZ x2 must be int8, got float16"):
+        jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), jnp.float16), scale)
+    out = jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), I8), scale)
+    assert out.shape == (4, 64) and out.dtype == jnp.bfloat16

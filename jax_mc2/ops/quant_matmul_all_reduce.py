@@ -22,6 +22,7 @@ from jax import lax
 
 from jax_mc2 import _compat, _ffi, reference, targets
 from jax_mc2 import _validation as v
+from jax_mc2.ops import lowp_quant_matmul as lowp
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
@@ -411,8 +412,43 @@ def bind_int8_matmul_all_reduce(
     )
 
 
+def nz_weight_to_nd(op, x1, x2, *, transpose_x2):
+    """An int8 FRACTAL_NZ weight as the ND (k, n) (or (n, k)) matrix it holds.
+
+    NZ of the stored 2-D matrix (r, c) is (ceil(c/32), ceil(r/16), 16, 32)
+    for int8 (ascend-semantics §9): for x2 (k, n) that is (ceil(n/32),
+    ceil(k/16), 16, 32), for a transposed x2 (n, k) (ceil(k/32), ceil(n/16),
+    16, 32). k is x1's; n is the padded extent (n1 * 32, or n1 * 16
+    transposed), so n should be a multiple of it (pad the scales otherwise).
+    """
+    from jax_mc2 import quant
+
+    x2 = x2 if hasattr(x2, "dtype") else jnp.asarray(x2)
+    if np.dtype(x2.dtype) != np.dtype(np.int8):
+        raise v.type_error(op, f"a FRACTAL_NZ x2 must be int8, got {v.dtype_name(x2.dtype)}")
+    k = x1.shape[-1]
+    stored = "(n, k)" if transpose_x2 else "(k, n)"
+    layout = (
+        "(ceil(k/32), ceil(n/16), 16, 32)" if transpose_x2 else "(ceil(n/32), ceil(k/16), 16, 32)"
+    )
+    k_blocks = -(-k // 32) if transpose_x2 else -(-k // 16)
+    k_axis = 0 if transpose_x2 else 1
+    if x2.ndim != 4 or tuple(x2.shape[2:]) != (16, 32) or x2.shape[k_axis] != k_blocks:
+        raise v.type_error(
+            op,
+            f"a FRACTAL_NZ int8 x2 storing {stored} must be {layout} with k == x1.shape[-1] == "
+            f"{k}, got {v.shape_str(x2.shape)}",
+        )
+    if transpose_x2:
+        shape = (x2.shape[1] * 16, k)
+    else:
+        shape = (k, x2.shape[0] * 32)
+    return quant.from_fractal_nz(x2, shape)
+
+
 OP_V4 = "quant_matmul_all_reduce_v4"
 _V4_FORMATS = (None, "ND", "FRACTAL_NZ", "hifloat8")
+_V4_X1_FORMATS = (None, "ND", "hifloat8")
 
 
 def quant_matmul_all_reduce_v4(
@@ -438,42 +474,130 @@ def quant_matmul_all_reduce_v4(
 ):
     """Quantized matmul + all-reduce, aclnnQuantMatmulAllReduceV4 (seed 003).
 
-    ``out = allReduce(x2_scale * (x1 @ x2 + bias) (* x1_scale) + x3)``
+    Every row of the seed's tables (Atlas A2: the int8 rows; Ascend 950: all):
 
-    This version implements the int8 rows of the seed's tables (Atlas A2 and
-    Ascend 950): int8 x1 and x2, int32 bias, and
+    int8 x1/x2, int32 bias, ``out = allReduce(x2_scale * (x1 @ x2 + bias) (* x1_scale) + x3)``
       - packed int64/uint64 ``x2_scale`` (or uint32 pairs) -> float16;
       - float32 ``x2_scale`` with float32 pertoken ``x1_scale`` [m] -> float16;
       - bfloat16 ``x2_scale`` (optionally with ``x1_scale``) -> bfloat16;
-    with optional int8 low-bit communication (``comm_quant_scale_1/2`` in the
-    output dtype). The fp8, hifloat8, MX and perblock rows, fp32 output,
-    ``comm_quant_mode=1`` and FRACTAL_NZ weights raise NotImplementedError.
+      with optional int8 low-bit communication (``comm_quant_scale_1/2`` in
+      the output dtype, ascend-semantics §5.1). The output dtype is the one
+      the scales select (``out_dtype`` may only repeat it).
+    fp8 (float8_e4m3fn / float8_e5m2) or hifloat8 (uint8 codes with
+    ``x1_format=x2_format="hifloat8"``) x1/x2, float32 bias, output float16,
+    bfloat16 or float32 (``out_dtype``, default bfloat16):
+      - pertoken: float32 ``x1_scale`` (m,) and float32 ``x2_scale`` (1,),
+        (n,) or (1, n): ``y = f32(x1 @ x2 + bias) * x2_scale * x1_scale``;
+      - perchannel / pertensor: packed ``x2_scale`` words, no ``x1_scale``,
+        output float16 / bfloat16 (float32 too under the generic target):
+        ``y = f32(x1 @ x2 + bias) * fp19(x2_scale)``;
+      - perblock: float32 ``x1_scale`` (ceil(m/128), ceil(k/128)) ((b,
+        ceil(s/128), ceil(k/128)) for 3-D x1), ``x2_scale`` (ceil(k/128),
+        ceil(n/128)) ((ceil(n/128), ceil(k/128)) transposed), no bias,
+        ``group_size`` resolving to (128, 128, 128) (``quant.group_size``;
+        a 0 field is inferred as dim / scale extent and must divide):
+        ``y = sum_kb (x1[:, kb] @ x2[kb, :]) * (x1_scale[i//128, kb] * x2_scale[kb, j//128])``,
+        accumulated in fp32 block after block; tail blocks are shorter.
+    MX: float8_e4m3fn / float8_e5m2 / float4_e2m1fn x1/x2 with
+    float8_e8m0fnu ``x1_scale`` [m, ceil(k/64), 2] and ``x2_scale``
+    [n, ceil(k/64), 2] (``quant.mx_quantize``), ``transpose_x2=True`` only,
+    ``group_size`` resolving to (1, 1, 32), float4 needs ceil(k/32) even:
+    ``y = (x1 * x1_scale) @ (x2 * x2_scale) + bias``.
+    Each rank rounds ``y`` half to even to the output dtype, adds ``x3`` in
+    fp32 (float16, bfloat16 or float32, the output shape) and rounds again;
+    the all-reduce runs in the output dtype. ``comm_quant_mode=1`` (fp8
+    x1/x2 with float32 scales: pertoken or perblock) replaces it by the fp8
+    pertile chain of ascend-semantics §5.2: ``C = y + x3`` in fp32,
+    quantized per 1 x 128 tile (``sc = FP8_MAX / max|tile|``) into x1's fp8
+    format, an fp8 all-to-all of the codes with the tile scales appended,
+    dequantized (``f32(q) / sc``) and summed in rank order in fp32,
+    requantized, an fp8 all-gather, dequantized and rounded to the output.
+
+    Choices where the seed is silent or inconsistent: ``x3`` may have any of
+    the three float dtypes in the fp8 / hifloat8 / MX rows (the tables list
+    them independently of the output); the hifloat8 perchannel / pertensor
+    row accepts a null bias and x3 like the fp8 rows beside it (the table
+    omits "null" there); comm_quant_scale_1/2 exist only in the int8 rows.
+    The fp8 / hifloat8 / MX rows and ``comm_quant_mode=1`` exist on the
+    ``ascend-950`` and ``generic`` targets; ``atlas-a2`` raises
+    NotImplementedError. Under ``implementation="xla"`` on CPU, XLA may fuse
+    ``a * b + c`` into an FMA where no rounding separates them (fp32 output
+    with x3, the perblock accumulation), a difference of at most 1 fp32 ulp
+    there; the ``ffi`` kernel rounds every step.
 
     Args:
-      x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2).
-      x2_scale: (1,), (n,) or (1, n) dequant scale (see above).
-      x1_scale: float32 [m] pertoken scale.
-      out_dtype: None, or the dtype the scales imply.
-      group_size: 0 (the int8 rows have 1-D scales).
+      x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2).
+      x2_scale, x1_scale: see above.
+      out_dtype: None (the int8 rows' dtype, bfloat16 for the others) or
+        float16 / bfloat16 / float32 as the row allows.
+      group_size: 0, or ``quant.group_size(m, n, k)`` for perblock / MX.
+      comm_quant_mode: 0, or 1 for the fp8 pertile communication.
+      x1_format / x2_format: None / "ND", or "hifloat8" for uint8 HiFloat8
+        codes (both); ``x2_format="FRACTAL_NZ"`` takes an int8 x2 in the NZ
+        layout of ``quant.to_fractal_nz`` (the int8 rows, as seed 003's
+        sample; its tables list ND for the other rows): (ceil(n/32),
+        ceil(k/16), 16, 32) for x2 (k, n), (ceil(k/32), ceil(n/16), 16, 32)
+        for a transposed (n, k); n is the padded extent (n1 * 32, or n1 * 16
+        transposed) and the operator converts it back with
+        ``quant.from_fractal_nz``.
     """
-    fmt = {"x1_format": x1_format, "x2_format": x2_format}
-    for name, value in fmt.items():
-        if value not in _V4_FORMATS:
-            raise v.value_error(OP_V4, f"{name} must be one of {_V4_FORMATS}, got {value!r}")
-    x1_dtype = np.dtype(getattr(x1, "dtype", np.int8))
-    if x1_dtype != np.dtype(np.int8) or "hifloat8" in fmt.values():
-        raise v.unsupported(
-            OP_V4,
-            f"the {x1_dtype.name}{' (hifloat8)' if 'hifloat8' in fmt.values() else ''} rows "
-            "(fp8, hifloat8, MX, perblock) are not implemented in this version of jax_mc2; the "
-            "int8 rows are",
-        )
-    if "FRACTAL_NZ" in fmt.values():
-        raise v.unsupported(
-            OP_V4, "FRACTAL_NZ weights are not implemented in this version; pass ND weights"
-        )
-    if comm_quant_mode not in (0, 1):
+    for name, value, allowed in (
+        ("x1_format", x1_format, _V4_X1_FORMATS),
+        ("x2_format", x2_format, _V4_FORMATS),
+    ):
+        if value not in allowed:
+            raise v.value_error(OP_V4, f"{name} must be one of {allowed}, got {value!r}")
+    if isinstance(comm_quant_mode, bool) or comm_quant_mode not in (0, 1):
         raise v.value_error(OP_V4, f"comm_quant_mode must be 0 or 1, got {comm_quant_mode!r}")
+    if (comm_quant_scale_1 is None) != (comm_quant_scale_2 is None):
+        raise v.value_error(
+            OP_V4, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+        )
+    hif8 = "hifloat8" in (x1_format, x2_format)
+    if hif8 and x1_format != x2_format:
+        raise v.type_error(
+            OP_V4,
+            "x1_format and x2_format must both be 'hifloat8' (the tables pair hifloat8 x1 with "
+            f"hifloat8 x2), got {x1_format!r} and {x2_format!r}",
+        )
+    x1 = x1 if hasattr(x1, "dtype") else jnp.asarray(x1)
+    if lowp.is_low_precision(x1, x1_format, x2_format):
+        if x2_format == "FRACTAL_NZ":
+            raise v.value_error(
+                OP_V4,
+                "x2_format='FRACTAL_NZ' is accepted for int8 x2 only (seed 003 lists ND x2 for "
+                f"the fp8 / hifloat8 / MX rows), got {np.dtype(x1.dtype).name} x1",
+            )
+        if comm_quant_scale_1 is not None:
+            raise v.type_error(
+                OP_V4,
+                "comm_quant_scale_1/2 (int8 low-bit communication) exist only in the int8 rows; "
+                "the fp8 rows communicate in fp8 with comm_quant_mode=1",
+            )
+        check_reduce_op(OP_V4, reduce_op)
+        params = collective_params(OP_V4, axis_name, comm_turn, implementation)
+        if out_dtype is None:
+            out_dtype = jnp.bfloat16
+        try:
+            out_dtype = np.dtype(out_dtype)
+        except TypeError:
+            raise v.type_error(OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}") from None
+        return lowp.bind_low_precision(
+            x1,
+            x2,
+            x2_scale=x2_scale,
+            x1_scale=x1_scale,
+            bias=bias,
+            x3=x3,
+            hif8=hif8,
+            transpose_x2=transpose_x2,
+            out_dtype=out_dtype,
+            group_size=v.check_int(OP_V4, "group_size", group_size, minimum=0),
+            comm_quant_mode=comm_quant_mode,
+            params=params,
+        )
+    if x2_format == "FRACTAL_NZ":
+        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2)
     if comm_quant_mode == 1:
         raise v.value_error(
             OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
@@ -483,10 +607,6 @@ def quant_matmul_all_reduce_v4(
             OP_V4,
             f"group_size must be 0 unless both scales are at least 2-D (perblock/MX), got "
             f"{group_size!r}",
-        )
-    if (comm_quant_scale_1 is None) != (comm_quant_scale_2 is None):
-        raise v.value_error(
-            OP_V4, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
         )
     comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
     out = bind_int8_matmul_all_reduce(

@@ -1,0 +1,420 @@
+// mc2_lowp_matmul_ffi: the local (per-rank) part of the fp8 / hifloat8 / MX
+// rows of quant_matmul_all_reduce_v4 (aclnnQuantMatmulAllReduceV4, seed 003).
+// x1 [m, k] and x2 [k, n] ([n, k] when transpose_x2) hold float8_e4m3fn,
+// float8_e5m2 or HiFloat8 codes (uint8); float4_e2m1fn operands reach the
+// kernel converted to float8_e4m3fn (exact: XLA:CPU stores fp4 packed).
+// Every operand is decoded through a 256-entry table into fp32 tiles that
+// BLAS sgemm multiplies; the dequantization runs in the output pass:
+//   mode 0 (scaled):   y = (x1 @ x2 + bias) * x2_scale[1 or n] (* x1_scale[m])
+//   mode 1 (perblock): y = sum over k-blocks kb, in order, of
+//                      (x1[:, kb] @ x2[kb, :]) * (x1_scale[m, kb] * x2_scale[kb, n])
+//                      (one sgemm per block of block_k rows of k; tail blocks shorter)
+//   mode 2 (mx):       y = (x1 * x1_scale) @ (x2 * x2_scale) + bias, with e8m0 scales
+//                      per 32 values along k ([m, kb32] and [n, kb32]; x2 is (n, k))
+//   out = round(round(y) + x3)             (round: half to even to out's dtype)
+// With `comm` the output is the wire of the fp8 pertile low-bit communication
+// (ascend-semantics §5.2) instead: C = y + x3 in fp32, and per row, for each
+// 1 x 128 tile: a = max|tile| (FP8_MAX if 0), sc = FP8_MAX / a (1 if 0),
+// q = fp8_rne(clip(tile * sc)) in x1's fp8 format; row layout
+// [n fp8 codes][ceil(n/128) f32 scales as 4 bytes each], in a float8_e4m3fn
+// buffer (a byte container).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "ffi_common.h"
+#include "mc2_ffi.h"
+
+namespace jax_mc2 {
+namespace {
+
+constexpr char kOp[] = "mc2_lowp_matmul_ffi";
+constexpr int64_t kChunkK = 1024;
+constexpr int64_t kMaxTileElements = int64_t{1} << 24;
+constexpr int64_t kCommTile = 128;
+constexpr int64_t kMxBlock = 32;
+
+enum Mode : int64_t { kScaled = 0, kPerblock = 1, kMx = 2 };
+
+struct Table {
+  float v[256];
+};
+
+// float8_e4m3fn: bias 7, 3 mantissa bits, no Inf, 0x7F / 0xFF NaN.
+float DecodeE4m3fn(uint32_t b) {
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  const int e = (b >> 3) & 0xF, m = b & 0x7;
+  if (e == 15 && m == 7) return std::nanf("");
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);
+  return sign * std::ldexp(1.0f + m / 8.0f, e - 7);
+}
+
+// float8_e5m2: bias 15, 2 mantissa bits, IEEE Inf/NaN.
+float DecodeE5m2(uint32_t b) {
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  const int e = (b >> 2) & 0x1F, m = b & 0x3;
+  if (e == 31) return m == 0 ? sign * INFINITY : std::nanf("");
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -16);
+  return sign * std::ldexp(1.0f + m / 4.0f, e - 15);
+}
+
+// HiFloat8 (ascend-semantics §2.1): S | Dot | Exp | Mant; the Dot prefix
+// selects 4+1, 3+2, 2+3, 1+3 or 0+3 exponent + mantissa bits; 0000 + 3 bits
+// are the denormals 2^(M-23); 0x80 NaN, 0x6F / 0xEF Inf.
+float DecodeHif8(uint32_t b) {
+  if (b == 0x80) return std::nanf("");
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  const uint32_t a = b & 0x7F;
+  if (a == 0x6F) return sign * INFINITY;
+  if (a == 0) return 0.0f;
+  if (a < 0x08) return sign * std::ldexp(1.0f, static_cast<int>(a) - 23);
+  int d, mw;
+  if ((a >> 5) == 3) {
+    d = 4, mw = 1;
+  } else if ((a >> 5) == 2) {
+    d = 3, mw = 2;
+  } else if ((a >> 5) == 1) {
+    d = 2, mw = 3;
+  } else if ((a >> 4) == 1) {
+    d = 1, mw = 3;
+  } else {
+    d = 0, mw = 3;
+  }
+  const int m = a & ((1 << mw) - 1);
+  const int field = (a >> mw) & ((1 << d) - 1);
+  int e = 0;
+  if (d > 0) {
+    const int magnitude = (1 << (d - 1)) | (field & ((1 << (d - 1)) - 1));
+    e = (field >> (d - 1)) ? -magnitude : magnitude;
+  }
+  return sign * std::ldexp(1.0f + static_cast<float>(m) / (1 << mw), e);
+}
+
+// float8_e8m0fnu: 2^(e - 127), 0xFF NaN.
+float DecodeE8m0(uint32_t b) {
+  if (b == 0xFF) return std::nanf("");
+  return std::ldexp(1.0f, static_cast<int>(b) - 127);
+}
+
+Table MakeTable(float (*decode)(uint32_t)) {
+  Table t;
+  for (uint32_t b = 0; b < 256; ++b) t.v[b] = decode(b);
+  return t;
+}
+
+// The fp32 value of every byte of a value (or scale) buffer, or nullptr.
+const float* DecodeTable(ffi::DataType type) {
+  static const Table e4m3 = MakeTable(DecodeE4m3fn);
+  static const Table e5m2 = MakeTable(DecodeE5m2);
+  static const Table hif8 = MakeTable(DecodeHif8);
+  static const Table e8m0 = MakeTable(DecodeE8m0);
+  switch (type) {
+    case ffi::DataType::F8E4M3FN:
+      return e4m3.v;
+    case ffi::DataType::F8E5M2:
+      return e5m2.v;
+    case ffi::DataType::U8:
+      return hif8.v;
+    case ffi::DataType::F8E8M0FNU:
+      return e8m0.v;
+    default:
+      return nullptr;
+  }
+}
+
+// fp32 -> fp8 (mant_bits mantissa bits, exponent bias `bias`), round half to
+// even, saturating at `max_value`; NaN -> 0x7F with the sign.
+uint8_t EncodeFp8(float x, int mant_bits, int bias, float max_value) {
+  const uint32_t bits = FloatToBits(x);
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  if (std::isnan(x)) return sign | 0x7F;
+  const float a = std::min(std::fabs(x), max_value);
+  if (a < std::ldexp(1.0f, 1 - bias)) {
+    // Subnormal: multiples of 2^(1 - bias - mant_bits); the scaling is exact
+    // and nearbyint rounds half to even.
+    const float q = std::nearbyint(std::ldexp(a, bias - 1 + mant_bits));
+    return sign | static_cast<uint8_t>(q);
+  }
+  const uint32_t ab = FloatToBits(a);
+  const int shift = 23 - mant_bits;
+  const uint32_t rounded = (ab + ((1u << (shift - 1)) - 1) + ((ab >> shift) & 1u)) >> shift;
+  return sign | static_cast<uint8_t>(rounded - (static_cast<uint32_t>(127 - bias) << mant_bits));
+}
+
+struct Fp8Format {
+  int mant_bits, bias;
+  float max_value;
+};
+
+// One row of C quantized per 1 x 128 tile into `wire` (n codes, then the
+// ceil(n / 128) fp32 scales' bytes).
+void QuantizeRowPertile(const float* c, int64_t n, const Fp8Format& f, uint8_t* wire) {
+  const int64_t tiles = (n + kCommTile - 1) / kCommTile;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t j0 = t * kCommTile, j1 = std::min(n, j0 + kCommTile);
+    float amax = 0.0f;
+    for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(c[j]));
+    if (amax == 0.0f) amax = f.max_value;
+    float sc = f.max_value / amax;
+    if (sc == 0.0f) sc = 1.0f;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float v = std::min(f.max_value, std::max(-f.max_value, c[j] * sc));
+      wire[j] = EncodeFp8(v, f.mant_bits, f.bias, f.max_value);
+    }
+    std::memcpy(wire + n + 4 * t, &sc, sizeof(float));
+  }
+}
+
+// dst[i] = table[src[i]] (* scale[i / 32] for MX).
+void Decode(const uint8_t* src, int64_t count, const float* table, float* dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = table[src[i]];
+}
+
+void DecodeMx(const uint8_t* src, int64_t first, int64_t count, const float* table,
+              const uint8_t* scales, const float* scale_table, float* dst) {
+  for (int64_t i = 0; i < count; ++i) {
+    dst[i] = table[src[i]] * scale_table[scales[(first + i) / kMxBlock]];
+  }
+}
+
+ffi::Error CheckCount(const char* name, const ffi::AnyBuffer& b, ffi::DataType type,
+                      int64_t count) {
+  if (b.element_type() != type || static_cast<int64_t>(b.element_count()) != count) {
+    return InvalidArgument(kOp, std::string(name) + " has the wrong dtype or size: expected " +
+                                    std::to_string(count) + " elements, got " +
+                                    DimsToString(b.dimensions()));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer x2_scale,
+                             ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
+                             int64_t mode, bool transpose_x2, bool has_x1_scale, bool has_bias,
+                             bool has_x3, bool comm, int64_t block_k, int64_t parallelism) {
+  const ffi::DataType vtype = x1.element_type();
+  const float* table = DecodeTable(vtype);
+  if (table == nullptr || vtype == ffi::DataType::F8E8M0FNU || x2.element_type() != vtype) {
+    return InvalidArgument(kOp,
+                           "x1 and x2 must share one of float8_e4m3fn, float8_e5m2 or "
+                           "uint8 (HiFloat8)");
+  }
+  if (mode != kScaled && mode != kPerblock && mode != kMx) {
+    return InvalidArgument(kOp, "mode must be 0, 1 or 2, got " + std::to_string(mode));
+  }
+  if (mode == kMx && !transpose_x2) return InvalidArgument(kOp, "MX needs x2 as (n, k)");
+  if (mode == kPerblock && (block_k < 1 || has_bias || !has_x1_scale)) {
+    return InvalidArgument(kOp, "perblock needs block_k >= 1, x1 scales and no bias");
+  }
+  Fp8Format fmt{3, 7, 448.0f};
+  if (comm) {
+    if (vtype == ffi::DataType::F8E5M2) {
+      fmt = Fp8Format{2, 15, 57344.0f};
+    } else if (vtype != ffi::DataType::F8E4M3FN) {
+      return InvalidArgument(kOp, "the fp8 communication needs float8 x1 and x2");
+    }
+    if (out->element_type() != ffi::DataType::F8E4M3FN) {
+      return InvalidArgument(kOp, "the communication wire output must be float8_e4m3fn");
+    }
+  } else if (!IsFloatType(out->element_type())) {
+    return InvalidArgument(kOp, "out must be float16, bfloat16 or float32");
+  }
+  auto x1_dims = x1.dimensions();
+  auto x2_dims = x2.dimensions();
+  auto out_dims = out->dimensions();
+  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
+    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
+                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
+  }
+  const int64_t k = x1_dims.back();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
+  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
+  const int64_t tiles = (n + kCommTile - 1) / kCommTile;
+  const int64_t width = comm ? n + 4 * tiles : n;
+  if ((transpose_x2 ? x2_dims[1] : x2_dims[0]) != k || out_dims.back() != width ||
+      static_cast<int64_t>(out->element_count()) != m * width) {
+    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
+                                    ", x2 " + DimsToString(x2_dims) + ", out " +
+                                    DimsToString(out_dims));
+  }
+  if (k == 0) return InvalidArgument(kOp, "k must be at least 1");
+  const int64_t kb_block = mode == kPerblock ? (k + block_k - 1) / block_k : 0;
+  const int64_t kb_mx = mode == kMx ? 2 * ((k + 2 * kMxBlock - 1) / (2 * kMxBlock)) : 0;
+  // The scales: scaled f32 [1 or n] (+ [m]); perblock f32 [kb, n] (+ [m, kb]);
+  // MX e8m0 [n, kb32] (+ [m, kb32]).
+  const int64_t s2_len = static_cast<int64_t>(x2_scale.element_count());
+  if (mode == kScaled) {
+    if (x2_scale.element_type() != ffi::DataType::F32 || (s2_len != 1 && s2_len != n)) {
+      return InvalidArgument(kOp, "x2_scale must be float32 with 1 or n elements, got " +
+                                      DimsToString(x2_scale.dimensions()));
+    }
+  } else if (mode == kPerblock) {
+    if (auto e = CheckCount("x2_scale", x2_scale, ffi::DataType::F32, kb_block * n); e.failure())
+      return e;
+  } else if (auto e = CheckCount("x2_scale", x2_scale, ffi::DataType::F8E8M0FNU, n * kb_mx);
+             e.failure()) {
+    return e;
+  }
+  const size_t expected = size_t{has_x1_scale} + size_t{has_bias} + size_t{has_x3};
+  if (extra.size() != expected) {
+    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
+                                    " optional operands, got " + std::to_string(extra.size()));
+  }
+  size_t next = 0;
+  const void* s1 = nullptr;
+  const float* bias = nullptr;
+  const void* x3_data = nullptr;
+  ffi::DataType x3_type = ffi::DataType::F32;
+  if (has_x1_scale) {
+    auto s = extra.get<ffi::AnyBuffer>(next++);
+    if (s.has_error()) return s.error();
+    ffi::Error e = mode == kScaled ? CheckCount("x1_scale", *s, ffi::DataType::F32, m)
+                   : mode == kPerblock
+                       ? CheckCount("x1_scale", *s, ffi::DataType::F32, m * kb_block)
+                       : CheckCount("x1_scale", *s, ffi::DataType::F8E8M0FNU, m * kb_mx);
+    if (e.failure()) return e;
+    s1 = s->untyped_data();
+  } else if (mode == kMx) {
+    return InvalidArgument(kOp, "MX needs x1 scales");
+  }
+  if (has_bias) {
+    auto b = extra.get<ffi::AnyBuffer>(next++);
+    if (b.has_error()) return b.error();
+    if (auto e = CheckCount("bias", *b, ffi::DataType::F32, n); e.failure()) return e;
+    bias = static_cast<const float*>(b->untyped_data());
+  }
+  if (has_x3) {
+    auto x3 = extra.get<ffi::AnyBuffer>(next++);
+    if (x3.has_error()) return x3.error();
+    if (!IsFloatType(x3->element_type()) || static_cast<int64_t>(x3->element_count()) != m * n) {
+      return InvalidArgument(
+          kOp, "x3 must be a float array of m * n elements, got " + DimsToString(x3->dimensions()));
+    }
+    x3_type = x3->element_type();
+    x3_data = x3->untyped_data();
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  SetBlasThreads(BlasThreads(parallelism));
+  const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
+  const uint8_t* a8 = static_cast<const uint8_t*>(x1.untyped_data());
+  const uint8_t* b8 = static_cast<const uint8_t*>(x2.untyped_data());
+  const ffi::DataType out_type = out->element_type();
+  void* out_data = out->untyped_data();
+  const int64_t kc_max = mode == kPerblock ? std::min(k, block_k) : std::min(k, kChunkK);
+  const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
+  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
+  std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
+  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  std::unique_ptr<float[]> p(mode == kPerblock ? new float[static_cast<size_t>(rows) * n]
+                                               : nullptr);
+  std::vector<float> x3_row(has_x3 ? n : 0);
+  const float* s2f = static_cast<const float*>(x2_scale.untyped_data());
+  const uint8_t* s2m = static_cast<const uint8_t*>(x2_scale.untyped_data());
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r = std::min(rows, m - r0);
+    for (int64_t k0 = 0, kb = 0; k0 < k; k0 += kc_max, ++kb) {
+      const int64_t kc = std::min(kc_max, k - k0);
+      // fp32 tiles: x1 rows r0.., columns k0..k0+kc; x2 rows k0.. of (k, n)
+      // or columns k0.. of (n, k).
+      for (int64_t i = 0; i < r; ++i) {
+        const uint8_t* src = a8 + (r0 + i) * k + k0;
+        if (mode == kMx) {
+          DecodeMx(src, k0, kc, table, static_cast<const uint8_t*>(s1) + (r0 + i) * kb_mx, e8m0,
+                   a.get() + i * kc);
+        } else {
+          Decode(src, kc, table, a.get() + i * kc);
+        }
+      }
+      if (transpose_x2) {
+        for (int64_t j = 0; j < n; ++j) {
+          if (mode == kMx) {
+            DecodeMx(b8 + j * k + k0, k0, kc, table, s2m + j * kb_mx, e8m0, b.get() + j * kc);
+          } else {
+            Decode(b8 + j * k + k0, kc, table, b.get() + j * kc);
+          }
+        }
+      } else {
+        Decode(b8 + k0 * n, kc * n, table, b.get());
+      }
+      const int64_t ldb = transpose_x2 ? kc : n;
+      if (mode != kPerblock) {
+        Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), ldb, c.get(), n,
+              k0 == 0 ? 0.0f : 1.0f);
+        continue;
+      }
+      // Perblock: this block's product, scaled per element, added in order.
+      Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), ldb, p.get(), n);
+      const float* s1f = static_cast<const float*>(s1);
+      for (int64_t i = 0; i < r; ++i) {
+        const float row_scale = s1f[(r0 + i) * kb_block + kb];
+        const float* col_scale = s2f + kb * n;
+        float* ci = c.get() + i * n;
+        const float* pi = p.get() + i * n;
+        if (kb == 0) {
+          for (int64_t j = 0; j < n; ++j) ci[j] = pi[j] * (row_scale * col_scale[j]);
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            const float t = pi[j] * (row_scale * col_scale[j]);
+            ci[j] += t;
+          }
+        }
+      }
+    }
+    // Output pass per row: bias and dequant, then x3 and the rounding(s) or
+    // the communication quantization.
+    for (int64_t i = 0; i < r; ++i) {
+      float* row = c.get() + i * n;
+      if (mode == kScaled) {
+        const float token = s1 ? static_cast<const float*>(s1)[r0 + i] : 1.0f;
+        for (int64_t j = 0; j < n; ++j) {
+          float y = bias ? row[j] + bias[j] : row[j];
+          y *= s2f[s2_len == 1 ? 0 : j];
+          if (s1) y *= token;
+          row[j] = y;
+        }
+      } else if (mode == kMx && bias) {
+        for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+      }
+      if (has_x3) LoadAsFloat(x3_type, x3_data, (r0 + i) * n, n, x3_row.data());
+      if (comm) {
+        if (has_x3) {
+          for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+        }
+        QuantizeRowPertile(row, n, fmt, static_cast<uint8_t*>(out_data) + (r0 + i) * width);
+        continue;
+      }
+      if (has_x3) {
+        RoundInPlace(out_type, row, n);
+        for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+      }
+      StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2LowpMatmulHandler, Mc2LowpMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // x1
+                                  .Arg<ffi::AnyBuffer>()  // x2
+                                  .Arg<ffi::AnyBuffer>()  // x2 scale
+                                  .RemainingArgs()        // x1 scale?, bias?, x3?
+                                  .Ret<ffi::AnyBuffer>()  // out, or the fp8 wire
+                                  .Attr<int64_t>("mode")
+                                  .Attr<bool>("transpose_x2")
+                                  .Attr<bool>("has_x1_scale")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_x3")
+                                  .Attr<bool>("comm")
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("parallelism"));
+
+}  // namespace jax_mc2

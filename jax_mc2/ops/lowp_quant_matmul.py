@@ -1,0 +1,694 @@
+"""The fp8, hifloat8 and MX rows of aclnnQuantMatmulAllReduceV4 (seed 003,
+Ascend 950), behind ``quant_matmul_all_reduce_v4``.
+
+One primitive serves four scale layouts (the seed's formulas 4 to 7):
+
+- pertoken (formula 6): x1/x2 fp8 e4m3fn / e5m2 or hifloat8, float32
+  ``x1_scale`` (m,) and float32 ``x2_scale`` (1,) / (n,) / (1, n):
+  ``y = f32(x1 @ x2 + bias) * x2_scale * x1_scale``;
+- packed (formula 5, perchannel / pertensor): the same values with packed
+  64-bit ``x2_scale`` words (uint64/int64, or uint32 (low, high) pairs
+  without x64) and no ``x1_scale``: ``y = f32(x1 @ x2 + bias) * fp19(x2_scale)``;
+- perblock (formula 7): float32 ``x1_scale`` (ceil(m/128), ceil(k/128))
+  ((b, ceil(s/128), ceil(k/128)) for 3-D x1) and ``x2_scale``
+  (ceil(k/128), ceil(n/128)) ((ceil(n/128), ceil(k/128)) transposed), no bias:
+  ``y[i, j] = sum_kb (x1[i, kb] @ x2[kb, j]) * (x1_scale[i//128, kb] * x2_scale[kb, j//128])``
+  accumulated in fp32 block after block (tail blocks are shorter);
+- MX (formula 4): fp8 or float4_e2m1fn values with float8_e8m0fnu scales
+  [m, ceil(k/64), 2] and [n, ceil(k/64), 2] (x2 transposed only), one scale
+  per 32 values along k: ``y = (x1 * x1_scale) @ (x2 * x2_scale) + bias``.
+
+The products accumulate in fp32; ``y`` is rounded half to even to the output
+dtype once, ``x3`` is added in fp32 and rounded again (as the int8 rows do),
+and the all-reduce runs in the output dtype. ``comm_quant_mode=1`` replaces the
+all-reduce by the fp8 pertile chain of ascend-semantics §5.2.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+
+from jax_mc2 import _compat, _ffi, quant, reference, targets
+from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch
+from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops.matmul_all_reduce import check_chip_limits, check_comm_turn, check_matmul_shapes
+
+OP = "quant_matmul_all_reduce_v4"
+_F32 = jnp.float32
+F8_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+F8_E5M2 = np.dtype(ml_dtypes.float8_e5m2)
+F4_E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
+E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+U8 = np.dtype(np.uint8)
+HIF8 = "hifloat8"
+_PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
+_OUT_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
+
+PERTOKEN, PACKED, PERBLOCK, MX = "pertoken", "packed", "perblock", "mx"
+BLOCK = 128  # perblock group size along m, n and k
+MX_BLOCK = 32  # MX group size along k
+PERBLOCK_GROUP = (BLOCK, BLOCK, BLOCK)
+MX_GROUP = (1, 1, MX_BLOCK)
+COMM_TILE = 128  # fp8 pertile communication: 1 x 128 tiles along n
+FP8_MAX = {F8_E4M3: 448.0, F8_E5M2: 57344.0}
+#: The byte container of the fp8 communication wire (e5m2 codes and the fp32
+#: scales' bytes are bitcast into it; XLA:CPU carries every float8_e4m3fn
+#: byte pattern through its collectives unchanged).
+WIRE_DTYPE = F8_E4M3
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def is_low_precision(x1, x1_format, x2_format) -> bool:
+    """Whether a call belongs to this primitive (not the int8 rows)."""
+    return np.dtype(x1.dtype) != np.dtype(np.int8) or HIF8 in (x1_format, x2_format)
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+
+def value_kind(op, name, aval, hif8: bool) -> str:
+    """'float8_e4m3fn', 'float8_e5m2', 'float4_e2m1fn' or 'hifloat8'."""
+    dtype = np.dtype(aval.dtype)
+    if hif8:
+        if dtype != U8:
+            raise v.type_error(
+                op,
+                f"{name} with {name}_format='hifloat8' must hold uint8 HiFloat8 codes, got "
+                f"{dtype.name}",
+            )
+        return HIF8
+    if dtype in (F8_E4M3, F8_E5M2, F4_E2M1):
+        return dtype.name
+    if dtype == U8:
+        raise v.type_error(
+            op,
+            f"uint8 {name} holds HiFloat8 codes only with x1_format='hifloat8' and "
+            "x2_format='hifloat8'",
+        )
+    raise v.type_error(
+        op,
+        f"{name} dtype must be int8, float8_e4m3fn, float8_e5m2, float4_e2m1fn or uint8 "
+        f"HiFloat8 codes (x1_format/x2_format='hifloat8'), got {dtype.name}",
+    )
+
+
+def _is_packed(scale) -> bool:
+    dtype = np.dtype(scale.dtype)
+    pair = dtype == np.dtype(np.uint32) and scale.ndim >= 1 and scale.shape[-1] == 2
+    return dtype in _PACKED_WIDE or pair
+
+
+def classify(op, kind, x2_scale, x1_scale) -> str:
+    """The scale layout (row family) a call selects, from the scales' dtypes."""
+    dtype = np.dtype(x2_scale.dtype)
+    if dtype == E8M0:
+        mode = MX
+    elif _is_packed(x2_scale):
+        mode = PACKED
+    elif dtype == np.dtype(np.float32):
+        mode = PERBLOCK if x1_scale is not None and x1_scale.ndim >= 2 else PERTOKEN
+    else:
+        raise v.type_error(
+            op,
+            f"x2_scale dtype for {kind} x1/x2 must be float32 (pertoken / perblock), packed "
+            "uint64/int64 words or uint32 (low, high) pairs [..., 2] (perchannel / pertensor), "
+            f"or float8_e8m0fnu (MX), got {dtype.name}{list(x2_scale.shape)}",
+        )
+    if kind == F4_E2M1.name and mode != MX:
+        raise v.type_error(
+            op,
+            "float4_e2m1fn x1/x2 exist only in the MX rows: x1_scale and x2_scale must be "
+            f"float8_e8m0fnu, got x2_scale {dtype.name}",
+        )
+    if kind == HIF8 and mode == MX:
+        raise v.type_error(
+            op, "the MX rows take float8_e4m3fn, float8_e5m2 or float4_e2m1fn x1/x2, not hifloat8"
+        )
+    return mode
+
+
+def _resolve_group(op, group_size, dims, scale_dims, want, row):
+    try:
+        got = quant.resolve_group_size(group_size, dims, scale_dims)
+    except ValueError as e:
+        raise v.value_error(op, f"{e} ({row} rows)") from None
+    if got != want:
+        raise v.value_error(
+            op,
+            f"group_size (m, n, k) must resolve to {want} in the {row} rows, got {got} "
+            f"(group_size={group_size}; a 0 field is inferred as dim / scale extent)",
+        )
+    return got
+
+
+def _check_static_group(op, group_size, row):
+    if group_size != 0:
+        raise v.value_error(
+            op,
+            f"group_size must be 0 in the {row} rows (it is meaningful only when both scales "
+            f"are at least 2-D: perblock / MX), got {group_size!r}",
+        )
+
+
+def check_call(
+    op,
+    x1,
+    x2,
+    x2_scale,
+    x1_scale,
+    bias,
+    x3,
+    *,
+    hif8,
+    transpose_x2,
+    out_dtype,
+    group_size,
+    comm_quant_mode,
+):
+    """Every dtype / shape / static rule of the fp8, hifloat8 and MX rows;
+    returns ``(out_shape, mode)``."""
+    support = targets.operator_support(op)
+    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    kind = value_kind(op, "x1", x1, hif8)
+    kind2 = value_kind(op, "x2", x2, hif8)
+    if kind2 != kind:
+        raise v.type_error(
+            op, f"x2 must have x1's dtype {kind} (the tables pair equal dtypes), got {kind2}"
+        )
+    profile = targets.current_profile()
+    if not support.low_precision:
+        raise v.unsupported(
+            op,
+            f"the {kind} rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
+            f"target {profile.name!r} ({profile.description}); use target 'ascend-950' or "
+            "'generic'",
+        )
+    out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
+    *lead, k = x1.shape
+    m, n = int(np.prod(lead)), out_shape[-1]
+    mode = classify(op, kind, x2_scale, x1_scale)
+    f32 = np.dtype(np.float32)
+
+    def check_f32(name, aval):
+        if np.dtype(aval.dtype) != f32:
+            raise v.type_error(
+                op,
+                f"{name} dtype must be float32 in the {mode} rows, got {v.dtype_name(aval.dtype)}",
+            )
+
+    if mode in (PERTOKEN, PACKED):
+        pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
+        shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
+        if shape not in ((1,), (n,), (1, n)):
+            raise v.type_error(
+                op,
+                f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
+                f"{mode} rows, got {v.shape_str(shape)}",
+            )
+        _check_static_group(op, group_size, mode)
+    if mode == PERTOKEN:
+        if x1_scale is None:
+            raise v.type_error(
+                op,
+                "a float32 x2_scale needs x1_scale (float32 (m,) pertoken, or 2-D perblock "
+                "scales); without x1_scale pass packed x2_scale words (quant.trans_quant_param)",
+            )
+        check_f32("x1_scale", x1_scale)
+        v.check_shape(op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)")
+    elif mode == PACKED:
+        if x1_scale is not None:
+            raise v.type_error(
+                op,
+                "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
+                "rows); pertoken scales take a float32 x2_scale",
+            )
+    elif mode == PERBLOCK:
+        check_f32("x1_scale", x1_scale)
+        check_f32("x2_scale", x2_scale)
+        kb, nb = _ceil(k, BLOCK), _ceil(n, BLOCK)
+        if x1.ndim == 3:
+            want1 = (x1.shape[0], _ceil(x1.shape[1], BLOCK), kb)
+            rule1 = "(b, ceil(s/128), ceil(k/128))"
+        else:
+            want1 = (_ceil(m, BLOCK), kb)
+            rule1 = "(ceil(m/128), ceil(k/128))"
+        v.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
+        want2 = (nb, kb) if transpose_x2 else (kb, nb)
+        rule2 = (
+            "(ceil(n/128), ceil(k/128)) (transpose_x2)"
+            if transpose_x2
+            else ("(ceil(k/128), ceil(n/128))")
+        )
+        v.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
+        if bias is not None:
+            raise v.type_error(
+                op,
+                "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
+                "supports only a null bias)",
+            )
+        rows = x1.shape[-2]
+        _resolve_group(
+            op,
+            group_size,
+            (rows, n, k),
+            (x1_scale.shape[-2], x2_scale.shape[0 if transpose_x2 else 1], x1_scale.shape[-1]),
+            PERBLOCK_GROUP,
+            PERBLOCK,
+        )
+    else:  # MX
+        if not transpose_x2:
+            raise v.value_error(
+                op,
+                "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
+                "only a transposed (n, k) x2)",
+            )
+        if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
+            got = "None" if x1_scale is None else v.dtype_name(x1_scale.dtype)
+            raise v.type_error(
+                op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
+            )
+        kb = _ceil(k, 2 * MX_BLOCK)
+        v.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
+        v.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
+        if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
+            raise v.type_error(
+                op,
+                f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
+                f"{_ceil(k, MX_BLOCK)})",
+            )
+        _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
+    if bias is not None:
+        v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
+        check_f32("bias", bias)
+    allowed = list(_OUT_DTYPES)
+    if mode == PACKED and np.dtype(np.float32) not in profile.float_dtypes:
+        allowed.remove(np.dtype(np.float32))
+    if out_dtype not in allowed:
+        raise v.type_error(
+            op,
+            f"out_dtype must be one of {', '.join(d.name for d in allowed)} in the {kind} "
+            f"{mode} rows on target {profile.name!r}, got {out_dtype.name}",
+        )
+    if x3 is not None:
+        v.check_shape(op, "x3", x3, out_shape, "the output shape")
+        if np.dtype(x3.dtype) not in _OUT_DTYPES:
+            raise v.type_error(
+                op, f"x3 dtype must be float16, bfloat16 or float32, got {v.dtype_name(x3.dtype)}"
+            )
+    if comm_quant_mode == 1:
+        if kind not in (F8_E4M3.name, F8_E5M2.name) or mode not in (PERTOKEN, PERBLOCK):
+            raise v.value_error(
+                op,
+                "comm_quant_mode=1 (fp8 pertile communication, formula 8) needs float8_e4m3fn "
+                f"or float8_e5m2 x1/x2 with float32 x1_scale and x2_scale, got {kind} x1/x2 "
+                f"in the {mode} rows",
+            )
+    return out_shape, mode
+
+
+# --------------------------------------------------------------------------
+# The primitive
+
+lowp_quant_mm_all_reduce_p = _compat.new_primitive("mc2_lowp_quant_mm_all_reduce")
+
+
+def _split(operands, has_x1_scale, has_bias, has_x3):
+    x1, x2, x2_scale, *rest = operands
+    x1_scale = rest.pop(0) if has_x1_scale else None
+    bias = rest.pop(0) if has_bias else None
+    x3 = rest.pop(0) if has_x3 else None
+    return x1, x2, x2_scale, x1_scale, bias, x3
+
+
+def _abstract_eval(
+    *operands,
+    hif8,
+    transpose_x2,
+    out_dtype,
+    group_size,
+    comm_quant_mode,
+    has_x1_scale,
+    has_bias,
+    has_x3,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
+    del implementation
+    x1, x2, x2_scale, x1_scale, bias, x3 = _split(operands, has_x1_scale, has_bias, has_x3)
+    out_shape, _ = check_call(
+        OP,
+        x1,
+        x2,
+        x2_scale,
+        x1_scale,
+        bias,
+        x3,
+        hif8=hif8,
+        transpose_x2=transpose_x2,
+        out_dtype=out_dtype,
+        group_size=group_size,
+        comm_quant_mode=comm_quant_mode,
+    )
+    check_comm_turn(OP, comm_turn)
+    check_chip_limits(
+        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+    )
+    out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
+    return out, _compat.named_axis_effects(axis_name)
+
+
+lowp_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
+
+
+# --------------------------------------------------------------------------
+# Shared pieces of the two implementations
+
+
+def decode_values(x, hif8):
+    """fp8 / fp4 values or HiFloat8 codes -> float32 (exact)."""
+    return quant.hifloat8_decode(x) if hif8 else x.astype(_F32)
+
+
+def _row_scales(mode, x1, x1_scale):
+    """x1's scales aligned with its flattened rows: pertoken [m], perblock
+    [m, ceil(k/128)] (each row's block scales), MX e8m0 [m, 2 * ceil(k/64)]."""
+    if x1_scale is None:
+        return None
+    m = int(np.prod(x1.shape[:-1]))
+    if mode == PERBLOCK:
+        rows = x1.shape[-2]
+        s = jnp.repeat(x1_scale, BLOCK, axis=-2)[..., :rows, :]
+        return s.reshape(m, s.shape[-1])
+    if mode == MX:
+        return x1_scale.reshape(m, -1)
+    return x1_scale
+
+
+def _column_scales(mode, x2_scale, n, transpose_x2):
+    """x2's scales for the local kernels: pertoken / packed float32 [1] or
+    [n]; perblock float32 [ceil(k/128), n] (each column's block scales); MX
+    e8m0 [n, 2 * ceil(k/64)]."""
+    if mode == PACKED:
+        from jax_mc2.ops.quant_matmul_all_reduce import decode_scale
+
+        return decode_scale(x2_scale)
+    if mode == PERTOKEN:
+        return x2_scale.reshape(-1)
+    if mode == PERBLOCK:
+        s = x2_scale.T if transpose_x2 else x2_scale
+        return jnp.repeat(s, BLOCK, axis=1)[:, :n]
+    return x2_scale.reshape(n, -1)
+
+
+def _round_out(y, x3, out_dtype):
+    """Round to the output dtype, then add x3 in fp32 and round again."""
+    y = y.astype(out_dtype)
+    if x3 is not None:
+        y = (y.astype(_F32) + x3.astype(_F32)).astype(out_dtype)
+    return y
+
+
+def _mx_expand(scale, k):
+    """e8m0 [rows, kb32] -> float32 [rows, k], one scale per 32 values."""
+    return jnp.repeat(scale.astype(_F32), MX_BLOCK, axis=-1)[:, :k]
+
+
+def _dot(a, b, transpose_b):
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def _perblock_matmul(a, b, s1, s2, transpose_x2):
+    """sum over k-blocks, in order, of (a[:, kb] @ b[kb, :]) * (s1[:, kb] * s2[kb, :])."""
+    m, k = a.shape
+    kb = s1.shape[1]
+    pad = kb * BLOCK - k
+    a = jnp.pad(a, ((0, 0), (0, pad))).reshape(m, kb, BLOCK).transpose(1, 0, 2)
+    if transpose_x2:
+        n = b.shape[0]
+        b = jnp.pad(b, ((0, 0), (0, pad))).reshape(n, kb, BLOCK).transpose(1, 2, 0)
+    else:
+        n = b.shape[1]
+        b = jnp.pad(b, ((0, pad), (0, 0))).reshape(kb, BLOCK, n)
+
+    def block(a_b, b_b, s1_b, s2_b):
+        return _dot(a_b, b_b, False) * (s1_b[:, None] * s2_b[None, :])
+
+    def body(y, xs):
+        return y + block(*xs), None
+
+    s1 = s1.T
+    y = block(a[0], b[0], s1[0], s2[0])  # the carry starts as block 0 (its vma included)
+    if kb > 1:
+        y, _ = lax.scan(body, y, (a[1:], b[1:], s1[1:], s2[1:]))
+    return y
+
+
+def local_lowp_matmul(x1, x2, s2, s1, bias, *, mode, hif8, transpose_x2):
+    """One rank's fp32 ``y`` before the output rounding (the ``xla`` numerics)."""
+    k = x1.shape[-1]
+    a = decode_values(x1, hif8).reshape(-1, k)
+    b = decode_values(x2, hif8)
+    if mode == PERBLOCK:
+        return _perblock_matmul(a, b, s1, s2, transpose_x2)
+    if mode == MX:
+        a = a * _mx_expand(s1, k)
+        b = b * _mx_expand(s2, k)
+    y = _dot(a, b, transpose_x2)
+    if bias is not None:
+        y = y + bias
+    if mode in (PERTOKEN, PACKED):
+        y = y * s2
+    if mode == PERTOKEN:
+        y = y * s1[:, None]
+    return y
+
+
+# --------------------------------------------------------------------------
+# fp8 pertile low-bit communication (comm_quant_mode=1), ascend-semantics §5.2
+
+
+def pertile_quantize(c, fp8):
+    """Per row, per 1 x 128 tile: a = max|tile| (FP8_MAX if 0), sc = FP8_MAX / a
+    (1 if 0), q = fp8(clip(tile * sc)) rounded half to even. Returns
+    ``(q [r, n] fp8, sc [r, ceil(n/128)] float32)``."""
+    fmax = np.float32(FP8_MAX[np.dtype(fp8)])
+    r, n = c.shape
+    t = _ceil(n, COMM_TILE)
+    tiles = jnp.pad(c, ((0, 0), (0, t * COMM_TILE - n))).reshape(r, t, COMM_TILE)
+    a = jnp.max(jnp.abs(tiles), axis=-1)
+    a = jnp.where(a == 0, fmax, a)
+    sc = fmax / a
+    sc = jnp.where(sc == 0, np.float32(1), sc)
+    q = jnp.clip(tiles * sc[..., None], -fmax, fmax).astype(fp8)
+    return q.reshape(r, t * COMM_TILE)[:, :n], sc
+
+
+def pertile_wire(q, sc):
+    """``[q codes | sc bytes]`` rows in the float8_e4m3fn byte container."""
+    r = q.shape[0]
+    codes = q if np.dtype(q.dtype) == WIRE_DTYPE else lax.bitcast_convert_type(q, WIRE_DTYPE)
+    scale_bytes = lax.bitcast_convert_type(sc, WIRE_DTYPE).reshape(r, -1)
+    return jnp.concatenate([codes, scale_bytes], axis=1)
+
+
+def _wire_dequantize(wire, n, fp8):
+    """wire [..., r, n + 4t] -> float32 [..., r, n]: f32(q) / sc per tile."""
+    codes = wire[..., :n]
+    if np.dtype(fp8) != WIRE_DTYPE:
+        codes = lax.bitcast_convert_type(codes, fp8)
+    lead = wire.shape[:-1]
+    t = _ceil(n, COMM_TILE)
+    sc = lax.bitcast_convert_type(wire[..., n:].reshape(*lead, t, 4), _F32)
+    q = jnp.pad(codes.astype(_F32), [(0, 0)] * len(lead) + [(0, t * COMM_TILE - n)])
+    q = q.reshape(*lead, t, COMM_TILE)
+    # A true division, as the kernel's Div: the barrier keeps XLA from turning
+    # a division by a broadcast into a multiplication by its reciprocal.
+    deq = q / lax.optimization_barrier(jnp.broadcast_to(sc[..., None], q.shape))
+    return deq.reshape(*lead, t * COMM_TILE)[..., :n]
+
+
+def fp8_pertile_all_reduce(wire, *, n, fp8, out_dtype, axis_name):
+    """The fp8 pertile chain on wire rows [r, n + 4 ceil(n/128)]: rows padded
+    to a multiple of the R ranks and split into R chunks; a float8 all-to-all
+    (rank j gets chunk j of every rank, in rank order); each chunk dequantized
+    (``f32(q) / sc``) and summed in fp32 in rank order from 0.0; requantized
+    per tile; a float8 all-gather; dequantized and rounded to ``out_dtype``.
+    The bytes on the wire are fp8 codes plus each tile's fp32 scale."""
+    r, width = wire.shape
+    ranks = int(lax.axis_size(axis_name)) if axis_name else 1
+    chunk = _ceil(r, ranks)
+    padded = jnp.pad(wire, ((0, chunk * ranks - r), (0, 0))).reshape(ranks, chunk, width)
+    if axis_name:
+        padded = lax.all_to_all(padded, axis_name, 0, 0, tiled=False)
+    deq = _wire_dequantize(padded, n, fp8)
+    acc = jnp.zeros((chunk, n), _F32)
+    for i in range(ranks):
+        acc = acc + deq[i]
+    q2, sc2 = pertile_quantize(acc, fp8)
+    wire2 = pertile_wire(q2, sc2)
+    gathered = lax.all_gather(wire2, axis_name) if axis_name else wire2[None]
+    y = _wire_dequantize(gathered.reshape(ranks * chunk, width)[:r], n, fp8)
+    return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------
+# The compositions of the two implementations
+
+
+def _composition(local_fn, operands, params, axis_name, comm_turn):
+    """Row chunks (comm_turn) of ``local_fn(x1, s1_rows, x3)``, each reduced by
+    the all-reduce in the output dtype, or by the fp8 pertile chain."""
+    flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
+    x1, x2, x2_scale, x1_scale, bias, x3 = _split(list(operands), *flags)
+    kind = HIF8 if params["hif8"] else np.dtype(x1.dtype).name
+    mode = classify(OP, kind, x2_scale, x1_scale)
+    transpose_x2 = params["transpose_x2"]
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    out_dtype = params["out_dtype"]
+    s1 = _row_scales(mode, x1, x1_scale)
+    s2 = _column_scales(mode, x2_scale, n, transpose_x2)
+    comm = params["comm_quant_mode"] == 1
+    reduce = None
+    if comm:
+        fp8 = np.dtype(x1.dtype)
+
+        def reduce(w):
+            y = fp8_pertile_all_reduce(
+                w.reshape(-1, w.shape[-1]), n=n, fp8=fp8, out_dtype=out_dtype, axis_name=axis_name
+            )
+            return y.reshape(*w.shape[:-1], n)
+
+    def local(x1_c, x3_c, s1_c):
+        return local_fn(x1_c, x2, s2, s1_c, bias, x3_c, mode=mode, comm=comm)
+
+    return reference.chunked_matmul_all_reduce(
+        local, x1, x3, s1, axis_name=axis_name, comm_turn=comm_turn, reduce=reduce
+    )
+
+
+def _xla_composition(*operands, axis_name, comm_turn, **params):
+    hif8, transpose_x2, out_dtype = params["hif8"], params["transpose_x2"], params["out_dtype"]
+
+    def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
+        y = local_lowp_matmul(x1, x2, s2, s1, bias, mode=mode, hif8=hif8, transpose_x2=transpose_x2)
+        x3_2d = None if x3 is None else x3.reshape(y.shape)
+        if comm:
+            c = y if x3_2d is None else y + x3_2d.astype(_F32)
+            out = pertile_wire(*pertile_quantize(c, np.dtype(x1.dtype)))
+        else:
+            out = _round_out(y, x3_2d, out_dtype)
+        return out.reshape(*x1.shape[:-1], out.shape[-1])
+
+    return _composition(local, operands, params, axis_name, comm_turn)
+
+
+_FFI_MODES = {PERTOKEN: 0, PACKED: 0, PERBLOCK: 1, MX: 2}
+
+
+def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
+    transpose_x2, out_dtype = params["transpose_x2"], params["out_dtype"]
+
+    def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
+        if x3 is not None:
+            x3 = x3.reshape(*x1.shape[:-1], x3.shape[-1])
+        if np.dtype(x1.dtype) == F4_E2M1:
+            # XLA:CPU stores fp4 two values per byte; every fp4 value is exact in e4m3fn.
+            x1, x2 = x1.astype(jnp.float8_e4m3fn), x2.astype(jnp.float8_e4m3fn)
+        return _ffi.lowp_matmul(
+            x1,
+            x2,
+            s2,
+            s1,
+            bias,
+            x3,
+            mode=_FFI_MODES[mode],
+            transpose_x2=transpose_x2,
+            out_dtype=out_dtype,
+            comm=comm,
+            block_k=BLOCK,
+            parallelism=parallelism,
+        )
+
+    return _composition(local, operands, params, axis_name, comm_turn)
+
+
+_compat.register_lowering(
+    lowp_quant_mm_all_reduce_p,
+    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+)
+
+
+def _jvp(primals, tangents, **params):
+    raise NotImplementedError(
+        f"{OP}: the fp8 / hifloat8 / MX quantized rows are not differentiable (quantized "
+        "operands and scales); differentiate the floating-point model and quantize after training"
+    )
+
+
+_compat.ad.primitive_jvps[lowp_quant_mm_all_reduce_p] = _jvp
+
+
+def _batch(args, dims, **params):
+    flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
+    ops = list(_split(list(args), *flags))
+    ds = list(_split(list(dims), *flags))
+    out = map_over_batch(
+        lambda *a: lowp_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
+        ops,
+        ds,
+    )
+    return out, 0
+
+
+_compat.register_batching_rule(lowp_quant_mm_all_reduce_p, lambda params: OP, _batch)
+
+
+def _canonical_scale(scale):
+    """NumPy int64/uint64 packed words become uint32 pairs (they survive x64 off)."""
+    if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
+        low, high = quant.packed_scale_words(scale)
+        return jnp.stack([low, high], axis=-1)
+    return jnp.asarray(scale)
+
+
+def bind_low_precision(
+    x1,
+    x2,
+    *,
+    x2_scale,
+    x1_scale,
+    bias,
+    x3,
+    hif8,
+    transpose_x2,
+    out_dtype,
+    group_size,
+    comm_quant_mode,
+    params,
+):
+    """Binds the fp8 / hifloat8 / MX primitive (``params``: collective_params)."""
+    operands = [jnp.asarray(x1), jnp.asarray(x2), _canonical_scale(x2_scale)]
+    operands += [jnp.asarray(a) for a in (x1_scale, bias, x3) if a is not None]
+    return lowp_quant_mm_all_reduce_p.bind(
+        *operands,
+        hif8=bool(hif8),
+        transpose_x2=bool(transpose_x2),
+        out_dtype=np.dtype(out_dtype),
+        group_size=int(group_size),
+        comm_quant_mode=int(comm_quant_mode),
+        has_x1_scale=x1_scale is not None,
+        has_bias=bias is not None,
+        has_x3=x3 is not None,
+        **params,
+    )
