@@ -192,6 +192,65 @@ def quant_case(m, k, n, dtype, devices, impls, repeat):
     return time_interleaved(wrapped, (x1, x2, bias, scale), repeat)
 
 
+def lowp_case(mode, m, k, n, devices, impls, repeat):
+    """quant_matmul_all_reduce_v4's fp8 e4m3fn rows, bfloat16 output:
+    pertoken (fp32 x1_scale [m], x2_scale [n]), perblock (128 x 128 blocks)
+    and MXFP8 (e8m0 scales per 32 values of k, transposed x2), against the
+    unfused jnp composition: decode to fp32, scale, matmul, round, psum."""
+    from jax_mc2 import quant
+
+    rng = np.random.default_rng(7)
+    f32, bf16, e4m3 = jnp.float32, jnp.bfloat16, jnp.float8_e4m3fn
+    a = jnp.asarray(rng.standard_normal((m, k)), f32)
+    b = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), f32)
+    axis = "tp" if devices > 1 else None
+    kw = {"out_dtype": bf16}
+    if mode == "pertoken":
+        x1, x2 = a.astype(e4m3), b.astype(e4m3)
+        s1 = jnp.asarray(rng.random(m) + 0.5, f32)
+        s2 = jnp.asarray(rng.random(n) * 1e-2 + 1e-3, f32)
+        specs = (P(None, "tp"), P("tp", None), P(), P())
+
+        def unfused(x1, x2, s1, s2):
+            y = jnp.matmul(x1.astype(f32), x2.astype(f32)) * s1[:, None] * s2[None, :]
+            return y.astype(bf16)
+
+    elif mode == "perblock":
+        (x1, s1), (x2, s2) = quant.perblock_quantize(a), quant.perblock_quantize(b)
+        kw["group_size"] = quant.group_size(128, 128, 128)
+        specs = (P(None, "tp"), P("tp", None), P(None, "tp"), P("tp", None))
+
+        def unfused(x1, x2, s1, s2):
+            w1 = jnp.repeat(jnp.repeat(s1, 128, 0), 128, 1)[: x1.shape[0], : x1.shape[1]]
+            w2 = jnp.repeat(jnp.repeat(s2, 128, 0), 128, 1)[: x2.shape[0], : x2.shape[1]]
+            return jnp.matmul(x1.astype(f32) * w1, x2.astype(f32) * w2).astype(bf16)
+
+    else:  # mx: x2 transposed, (n, k)
+        (x1, s1), (x2, s2) = quant.mx_quantize(a), quant.mx_quantize(b.T)
+        kw["transpose_x2"] = True
+        specs = (P(None, "tp"), P(None, "tp"), P(None, "tp"), P(None, "tp"))
+
+        def unfused(x1, x2, s1, s2):
+            def dequant(v, s):
+                scale = jnp.repeat(s.astype(f32).reshape(v.shape[0], -1), 32, 1)
+                return v.astype(f32) * scale[:, : v.shape[1]]
+
+            return jnp.matmul(dequant(x1, s1), dequant(x2, s2).T).astype(bf16)
+
+    def reduced(fn):
+        return lambda *args: lax.psum(fn(*args), axis) if axis else fn(*args)
+
+    def op(impl):
+        return lambda x1, x2, s1, s2: mc2.quant_matmul_all_reduce_v4(
+            x1, x2, axis, x1_scale=s1, x2_scale=s2, implementation=impl, **kw
+        )
+
+    fns = {impl: op(impl) for impl in impls}
+    fns["unfused jnp"] = reduced(unfused)
+    wrap = _wrap(devices, specs, P())
+    return time_interleaved({k_: wrap(f) for k_, f in fns.items()}, (x1, x2, s1, s2), repeat)
+
+
 def _wire_bytes(compiled_text: str, ranks: int) -> int:
     """Bytes each device sends for the collectives in compiled HLO text, with
     the usual algorithms: a ring all-reduce of B bytes sends 2 (R-1)/R B, an
@@ -261,6 +320,17 @@ def _wrap(devices, in_specs, out_specs):
         )
 
     return wrap
+
+
+def _lowp(mode):
+    """A case function for one fp8 mode (its dtype argument is the output
+    dtype, bfloat16 only: the loop's float16 pass is skipped)."""
+
+    def case(m, k, n, dtype, devices, impls, repeat):
+        return lowp_case(mode, m, k, n, devices, impls, repeat)
+
+    case.dtypes = (jnp.bfloat16,)
+    return case
 
 
 def ep_report(quick, impls, repeat, ndev, ceiling):
@@ -379,12 +449,15 @@ def main(argv=None):
             ("mm_all_reduce_base", mm_case),
             ("matmul_all_reduce_add_rms_norm", norm_case),
             ("quant_matmul_all_reduce (int8)", quant_case),
+            ("quant_matmul_all_reduce_v4 fp8 pertoken", _lowp("pertoken")),
+            ("quant_matmul_all_reduce_v4 fp8 perblock", _lowp("perblock")),
+            ("quant_matmul_all_reduce_v4 MXFP8", _lowp("mx")),
         )
     )
     for opname, case in tp_cases:
         for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
             for m, k, n in shapes:
-                for dtype in (jnp.float16, jnp.bfloat16):
+                for dtype in getattr(case, "dtypes", (jnp.float16, jnp.bfloat16)):
                     times = case(m, k, n, dtype, devices, impls, repeat)
                     flops = 2 * m * k * n
                     base = times["unfused jnp"]
