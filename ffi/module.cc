@@ -21,6 +21,8 @@ NB_MODULE(_mc2_ffi, m) {
     d["mc2_add_rms_norm_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2AddRmsNormHandler);
     d["mc2_int8_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2Int8MatmulHandler);
     d["mc2_grouped_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulHandler);
+    d["mc2_grouped_matmul_wgrad_ffi"] =
+        EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulWgradHandler);
     d["mc2_lowp_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2LowpMatmulHandler);
     return d;
   });

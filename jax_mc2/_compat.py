@@ -24,6 +24,7 @@ __all__ = [
     "lower_fun",
     "lowering_parallelism",
     "lowering_platforms",
+    "match_vma",
     "named_axis_effects",
     "new_primitive",
     "register_batching_rule",
@@ -56,7 +57,7 @@ def register_batching_rule(prim: core.Primitive, op_name, rule: Callable) -> Non
     """
 
     def fancy_rule(axis_data, args, dims, **params):
-        if axis_data.name is not None and axis_data.name in params["axis_name"]:
+        if axis_data.name is not None and axis_data.name in params.get("axis_name", ()):
             raise NotImplementedError(
                 f"{op_name(params)}: axis_name {axis_data.name!r} is bound by jax.vmap; the "
                 "all-reduce runs over mesh axes only: bind the axis with jax.shard_map"
@@ -104,6 +105,13 @@ def config_optional_enum_state(name: str, values: list[str], default: str | None
     return _config.optional_enum_state(
         name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
     )
+
+
+def match_vma(*args):
+    """The operands with invariant ones cast to the union of their varying
+    mesh axes (``pvary``), as lax ops do before binding, so the transposes
+    psum the cotangents of invariant operands."""
+    return core.auto_insert_reshard(*args)
 
 
 def result_aval(

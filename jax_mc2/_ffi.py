@@ -32,10 +32,11 @@ MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
 INT8_MATMUL = "mc2_int8_matmul_ffi"
 GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
+GROUPED_MATMUL_WGRAD = "mc2_grouped_matmul_wgrad_ffi"
 LOWP_MATMUL = "mc2_lowp_matmul_ffi"
 
 #: Every target a lowering of this package uses.
-TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL, LOWP_MATMUL)
+TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL, GROUPED_MATMUL_WGRAD, LOWP_MATMUL)
 
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
@@ -166,6 +167,25 @@ def grouped_matmul(
         dst_index,
         transpose_w=bool(transpose_w),
         has_permute_out=bool(permute_out),
+        parallelism=np.int64(parallelism),
+    )
+
+
+def grouped_matmul_wgrad(x, dy, group_offsets, *, transpose_w: bool, parallelism: int):
+    """The weight gradient of a grouped matmul (custom call
+    ``mc2_grouped_matmul_wgrad_ffi``): ``dw[g] = x_g^T @ dy_g`` over the rows
+    [group_offsets[g], group_offsets[g + 1]), one rounding to x's dtype.
+
+    x: [rows, k]; dy: [rows, n]; group_offsets: int32 [g + 1]. Returns
+    [g, k, n], or [g, n, k] with ``transpose_w``.
+    """
+    groups, k, n = group_offsets.shape[0] - 1, x.shape[1], dy.shape[1]
+    shape = (groups, n, k) if transpose_w else (groups, k, n)
+    return jax.ffi.ffi_call(GROUPED_MATMUL_WGRAD, jax.ShapeDtypeStruct(shape, x.dtype))(
+        x,
+        dy,
+        group_offsets,
+        transpose_w=bool(transpose_w),
         parallelism=np.int64(parallelism),
     )
 

@@ -32,7 +32,16 @@ def test_every_lowered_target_is_registered():
         jax.jit(lambda a, b, s: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s))
         .lower(np.ones((4, 8), np.int8), np.ones((8, 4), np.int8), jnp.ones(4, jnp.bfloat16))
         .as_text(),
-        jax.jit(lambda a, w: mc2.alltoallv_grouped_matmul(a, w, None, send_counts=[4])[0])
+        jax.jit(
+            jax.grad(
+                lambda a, w: (
+                    mc2.alltoallv_grouped_matmul(a, w, None, send_counts=[4])[0]
+                    .astype(jnp.float32)
+                    .sum()
+                ),
+                argnums=1,
+            )
+        )
         .lower(x1, np.ones((1, 8, 4), np.float16))
         .as_text(),
         jax.jit(

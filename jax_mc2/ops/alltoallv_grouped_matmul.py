@@ -47,6 +47,7 @@ from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
 from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops.grouped_matmul import grouped_matmul
 from jax_mc2.ops.matmul_all_reduce import world_size_of
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
@@ -690,13 +691,17 @@ def _jvp(prim, primals, tangents, **params):
     t_outs = prim.bind(*_join_operands(dx, w, *counts, None, None), **lin)
     t_y = t_outs[0]
     if w is not None:
-        trans = params["trans_weight"]
+        # The weight's tangent runs through the local grouped-matmul
+        # primitive, whose transpose is the grouped weight gradient.
+        trans, impl = params["trans_weight"], params["implementation"]
         if is_dispatch:
             offsets = dispatch_group_offsets(params, send, recv)
-            t_y = t_y + grouped_matmul_xla(outs[-1], dw, offsets, trans_weight=trans)
+            t_y = t_y + grouped_matmul(
+                outs[-1], dw, offsets, trans_weight=trans, implementation=impl
+            )
         else:
             offsets = combine_group_offsets(params, send, x.shape[0])
-            z = grouped_matmul_xla(x, dw, offsets, trans_weight=trans)
+            z = grouped_matmul(x, dw, offsets, trans_weight=trans, implementation=impl)
             t_y = (
                 t_y
                 + prim.bind(

@@ -1,0 +1,183 @@
+"""A local grouped matmul (no communication): the expert GEMM of the MoE
+operators, as primitives with JVP and transpose rules so that the gradients
+of ``alltoallv_grouped_matmul`` / ``grouped_matmul_alltoallv`` run on the
+same kernels as their forward pass.
+
+    y[o_g:o_(g+1)] = x[o_g:o_(g+1)] @ w[g]        (other rows of y: 0)
+    dw[g] = x[o_g:o_(g+1)]^T @ dy[o_g:o_(g+1)]    (its weight gradient)
+
+with group offsets ``o`` (G + 1,) int32, ``o[0] == 0``, non-decreasing, at
+most the row count. fp32 accumulation, one rounding to x's dtype. ``ffi``:
+the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
+(one BLAS sgemm per group); ``xla``: ``lax.ragged_dot`` and its transpose.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jax_mc2 import _compat, _ffi, _implementation
+from jax_mc2 import _validation as v
+from jax_mc2.ops._batching import map_over_batch
+from jax_mc2.ops._lowering import implementation_lowering
+
+OP = "grouped_matmul"
+_F32 = jnp.float32
+_I32 = jnp.int32
+
+grouped_matmul_p = _compat.new_primitive("mc2_grouped_matmul")
+grouped_matmul_wgrad_p = _compat.new_primitive("mc2_grouped_matmul_wgrad")
+
+
+def _check_offsets(offsets, groups):
+    if offsets.shape != (groups + 1,) or offsets.dtype != jnp.dtype(_I32):
+        raise v.type_error(
+            OP,
+            f"group_offsets must be int32 (G + 1,) = ({groups + 1},), got "
+            f"{offsets.dtype.name}{v.shape_str(offsets.shape)}",
+        )
+
+
+def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
+    del implementation, world_size
+    v.check_rank(OP, "x", x, (2,), "(rows, k)")
+    k = x.shape[1]
+    wk = w.shape[2] if trans_weight else w.shape[1] if w.ndim == 3 else None
+    if w.ndim != 3 or wk != k:
+        layout = "(G, n, k)" if trans_weight else "(G, k, n)"
+        raise v.type_error(OP, f"w must be 3-D {layout} with k == {k}, got {v.shape_str(w.shape)}")
+    v.check_same_dtype(OP, "w", w, "x", x)
+    _check_offsets(offsets, w.shape[0])
+    n = w.shape[1] if trans_weight else w.shape[2]
+    return _compat.result_aval(x, (x.shape[0], n), x.dtype, [x, w, offsets])
+
+
+def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_size):
+    del implementation, world_size
+    groups = offsets.shape[0] - 1
+    k, n = x.shape[1], dy.shape[1]
+    shape = (groups, n, k) if trans_weight else (groups, k, n)
+    return _compat.result_aval(x, shape, x.dtype, [x, dy, offsets])
+
+
+grouped_matmul_p.def_abstract_eval(_abstract_eval)
+grouped_matmul_wgrad_p.def_abstract_eval(_wgrad_abstract_eval)
+
+
+def _xla(x, w, offsets, *, trans_weight):
+    if trans_weight:
+        w = jnp.swapaxes(w, 1, 2)
+    sizes = jnp.diff(offsets).astype(_I32)
+    return lax.ragged_dot(x, w, sizes, preferred_element_type=_F32).astype(x.dtype)
+
+
+def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism):
+    rows = jnp.arange(x.shape[0], dtype=_I32)
+    return _ffi.grouped_matmul(
+        x,
+        w,
+        offsets,
+        rows,
+        rows,
+        out_rows=x.shape[0],
+        transpose_w=trans_weight,
+        permute_out=False,
+        parallelism=parallelism,
+    )
+
+
+def _wgrad_xla(x, dy, offsets, *, trans_weight):
+    # Contract the rows, ragged by group: [G, k, n].
+    sizes = jnp.diff(offsets).astype(_I32)
+    dims = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    dw = lax.ragged_dot_general(x, dy, sizes, dims, preferred_element_type=_F32)
+    return (jnp.swapaxes(dw, 1, 2) if trans_weight else dw).astype(x.dtype)
+
+
+def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
+    return _ffi.grouped_matmul_wgrad(
+        x, dy, offsets, transpose_w=trans_weight, parallelism=parallelism
+    )
+
+
+_compat.register_lowering(
+    grouped_matmul_p, implementation_lowering(OP, _ffi_gmm, _xla, multiple_results=False)
+)
+_compat.register_lowering(
+    grouped_matmul_wgrad_p,
+    implementation_lowering(OP, _wgrad_ffi, _wgrad_xla, multiple_results=False),
+)
+
+
+def _bind(prim, *operands, **params):
+    return prim.bind(*_compat.match_vma(*operands), **params)
+
+
+def grouped_matmul(x, w, group_offsets, *, trans_weight=False, implementation=None):
+    """``y[o_g:o_(g+1)] = x[o_g:o_(g+1)] @ w[g]``, other rows 0.
+
+    x: [rows, k]; w: [G, k, n] ([G, n, k] with ``trans_weight``);
+    group_offsets: int32 [G + 1] starting at 0, non-decreasing, <= rows.
+    Returns [rows, n] in x's dtype (fp32 accumulation, one rounding).
+    """
+    return _bind(
+        grouped_matmul_p,
+        x,
+        w,
+        group_offsets,
+        trans_weight=bool(trans_weight),
+        implementation=_implementation.requested(OP, implementation),
+        world_size=1,
+    )
+
+
+def _jvp(primals, tangents, **params):
+    x, w, offsets = primals
+    dx, dw, _ = tangents
+    y = _bind(grouped_matmul_p, x, w, offsets, **params)
+    ad = _compat.ad
+    terms = []
+    if type(dx) is not ad.Zero:
+        terms.append(_bind(grouped_matmul_p, dx, w, offsets, **params))
+    if type(dw) is not ad.Zero:
+        terms.append(_bind(grouped_matmul_p, x, dw, offsets, **params))
+    if not terms:
+        return y, ad.Zero.from_primal_value(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _transpose(ct, x, w, offsets, *, trans_weight, **params):
+    ad = _compat.ad
+    if type(ct) is ad.Zero:
+        return [None, None, None]
+    if ad.is_undefined_primal(x) and not ad.is_undefined_primal(w):
+        ct_x = _bind(grouped_matmul_p, ct, w, offsets, trans_weight=not trans_weight, **params)
+        return [ct_x, None, None]
+    if ad.is_undefined_primal(w) and not ad.is_undefined_primal(x):
+        ct_w = _bind(grouped_matmul_wgrad_p, x, ct, offsets, trans_weight=trans_weight, **params)
+        return [None, ct_w, None]
+    raise NotImplementedError(f"{OP}: transposition needs exactly one of x and w linear")
+
+
+_compat.ad.primitive_jvps[grouped_matmul_p] = _jvp
+_compat.ad.primitive_transposes[grouped_matmul_p] = _transpose
+
+
+def _batch(prim, args, dims, **params):
+    out = map_over_batch(lambda *a: prim.bind(*a, **params), list(args), list(dims))
+    return out, 0
+
+
+_compat.register_batching_rule(
+    grouped_matmul_p, lambda p: OP, lambda a, d, **p: _batch(grouped_matmul_p, a, d, **p)
+)
+_compat.register_batching_rule(
+    grouped_matmul_wgrad_p,
+    lambda p: OP,
+    lambda a, d, **p: _batch(grouped_matmul_wgrad_p, a, d, **p),
+)

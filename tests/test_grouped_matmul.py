@@ -1,0 +1,118 @@
+"""The local grouped matmul primitive (the MoE operators' expert GEMM and its
+weight gradient) against NumPy, both implementations, with gradients."""
+
+import jax
+import jax.numpy as jnp
+import jax.test_util  # noqa: F401  (check_grads)
+import numpy as np
+import oracle
+import pytest
+from conftest import IMPLEMENTATIONS
+
+from jax_mc2._ffi import grouped_matmul_wgrad
+from jax_mc2.ops.grouped_matmul import grouped_matmul
+
+SIZES = [3, 0, 5, 1]  # an empty group, and 2 rows past the groups
+
+
+def _case(rng, dtype, trans):
+    rows, k, n = 11, 6, 4
+    x = rng.standard_normal((rows, k)).astype(dtype)
+    w = (rng.standard_normal((len(SIZES), n, k) if trans else (len(SIZES), k, n)) * 0.5).astype(
+        dtype
+    )
+    offsets = np.concatenate([[0], np.cumsum(SIZES)]).astype(np.int32)
+    return x, w, offsets
+
+
+def _np_gmm(x, w, offsets, trans):
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    y = np.zeros((x.shape[0], w.shape[1] if trans else w.shape[2]))
+    for g in range(len(offsets) - 1):
+        wg = w64[g].T if trans else w64[g]
+        y[offsets[g] : offsets[g + 1]] = x64[offsets[g] : offsets[g + 1]] @ wg
+    return y
+
+
+def _np_wgrad(x, dy, offsets, trans):
+    out = []
+    for g in range(len(offsets) - 1):
+        xs, ds = x[offsets[g] : offsets[g + 1]], dy[offsets[g] : offsets[g + 1]]
+        dw = xs.astype(np.float64).T @ ds.astype(np.float64)
+        out.append(dw.T if trans else dw)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16, np.float32])
+@pytest.mark.parametrize("trans", [False, True])
+def test_values(impl, dtype, trans):
+    x, w, offsets = _case(np.random.default_rng(1), dtype, trans)
+    y = jax.jit(lambda *a: grouped_matmul(*a, trans_weight=trans, implementation=impl))(
+        x, w, offsets
+    )
+    want = _np_gmm(x, w, offsets, trans).astype(dtype)
+    tol = {np.float16: 2e-3, np.float32: 1e-6}.get(dtype, 1.6e-2)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), want.astype(np.float32), rtol=tol, atol=tol
+    )
+    assert not np.asarray(y[sum(SIZES) :], np.float32).any()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_weight_gradient_values(impl, trans):
+    rng = np.random.default_rng(2)
+    x, w, offsets = _case(rng, np.float32, trans)
+    dy = rng.standard_normal((x.shape[0], w.shape[1] if trans else w.shape[2])).astype(np.float32)
+    _, vjp = jax.vjp(
+        lambda w_: grouped_matmul(x, w_, offsets, trans_weight=trans, implementation=impl), w
+    )
+    (dw,) = jax.jit(vjp)(dy)
+    np.testing.assert_allclose(dw, _np_wgrad(x, dy, offsets, trans), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(dw[1]).any()  # the empty group
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_check_grads(impl, trans):
+    x, w, offsets = _case(np.random.default_rng(3), np.float32, trans)
+    fn = jax.jit(
+        lambda a, b: grouped_matmul(a, b, offsets, trans_weight=trans, implementation=impl)
+    )
+    jax.test_util.check_grads(fn, (x, w), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+
+
+def test_ffi_lowers_to_the_kernels():
+    x, w, offsets = _case(np.random.default_rng(4), np.float32, False)
+
+    def loss(x, w):
+        return jnp.sum(grouped_matmul(x, w, offsets, implementation="ffi") ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    assert text.count("mc2_grouped_matmul_ffi") == 2  # forward and the x gradient
+    assert text.count("mc2_grouped_matmul_wgrad_ffi") == 1
+    assert "ragged" not in text
+
+
+def test_vmap():
+    rng = np.random.default_rng(5)
+    x, w, offsets = _case(rng, np.float32, False)
+    xs = np.stack([x, x * 2])
+    y = jax.vmap(lambda a: grouped_matmul(a, w, offsets))(xs)
+    np.testing.assert_allclose(y[1], 2 * _np_gmm(x, w, offsets, False), rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_offsets():
+    x, w, _ = _case(np.random.default_rng(6), np.float32, False)
+    with pytest.raises(TypeError, match=r"group_offsets must be int32 \(G \+ 1,\) = \(5,\)"):
+        grouped_matmul(x, w, np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match=r"w must be 3-D \(G, k, n\) with k == 6"):
+        grouped_matmul(x, w[:, :5], np.zeros(5, np.int32))
+    bad = np.array([0, 3, 2, 8, 9], np.int32)
+    with pytest.raises(Exception, match="group_offsets must be non-decreasing"):
+        jax.block_until_ready(
+            jax.jit(
+                lambda a, d, o: grouped_matmul_wgrad(a, d, o, transpose_w=False, parallelism=1)
+            )(x, np.ones((x.shape[0], 4), np.float32), bad)
+        )
