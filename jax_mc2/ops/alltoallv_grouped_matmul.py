@@ -758,7 +758,7 @@ def _common_params(op, gmm_weight, axis_name, send_counts, recv_counts, implemen
         raise v.type_error(
             op, "send_counts and recv_counts must both be static (NumPy) or both traced (JAX)"
         )
-    return axes, impl, world, experts, static
+    return axes, impl, world, experts
 
 
 def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
@@ -801,6 +801,71 @@ def _check_mm_pair(op, mm_x, mm_weight):
         raise v.value_error(
             op, "mm_x and mm_weight (the shared expert) must be given together or not at all"
         )
+
+
+def _bind_operator(
+    prim,
+    gmm_x,
+    gmm_weight,
+    axis_name,
+    *,
+    send_counts,
+    recv_counts,
+    mm_x,
+    mm_weight,
+    trans_gmm_weight,
+    trans_mm_weight,
+    permute_out,
+    max_out,
+    max_tokens_per_peer,
+    implementation,
+):
+    """Canonicalizes a public call (counts, capacities) and binds ``prim``."""
+    op = _op_name(prim)
+    out_arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+    _check_mm_pair(op, mm_x, mm_weight)
+    axes, impl, world, experts = _common_params(
+        op, gmm_weight, axis_name, send_counts, recv_counts, implementation
+    )
+    table, send, recv = _resolve_counts(
+        op, send_counts, recv_counts, world=world, experts=experts, axes=axes
+    )
+    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
+    if table is not None:
+        sums = np.asarray(table).sum(axis=1)
+        if prim is dispatch_p and np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
+            raise v.type_error(
+                op,
+                f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
+                f"largest rank's; per rank: {sums.tolist()})",
+            )
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
+        received = transpose_count_table(np.asarray(table), world=world, experts=experts)
+        out_rows = _capacity(op, out_arg, max_out, int(received.sum(1).max()))
+    else:
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
+        out_rows = _capacity(op, out_arg, max_out, world * peer)
+    has_mm = mm_x is not None
+    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
+    if table is None:
+        operands += [send, recv]
+    if has_mm:
+        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
+    return prim.bind(
+        *operands,
+        send_table=table,
+        experts=experts,
+        peer_capacity=max(peer, 1),
+        out_rows=out_rows,
+        trans_weight=bool(trans_gmm_weight),
+        trans_mm_weight=bool(trans_mm_weight),
+        has_weight=True,
+        has_mm=has_mm,
+        permute_out=permute_out,
+        axis_name=axes,
+        world_size=world,
+        implementation=impl,
+    )
 
 
 def alltoallv_grouped_matmul(
@@ -853,56 +918,24 @@ def alltoallv_grouped_matmul(
       ``(gmm_y [A_cap, N1], mm_y [BS, N2] or None, permute_out [A_cap, H1] or
       None)``; gmm_y and permute_out are expert-major, source-rank-minor.
     """
-    op = OP_DISPATCH
-    _check_mm_pair(op, mm_x, mm_weight)
-    axes, impl, world, experts, static = _common_params(
-        op, gmm_weight, axis_name, send_counts, recv_counts, implementation
-    )
-    table, send, recv = _resolve_counts(
-        op, send_counts, recv_counts, world=world, experts=experts, axes=axes
-    )
-    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
-    if table is not None:
-        sums = np.asarray(table).sum(axis=1)
-        if np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
-            raise v.type_error(
-                op,
-                f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
-                f"largest rank's; per rank: {sums.tolist()})",
-            )
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
-        exact = int(
-            transpose_count_table(np.asarray(table), world=world, experts=experts).sum(1).max()
-        )
-        out_rows = _capacity(op, "max_recv_tokens", max_recv_tokens, exact)
-    else:
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
-        out_rows = _capacity(op, "max_recv_tokens", max_recv_tokens, world * peer)
-    has_mm = mm_x is not None
-    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
-    if table is None:
-        operands += [send, recv]
-    if has_mm:
-        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
-    outs = dispatch_p.bind(
-        *operands,
-        send_table=table,
-        experts=experts,
-        peer_capacity=max(peer, 1),
-        out_rows=out_rows,
-        trans_weight=bool(trans_gmm_weight),
-        trans_mm_weight=bool(trans_mm_weight),
-        has_weight=True,
-        has_mm=has_mm,
+    outs = _bind_operator(
+        dispatch_p,
+        gmm_x,
+        gmm_weight,
+        axis_name,
+        send_counts=send_counts,
+        recv_counts=recv_counts,
+        mm_x=mm_x,
+        mm_weight=mm_weight,
+        trans_gmm_weight=trans_gmm_weight,
+        trans_mm_weight=trans_mm_weight,
         permute_out=bool(permute_out_flag),
-        axis_name=axes,
-        world_size=world,
-        implementation=impl,
+        max_out=max_recv_tokens,
+        max_tokens_per_peer=max_tokens_per_peer,
+        implementation=implementation,
     )
-    gmm_y = outs[0]
-    mm_y = outs[1] if has_mm else None
-    permute_out = outs[-1] if permute_out_flag else None
-    return gmm_y, mm_y, permute_out
+    mm_y = outs[1] if mm_x is not None else None
+    return outs[0], mm_y, outs[-1] if permute_out_flag else None
 
 
 def grouped_matmul_alltoallv(
@@ -946,43 +979,20 @@ def grouped_matmul_alltoallv(
       ``(y [BSK_cap, N1], mm_y [BS, N2] or None)``: y's rows are grouped by
       global expert id, the order of the dispatch's gmm_x; padding rows 0.
     """
-    op = OP_COMBINE
-    _check_mm_pair(op, mm_x, mm_weight)
-    axes, impl, world, experts, static = _common_params(
-        op, gmm_weight, axis_name, send_counts, recv_counts, implementation
-    )
-    table, send, recv = _resolve_counts(
-        op, send_counts, recv_counts, world=world, experts=experts, axes=axes
-    )
-    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
-    if table is not None:
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
-        exact = int(
-            transpose_count_table(np.asarray(table), world=world, experts=experts).sum(1).max()
-        )
-        out_rows = _capacity(op, "max_out_tokens", max_out_tokens, exact)
-    else:
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
-        out_rows = _capacity(op, "max_out_tokens", max_out_tokens, world * peer)
-    has_mm = mm_x is not None
-    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
-    if table is None:
-        operands += [send, recv]
-    if has_mm:
-        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
-    outs = combine_p.bind(
-        *operands,
-        send_table=table,
-        experts=experts,
-        peer_capacity=max(peer, 1),
-        out_rows=out_rows,
-        trans_weight=bool(trans_gmm_weight),
-        trans_mm_weight=bool(trans_mm_weight),
-        has_weight=True,
-        has_mm=has_mm,
+    outs = _bind_operator(
+        combine_p,
+        gmm_x,
+        gmm_weight,
+        axis_name,
+        send_counts=send_counts,
+        recv_counts=recv_counts,
+        mm_x=mm_x,
+        mm_weight=mm_weight,
+        trans_gmm_weight=trans_gmm_weight,
+        trans_mm_weight=trans_mm_weight,
         permute_out=False,
-        axis_name=axes,
-        world_size=world,
-        implementation=impl,
+        max_out=max_out_tokens,
+        max_tokens_per_peer=max_tokens_per_peer,
+        implementation=implementation,
     )
-    return outs[0], (outs[1] if has_mm else None)
+    return outs[0], (outs[1] if mm_x is not None else None)
