@@ -37,6 +37,41 @@ void QuantizeForComm(const float* c, const float* scale, int64_t n, int8_t* q) {
   }
 }
 
+// One row of the dequantization, y = float(acc + bias) * scale (* token),
+// in place on the fp32 row: from the int32 accumulator `acc`, or (acc null,
+// a single k-chunk) from the row itself, the sgemm result, an exact integer
+// in fp32 whose int32 conversion is exact. Small loops on restrict
+// pointers, so that they vectorize.
+__attribute__((target_clones("avx2", "default"))) void DequantRow(float* row,
+                                                                  const int32_t* __restrict acc,
+                                                                  const int32_t* __restrict bias,
+                                                                  const float* __restrict scale,
+                                                                  const float* token, int64_t n) {
+  if (acc) {
+    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(acc[j]);
+  }
+  if (bias) {
+    for (int64_t j = 0; j < n; ++j) {
+      // int32 addition that wraps like the hardware's (no signed overflow).
+      const uint32_t sum =
+          static_cast<uint32_t>(static_cast<int32_t>(row[j])) + static_cast<uint32_t>(bias[j]);
+      row[j] = static_cast<float>(static_cast<int32_t>(sum)) * scale[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) row[j] *= scale[j];
+  }
+  if (token) {
+    const float t = *token;
+    for (int64_t j = 0; j < n; ++j) row[j] *= t;
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) void AddRow(float* __restrict row,
+                                                              const float* __restrict add,
+                                                              int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] += add[j];
+}
+
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
@@ -130,8 +165,13 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
   std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
   std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
-  std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(rows) * n]);
+  // One k-chunk: the sgemm result itself is the exact accumulator.
+  const bool single_chunk = k <= kc_max;
+  std::unique_ptr<int32_t[]> acc(single_chunk ? nullptr
+                                              : new int32_t[static_cast<size_t>(rows) * n]);
   std::vector<float> x3_row(has_x3 ? n : 0);
+  std::vector<float> col_scale(n);
+  for (int64_t j = 0; j < n; ++j) col_scale[j] = s[scale_len == 1 ? 0 : j];
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
@@ -144,23 +184,17 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
         LoadInt8(b8 + k0 * n, kc * n, b.get());
       }
       Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), transpose_x2 ? kc : n, c.get(), n);
-      AccumulateInt32(c.get(), r * n, k0 == 0, acc.get());
+      if (!single_chunk) AccumulateInt32(c.get(), r * n, k0 == 0, acc.get());
     }
     // Epilogue per row: + bias (int32), dequant in fp32, round, + x3, round.
     for (int64_t i = 0; i < r; ++i) {
-      const int32_t* acc_row = acc.get() + i * n;
       float* row = c.get() + i * n;
-      const float token = pertoken ? pertoken[r0 + i] : 1.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        const int32_t v = bias ? acc_row[j] + bias[j] : acc_row[j];
-        float y = static_cast<float>(v) * s[scale_len == 1 ? 0 : j];
-        if (pertoken) y *= token;
-        row[j] = y;
-      }
+      const float* token = pertoken ? pertoken + r0 + i : nullptr;
+      DequantRow(row, single_chunk ? nullptr : acc.get() + i * n, bias, col_scale.data(), token, n);
       if (has_x3) {
         RoundInPlace(out_type, row, n);
         LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
-        for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+        AddRow(row, x3_row.data(), n);
       }
       if (has_comm_scale) {
         RoundInPlace(out_type, row, n);
