@@ -89,3 +89,25 @@ def zipf_counts(rng, world, experts, rows, *, a=1.5):
     p = p[rng.permutation(g)]
     p /= p.sum()
     return np.stack([rng.multinomial(rows, p) for _ in range(world)])
+
+
+def dispatched_rows(send, experts, *, peer_capacity=None, out_rows=None):
+    """For each destination rank, the (source rank, source row) of every row
+    it receives, in permute_out order, with the fixed-capacity drops: each
+    (source, destination) chunk keeps its first ``peer_capacity`` rows, each
+    destination its first ``out_rows`` rows."""
+    send = np.asarray(send)
+    world = send.shape[0]
+    out = []
+    for d in range(world):
+        rows = []
+        for e in range(experts):
+            for s in range(world):
+                chunk_start = send[s][: d * experts].sum()
+                block_start = send[s][: d * experts + e].sum()
+                for i in range(send[s][d * experts + e]):
+                    in_chunk = block_start + i - chunk_start
+                    if peer_capacity is None or in_chunk < peer_capacity:
+                        rows.append((s, block_start + i))
+        out.append(rows if out_rows is None else rows[:out_rows])
+    return out

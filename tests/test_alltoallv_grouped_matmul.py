@@ -14,6 +14,8 @@ import numpy as np
 import oracle
 import pytest
 from conftest import IMPLEMENTATIONS, make_mesh
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -867,3 +869,65 @@ def test_gpu_lowering_uses_ragged_all_to_all():
     for line in text.splitlines():
         if "all_to_all" in line and "ragged" not in line:
             assert "xi32>" in line and "bf16" not in line, line
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 4), min_size=32, max_size=32),
+    peer_capacity=st.sampled_from([1, 3, 6, 40]),
+    out_rows=st.sampled_from([2, 9, 40, 160]),
+    impl=st.sampled_from(IMPLEMENTATIONS),
+)
+def test_property_traced_capacities(counts, peer_capacity, out_rows, impl):
+    """Random traced counts and capacities: dispatch keeps exactly the rows
+    of the NumPy model's fixed-capacity drops, and combine brings every kept
+    row back to its place and zeros the dropped ones."""
+    world, experts, h, bsk = 4, 2, 3, 40
+    table = np.asarray(counts).reshape(world, experts * world)
+    xs = (np.arange(world * bsk * h).reshape(world, bsk, h) % 251 + 1).astype(np.float32)
+    perm, back = _capacity_round_trip(impl, peer_capacity, out_rows)(xs, jnp.asarray(table))
+    kept = ep_oracle.dispatched_rows(table, experts, peer_capacity=peer_capacity, out_rows=out_rows)
+    want_back = np.zeros_like(xs)
+    for d in range(world):
+        want = np.zeros((out_rows, h), np.float32)
+        for p, (s, row) in enumerate(kept[d]):
+            want[p] = xs[s, row]
+            want_back[s, row] = xs[s, row]
+        np.testing.assert_array_equal(perm[d], want)
+    np.testing.assert_array_equal(back, want_back)
+
+
+@functools.cache
+def _capacity_round_trip(impl, peer_capacity, out_rows):
+    world, experts, h, bsk = 4, 2, 3, 40
+    eye = jnp.broadcast_to(jnp.eye(h, dtype=jnp.float32), (experts, h, h))
+
+    def f(x, s):
+        send = s[0]
+        _, _, perm = mc2.alltoallv_grouped_matmul(
+            x[0],
+            eye,
+            "ep",
+            send_counts=send,
+            permute_out_flag=True,
+            max_tokens_per_peer=peer_capacity,
+            max_recv_tokens=out_rows,
+            implementation=impl,
+        )
+        recv = mc2.ops.alltoallv_grouped_matmul.exchange_counts(send, ("ep",))
+        back, _ = mc2.grouped_matmul_alltoallv(
+            perm,
+            eye,
+            "ep",
+            send_counts=recv,
+            recv_counts=send,
+            max_tokens_per_peer=peer_capacity,
+            max_out_tokens=bsk,
+            implementation=impl,
+        )
+        return perm[None], back[None]
+
+    mesh = make_mesh((world,), ("ep",))
+    return jax.jit(
+        jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=(P("ep"), P("ep")))
+    )
