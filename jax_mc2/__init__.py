@@ -8,6 +8,7 @@ from jax_mc2 import targets as targets
 from jax_mc2.ops.alltoallv_grouped_matmul import (
     alltoallv_grouped_matmul as alltoallv_grouped_matmul,
 )
+from jax_mc2.ops.alltoallv_grouped_matmul import exchange_counts as exchange_counts
 from jax_mc2.ops.alltoallv_grouped_matmul import (
     grouped_matmul_alltoallv as grouped_matmul_alltoallv,
 )
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "alltoallv_grouped_matmul",
+    "exchange_counts",
     "get_target",
     "grouped_matmul_alltoallv",
     "inplace_matmul_all_reduce_add_rms_norm",

@@ -312,7 +312,7 @@ def test_traced_capacity_drops_rows_past_it(impl):
         y, _, _ = mc2.alltoallv_grouped_matmul(
             x[0], w[0], "ep", send_counts=s[0], max_tokens_per_peer=cap, implementation=impl
         )
-        rc = mc2.ops.alltoallv_grouped_matmul.exchange_counts(s[0], ("ep",))
+        rc = mc2.exchange_counts(s[0], ("ep",))
         back, _ = mc2.grouped_matmul_alltoallv(
             y,
             w[0],
@@ -914,7 +914,7 @@ def _capacity_round_trip(impl, peer_capacity, out_rows):
             max_recv_tokens=out_rows,
             implementation=impl,
         )
-        recv = mc2.ops.alltoallv_grouped_matmul.exchange_counts(send, ("ep",))
+        recv = mc2.exchange_counts(send, ("ep",))
         back, _ = mc2.grouped_matmul_alltoallv(
             perm,
             eye,

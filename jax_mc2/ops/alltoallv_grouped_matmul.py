@@ -94,7 +94,10 @@ def transpose_count_table(table: np.ndarray, *, world: int, experts: int) -> np.
 
 
 def exchange_counts(send_counts, axis_name):
-    """Traced recv counts from traced send counts: one small all-to-all."""
+    """This rank's ``recv_counts[s*e + j]`` from every rank's traced
+    ``send_counts[d*e + j]`` (e*W,): one small all-to-all over ``axis_name``.
+    The dispatch derives them itself; a combine after it needs them as its
+    ``send_counts`` (and the dispatch's send counts as its recv_counts)."""
     if not axis_name:
         return send_counts
     world = world_size_of(axis_name)
