@@ -350,7 +350,8 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
   std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
   std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
-  std::unique_ptr<float[]> p(mode == kPerblock ? new float[static_cast<size_t>(rows) * n]
+  const int64_t panel = std::min(rows, std::max<int64_t>(8, (int64_t{1} << 18) / n));
+  std::unique_ptr<float[]> p(mode == kPerblock ? new float[static_cast<size_t>(panel) * n]
                                                : nullptr);
   std::vector<float> x3_row(has_x3 ? n : 0);
   const float* s2f = static_cast<const float*>(x2_scale.untyped_data());
@@ -392,12 +393,16 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
               k0 == 0 ? 0.0f : 1.0f);
         continue;
       }
-      // Perblock: this block's product, scaled per element, added in order.
-      Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), ldb, p.get(), n);
+      // Perblock: this block's product, scaled per element, added in order,
+      // in row panels whose product (~1 MiB) stays in cache for the addition.
       const float* s1f = static_cast<const float*>(s1);
-      for (int64_t i = 0; i < r; ++i) {
-        AccumulateBlockRow(c.get() + i * n, p.get() + i * n, s1f[(r0 + i) * kb_block + kb],
-                           s2f + kb * n, n, kb == 0);
+      for (int64_t i0 = 0; i0 < r; i0 += panel) {
+        const int64_t ri = std::min(panel, r - i0);
+        Sgemm(false, transpose_x2, ri, n, kc, a.get() + i0 * kc, kc, b.get(), ldb, p.get(), n);
+        for (int64_t i = 0; i < ri; ++i) {
+          AccumulateBlockRow(c.get() + (i0 + i) * n, p.get() + i * n,
+                             s1f[(r0 + i0 + i) * kb_block + kb], s2f + kb * n, n, kb == 0);
+        }
       }
     }
     // Output pass per row: bias and dequant, then x3 and the rounding(s) or
