@@ -931,3 +931,24 @@ def _capacity_round_trip(impl, peer_capacity, out_rows):
     return jax.jit(
         jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=(P("ep"), P("ep")))
     )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_grads_with_tokens_replicated_over_the_ep_axis(impl):
+    """gmm_x invariant along the EP axis (every rank routes the same tokens)
+    under check_vma: its cotangent is summed over the ranks."""
+    world, experts = 4, 2
+    table = np.full((world, experts * world), 1)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    w = rng.standard_normal((world, experts, 3, 3)).astype(np.float32)
+    mesh = make_mesh((world,), ("ep",))
+
+    def f(x, w):
+        y, _, _ = mc2.alltoallv_grouped_matmul(
+            x, w[0], "ep", send_counts=table, implementation=impl
+        )
+        return jax.lax.psum(jnp.sum(y**2), "ep")
+
+    fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P("ep")), out_specs=P()))
+    jax.test_util.check_grads(fn, (x, w), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)

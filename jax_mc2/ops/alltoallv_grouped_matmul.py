@@ -691,7 +691,7 @@ def _jvp(prim, primals, tangents, **params):
     outs = prim.bind(*primals, **primal_params)
     counts = (None, None) if send is None else (send, recv)
     lin = dict(params, has_mm=False)
-    t_outs = prim.bind(*_join_operands(dx, w, *counts, None, None), **lin)
+    t_outs = prim.bind(*_compat.match_vma(*_join_operands(dx, w, *counts, None, None)), **lin)
     t_y = t_outs[0]
     if w is not None:
         # The weight's tangent runs through the local grouped-matmul
@@ -849,11 +849,17 @@ def _bind_operator(
         peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
         out_rows = _capacity(op, out_arg, max_out, world * peer)
     has_mm = mm_x is not None
-    operands = [jnp.asarray(gmm_x), jnp.asarray(gmm_weight)]
-    if table is None:
-        operands += [send, recv]
+    # Like lax ops, cast operands invariant along an axis another operand
+    # varies in (pvary), so reverse mode psums their cotangents.
+    operands = list(
+        _compat.match_vma(
+            jnp.asarray(gmm_x),
+            jnp.asarray(gmm_weight),
+            *([] if table is not None else [send, recv]),
+        )
+    )
     if has_mm:
-        operands += [jnp.asarray(mm_x), jnp.asarray(mm_weight)]
+        operands += list(_compat.match_vma(jnp.asarray(mm_x), jnp.asarray(mm_weight)))
     return prim.bind(
         *operands,
         send_table=table,
