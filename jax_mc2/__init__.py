@@ -12,6 +12,7 @@ from jax_mc2.ops.alltoallv_grouped_matmul import exchange_counts as exchange_cou
 from jax_mc2.ops.alltoallv_grouped_matmul import (
     grouped_matmul_alltoallv as grouped_matmul_alltoallv,
 )
+from jax_mc2.ops.grouped_matmul import grouped_matmul as grouped_matmul
 from jax_mc2.ops.matmul_all_reduce import mm_all_reduce_base as mm_all_reduce_base
 from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
     inplace_matmul_all_reduce_add_rms_norm as inplace_matmul_all_reduce_add_rms_norm,
@@ -35,6 +36,7 @@ __all__ = [
     "alltoallv_grouped_matmul",
     "exchange_counts",
     "get_target",
+    "grouped_matmul",
     "grouped_matmul_alltoallv",
     "inplace_matmul_all_reduce_add_rms_norm",
     "matmul_all_reduce_add_rms_norm",

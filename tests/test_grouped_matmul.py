@@ -9,8 +9,9 @@ import oracle
 import pytest
 from conftest import IMPLEMENTATIONS
 
+import jax_mc2 as mc2
 from jax_mc2._ffi import grouped_matmul_wgrad
-from jax_mc2.ops.grouped_matmul import grouped_matmul
+from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets as grouped_matmul
 
 SIZES = [3, 0, 5, 1]  # an empty group, and 2 rows past the groups
 
@@ -116,3 +117,23 @@ def test_invalid_offsets():
                 lambda a, d, o: grouped_matmul_wgrad(a, d, o, transpose_w=False, parallelism=1)
             )(x, np.ones((x.shape[0], 4), np.float32), bad)
         )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_public_grouped_matmul_matches_ragged_dot_layout(impl):
+    rng = np.random.default_rng(7)
+    x, w, _ = _case(rng, np.float32, False)
+    sizes = np.array(SIZES, np.int32)
+    got = jax.jit(lambda a, b, g: mc2.grouped_matmul(a, b, g, implementation=impl))(x, w, sizes)
+    want = jax.lax.ragged_dot(x, w, sizes)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # sizes past the rows are clipped
+    over = np.array([3, 0, 5, 20], np.int32)
+    got = mc2.grouped_matmul(x, w, over, implementation=impl)
+    want = _np_gmm(x, w, np.array([0, 3, 3, 8, 11], np.int32), False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    dw = jax.grad(lambda b: jnp.sum(mc2.grouped_matmul(x, b, sizes, implementation=impl) ** 2))(w)
+    dw_ref = jax.grad(lambda b: jnp.sum(jax.lax.ragged_dot(x, b, sizes) ** 2))(w)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="group_sizes must be a 1-D integer array"):
+        mc2.grouped_matmul(x, w, np.ones(4, np.float32))

@@ -47,7 +47,7 @@ from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
 from jax_mc2.ops._lowering import implementation_lowering
-from jax_mc2.ops.grouped_matmul import grouped_matmul
+from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets
 from jax_mc2.ops.matmul_all_reduce import world_size_of
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
@@ -699,12 +699,12 @@ def _jvp(prim, primals, tangents, **params):
         trans, impl = params["trans_weight"], params["implementation"]
         if is_dispatch:
             offsets = dispatch_group_offsets(params, send, recv)
-            t_y = t_y + grouped_matmul(
+            t_y = t_y + grouped_matmul_offsets(
                 outs[-1], dw, offsets, trans_weight=trans, implementation=impl
             )
         else:
             offsets = combine_group_offsets(params, send, x.shape[0])
-            z = grouped_matmul(x, dw, offsets, trans_weight=trans, implementation=impl)
+            z = grouped_matmul_offsets(x, dw, offsets, trans_weight=trans, implementation=impl)
             t_y = (
                 t_y
                 + prim.bind(

@@ -118,7 +118,34 @@ def _bind(prim, *operands, **params):
     return prim.bind(*_compat.match_vma(*operands), **params)
 
 
-def grouped_matmul(x, w, group_offsets, *, trans_weight=False, implementation=None):
+def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None):
+    """A grouped matmul with ``lax.ragged_dot``'s layout, on the C++ kernels
+    on CPU (``implementation="ffi"``, the default there) or ``lax.ragged_dot``
+    (``"xla"``): the first ``group_sizes[0]`` rows of x times ``w[0]``, the
+    next ``group_sizes[1]`` times ``w[1]``, ...; rows past the groups are 0.
+
+    x: [m, k] float16/bfloat16/float32; w: [G, k, n] ([G, n, k] with
+    ``trans_weight``), x's dtype; group_sizes: integer [G] (sizes past m are
+    clipped). Returns [m, n] in x's dtype (fp32 accumulation, one rounding).
+    Differentiable in x and w (the weight gradient is a grouped
+    ``x_g^T @ dy_g``, also a C++ kernel on CPU).
+    """
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    sizes = jnp.asarray(group_sizes)
+    if sizes.ndim != 1 or not jnp.issubdtype(sizes.dtype, jnp.integer):
+        raise v.type_error(
+            OP,
+            f"group_sizes must be a 1-D integer array (G,), got "
+            f"{sizes.dtype.name}{v.shape_str(sizes.shape)}",
+        )
+    offsets = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes.astype(_I32))])
+    offsets = jnp.clip(offsets, 0, x.shape[0] if x.ndim else 0)
+    return grouped_matmul_offsets(
+        x, w, offsets, trans_weight=trans_weight, implementation=implementation
+    )
+
+
+def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implementation=None):
     """``y[o_g:o_(g+1)] = x[o_g:o_(g+1)] @ w[g]``, other rows 0.
 
     x: [rows, k]; w: [G, k, n] ([G, n, k] with ``trans_weight``);
