@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "dtypes.h"
 #include "xla/ffi/api/ffi.h"
@@ -117,6 +119,37 @@ inline ffi::Error ParseMatmul(const std::string& op, const ffi::AnyBuffer& x1,
   }
   return ffi::Error::Success();
 }
+
+// Scratch memory kept by the calling thread between calls, one buffer per
+// `slot`. A fresh multi-megabyte allocation is mmap'ed and every 4 KiB page
+// of it faults and is zeroed by the kernel on first touch, which costs about
+// as much as a pass over the memory; the kernels' fp32 tiles are reused
+// instead. Requests above 64 MiB are not kept.
+template <typename T>
+class ScratchOf {
+ public:
+  static constexpr size_t kSlots = 4;
+  static constexpr size_t kMaxCachedBytes = size_t{1} << 26;
+
+  // `count` elements, uninitialized (stale values of earlier calls).
+  T* Get(size_t slot, size_t count) {
+    if (count * sizeof(T) > kMaxCachedBytes) {
+      owned_[slot].reset(new T[count]);
+      return owned_[slot].get();
+    }
+    std::vector<T>& b = ThreadBuffers()[slot];
+    if (b.size() < count) b.resize(count);
+    return b.data();
+  }
+
+ private:
+  static std::vector<T>* ThreadBuffers() {
+    thread_local std::vector<T> buffers[kSlots];
+    return buffers;
+  }
+  std::unique_ptr<T[]> owned_[kSlots];
+};
+using Scratch = ScratchOf<float>;
 
 // Threads for one BLAS call: the cores shared by the `parallelism` programs
 // that XLA runs at once (one per simulated device in the mesh).

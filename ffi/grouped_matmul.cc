@@ -196,18 +196,19 @@ ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
                std::max<int64_t>(64, std::min(kMaxBlasDim - 1, kMaxTileElements / std::max(n, k))));
   // Scratch reused by every group. Uninitialized: every element is written
   // before it is read.
-  std::unique_ptr<float[]> a(new float[static_cast<size_t>(tile_rows) * k]);
-  std::unique_ptr<float[]> c(new float[static_cast<size_t>(tile_rows) * n]);
+  Scratch scratch;
+  float* a = scratch.Get(0, static_cast<size_t>(tile_rows) * k);
+  float* c = scratch.Get(1, static_cast<size_t>(tile_rows) * n);
   const bool convert_w = dtype != ffi::DataType::F32;
-  std::unique_ptr<float[]> w_f32(convert_w ? new float[static_cast<size_t>(k) * n] : nullptr);
+  float* w_f32 = convert_w ? scratch.Get(2, static_cast<size_t>(k) * n) : nullptr;
   const int64_t ldb = transpose_w ? k : n;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = offsets[g], end = offsets[g + 1];
     if (begin == end) continue;
     const float* b;
     if (convert_w) {
-      LoadAsFloat(dtype, w.untyped_data(), g * k * n, k * n, w_f32.get());
-      b = w_f32.get();
+      LoadAsFloat(dtype, w.untyped_data(), g * k * n, k * n, w_f32);
+      b = w_f32;
     } else {
       b = static_cast<const float*>(w.untyped_data()) + g * k * n;
     }
@@ -216,7 +217,7 @@ ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
       // Gather: one fp32 row per virtual row (zeros for src -1).
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t v = r0 + i;
-        float* row = a.get() + i * k;
+        float* row = a + i * k;
         if (src[v] < 0) {
           std::fill(row, row + k, 0.0f);
         } else {
@@ -224,7 +225,7 @@ ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
         }
         if (has_permute_out) copy_permute_row(v);
       }
-      Sgemm(false, transpose_w, rows, n, k, a.get(), k, b, ldb, c.get(), n);
+      Sgemm(false, transpose_w, rows, n, k, a, k, b, ldb, c, n);
       // Scatter: one rounding per element into the destination row. A src
       // -1 row is stored as zeros, not as 0 * w (NaN where w holds an Inf).
       for (int64_t i = 0; i < rows; ++i) {
@@ -233,7 +234,7 @@ ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
         if (src[r0 + i] < 0) {
           std::memset(y_bytes + d * y_row_bytes, 0, y_row_bytes);
         } else {
-          StoreFromFloat(dtype, c.get() + i * n, n, y_bytes, d * n);
+          StoreFromFloat(dtype, c + i * n, n, y_bytes, d * n);
         }
       }
     }

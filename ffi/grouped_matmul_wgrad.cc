@@ -66,28 +66,29 @@ ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
   if (groups == 0 || k == 0 || n == 0) return ffi::Error::Success();
   SetBlasThreads(BlasThreads(parallelism));
   const int64_t tile_rows = std::max<int64_t>(1, kMaxTileElements / std::max(k, n));
-  std::unique_ptr<float[]> a(new float[static_cast<size_t>(std::min(rows, tile_rows)) * k + 1]);
-  std::unique_ptr<float[]> b(new float[static_cast<size_t>(std::min(rows, tile_rows)) * n + 1]);
-  std::vector<float> c(static_cast<size_t>(k) * n);
+  Scratch scratch;
+  float* a = scratch.Get(0, static_cast<size_t>(std::min(rows, tile_rows)) * k + 1);
+  float* b = scratch.Get(1, static_cast<size_t>(std::min(rows, tile_rows)) * n + 1);
+  float* c = scratch.Get(2, static_cast<size_t>(k) * n);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = offsets[g], end = offsets[g + 1];
     if (begin == end) {
-      std::fill(c.begin(), c.end(), 0.0f);
+      std::fill(c, c + k * n, 0.0f);
     }
     for (int64_t r0 = begin; r0 < end; r0 += tile_rows) {
       const int64_t r = std::min(tile_rows, end - r0);
-      LoadAsFloat(dtype, x.untyped_data(), r0 * k, r * k, a.get());
-      LoadAsFloat(dtype, dy.untyped_data(), r0 * n, r * n, b.get());
+      LoadAsFloat(dtype, x.untyped_data(), r0 * k, r * k, a);
+      LoadAsFloat(dtype, dy.untyped_data(), r0 * n, r * n, b);
       const float beta = r0 == begin ? 0.0f : 1.0f;
       if (transpose_w) {
         // (n, k) = dy_g^T @ x_g
-        Sgemm(true, false, n, k, r, b.get(), n, a.get(), k, c.data(), k, beta);
+        Sgemm(true, false, n, k, r, b, n, a, k, c, k, beta);
       } else {
         // (k, n) = x_g^T @ dy_g
-        Sgemm(true, false, k, n, r, a.get(), k, b.get(), n, c.data(), n, beta);
+        Sgemm(true, false, k, n, r, a, k, b, n, c, n, beta);
       }
     }
-    StoreFromFloat(dtype, c.data(), k * n, dw->untyped_data(), g * k * n);
+    StoreFromFloat(dtype, c, k * n, dw->untyped_data(), g * k * n);
   }
   return ffi::Error::Success();
 }

@@ -347,12 +347,12 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   void* out_data = out->untyped_data();
   const int64_t kc_max = mode == kPerblock ? std::min(k, block_k) : std::min(k, kChunkK);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
-  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
-  std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
-  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  Scratch scratch;
+  float* a = scratch.Get(0, static_cast<size_t>(rows) * kc_max);
+  float* b = scratch.Get(1, static_cast<size_t>(kc_max) * n);
+  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
   const int64_t panel = std::min(rows, std::max<int64_t>(8, (int64_t{1} << 18) / n));
-  std::unique_ptr<float[]> p(mode == kPerblock ? new float[static_cast<size_t>(panel) * n]
-                                               : nullptr);
+  float* p = mode == kPerblock ? scratch.Get(3, static_cast<size_t>(panel) * n) : nullptr;
   std::vector<float> x3_row(has_x3 ? n : 0);
   const float* s2f = static_cast<const float*>(x2_scale.untyped_data());
   const uint8_t* s2m = static_cast<const uint8_t*>(x2_scale.untyped_data());
@@ -371,26 +371,25 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
         const uint8_t* src = a8 + (r0 + i) * k + k0;
         if (mode == kMx) {
           DecodeMx(src, k0, kc, table, static_cast<const uint8_t*>(s1) + (r0 + i) * kb_mx, e8m0,
-                   a.get() + i * kc);
+                   a + i * kc);
         } else {
-          Decode(src, kc, table, a.get() + i * kc);
+          Decode(src, kc, table, a + i * kc);
         }
       }
       if (transpose_x2) {
         for (int64_t j = 0; j < n; ++j) {
           if (mode == kMx) {
-            DecodeMx(b8 + j * k + k0, k0, kc, table, s2m + j * kb_mx, e8m0, b.get() + j * kc);
+            DecodeMx(b8 + j * k + k0, k0, kc, table, s2m + j * kb_mx, e8m0, b + j * kc);
           } else {
-            Decode(b8 + j * k + k0, kc, table, b.get() + j * kc);
+            Decode(b8 + j * k + k0, kc, table, b + j * kc);
           }
         }
       } else {
-        Decode(b8 + k0 * n, kc * n, table, b.get());
+        Decode(b8 + k0 * n, kc * n, table, b);
       }
       const int64_t ldb = transpose_x2 ? kc : n;
       if (mode != kPerblock) {
-        Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), ldb, c.get(), n,
-              k0 == 0 ? 0.0f : 1.0f);
+        Sgemm(false, transpose_x2, r, n, kc, a, kc, b, ldb, c, n, k0 == 0 ? 0.0f : 1.0f);
         continue;
       }
       // Perblock: this block's product, scaled per element, added in order,
@@ -398,17 +397,17 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
       const float* s1f = static_cast<const float*>(s1);
       for (int64_t i0 = 0; i0 < r; i0 += panel) {
         const int64_t ri = std::min(panel, r - i0);
-        Sgemm(false, transpose_x2, ri, n, kc, a.get() + i0 * kc, kc, b.get(), ldb, p.get(), n);
+        Sgemm(false, transpose_x2, ri, n, kc, a + i0 * kc, kc, b, ldb, p, n);
         for (int64_t i = 0; i < ri; ++i) {
-          AccumulateBlockRow(c.get() + (i0 + i) * n, p.get() + i * n,
-                             s1f[(r0 + i0 + i) * kb_block + kb], s2f + kb * n, n, kb == 0);
+          AccumulateBlockRow(c + (i0 + i) * n, p + i * n, s1f[(r0 + i0 + i) * kb_block + kb],
+                             s2f + kb * n, n, kb == 0);
         }
       }
     }
     // Output pass per row: bias and dequant, then x3 and the rounding(s) or
     // the communication quantization.
     for (int64_t i = 0; i < r; ++i) {
-      float* row = c.get() + i * n;
+      float* row = c + i * n;
       if (mode == kScaled) {
         DequantRow(row, bias, col_scale.data(),
                    s1 ? static_cast<const float*>(s1) + r0 + i : nullptr, n);

@@ -147,30 +147,31 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
 
   SetBlasThreads(BlasThreads(parallelism));
   // The weights are read whole by every row block: convert them once.
-  std::unique_ptr<float[]> w(new float[static_cast<size_t>(k) * n]);
+  Scratch scratch;
+  float* w = scratch.Get(0, static_cast<size_t>(k) * n);
   if (antiquant) {
     DequantizeWeights(dtype, static_cast<const int8_t*>(x2.untyped_data()), k, n, transpose_x2, aq,
-                      w.get());
+                      w);
   } else {
-    LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, w.get());
+    LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, w);
   }
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, k)));
   // Uninitialized: every element is written before it is read.
-  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * k]);
-  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  float* a = scratch.Get(1, static_cast<size_t>(rows) * k);
+  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
   std::vector<float> x3_row(has_x3 ? n : 0);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a.get());
-    Sgemm(false, transpose_x2, r, n, k, a.get(), k, w.get(), transpose_x2 ? k : n, c.get(), n);
+    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a);
+    Sgemm(false, transpose_x2, r, n, k, a, k, w, transpose_x2 ? k : n, c, n);
     if (!has_bias && !has_x3) {
-      StoreFromFloat(dtype, c.get(), r * n, out_data, r0 * n);
+      StoreFromFloat(dtype, c, r * n, out_data, r0 * n);
       continue;
     }
     // Epilogue, one row at a time while it is in cache: + bias, + x3, one
     // rounding to the dtype.
     for (int64_t i = 0; i < r; ++i) {
-      float* row = c.get() + i * n;
+      float* row = c + i * n;
       if (has_bias) {
         for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
       }

@@ -162,13 +162,14 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   void* out_data = out->untyped_data();
   const int64_t kc_max = std::min(k, kChunkK);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
-  std::unique_ptr<float[]> a(new float[static_cast<size_t>(rows) * kc_max]);
-  std::unique_ptr<float[]> b(new float[static_cast<size_t>(kc_max) * n]);
-  std::unique_ptr<float[]> c(new float[static_cast<size_t>(rows) * n]);
+  Scratch scratch;
+  float* a = scratch.Get(0, static_cast<size_t>(rows) * kc_max);
+  float* b = scratch.Get(1, static_cast<size_t>(kc_max) * n);
+  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
   // One k-chunk: the sgemm result itself is the exact accumulator.
   const bool single_chunk = k <= kc_max;
-  std::unique_ptr<int32_t[]> acc(single_chunk ? nullptr
-                                              : new int32_t[static_cast<size_t>(rows) * n]);
+  ScratchOf<int32_t> int_scratch;
+  int32_t* acc = single_chunk ? nullptr : int_scratch.Get(0, static_cast<size_t>(rows) * n);
   std::vector<float> x3_row(has_x3 ? n : 0);
   std::vector<float> col_scale(n);
   for (int64_t j = 0; j < n; ++j) col_scale[j] = s[scale_len == 1 ? 0 : j];
@@ -176,21 +177,21 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     const int64_t r = std::min(rows, m - r0);
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, k - k0);
-      for (int64_t i = 0; i < r; ++i) LoadInt8(a8 + (r0 + i) * k + k0, kc, a.get() + i * kc);
+      for (int64_t i = 0; i < r; ++i) LoadInt8(a8 + (r0 + i) * k + k0, kc, a + i * kc);
       // x2's chunk: rows k0..k0+kc of (k, n), or columns of (n, k).
       if (transpose_x2) {
-        for (int64_t j = 0; j < n; ++j) LoadInt8(b8 + j * k + k0, kc, b.get() + j * kc);
+        for (int64_t j = 0; j < n; ++j) LoadInt8(b8 + j * k + k0, kc, b + j * kc);
       } else {
-        LoadInt8(b8 + k0 * n, kc * n, b.get());
+        LoadInt8(b8 + k0 * n, kc * n, b);
       }
-      Sgemm(false, transpose_x2, r, n, kc, a.get(), kc, b.get(), transpose_x2 ? kc : n, c.get(), n);
-      if (!single_chunk) AccumulateInt32(c.get(), r * n, k0 == 0, acc.get());
+      Sgemm(false, transpose_x2, r, n, kc, a, kc, b, transpose_x2 ? kc : n, c, n);
+      if (!single_chunk) AccumulateInt32(c, r * n, k0 == 0, acc);
     }
     // Epilogue per row: + bias (int32), dequant in fp32, round, + x3, round.
     for (int64_t i = 0; i < r; ++i) {
-      float* row = c.get() + i * n;
+      float* row = c + i * n;
       const float* token = pertoken ? pertoken + r0 + i : nullptr;
-      DequantRow(row, single_chunk ? nullptr : acc.get() + i * n, bias, col_scale.data(), token, n);
+      DequantRow(row, single_chunk ? nullptr : acc + i * n, bias, col_scale.data(), token, n);
       if (has_x3) {
         RoundInPlace(out_type, row, n);
         LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
