@@ -68,6 +68,12 @@ __attribute__((target_clones("avx2", "default"))) void LoadInt8(const int8_t* sr
   for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
+__attribute__((target_clones("avx2", "default"))) void AddInPlace(float* __restrict a,
+                                                                  const float* __restrict b,
+                                                                  int64_t count) {
+  for (int64_t i = 0; i < count; ++i) a[i] += b[i];
+}
+
 __attribute__((target_clones("avx2", "default"))) void AccumulateInt32(const float* src,
                                                                        int64_t count, bool first,
                                                                        int32_t* acc) {

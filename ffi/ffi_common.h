@@ -67,6 +67,10 @@ inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count, 
 void LoadInt8(const int8_t* src, int64_t count, float* dst);
 void AccumulateInt32(const float* src, int64_t count, bool first, int32_t* acc);
 
+// a[i] += b[i] for `count` elements (a and b must not overlap), vectorized:
+// the bias / x3 / residual additions of the kernels' row epilogues.
+void AddInPlace(float* a, const float* b, int64_t count);
+
 // values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
 // applies when it writes an intermediate in the dtype and reads it back.
 void RoundInPlace(ffi::DataType type, float* values, int64_t count);

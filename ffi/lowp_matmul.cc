@@ -208,12 +208,6 @@ __attribute__((target_clones("avx2", "default"))) void AccumulateBlockRow(
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) void AddRow(float* __restrict row,
-                                                              const float* __restrict add,
-                                                              int64_t n) {
-  for (int64_t j = 0; j < n; ++j) row[j] += add[j];
-}
-
 void DecodeMx(const uint8_t* src, int64_t first, int64_t count, const float* table,
               const uint8_t* scales, const float* scale_table, float* dst) {
   for (int64_t i = 0; i < count; ++i) {
@@ -412,19 +406,19 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
         DequantRow(row, bias, col_scale.data(),
                    s1 ? static_cast<const float*>(s1) + r0 + i : nullptr, n);
       } else if (mode == kMx && bias) {
-        AddRow(row, bias, n);
+        AddInPlace(row, bias, n);
       }
       if (has_x3) LoadAsFloat(x3_type, x3_data, (r0 + i) * n, n, x3_row.data());
       if (comm) {
         if (has_x3) {
-          AddRow(row, x3_row.data(), n);
+          AddInPlace(row, x3_row.data(), n);
         }
         QuantizeRowPertile(row, n, fmt, static_cast<uint8_t*>(out_data) + (r0 + i) * width);
         continue;
       }
       if (has_x3) {
         RoundInPlace(out_type, row, n);
-        AddRow(row, x3_row.data(), n);
+        AddInPlace(row, x3_row.data(), n);
       }
       StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
     }

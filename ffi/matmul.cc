@@ -173,11 +173,11 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
     for (int64_t i = 0; i < r; ++i) {
       float* row = c + i * n;
       if (has_bias) {
-        for (int64_t j = 0; j < n; ++j) row[j] += bias_f[j];
+        AddInPlace(row, bias_f.data(), n);
       }
       if (has_x3) {
         LoadAsFloat(dtype, x3_data, (r0 + i) * n, n, x3_row.data());
-        for (int64_t j = 0; j < n; ++j) row[j] += x3_row[j];
+        AddInPlace(row, x3_row.data(), n);
       }
       StoreFromFloat(dtype, row, n, out_data, (r0 + i) * n);
     }

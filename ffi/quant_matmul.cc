@@ -66,12 +66,6 @@ __attribute__((target_clones("avx2", "default"))) void DequantRow(float* row,
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) void AddRow(float* __restrict row,
-                                                              const float* __restrict add,
-                                                              int64_t n) {
-  for (int64_t j = 0; j < n; ++j) row[j] += add[j];
-}
-
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
@@ -195,7 +189,7 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
       if (has_x3) {
         RoundInPlace(out_type, row, n);
         LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
-        AddRow(row, x3_row.data(), n);
+        AddInPlace(row, x3_row.data(), n);
       }
       if (has_comm_scale) {
         RoundInPlace(out_type, row, n);

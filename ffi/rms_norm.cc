@@ -19,11 +19,6 @@ namespace {
 constexpr char kOp[] = "mc2_add_rms_norm_ffi";
 
 // Elementwise row steps, vectorized for AVX2 where the CPU has it.
-__attribute__((target_clones("avx2", "default"))) void AddInPlace(float* a, const float* b,
-                                                                  int64_t n) {
-  for (int64_t j = 0; j < n; ++j) a[j] += b[j];
-}
-
 __attribute__((target_clones("avx2", "default"))) void ScaleInto(float* out, const float* a,
                                                                  float s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = a[j] * s;
