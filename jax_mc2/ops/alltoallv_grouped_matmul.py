@@ -47,7 +47,7 @@ from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
 from jax_mc2.ops._lowering import implementation_lowering
-from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets
+from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
 from jax_mc2.ops.matmul_all_reduce import world_size_of
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
@@ -140,6 +140,12 @@ def _group_offsets(kept, rows):
     ``rows`` (rows past the capacity are dropped)."""
     sizes = kept.sum(axis=0)
     return jnp.minimum(jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes)]), rows)
+
+
+def group_offsets(counts, world, experts, capacity, rows):
+    """The group boundaries of the expert-major rows the per-peer ``counts``
+    (E*W,) lay out, each peer chunk clipped to ``capacity``."""
+    return _group_offsets(_clip_chunks(counts, world, experts, capacity)[0], rows)
 
 
 def _token_slots(counts, world, experts, capacity, rows):
@@ -276,16 +282,6 @@ def _exchange(buf, axis_name):
 
 # --------------------------------------------------------------------------
 # Local compute
-
-
-def grouped_matmul_xla(x, w, group_offsets, *, trans_weight):
-    """Rows [offsets[g], offsets[g+1]) of x [R, K] times w[g] ([G, K, N], or
-    [G, N, K] transposed); fp32 accumulation, one rounding; other rows 0.
-    ``lax.ragged_dot``, so groups must start at row 0."""
-    if trans_weight:
-        w = jnp.swapaxes(w, 1, 2)
-    sizes = jnp.diff(group_offsets).astype(_I32)
-    return lax.ragged_dot(x, w, sizes, preferred_element_type=_F32).astype(x.dtype)
 
 
 def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
@@ -480,14 +476,15 @@ def rank_counts(params, send, recv):
 def dispatch_group_offsets(params, send, recv):
     """The (E + 1,) group boundaries of the dispatch output rows."""
     _, recv_c = rank_counts(params, send, recv)
-    kept, _ = _clip_chunks(recv_c, params["world_size"], params["experts"], params["peer_capacity"])
-    return _group_offsets(kept, params["out_rows"])
+    world, experts, cap = params["world_size"], params["experts"], params["peer_capacity"]
+    return group_offsets(recv_c, world, experts, cap, params["out_rows"])
 
 
 def combine_group_offsets(params, send, rows):
+    """The (E + 1,) group boundaries of the combine's ``rows`` input rows."""
     send_c, _ = rank_counts(params, send, send)
-    kept, _ = _clip_chunks(send_c, params["world_size"], params["experts"], params["peer_capacity"])
-    return _group_offsets(kept, rows)
+    world, experts, cap = params["world_size"], params["experts"], params["peer_capacity"]
+    return group_offsets(send_c, world, experts, cap, rows)
 
 
 def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
@@ -500,9 +497,8 @@ def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
         permuted = _ragged_dispatch(
             x, send_c, recv_c, world, experts, cap, out_rows, params["axis_name"]
         )
-        kept, _ = _clip_chunks(recv_c, world, experts, cap)
         if w is not None:
-            offsets = _group_offsets(kept, out_rows)
+            offsets = group_offsets(recv_c, world, experts, cap, out_rows)
             outs.append(
                 grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"])
             )
@@ -551,16 +547,8 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
     cap, out_rows = params["peer_capacity"], params["out_rows"]
     send_c, recv_c = rank_counts(params, send, recv)
     rows = x.shape[0]
-    if uses_ragged_exchange(impl, platforms) and params["axis_name"]:
-        local = x
-        if w is not None:
-            _, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
-            local = grouped_matmul_xla(x, w, offsets, trans_weight=params["trans_weight"])
-        y = _ragged_combine(
-            local, send_c, recv_c, world, experts, cap, out_rows, params["axis_name"]
-        )
-        return _with_shared([y], mm_x, mm_w, params, impl, parallelism)
     if w is not None and impl == _implementation.FFI:
+        # The grouped matmul scatters its rows straight into the chunks.
         dst, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
         buf = _ffi.grouped_matmul(
             x,
@@ -576,8 +564,13 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
     else:
         local = x
         if w is not None:
-            _, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
+            offsets = group_offsets(send_c, world, experts, cap, rows)
             local = grouped_matmul_xla(x, w, offsets, trans_weight=params["trans_weight"])
+        if uses_ragged_exchange(impl, platforms) and params["axis_name"]:
+            y = _ragged_combine(
+                local, send_c, recv_c, world, experts, cap, out_rows, params["axis_name"]
+            )
+            return _with_shared([y], mm_x, mm_w, params, impl, parallelism)
         buf = take_rows(local, _slot_expert_rows(send_c, world, experts, cap, rows))
     received = _exchange(buf, params["axis_name"])
     rows_index = _token_rows(recv_c, world, experts, cap, out_rows)

@@ -65,7 +65,10 @@ grouped_matmul_p.def_abstract_eval(_abstract_eval)
 grouped_matmul_wgrad_p.def_abstract_eval(_wgrad_abstract_eval)
 
 
-def _xla(x, w, offsets, *, trans_weight):
+def grouped_matmul_xla(x, w, offsets, *, trans_weight):
+    """The ``xla`` implementation: ``lax.ragged_dot`` with the group sizes
+    ``diff(offsets)`` (groups start at row 0), fp32 accumulation, one
+    rounding to x's dtype."""
     if trans_weight:
         w = jnp.swapaxes(w, 1, 2)
     sizes = jnp.diff(offsets).astype(_I32)
@@ -106,7 +109,8 @@ def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
 
 
 _compat.register_lowering(
-    grouped_matmul_p, implementation_lowering(OP, _ffi_gmm, _xla, multiple_results=False)
+    grouped_matmul_p,
+    implementation_lowering(OP, _ffi_gmm, grouped_matmul_xla, multiple_results=False),
 )
 _compat.register_lowering(
     grouped_matmul_wgrad_p,
