@@ -12,6 +12,7 @@ token, int8 weights per channel: ``mm_all_reduce_base`` full quantization),
 and with ``--lowbit-comm`` also with its int8 low-bit communication.
 
     python examples/tp_transformer_block.py [--dtype bfloat16|float16|float32] [--lowbit-comm]
+        [--batch B] [--seq S] [--d-model D] [--heads H] [--ffn F]  (see --help)
 """
 
 from __future__ import annotations
@@ -111,21 +112,28 @@ def block_tp(params, x, *, heads, mesh, dp, implementation=None, w8a8=None):
             w_int8,
             mesh=mesh,
             axis="tp",
+            bias=params["b_down"],
             data_axis=dp,
             quant=quant,
             implementation=implementation,
-        ) + params["b_down"].astype(x.dtype)
+        )
     return y + down
 
 
-def block_reference(params, x, *, heads):
-    """The same block with plain jax.numpy on one device."""
+def attention_residual_reference(params, x, *, heads):
+    """The block's first half with plain jax.numpy on one device: the
+    residual stream y = x + attention(RMSNorm(x)) @ wo + bo."""
     attn = attention(params, rms_norm(x, params["ln1"]), heads)
-    y = (
+    return (
         jnp.einsum("bsd,de->bse", attn, params["wo"], preferred_element_type=jnp.float32)
         + params["bo"].astype(jnp.float32)
         + x.astype(jnp.float32)
     ).astype(x.dtype)
+
+
+def block_reference(params, x, *, heads):
+    """The same block with plain jax.numpy on one device."""
+    y = attention_residual_reference(params, x, heads=heads)
     h2 = rms_norm(y, params["ln2"])
     down = (
         jnp.einsum(
@@ -243,9 +251,8 @@ def w8a8_section(args, params, x, want, scale, devices):
         # Static calibration of the communication scale from the reference
         # down-projection: scale_1 covers twice the output range, scale_2 the
         # sum over the tp ranks.
-        h2 = rms_norm(
-            jax.jit(functools.partial(block_reference, heads=args.heads))(params, x), params["ln2"]
-        )
+        y = jax.jit(functools.partial(attention_residual_reference, heads=args.heads))(params, x)
+        h2 = rms_norm(y, params["ln2"])
         down = jnp.einsum(
             "bsf,fd->bsd", swiglu(params, h2), params["w_down"], preferred_element_type=jnp.float32
         )

@@ -85,6 +85,15 @@ def test_wrapper_errors():
         mc2.parallel.row_parallel_linear(
             x, w, mesh=mesh, axis="tp", quant=mc2.parallel.W8A8(np.ones(4), np.float32)
         )
+    with pytest.raises(TypeError, match="bias must be a float array with quant=W8A8, .*got int32"):
+        mc2.parallel.row_parallel_linear(
+            x,
+            w,
+            mesh=mesh,
+            axis="tp",
+            bias=np.ones(4, np.int32),
+            quant=mc2.parallel.W8A8(np.ones(4)),
+        )
     with pytest.raises(TypeError, match=r"x must be 2-D \(m, k\) or 3-D \(b, s, k\)"):
         mc2.parallel.row_parallel_linear(np.ones(16, np.float32), w, mesh=mesh, axis="tp")
 
@@ -129,11 +138,13 @@ def test_row_parallel_linear_w8a8(impl, dtype):
     wq, ws = mc2.parallel.quantize_weight_int8(w)
     wq, ws = np.asarray(wq), np.asarray(ws)
     np.testing.assert_array_equal(wq, np.clip(np.round(w / (np.abs(w).max(0) / 127)), -127, 127))
+    b = _rand(rng, (16,), np.float32)
     out = mc2.parallel.row_parallel_linear(
         x,
         wq,
         mesh=mesh,
         axis="tp",
+        bias=b,
         data_axis="dp",
         quant=mc2.parallel.W8A8(ws, out_dtype=dtype),
         implementation=impl,
@@ -151,9 +162,11 @@ def test_row_parallel_linear_w8a8(impl, dtype):
         acc = q @ wq[r * 32 : (r + 1) * 32].astype(np.float64)
         part = (acc.astype(np.float32) * scale * t[:, None]).astype(dtype)
         want = want + part.astype(np.float64)
+    # The float bias once, added to the reduced result in the output dtype.
+    want = want.astype(dtype).astype(np.float64) + b.astype(dtype).astype(np.float64)
     want = want.reshape(4, 3, 16)
     tol = oracle.tolerance(dtype, 4, scale=np.abs(want).max() + 1)
     np.testing.assert_allclose(np.asarray(out).astype(np.float64), want, atol=tol)
     # And close to the float product.
-    ref = x.astype(np.float32) @ w
+    ref = x.astype(np.float32) @ w + b
     assert np.abs(np.asarray(out, np.float32) - ref).max() <= 0.03 * np.abs(ref).max()

@@ -109,8 +109,9 @@ def row_parallel_linear(
       w: global [k, n] ([n, k] with ``transpose_w``), sharded on k.
       mesh: the ``jax.sharding.Mesh``.
       axis: the tensor-parallel mesh axis (a name or tuple of names).
-      bias: [n], added exactly once (int32 with ``quant``: it is added to the
-        int32 accumulator, in units of the dequantized product).
+      bias: [n], added exactly once: on the first rank of ``axis`` before
+        the reduction, or with ``quant`` (a float bias in the units of the
+        output) to the reduced, dequantized result.
       quant: None, or :class:`W8A8` with ``w`` the int8 weight: int8 x int8
         with per-token activation and per-channel weight scales
         (``mm_all_reduce_base`` full quantization).
@@ -121,6 +122,14 @@ def row_parallel_linear(
     op = "row_parallel_linear"
     if quant is not None and not isinstance(quant, W8A8):
         raise v.value_error(op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}")
+    if quant is not None and bias is not None and not jnp.issubdtype(
+        jnp.result_type(bias), jnp.floating
+    ):
+        raise v.type_error(
+            op,
+            f"bias must be a float array with quant=W8A8, added to the dequantized result; "
+            f"got {jnp.result_type(bias)}",
+        )
     if quant is not None and jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
         raise v.value_error(
             op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
@@ -147,19 +156,21 @@ def row_parallel_linear(
         out_dtype = jnp.dtype(quant.out_dtype)
         # Table 3 of npu_mm_all_reduce_base: bf16 scale -> bf16, fp32 -> fp16.
         scale = w_scale.astype(jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32)
-        return mm_all_reduce_base(
+        out = mm_all_reduce_base(
             q,
             w_s,
             axis,
             dequant_scale=scale,
             pertoken_scale=token,
-            bias=None if b is None else _bias_once(b, axis),
             comm_quant_scale_1=comm[0] if comm else None,
             comm_quant_scale_2=comm[1] if comm else None,
             comm_turn=comm_turn,
             transpose_x2=transpose_w,
             implementation=implementation,
         )
+        # The operator's int32 bias would be scaled by one rank's per-token
+        # activation scale; a float bias is added once to the result.
+        return out if b is None else out + b.astype(out_dtype)
 
     args = (x, w) + ((bias,) if bias is not None else ())
     specs = (x_spec, w_spec) + ((P(),) if bias is not None else ())
