@@ -128,6 +128,7 @@ def packed_scale_words(packed):
 
     Accepts ``int64``/``uint64`` arrays (JAX with x64, or NumPy) or the
     ``uint32 [..., 2]`` pairs ``trans_quant_param`` returns without x64.
+    Each half has the packed array's shape (``shape[:-1]`` for pairs).
     """
     if isinstance(packed, np.ndarray) and packed.dtype in (np.int64, np.uint64):
         words = packed.view(np.uint64)
@@ -154,7 +155,8 @@ def unpack_trans_quant_param(packed):
     """The inverse of :func:`trans_quant_param`, for inspection.
 
     Returns ``(scale, offset)``: the fp32 scale the hardware applies
-    (``float32(low & 0xFFFFE000)``) and the int9 offset as int32.
+    (``float32(low & 0xFFFFE000)``) and the int9 offset as int32, each of
+    the packed array's shape (``shape[:-1]`` for uint32 pairs).
     """
     low, high = packed_scale_words(packed)
     scale = lax.bitcast_convert_type(low & _u32(0xFFFFE000), jnp.float32)
@@ -215,7 +217,8 @@ _HIF8_VALUES = _hif8_table()
 
 
 def hifloat8_decode(codes, dtype=jnp.float32):
-    """HiFloat8 ``uint8`` codes -> values of ``dtype`` (exact for float32)."""
+    """HiFloat8 ``uint8`` codes (any shape) -> values of ``dtype``, the same
+    shape (exact for float32)."""
     codes = jnp.asarray(codes)
     if codes.dtype != jnp.uint8:
         raise TypeError(f"hifloat8_decode: codes must be uint8, got {codes.dtype}")
@@ -223,7 +226,8 @@ def hifloat8_decode(codes, dtype=jnp.float32):
 
 
 def hifloat8_encode(x):
-    """Values -> HiFloat8 ``uint8`` codes, rounding half away from zero.
+    """Values (any shape) -> HiFloat8 ``uint8`` codes of the same shape,
+    rounding half away from zero.
 
     NaN -> 0x80; |x| >= 40960 (and Inf) -> +-Inf (0x6F / 0xEF); |x| < 2^-23
     -> 0x00. float16/bfloat16 inputs are converted to float32 exactly first.

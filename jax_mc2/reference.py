@@ -1,4 +1,6 @@
-"""The ``xla`` implementation: every operator as plain lax ops + lax collectives.
+"""The ``xla`` implementation of the float operators (matmul + all-reduce, add +
+RMSNorm) as plain lax ops + lax collectives; the quantized and AlltoAllv
+operators keep their lax compositions in their own ``ops`` modules.
 
 These compositions are what ``implementation="xla"`` lowers to (on GPU/TPU by
 default), and they define the numerics the ``ffi`` kernels match: products

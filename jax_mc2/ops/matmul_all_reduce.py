@@ -279,16 +279,20 @@ def mm_all_reduce_base(
 
     Modes: non-quantized (float x1 and x2); weight-only quantization (int8 x2
     with antiquant_scale); full quantization (int8 x1 and x2 with
-    dequant_scale). Low-bit communication (comm_quant_scale_*) raises
-    NotImplementedError in this version.
+    dequant_scale). Low-bit communication (comm_quant_scale_1/2, full
+    quantization only) replaces the all-reduce with the int8 all-to-all,
+    sum and all-gather chain.
 
     Args:
       x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
-      x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype.
+      x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype, or int8
+        (weight-only and full quantization).
       axis_name: mesh axis name (or tuple of names) bound by an enclosing
         ``shard_map``; None for a group of one (no communication).
-      bias: [n], added on every rank before the reduction.
-      x3: the output shape, added on every rank before the reduction.
+      bias: [n], added on every rank before the reduction; x1's dtype, int32
+        in full quantization.
+      x3: the output shape and dtype, added on every rank before the
+        reduction (in full quantization after the dequantization).
       antiquant_scale: weight-only quantization, int8 x2 dequantized as
         ``(x2 + antiquant_offset) * antiquant_scale`` in x1's dtype; pertensor
         (1,), perchannel (n,) / (1, n), or pergroup (ceil(k / G), n) with
@@ -300,12 +304,18 @@ def mm_all_reduce_base(
         bfloat16 (bfloat16 output) or, with pertoken_scale, float32 (float16
         output); shape (1,), (n,) or (1, n).
       pertoken_scale: float32 [m] ([b * s] for 3-D x1), with dequant_scale.
+      comm_quant_scale_1, comm_quant_scale_2: (n,) or (1, n) in the output
+        dtype, given together, full quantization only: the int8 low-bit
+        communication (quantize by scale_1, all-to-all, sum, requantize by
+        scale_2, all-gather, dequantize).
       comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
         own matmul and all-reduce (same result; CANN accepts only 0).
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
-      [m, n] or [b, s, n] in x1's dtype, replicated over ``axis_name``.
+      [m, n] or [b, s, n], replicated over ``axis_name``: x1's dtype
+      (non-quantized and weight-only), float16 or bfloat16 as dequant_scale
+      selects (full quantization).
     """
     check_reduce_op(OP, reduce_op)
     comm_scales = None

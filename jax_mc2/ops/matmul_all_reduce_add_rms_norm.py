@@ -306,9 +306,14 @@ def inplace_matmul_all_reduce_add_rms_norm(
 ):
     """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
     ``residual``'s buffer (``input_output_aliases``): donate ``residual``
-    (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``.
+    (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;
+    without donation XLA copies it.
 
-    Returns ``(y, norm_out)``.
+    Args and numerics as :func:`matmul_all_reduce_add_rms_norm` (x1 [m, k]
+    or [b, s, k], x2 [k, n], residual [b, s, n], gamma [n]).
+
+    Returns:
+      ``(y, norm_out)``, both [b, s, n] in residual's dtype.
     """
     return _bind(
         True,

@@ -7,8 +7,9 @@ table 3), which share one primitive.
 The int8 products accumulate exactly in int32 and the int32 bias is added
 before any scale. ``dequant_scale`` is packed 64-bit words (see
 ``jax_mc2.quant.trans_quant_param``; float16 output), bfloat16 (bfloat16
-output) or, with a float32 ``pertoken_scale`` (mm_all_reduce_base only),
-float32 (float16 output) or bfloat16 (bfloat16 output); pertensor ``(1,)`` or
+output) or, with a float32 ``pertoken_scale`` (mm_all_reduce_base; the
+V4 int8 rows' ``x1_scale``), float32 (float16 output) or bfloat16 (bfloat16
+output); pertensor ``(1,)`` or
 perchannel ``(n,)`` / ``(1, n)``. Each rank rounds the dequantized result to
 the output dtype, adds x3 (a second rounding), and the all-reduce runs in the
 output dtype.
@@ -527,7 +528,13 @@ def quant_matmul_all_reduce_v4(
 
     Args:
       x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2).
+      axis_name: mesh axis name (or tuple of names) bound by an enclosing
+        ``shard_map``; None for a group of one (no communication).
       x2_scale, x1_scale: see above.
+      bias: [n] (optional), int32 in the int8 rows, float32 in the others
+        (none in perblock).
+      x3: the output shape (optional), added on every rank before the
+        reduction.
       out_dtype: None (the int8 rows' dtype, bfloat16 for the others) or
         float16 / bfloat16 / float32 as the row allows.
       group_size: 0, or ``quant.group_size(m, n, k)`` for perblock / MX.
@@ -540,6 +547,11 @@ def quant_matmul_all_reduce_v4(
         for a transposed (n, k); n is the padded extent (n1 * 32, or n1 * 16
         transposed) and the operator converts it back with
         ``quant.from_fractal_nz``.
+
+    Returns:
+      [m, n] or [b, s, n], replicated over ``axis_name``: float16 / bfloat16
+      as the int8 rows' scales select; ``out_dtype`` (default bfloat16) in
+      the other rows.
     """
     for name, value, allowed in (
         ("x1_format", x1_format, _V4_X1_FORMATS),

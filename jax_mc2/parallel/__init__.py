@@ -1,5 +1,6 @@
 """``shard_map`` wrappers that take global arrays and a ``Mesh``."""
 
+from jax_mc2.parallel.expert_parallel import Capacities as Capacities
 from jax_mc2.parallel.expert_parallel import MoEOutput as MoEOutput
 from jax_mc2.parallel.expert_parallel import SharedExpert as SharedExpert
 from jax_mc2.parallel.expert_parallel import (
@@ -18,6 +19,7 @@ from jax_mc2.parallel.tensor_parallel import (
 )
 
 __all__ = [
+    "Capacities",
     "MoEOutput",
     "SharedExpert",
     "W8A8",

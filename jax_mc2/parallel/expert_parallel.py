@@ -70,7 +70,19 @@ class Capacities(NamedTuple):
 
 
 def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
-    """The static capacities for ``tokens`` local tokens per rank."""
+    """The static sizes :func:`expert_parallel_moe` uses for one rank.
+
+    Args:
+      tokens: local tokens per rank; top_k: experts per token;
+      num_experts: experts over the whole mesh (a multiple of ``world``);
+      world: ranks on the expert-parallel axis;
+      capacity_factor: None (exact, no drops: every capacity is the worst
+        case) or c > 0 (GShard: ``ceil(c * tokens * top_k / num_experts)``
+        assignments per expert and rank).
+
+    Returns:
+      :class:`Capacities` ``(per_expert, per_peer, recv, assignments)``.
+    """
     a = tokens * top_k
     local = num_experts // world
     if capacity_factor is None:
