@@ -122,8 +122,10 @@ def row_parallel_linear(
     op = "row_parallel_linear"
     if quant is not None and not isinstance(quant, W8A8):
         raise v.value_error(op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}")
-    if quant is not None and bias is not None and not jnp.issubdtype(
-        jnp.result_type(bias), jnp.floating
+    if (
+        quant is not None
+        and bias is not None
+        and not jnp.issubdtype(jnp.result_type(bias), jnp.floating)
     ):
         raise v.type_error(
             op,
