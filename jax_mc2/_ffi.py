@@ -11,6 +11,7 @@ import ctypes
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -159,12 +160,13 @@ def grouped_matmul(
     n = w.shape[1] if transpose_w else w.shape[2]
     y = jax.ShapeDtypeStruct((out_rows, n), x.dtype)
     out_types = (y, jax.ShapeDtypeStruct((src_index.shape[0], x.shape[1]), x.dtype))
+    i32 = jnp.int32  # int64 under jax_enable_x64 otherwise
     return jax.ffi.ffi_call(GROUPED_MATMUL, out_types if permute_out else y)(
         x,
         w,
-        group_offsets,
-        src_index,
-        dst_index,
+        group_offsets.astype(i32),
+        src_index.astype(i32),
+        dst_index.astype(i32),
         transpose_w=bool(transpose_w),
         has_permute_out=bool(permute_out),
         parallelism=np.int64(parallelism),
@@ -184,7 +186,7 @@ def grouped_matmul_wgrad(x, dy, group_offsets, *, transpose_w: bool, parallelism
     return jax.ffi.ffi_call(GROUPED_MATMUL_WGRAD, jax.ShapeDtypeStruct(shape, x.dtype))(
         x,
         dy,
-        group_offsets,
+        group_offsets.astype(jnp.int32),
         transpose_w=bool(transpose_w),
         parallelism=np.int64(parallelism),
     )

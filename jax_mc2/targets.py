@@ -34,8 +34,8 @@ FLOAT32 = np.dtype(np.float32)
 class ExpertParallelLimits:
     """Size limits of the AlltoAllv grouped-matmul operators (seed 001).
 
-    max_hidden: the largest H1 and N1 (H1, N1 < 65536).
-    max_shared_hidden: the largest H2 of the shared expert (H2 <= 12288).
+    max_hidden: the largest H1, N1 and N2 (each in (0, 65536)).
+    max_shared_hidden: the largest H2 of the shared expert (H2 in (0, 12288]).
     max_tokens: the largest BSK, the rows a rank sends (BSK < 52428800).
     traffic_bytes: (min, max) bytes a card sends, or None for no rule.
     """

@@ -716,6 +716,71 @@ def test_invalid_inputs(call, error, match):
         call()
 
 
+def test_capacity_and_exchange_count_arguments():
+    with pytest.raises(ValueError, match="max_tokens_per_peer must be >= 1, got 0"):
+        _eager(_X, _W, jnp.array([2, 2]), max_tokens_per_peer=0)
+    with pytest.raises(ValueError, match="max_tokens_per_peer must be >= 1, got 0"):
+        mc2.grouped_matmul_alltoallv(_X, _W, None, send_counts=[2, 2], max_tokens_per_peer=0)
+    for bad in (np.ones((2, 2), np.int32), np.ones(2, np.float32)):
+        with pytest.raises(TypeError, match="exchange_counts: send_counts must be a 1-D integer"):
+            mc2.exchange_counts(bad, None)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_negative_traced_counts_are_empty(impl):
+    """A negative traced count is an empty block in both implementations
+    (static counts reject it)."""
+    x = np.arange(1, 4, dtype=np.float32)[:, None]
+    w = np.ones((2, 1, 1), np.float32)
+    y, _, perm = mc2.alltoallv_grouped_matmul(
+        x, w, None, send_counts=jnp.array([3, -1]), permute_out_flag=True, implementation=impl
+    )
+    np.testing.assert_array_equal(np.asarray(y)[:, 0], [1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(perm)[:, 0], [1, 2, 3])
+    back, _ = mc2.grouped_matmul_alltoallv(
+        x, w, None, send_counts=jnp.array([-2, 3]), max_out_tokens=3, implementation=impl
+    )
+    np.testing.assert_array_equal(np.asarray(back)[:, 0], [1, 2, 3])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_x64_enabled(impl):
+    """With jax_enable_x64 the count arithmetic stays int32 (the C++ kernels
+    take int32 index maps)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    w = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    want = np.concatenate([x[:2] @ w[0], x[2:] @ w[1]])
+    with jax.enable_x64(True):
+        for counts in ([2, 3], jnp.array([2, 3])):
+            y, _, _ = mc2.alltoallv_grouped_matmul(
+                x, w, None, send_counts=counts, implementation=impl
+            )
+            np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+            back, _ = mc2.grouped_matmul_alltoallv(
+                x, w, None, send_counts=counts, implementation=impl
+            )
+            np.testing.assert_allclose(np.asarray(back), want, rtol=1e-5, atol=1e-5)
+        got = mc2.grouped_matmul(x, w, jnp.array([2, 3]), implementation=impl)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_empty_shared_expert_hidden(impl):
+    """H2 = 0 (generic target): the shared expert's output is zeros."""
+    x, w = np.ones((4, 8), np.float32), np.ones((2, 8, 3), np.float32)
+    _, mm_y, _ = mc2.alltoallv_grouped_matmul(
+        x,
+        w,
+        None,
+        send_counts=[2, 2],
+        mm_x=np.ones((3, 0), np.float32),
+        mm_weight=np.ones((0, 5), np.float32),
+        implementation=impl,
+    )
+    np.testing.assert_array_equal(np.asarray(mm_y), np.zeros((3, 5), np.float32))
+
+
 def test_counts_length_limit():
     with pytest.raises(ValueError, match=r"e \* W = 32 \* 16 = 512 exceeds 256"):
         _shape_check(16, experts=32)
@@ -742,10 +807,18 @@ def test_chip_rules(op):
         _shape_check(4, op=op)  # no traffic rule on 950
         with pytest.raises(NotImplementedError, match=r"world size 2 .* supported: 4, 8, 16"):
             _shape_check(2, op=op)
-        with pytest.raises(NotImplementedError, match="H1 = 65536 must be < 65536"):
+        with pytest.raises(NotImplementedError, match=r"H1 = 65536 must be in \(0, 65535\]"):
             _shape_check(4, op=op, h1=65536)
-        with pytest.raises(NotImplementedError, match="H2 = mm_x.shape.1. = 12289 exceeds 12288"):
+        with pytest.raises(NotImplementedError, match=r"N1 = 0 must be in \(0, 65535\]"):
+            _shape_check(4, op=op, n1=0)
+        with pytest.raises(
+            NotImplementedError, match=r"H2 = mm_x.shape.1. = 12289 must be in \(0, 12288\]"
+        ):
             _shape_check(4, op=op, mm=((3, 12289), (12289, 4)))
+        with pytest.raises(NotImplementedError, match=r"H2 = mm_x.shape.1. = 0 must be in"):
+            _shape_check(4, op=op, mm=((3, 0), (0, 4)))
+        with pytest.raises(NotImplementedError, match=r"N2 = 65536 must be in \(0, 65535\]"):
+            _shape_check(4, op=op, mm=((3, 8), (8, 65536)))
         _shape_check(4, op=op, mm=((3, 12288), (12288, 4)))
     # generic: the math only
     _shape_check(2, op=op, h1=65536, dtype=jnp.float32)

@@ -174,7 +174,8 @@ def test_gradients_match_dense(impl, mesh_name):
     [
         (dict(axis="tp"), ValueError, "mesh has no axis 'tp'"),
         (dict(top_k=9), ValueError, r"top_k must be in \[1, G = 8\]"),
-        (dict(capacity_factor=0.0), ValueError, "capacity_factor must be None or > 0"),
+        (dict(capacity_factor=0.0), ValueError, "capacity_factor must be None or a finite"),
+        (dict(capacity_factor=float("inf")), ValueError, "capacity_factor must be None or a"),
         (dict(data_axes=("ep",)), ValueError, "data_axes must be other axes"),
     ],
 )
@@ -195,3 +196,12 @@ def test_invalid_shapes():
         mc2.parallel.expert_parallel_moe(x, rw[:, :6], wg[:6], wu[:6], wd[:6], mesh=mesh, axis="ep")
     with pytest.raises(ValueError, match="T = 60 tokens must be a multiple of the 8 shards"):
         mc2.parallel.expert_parallel_moe(x[:60], rw, wg, wu, wd, mesh=mesh, axis="ep")
+    _, _, _, _, _, shared = _case(0)
+    for bad in (
+        shared._replace(w_down=shared.w_down[:, :1]),
+        shared._replace(w_up=shared.w_up[:, :4]),
+    ):
+        with pytest.raises(TypeError, match=r"shared_expert must have w_gate, w_up \(H, Fs\)"):
+            mc2.parallel.expert_parallel_moe(
+                x, rw, wg, wu, wd, mesh=mesh, axis="ep", shared_expert=bad
+            )

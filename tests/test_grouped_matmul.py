@@ -137,3 +137,14 @@ def test_public_grouped_matmul_matches_ragged_dot_layout(impl):
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="group_sizes must be a 1-D integer array"):
         mc2.grouped_matmul(x, w, np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"group_sizes must have one size per group of w: \(G,\)"):
+        mc2.grouped_matmul(x, w, np.ones(3, np.int32), implementation=impl)
+    with pytest.raises(TypeError, match="x dtype must be float16, bfloat16 or float32, got int8"):
+        jax.eval_shape(
+            lambda a: mc2.grouped_matmul(a, w.astype(np.int8), sizes, implementation=impl),
+            jax.ShapeDtypeStruct(x.shape, np.int8),
+        )
+    # negative sizes are empty groups
+    got = mc2.grouped_matmul(x, w, np.array([3, -2, 4, 1], np.int32), implementation=impl)
+    want = _np_gmm(x, w, np.array([0, 3, 3, 7, 8], np.int32), False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -98,9 +98,20 @@ def exchange_counts(send_counts, axis_name):
     ``send_counts[d*e + j]`` (e*W,): one small all-to-all over ``axis_name``.
     The dispatch derives them itself; a combine after it needs them as its
     ``send_counts`` (and the dispatch's send counts as its recv_counts)."""
+    send_counts = jnp.asarray(send_counts)
+    world = world_size_of(axis_name)
+    if (
+        send_counts.ndim != 1
+        or not jnp.issubdtype(send_counts.dtype, jnp.integer)
+        or send_counts.shape[0] % world
+    ):
+        raise v.type_error(
+            "exchange_counts",
+            f"send_counts must be a 1-D integer array of e*W counts (W = {world}), got "
+            f"{send_counts.dtype.name}{v.shape_str(send_counts.shape)}",
+        )
     if not axis_name:
         return send_counts
-    world = world_size_of(axis_name)
     chunks = send_counts.reshape(world, -1)
     return lax.all_to_all(chunks, axis_name, 0, 0, tiled=True).reshape(-1)
 
@@ -122,7 +133,7 @@ def _clip_chunks(counts, world, experts, capacity):
     """Per-peer counts by expert, [W, E], clipped so each peer's chunk holds
     at most ``capacity`` rows. Returns (kept rows, offset inside the chunk)."""
     c = counts.reshape(world, experts)
-    end = jnp.cumsum(c, axis=1)
+    end = jnp.cumsum(c, axis=1, dtype=_I32)
     start = jnp.minimum(end - c, capacity)
     return jnp.minimum(end, capacity) - start, start
 
@@ -131,15 +142,15 @@ def _expert_major(kept):
     """Start and end of each (expert e, peer r) block at flat index e*W + r
     in the expert-major, peer-minor order."""
     flat = kept.T.reshape(-1)
-    end = jnp.cumsum(flat)
+    end = jnp.cumsum(flat, dtype=_I32)
     return end - flat, end
 
 
 def _group_offsets(kept, rows):
     """(E + 1,) int32 group boundaries of the expert-major rows, capped at
     ``rows`` (rows past the capacity are dropped)."""
-    sizes = kept.sum(axis=0)
-    return jnp.minimum(jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes)]), rows)
+    sizes = kept.sum(axis=0, dtype=_I32)
+    return jnp.minimum(jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes, dtype=_I32)]), rows)
 
 
 def group_offsets(counts, world, experts, capacity, rows):
@@ -151,8 +162,8 @@ def group_offsets(counts, world, experts, capacity, rows):
 def _token_slots(counts, world, experts, capacity, rows):
     """Dispatch's send side: for each chunk slot ``[W * capacity]``, the
     token row (grouped by global expert id) it carries, or -1."""
-    per_peer = counts.reshape(world, experts).sum(axis=1)
-    start = jnp.cumsum(per_peer) - per_peer
+    per_peer = counts.reshape(world, experts).sum(axis=1, dtype=_I32)
+    start = jnp.cumsum(per_peer, dtype=_I32) - per_peer
     j = jnp.arange(capacity, dtype=_I32)
     row = start[:, None] + j[None, :]
     ok = (j[None, :] < jnp.minimum(per_peer, capacity)[:, None]) & (row < rows)
@@ -162,10 +173,10 @@ def _token_slots(counts, world, experts, capacity, rows):
 def _token_rows(counts, world, experts, capacity, rows):
     """Combine's receive side, the inverse map: for each of ``rows`` token
     rows, the chunk slot it came back in, or -1."""
-    per_peer = counts.reshape(world, experts).sum(axis=1)
-    end = jnp.cumsum(per_peer)
+    per_peer = counts.reshape(world, experts).sum(axis=1, dtype=_I32)
+    end = jnp.cumsum(per_peer, dtype=_I32)
     i = jnp.arange(rows, dtype=_I32)
-    peer = jnp.clip(jnp.searchsorted(end, i, side="right"), 0, world - 1)
+    peer = jnp.clip(jnp.searchsorted(end, i, side="right").astype(_I32), 0, world - 1)
     j = i - (end - per_peer)[peer]
     ok = (i < end[-1]) & (j < jnp.minimum(per_peer, capacity)[peer])
     return jnp.where(ok, peer * capacity + j, -1)
@@ -177,7 +188,7 @@ def _expert_rows_index(counts, world, experts, capacity, rows):
     kept, inner = _clip_chunks(counts, world, experts, capacity)
     start, end = _expert_major(kept)
     p = jnp.arange(rows, dtype=_I32)
-    q = jnp.clip(jnp.searchsorted(end, p, side="right"), 0, world * experts - 1)
+    q = jnp.clip(jnp.searchsorted(end, p, side="right").astype(_I32), 0, world * experts - 1)
     e, peer = q // world, q % world
     slot = peer * capacity + inner[peer, e] + (p - start[q])
     return jnp.where(p < end[-1], slot, -1), _group_offsets(kept, rows)
@@ -190,7 +201,7 @@ def _slot_expert_rows(counts, world, experts, capacity, rows):
     start, _ = _expert_major(kept)
     j = jnp.arange(capacity, dtype=_I32)
     chunk_end = inner + kept  # [W, E]
-    e = (j[None, :, None] >= chunk_end[:, None, :]).sum(-1)  # [W, C]
+    e = (j[None, :, None] >= chunk_end[:, None, :]).sum(-1, dtype=_I32)  # [W, C]
     ok = e < experts
     e = jnp.minimum(e, experts - 1)
     peer = jnp.arange(world, dtype=_I32)[:, None]
@@ -244,7 +255,7 @@ def _ragged_dispatch(x, send_c, recv_c, world, experts, capacity, out_rows, axis
     recv_off = start.reshape(experts, world).T.reshape(-1)  # at s*E + e
     recv_off, recv_size = _fit(recv_off, kept.reshape(-1), out_rows)
     out_off, send_size = _reply(recv_off, recv_size, world, axis_name)
-    in_off = jnp.minimum(jnp.cumsum(send_c) - send_c, x.shape[0])
+    in_off = jnp.minimum(jnp.cumsum(send_c, dtype=_I32) - send_c, x.shape[0])
     out = jnp.zeros((out_rows, x.shape[1]), x.dtype)
     return ragged_all_to_all(
         _zero_padded(x, capacity), out, in_off, send_size, out_off, recv_size, axis_name=axis_name
@@ -258,8 +269,8 @@ def _ragged_combine(local, send_c, recv_c, world, experts, capacity, out_rows, a
     start, _ = _expert_major(kept_send)  # at e*W + d
     in_off = jnp.minimum(start.reshape(experts, world).T.reshape(-1), local.shape[0])
     kept, inner = _clip_chunks(recv_c, world, experts, capacity)  # [s, e]
-    per_peer = recv_c.reshape(world, experts).sum(axis=1)
-    token_off = ((jnp.cumsum(per_peer) - per_peer)[:, None] + inner).reshape(-1)
+    per_peer = recv_c.reshape(world, experts).sum(axis=1, dtype=_I32)
+    token_off = ((jnp.cumsum(per_peer, dtype=_I32) - per_peer)[:, None] + inner).reshape(-1)
     recv_off, recv_size = _fit(token_off, kept.reshape(-1), out_rows)
     out_off, send_size = _reply(recv_off, recv_size, world, axis_name)
     out = jnp.zeros((out_rows, local.shape[1]), local.dtype)
@@ -285,6 +296,8 @@ def _exchange(buf, axis_name):
 
 
 def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
+    if mm_x.shape[1] == 0:  # H2 = 0 (generic target): an empty sum
+        return jnp.zeros((mm_x.shape[0], mm_w.shape[0] if trans else mm_w.shape[1]), mm_x.dtype)
     if impl == _implementation.FFI:
         return _ffi.matmul(mm_x, mm_w, transpose_x2=trans, parallelism=parallelism)
     return reference.local_matmul(mm_x, mm_w, transpose_x2=trans)
@@ -329,7 +342,7 @@ def _check_counts_operand(op, name, aval, length):
         )
 
 
-def _check_chip(op, x, n1, rows_sent, mm_x, out_rows, params):
+def _check_chip(op, x, n1, rows_sent, mm_x, n2, out_rows, params):
     support = targets.operator_support(op)
     targets.check_world_size(op, params["world_size"], params["axis_name"])
     limits = support.ep_limits
@@ -337,18 +350,14 @@ def _check_chip(op, x, n1, rows_sent, mm_x, out_rows, params):
         return
     name = targets.get_target()
     h1 = x.shape[1]
-    sizes = {"H1": h1, "N1": n1}
-    for dim, size in sizes.items():
-        if size > limits.max_hidden:
-            raise v.unsupported(
-                op, f"{dim} = {size} must be < {limits.max_hidden + 1} on target {name!r}"
-            )
-    if mm_x is not None and mm_x.shape[1] > limits.max_shared_hidden:
-        raise v.unsupported(
-            op,
-            f"H2 = mm_x.shape[1] = {mm_x.shape[1]} exceeds {limits.max_shared_hidden} on "
-            f"target {name!r}",
-        )
+    # Seed 001: H1, N1, N2 in (0, 65536); H2 in (0, 12288].
+    sizes = {"H1": (h1, limits.max_hidden), "N1": (n1, limits.max_hidden)}
+    if mm_x is not None:
+        sizes["H2 = mm_x.shape[1]"] = (mm_x.shape[1], limits.max_shared_hidden)
+        sizes["N2"] = (n2, limits.max_hidden)
+    for dim, (size, limit) in sizes.items():
+        if not 0 < size <= limit:
+            raise v.unsupported(op, f"{dim} = {size} must be in (0, {limit}] on target {name!r}")
     bsk = x.shape[0] if op == OP_DISPATCH else out_rows
     if not 0 < bsk <= limits.max_tokens:
         raise v.unsupported(
@@ -427,7 +436,7 @@ def _abstract_eval(prim, *operands, **params):
                 f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
             )
         rows_sent = int(sums.max(initial=0))
-    mm_out = []
+    mm_out, n2 = [], None
     if mm_x is not None:
         v.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
         v.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
@@ -443,7 +452,7 @@ def _abstract_eval(prim, *operands, **params):
             )
         n2 = mm_w.shape[0] if trans else mm_w.shape[1]
         mm_out = [_compat.result_aval(mm_x, (mm_x.shape[0], n2), mm_x.dtype, [mm_x, mm_w])]
-    _check_chip(op, x, n1, rows_sent, mm_x, params["out_rows"], params)
+    _check_chip(op, x, n1, rows_sent, mm_x, n2, params["out_rows"], params)
     axes = params["axis_name"]
     gmm_inputs = [a for a in (x, w, send, recv) if a is not None]
     y = _compat.result_aval(x, (params["out_rows"], n1), x.dtype, gmm_inputs, varying_axes=axes)
@@ -463,7 +472,8 @@ def rank_counts(params, send, recv):
     """This rank's (send, recv) int32 count vectors: the traced operands, or
     its row of the static tables."""
     if params["send_table"] is None:
-        return send.astype(_I32), recv.astype(_I32)
+        # Negative traced counts count as 0 in both implementations.
+        return jnp.maximum(send.astype(_I32), 0), jnp.maximum(recv.astype(_I32), 0)
     world, experts = params["world_size"], params["experts"]
     table = np.asarray(params["send_table"], np.int32)
     recv_table = transpose_count_table(table, world=world, experts=experts).astype(np.int32)
@@ -786,10 +796,10 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
     return None, send, recv
 
 
-def _capacity(op, name, value, default):
+def _capacity(op, name, value, default, minimum=0):
     if value is None:
         return default
-    return v.check_int(op, name, value, minimum=0)
+    return v.check_int(op, name, value, minimum=minimum)
 
 
 def _check_mm_pair(op, mm_x, mm_weight):
@@ -835,11 +845,13 @@ def _bind_operator(
                 f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
                 f"largest rank's; per rank: {sums.tolist()})",
             )
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts))
+        peer = _capacity(
+            op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts), minimum=1
+        )
         received = transpose_count_table(np.asarray(table), world=world, experts=experts)
         out_rows = _capacity(op, out_arg, max_out, int(received.sum(1).max()))
     else:
-        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows)
+        peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows, minimum=1)
         out_rows = _capacity(op, out_arg, max_out, world * peer)
     has_mm = mm_x is not None
     # Like lax ops, cast operands invariant along an axis another operand
@@ -912,8 +924,9 @@ def alltoallv_grouped_matmul(
         a rank's received count are zero). Default: the exact maximum for
         static counts, ``W * max_tokens_per_peer`` for traced ones.
       max_tokens_per_peer: rows one rank sends one peer in the fixed-capacity
-        all-to-all. Default: the exact maximum for static counts, BSK for
-        traced ones (always enough; smaller values drop rows past it).
+        all-to-all (at least 1). Default: the exact maximum for static
+        counts, BSK for traced ones (always enough; smaller values drop rows
+        past it). Negative traced counts count as 0.
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
@@ -962,7 +975,11 @@ def grouped_matmul_alltoallv(
     Args:
       gmm_x: [A_cap, H1], expert-major, rank-minor (like ``permute_out``):
         group j has ``sum_d send_counts[d*e + j]`` rows and uses
-        ``gmm_weight[j]``; rows past the groups are ignored.
+        ``gmm_weight[j]``; rows past the groups are ignored. With a
+        ``max_tokens_per_peer`` that clips, the blocks hold only the rows the
+        dispatch with the same capacity kept (the rows of each peer's chunk
+        past the capacity are absent, not skipped), so a combine follows
+        the dispatch it inverts.
       gmm_weight: [e, H1, N1], or [e, N1, H1] with ``trans_gmm_weight``.
       send_counts: rows of local expert j going back to rank d at
         ``[d*e + j]`` (the dispatch's recv_counts); static or traced as in
@@ -974,8 +991,9 @@ def grouped_matmul_alltoallv(
       max_out_tokens: BSK_cap, the static row count of ``y``. Default: the
         exact maximum for static counts, ``W * max_tokens_per_peer`` for
         traced ones.
-      max_tokens_per_peer: as in :func:`alltoallv_grouped_matmul`; default
-        the exact maximum for static counts, A_cap for traced ones.
+      max_tokens_per_peer: as in :func:`alltoallv_grouped_matmul` (at least
+        1); default the exact maximum for static counts, A_cap for traced
+        ones.
 
     Returns:
       ``(y [BSK_cap, N1], mm_y [BS, N2] or None)``: y's rows are grouped by

@@ -15,6 +15,7 @@ the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_mc2 import _compat, _ffi, _implementation
@@ -25,6 +26,7 @@ from jax_mc2.ops._lowering import implementation_lowering
 OP = "grouped_matmul"
 _F32 = jnp.float32
 _I32 = jnp.int32
+_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 
 grouped_matmul_p = _compat.new_primitive("mc2_grouped_matmul")
 grouped_matmul_wgrad_p = _compat.new_primitive("mc2_grouped_matmul_wgrad")
@@ -42,6 +44,8 @@ def _check_offsets(offsets, groups):
 def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
     del implementation, world_size
     v.check_rank(OP, "x", x, (2,), "(rows, k)")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise v.type_error(OP, f"x dtype must be float16, bfloat16 or float32, got {x.dtype.name}")
     k = x.shape[1]
     wk = w.shape[2] if trans_weight else w.shape[1] if w.ndim == 3 else None
     if w.ndim != 3 or wk != k:
@@ -130,8 +134,8 @@ def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None
 
     x: [m, k] float16/bfloat16/float32; w: [G, k, n] ([G, n, k] with
     ``trans_weight``), x's dtype; group_sizes: integer [G] (sizes past m are
-    clipped). Returns [m, n] in x's dtype (fp32 accumulation, one rounding).
-    Differentiable in x and w (the weight gradient is a grouped
+    clipped, negative sizes count as 0). Returns [m, n] in x's dtype (fp32
+    accumulation, one rounding). Differentiable in x and w (the weight gradient is a grouped
     ``x_g^T @ dy_g``, also a C++ kernel on CPU).
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
@@ -142,7 +146,15 @@ def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None
             f"group_sizes must be a 1-D integer array (G,), got "
             f"{sizes.dtype.name}{v.shape_str(sizes.shape)}",
         )
-    offsets = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes.astype(_I32))])
+    if np.ndim(w) == 3 and sizes.shape[0] != np.shape(w)[0]:
+        raise v.type_error(
+            OP,
+            f"group_sizes must have one size per group of w: (G,) = ({np.shape(w)[0]},), got "
+            f"{v.shape_str(sizes.shape)}",
+        )
+    # Negative sizes count as empty groups.
+    sizes = jnp.maximum(sizes.astype(_I32), 0)
+    offsets = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes, dtype=_I32)])
     offsets = jnp.clip(offsets, 0, x.shape[0] if x.ndim else 0)
     return grouped_matmul_offsets(
         x, w, offsets, trans_weight=trans_weight, implementation=implementation

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -260,8 +261,22 @@ def expert_parallel_moe(
         raise v.value_error(
             OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
         )
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise v.value_error(OP, f"capacity_factor must be None or > 0, got {capacity_factor}")
+    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+        raise v.value_error(
+            OP, f"capacity_factor must be None or a finite value > 0, got {capacity_factor}"
+        )
+    if shared_expert is not None:
+        if not isinstance(shared_expert, SharedExpert):
+            raise v.type_error(
+                OP, f"shared_expert must be a SharedExpert or None, got {type(shared_expert)}"
+            )
+        sg, su, sd = (np.shape(a) for a in shared_expert)
+        if len(sg) != 2 or sg[0] != hidden or su != sg or sd != (sg[1], hidden):
+            raise v.type_error(
+                OP,
+                f"shared_expert must have w_gate, w_up (H, Fs) and w_down (Fs, H) with H = "
+                f"{hidden}, got {v.shape_str(sg)}, {v.shape_str(su)} and {v.shape_str(sd)}",
+            )
     all_axes = (*data_axes, axis)
     token_spec = P(all_axes)
     w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
