@@ -80,7 +80,11 @@ __attribute__((target_clones("avx2", "default"))) void AccumulateInt32(const flo
   if (first) {
     for (int64_t i = 0; i < count; ++i) acc[i] = static_cast<int32_t>(src[i]);
   } else {
-    for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<int32_t>(src[i]);
+    // Wrapping int32 addition (as XLA's int32 dot), without signed overflow.
+    for (int64_t i = 0; i < count; ++i) {
+      acc[i] = static_cast<int32_t>(static_cast<uint32_t>(acc[i]) +
+                                    static_cast<uint32_t>(static_cast<int32_t>(src[i])));
+    }
   }
 }
 

@@ -28,12 +28,12 @@ constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
 // q = int8(fp16(c / scale)): a correctly rounded fp32 division rounded to
-// fp16, then rounded half to even and saturated to [-128, 127].
+// fp16, then rounded half to even and saturated to [-128, 127]; NaN -> 0.
 void QuantizeForComm(const float* c, const float* scale, int64_t n, int8_t* q) {
   for (int64_t j = 0; j < n; ++j) {
     const float h = Fp16ToFloat(FloatToFp16(c[j] / scale[j]));
     const float r = std::nearbyint(std::min(127.0f, std::max(-128.0f, h)));
-    q[j] = static_cast<int8_t>(r);
+    q[j] = std::isnan(h) ? 0 : static_cast<int8_t>(r);
   }
 }
 
@@ -47,12 +47,18 @@ __attribute__((target_clones("avx2", "default"))) void DequantRow(float* row,
                                                                   const int32_t* __restrict bias,
                                                                   const float* __restrict scale,
                                                                   const float* token, int64_t n) {
-  if (acc) {
-    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(acc[j]);
-  }
-  if (bias) {
+  // The int32 sum acc + bias (wrapping like the hardware's, no signed
+  // overflow) is converted to fp32 once: an int32 accumulator beyond 2^24 is
+  // never rounded before the bias is added.
+  if (acc && bias) {
     for (int64_t j = 0; j < n; ++j) {
-      // int32 addition that wraps like the hardware's (no signed overflow).
+      const uint32_t sum = static_cast<uint32_t>(acc[j]) + static_cast<uint32_t>(bias[j]);
+      row[j] = static_cast<float>(static_cast<int32_t>(sum)) * scale[j];
+    }
+  } else if (acc) {
+    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<float>(acc[j]) * scale[j];
+  } else if (bias) {
+    for (int64_t j = 0; j < n; ++j) {
       const uint32_t sum =
           static_cast<uint32_t>(static_cast<int32_t>(row[j])) + static_cast<uint32_t>(bias[j]);
       row[j] = static_cast<float>(static_cast<int32_t>(sum)) * scale[j];

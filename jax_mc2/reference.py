@@ -97,7 +97,8 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
     y = (mm.astype(_F32) + residual.astype(_F32)).astype(dtype)
     yf = y.astype(_F32)
     n = residual.shape[-1]
-    mean_square = jnp.sum(yf * yf * np.float32(1.0 / n), axis=-1, keepdims=True)
+    inv_n = np.float32(1.0 / n) if n else np.float32(0.0)  # n = 0: empty rows
+    mean_square = jnp.sum(yf * yf * inv_n, axis=-1, keepdims=True)
     rstd = np.float32(1.0) / jnp.sqrt(mean_square + np.float32(epsilon))
     t = yf * rstd
     if dtype != _F32:
@@ -117,8 +118,8 @@ def matmul_all_reduce_add_rms_norm(
 
 
 def _int8_sat_rne(x):
-    """float -> int8, round half to even, saturating to [-128, 127]."""
-    return jnp.clip(jnp.round(x), -128, 127).astype(jnp.int8)
+    """float -> int8, round half to even, saturating to [-128, 127]; NaN -> 0."""
+    return jnp.where(jnp.isnan(x), 0, jnp.clip(jnp.round(x), -128, 127)).astype(jnp.int8)
 
 
 def comm_quantize(c, scale_1):

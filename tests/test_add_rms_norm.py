@@ -308,6 +308,53 @@ def test_vma_typing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_vma_y_does_not_vary_with_gamma(impl):
+    """y = allReduce(x1 @ x2) + residual does not depend on gamma: with gamma
+    varying along dp, only norm_out varies along dp."""
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+
+    def f(x1, x2, residual, gamma):
+        g = gamma * (1 + jax.lax.axis_index("dp")).astype(gamma.dtype)
+        y, norm = mc2.matmul_all_reduce_add_rms_norm(x1, x2, residual, g, "tp", implementation=impl)
+        assert str(jax.typeof(y)) == "float32[1,3,8]"
+        assert str(jax.typeof(norm)) == "float32[1,3,8]{V:dp}"
+        return y, norm
+
+    y, norm = jax.jit(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P(None, None, "tp"), P("tp", None), P(), P()),
+            out_specs=(P(), P("dp")),
+            check_vma=True,
+        )
+    )(
+        np.ones((1, 3, 16), np.float32),
+        np.ones((16, 8), np.float32),
+        np.ones((1, 3, 8), np.float32),
+        np.ones(8, np.float32),
+    )
+    np.testing.assert_allclose(np.asarray(y), np.full((1, 3, 8), 17.0))
+    assert norm.shape == (2, 3, 8)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_empty_n(impl):
+    """n = 0 (seed 002 allows empty b*s and n): empty outputs."""
+    f16 = np.float16
+    for op in (mc2.matmul_all_reduce_add_rms_norm, mc2.inplace_matmul_all_reduce_add_rms_norm):
+        y, norm = op(
+            np.ones((4, 8), f16),
+            np.ones((8, 0), f16),
+            np.ones((2, 2, 0), f16),
+            np.ones((0,), f16),
+            None,
+            implementation=impl,
+        )
+        assert y.shape == norm.shape == (2, 2, 0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=20, deadline=None)
 @given(
     b=st.integers(0, 3),

@@ -805,6 +805,20 @@ def test_v4_int8_rows(impl, kind, with_x1_scale, out_dtype, world, with_comm):
             ValueError,
             "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
         ),
+        # The int8 rows' messages name V4's own arguments.
+        (S((4, 8), I8), {"x1_scale": S((5,), jnp.float32)}, TypeError, r"x1_scale must be 1-D"),
+        (
+            S((4, 8), I8),
+            {"x1_scale": S((4,), jnp.float16)},
+            TypeError,
+            "x1_scale dtype must be float32, got float16",
+        ),
+        (
+            S((4, 8), I8),
+            {"x3": S((4, 4), jnp.float16)},
+            TypeError,
+            r"x3 dtype must equal the output dtype bfloat16 \(set by x2_scale\)",
+        ),
     ],
 )
 def test_v4_invalid(x1, kw, exc, msg):
@@ -916,3 +930,44 @@ def test_v4_fractal_nz_invalid():
         jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), jnp.float16), scale)
     out = jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), I8), scale)
     assert out.shape == (4, 64) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_int32_bias_added_before_the_float_conversion(impl):
+    """k > 1024 (several int8 k-chunks): acc + bias is one int32 sum converted
+    to fp32 once; acc = 2^25 + 2^14 + 2 needs 26 bits."""
+    k = 2050
+    x1 = np.full((1, k), -128, np.int8)
+    x1[0, -1] = 1
+    x2 = np.full((k, 1), -128, np.int8)
+    x2[-1, 0] = 2
+    acc = int((x1.astype(np.int64) @ x2.astype(np.int64))[0, 0])
+    assert acc == 2**25 + 2**14 + 2
+    for scale, dtype in (
+        (quant.trans_quant_param(np.array([2.0**-20], np.float32)), np.float16),
+        (np.array([2.0**-20], oracle.BF16), oracle.BF16),
+    ):
+        got = mc2.quant_matmul_all_reduce(
+            x1, x2, None, dequant_scale=scale, bias=np.array([1], np.int32), implementation=impl
+        )
+        want = (np.float32(acc + 1) * np.float32(2.0**-20)).astype(dtype)
+        np.testing.assert_array_equal(np.asarray(got), np.array([[want]]))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_comm_quantization_of_nan_is_zero(impl):
+    """A NaN reaching the int8 communication quantization becomes 0 in both
+    implementations."""
+    xi = np.ones((2, 8), np.int8)
+    wi = np.ones((8, 4), np.int8)
+    one = np.ones(4, oracle.BF16)
+    got = mc2.mm_all_reduce_base(
+        xi,
+        wi,
+        None,
+        dequant_scale=np.full(1, np.nan, oracle.BF16),
+        comm_quant_scale_1=one,
+        comm_quant_scale_2=one,
+        implementation=impl,
+    )
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.zeros((2, 4), np.float32))

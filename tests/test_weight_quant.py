@@ -192,6 +192,14 @@ def test_x2_dtype_and_chip_rules():
         ),
     ):
         _shape(*big, antiquant_scale=S((1,), F16))
+    # Weight-only: n <= 65535 even with a transposed x2 (seed 004; only full
+    # quantization lets a transposed n exceed it).
+    wide = (S((4, 64), F16), S((65536, 64), I8))
+    with (
+        mc2.target("atlas-a2"),
+        pytest.raises(NotImplementedError, match="n = 65536 exceeds 65535 in the weight-only"),
+    ):
+        _shape(*wide, antiquant_scale=S((1,), F16), transpose_x2=True)
 
 
 def test_vmap_and_not_differentiable():

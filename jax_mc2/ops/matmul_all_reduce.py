@@ -64,9 +64,13 @@ def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None):
     return out_shape
 
 
-def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name, x2=None):
+def check_chip_limits(
+    op, x1, out_shape, *, comm_turn, world_size, axis_name, x2=None, limit_n=False
+):
     """The current chip target's rules: operator availability, world size,
-    comm_turn, size limits and empty tensors."""
+    comm_turn, size limits and empty tensors. With ``x2`` the quantized
+    modes' limit applies to the last dimensions of x1 and x2 (so a transposed
+    x2's n may exceed it); ``limit_n`` (weight-only) also applies it to n."""
     support = targets.operator_support(op)
     targets.check_world_size(op, world_size, axis_name)
     name = targets.get_target()
@@ -92,6 +96,12 @@ def check_chip_limits(op, x1, out_shape, *, comm_turn, world_size, axis_name, x2
                     f"{arg}.shape[-1] = {aval.shape[-1]} exceeds {support.max_last_dim} on "
                     f"target {name!r}",
                 )
+        if limit_n and out_shape[-1] > support.max_last_dim:
+            raise v.unsupported(
+                op,
+                f"n = {out_shape[-1]} exceeds {support.max_last_dim} in the weight-only mode on "
+                f"target {name!r}",
+            )
     if support.nonempty_matmul and (m == 0 or dims["n"] == 0):
         raise v.unsupported(
             op,

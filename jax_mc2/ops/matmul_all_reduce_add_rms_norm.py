@@ -101,8 +101,10 @@ def _abstract_eval(
     mm = _compat.result_aval(
         x1, mm_shape, x1.dtype, [a for a in (x1, x2, bias) if a is not None], axis_name
     )
-    out = _compat.result_aval(residual, residual.shape, residual.dtype, [mm, residual, gamma])
-    return [out, out], _compat.named_axis_effects(axis_name)
+    # y does not depend on gamma; only norm_out varies along gamma's axes.
+    y = _compat.result_aval(residual, residual.shape, residual.dtype, [mm, residual])
+    norm_out = _compat.result_aval(residual, residual.shape, residual.dtype, [mm, residual, gamma])
+    return [y, norm_out], _compat.named_axis_effects(axis_name)
 
 
 mm_all_reduce_add_rms_norm_p.def_effectful_abstract_eval(_abstract_eval)

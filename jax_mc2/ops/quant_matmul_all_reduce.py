@@ -39,6 +39,13 @@ _F32 = jnp.float32
 _PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
 
 
+def _scale_names(op):
+    """The (dequant scale, pertoken scale) argument names of ``op``."""
+    if op == "quant_matmul_all_reduce_v4":
+        return "x2_scale", "x1_scale"
+    return "dequant_scale", "pertoken_scale"
+
+
 def scale_layout(op, name, scale, n, *, pertoken=False):
     """Checks a dequant scale; returns ``(output dtype, packed pair form?)``.
 
@@ -59,7 +66,7 @@ def scale_layout(op, name, scale, n, *, pertoken=False):
         raise v.type_error(
             op,
             f"{name} dtype must be float32 (float16 output) or bfloat16 (bfloat16 output) with "
-            f"pertoken_scale, got {dtype.name}{list(scale.shape)}",
+            f"{_scale_names(op)[1]}, got {dtype.name}{list(scale.shape)}",
         )
     else:
         raise v.type_error(
@@ -68,7 +75,7 @@ def scale_layout(op, name, scale, n, *, pertoken=False):
             f"[..., 2]) for float16 output, or bfloat16 for bfloat16 output, got "
             f"{dtype.name}{list(scale.shape)}"
             + (
-                "; a float32 scale needs pertoken_scale or quant.trans_quant_param"
+                f"; a float32 scale needs {_scale_names(op)[1]} or quant.trans_quant_param"
                 if dtype == np.dtype(np.float32)
                 else ""
             ),
@@ -143,20 +150,21 @@ def _abstract_eval(
         operands, has_pertoken, has_bias, has_x3, has_comm_scales
     )
     out_shape = check_int8_matmul(op, x1, x2, transpose_x2=transpose_x2, bias=bias)
-    out_dtype, _ = scale_layout(op, "dequant_scale", scale, out_shape[-1], pertoken=has_pertoken)
+    scale_name, pertoken_name = _scale_names(op)
+    out_dtype, _ = scale_layout(op, scale_name, scale, out_shape[-1], pertoken=has_pertoken)
     if pertoken is not None:
         m = int(np.prod(x1.shape[:-1]))
-        v.check_shape(op, "pertoken_scale", pertoken, (m,), "1-D (m,) (b * s for 3-D x1)")
+        v.check_shape(op, pertoken_name, pertoken, (m,), "1-D (m,) (b * s for 3-D x1)")
         if np.dtype(pertoken.dtype) != np.dtype(np.float32):
             raise v.type_error(
-                op, f"pertoken_scale dtype must be float32, got {v.dtype_name(pertoken.dtype)}"
+                op, f"{pertoken_name} dtype must be float32, got {v.dtype_name(pertoken.dtype)}"
             )
     if x3 is not None:
         v.check_shape(op, "x3", x3, out_shape, "the output shape")
         if np.dtype(x3.dtype) != out_dtype:
             raise v.type_error(
                 op,
-                f"x3 dtype must equal the output dtype {out_dtype.name} (set by dequant_scale), "
+                f"x3 dtype must equal the output dtype {out_dtype.name} (set by {scale_name}), "
                 f"got {v.dtype_name(x3.dtype)}",
             )
     if comm is not None:
@@ -621,6 +629,17 @@ def quant_matmul_all_reduce_v4(
             f"{group_size!r}",
         )
     comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
+    if out_dtype is not None and np.ndim(x2) == 2:
+        # Checked before anything runs (an eager call would compute first).
+        scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
+        n = np.shape(x2)[0 if transpose_x2 else 1]
+        selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
+        if np.dtype(out_dtype) != selected:
+            raise v.type_error(
+                OP_V4,
+                f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
+                f"select, whose output is {selected.name}",
+            )
     out = bind_int8_matmul_all_reduce(
         OP_V4,
         x1,
@@ -636,10 +655,4 @@ def quant_matmul_all_reduce_v4(
         transpose_x2=transpose_x2,
         implementation=implementation,
     )
-    if out_dtype is not None and np.dtype(out_dtype) != np.dtype(out.dtype):
-        raise v.type_error(
-            OP_V4,
-            f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
-            f"select, whose output is {np.dtype(out.dtype).name}",
-        )
     return out

@@ -130,7 +130,14 @@ def _abstract_eval(
         v.check_same_dtype(OP, "x3", x3, "x1", x1)
     check_comm_turn(OP, comm_turn)
     check_chip_limits(
-        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+        OP,
+        x1,
+        out_shape,
+        comm_turn=comm_turn,
+        world_size=world_size,
+        axis_name=axis_name,
+        x2=x2,
+        limit_n=True,
     )
     out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
     return out, _compat.named_axis_effects(axis_name)
