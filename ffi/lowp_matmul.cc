@@ -38,6 +38,10 @@ constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 constexpr int64_t kCommTile = 128;
 constexpr int64_t kMxBlock = 32;
+// Perblock output tiles: at most 512 columns and about 2^18 elements (1 MiB
+// of fp32 products).
+constexpr int64_t kPerblockTile = 512;
+constexpr int64_t kPerblockTileElements = int64_t{1} << 18;
 
 enum Mode : int64_t { kScaled = 0, kPerblock = 1, kMx = 2 };
 
@@ -208,6 +212,52 @@ __attribute__((target_clones("avx2", "default"))) void AccumulateBlockRow(
   }
 }
 
+// Perblock, rows r0 .. r0 + r of c [r, n] (row stride n): the sum over
+// k-blocks, in order, of (x1 block @ x2 block) * (x1_scale * x2_scale),
+// computed tile by tile. For each ti x tj tile of c, every k-block's product
+// goes to a small buffer `p` and is added at once, so the tile stays in
+// cache across the k-blocks: c is read and written once instead of once per
+// k-block, and each sgemm packs a square-ish tile's panels rather than a
+// whole row panel of x2. s1 is [m, kb] (row_scale per row), s2 [kb, n].
+void PerblockRows(const uint8_t* a8, const uint8_t* b8, const float* table, int64_t r0, int64_t r,
+                  int64_t k, int64_t n, bool transpose_x2, int64_t block_k, const float* s1,
+                  const float* s2, Scratch& scratch, float* c) {
+  const int64_t blocks = (k + block_k - 1) / block_k;
+  float* a = scratch.Get(0, static_cast<size_t>(r) * k);
+  for (int64_t i = 0; i < r; ++i) Decode(a8 + (r0 + i) * k, k, table, a + i * k);
+  // x2 decoded in column blocks of at most kMaxTileElements values.
+  const int64_t cols = std::min(n, std::max<int64_t>(kPerblockTile, kMaxTileElements / k));
+  float* b = scratch.Get(1, static_cast<size_t>(k) * cols);
+  const int64_t tj = std::min(cols, kPerblockTile);
+  const int64_t ti = std::min(r, std::max<int64_t>(64, kPerblockTileElements / tj));
+  float* p = scratch.Get(3, static_cast<size_t>(ti) * tj);
+  for (int64_t n0 = 0; n0 < n; n0 += cols) {
+    const int64_t nc = std::min(cols, n - n0);
+    // (k, nc) for x2 as (k, n); (nc, k) for x2 as (n, k).
+    if (transpose_x2) {
+      for (int64_t j = 0; j < nc; ++j) Decode(b8 + (n0 + j) * k, k, table, b + j * k);
+    } else {
+      for (int64_t t = 0; t < k; ++t) Decode(b8 + t * n + n0, nc, table, b + t * nc);
+    }
+    const int64_t ldb = transpose_x2 ? k : nc;
+    for (int64_t i0 = 0; i0 < r; i0 += ti) {
+      const int64_t ri = std::min(ti, r - i0);
+      for (int64_t j0 = 0; j0 < nc; j0 += tj) {
+        const int64_t rj = std::min(tj, nc - j0);
+        for (int64_t kb = 0; kb < blocks; ++kb) {
+          const int64_t k0 = kb * block_k, kc = std::min(block_k, k - k0);
+          const float* bt = transpose_x2 ? b + j0 * k + k0 : b + k0 * nc + j0;
+          Sgemm(false, transpose_x2, ri, rj, kc, a + i0 * k + k0, k, bt, ldb, p, rj);
+          for (int64_t i = 0; i < ri; ++i) {
+            AccumulateBlockRow(c + (i0 + i) * n + n0 + j0, p + i * rj,
+                               s1[(r0 + i0 + i) * blocks + kb], s2 + kb * n + n0 + j0, rj, kb == 0);
+          }
+        }
+      }
+    }
+  }
+}
+
 void DecodeMx(const uint8_t* src, int64_t first, int64_t count, const float* table,
               const uint8_t* scales, const float* scale_table, float* dst) {
   for (int64_t i = 0; i < count; ++i) {
@@ -339,14 +389,14 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   const uint8_t* b8 = static_cast<const uint8_t*>(x2.untyped_data());
   const ffi::DataType out_type = out->element_type();
   void* out_data = out->untyped_data();
-  const int64_t kc_max = mode == kPerblock ? std::min(k, block_k) : std::min(k, kChunkK);
+  // Perblock decodes all of k per row block (PerblockRows); the other modes
+  // k-chunks of at most kChunkK.
+  const int64_t kc_max = mode == kPerblock ? k : std::min(k, kChunkK);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
   Scratch scratch;
-  float* a = scratch.Get(0, static_cast<size_t>(rows) * kc_max);
-  float* b = scratch.Get(1, static_cast<size_t>(kc_max) * n);
   float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
-  const int64_t panel = std::min(rows, std::max<int64_t>(8, (int64_t{1} << 18) / n));
-  float* p = mode == kPerblock ? scratch.Get(3, static_cast<size_t>(panel) * n) : nullptr;
+  float* a = mode == kPerblock ? nullptr : scratch.Get(0, static_cast<size_t>(rows) * kc_max);
+  float* b = mode == kPerblock ? nullptr : scratch.Get(1, static_cast<size_t>(kc_max) * n);
   std::vector<float> x3_row(has_x3 ? n : 0);
   const float* s2f = static_cast<const float*>(x2_scale.untyped_data());
   const uint8_t* s2m = static_cast<const uint8_t*>(x2_scale.untyped_data());
@@ -357,7 +407,11 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   }
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    for (int64_t k0 = 0, kb = 0; k0 < k; k0 += kc_max, ++kb) {
+    if (mode == kPerblock) {
+      PerblockRows(a8, b8, table, r0, r, k, n, transpose_x2, block_k, static_cast<const float*>(s1),
+                   s2f, scratch, c);
+    }
+    for (int64_t k0 = 0; mode != kPerblock && k0 < k; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, k - k0);
       // fp32 tiles: x1 rows r0.., columns k0..k0+kc; x2 rows k0.. of (k, n)
       // or columns k0.. of (n, k).
@@ -381,22 +435,8 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
       } else {
         Decode(b8 + k0 * n, kc * n, table, b);
       }
-      const int64_t ldb = transpose_x2 ? kc : n;
-      if (mode != kPerblock) {
-        Sgemm(false, transpose_x2, r, n, kc, a, kc, b, ldb, c, n, k0 == 0 ? 0.0f : 1.0f);
-        continue;
-      }
-      // Perblock: this block's product, scaled per element, added in order,
-      // in row panels whose product (~1 MiB) stays in cache for the addition.
-      const float* s1f = static_cast<const float*>(s1);
-      for (int64_t i0 = 0; i0 < r; i0 += panel) {
-        const int64_t ri = std::min(panel, r - i0);
-        Sgemm(false, transpose_x2, ri, n, kc, a + i0 * kc, kc, b, ldb, p, n);
-        for (int64_t i = 0; i < ri; ++i) {
-          AccumulateBlockRow(c + (i0 + i) * n, p + i * n, s1f[(r0 + i0 + i) * kb_block + kb],
-                             s2f + kb * n, n, kb == 0);
-        }
-      }
+      Sgemm(false, transpose_x2, r, n, kc, a, kc, b, transpose_x2 ? kc : n, c, n,
+            k0 == 0 ? 0.0f : 1.0f);
     }
     // Output pass per row: bias and dequant, then x3 and the rounding(s) or
     // the communication quantization.

@@ -306,6 +306,46 @@ def test_perblock_general_scales_and_3d_x1(impl):
     np.testing.assert_allclose(np.asarray(got).reshape(-1, n), want, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "m,k,n,transpose_x2",
+    [
+        (600, 300, 700, False),  # several row and column tiles of the output
+        (600, 300, 700, True),
+        (4, 32768, 1040, False),  # k * n > 2^24: x2 decoded in column blocks
+        (4, 32768, 1040, True),
+    ],
+)
+def test_perblock_tiles_bit_exact(m, k, n, transpose_x2):
+    """The ffi kernel's tiling (output tiles, column blocks of x2) against
+    the model, with power-of-two scales (exact products, so the order of the
+    per-block additions is the only freedom and both follow it)."""
+    rng = np.random.default_rng(m + k + n)
+    x1, x2, s1, s2, _ = make_case(
+        rng,
+        "perblock",
+        "float8_e4m3fn",
+        m=m,
+        k=k,
+        n=n,
+        transpose_x2=transpose_x2,
+        with_bias=False,
+        pow2=True,
+    )
+    got = mc2.quant_matmul_all_reduce_v4(
+        x1,
+        x2,
+        None,
+        x2_scale=s2,
+        x1_scale=s1,
+        group_size=GS_PERBLOCK,
+        out_dtype=jnp.float32,
+        transpose_x2=transpose_x2,
+        implementation="ffi",
+    )
+    want = rank_y("perblock", "float8_e4m3fn", x1, x2, s1, s2, None, transpose_x2=transpose_x2)
+    np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode,kind,out_dtype", ROWS, ids=ROW_IDS)
 @pytest.mark.parametrize("world", [2, 8])
