@@ -148,3 +148,18 @@ def test_public_grouped_matmul_matches_ragged_dot_layout(impl):
     got = mc2.grouped_matmul(x, w, np.array([3, -2, 4, 1], np.int32), implementation=impl)
     want = _np_gmm(x, w, np.array([0, 3, 3, 7, 8], np.int32), False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_non_finite_weight_stays_in_its_group(impl):
+    """An inf in expert 0's weight reaches only expert 0's rows (lax.ragged_dot
+    on CPU would spread NaN = 0 * inf into every row); rows past the groups
+    stay 0."""
+    x = np.ones((5, 2), np.float32)
+    w = np.ones((2, 2, 2), np.float32)
+    w[0, 0, 0] = np.inf
+    got = np.asarray(mc2.grouped_matmul(x, w, np.array([2, 2], np.int32), implementation=impl))
+    want = np.array([[np.inf, 2], [np.inf, 2], [2, 2], [2, 2], [0, 0]], np.float32)
+    np.testing.assert_array_equal(got, want)
+    batched = jax.vmap(lambda a: mc2.grouped_matmul(a, w, np.array([2, 2]), implementation=impl))
+    np.testing.assert_array_equal(np.asarray(batched(np.stack([x, x]))[1]), want)

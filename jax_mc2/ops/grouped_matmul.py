@@ -69,14 +69,36 @@ grouped_matmul_p.def_abstract_eval(_abstract_eval)
 grouped_matmul_wgrad_p.def_abstract_eval(_wgrad_abstract_eval)
 
 
+def _selected_dense_gmm(x, w, offsets):
+    """Every group's product for every row, each row keeping its own group's
+    (rows past the groups keep none): what ``lax.ragged_dot`` computes on
+    CPU, whose dense expansion multiplies the other groups' weights by zero
+    rows instead, so that one non-finite weight (0 * inf = NaN) spreads into
+    every row. The select keeps it in its own group."""
+    groups = w.shape[0]
+    row_group = jnp.searchsorted(offsets[1:], jnp.arange(x.shape[0], dtype=_I32), side="right")
+    products = jnp.einsum("mk,gkn->gmn", x, w, preferred_element_type=_F32)
+    mine = row_group[None, :, None] == jnp.arange(groups, dtype=row_group.dtype)[:, None, None]
+    return jnp.sum(jnp.where(mine, products, 0.0), axis=0)
+
+
 def grouped_matmul_xla(x, w, offsets, *, trans_weight):
     """The ``xla`` implementation: ``lax.ragged_dot`` with the group sizes
     ``diff(offsets)`` (groups start at row 0), fp32 accumulation, one
-    rounding to x's dtype."""
+    rounding to x's dtype; on CPU, when a weight is not finite, the same
+    products with a per-row select (:func:`_selected_dense_gmm`)."""
     if trans_weight:
         w = jnp.swapaxes(w, 1, 2)
     sizes = jnp.diff(offsets).astype(_I32)
-    return lax.ragged_dot(x, w, sizes, preferred_element_type=_F32).astype(x.dtype)
+
+    def ragged(x, w, offsets):
+        return lax.ragged_dot(x, w, sizes, preferred_element_type=_F32)
+
+    def cpu(x, w, offsets):
+        finite = jnp.all(jnp.isfinite(w))
+        return lax.cond(finite, ragged, _selected_dense_gmm, x, w, offsets)
+
+    return lax.platform_dependent(x, w, offsets, cpu=cpu, default=ragged).astype(x.dtype)
 
 
 def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism):
