@@ -279,6 +279,21 @@ def test_rows_single_device_bit_exact(impl, mode, kind, out_dtype):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def _perblock_f32(x1, x2, s1, s2, impl, transpose_x2=False):
+    """A perblock row with float32 output on one device."""
+    return mc2.quant_matmul_all_reduce_v4(
+        x1,
+        x2,
+        None,
+        x2_scale=s2,
+        x1_scale=s1,
+        group_size=GS_PERBLOCK,
+        out_dtype=jnp.float32,
+        transpose_x2=transpose_x2,
+        implementation=impl,
+    )
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_perblock_general_scales_and_3d_x1(impl):
     # Non-power-of-two block scales: the accumulation y + p * s may be fused
@@ -289,16 +304,7 @@ def test_perblock_general_scales_and_3d_x1(impl):
         rng, "perblock", "float8_e4m3fn", m=b * s, k=k, n=n, with_bias=False
     )
     s1 = (rng.random((b, 2, 3)) + 0.5).astype(np.float32)  # (b, ceil(s/128), ceil(k/128))
-    got = mc2.quant_matmul_all_reduce_v4(
-        x1.reshape(b, s, k),
-        x2,
-        None,
-        x2_scale=s2,
-        x1_scale=s1,
-        group_size=GS_PERBLOCK,
-        out_dtype=jnp.float32,
-        implementation=impl,
-    )
+    got = _perblock_f32(x1.reshape(b, s, k), x2, s1, s2, impl)
     want = rank_y(
         "perblock", "float8_e4m3fn", x1.reshape(b, s, k), x2, s1, s2, None, transpose_x2=False
     )
@@ -331,17 +337,7 @@ def test_perblock_tiles_bit_exact(m, k, n, transpose_x2):
         with_bias=False,
         pow2=True,
     )
-    got = mc2.quant_matmul_all_reduce_v4(
-        x1,
-        x2,
-        None,
-        x2_scale=s2,
-        x1_scale=s1,
-        group_size=GS_PERBLOCK,
-        out_dtype=jnp.float32,
-        transpose_x2=transpose_x2,
-        implementation="ffi",
-    )
+    got = _perblock_f32(x1, x2, s1, s2, "ffi", transpose_x2=transpose_x2)
     want = rank_y("perblock", "float8_e4m3fn", x1, x2, s1, s2, None, transpose_x2=transpose_x2)
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
 
