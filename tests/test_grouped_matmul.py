@@ -84,6 +84,20 @@ def test_check_grads(impl, trans):
     jax.test_util.check_grads(fn, (x, w), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("trans", [False, True])
+def test_second_order(impl, trans):
+    """Hessian-vector products differentiate the weight-gradient kernel (its
+    JVP and transposes are grouped matmuls)."""
+    x, w, offsets = _case(np.random.default_rng(8), np.float32, trans)
+
+    def loss(a, b):
+        y = grouped_matmul(a, b, offsets, trans_weight=trans, implementation=impl)
+        return jnp.sum(jnp.sin(y))
+
+    jax.test_util.check_grads(loss, (x, w), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+
 def test_ffi_lowers_to_the_kernels():
     x, w, offsets = _case(np.random.default_rng(4), np.float32, False)
 

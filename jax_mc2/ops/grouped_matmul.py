@@ -157,8 +157,8 @@ def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None
     x: [m, k] float16/bfloat16/float32; w: [G, k, n] ([G, n, k] with
     ``trans_weight``), x's dtype; group_sizes: integer [G] (sizes past m are
     clipped, negative sizes count as 0). Returns [m, n] in x's dtype (fp32
-    accumulation, one rounding). Differentiable in x and w (the weight gradient is a grouped
-    ``x_g^T @ dy_g``, also a C++ kernel on CPU).
+    accumulation, one rounding). Differentiable in x and w to any order (the weight gradient
+    is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
     sizes = jnp.asarray(group_sizes)
@@ -229,8 +229,41 @@ def _transpose(ct, x, w, offsets, *, trans_weight, **params):
     raise NotImplementedError(f"{OP}: transposition needs exactly one of x and w linear")
 
 
+def _wgrad_jvp(primals, tangents, **params):
+    """The weight gradient is bilinear in (x, dy)."""
+    x, dy, offsets = primals
+    dx, ddy, _ = tangents
+    out = _bind(grouped_matmul_wgrad_p, x, dy, offsets, **params)
+    ad = _compat.ad
+    terms = []
+    if type(dx) is not ad.Zero:
+        terms.append(_bind(grouped_matmul_wgrad_p, dx, dy, offsets, **params))
+    if type(ddy) is not ad.Zero:
+        terms.append(_bind(grouped_matmul_wgrad_p, x, ddy, offsets, **params))
+    if not terms:
+        return out, ad.Zero.from_primal_value(out)
+    return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
+    """dw[g] = x_g^T @ dy_g: the cotangent of dy is x_g @ ct[g] and that of x
+    is dy_g @ ct[g]^T, both grouped matmuls (rows past the groups get 0)."""
+    ad = _compat.ad
+    if type(ct) is ad.Zero:
+        return [None, None, None]
+    if ad.is_undefined_primal(dy) and not ad.is_undefined_primal(x):
+        ct_dy = _bind(grouped_matmul_p, x, ct, offsets, trans_weight=trans_weight, **params)
+        return [None, ct_dy, None]
+    if ad.is_undefined_primal(x) and not ad.is_undefined_primal(dy):
+        ct_x = _bind(grouped_matmul_p, dy, ct, offsets, trans_weight=not trans_weight, **params)
+        return [ct_x, None, None]
+    raise NotImplementedError(f"{OP}: transposition needs exactly one of x and dy linear")
+
+
 _compat.ad.primitive_jvps[grouped_matmul_p] = _jvp
 _compat.ad.primitive_transposes[grouped_matmul_p] = _transpose
+_compat.ad.primitive_jvps[grouped_matmul_wgrad_p] = _wgrad_jvp
+_compat.ad.primitive_transposes[grouped_matmul_wgrad_p] = _wgrad_transpose
 
 
 def _batch(prim, args, dims, **params):
