@@ -11,7 +11,8 @@ step times and the all-to-all padding overhead (bytes moved / useful bytes;
 XLA:CPU has no ragged all-to-all, so the exchange runs at a fixed capacity).
 
     python examples/moe_expert_parallel.py [--dtype float32|bfloat16|float16]
-        [--capacity-factor C]
+        [--capacity-factor C] [--tokens T] [--d-model D] [--ffn F] [--experts G]
+        [--top-k K] [--shared-ffn FS]  (see --help)
 """
 
 from __future__ import annotations
