@@ -258,10 +258,24 @@ void PerblockRows(const uint8_t* a8, const uint8_t* b8, const float* table, int6
   }
 }
 
+// dst[i] = table[src[i]] * scale, a run sharing one MX scale.
+__attribute__((target_clones("avx2", "default"))) void DecodeScaled(const uint8_t* __restrict src,
+                                                                    int64_t count,
+                                                                    const float* __restrict table,
+                                                                    float scale,
+                                                                    float* __restrict dst) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = table[src[i]] * scale;
+}
+
+// Values first .. first + count of one MX row: each 32-value block times
+// its e8m0 scale.
 void DecodeMx(const uint8_t* src, int64_t first, int64_t count, const float* table,
               const uint8_t* scales, const float* scale_table, float* dst) {
-  for (int64_t i = 0; i < count; ++i) {
-    dst[i] = table[src[i]] * scale_table[scales[(first + i) / kMxBlock]];
+  for (int64_t i = 0; i < count;) {
+    const int64_t block = (first + i) / kMxBlock;
+    const int64_t run = std::min(count - i, (block + 1) * kMxBlock - (first + i));
+    DecodeScaled(src + i, run, table, scale_table[scales[block]], dst + i);
+    i += run;
   }
 }
 
