@@ -27,14 +27,30 @@ constexpr char kOp[] = "mc2_int8_matmul_ffi";
 constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
-// q = int8(fp16(c / scale)): a correctly rounded fp32 division rounded to
-// fp16, then rounded half to even and saturated to [-128, 127]; NaN -> 0.
-void QuantizeForComm(const float* c, const float* scale, int64_t n, int8_t* q) {
+__attribute__((target_clones("avx2", "default"))) void DivideRow(float* __restrict row,
+                                                                 const float* __restrict scale,
+                                                                 int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] /= scale[j];
+}
+
+// Values already rounded to fp16 -> int8: half to even, saturated to
+// [-128, 127], NaN -> 0.
+__attribute__((target_clones("avx2", "default"))) void SaturateToInt8(const float* __restrict h,
+                                                                      int64_t n,
+                                                                      int8_t* __restrict q) {
   for (int64_t j = 0; j < n; ++j) {
-    const float h = Fp16ToFloat(FloatToFp16(c[j] / scale[j]));
-    const float r = std::nearbyint(std::min(127.0f, std::max(-128.0f, h)));
-    q[j] = std::isnan(h) ? 0 : static_cast<int8_t>(r);
+    const float r = __builtin_roundevenf(std::min(127.0f, std::max(-128.0f, h[j])));
+    q[j] = h[j] != h[j] ? 0 : static_cast<int8_t>(r);
   }
+}
+
+// q = int8(fp16(c / scale)) in place on the fp32 row c: a correctly rounded
+// fp32 division rounded to fp16, then rounded half to even and saturated to
+// [-128, 127]; NaN -> 0. Vectorized passes over the row.
+void QuantizeForComm(float* c, const float* scale, int64_t n, int8_t* q) {
+  DivideRow(c, scale, n);
+  RoundInPlace(ffi::DataType::F16, c, n);
+  SaturateToInt8(c, n, q);
 }
 
 // One row of the dequantization, y = float(acc + bias) * scale (* token),

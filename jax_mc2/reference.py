@@ -145,7 +145,11 @@ def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
     padded = jnp.pad(q, ((0, chunk * ranks - m), (0, 0))).reshape(ranks, chunk, n)
     if axis_name:
         padded = lax.all_to_all(padded, axis_name, 0, 0, tiled=False)
-    acc = jnp.sum(padded.astype(_F32), axis=0)
+    # Exact in any order (|sum| <= 128 * ranks); added chunk by chunk, one
+    # elementwise fusion (XLA:CPU's reduction over the leading axis is slow).
+    acc = padded[0].astype(_F32)
+    for r in range(1, ranks):
+        acc = acc + padded[r].astype(_F32)
     ratio = scale_1.astype(_F32) / scale_2.astype(_F32)
     q2 = _int8_sat_rne((acc * ratio).astype(jnp.float16))
     gathered = lax.all_gather(q2, axis_name) if axis_name else q2[None]
