@@ -926,10 +926,71 @@ def test_v4_fractal_nz_invalid():
         jax.eval_shape(
             functools.partial(f, transpose_x2=True), S((4, 40), I8), S((2, 4, 16, 16), I8), scale
         )
-    with pytest.raises(TypeError, match="a FRACTAL_NZ x2 must be int8, got float16"):
+    with pytest.raises(TypeError, match="a FRACTAL_NZ x2 must be int8 here, got float16"):
         jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), jnp.float16), scale)
     out = jax.eval_shape(f, S((4, 40), I8), S((2, 3, 16, 32), I8), scale)
     assert out.shape == (4, 64) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("transpose_x2", [False, True])
+@pytest.mark.parametrize("mode", ["float16", "bfloat16", "weight-only", "full-quant", "v1"])
+def test_fractal_nz_weights_seed_004_and_000(impl, transpose_x2, mode):
+    """mm_all_reduce_base (seed 004: every mode) and quant_matmul_all_reduce
+    (seed 000) take x2 in the FRACTAL_NZ layout (c0 = 16 for 16-bit floats,
+    32 for int8) and give the ND weight's result bit for bit."""
+    rng = np.random.default_rng(21)
+    m, k, n = 5, 40, 64  # k is not a multiple of the NZ blocks
+    shape = (n, k) if transpose_x2 else (k, n)
+    kw = dict(transpose_x2=transpose_x2, implementation=impl)
+    if mode in ("float16", "bfloat16"):
+        dtype = np.float16 if mode == "float16" else oracle.BF16
+        x1 = rng.standard_normal((m, k)).astype(dtype)
+        w = rng.standard_normal(shape).astype(dtype)
+        kw["bias"] = rng.standard_normal(n).astype(dtype)
+        op = mc2.mm_all_reduce_base
+    elif mode == "weight-only":
+        x1 = rng.standard_normal((m, k)).astype(np.float16)
+        w = rng.integers(-128, 128, shape, dtype=np.int8)
+        kw["antiquant_scale"] = (rng.random(n) * 1e-2).astype(np.float16)
+        op = mc2.mm_all_reduce_base
+    else:
+        x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+        w = rng.integers(-128, 128, shape, dtype=np.int8)
+        kw["bias"] = rng.integers(-500, 500, n).astype(np.int32)
+        kw["dequant_scale"] = _make_scale((rng.random(n) * 1e-4).astype(np.float32), "pairs")
+        op = mc2.quant_matmul_all_reduce if mode == "v1" else mc2.mm_all_reduce_base
+    nz = quant.to_fractal_nz(w)
+    c0 = 16 if w.dtype.itemsize == 2 else 32
+    assert nz.shape[2:] == (16, c0)
+    want = op(x1, w, None, **kw)
+    got = op(x1, nz, None, x2_format="FRACTAL_NZ", **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert op(x1, w, None, x2_format="ND", **kw).shape == (m, n)
+
+
+def test_fractal_nz_invalid_seed_004():
+    f16 = jnp.float16
+    with pytest.raises(ValueError, match="x2_format must be one of"):
+        mc2.mm_all_reduce_base(np.ones((2, 8), f16), np.ones((8, 4), f16), None, x2_format="NZ")
+    with pytest.raises(
+        TypeError,
+        match=r"a FRACTAL_NZ float16 x2 storing \(k, n\) must be \(ceil\(n/16\), "
+        r"ceil\(k/16\), 16, 16\) with k == x1.shape\[-1\] == 40, got \(1, 2, 16, 32\)",
+    ):
+        jax.eval_shape(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, None, x2_format="FRACTAL_NZ"),
+            S((4, 40), f16),
+            S((1, 2, 16, 32), f16),
+        )
+    with pytest.raises(TypeError, match="a FRACTAL_NZ x2 must be int8 here, got float16"):
+        mc2.quant_matmul_all_reduce(
+            np.ones((4, 40), np.int8),
+            np.ones((2, 3, 16, 16), f16),
+            None,
+            dequant_scale=np.ones(32, oracle.BF16),
+            x2_format="FRACTAL_NZ",
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -109,6 +109,56 @@ def check_chip_limits(
         )
 
 
+_X2_FORMATS = (None, "ND", "FRACTAL_NZ")
+
+
+def nz_weight_to_nd(op, x1, x2, *, transpose_x2, dtypes):
+    """A FRACTAL_NZ weight x2 as the ND (k, n) (or (n, k)) matrix it holds.
+
+    NZ of the stored 2-D matrix (r, c) is (ceil(c/c0), ceil(r/16), 16, c0)
+    with c0 = 32 bytes / itemsize (32 for int8, 16 for fp16/bf16;
+    ascend-semantics §9): for x2 (k, n) that is (ceil(n/c0), ceil(k/16), 16,
+    c0), for a transposed x2 (n, k) (ceil(k/c0), ceil(n/16), 16, c0). k is
+    x1's; n is the padded extent (n1 * c0, or n1 * 16 transposed).
+    """
+    from jax_mc2 import quant
+
+    x2 = x2 if hasattr(x2, "dtype") else jnp.asarray(x2)
+    if np.dtype(x2.dtype) not in tuple(np.dtype(d) for d in dtypes):
+        names = ", ".join(np.dtype(d).name for d in dtypes)
+        raise v.type_error(
+            op, f"a FRACTAL_NZ x2 must be {names} here, got {v.dtype_name(x2.dtype)}"
+        )
+    c0 = 32 // np.dtype(x2.dtype).itemsize
+    k = np.shape(x1)[-1]
+    stored = "(n, k)" if transpose_x2 else "(k, n)"
+    layout = (
+        f"(ceil(k/{c0}), ceil(n/16), 16, {c0})"
+        if transpose_x2
+        else f"(ceil(n/{c0}), ceil(k/16), 16, {c0})"
+    )
+    k_blocks = -(-k // c0) if transpose_x2 else -(-k // 16)
+    k_axis = 0 if transpose_x2 else 1
+    if x2.ndim != 4 or tuple(x2.shape[2:]) != (16, c0) or x2.shape[k_axis] != k_blocks:
+        raise v.type_error(
+            op,
+            f"a FRACTAL_NZ {v.dtype_name(x2.dtype)} x2 storing {stored} must be {layout} with "
+            f"k == x1.shape[-1] == {k}, got {v.shape_str(x2.shape)}",
+        )
+    shape = (x2.shape[1] * 16, k) if transpose_x2 else (k, x2.shape[0] * c0)
+    return quant.from_fractal_nz(x2, shape)
+
+
+def x2_from_format(op, x1, x2, x2_format, *, transpose_x2, dtypes):
+    """x2 as an ND matrix: itself for ``x2_format`` None / "ND", converted
+    from FRACTAL_NZ (:func:`nz_weight_to_nd`) for "FRACTAL_NZ"."""
+    if x2_format not in _X2_FORMATS:
+        raise v.value_error(op, f"x2_format must be one of {_X2_FORMATS}, got {x2_format!r}")
+    if x2_format != "FRACTAL_NZ":
+        return x2
+    return nz_weight_to_nd(op, x1, x2, transpose_x2=transpose_x2, dtypes=dtypes)
+
+
 def check_comm_turn(op, comm_turn):
     return v.check_int(op, "comm_turn", comm_turn, minimum=0)
 
@@ -283,6 +333,7 @@ def mm_all_reduce_base(
     comm_turn=0,
     antiquant_group_size=0,
     transpose_x2=False,
+    x2_format=None,
     implementation=None,
 ):
     """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
@@ -320,6 +371,11 @@ def mm_all_reduce_base(
         scale_2, all-gather, dequantize).
       comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
         own matmul and all-reduce (same result; CANN accepts only 0).
+      x2_format: None / "ND", or "FRACTAL_NZ" for x2 in the NZ layout of
+        ``quant.to_fractal_nz`` (seed 004 accepts NZ weights in every mode):
+        (ceil(n/c0), ceil(k/16), 16, c0) for x2 (k, n), (ceil(k/c0),
+        ceil(n/16), 16, c0) for a transposed (n, k), c0 = 32 for int8 and 16
+        for float16/bfloat16 (8 for float32); n is the padded extent.
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
@@ -328,6 +384,14 @@ def mm_all_reduce_base(
       selects (full quantization).
     """
     check_reduce_op(OP, reduce_op)
+    x2 = x2_from_format(
+        OP,
+        x1,
+        x2,
+        x2_format,
+        transpose_x2=transpose_x2,
+        dtypes=(np.int8, np.float16, jnp.bfloat16, np.float32),
+    )
     comm_scales = None
     if comm_quant_scale_1 is not None or comm_quant_scale_2 is not None:
         if comm_quant_scale_1 is None or comm_quant_scale_2 is None:

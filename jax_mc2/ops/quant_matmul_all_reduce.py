@@ -32,6 +32,8 @@ from jax_mc2.ops.matmul_all_reduce import (
     check_matmul_shapes,
     check_reduce_op,
     collective_params,
+    nz_weight_to_nd,
+    x2_from_format,
 )
 
 OP = "quant_matmul_all_reduce"
@@ -346,13 +348,16 @@ def quant_matmul_all_reduce(
     reduce_op="sum",
     comm_turn=0,
     transpose_x2=False,
+    x2_format=None,
     implementation=None,
 ):
     """int8 matmul + dequant + x3 + all-reduce (aclnnQuantMatmulAllReduce).
 
     Args:
       x1: int8 [m, k] or [b, s, k].
-      x2: int8 [k, n], or [n, k] with ``transpose_x2=True``.
+      x2: int8 [k, n], or [n, k] with ``transpose_x2=True``; with
+        ``x2_format="FRACTAL_NZ"`` the NZ layout of that matrix
+        (``quant.to_fractal_nz``; see :func:`mm_all_reduce_base`).
       axis_name: mesh axis name(s) bound by ``shard_map``, or None.
       dequant_scale: packed 64-bit scales from ``quant.trans_quant_param``
         (int64/uint64, or uint32 [..., 2] pairs without x64) -> float16
@@ -364,6 +369,7 @@ def quant_matmul_all_reduce(
     Returns:
       [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
     """
+    x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,))
     return bind_int8_matmul_all_reduce(
         OP,
         x1,
@@ -419,40 +425,6 @@ def bind_int8_matmul_all_reduce(
         has_comm_scales=comm_quant_scales is not None,
         **params,
     )
-
-
-def nz_weight_to_nd(op, x1, x2, *, transpose_x2):
-    """An int8 FRACTAL_NZ weight as the ND (k, n) (or (n, k)) matrix it holds.
-
-    NZ of the stored 2-D matrix (r, c) is (ceil(c/32), ceil(r/16), 16, 32)
-    for int8 (ascend-semantics §9): for x2 (k, n) that is (ceil(n/32),
-    ceil(k/16), 16, 32), for a transposed x2 (n, k) (ceil(k/32), ceil(n/16),
-    16, 32). k is x1's; n is the padded extent (n1 * 32, or n1 * 16
-    transposed), so n should be a multiple of it (pad the scales otherwise).
-    """
-    from jax_mc2 import quant
-
-    x2 = x2 if hasattr(x2, "dtype") else jnp.asarray(x2)
-    if np.dtype(x2.dtype) != np.dtype(np.int8):
-        raise v.type_error(op, f"a FRACTAL_NZ x2 must be int8, got {v.dtype_name(x2.dtype)}")
-    k = x1.shape[-1]
-    stored = "(n, k)" if transpose_x2 else "(k, n)"
-    layout = (
-        "(ceil(k/32), ceil(n/16), 16, 32)" if transpose_x2 else "(ceil(n/32), ceil(k/16), 16, 32)"
-    )
-    k_blocks = -(-k // 32) if transpose_x2 else -(-k // 16)
-    k_axis = 0 if transpose_x2 else 1
-    if x2.ndim != 4 or tuple(x2.shape[2:]) != (16, 32) or x2.shape[k_axis] != k_blocks:
-        raise v.type_error(
-            op,
-            f"a FRACTAL_NZ int8 x2 storing {stored} must be {layout} with k == x1.shape[-1] == "
-            f"{k}, got {v.shape_str(x2.shape)}",
-        )
-    if transpose_x2:
-        shape = (x2.shape[1] * 16, k)
-    else:
-        shape = (k, x2.shape[0] * 32)
-    return quant.from_fractal_nz(x2, shape)
 
 
 OP_V4 = "quant_matmul_all_reduce_v4"
@@ -617,7 +589,7 @@ def quant_matmul_all_reduce_v4(
             params=params,
         )
     if x2_format == "FRACTAL_NZ":
-        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2)
+        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
     if comm_quant_mode == 1:
         raise v.value_error(
             OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
