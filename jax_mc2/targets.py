@@ -84,6 +84,8 @@ class TargetProfile:
 _INT32_MAX = 2**31 - 1
 _A2_RANKS = frozenset({1, 2, 4, 8})
 _950_RANKS = frozenset(range(1, 65))
+# aclnnQuantMatmulAllReduceV4 (seed 003) lists the Ascend 950 card counts.
+_950_V4_RANKS = frozenset({1, 2, 4, 8, 16, 32, 64})
 _MB = 1024 * 1024
 # aclnnAlltoAllvGroupedMatMul / aclnnGroupedMatMulAlltoAllv: epWorldSize.
 _A3_EP_RANKS = frozenset({8, 16, 32, 64})
@@ -184,11 +186,11 @@ PROFILES: dict[str, TargetProfile] = {
                 _950_RANKS, _INT32_MAX, True, False, "Ascend 950: up to 64 ranks"
             ),
             "quant_matmul_all_reduce_v4": OperatorSupport(
-                _950_RANKS,
+                _950_V4_RANKS,
                 _INT32_MAX,
                 True,
                 True,
-                "aclnnQuantMatmulAllReduceV4 on Ascend 950: up to 64 ranks",
+                "aclnnQuantMatmulAllReduceV4 on Ascend 950: 1, 2, 4, 8, 16, 32, 64 cards",
                 max_last_dim=65535,
                 low_precision=True,
             ),

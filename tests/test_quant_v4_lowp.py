@@ -702,9 +702,12 @@ def test_chip_targets():
             "hifloat8 packed rows on target 'ascend-950', got float32",
         ):
             _shape(*hif8, x1_format="hifloat8", x2_format="hifloat8", out_dtype=jnp.float32)
-        # World sizes: up to 64 ranks.
-        with pytest.raises(NotImplementedError, match=r"world size 65 .* 'ascend-950'"):
-            mc2.targets.check_world_size("quant_matmul_all_reduce_v4", 65, ("tp",))
+        # World sizes: seed 003's 1, 2, 4, 8, 16, 32, 64 cards.
+        for world in (3, 12, 65):
+            with pytest.raises(NotImplementedError, match=rf"world size {world} .* 'ascend-950'"):
+                mc2.targets.check_world_size("quant_matmul_all_reduce_v4", world, ("tp",))
+        for world in (1, 2, 4, 8, 16, 32, 64):
+            mc2.targets.check_world_size("quant_matmul_all_reduce_v4", world, ("tp",))
         with pytest.raises(NotImplementedError, match="exceeds 65535"):
             _shape(
                 S((4, 70000), F8),
