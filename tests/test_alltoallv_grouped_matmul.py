@@ -558,6 +558,30 @@ def test_vma_typing_and_eval_shape():
     assert seen["y"] == "bfloat16[16,4]{V:ep}"
     assert seen["mm"] == "bfloat16[5,3]"
 
+    # The combine: its rows vary along ep, the replicated shared expert not.
+    def g(x, w, mx, mw):
+        y, mm_y = mc2.grouped_matmul_alltoallv(
+            x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, trans_mm_weight=True
+        )
+        seen["y"], seen["mm"] = str(jax.typeof(y)), str(jax.typeof(mm_y))
+        return y
+
+    jax.eval_shape(
+        jax.shard_map(
+            g,
+            mesh=mesh,
+            in_specs=(P("ep"), P("ep"), P(), P()),
+            out_specs=P("ep"),
+            check_vma=True,
+        ),
+        x,
+        w,
+        jnp.ones((5, 8), jnp.bfloat16),
+        jnp.ones((3, 8), jnp.bfloat16),
+    )
+    assert seen["y"] == "bfloat16[16,4]{V:ep}"
+    assert seen["mm"] == "bfloat16[5,3]"
+
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_lowered_hlo(impl):

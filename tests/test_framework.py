@@ -129,6 +129,39 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
     )
 
 
+def _raw_int8(x2_dtype, scale):
+    """mc2_int8_matmul_ffi called directly: int8 (4, 8) @ (8, 4), float16 out."""
+    return jax.ffi.ffi_call(_ffi.INT8_MATMUL, jax.ShapeDtypeStruct((4, 4), np.float16))(
+        np.ones((4, 8), np.int8),
+        np.ones((8, 4), x2_dtype),
+        scale,
+        transpose_x2=False,
+        has_pertoken=False,
+        has_bias=False,
+        has_x3=False,
+        has_comm_scale=False,
+        parallelism=np.int64(1),
+    )
+
+
+def _raw_lowp(x2_scale, *, mode):
+    """mc2_lowp_matmul_ffi called directly: fp8 (4, 8) @ (8, 4), bfloat16 out."""
+    f8 = jnp.float8_e4m3fn
+    return jax.ffi.ffi_call(_ffi.LOWP_MATMUL, jax.ShapeDtypeStruct((4, 4), jnp.bfloat16))(
+        np.ones((4, 8), f8),
+        np.ones((8, 4), f8),
+        x2_scale,
+        mode=np.int64(mode),
+        transpose_x2=False,
+        has_x1_scale=False,
+        has_bias=False,
+        has_x3=False,
+        comm=False,
+        block_k=np.int64(0),
+        parallelism=np.int64(1),
+    )
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
@@ -189,6 +222,34 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
             ),
             r"mc2_add_rms_norm_ffi: mm, y and norm_out must have residual's 8 elements and gamma "
             r"\(n,\) = \(4,\)",
+        ),
+        (
+            lambda: _raw_int8(np.int8, np.ones(3, np.float32)),
+            r"mc2_int8_matmul_ffi: scale must have 1 or n = 4 elements, got \(3,\)",
+        ),
+        (
+            lambda: _raw_int8(np.float16, np.ones(4, np.float32)),
+            "mc2_int8_matmul_ffi: x1 and x2 must be int8",
+        ),
+        (
+            lambda: _raw_lowp(np.ones(3, np.float32), mode=0),
+            r"mc2_lowp_matmul_ffi: x2_scale must be float32 with 1 or n elements, got \(3,\)",
+        ),
+        (
+            lambda: _raw_lowp(np.ones(4, np.float32), mode=7),
+            "mc2_lowp_matmul_ffi: mode must be 0, 1 or 2, got 7",
+        ),
+        (
+            lambda: jax.ffi.ffi_call(
+                _ffi.GROUPED_MATMUL_WGRAD, jax.ShapeDtypeStruct((2, 3, 4), np.float32)
+            )(
+                np.ones((5, 3), np.float32),
+                np.ones((5, 4), np.float32),
+                np.array([0, 3, 2], np.int32),
+                transpose_w=False,
+                parallelism=np.int64(1),
+            ),
+            r"mc2_grouped_matmul_wgrad_ffi: group_offsets must be non-decreasing in \[0, 5\]",
         ),
     ],
 )

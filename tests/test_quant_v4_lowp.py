@@ -986,3 +986,79 @@ def test_mx_odd_block_count_with_explicit_group_size():
             implementation=impl,
         )
         np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize(
+    "case", ["fp8 pertoken", "fp8 comm_quant_mode=1", "mxfp8", "weight-only", "int8 low-bit comm"]
+)
+def test_vma_typing_of_the_quantized_paths(case):
+    """Under shard_map(check_vma=True) on a (dp, tp) mesh, x1 varying along
+    both axes: the result varies along dp only (the all-reduce, or its
+    low-bit replacement, made it invariant along tp)."""
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    m, k, n = 4, 4 * 64, 256
+    bf16 = jnp.bfloat16
+    if case == "weight-only":
+        x1 = S((2 * m, k), bf16)
+        x2 = S((k, n), jnp.int8)
+        extra = (S((n,), bf16),)
+        x2_spec, extra_specs = P("tp", None), (P(),)
+
+        def op(a, b, s):
+            return mc2.mm_all_reduce_base(a, b, "tp", antiquant_scale=s)
+
+    elif case == "int8 low-bit comm":
+        x1 = S((2 * m, k), jnp.int8)
+        x2 = S((k, n), jnp.int8)
+        extra = (S((n,), bf16), S((n,), bf16), S((n,), bf16))
+        x2_spec, extra_specs = P("tp", None), (P(), P(), P())
+
+        def op(a, b, s, q1, q2):
+            return mc2.mm_all_reduce_base(
+                a, b, "tp", dequant_scale=s, comm_quant_scale_1=q1, comm_quant_scale_2=q2
+            )
+
+    elif case == "mxfp8":
+        x1 = S((2 * m, k), F8)
+        x2 = S((n, k), F8)
+        e8 = jnp.float8_e8m0fnu
+        extra = (S((n, k // 64, 2), e8), S((2 * m, k // 64, 2), e8))
+        x2_spec, extra_specs = P(None, "tp"), (P(None, "tp"), P("dp", "tp"))
+
+        def op(a, b, s2, s1):
+            return mc2.quant_matmul_all_reduce_v4(
+                a, b, "tp", x2_scale=s2, x1_scale=s1, transpose_x2=True, group_size=GS_MX
+            )
+
+    else:
+        x1 = S((2 * m, k), F8)
+        x2 = S((k, n), F8)
+        extra = (S((n,), jnp.float32), S((2 * m,), jnp.float32))
+        x2_spec, extra_specs = P("tp", None), (P(), P("dp"))
+        mode = 1 if "comm" in case else 0
+
+        def op(a, b, s2, s1):
+            return mc2.quant_matmul_all_reduce_v4(
+                a, b, "tp", x2_scale=s2, x1_scale=s1, comm_quant_mode=mode
+            )
+
+    seen = {}
+
+    def f(*args):
+        out = op(*args)
+        seen["out"] = str(jax.typeof(out))
+        return out
+
+    jax.eval_shape(
+        jax.shard_map(
+            f,
+            mesh=mesh,
+            in_specs=(P("dp", "tp"), x2_spec, *extra_specs),
+            out_specs=P("dp"),
+            check_vma=True,
+        ),
+        x1,
+        x2,
+        *extra,
+    )
+    assert seen["out"] == f"bfloat16[{m},{n}]{{V:dp}}"

@@ -83,31 +83,46 @@ def test_dequantized_weights_bit_exact(impl, dtype, mode, group, with_offset, tr
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("world", [1, 2, 8])
-def test_sharded_values(impl, world):
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "world,mode", [(1, "perchannel"), (2, "pertensor"), (2, "pergroup"), (8, "perchannel")]
+)
+def test_sharded_values(impl, dtype, world, mode):
     rng = np.random.default_rng(world)
-    dtype = oracle.BF16 if world == 2 else np.float16
     k_local, n = 64, 16
     k = k_local * world
+    group = 32 if mode == "pergroup" else 0
+    rows = k // 32 if group else 1
+    cols = 1 if mode == "pertensor" else n
     x1 = rng.standard_normal((2, 5, k)).astype(dtype)
     x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    scale = (rng.random(n) * 0.02).astype(dtype)
-    offset = rng.standard_normal(n).astype(dtype)
+    scale = (rng.random((rows, cols) if group else cols) * 0.02).astype(dtype)
+    offset = rng.standard_normal(scale.shape).astype(dtype)
+    # pergroup scales are split with x2's k rows.
+    scale_spec = P("tp", None) if group else P()
     bias = rng.standard_normal(n).astype(dtype)
     x3 = rng.standard_normal((2, 5, n)).astype(dtype)
     mesh = make_mesh((world,), ("tp",))
     f = jax.jit(
         jax.shard_map(
             lambda a, b, s, o, c, d: mc2.mm_all_reduce_base(
-                a, b, "tp", antiquant_scale=s, antiquant_offset=o, bias=c, x3=d, implementation=impl
+                a,
+                b,
+                "tp",
+                antiquant_scale=s,
+                antiquant_offset=o,
+                antiquant_group_size=group,
+                bias=c,
+                x3=d,
+                implementation=impl,
             ),
             mesh=mesh,
-            in_specs=(P(None, None, "tp"), P("tp", None), P(), P(), P(), P()),
+            in_specs=(P(None, None, "tp"), P("tp", None), scale_spec, scale_spec, P(), P()),
             out_specs=P(),
         )
     )
     got = f(x1, x2, scale, offset, bias, x3)
-    w = _oracle_weights(x2, scale, offset, 0, False, dtype)
+    w = _oracle_weights(x2, scale, offset, group, False, dtype)
     xs = [x1[..., r * k_local : (r + 1) * k_local] for r in range(world)]
     ws = [w[r * k_local : (r + 1) * k_local] for r in range(world)]
     want = oracle.mm_all_reduce_base(xs, ws, [bias] * world, [x3] * world)

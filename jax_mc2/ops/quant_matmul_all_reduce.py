@@ -498,7 +498,12 @@ def quant_matmul_all_reduce_v4(
     the three float dtypes in the fp8 / hifloat8 / MX rows (the tables list
     them independently of the output); the hifloat8 perchannel / pertensor
     row accepts a null bias and x3 like the fp8 rows beside it (the table
-    omits "null" there); comm_quant_scale_1/2 exist only in the int8 rows.
+    omits "null" there); comm_quant_scale_1/2 exist only in the int8 rows;
+    with low-bit communication the seed's x3 entry asks for bfloat16 output
+    and a non-null x3 while its A2 int8 table lists float16 rows with comm
+    scales, so both output dtypes are accepted and x3 stays optional; the
+    fp8 / hifloat8 packed rows take int64 as well as uint64 words (the seed
+    lists uint64; the bits are the same).
     The fp8 / hifloat8 / MX rows and ``comm_quant_mode=1`` exist on the
     ``ascend-950`` and ``generic`` targets; ``atlas-a2`` raises
     NotImplementedError. Under ``implementation="xla"`` on CPU, XLA may fuse
