@@ -49,3 +49,56 @@ def ep_round_trip(impl):
         return y[None], back[None]
 
     return f
+
+
+def make_lowbit_case(world: int):
+    """int8 low-bit communication (mm_all_reduce_base) and fp8 pertile
+    communication (quant_matmul_all_reduce_v4) operands, k sharded."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(99)
+    k, n = 32 * world, 256
+    bf16, f8 = ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn
+    x1 = rng.integers(-128, 128, (8, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    scale = np.full(n, 2.0**-12, bf16)
+    s1 = np.full(n, 2.0, bf16)
+    s2 = np.full(n, 2.0 * world, bf16)
+    f1 = rng.standard_normal((8, k)).astype(f8)
+    f2 = rng.standard_normal((k, n)).astype(f8)
+    fs2 = (rng.random(n) + 0.5).astype(np.float32)
+    fs1 = (rng.random(8) + 0.5).astype(np.float32)
+    return x1, x2, scale, s1, s2, f1, f2, fs2, fs1
+
+
+LOWBIT_SPECS = ("k", "k0", "r", "r", "r", "k", "k0", "r", "r")
+
+
+def lowbit_fn(impl):
+    """Per shard: the int8 and the fp8 low-bit chains (s8 / f8 all-to-all and
+    all-gather); both results are replicated."""
+    import jax_mc2 as mc2
+
+    def f(a, b, s, q1, q2, fa, fb, fs2, fs1):
+        low = mc2.mm_all_reduce_base(
+            a,
+            b,
+            "tp",
+            dequant_scale=s,
+            comm_quant_scale_1=q1,
+            comm_quant_scale_2=q2,
+            implementation=impl,
+        )
+        fp8 = mc2.quant_matmul_all_reduce_v4(
+            fa, fb, "tp", x2_scale=fs2, x1_scale=fs1, comm_quant_mode=1, implementation=impl
+        )
+        return low, fp8
+
+    return f
+
+
+def lowbit_specs(P):
+    """in_specs of :func:`lowbit_fn`: x1 split on k (its columns), x2 on k
+    (its rows), scales replicated."""
+    table = {"k": P(None, "tp"), "k0": P("tp", None), "r": P()}
+    return tuple(table[s] for s in LOWBIT_SPECS)

@@ -26,7 +26,14 @@ jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id
 )
 
-from multiprocess_case import ep_round_trip, make_case, make_ep_case  # noqa: E402
+from multiprocess_case import (  # noqa: E402
+    ep_round_trip,
+    lowbit_fn,
+    lowbit_specs,
+    make_case,
+    make_ep_case,
+    make_lowbit_case,
+)
 
 import jax_mc2 as mc2  # noqa: E402
 
@@ -78,5 +85,13 @@ for impl in ("ffi", "xla"):
     for name, o in zip(("ep_y", "ep_back"), outs):
         for shard in o.addressable_shards:
             results[f"{impl}_{name}_{shard.index[0].start}"] = np.asarray(shard.data)
+specs = lowbit_specs(P)
+lowbit_args = tuple(put(a, s) for a, s in zip(make_lowbit_case(len(jax.devices())), specs))
+for impl in ("ffi", "xla"):
+    outs = jax.jit(jax.shard_map(lowbit_fn(impl), mesh=mesh, in_specs=specs, out_specs=(P(), P())))(
+        *lowbit_args
+    )
+    for name, o in zip(("int8_comm", "fp8_comm"), outs):
+        results[f"{impl}_{name}"] = np.asarray(o.addressable_data(0)).view(np.uint16)
 np.savez(os.path.join(out_dir, f"result_{process_id}.npz"), **results)
 jax.distributed.shutdown()

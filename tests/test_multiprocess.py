@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from conftest import make_mesh
 from jax.sharding import PartitionSpec as P
-from multiprocess_case import ep_round_trip, make_case, make_ep_case
+from multiprocess_case import (
+    ep_round_trip,
+    lowbit_fn,
+    lowbit_specs,
+    make_case,
+    make_ep_case,
+    make_lowbit_case,
+)
 
 import jax_mc2 as mc2
 
@@ -109,3 +116,15 @@ def test_two_processes_match_one(tmp_path):
                         np.testing.assert_array_equal(got[key][0], np.asarray(w)[rank])
                         seen += 1
         assert seen == 8
+
+    # Low-bit communication: the s8 and f8 all-to-alls and all-gathers over
+    # gloo; the sums run in rank order in the lax steps, so bit for bit.
+    specs = lowbit_specs(P)
+    for impl in ("ffi", "xla"):
+        want = jax.jit(
+            jax.shard_map(lowbit_fn(impl), mesh=mesh, in_specs=specs, out_specs=(P(), P()))
+        )(*make_lowbit_case(4))
+        for pid in range(2):
+            got = np.load(tmp_path / f"result_{pid}.npz")
+            for name, w in zip(("int8_comm", "fp8_comm"), want):
+                np.testing.assert_array_equal(got[f"{impl}_{name}"], np.asarray(w).view(np.uint16))
