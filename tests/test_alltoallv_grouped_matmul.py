@@ -527,21 +527,28 @@ def test_vmap_over_the_ep_axis_is_refused():
         )(x)
 
 
-def test_vma_typing_and_eval_shape():
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_vma_typing_and_eval_shape(op):
+    """The exchanged rows vary along ep; the replicated shared expert's output
+    does not."""
     world, experts = 4, 2
     table = np.full((world, experts * world), 2)
     mesh = make_mesh((world,), ("ep",))
     seen = {}
 
     def f(x, w, mx, mw):
-        y, mm_y, p = mc2.alltoallv_grouped_matmul(
-            x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, permute_out_flag=True
-        )
+        if op == "dispatch":
+            y, mm_y, _ = mc2.alltoallv_grouped_matmul(
+                x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, permute_out_flag=True
+            )
+        else:
+            y, mm_y = mc2.grouped_matmul_alltoallv(
+                x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, trans_mm_weight=True
+            )
         seen["y"], seen["mm"] = str(jax.typeof(y)), str(jax.typeof(mm_y))
         return y
 
-    x = jnp.ones((world * 16, 8), jnp.bfloat16)
-    w = jnp.ones((world, experts, 8, 4), jnp.bfloat16)
+    mm_w = (8, 3) if op == "dispatch" else (3, 8)
     jax.eval_shape(
         jax.shard_map(
             f,
@@ -550,34 +557,10 @@ def test_vma_typing_and_eval_shape():
             out_specs=P("ep"),
             check_vma=True,
         ),
-        x,
-        w,
+        jnp.ones((world * 16, 8), jnp.bfloat16),
+        jnp.ones((world, experts, 8, 4), jnp.bfloat16),
         jnp.ones((5, 8), jnp.bfloat16),
-        jnp.ones((8, 3), jnp.bfloat16),
-    )
-    assert seen["y"] == "bfloat16[16,4]{V:ep}"
-    assert seen["mm"] == "bfloat16[5,3]"
-
-    # The combine: its rows vary along ep, the replicated shared expert not.
-    def g(x, w, mx, mw):
-        y, mm_y = mc2.grouped_matmul_alltoallv(
-            x, w[0], "ep", send_counts=table, mm_x=mx, mm_weight=mw, trans_mm_weight=True
-        )
-        seen["y"], seen["mm"] = str(jax.typeof(y)), str(jax.typeof(mm_y))
-        return y
-
-    jax.eval_shape(
-        jax.shard_map(
-            g,
-            mesh=mesh,
-            in_specs=(P("ep"), P("ep"), P(), P()),
-            out_specs=P("ep"),
-            check_vma=True,
-        ),
-        x,
-        w,
-        jnp.ones((5, 8), jnp.bfloat16),
-        jnp.ones((3, 8), jnp.bfloat16),
+        jnp.ones(mm_w, jnp.bfloat16),
     )
     assert seen["y"] == "bfloat16[16,4]{V:ep}"
     assert seen["mm"] == "bfloat16[5,3]"

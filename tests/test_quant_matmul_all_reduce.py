@@ -377,12 +377,9 @@ TABLE3 = [
 ]
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("kind,with_pertoken,out_dtype", TABLE3)
-@pytest.mark.parametrize("x1_3d", [False, True])
-def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_3d):
-    rng = np.random.default_rng(7)
-    m, k, n = 12, 1100, 24
+def _table3_case(rng, m, k, n, kind, with_pertoken, out_dtype):
+    """x1, x2, the dequant scale (as passed and as applied), pertoken, bias
+    and x3 of one seed 004 table 3 row."""
     x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
     x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
     raw = (rng.random(n) * 2e-4 + 1e-5).astype(np.float32)
@@ -391,6 +388,18 @@ def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_
     token = (rng.random(m) * 2 + 0.5).astype(np.float32) if with_pertoken else None
     bias = rng.integers(-5000, 5000, n).astype(np.int32)
     x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    return x1, x2, scale, applied, token, bias, x3
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind,with_pertoken,out_dtype", TABLE3)
+@pytest.mark.parametrize("x1_3d", [False, True])
+def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_3d):
+    rng = np.random.default_rng(7)
+    m, k, n = 12, 1100, 24
+    x1, x2, scale, applied, token, bias, x3 = _table3_case(
+        rng, m, k, n, kind, with_pertoken, out_dtype
+    )
     # The seed formula with pertoken: f32(acc + bias) * scale * pertoken.
     acc = (x1.astype(np.int64) @ x2.astype(np.int64) + bias).astype(np.float32) * applied
     if with_pertoken:
@@ -465,14 +474,9 @@ def test_mm_all_reduce_base_full_quant_sharded(impl, kind, with_pertoken, out_dt
     rng = np.random.default_rng(30 + world)
     m, k_local, n = 6, 40, 16
     k = k_local * world
-    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    x2 = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    raw = (rng.random(n) * 2e-4 + 1e-5).astype(np.float32)
-    scale = raw if kind == "f32" else _make_scale(raw, kind)
-    applied = raw if kind == "f32" else _applied_scale(raw, kind)
-    token = (rng.random(m) * 2 + 0.5).astype(np.float32) if with_pertoken else None
-    bias = rng.integers(-5000, 5000, n).astype(np.int32)
-    x3 = rng.standard_normal((m, n)).astype(out_dtype)
+    x1, x2, scale, applied, token, bias, x3 = _table3_case(
+        rng, m, k, n, kind, with_pertoken, out_dtype
+    )
     f = jax.jit(
         jax.shard_map(
             lambda a, b, s, t, c, d: mc2.mm_all_reduce_base(

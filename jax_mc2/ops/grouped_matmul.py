@@ -14,6 +14,8 @@ the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -201,19 +203,22 @@ def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implement
     )
 
 
-def _jvp(primals, tangents, **params):
-    x, w, offsets = primals
-    dx, dw, _ = tangents
-    y = _bind(grouped_matmul_p, x, w, offsets, **params)
+def _bilinear_jvp(prim, primals, tangents, **params):
+    """The JVP of a primitive bilinear in its first two operands (the grouped
+    matmul in (x, w), its weight gradient in (x, dy)); the offsets are
+    integer."""
+    a, b, offsets = primals
+    da, db, _ = tangents
+    out = _bind(prim, a, b, offsets, **params)
     ad = _compat.ad
     terms = []
-    if type(dx) is not ad.Zero:
-        terms.append(_bind(grouped_matmul_p, dx, w, offsets, **params))
-    if type(dw) is not ad.Zero:
-        terms.append(_bind(grouped_matmul_p, x, dw, offsets, **params))
+    if type(da) is not ad.Zero:
+        terms.append(_bind(prim, da, b, offsets, **params))
+    if type(db) is not ad.Zero:
+        terms.append(_bind(prim, a, db, offsets, **params))
     if not terms:
-        return y, ad.Zero.from_primal_value(y)
-    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return out, ad.Zero.from_primal_value(out)
+    return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def _transpose(ct, x, w, offsets, *, trans_weight, **params):
@@ -227,22 +232,6 @@ def _transpose(ct, x, w, offsets, *, trans_weight, **params):
         ct_w = _bind(grouped_matmul_wgrad_p, x, ct, offsets, trans_weight=trans_weight, **params)
         return [None, ct_w, None]
     raise NotImplementedError(f"{OP}: transposition needs exactly one of x and w linear")
-
-
-def _wgrad_jvp(primals, tangents, **params):
-    """The weight gradient is bilinear in (x, dy)."""
-    x, dy, offsets = primals
-    dx, ddy, _ = tangents
-    out = _bind(grouped_matmul_wgrad_p, x, dy, offsets, **params)
-    ad = _compat.ad
-    terms = []
-    if type(dx) is not ad.Zero:
-        terms.append(_bind(grouped_matmul_wgrad_p, dx, dy, offsets, **params))
-    if type(ddy) is not ad.Zero:
-        terms.append(_bind(grouped_matmul_wgrad_p, x, ddy, offsets, **params))
-    if not terms:
-        return out, ad.Zero.from_primal_value(out)
-    return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
 def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
@@ -260,9 +249,11 @@ def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
     raise NotImplementedError(f"{OP}: transposition needs exactly one of x and dy linear")
 
 
-_compat.ad.primitive_jvps[grouped_matmul_p] = _jvp
+_compat.ad.primitive_jvps[grouped_matmul_p] = functools.partial(_bilinear_jvp, grouped_matmul_p)
 _compat.ad.primitive_transposes[grouped_matmul_p] = _transpose
-_compat.ad.primitive_jvps[grouped_matmul_wgrad_p] = _wgrad_jvp
+_compat.ad.primitive_jvps[grouped_matmul_wgrad_p] = functools.partial(
+    _bilinear_jvp, grouped_matmul_wgrad_p
+)
 _compat.ad.primitive_transposes[grouped_matmul_wgrad_p] = _wgrad_transpose
 
 
