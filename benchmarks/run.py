@@ -196,7 +196,9 @@ def lowp_case(mode, m, k, n, devices, impls, repeat):
     """quant_matmul_all_reduce_v4's fp8 e4m3fn rows, bfloat16 output:
     pertoken (fp32 x1_scale [m], x2_scale [n]), perblock (128 x 128 blocks)
     and MXFP8 (e8m0 scales per 32 values of k, transposed x2), against the
-    unfused jnp composition: decode to fp32, scale, matmul, round, psum."""
+    unfused jnp composition of the seed formula: decode to fp32, matmul,
+    scale, round, psum (perblock: per k-block, summed in order, and also the
+    operand-prescaled single matmul, whose rounding differs)."""
     from jax_mc2 import quant
 
     rng = np.random.default_rng(7)
@@ -221,6 +223,24 @@ def lowp_case(mode, m, k, n, devices, impls, repeat):
         specs = (P(None, "tp"), P("tp", None), P(None, "tp"), P("tp", None))
 
         def unfused(x1, x2, s1, s2):
+            # Seed 003 formula 7 as written: per 128-deep k-block, the fp32
+            # product times (x1 block scale * x2 block scale), summed in order.
+            m_, k_ = x1.shape
+            n_, kb = x2.shape[1], s1.shape[1]
+            a_ = x1.astype(f32).reshape(m_, kb, 128).transpose(1, 0, 2)
+            b_ = x2.astype(f32).reshape(kb, 128, n_)
+            r1 = jnp.repeat(s1.T, 128, 1)[:, :m_]
+            r2 = jnp.repeat(s2, 128, 1)[:, :n_]
+
+            def block(i):
+                return jnp.matmul(a_[i], b_[i]) * (r1[i][:, None] * r2[i][None, :])
+
+            y = lax.fori_loop(1, kb, lambda i, y: y + block(i), block(0))
+            return y.astype(bf16)
+
+        def prescaled(x1, x2, s1, s2):
+            # The same sum with the scales applied to the operands first: one
+            # dense matmul, but a different rounding from formula 7's.
             w1 = jnp.repeat(jnp.repeat(s1, 128, 0), 128, 1)[: x1.shape[0], : x1.shape[1]]
             w2 = jnp.repeat(jnp.repeat(s2, 128, 0), 128, 1)[: x2.shape[0], : x2.shape[1]]
             return jnp.matmul(x1.astype(f32) * w1, x2.astype(f32) * w2).astype(bf16)
@@ -247,6 +267,8 @@ def lowp_case(mode, m, k, n, devices, impls, repeat):
 
     fns = {impl: op(impl) for impl in impls}
     fns["unfused jnp"] = reduced(unfused)
+    if mode == "perblock":
+        fns["prescaled jnp"] = reduced(prescaled)
     wrap = _wrap(devices, specs, P())
     return time_interleaved({k_: wrap(f) for k_, f in fns.items()}, (x1, x2, s1, s2), repeat)
 
