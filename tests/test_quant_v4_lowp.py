@@ -228,6 +228,20 @@ ROWS = [
     ("mx", "float4_e2m1fn", F32),
 ]
 ROW_IDS = [f"{mode}-{kind}-{np.dtype(o).name}" for mode, kind, o in ROWS]
+# Every output dtype of every row (seed 003: float16 / bfloat16 / float32;
+# the packed rows' float32 output is the generic target's extension).
+ALL_ROWS = [
+    (mode, kind, out)
+    for mode, kinds in (
+        ("pertoken", ("float8_e4m3fn", "float8_e5m2", "hifloat8")),
+        ("packed", ("float8_e4m3fn", "float8_e5m2", "hifloat8")),
+        ("perblock", ("float8_e4m3fn", "float8_e5m2", "hifloat8")),
+        ("mx", ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn")),
+    )
+    for kind in kinds
+    for out in (F16, BF16, F32)
+]
+ALL_ROW_IDS = [f"{mode}-{kind}-{np.dtype(o).name}" for mode, kind, o in ALL_ROWS]
 
 
 def call_kwargs(mode, kind, s1, s2, bias, x3, out_dtype, transpose_x2):
@@ -247,7 +261,7 @@ def call_kwargs(mode, kind, s1, s2, bias, x3, out_dtype, transpose_x2):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("mode,kind,out_dtype", ROWS, ids=ROW_IDS)
+@pytest.mark.parametrize("mode,kind,out_dtype", ALL_ROWS, ids=ALL_ROW_IDS)
 def test_rows_single_device_bit_exact(impl, mode, kind, out_dtype):
     rng = np.random.default_rng(len(mode) * 7 + len(kind))
     transpose_x2 = mode == "mx" or kind == "float8_e5m2"
