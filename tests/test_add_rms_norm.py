@@ -245,6 +245,51 @@ def test_grads_sharded(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+def test_grads_sharded_16_bit(impl, inplace, dtype):
+    """Gradients in float16 / bfloat16 inside shard_map, against float32
+    gradients of the same math (within the 16-bit rounding)."""
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    rng = np.random.default_rng(12)
+    x1 = _rand(rng, (4, 3, 16), np.float32)
+    x2 = _rand(rng, (16, 8), np.float32, 0.3)
+    residual = _rand(rng, (4, 3, 8), np.float32)
+    gamma = _rand(rng, (8,), np.float32)
+    bias = _rand(rng, (8,), np.float32)
+    op = (
+        mc2.inplace_matmul_all_reduce_add_rms_norm
+        if inplace
+        else mc2.matmul_all_reduce_add_rms_norm
+    )
+
+    def loss(x1, x2, residual, gamma, bias):
+        y, norm = jax.shard_map(
+            lambda a, b, r, g, c: op(a, b, r, g, "tp", bias=c, implementation=impl),
+            mesh=mesh,
+            in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P(), P()),
+            out_specs=(P("dp"), P("dp")),
+        )(x1, x2, residual, gamma, bias)
+        y, norm = y.astype(jnp.float32), norm.astype(jnp.float32)
+        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+
+    def loss_ref(x1, x2, residual, gamma, bias):
+        y = x1 @ x2 + 4 * bias + residual  # the bias on every tp rank
+        norm = y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * gamma
+        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+
+    args16 = tuple(a.astype(dtype) for a in (x1, x2, residual, gamma, bias))
+    got = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args16)
+    want = jax.grad(loss_ref, argnums=tuple(range(5)))(*(a.astype(np.float32) for a in args16))
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        b = np.asarray(b)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), b, atol=3e-2 * (np.abs(b).max() + 1), rtol=0
+        )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_vmap(impl):
     rng = np.random.default_rng(10)
     x1 = _rand(rng, (3, 6, 8), np.float32)

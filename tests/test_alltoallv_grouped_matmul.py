@@ -517,6 +517,45 @@ def test_vmap_over_a_batch_of_dispatches(impl):
             _check_padded(y[r, b], want[r][1], np.float32)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("batched_counts", [False, True], ids=["shared-counts", "batched-counts"])
+def test_vmap_over_a_batch_of_combines_with_traced_counts(impl, batched_counts):
+    """vmap of the combine whose send counts are traced: one table for the
+    whole batch, or each batch element with its own table."""
+    world, experts, batch = 2, 2, 3
+    rng = np.random.default_rng(18)
+    tables = np.stack([count_table("random", world, experts, rng) for _ in range(batch)])
+    if not batched_counts:
+        tables[:] = tables[0]
+    cap = int(max(ep_oracle.recv_table(t, experts).sum(1).max() for t in tables)) + 2
+    a_cap = int(tables.sum(2).max()) + 3
+    xs = _rand(rng, (world, batch, a_cap, 8), np.float32)
+    ws = _rand(rng, (world, experts, 8, 4), np.float32, 0.3)
+    # counts[r, b]: rank r's send-count row of batch element b.
+    counts = jnp.asarray(tables.transpose(1, 0, 2), jnp.int32)
+
+    def f(x, w, c):
+        def one(xx, cc):
+            return mc2.grouped_matmul_alltoallv(
+                xx, w[0], "ep", send_counts=cc, max_out_tokens=cap, implementation=impl
+            )[0]
+
+        if batched_counts:
+            return jax.vmap(one)(x[0], c[0])[None]
+        return jax.vmap(one, in_axes=(0, None))(x[0], c[0, 0])[None]
+
+    y = jax.jit(
+        jax.shard_map(
+            f, mesh=make_mesh((world,), ("ep",)), in_specs=(P("ep"),) * 3, out_specs=P("ep")
+        )
+    )(xs, ws, counts)
+    assert y.shape == (world, batch, cap, 4)
+    for b in range(batch):
+        want = ep_oracle.combine(list(xs[:, b]), list(ws), tables[b], dtype=np.float32)
+        for r in range(world):
+            _check_padded(y[r, b], want[r], np.float32)
+
+
 def test_vmap_over_the_ep_axis_is_refused():
     x = jnp.ones((2, 4, 3))
     w = jnp.ones((1, 3, 2))
