@@ -35,7 +35,7 @@ from jax_mc2 import _compat, _ffi, quant, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
 from jax_mc2.ops._lowering import implementation_lowering
-from jax_mc2.ops.matmul_all_reduce import check_chip_limits, check_comm_turn, check_matmul_shapes
+from jax_mc2.ops.matmul_all_reduce import check_matmul_shapes, reduced_result
 
 OP = "quant_matmul_all_reduce_v4"
 _F32 = jnp.float32
@@ -359,12 +359,17 @@ def _abstract_eval(
         group_size=group_size,
         comm_quant_mode=comm_quant_mode,
     )
-    check_comm_turn(OP, comm_turn)
-    check_chip_limits(
-        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+    return reduced_result(
+        OP,
+        x1,
+        out_shape,
+        out_dtype,
+        operands,
+        comm_turn=comm_turn,
+        world_size=world_size,
+        axis_name=axis_name,
+        x2=x2,
     )
-    out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
-    return out, _compat.named_axis_effects(axis_name)
 
 
 lowp_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)

@@ -163,6 +163,20 @@ def check_comm_turn(op, comm_turn):
     return v.check_int(op, "comm_turn", comm_turn, minimum=0)
 
 
+def reduced_result(
+    op, x1, out_shape, out_dtype, operands, *, comm_turn, world_size, axis_name, **limits
+):
+    """The tail of every matmul + all-reduce abstract eval: the comm_turn and
+    chip-target checks (``limits``: check_chip_limits' ``x2`` / ``limit_n``),
+    then the output aval (reduced over ``axis_name``) and its effects."""
+    check_comm_turn(op, comm_turn)
+    check_chip_limits(
+        op, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, **limits
+    )
+    out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
+    return out, _compat.named_axis_effects(axis_name)
+
+
 def check_reduce_op(op, reduce_op):
     if reduce_op != "sum":
         raise v.value_error(
@@ -209,12 +223,16 @@ def _abstract_eval(
     del implementation
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
     out_shape = check_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias, x3=x3)
-    check_comm_turn(OP, comm_turn)
-    check_chip_limits(
-        OP, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name
+    return reduced_result(
+        OP,
+        x1,
+        out_shape,
+        x1.dtype,
+        operands,
+        comm_turn=comm_turn,
+        world_size=world_size,
+        axis_name=axis_name,
     )
-    out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
-    return out, _compat.named_axis_effects(axis_name)
 
 
 mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)

@@ -27,12 +27,11 @@ from jax_mc2.ops import lowp_quant_matmul as lowp
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
-    check_chip_limits,
-    check_comm_turn,
     check_matmul_shapes,
     check_reduce_op,
     collective_params,
     nz_weight_to_nd,
+    reduced_result,
     x2_from_format,
 )
 
@@ -188,12 +187,17 @@ def _abstract_eval(
                 "comm_quant_scale_1 and comm_quant_scale_2 must have one shape, got "
                 f"{v.shape_str(comm[0].shape)} and {v.shape_str(comm[1].shape)}",
             )
-    check_comm_turn(op, comm_turn)
-    check_chip_limits(
-        op, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, x2=x2
+    return reduced_result(
+        op,
+        x1,
+        out_shape,
+        out_dtype,
+        operands,
+        comm_turn=comm_turn,
+        world_size=world_size,
+        axis_name=axis_name,
+        x2=x2,
     )
-    out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
-    return out, _compat.named_axis_effects(axis_name)
 
 
 quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)

@@ -20,9 +20,8 @@ from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
 from jax_mc2.ops._lowering import implementation_lowering
 from jax_mc2.ops.matmul_all_reduce import (
-    check_chip_limits,
-    check_comm_turn,
     check_matmul_shapes,
+    reduced_result,
 )
 
 OP = "mm_all_reduce_base"
@@ -128,19 +127,18 @@ def _abstract_eval(
     if x3 is not None:
         v.check_shape(OP, "x3", x3, out_shape, "the output shape")
         v.check_same_dtype(OP, "x3", x3, "x1", x1)
-    check_comm_turn(OP, comm_turn)
-    check_chip_limits(
+    return reduced_result(
         OP,
         x1,
         out_shape,
+        x1.dtype,
+        operands,
         comm_turn=comm_turn,
         world_size=world_size,
         axis_name=axis_name,
         x2=x2,
         limit_n=True,
     )
-    out = _compat.result_aval(x1, out_shape, x1.dtype, operands, axis_name)
-    return out, _compat.named_axis_effects(axis_name)
 
 
 weight_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
