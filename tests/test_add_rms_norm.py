@@ -206,40 +206,40 @@ def test_comm_turn_identical_and_lowered(impl, comm_turn):
     assert text.count("stablehlo.all_reduce") == 1
 
 
+def _grad_case(seed):
+    """(x1, x2, residual, gamma, bias) in float32 for a (dp=2, tp=4) mesh."""
+    rng = np.random.default_rng(seed)
+    shapes = ((4, 3, 16), (16, 8), (4, 3, 8), (8,), (8,))
+    return tuple(_rand(rng, s, np.float32, 0.3 if i == 1 else 1.0) for i, s in enumerate(shapes))
+
+
+def _sharded(op, impl):
+    """op over tp inside shard_map on a (dp=2, tp=4) mesh, global arrays in and out."""
+    return jax.shard_map(
+        lambda a, b, r, g, c: op(a, b, r, g, "tp", bias=c, implementation=impl),
+        mesh=make_mesh((2, 4), ("dp", "tp")),
+        in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P(), P()),
+        out_specs=(P("dp"), P("dp")),
+    )
+
+
+def _loss_of(y, norm):
+    return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+
+
+def _loss_ref(x1, x2, residual, gamma, bias):
+    y = x1 @ x2 + 4 * bias + residual  # the bias on every tp rank
+    norm = y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * gamma
+    return _loss_of(y, norm)
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_grads_sharded(impl):
-    mesh = make_mesh((2, 4), ("dp", "tp"))
-    rng = np.random.default_rng(8)
-    x1 = _rand(rng, (4, 3, 16), np.float32)
-    x2 = _rand(rng, (16, 8), np.float32, 0.3)
-    residual = _rand(rng, (4, 3, 8), np.float32)
-    gamma = _rand(rng, (8,), np.float32)
-    bias = _rand(rng, (8,), np.float32)
-
-    def f(x1, x2, residual, gamma, bias):
-        return jax.shard_map(
-            lambda a, b, r, g, c: mc2.matmul_all_reduce_add_rms_norm(
-                a, b, r, g, "tp", bias=c, implementation=impl
-            ),
-            mesh=mesh,
-            in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P(), P()),
-            out_specs=(P("dp"), P("dp")),
-        )(x1, x2, residual, gamma, bias)
-
-    args = (x1, x2, residual, gamma, bias)
+    f = _sharded(mc2.matmul_all_reduce_add_rms_norm, impl)
+    args = _grad_case(8)
     jax.test_util.check_grads(f, args, order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
-
-    def loss(*a):
-        y, norm = f(*a)
-        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
-
-    def loss_ref(x1, x2, residual, gamma, bias):
-        y = x1 @ x2 + 4 * bias + residual
-        norm = y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * gamma
-        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
-
-    got = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
-    want = jax.grad(loss_ref, argnums=tuple(range(5)))(*args)
+    got = jax.jit(jax.grad(lambda *a: _loss_of(*f(*a)), argnums=tuple(range(5))))(*args)
+    want = jax.grad(_loss_ref, argnums=tuple(range(5)))(*args)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
 
@@ -250,37 +250,19 @@ def test_grads_sharded(impl):
 def test_grads_sharded_16_bit(impl, inplace, dtype):
     """Gradients in float16 / bfloat16 inside shard_map, against float32
     gradients of the same math (within the 16-bit rounding)."""
-    mesh = make_mesh((2, 4), ("dp", "tp"))
-    rng = np.random.default_rng(12)
-    x1 = _rand(rng, (4, 3, 16), np.float32)
-    x2 = _rand(rng, (16, 8), np.float32, 0.3)
-    residual = _rand(rng, (4, 3, 8), np.float32)
-    gamma = _rand(rng, (8,), np.float32)
-    bias = _rand(rng, (8,), np.float32)
     op = (
         mc2.inplace_matmul_all_reduce_add_rms_norm
         if inplace
         else mc2.matmul_all_reduce_add_rms_norm
     )
+    f = _sharded(op, impl)
 
-    def loss(x1, x2, residual, gamma, bias):
-        y, norm = jax.shard_map(
-            lambda a, b, r, g, c: op(a, b, r, g, "tp", bias=c, implementation=impl),
-            mesh=mesh,
-            in_specs=(P("dp", None, "tp"), P("tp", None), P("dp"), P(), P()),
-            out_specs=(P("dp"), P("dp")),
-        )(x1, x2, residual, gamma, bias)
-        y, norm = y.astype(jnp.float32), norm.astype(jnp.float32)
-        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
+    def loss(*a):
+        return _loss_of(*(o.astype(jnp.float32) for o in f(*a)))
 
-    def loss_ref(x1, x2, residual, gamma, bias):
-        y = x1 @ x2 + 4 * bias + residual  # the bias on every tp rank
-        norm = y / jnp.sqrt(jnp.mean(y * y, -1, keepdims=True) + 1e-6) * gamma
-        return jnp.sum(jnp.sin(norm)) + jnp.sum(y * y) * 0.1
-
-    args16 = tuple(a.astype(dtype) for a in (x1, x2, residual, gamma, bias))
+    args16 = tuple(a.astype(dtype) for a in _grad_case(12))
     got = jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args16)
-    want = jax.grad(loss_ref, argnums=tuple(range(5)))(*(a.astype(np.float32) for a in args16))
+    want = jax.grad(_loss_ref, argnums=tuple(range(5)))(*(a.astype(np.float32) for a in args16))
     for a, b in zip(got, want):
         assert a.dtype == dtype
         b = np.asarray(b)
