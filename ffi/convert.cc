@@ -9,12 +9,13 @@
 #include "ffi_common.h"
 
 namespace jax_mc2 {
-namespace {
 
-bool HasF16c() {
+bool HasAvx2F16c() {
   static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
   return has;
 }
+
+namespace {
 
 __attribute__((target("avx2,f16c"))) void LoadFp16F16c(const uint16_t* src, int64_t count,
                                                        float* dst) {
@@ -39,12 +40,12 @@ __attribute__((target("avx2,f16c"))) void StoreFp16F16c(const float* src, int64_
 }  // namespace
 
 void LoadFp16(const uint16_t* src, int64_t count, float* dst) {
-  if (HasF16c()) return LoadFp16F16c(src, count, dst);
+  if (HasAvx2F16c()) return LoadFp16F16c(src, count, dst);
   for (int64_t i = 0; i < count; ++i) dst[i] = Fp16ToFloat(src[i]);
 }
 
 void StoreFp16(const float* src, int64_t count, uint16_t* dst) {
-  if (HasF16c()) return StoreFp16F16c(src, count, dst);
+  if (HasAvx2F16c()) return StoreFp16F16c(src, count, dst);
   for (int64_t i = 0; i < count; ++i) dst[i] = FloatToFp16(src[i]);
 }
 
@@ -116,7 +117,7 @@ __attribute__((target("avx2,f16c"))) void RoundFp16InPlaceF16c(float* values, in
 void RoundInPlace(ffi::DataType type, float* values, int64_t count) {
   if (type == ffi::DataType::F32) return;
   if (type == ffi::DataType::BF16) return RoundBf16InPlace(values, count);
-  if (HasF16c()) return RoundFp16InPlaceF16c(values, count);
+  if (HasAvx2F16c()) return RoundFp16InPlaceF16c(values, count);
   constexpr int64_t kChunk = 1024;
   uint16_t tmp[kChunk];
   for (int64_t i = 0; i < count; i += kChunk) {

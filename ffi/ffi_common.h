@@ -16,6 +16,9 @@ namespace jax_mc2 {
 
 namespace ffi = xla::ffi;
 
+// Whether the CPU has AVX2 and F16C (the vectorized kernel paths).
+bool HasAvx2F16c();
+
 // The conversion loops: an F16C/AVX2 path for float16 chosen at run time,
 // and loops written so the compiler vectorizes the bfloat16 ones.
 void LoadFp16(const uint16_t* src, int64_t count, float* dst);

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import jax.test_util  # noqa: F401  (check_grads)
+import ml_dtypes
 import numpy as np
 import oracle
 import pytest
@@ -135,6 +136,48 @@ def test_y_rounded_before_statistics(dtype):
         )
         np.testing.assert_array_equal(np.asarray(got_y), y)
         assert np.all(np.abs(np.asarray(got).astype(np.float64) - want) <= ulp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 40, 1000])
+def test_add_rms_norm_kernel_rounding(dtype, n):
+    """The add + RMSNorm custom call on its own, at row lengths that leave
+    every vector tail: y = round(mm + residual) bit for bit (ties to even,
+    overflow to inf, NaN kept and quiet) and norm_out within an ulp or two of
+    a NumPy model of the kernel's steps, non-finite rows included."""
+    from jax_mc2 import _ffi
+
+    rng = np.random.default_rng(n)
+    # Sums of two values of one binade: many land exactly halfway.
+    mm = (rng.integers(1, 64, (4, n)) * rng.choice([-1.0, 1.0], (4, n))).astype(dtype)
+    residual = (rng.integers(1, 64, (4, n)) * 2.0**-3).astype(dtype)
+    big = ml_dtypes.finfo(dtype).max
+    mm[2, 0], residual[2, 0] = big, big  # overflows to inf
+    mm[3, n // 2] = np.nan
+    gamma = rng.uniform(0.5, 2.0, n).astype(dtype)
+    f = jax.jit(lambda a, b, c: _ffi.add_rms_norm(a, b, c, epsilon=1e-6, alias_residual=False))
+    got_y, got_norm = (np.asarray(v) for v in f(mm, residual, gamma))
+
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        y = (mm.astype(f32) + residual.astype(f32)).astype(dtype)
+        yf = y.astype(f32)
+        ms = np.sum(yf * yf * f32(1 / n), axis=-1, keepdims=True, dtype=f32)
+        t = (yf * (f32(1) / np.sqrt(ms + f32(1e-6)))).astype(dtype)
+        want = (t.astype(f32) * gamma.astype(f32)).astype(dtype).astype(np.float64)
+    assert got_y.dtype == y.dtype
+    np.testing.assert_array_equal(got_y.astype(f32), y.astype(f32))  # NaN == NaN in f32
+    assert np.isinf(got_y[2, 0]) and np.isnan(got_y[3, n // 2])
+    if dtype != np.float32:
+        quiet = 0x7E00 if dtype == np.float16 else 0x7FC0
+        assert got_y[3].view(np.uint16)[n // 2] & quiet == quiet
+    got = got_norm.astype(np.float64)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    ulp = {np.dtype(np.float16): 2.0**-10, np.dtype(np.float32): 2.0**-22}.get(
+        np.dtype(dtype), 2.0**-7
+    )
+    assert np.all(np.abs(got[~nan] - want[~nan]) <= np.abs(want[~nan]) * ulp)
 
 
 def test_epsilon_is_used():
