@@ -3,7 +3,8 @@
 For each case the contenders (the ``ffi`` and ``xla`` implementations and the
 unfused ``jnp`` composition of the same math, all on the same mesh) run
 interleaved after a warm-up, each call ends in ``block_until_ready``, and the
-median of ``--repeat`` runs is reported with the useful GFLOP/s (2·m·k·n), the
+median of ``--repeat`` runs (more for fast cases: at least a second of
+sampling each) is reported with the useful GFLOP/s (2·m·k·n), the
 ratio to the unfused composition and the ratio to the dense fp32 GEMM ceiling
 measured in the same run (the better of OpenBLAS sgemm called directly and
 XLA's float32 dot on one device).
@@ -54,17 +55,29 @@ class Row:
     vs_ceiling: float | None = None
 
 
+#: Each case samples for at least this long (more rounds than ``--repeat``
+#: for fast cases), so that the medians of millisecond-scale cases rest on
+#: more than a handful of samples.
+MIN_SAMPLING_S = 1.0
+MAX_ROUNDS = 200
+
+
 def time_interleaved(fns: dict, args: tuple, repeat: int) -> dict[str, float]:
-    """Median milliseconds of each function, run round-robin after warm-up."""
+    """Median milliseconds of each function, run round-robin after warm-up:
+    ``repeat`` rounds, or more while a case has sampled for less than
+    ``MIN_SAMPLING_S`` (at most ``MAX_ROUNDS``)."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
     samples = {name: [] for name in fns}
-    for _ in range(repeat):
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < repeat or (time.perf_counter() - start < MIN_SAMPLING_S and rounds < MAX_ROUNDS):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args))
             samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -505,7 +518,8 @@ def main(argv=None):
 
     print(
         f"\njax_mc2 benchmarks — {backend} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} cores, jax {jax.__version__}, median of {repeat}"
+        f"{os.cpu_count()} cores, jax {jax.__version__}, "
+        f"median of {repeat} or more (at least {MIN_SAMPLING_S:g} s of samples per case)"
     )
     print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
     header = (
