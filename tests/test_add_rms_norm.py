@@ -153,7 +153,11 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
     residual = (rng.integers(1, 64, (4, n)) * 2.0**-3).astype(dtype)
     big = ml_dtypes.finfo(dtype).max
     mm[2, 0], residual[2, 0] = big, big  # overflows to inf
-    mm[3, n // 2] = np.nan
+    # A signalling NaN: the kernel's result must be a quiet one.
+    bits = mm.view(np.uint32 if dtype == np.float32 else np.uint16)
+    bits[3, n // 2] = {np.dtype(np.float16): 0x7C01, oracle.BF16: 0x7F81}.get(
+        np.dtype(dtype), 0x7F800001
+    )
     gamma = rng.uniform(0.5, 2.0, n).astype(dtype)
     f = jax.jit(lambda a, b, c: _ffi.add_rms_norm(a, b, c, epsilon=1e-6, alias_residual=False))
     got_y, got_norm = (np.asarray(v) for v in f(mm, residual, gamma))
@@ -168,9 +172,8 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
     assert got_y.dtype == y.dtype
     np.testing.assert_array_equal(got_y.astype(f32), y.astype(f32))  # NaN == NaN in f32
     assert np.isinf(got_y[2, 0]) and np.isnan(got_y[3, n // 2])
-    if dtype != np.float32:
-        quiet = 0x7E00 if dtype == np.float16 else 0x7FC0
-        assert got_y[3].view(np.uint16)[n // 2] & quiet == quiet
+    quiet = {np.dtype(np.float16): 0x7E00, oracle.BF16: 0x7FC0}.get(np.dtype(dtype), 0x7FC00000)
+    assert got_y.view(bits.dtype)[3, n // 2] & quiet == quiet
     got = got_norm.astype(np.float64)
     nan = np.isnan(want)
     np.testing.assert_array_equal(np.isnan(got), nan)
