@@ -35,11 +35,22 @@ _implementation_state = _compat.config_optional_enum_state(
 )
 
 
+_AVAILABILITY: dict[str, object] = {}
+
+
+def register_availability(impl: str, check) -> None:
+    """Registers ``check(op)`` for ``impl``: called when a call requests
+    ``impl``, it raises (naming what is missing) if the backend cannot run
+    here. A backend registers it when its module is imported."""
+    _AVAILABILITY[impl] = check
+
+
 def requested(op: str, implementation: str | None) -> str | None:
     """The implementation a call asks for (None: the platform default).
 
-    Validates the name and refuses ``ascend`` up front: its launch layer
-    needs CANN, which this build does not include.
+    Validates the name and asks the backend whether it can run (the
+    ``ascend`` backend checks that the CANN libraries load), so a missing
+    backend is an error at trace time, not a crash at run time.
     """
     impl = implementation if implementation is not None else _implementation_state.value
     if impl is None:
@@ -48,12 +59,9 @@ def requested(op: str, implementation: str | None) -> str | None:
         raise ValueError(
             f"{op}: implementation must be one of {IMPLEMENTATIONS} or None, got {impl!r}"
         )
-    if impl == ASCEND:
-        raise NotImplementedError(
-            f"{op}: implementation='ascend' needs the CANN toolkit (ACL runtime, HCCL and the "
-            "aclnn MC2 kernels) and jax_mc2's ascend_kernels launch layer, which this build "
-            "does not include; use implementation='ffi' (CPU) or 'xla'"
-        )
+    check = _AVAILABILITY.get(impl)
+    if check is not None:
+        check(op)
     return impl
 
 
@@ -62,9 +70,4 @@ def for_platform(op: str, requested_impl: str | None, platforms: tuple[str, ...]
     on_cpu = all(p == "cpu" for p in platforms)
     if requested_impl is None:
         return FFI if on_cpu else XLA
-    if requested_impl == FFI and not on_cpu:
-        raise NotImplementedError(
-            f"{op}: implementation='ffi' has CPU kernels only, cannot lower for "
-            f"{', '.join(platforms)}; use implementation='xla'"
-        )
     return requested_impl

@@ -99,16 +99,31 @@ def test_implementation_from_environment():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert "implementation='ascend' needs the CANN toolkit" in out.stdout
+    assert "implementation='ascend' has no lowering of this operator" in out.stdout
 
 
 def test_ffi_on_non_cpu_platform_refused():
     from jax_mc2 import _implementation
+    from jax_mc2.framework import lowering
 
     assert _implementation.for_platform("op", None, ("cuda",)) == "xla"
     assert _implementation.for_platform("op", None, ("cpu",)) == "ffi"
-    with pytest.raises(NotImplementedError, match="op: implementation='ffi' has CPU kernels only"):
-        _implementation.for_platform("op", "ffi", ("cuda",))
+    with pytest.raises(NotImplementedError, match="op: implementation='ffi' lowers for cpu only"):
+        lowering._entry("op", "mc2_mm_all_reduce", "ffi", ("cuda",))
+
+
+def test_lowering_table_names_missing_implementation():
+    from jax_mc2.framework import lowering
+
+    assert lowering.implementations("mc2_mm_all_reduce")[:2] == ("xla", "ffi")
+    with pytest.raises(
+        NotImplementedError,
+        match=r"op: implementation='ffi' has no lowering of this operator \(primitive "
+        r"mc2_nope\); available: none",
+    ):
+        lowering._entry("op", "mc2_nope", "ffi", ("cpu",))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        lowering.register("mc2_nope", "tpu", lambda ctx: None)
 
 
 # --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from jax import lax
 from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
 from jax_mc2.ops.matmul_all_reduce import world_size_of
 
@@ -602,15 +602,13 @@ def _xla_lowering(composition):
 
 
 for _prim, _comp in ((dispatch_p, _dispatch_composition), (combine_p, _combine_composition)):
-    _compat.register_lowering(
+    register_implementations(
         _prim,
-        implementation_lowering(
-            _op_name(_prim),
-            _ffi_lowering(_comp),
-            _xla_lowering(_comp),
-            multiple_results=True,
-            pass_context=True,
-        ),
+        _op_name(_prim),
+        ffi=_ffi_lowering(_comp),
+        xla=_xla_lowering(_comp),
+        multiple_results=True,
+        pass_context=True,
     )
 
 

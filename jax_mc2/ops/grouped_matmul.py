@@ -23,7 +23,7 @@ from jax import lax
 from jax_mc2 import _compat, _ffi, _implementation
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 
 OP = "grouped_matmul"
 _F32 = jnp.float32
@@ -136,13 +136,11 @@ def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
     )
 
 
-_compat.register_lowering(
-    grouped_matmul_p,
-    implementation_lowering(OP, _ffi_gmm, grouped_matmul_xla, multiple_results=False),
+register_implementations(
+    grouped_matmul_p, OP, ffi=_ffi_gmm, xla=grouped_matmul_xla, multiple_results=False
 )
-_compat.register_lowering(
-    grouped_matmul_wgrad_p,
-    implementation_lowering(OP, _wgrad_ffi, _wgrad_xla, multiple_results=False),
+register_implementations(
+    grouped_matmul_wgrad_p, OP, ffi=_wgrad_ffi, xla=_wgrad_xla, multiple_results=False
 )
 
 

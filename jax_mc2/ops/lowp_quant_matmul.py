@@ -34,7 +34,7 @@ from jax import lax
 from jax_mc2 import _compat, _ffi, quant, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 from jax_mc2.ops.matmul_all_reduce import check_matmul_shapes, reduced_result
 
 OP = "quant_matmul_all_reduce_v4"
@@ -628,9 +628,12 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     return _composition(local, operands, params, axis_name, comm_turn)
 
 
-_compat.register_lowering(
+register_implementations(
     lowp_quant_mm_all_reduce_p,
-    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+    OP,
+    ffi=_ffi_composition,
+    xla=_xla_composition,
+    multiple_results=False,
 )
 
 

@@ -13,7 +13,7 @@ from jax import lax
 from jax_mc2 import _compat, _ffi, _implementation, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -256,9 +256,8 @@ def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_
     )
 
 
-_compat.register_lowering(
-    mm_all_reduce_p,
-    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+register_implementations(
+    mm_all_reduce_p, OP, ffi=_ffi_composition, xla=_xla_composition, multiple_results=False
 )
 
 

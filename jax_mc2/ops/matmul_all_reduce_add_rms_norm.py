@@ -18,7 +18,7 @@ from jax import lax
 from jax_mc2 import _compat, _ffi, reference
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 from jax_mc2.ops.matmul_all_reduce import (
     check_chip_limits,
     check_comm_turn,
@@ -140,14 +140,12 @@ def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_n
     )
 
 
-_compat.register_lowering(
+register_implementations(
     mm_all_reduce_add_rms_norm_p,
-    implementation_lowering(
-        lambda params: _op_name(params["inplace"]),
-        _ffi_composition,
-        _xla_composition,
-        multiple_results=True,
-    ),
+    lambda params: _op_name(params["inplace"]),
+    ffi=_ffi_composition,
+    xla=_xla_composition,
+    multiple_results=True,
 )
 
 

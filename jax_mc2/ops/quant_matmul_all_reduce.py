@@ -25,7 +25,7 @@ from jax_mc2 import _compat, _ffi, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops import lowp_quant_matmul as lowp
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 from jax_mc2.ops.matmul_all_reduce import (
     check_matmul_shapes,
     check_reduce_op,
@@ -292,11 +292,12 @@ def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallel
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
 
-_compat.register_lowering(
+register_implementations(
     quant_mm_all_reduce_p,
-    implementation_lowering(
-        lambda params: params["op"], _ffi_composition, _xla_composition, multiple_results=False
-    ),
+    lambda params: params["op"],
+    ffi=_ffi_composition,
+    xla=_xla_composition,
+    multiple_results=False,
 )
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax_mc2 import _compat, _ffi, reference, targets
 from jax_mc2 import _validation as v
 from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import implementation_lowering
+from jax_mc2.ops._lowering import register_implementations
 from jax_mc2.ops.matmul_all_reduce import (
     check_matmul_shapes,
     reduced_result,
@@ -187,9 +187,12 @@ def _ffi_composition(
     )
 
 
-_compat.register_lowering(
+register_implementations(
     weight_quant_mm_all_reduce_p,
-    implementation_lowering(OP, _ffi_composition, _xla_composition, multiple_results=False),
+    OP,
+    ffi=_ffi_composition,
+    xla=_xla_composition,
+    multiple_results=False,
 )
 
 
