@@ -472,11 +472,8 @@ aclnnStatus Finish(const char *fn, uint64_t workspace_bytes, KernelBody body,
 }
 
 aclnnStatus Injected(const char *fn) {
-  const aclnnStatus status = InjectedStatus(fn);
-  if (status != kAclnnSuccess) {
-    SetRecentError(std::string(fn) + ": injected failure (status " + std::to_string(status) + ")");
-  }
-  return status;
+  // InjectedStatus sets the recent error itself when it injects a failure.
+  return InjectedStatus(fn);
 }
 
 // ---------------------------------------------------------------------------
