@@ -16,7 +16,7 @@ namespace ops {
 
 const char *DtypeName(int dtype) {
   switch (dtype) {
-    case kFloat: return "FLOAT";
+    case kFloat: return "FLOAT32";
     case kFloat16: return "FLOAT16";
     case kInt8: return "INT8";
     case kInt32: return "INT32";
@@ -394,6 +394,11 @@ aclnnStatus ResolveWeight(const char *fn, const Tensor &t, bool allow_nz, int64_
                          "got strides " + DimsString(t.desc.strides) + " for " + DimsString(t.dims()));
   }
   return kAclnnSuccess;
+}
+
+int64_t LastDim(const aclTensor *tensor) {
+  const TensorDesc *d = tensor ? Desc(tensor) : nullptr;
+  return d && !d->view_dims.empty() ? d->view_dims.back() : 0;
 }
 
 aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool allow_nz,
