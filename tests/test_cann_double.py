@@ -128,8 +128,9 @@ def library_dir(tmp_path_factory):
     if folder:
         return folder
     folder = tmp_path_factory.mktemp("cann_double")
-    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder)], check=True,
-                   stdout=subprocess.DEVNULL)
+    # The runtime alone: these tests need no operator, and the build stays short.
+    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder), "--runtime-only"],
+                   check=True, stdout=subprocess.DEVNULL)
     return str(folder)
 
 
@@ -349,6 +350,21 @@ def test_comm_init_all_all_gather_v(cann, device):
     assert _run_ranks(4, rank_work) == [((0, expected), 0, 0)] * 4
     for comm in comms:
         assert cann.hccl.HcclCommDestroy(comm) == 0
+
+
+def test_root_info_across_threads(cann, device):
+    root_info = ctypes.create_string_buffer(4108)
+    assert cann.hccl.HcclGetRootInfo(root_info) == 0
+
+    def rank_work(rank):
+        cann.acl.aclrtSetDevice(rank)
+        comm = ctypes.c_void_p()
+        assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, rank, ctypes.byref(comm)) == 0
+        gathered = cann.all_gather(cann.comm_name(comm), rank, b"rank%d" % rank)
+        assert cann.hccl.HcclCommDestroy(comm) == 0
+        return gathered
+
+    assert _run_ranks(2, rank_work) == [(0, b"rank0rank1")] * 2
 
 
 def test_stalled_rank_times_out_every_rank(cann, device, monkeypatch):
