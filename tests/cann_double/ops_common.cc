@@ -354,7 +354,8 @@ aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int
   const int64_t c0 = 32 / (DtypeBits(d.dtype) / 8);
   const auto plain = NzShape(w->k, w->n, c0);       // stored (k, n)
   const auto transposed = NzShape(w->n, w->k, c0);  // stored (n, k)
-  const bool says_t = t.rank() == 2 && w->k > 1 && StridesTransposed(d.view_dims, d.strides);
+  const bool says_t = t.rank() == 2 && !IsContiguous(d.view_dims, d.strides) &&
+                      StridesTransposed(d.view_dims, d.strides);
   if (!says_t && d.storage_dims == plain) {
     w->transposed = false;
   } else if (d.storage_dims == transposed) {

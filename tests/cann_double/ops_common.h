@@ -180,7 +180,7 @@ aclnnStatus Injected(const char *fn);
 bool StorageLive(const char *fn, const std::vector<const Tensor *> &tensors, std::string *message);
 
 // Every element of the view as a double, row-major over the view dims
-// (strides, offset; NZ storage for a 4-D NZ tensor read as its storage).
+// (through strides and offset; FLOAT4_E2M1 nibbles, low nibble first).
 std::vector<double> ReadAll(const Tensor &t);
 // The raw 64-bit words of an INT64/UINT64 tensor's view.
 std::vector<uint64_t> ReadWords(const Tensor &t);
