@@ -460,6 +460,23 @@ def test_missing_rank_times_out_init(cann, device, monkeypatch):
     assert time.monotonic() - start < 2.0
 
 
+def test_exit_report_lists_leaks(library_dir, tmp_path):
+    report = tmp_path / "report.txt"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        from test_cann_double import Cann
+        cann = Cann({library_dir!r})
+        cann.acl.aclrtSetDevice(0)
+        cann.malloc(48)  # never freed
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   env={**os.environ, "CANN_DOUBLE_REPORT": str(report)}, timeout=20)
+    text = report.read_text()
+    assert "allocations=1 " in text
+    assert "leaked allocation #1 (48 bytes" in text
+
+
 def test_everything_released(cann, device):
     assert cann.live_counts() == (0, 0, 0, 0)
     assert cann.report().startswith("violations: 0\n")
