@@ -1,12 +1,11 @@
 // Helpers shared by the CPU handlers: element-type dispatch to fp32 tiles,
-// size checks that return FFI errors, and the BLAS thread policy.
+// size checks that return FFI errors, and per-thread scratch memory.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "dtypes.h"
@@ -157,12 +156,5 @@ class ScratchOf {
   std::unique_ptr<T[]> owned_[kSlots];
 };
 using Scratch = ScratchOf<float>;
-
-// Threads for one BLAS call: the cores shared by the `parallelism` programs
-// that XLA runs at once (one per simulated device in the mesh).
-inline int BlasThreads(int64_t parallelism) {
-  int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return static_cast<int>(std::max<int64_t>(1, cores / std::max<int64_t>(1, parallelism)));
-}
 
 }  // namespace jax_mc2

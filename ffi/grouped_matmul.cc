@@ -190,7 +190,7 @@ ffi::Error Mc2GroupedMatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuff
     return ffi::Error::Success();
   }
 
-  SetBlasThreads(BlasThreads(parallelism));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   const int64_t tile_rows =
       std::min(max_group,
                std::max<int64_t>(64, std::min(kMaxBlasDim - 1, kMaxTileElements / std::max(n, k))));

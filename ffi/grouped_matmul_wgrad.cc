@@ -64,7 +64,7 @@ ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
     }
   }
   if (groups == 0 || k == 0 || n == 0) return ffi::Error::Success();
-  SetBlasThreads(BlasThreads(parallelism));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   const int64_t tile_rows = std::max<int64_t>(1, kMaxTileElements / std::max(k, n));
   Scratch scratch;
   float* a = scratch.Get(0, static_cast<size_t>(std::min(rows, tile_rows)) * k + 1);

@@ -397,7 +397,7 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   }
   if (m == 0 || n == 0) return ffi::Error::Success();
 
-  SetBlasThreads(BlasThreads(parallelism));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
   const uint8_t* a8 = static_cast<const uint8_t*>(x1.untyped_data());
   const uint8_t* b8 = static_cast<const uint8_t*>(x2.untyped_data());

@@ -145,7 +145,7 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
   std::vector<float> bias_f(has_bias ? n : 0);
   if (has_bias) LoadAsFloat(dtype, bias_data, 0, n, bias_f.data());
 
-  SetBlasThreads(BlasThreads(parallelism));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   // The weights are read whole by every row block: convert them once.
   Scratch scratch;
   float* w = scratch.Get(0, static_cast<size_t>(k) * n);

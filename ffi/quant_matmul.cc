@@ -171,7 +171,7 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1_dims));
   }
 
-  SetBlasThreads(BlasThreads(parallelism));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   const int8_t* a8 = static_cast<const int8_t*>(x1.untyped_data());
   const int8_t* b8 = static_cast<const int8_t*>(x2.untyped_data());
   const float* s = static_cast<const float*>(scale.untyped_data());
