@@ -1,5 +1,6 @@
 // The modes of mc2_lowp_matmul_ffi: the one definition of the `mode`
-// attribute's values.
+// attribute's values, shared by the kernel (lowp_matmul.cc) and the Python
+// side, which reads the table through _mc2_ffi.lowp_modes().
 #pragma once
 
 #include <cstdint>

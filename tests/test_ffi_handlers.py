@@ -1,5 +1,6 @@
 """Direct calls of the C++ FFI handlers: operand errors come back as errors
-(never a crash or a silent no-op)."""
+(never a crash or a silent no-op), and the module's table of the
+low-precision kernel modes is the one the Python side uses."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_mc2 import _ffi
+from jax_mc2 import _ffi, _mc2_ffi
+from jax_mc2.ops import lowp_quant_matmul as lowp
 
 F32 = np.float32
 I32 = np.int32
@@ -33,6 +35,44 @@ def _matmul_attrs(**overrides):
     )
     attrs.update(overrides)
     return attrs
+
+
+# --------------------------------------------------------------------------
+# The low-precision mode table
+
+
+def test_lowp_mode_table_matches_the_python_modes():
+    table = _mc2_ffi.lowp_modes()
+    assert set(table) == {lowp.PERTOKEN, lowp.PACKED, lowp.PERBLOCK, lowp.MX}
+    assert all(isinstance(v, int) for v in table.values())
+    # The scaled kernel mode serves pertoken and packed; perblock and MX have their own.
+    assert table[lowp.PERTOKEN] == table[lowp.PACKED]
+    assert len({table[lowp.PERTOKEN], table[lowp.PERBLOCK], table[lowp.MX]}) == 3
+    # The Python side uses the module's table, not a copy of its own.
+    assert lowp._FFI_MODES == table
+    assert _ffi.LOWP_MODES == table
+
+
+def test_lowp_mode_outside_the_table_is_an_error():
+    x1 = np.ones((2, 4), E4M3)
+    x2 = np.ones((4, 3), E4M3)
+    bad = max(_mc2_ffi.lowp_modes().values()) + 1
+    with pytest.raises(Exception, match=f"mode must be 0, 1 or 2, got {bad}"):
+        _call(
+            _ffi.LOWP_MATMUL,
+            jax.ShapeDtypeStruct((2, 3), F32),
+            x1,
+            x2,
+            np.ones(1, F32),
+            mode=np.int64(bad),
+            transpose_x2=False,
+            has_x1_scale=False,
+            has_bias=False,
+            has_x3=False,
+            comm=False,
+            block_k=np.int64(128),
+            parallelism=np.int64(1),
+        )
 
 
 # --------------------------------------------------------------------------
@@ -192,7 +232,7 @@ def _lowp(x1, x2, x2_scale, *extra, out_dtype=F32, has_x3=False):
         x2,
         x2_scale,
         *extra,
-        mode=np.int64(0),  # scaled
+        mode=np.int64(_mc2_ffi.lowp_modes()[lowp.PERTOKEN]),
         transpose_x2=False,
         has_x1_scale=False,
         has_bias=False,
