@@ -25,7 +25,18 @@ constexpr char kOp[] = "mc2_grouped_matmul_ffi";
 // The fp32 tiles of the gathered rows and of their results hold at most this
 // many elements each (64 MiB); a larger group runs as several sgemm calls.
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
-size_t ElementBytes(ffi::DataType type) { return type == ffi::DataType::F32 ? 4 : 2; }
+// The bytes of one element of a float dtype.
+size_t ElementBytes(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32:
+      return 4;
+    case ffi::DataType::F16:
+    case ffi::DataType::BF16:
+      return 2;
+    default:
+      throw UnsupportedDtype("ElementBytes", type);
+  }
+}
 
 // The sizes of one call.
 struct GroupedShape {

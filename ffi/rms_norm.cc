@@ -242,8 +242,10 @@ ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
     AddRmsNormAvx2<Fp16Lanes>(p, rows);
   } else if (dtype == ffi::DataType::BF16) {
     AddRmsNormAvx2<Bf16Lanes>(p, rows);
-  } else {
+  } else if (dtype == ffi::DataType::F32) {
     AddRmsNormAvx2<F32Lanes>(p, rows);
+  } else {
+    throw UnsupportedDtype("AddRmsNorm", dtype);
   }
   return ffi::Error::Success();
 }
