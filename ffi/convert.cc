@@ -117,6 +117,7 @@ __attribute__((target("avx2,f16c"))) void RoundFp16InPlaceF16c(float* values, in
 void RoundInPlace(ffi::DataType type, float* values, int64_t count) {
   if (type == ffi::DataType::F32) return;
   if (type == ffi::DataType::BF16) return RoundBf16InPlace(values, count);
+  if (type != ffi::DataType::F16) throw UnsupportedDtype("RoundInPlace", type);
   if (HasAvx2F16c()) return RoundFp16InPlaceF16c(values, count);
   constexpr int64_t kChunk = 1024;
   uint16_t tmp[kChunk];

@@ -1,20 +1,96 @@
 // Helpers shared by the CPU handlers: element-type dispatch to fp32 tiles,
-// size checks that return FFI errors, and the BLAS thread policy.
+// operand checks that return FFI errors, the exception boundary of a
+// handler, and per-thread scratch memory.
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <cstdint>
+#include <exception>
+#include <initializer_list>
+#include <limits>
 #include <memory>
+#include <new>
+#include <optional>
+#include <stdexcept>
 #include <string>
-#include <thread>
+#include <utility>
 #include <vector>
 
+#include "blas.h"
 #include "dtypes.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_mc2 {
 
 namespace ffi = xla::ffi;
+
+// Returns the ffi::Error of `expr` from the enclosing function if it is a
+// failure.
+#define MC2_RETURN_IF_ERROR(expr)                                      \
+  do {                                                                 \
+    if (::xla::ffi::Error mc2_error_ = (expr); mc2_error_.failure()) { \
+      return mc2_error_;                                               \
+    }                                                                  \
+  } while (false)
+
+// Thrown by the dtype dispatch helpers for a dtype they do not handle; the
+// handler boundary (CatchAtBoundary) turns it into an invalid-argument
+// error. Handlers check dtypes before converting, so this signals a bug.
+class UnsupportedDtype : public std::invalid_argument {
+ public:
+  UnsupportedDtype(const char* where, ffi::DataType type)
+      : std::invalid_argument(std::string(where) + ": unsupported dtype (XLA FFI DataType " +
+                              std::to_string(static_cast<int>(type)) + ")") {}
+};
+
+// std::bad_alloc with the number of bytes asked.
+class AllocationFailure : public std::bad_alloc {
+ public:
+  explicit AllocationFailure(size_t bytes)
+      : message_("could not allocate " + std::to_string(bytes) + " bytes") {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
+};
+
+// A vector of `count` value-initialized elements; an allocation failure is
+// rethrown as AllocationFailure with the size.
+template <typename T>
+std::vector<T> MakeVector(size_t count) {
+  try {
+    return std::vector<T>(count);
+  } catch (const std::bad_alloc&) {
+    throw AllocationFailure(count * sizeof(T));
+  }
+}
+
+// Runs a handler's body and turns any exception into an ffi::Error, so
+// that none crosses the C ABI of the FFI call: allocation failures are
+// kResourceExhausted (with the size where known), an unsupported dtype
+// kInvalidArgument, anything else kInternal with its what().
+template <typename Body>
+ffi::Error CatchAtBoundary(const char* op, Body&& body) noexcept {
+  try {
+    try {
+      return body();
+    } catch (const std::bad_alloc& e) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        std::string(op) + ": out of memory: " + e.what());
+    } catch (const UnsupportedDtype& e) {
+      return ffi::Error::InvalidArgument(std::string(op) + ": " + e.what());
+    } catch (const std::exception& e) {
+      return ffi::Error::Internal(std::string(op) + ": " + e.what());
+    } catch (...) {
+      return ffi::Error::Internal(std::string(op) + ": unknown exception");
+    }
+  } catch (...) {
+    // Building the message itself failed (out of memory).
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, op);
+  }
+}
 
 // Whether the CPU has AVX2 and F16C (the vectorized kernel paths).
 bool HasAvx2F16c();
@@ -43,7 +119,7 @@ inline void LoadAsFloat(ffi::DataType type, const void* data, int64_t offset, in
       LoadBf16(static_cast<const uint16_t*>(data) + offset, count, dst);
       return;
     default:
-      return;
+      throw UnsupportedDtype("LoadAsFloat", type);
   }
 }
 
@@ -62,7 +138,7 @@ inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count, 
       StoreBf16(src, count, static_cast<uint16_t*>(data) + offset);
       return;
     default:
-      return;
+      throw UnsupportedDtype("StoreFromFloat", type);
   }
 }
 
@@ -76,6 +152,7 @@ void AddInPlace(float* a, const float* b, int64_t count);
 
 // values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
 // applies when it writes an intermediate in the dtype and reads it back.
+// Throws UnsupportedDtype for a dtype other than float16/bfloat16/float32.
 void RoundInPlace(ffi::DataType type, float* values, int64_t count);
 
 inline bool IsFloatType(ffi::DataType type) {
@@ -94,6 +171,129 @@ inline std::string DimsToString(ffi::Span<const int64_t> dims) {
 
 inline ffi::Error InvalidArgument(const std::string& op, const std::string& what) {
   return ffi::Error::InvalidArgument(op + ": " + what);
+}
+
+// A set of dtypes.
+class DtypeSet {
+ public:
+  constexpr DtypeSet(std::initializer_list<ffi::DataType> types) {
+    for (ffi::DataType t : types) bits_ |= Bit(t);
+  }
+  constexpr DtypeSet(ffi::DataType type) : bits_(Bit(type)) {}  // NOLINT: one dtype
+  constexpr bool Contains(ffi::DataType type) const { return (bits_ & Bit(type)) != 0; }
+
+ private:
+  static constexpr uint64_t Bit(ffi::DataType t) {
+    const auto i = static_cast<uint64_t>(t);
+    return i < 64 ? uint64_t{1} << i : 0;
+  }
+  uint64_t bits_ = 0;
+};
+
+inline constexpr DtypeSet kFloatTypes = {ffi::DataType::F32, ffi::DataType::F16,
+                                         ffi::DataType::BF16};
+
+// What an operand must be: a dtype of `dtypes`; with `rank` >= 0, that rank;
+// each of `dims` (the first `rank` entries) that is >= 0, that size; with
+// `count` >= 0, that many elements.
+struct BufferSpec {
+  DtypeSet dtypes;
+  int64_t count = -1;
+  int rank = -1;
+  std::array<int64_t, 4> dims = {-1, -1, -1, -1};
+};
+
+inline bool Matches(const ffi::AnyBuffer& b, const BufferSpec& spec) {
+  if (!spec.dtypes.Contains(b.element_type())) return false;
+  if (spec.count >= 0 && static_cast<int64_t>(b.element_count()) != spec.count) return false;
+  if (spec.rank < 0) return true;
+  auto dims = b.dimensions();
+  if (static_cast<int64_t>(dims.size()) != spec.rank) return false;
+  for (size_t i = 0; i < dims.size() && i < spec.dims.size(); ++i) {
+    if (spec.dims[i] >= 0 && dims[i] != spec.dims[i]) return false;
+  }
+  return true;
+}
+
+// An invalid-argument error with the text message() unless `b` matches
+// `spec` (the message is built only on failure).
+template <typename Message>
+ffi::Error CheckBuffer(const char* op, const ffi::AnyBuffer& b, const BufferSpec& spec,
+                       Message&& message) {
+  if (Matches(b, spec)) return ffi::Error::Success();
+  return InvalidArgument(op, message());
+}
+
+// Checks that every size handed to BLAS fits its integer type blasint
+// (32-bit in scipy-openblas32): {name, value} pairs, e.g. {{"k", k}, {"n", n}}.
+inline ffi::Error CheckBlasDims(const char* op,
+                                std::initializer_list<std::pair<const char*, int64_t>> dims) {
+  constexpr int64_t kMax = std::numeric_limits<blasint>::max();
+  bool fits = true;
+  for (const auto& d : dims) fits = fits && d.second >= 0 && d.second <= kMax;
+  if (fits) return ffi::Error::Success();
+  std::string names, values;
+  size_t i = 0;
+  for (const auto& d : dims) {
+    names += i == 0 ? "" : (i + 1 == dims.size() ? " and " : ", ");
+    values += (i == 0 ? "" : ", ") + std::string(d.first) + " = " + std::to_string(d.second);
+    names += d.first;
+    ++i;
+  }
+  return InvalidArgument(op, names + " must be below 2^31, got " + values);
+}
+
+// Reads the optional operands (ffi::RemainingArgs) that follow a handler's
+// fixed operands, each present or not by an attribute, in order.
+class OptionalOperands {
+ public:
+  OptionalOperands(const char* op, ffi::RemainingArgs args) : op_(op), args_(args) {}
+
+  // An error unless exactly `expected` optional operands were passed.
+  ffi::Error ExpectCount(size_t expected) const {
+    if (args_.size() == expected) return ffi::Error::Success();
+    return InvalidArgument(op_, "expected " + std::to_string(expected) +
+                                    " optional operands, got " + std::to_string(args_.size()));
+  }
+
+  // Operand `index`, unchecked.
+  ffi::Error At(size_t index, std::optional<ffi::AnyBuffer>& out) const {
+    auto b = args_.get<ffi::AnyBuffer>(index);
+    if (b.has_error()) return b.error();
+    out = *b;
+    return ffi::Error::Success();
+  }
+
+  // Operand `index`, checked against `spec` (message() on a mismatch).
+  template <typename Message>
+  ffi::Error At(size_t index, const BufferSpec& spec, Message&& message,
+                std::optional<ffi::AnyBuffer>& out) const {
+    MC2_RETURN_IF_ERROR(At(index, out));
+    return CheckBuffer(op_, *out, spec, message);
+  }
+
+  // When `present`, the next operand in order, unchecked; otherwise `out`
+  // is left empty and no operand is consumed.
+  ffi::Error Next(bool present, std::optional<ffi::AnyBuffer>& out) {
+    return present ? At(next_++, out) : ffi::Error::Success();
+  }
+
+  // Next(), checked against `spec` (message() on a mismatch).
+  template <typename Message>
+  ffi::Error Next(bool present, const BufferSpec& spec, Message&& message,
+                  std::optional<ffi::AnyBuffer>& out) {
+    return present ? At(next_++, spec, message, out) : ffi::Error::Success();
+  }
+
+ private:
+  const char* op_;
+  ffi::RemainingArgs args_;
+  size_t next_ = 0;
+};
+
+// The untyped data of an optional operand, or nullptr.
+inline const void* DataOrNull(const std::optional<ffi::AnyBuffer>& b) {
+  return b ? b->untyped_data() : nullptr;
 }
 
 // The dimensions of a matmul x1 [..., k] @ x2 -> out [..., n], with x2
@@ -127,26 +327,42 @@ inline ffi::Error ParseMatmul(const std::string& op, const ffi::AnyBuffer& x1,
   return ffi::Error::Success();
 }
 
+// The scratch buffers of a kernel, by role. Each role is one per-thread
+// buffer, reused by every handler that gives a tile that role.
+enum class ScratchSlot : size_t {
+  kLhs,            // the fp32 tile of the left operand (x1, x, a row block)
+  kRhs,            // the fp32 tile of the right operand (weights, dy, a k-chunk of x2)
+  kOut,            // the fp32 (or int32) output tile
+  kBlockProducts,  // perblock: one k-block's product tile before it is scaled
+  kCount,
+};
+
 // Scratch memory kept by the calling thread between calls, one buffer per
-// `slot`. A fresh multi-megabyte allocation is mmap'ed and every 4 KiB page
+// slot. A fresh multi-megabyte allocation is mmap'ed and every 4 KiB page
 // of it faults and is zeroed by the kernel on first touch, which costs about
 // as much as a pass over the memory; the kernels' fp32 tiles are reused
-// instead. Requests above 64 MiB are not kept.
+// instead. Requests above 64 MiB are not kept. An allocation failure throws
+// AllocationFailure with the size asked.
 template <typename T>
 class ScratchOf {
  public:
-  static constexpr size_t kSlots = 4;
+  static constexpr size_t kSlots = static_cast<size_t>(ScratchSlot::kCount);
   static constexpr size_t kMaxCachedBytes = size_t{1} << 26;
 
   // `count` elements, uninitialized (stale values of earlier calls).
-  T* Get(size_t slot, size_t count) {
-    if (count * sizeof(T) > kMaxCachedBytes) {
-      owned_[slot].reset(new T[count]);
-      return owned_[slot].get();
+  T* Get(ScratchSlot slot, size_t count) {
+    const size_t i = static_cast<size_t>(slot);
+    try {
+      if (count * sizeof(T) > kMaxCachedBytes) {
+        owned_[i].reset(new T[count]);
+        return owned_[i].get();
+      }
+      std::vector<T>& b = ThreadBuffers()[i];
+      if (b.size() < count) b.resize(count);
+      return b.data();
+    } catch (const std::bad_alloc&) {
+      throw AllocationFailure(count * sizeof(T));
     }
-    std::vector<T>& b = ThreadBuffers()[slot];
-    if (b.size() < count) b.resize(count);
-    return b.data();
   }
 
  private:
@@ -157,12 +373,5 @@ class ScratchOf {
   std::unique_ptr<T[]> owned_[kSlots];
 };
 using Scratch = ScratchOf<float>;
-
-// Threads for one BLAS call: the cores shared by the `parallelism` programs
-// that XLA runs at once (one per simulated device in the mesh).
-inline int BlasThreads(int64_t parallelism) {
-  int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return static_cast<int>(std::max<int64_t>(1, cores / std::max<int64_t>(1, parallelism)));
-}
 
 }  // namespace jax_mc2

@@ -22,9 +22,10 @@ constexpr char kOp[] = "mc2_grouped_matmul_wgrad_ffi";
 // each); a longer group accumulates several sgemm calls.
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
-ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                                     ffi::AnyBuffer group_offsets, ffi::Result<ffi::AnyBuffer> dw,
-                                     bool transpose_w, int64_t parallelism) {
+ffi::Error GroupedMatmulWgrad(const ffi::AnyBuffer& x, const ffi::AnyBuffer& dy,
+                              const ffi::AnyBuffer& group_offsets, ffi::AnyBuffer& dw_buffer,
+                              bool transpose_w, int64_t parallelism) {
+  ffi::AnyBuffer* dw = &dw_buffer;
   const ffi::DataType dtype = x.element_type();
   if (!IsFloatType(dtype) || dy.element_type() != dtype || dw->element_type() != dtype) {
     return InvalidArgument(kOp, "x, dy and dw must share one float dtype");
@@ -64,12 +65,13 @@ ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
     }
   }
   if (groups == 0 || k == 0 || n == 0) return ffi::Error::Success();
-  SetBlasThreads(BlasThreads(parallelism));
+  MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", k}, {"n", n}}));
+  BlasThreadsScope blas_threads(BlasThreads(parallelism));
   const int64_t tile_rows = std::max<int64_t>(1, kMaxTileElements / std::max(k, n));
   Scratch scratch;
-  float* a = scratch.Get(0, static_cast<size_t>(std::min(rows, tile_rows)) * k + 1);
-  float* b = scratch.Get(1, static_cast<size_t>(std::min(rows, tile_rows)) * n + 1);
-  float* c = scratch.Get(2, static_cast<size_t>(k) * n);
+  float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(std::min(rows, tile_rows)) * k + 1);
+  float* b = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(std::min(rows, tile_rows)) * n + 1);
+  float* c = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(k) * n);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = offsets[g], end = offsets[g + 1];
     if (begin == end) {
@@ -91,6 +93,13 @@ ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
     StoreFromFloat(dtype, c, k * n, dw->untyped_data(), g * k * n);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Mc2GroupedMatmulWgradImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                     ffi::AnyBuffer group_offsets, ffi::Result<ffi::AnyBuffer> dw,
+                                     bool transpose_w, int64_t parallelism) {
+  return CatchAtBoundary(
+      kOp, [&] { return GroupedMatmulWgrad(x, dy, group_offsets, *dw, transpose_w, parallelism); });
 }
 
 }  // namespace

@@ -23,11 +23,13 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "blas.h"
 #include "ffi_common.h"
+#include "lowp_modes.h"
 #include "mc2_ffi.h"
 
 namespace jax_mc2 {
@@ -43,7 +45,9 @@ constexpr int64_t kMxBlock = 32;
 constexpr int64_t kPerblockTile = 512;
 constexpr int64_t kPerblockTileElements = int64_t{1} << 18;
 
-enum Mode : int64_t { kScaled = 0, kPerblock = 1, kMx = 2 };
+constexpr LowpMode kScaled = LowpMode::kScaled;
+constexpr LowpMode kPerblock = LowpMode::kPerblock;
+constexpr LowpMode kMx = LowpMode::kMx;
 
 struct Table {
   float v[256];
@@ -223,14 +227,14 @@ void PerblockRows(const uint8_t* a8, const uint8_t* b8, const float* table, int6
                   int64_t k, int64_t n, bool transpose_x2, int64_t block_k, const float* s1,
                   const float* s2, Scratch& scratch, float* c) {
   const int64_t blocks = (k + block_k - 1) / block_k;
-  float* a = scratch.Get(0, static_cast<size_t>(r) * k);
+  float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(r) * k);
   for (int64_t i = 0; i < r; ++i) Decode(a8 + (r0 + i) * k, k, table, a + i * k);
   // x2 decoded in column blocks of at most kMaxTileElements values.
   const int64_t cols = std::min(n, std::max<int64_t>(kPerblockTile, kMaxTileElements / k));
-  float* b = scratch.Get(1, static_cast<size_t>(k) * cols);
+  float* b = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(k) * cols);
   const int64_t tj = std::min(cols, kPerblockTile);
   const int64_t ti = std::min(r, std::max<int64_t>(64, kPerblockTileElements / tj));
-  float* p = scratch.Get(3, static_cast<size_t>(ti) * tj);
+  float* p = scratch.Get(ScratchSlot::kBlockProducts, static_cast<size_t>(ti) * tj);
   for (int64_t n0 = 0; n0 < n; n0 += cols) {
     const int64_t nc = std::min(cols, n - n0);
     // (k, nc) for x2 as (k, n); (nc, k) for x2 as (n, k).
@@ -279,205 +283,287 @@ void DecodeMx(const uint8_t* src, int64_t first, int64_t count, const float* tab
   }
 }
 
+// One call's checked operands and sizes.
+struct LowpArgs {
+  LowpMode mode;
+  bool transpose_x2, comm;
+  int64_t block_k;
+  int64_t m, k, n;
+  int64_t width;     // of an output row: n, or the wire's n + 4 * tiles
+  int64_t kb_block;  // perblock: k-blocks
+  int64_t kb_mx;     // MX: scales per row
+  const float* table;
+  Fp8Format fmt{3, 7, 448.0f};
+  const uint8_t* x1;
+  const uint8_t* x2;
+  const void* x2_scale;
+  int64_t s2_len;
+  const void* x1_scale = nullptr;  // optional
+  const float* bias = nullptr;     // optional
+  const void* x3 = nullptr;        // optional
+  ffi::DataType x3_type = ffi::DataType::F32;
+  ffi::DataType out_type;
+  void* out;
+};
+
+// Checks the dtypes against the mode and the communication; fills the
+// decode table and the wire's fp8 format.
+ffi::Error CheckLowpConfig(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
+                           const ffi::AnyBuffer& out, int64_t mode, bool transpose_x2,
+                           bool has_x1_scale, bool has_bias, int64_t block_k, bool comm,
+                           LowpArgs& args) {
+  const ffi::DataType vtype = x1.element_type();
+  args.table = DecodeTable(vtype);
+  if (args.table == nullptr || vtype == ffi::DataType::F8E8M0FNU || x2.element_type() != vtype) {
+    return InvalidArgument(kOp,
+                           "x1 and x2 must share one of float8_e4m3fn, float8_e5m2 or "
+                           "uint8 (HiFloat8)");
+  }
+  if (!IsLowpMode(mode)) {
+    return InvalidArgument(kOp, "mode must be 0, 1 or 2, got " + std::to_string(mode));
+  }
+  args.mode = static_cast<LowpMode>(mode);
+  if (args.mode == kMx && !transpose_x2) return InvalidArgument(kOp, "MX needs x2 as (n, k)");
+  if (args.mode == kPerblock && (block_k < 1 || has_bias || !has_x1_scale)) {
+    return InvalidArgument(kOp, "perblock needs block_k >= 1, x1 scales and no bias");
+  }
+  if (comm) {
+    if (vtype == ffi::DataType::F8E5M2) {
+      args.fmt = Fp8Format{2, 15, 57344.0f};
+    } else if (vtype != ffi::DataType::F8E4M3FN) {
+      return InvalidArgument(kOp, "the fp8 communication needs float8 x1 and x2");
+    }
+    if (out.element_type() != ffi::DataType::F8E4M3FN) {
+      return InvalidArgument(kOp, "the communication wire output must be float8_e4m3fn");
+    }
+  } else if (!IsFloatType(out.element_type())) {
+    return InvalidArgument(kOp, "out must be float16, bfloat16 or float32");
+  }
+  args.transpose_x2 = transpose_x2;
+  args.comm = comm;
+  args.block_k = block_k;
+  return ffi::Error::Success();
+}
+
+// Checks that x1, x2 and out form a matmul (out: the wire with `comm`).
+ffi::Error ParseLowpShape(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
+                          const ffi::AnyBuffer& out, LowpArgs& args) {
+  auto x1_dims = x1.dimensions();
+  auto x2_dims = x2.dimensions();
+  auto out_dims = out.dimensions();
+  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
+    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
+                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
+  }
+  const bool transpose_x2 = args.transpose_x2;
+  const int64_t k = x1_dims.back();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
+  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
+  const int64_t tiles = (n + kCommTile - 1) / kCommTile;
+  const int64_t width = args.comm ? n + 4 * tiles : n;
+  if ((transpose_x2 ? x2_dims[1] : x2_dims[0]) != k || out_dims.back() != width ||
+      static_cast<int64_t>(out.element_count()) != m * width) {
+    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
+                                    ", x2 " + DimsToString(x2_dims) + ", out " +
+                                    DimsToString(out_dims));
+  }
+  if (k == 0) return InvalidArgument(kOp, "k must be at least 1");
+  args.m = m;
+  args.k = k;
+  args.n = n;
+  args.width = width;
+  args.kb_block = args.mode == kPerblock ? (k + args.block_k - 1) / args.block_k : 0;
+  args.kb_mx = args.mode == kMx ? 2 * ((k + 2 * kMxBlock - 1) / (2 * kMxBlock)) : 0;
+  return ffi::Error::Success();
+}
+
+// `name` must have `count` elements of `type`.
 ffi::Error CheckCount(const char* name, const ffi::AnyBuffer& b, ffi::DataType type,
                       int64_t count) {
-  if (b.element_type() != type || static_cast<int64_t>(b.element_count()) != count) {
-    return InvalidArgument(kOp, std::string(name) + " has the wrong dtype or size: expected " +
-                                    std::to_string(count) + " elements, got " +
-                                    DimsToString(b.dimensions()));
+  return CheckBuffer(kOp, b, BufferSpec{type, count}, [&] {
+    return std::string(name) + " has the wrong dtype or size: expected " + std::to_string(count) +
+           " elements, got " + DimsToString(b.dimensions());
+  });
+}
+
+// The x1 scale's dtype and element count for the mode.
+struct ScaleSpec {
+  ffi::DataType type;
+  int64_t count;
+};
+
+ScaleSpec X1ScaleSpec(const LowpArgs& a) {
+  switch (a.mode) {
+    case kScaled:
+      return {ffi::DataType::F32, a.m};
+    case kPerblock:
+      return {ffi::DataType::F32, a.m * a.kb_block};
+    case kMx:
+      break;
   }
+  return {ffi::DataType::F8E8M0FNU, a.m * a.kb_mx};
+}
+
+// The scales: scaled f32 [1 or n] (+ [m]); perblock f32 [kb, n] (+ [m, kb]);
+// MX e8m0 [n, kb32] (+ [m, kb32]); then bias f32 [n] and x3 [m, n].
+ffi::Error ReadLowpScalesAndOptionals(const ffi::AnyBuffer& x2_scale, ffi::RemainingArgs extra,
+                                      bool has_x1_scale, bool has_bias, bool has_x3,
+                                      LowpArgs& args) {
+  const int64_t m = args.m, n = args.n;
+  args.s2_len = static_cast<int64_t>(x2_scale.element_count());
+  if (args.mode == kScaled) {
+    if (x2_scale.element_type() != ffi::DataType::F32 || (args.s2_len != 1 && args.s2_len != n)) {
+      return InvalidArgument(kOp, "x2_scale must be float32 with 1 or n elements, got " +
+                                      DimsToString(x2_scale.dimensions()));
+    }
+  } else if (args.mode == kPerblock) {
+    MC2_RETURN_IF_ERROR(CheckCount("x2_scale", x2_scale, ffi::DataType::F32, args.kb_block * n));
+  } else {
+    MC2_RETURN_IF_ERROR(CheckCount("x2_scale", x2_scale, ffi::DataType::F8E8M0FNU, n * args.kb_mx));
+  }
+  args.x2_scale = x2_scale.untyped_data();
+  OptionalOperands operands(kOp, extra);
+  MC2_RETURN_IF_ERROR(
+      operands.ExpectCount(size_t{has_x1_scale} + size_t{has_bias} + size_t{has_x3}));
+  std::optional<ffi::AnyBuffer> s1, bias, x3;
+  MC2_RETURN_IF_ERROR(operands.Next(has_x1_scale, s1));
+  if (s1) {
+    const ScaleSpec spec = X1ScaleSpec(args);
+    MC2_RETURN_IF_ERROR(CheckCount("x1_scale", *s1, spec.type, spec.count));
+  } else if (args.mode == kMx) {
+    return InvalidArgument(kOp, "MX needs x1 scales");
+  }
+  MC2_RETURN_IF_ERROR(operands.Next(has_bias, bias));
+  if (bias) MC2_RETURN_IF_ERROR(CheckCount("bias", *bias, ffi::DataType::F32, n));
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_x3, BufferSpec{kFloatTypes, m * n},
+      [&] {
+        return "x3 must be a float array of m * n elements, got " + DimsToString(x3->dimensions());
+      },
+      x3));
+  args.x1_scale = DataOrNull(s1);
+  args.bias = static_cast<const float*>(DataOrNull(bias));
+  args.x3 = DataOrNull(x3);
+  if (x3) args.x3_type = x3->element_type();
   return ffi::Error::Success();
+}
+
+// The fp32 tiles of one k-chunk (modes scaled and MX): x1 rows r0 .. r0 + r,
+// columns k0 .. k0 + kc into a [r, kc]; x2 rows k0.. of (k, n) into
+// b [kc, n], or columns k0.. of (n, k) into b [n, kc].
+void DecodeChunk(const LowpArgs& p, int64_t r0, int64_t r, int64_t k0, int64_t kc, float* a,
+                 float* b) {
+  const int64_t k = p.k, n = p.n;
+  const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
+  const uint8_t* s1m = static_cast<const uint8_t*>(p.x1_scale);
+  const uint8_t* s2m = static_cast<const uint8_t*>(p.x2_scale);
+  for (int64_t i = 0; i < r; ++i) {
+    const uint8_t* src = p.x1 + (r0 + i) * k + k0;
+    if (p.mode == kMx) {
+      DecodeMx(src, k0, kc, p.table, s1m + (r0 + i) * p.kb_mx, e8m0, a + i * kc);
+    } else {
+      Decode(src, kc, p.table, a + i * kc);
+    }
+  }
+  if (p.transpose_x2) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (p.mode == kMx) {
+        DecodeMx(p.x2 + j * k + k0, k0, kc, p.table, s2m + j * p.kb_mx, e8m0, b + j * kc);
+      } else {
+        Decode(p.x2 + j * k + k0, kc, p.table, b + j * kc);
+      }
+    }
+  } else {
+    Decode(p.x2 + k0 * n, kc * n, p.table, b);
+  }
+}
+
+// The output pass of row `row_index`: bias and dequant, then x3 and the
+// rounding(s), or the communication quantization. x3_row: n floats of
+// scratch.
+void OutputRow(const LowpArgs& p, int64_t row_index, const float* col_scale, float* row,
+               float* x3_row) {
+  const int64_t n = p.n;
+  if (p.mode == kScaled) {
+    DequantRow(row, p.bias, col_scale,
+               p.x1_scale ? static_cast<const float*>(p.x1_scale) + row_index : nullptr, n);
+  } else if (p.mode == kMx && p.bias) {
+    AddInPlace(row, p.bias, n);
+  }
+  if (p.x3) LoadAsFloat(p.x3_type, p.x3, row_index * n, n, x3_row);
+  if (p.comm) {
+    if (p.x3) {
+      AddInPlace(row, x3_row, n);
+    }
+    QuantizeRowPertile(row, n, p.fmt, static_cast<uint8_t*>(p.out) + row_index * p.width);
+    return;
+  }
+  if (p.x3) {
+    RoundInPlace(p.out_type, row, n);
+    AddInPlace(row, x3_row, n);
+  }
+  StoreFromFloat(p.out_type, row, n, p.out, row_index * n);
+}
+
+// The matmul itself, on checked operands with m, n, k >= 1.
+void RunLowpMatmul(const LowpArgs& p) {
+  const int64_t m = p.m, k = p.k, n = p.n;
+  // Perblock decodes all of k per row block (PerblockRows); the other modes
+  // k-chunks of at most kChunkK.
+  const bool perblock = p.mode == kPerblock;
+  const int64_t kc_max = perblock ? k : std::min(k, kChunkK);
+  const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
+  Scratch scratch;
+  float* c = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
+  float* a =
+      perblock ? nullptr : scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * kc_max);
+  float* b = perblock ? nullptr : scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(kc_max) * n);
+  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+  const float* s2f = static_cast<const float*>(p.x2_scale);
+  // The scaled mode's x2 scale as a full row (pertensor broadcast).
+  std::vector<float> col_scale = MakeVector<float>(p.mode == kScaled ? n : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(col_scale.size()); ++j) {
+    col_scale[j] = s2f[p.s2_len == 1 ? 0 : j];
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += rows) {
+    const int64_t r = std::min(rows, m - r0);
+    if (perblock) {
+      PerblockRows(p.x1, p.x2, p.table, r0, r, k, n, p.transpose_x2, p.block_k,
+                   static_cast<const float*>(p.x1_scale), s2f, scratch, c);
+    }
+    for (int64_t k0 = 0; !perblock && k0 < k; k0 += kc_max) {
+      const int64_t kc = std::min(kc_max, k - k0);
+      DecodeChunk(p, r0, r, k0, kc, a, b);
+      Sgemm(false, p.transpose_x2, r, n, kc, a, kc, b, p.transpose_x2 ? kc : n, c, n,
+            k0 == 0 ? 0.0f : 1.0f);
+    }
+    for (int64_t i = 0; i < r; ++i)
+      OutputRow(p, r0 + i, col_scale.data(), c + i * n, x3_row.data());
+  }
 }
 
 ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer x2_scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              int64_t mode, bool transpose_x2, bool has_x1_scale, bool has_bias,
                              bool has_x3, bool comm, int64_t block_k, int64_t parallelism) {
-  const ffi::DataType vtype = x1.element_type();
-  const float* table = DecodeTable(vtype);
-  if (table == nullptr || vtype == ffi::DataType::F8E8M0FNU || x2.element_type() != vtype) {
-    return InvalidArgument(kOp,
-                           "x1 and x2 must share one of float8_e4m3fn, float8_e5m2 or "
-                           "uint8 (HiFloat8)");
-  }
-  if (mode != kScaled && mode != kPerblock && mode != kMx) {
-    return InvalidArgument(kOp, "mode must be 0, 1 or 2, got " + std::to_string(mode));
-  }
-  if (mode == kMx && !transpose_x2) return InvalidArgument(kOp, "MX needs x2 as (n, k)");
-  if (mode == kPerblock && (block_k < 1 || has_bias || !has_x1_scale)) {
-    return InvalidArgument(kOp, "perblock needs block_k >= 1, x1 scales and no bias");
-  }
-  Fp8Format fmt{3, 7, 448.0f};
-  if (comm) {
-    if (vtype == ffi::DataType::F8E5M2) {
-      fmt = Fp8Format{2, 15, 57344.0f};
-    } else if (vtype != ffi::DataType::F8E4M3FN) {
-      return InvalidArgument(kOp, "the fp8 communication needs float8 x1 and x2");
-    }
-    if (out->element_type() != ffi::DataType::F8E4M3FN) {
-      return InvalidArgument(kOp, "the communication wire output must be float8_e4m3fn");
-    }
-  } else if (!IsFloatType(out->element_type())) {
-    return InvalidArgument(kOp, "out must be float16, bfloat16 or float32");
-  }
-  auto x1_dims = x1.dimensions();
-  auto x2_dims = x2.dimensions();
-  auto out_dims = out->dimensions();
-  if (x1_dims.size() < 2 || x2_dims.size() != 2 || out_dims.size() != x1_dims.size()) {
-    return InvalidArgument(kOp, "x1 must be at least 2-D and x2 2-D, got x1 " +
-                                    DimsToString(x1_dims) + ", x2 " + DimsToString(x2_dims));
-  }
-  const int64_t k = x1_dims.back();
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x1_dims.size(); ++i) m *= x1_dims[i];
-  const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
-  const int64_t tiles = (n + kCommTile - 1) / kCommTile;
-  const int64_t width = comm ? n + 4 * tiles : n;
-  if ((transpose_x2 ? x2_dims[1] : x2_dims[0]) != k || out_dims.back() != width ||
-      static_cast<int64_t>(out->element_count()) != m * width) {
-    return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
-                                    ", x2 " + DimsToString(x2_dims) + ", out " +
-                                    DimsToString(out_dims));
-  }
-  if (k == 0) return InvalidArgument(kOp, "k must be at least 1");
-  const int64_t kb_block = mode == kPerblock ? (k + block_k - 1) / block_k : 0;
-  const int64_t kb_mx = mode == kMx ? 2 * ((k + 2 * kMxBlock - 1) / (2 * kMxBlock)) : 0;
-  // The scales: scaled f32 [1 or n] (+ [m]); perblock f32 [kb, n] (+ [m, kb]);
-  // MX e8m0 [n, kb32] (+ [m, kb32]).
-  const int64_t s2_len = static_cast<int64_t>(x2_scale.element_count());
-  if (mode == kScaled) {
-    if (x2_scale.element_type() != ffi::DataType::F32 || (s2_len != 1 && s2_len != n)) {
-      return InvalidArgument(kOp, "x2_scale must be float32 with 1 or n elements, got " +
-                                      DimsToString(x2_scale.dimensions()));
-    }
-  } else if (mode == kPerblock) {
-    if (auto e = CheckCount("x2_scale", x2_scale, ffi::DataType::F32, kb_block * n); e.failure())
-      return e;
-  } else if (auto e = CheckCount("x2_scale", x2_scale, ffi::DataType::F8E8M0FNU, n * kb_mx);
-             e.failure()) {
-    return e;
-  }
-  const size_t expected = size_t{has_x1_scale} + size_t{has_bias} + size_t{has_x3};
-  if (extra.size() != expected) {
-    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
-                                    " optional operands, got " + std::to_string(extra.size()));
-  }
-  size_t next = 0;
-  const void* s1 = nullptr;
-  const float* bias = nullptr;
-  const void* x3_data = nullptr;
-  ffi::DataType x3_type = ffi::DataType::F32;
-  if (has_x1_scale) {
-    auto s = extra.get<ffi::AnyBuffer>(next++);
-    if (s.has_error()) return s.error();
-    ffi::Error e = mode == kScaled ? CheckCount("x1_scale", *s, ffi::DataType::F32, m)
-                   : mode == kPerblock
-                       ? CheckCount("x1_scale", *s, ffi::DataType::F32, m * kb_block)
-                       : CheckCount("x1_scale", *s, ffi::DataType::F8E8M0FNU, m * kb_mx);
-    if (e.failure()) return e;
-    s1 = s->untyped_data();
-  } else if (mode == kMx) {
-    return InvalidArgument(kOp, "MX needs x1 scales");
-  }
-  if (has_bias) {
-    auto b = extra.get<ffi::AnyBuffer>(next++);
-    if (b.has_error()) return b.error();
-    if (auto e = CheckCount("bias", *b, ffi::DataType::F32, n); e.failure()) return e;
-    bias = static_cast<const float*>(b->untyped_data());
-  }
-  if (has_x3) {
-    auto x3 = extra.get<ffi::AnyBuffer>(next++);
-    if (x3.has_error()) return x3.error();
-    if (!IsFloatType(x3->element_type()) || static_cast<int64_t>(x3->element_count()) != m * n) {
-      return InvalidArgument(
-          kOp, "x3 must be a float array of m * n elements, got " + DimsToString(x3->dimensions()));
-    }
-    x3_type = x3->element_type();
-    x3_data = x3->untyped_data();
-  }
-  if (m == 0 || n == 0) return ffi::Error::Success();
-
-  SetBlasThreads(BlasThreads(parallelism));
-  const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
-  const uint8_t* a8 = static_cast<const uint8_t*>(x1.untyped_data());
-  const uint8_t* b8 = static_cast<const uint8_t*>(x2.untyped_data());
-  const ffi::DataType out_type = out->element_type();
-  void* out_data = out->untyped_data();
-  // Perblock decodes all of k per row block (PerblockRows); the other modes
-  // k-chunks of at most kChunkK.
-  const int64_t kc_max = mode == kPerblock ? k : std::min(k, kChunkK);
-  const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
-  Scratch scratch;
-  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
-  float* a = mode == kPerblock ? nullptr : scratch.Get(0, static_cast<size_t>(rows) * kc_max);
-  float* b = mode == kPerblock ? nullptr : scratch.Get(1, static_cast<size_t>(kc_max) * n);
-  std::vector<float> x3_row(has_x3 ? n : 0);
-  const float* s2f = static_cast<const float*>(x2_scale.untyped_data());
-  const uint8_t* s2m = static_cast<const uint8_t*>(x2_scale.untyped_data());
-  // The scaled mode's x2 scale as a full row (pertensor broadcast).
-  std::vector<float> col_scale(mode == kScaled ? n : 0);
-  for (int64_t j = 0; j < static_cast<int64_t>(col_scale.size()); ++j) {
-    col_scale[j] = s2f[s2_len == 1 ? 0 : j];
-  }
-  for (int64_t r0 = 0; r0 < m; r0 += rows) {
-    const int64_t r = std::min(rows, m - r0);
-    if (mode == kPerblock) {
-      PerblockRows(a8, b8, table, r0, r, k, n, transpose_x2, block_k, static_cast<const float*>(s1),
-                   s2f, scratch, c);
-    }
-    for (int64_t k0 = 0; mode != kPerblock && k0 < k; k0 += kc_max) {
-      const int64_t kc = std::min(kc_max, k - k0);
-      // fp32 tiles: x1 rows r0.., columns k0..k0+kc; x2 rows k0.. of (k, n)
-      // or columns k0.. of (n, k).
-      for (int64_t i = 0; i < r; ++i) {
-        const uint8_t* src = a8 + (r0 + i) * k + k0;
-        if (mode == kMx) {
-          DecodeMx(src, k0, kc, table, static_cast<const uint8_t*>(s1) + (r0 + i) * kb_mx, e8m0,
-                   a + i * kc);
-        } else {
-          Decode(src, kc, table, a + i * kc);
-        }
-      }
-      if (transpose_x2) {
-        for (int64_t j = 0; j < n; ++j) {
-          if (mode == kMx) {
-            DecodeMx(b8 + j * k + k0, k0, kc, table, s2m + j * kb_mx, e8m0, b + j * kc);
-          } else {
-            Decode(b8 + j * k + k0, kc, table, b + j * kc);
-          }
-        }
-      } else {
-        Decode(b8 + k0 * n, kc * n, table, b);
-      }
-      Sgemm(false, transpose_x2, r, n, kc, a, kc, b, transpose_x2 ? kc : n, c, n,
-            k0 == 0 ? 0.0f : 1.0f);
-    }
-    // Output pass per row: bias and dequant, then x3 and the rounding(s) or
-    // the communication quantization.
-    for (int64_t i = 0; i < r; ++i) {
-      float* row = c + i * n;
-      if (mode == kScaled) {
-        DequantRow(row, bias, col_scale.data(),
-                   s1 ? static_cast<const float*>(s1) + r0 + i : nullptr, n);
-      } else if (mode == kMx && bias) {
-        AddInPlace(row, bias, n);
-      }
-      if (has_x3) LoadAsFloat(x3_type, x3_data, (r0 + i) * n, n, x3_row.data());
-      if (comm) {
-        if (has_x3) {
-          AddInPlace(row, x3_row.data(), n);
-        }
-        QuantizeRowPertile(row, n, fmt, static_cast<uint8_t*>(out_data) + (r0 + i) * width);
-        continue;
-      }
-      if (has_x3) {
-        RoundInPlace(out_type, row, n);
-        AddInPlace(row, x3_row.data(), n);
-      }
-      StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
-    }
-  }
-  return ffi::Error::Success();
+  return CatchAtBoundary(kOp, [&]() -> ffi::Error {
+    LowpArgs args;
+    MC2_RETURN_IF_ERROR(CheckLowpConfig(x1, x2, *out, mode, transpose_x2, has_x1_scale, has_bias,
+                                        block_k, comm, args));
+    MC2_RETURN_IF_ERROR(ParseLowpShape(x1, x2, *out, args));
+    MC2_RETURN_IF_ERROR(
+        ReadLowpScalesAndOptionals(x2_scale, extra, has_x1_scale, has_bias, has_x3, args));
+    if (args.m == 0 || args.n == 0) return ffi::Error::Success();
+    MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", args.k}, {"n", args.n}}));
+    args.x1 = static_cast<const uint8_t*>(x1.untyped_data());
+    args.x2 = static_cast<const uint8_t*>(x2.untyped_data());
+    args.out_type = out->element_type();
+    args.out = out->untyped_data();
+    BlasThreadsScope blas_threads(BlasThreads(parallelism));
+    RunLowpMatmul(args);
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace

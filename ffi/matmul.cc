@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,11 +42,12 @@ struct Antiquant {
 // fp32 values of w, already rounded to `dtype`.
 void DequantizeWeights(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t n,
                        bool transpose_x2, const Antiquant& aq, float* w) {
-  std::vector<float> scale(aq.scale_rows * aq.scale_cols), offset(aq.offset ? scale.size() : 0);
+  std::vector<float> scale = MakeVector<float>(aq.scale_rows * aq.scale_cols);
+  std::vector<float> offset = MakeVector<float>(aq.offset ? scale.size() : 0);
   LoadAsFloat(dtype, aq.scale, 0, scale.size(), scale.data());
   if (aq.offset) LoadAsFloat(dtype, aq.offset, 0, offset.size(), offset.data());
   const int64_t rows = transpose_x2 ? n : k, cols = transpose_x2 ? k : n;
-  std::vector<float> row(cols);
+  std::vector<float> row = MakeVector<float>(cols);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t kk = transpose_x2 ? c : r, j = transpose_x2 ? r : c;
@@ -68,121 +70,157 @@ void DequantizeWeights(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t
   }
 }
 
-ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
-                         ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
-                         bool has_x3, bool antiquant, bool has_offset, int64_t group_size,
-                         int64_t parallelism) {
+// One call's checked operands.
+struct MatmulArgs {
+  ffi::DataType dtype;
+  MatmulShape shape;
+  bool transpose_x2;
+  bool antiquant;
+  Antiquant aq;
+  const void* x1;
+  const void* x2;
+  const void* bias = nullptr;  // optional
+  const void* x3 = nullptr;    // optional
+  void* out;
+};
+
+// The antiquant scale and offset (the first optional operands).
+ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_t k, int64_t n,
+                         bool has_offset, int64_t group_size, Antiquant& aq) {
+  std::optional<ffi::AnyBuffer> scale, offset;
+  aq.group_size = group_size;
+  aq.scale_rows = group_size > 0 ? (k + group_size - 1) / group_size : 1;
+  int64_t count = 0;
+  auto scale_message = [&] {
+    return "antiquant scale must have x1's dtype and " +
+           std::to_string(aq.scale_rows * aq.scale_cols) + " elements, got " +
+           DimsToString(scale->dimensions());
+  };
+  // The scale's own size decides between pertensor and per channel.
+  MC2_RETURN_IF_ERROR(operands.Next(true, scale));
+  count = static_cast<int64_t>(scale->element_count());
+  aq.scale_cols = (count == 1 && group_size == 0) ? 1 : n;
+  MC2_RETURN_IF_ERROR(
+      CheckBuffer(kOp, *scale, BufferSpec{dtype, aq.scale_rows * aq.scale_cols}, scale_message));
+  aq.scale = scale->untyped_data();
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_offset, BufferSpec{dtype, count},
+      [&] {
+        return "antiquant offset must match the scale, got " + DimsToString(offset->dimensions());
+      },
+      offset));
+  aq.offset = DataOrNull(offset);
+  return ffi::Error::Success();
+}
+
+// Checks the operands of one call and fills `args`.
+ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
+                           ffi::RemainingArgs extra, ffi::AnyBuffer& out, bool transpose_x2,
+                           bool has_bias, bool has_x3, bool antiquant, bool has_offset,
+                           int64_t group_size, MatmulArgs& args) {
   const ffi::DataType dtype = x1.element_type();
   const ffi::DataType w_type = antiquant ? ffi::DataType::S8 : dtype;
-  if (!IsFloatType(dtype) || x2.element_type() != w_type || out->element_type() != dtype) {
+  if (!IsFloatType(dtype) || x2.element_type() != w_type || out.element_type() != dtype) {
     return InvalidArgument(kOp, antiquant ? "x1 and out must share one float dtype, x2 int8"
                                           : "x1, x2 and out must share one float dtype");
   }
-  MatmulShape shape;
-  if (ffi::Error e = ParseMatmul(kOp, x1, x2, *out, transpose_x2, shape); e.failure()) return e;
-  const int64_t m = shape.m, k = shape.k, n = shape.n;
-  auto x1_dims = x1.dimensions();
-  auto out_dims = out->dimensions();
-  const size_t expected =
-      (antiquant ? 1 + size_t{has_offset} : 0) + size_t{has_bias} + size_t{has_x3};
-  if (extra.size() != expected) {
-    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
-                                    " optional operands, got " + std::to_string(extra.size()));
-  }
-  size_t next = 0;
-  Antiquant aq;
+  MC2_RETURN_IF_ERROR(ParseMatmul(kOp, x1, x2, out, transpose_x2, args.shape));
+  const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
+  OptionalOperands operands(kOp, extra);
+  MC2_RETURN_IF_ERROR(operands.ExpectCount((antiquant ? 1 + size_t{has_offset} : 0) +
+                                           size_t{has_bias} + size_t{has_x3}));
   if (antiquant) {
-    auto scale = extra.get<ffi::AnyBuffer>(next++);
-    if (scale.has_error()) return scale.error();
-    auto s_dims = scale->dimensions();
-    const int64_t count = static_cast<int64_t>(scale->element_count());
-    aq.group_size = group_size;
-    aq.scale_rows = group_size > 0 ? (k + group_size - 1) / group_size : 1;
-    aq.scale_cols = (count == 1 && group_size == 0) ? 1 : n;
-    if (scale->element_type() != dtype || count != aq.scale_rows * aq.scale_cols) {
-      return InvalidArgument(kOp, "antiquant scale must have x1's dtype and " +
-                                      std::to_string(aq.scale_rows * aq.scale_cols) +
-                                      " elements, got " + DimsToString(s_dims));
-    }
-    aq.scale = scale->untyped_data();
-    if (has_offset) {
-      auto offset = extra.get<ffi::AnyBuffer>(next++);
-      if (offset.has_error()) return offset.error();
-      if (offset->element_type() != dtype ||
-          static_cast<int64_t>(offset->element_count()) != count) {
-        return InvalidArgument(kOp, "antiquant offset must match the scale, got " +
-                                        DimsToString(offset->dimensions()));
-      }
-      aq.offset = offset->untyped_data();
-    }
+    MC2_RETURN_IF_ERROR(ReadAntiquant(operands, dtype, k, n, has_offset, group_size, args.aq));
   }
-  const void* bias_data = nullptr;
-  const void* x3_data = nullptr;
-  if (has_bias) {
-    auto bias = extra.get<ffi::AnyBuffer>(next++);
-    if (bias.has_error()) return bias.error();
-    if (bias->element_type() != dtype || static_cast<int64_t>(bias->element_count()) != n) {
-      return InvalidArgument(kOp, "bias must be (n,) = (" + std::to_string(n) +
-                                      ",) of the x1 dtype, got " +
-                                      DimsToString(bias->dimensions()));
-    }
-    bias_data = bias->untyped_data();
-  }
-  if (has_x3) {
-    auto x3 = extra.get<ffi::AnyBuffer>(next++);
-    if (x3.has_error()) return x3.error();
-    if (x3->element_type() != dtype || static_cast<int64_t>(x3->element_count()) != m * n) {
-      return InvalidArgument(kOp, "x3 must have the output shape " + DimsToString(out_dims) +
-                                      ", got " + DimsToString(x3->dimensions()));
-    }
-    x3_data = x3->untyped_data();
-  }
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1_dims));
-  }
-  void* out_data = out->untyped_data();
-  std::vector<float> bias_f(has_bias ? n : 0);
-  if (has_bias) LoadAsFloat(dtype, bias_data, 0, n, bias_f.data());
+  std::optional<ffi::AnyBuffer> bias, x3;
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_bias, BufferSpec{dtype, n},
+      [&] {
+        return "bias must be (n,) = (" + std::to_string(n) + ",) of the x1 dtype, got " +
+               DimsToString(bias->dimensions());
+      },
+      bias));
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_x3, BufferSpec{dtype, m * n},
+      [&] {
+        return "x3 must have the output shape " + DimsToString(out.dimensions()) + ", got " +
+               DimsToString(x3->dimensions());
+      },
+      x3));
+  args.dtype = dtype;
+  args.transpose_x2 = transpose_x2;
+  args.antiquant = antiquant;
+  args.x1 = x1.untyped_data();
+  args.x2 = x2.untyped_data();
+  args.bias = DataOrNull(bias);
+  args.x3 = DataOrNull(x3);
+  args.out = out.untyped_data();
+  return ffi::Error::Success();
+}
 
-  SetBlasThreads(BlasThreads(parallelism));
+// The matmul itself, on checked operands with m, n, k >= 1.
+void RunMatmul(const MatmulArgs& p) {
+  const ffi::DataType dtype = p.dtype;
+  const int64_t m = p.shape.m, k = p.shape.k, n = p.shape.n;
+  const bool transpose_x2 = p.transpose_x2;
+  std::vector<float> bias_f = MakeVector<float>(p.bias ? n : 0);
+  if (p.bias) LoadAsFloat(dtype, p.bias, 0, n, bias_f.data());
+
   // The weights are read whole by every row block: convert them once.
   Scratch scratch;
-  float* w = scratch.Get(0, static_cast<size_t>(k) * n);
-  if (antiquant) {
-    DequantizeWeights(dtype, static_cast<const int8_t*>(x2.untyped_data()), k, n, transpose_x2, aq,
-                      w);
+  float* w = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(k) * n);
+  if (p.antiquant) {
+    DequantizeWeights(dtype, static_cast<const int8_t*>(p.x2), k, n, transpose_x2, p.aq, w);
   } else {
-    LoadAsFloat(dtype, x2.untyped_data(), 0, k * n, w);
+    LoadAsFloat(dtype, p.x2, 0, k * n, w);
   }
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, k)));
   // Uninitialized: every element is written before it is read.
-  float* a = scratch.Get(1, static_cast<size_t>(rows) * k);
-  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
-  std::vector<float> x3_row(has_x3 ? n : 0);
+  float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * k);
+  float* c = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
+  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    LoadAsFloat(dtype, x1.untyped_data(), r0 * k, r * k, a);
+    LoadAsFloat(dtype, p.x1, r0 * k, r * k, a);
     Sgemm(false, transpose_x2, r, n, k, a, k, w, transpose_x2 ? k : n, c, n);
-    if (!has_bias && !has_x3) {
-      StoreFromFloat(dtype, c, r * n, out_data, r0 * n);
+    if (!p.bias && !p.x3) {
+      StoreFromFloat(dtype, c, r * n, p.out, r0 * n);
       continue;
     }
     // Epilogue, one row at a time while it is in cache: + bias, + x3, one
     // rounding to the dtype.
     for (int64_t i = 0; i < r; ++i) {
       float* row = c + i * n;
-      if (has_bias) {
+      if (p.bias) {
         AddInPlace(row, bias_f.data(), n);
       }
-      if (has_x3) {
-        LoadAsFloat(dtype, x3_data, (r0 + i) * n, n, x3_row.data());
+      if (p.x3) {
+        LoadAsFloat(dtype, p.x3, (r0 + i) * n, n, x3_row.data());
         AddInPlace(row, x3_row.data(), n);
       }
-      StoreFromFloat(dtype, row, n, out_data, (r0 + i) * n);
+      StoreFromFloat(dtype, row, n, p.out, (r0 + i) * n);
     }
   }
-  return ffi::Error::Success();
+}
+
+ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
+                         ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
+                         bool has_x3, bool antiquant, bool has_offset, int64_t group_size,
+                         int64_t parallelism) {
+  return CatchAtBoundary(kOp, [&]() -> ffi::Error {
+    MatmulArgs args;
+    MC2_RETURN_IF_ERROR(ParseMatmulArgs(x1, x2, extra, *out, transpose_x2, has_bias, has_x3,
+                                        antiquant, has_offset, group_size, args));
+    const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
+    if (m == 0 || n == 0) return ffi::Error::Success();
+    if (k == 0) {
+      return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1.dimensions()));
+    }
+    MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", k}, {"n", n}}));
+    BlasThreadsScope blas_threads(BlasThreads(parallelism));
+    RunMatmul(args);
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The nanobind module: exposes the FFI handlers as capsules by target name.
 #include <nanobind/nanobind.h>
 
+#include "lowp_modes.h"
 #include "mc2_ffi.h"
 
 namespace nb = nanobind;
@@ -24,6 +25,15 @@ NB_MODULE(_mc2_ffi, m) {
     d["mc2_grouped_matmul_wgrad_ffi"] =
         EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulWgradHandler);
     d["mc2_lowp_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2LowpMatmulHandler);
+    return d;
+  });
+  // The `mode` attribute of mc2_lowp_matmul_ffi for each quantization mode
+  // of the low-precision rows: {name: int}.
+  m.def("lowp_modes", []() {
+    nb::dict d;
+    for (const jax_mc2::LowpModeName& entry : jax_mc2::kLowpModeNames) {
+      d[entry.name] = static_cast<int64_t>(entry.mode);
+    }
     return d;
   });
 }

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -88,107 +89,131 @@ __attribute__((target_clones("avx2", "default"))) void DequantRow(float* row,
   }
 }
 
-ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
-                             ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
-                             bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
-                             bool has_comm_scale, int64_t parallelism) {
+// One call's checked operands.
+struct Int8MatmulArgs {
+  MatmulShape shape;
+  bool transpose_x2;
+  const int8_t* x1;
+  const int8_t* x2;
+  const float* scale;
+  int64_t scale_len;
+  // The dtype the result is rounded to: out's, or the comm scale's.
+  ffi::DataType out_type;
+  const float* pertoken = nullptr;  // optional
+  const int32_t* bias = nullptr;    // optional
+  const void* x3 = nullptr;         // optional
+  std::vector<float> comm_scale;    // empty without a comm scale
+  void* out;
+};
+
+// The optional operands: pertoken?, bias?, x3?, comm scale? (in that order).
+ffi::Error ReadInt8Optionals(ffi::RemainingArgs extra, bool has_pertoken, bool has_bias,
+                             bool has_x3, bool has_comm_scale, const ffi::AnyBuffer& out,
+                             Int8MatmulArgs& args) {
+  const int64_t m = args.shape.m, n = args.shape.n;
+  OptionalOperands operands(kOp, extra);
+  const size_t expected =
+      size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3} + size_t{has_comm_scale};
+  MC2_RETURN_IF_ERROR(operands.ExpectCount(expected));
+  std::optional<ffi::AnyBuffer> cs, pertoken, bias, x3;
+  if (has_comm_scale) {
+    // The last operand, read first: it sets the dtype x3 must have.
+    MC2_RETURN_IF_ERROR(operands.At(
+        expected - 1, BufferSpec{{ffi::DataType::F16, ffi::DataType::BF16}, n},
+        [&] {
+          return "comm scale must be float16/bfloat16 (n,) = (" + std::to_string(n) + ",), got " +
+                 DimsToString(cs->dimensions());
+        },
+        cs));
+    args.out_type = cs->element_type();
+    args.comm_scale = MakeVector<float>(n);
+    LoadAsFloat(args.out_type, cs->untyped_data(), 0, n, args.comm_scale.data());
+  }
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_pertoken, BufferSpec{ffi::DataType::F32, m},
+      [&] {
+        return "pertoken scale must be float32 (m,) = (" + std::to_string(m) + ",), got " +
+               DimsToString(pertoken->dimensions());
+      },
+      pertoken));
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_bias, BufferSpec{ffi::DataType::S32, n},
+      [&] {
+        return "bias must be int32 (n,) = (" + std::to_string(n) + ",), got " +
+               DimsToString(bias->dimensions());
+      },
+      bias));
+  MC2_RETURN_IF_ERROR(operands.Next(
+      has_x3, BufferSpec{args.out_type, m * n},
+      [&] {
+        return "x3 must have the output shape " + DimsToString(out.dimensions()) +
+               " and dtype, got " + DimsToString(x3->dimensions());
+      },
+      x3));
+  args.pertoken = static_cast<const float*>(DataOrNull(pertoken));
+  args.bias = static_cast<const int32_t*>(DataOrNull(bias));
+  args.x3 = DataOrNull(x3);
+  return ffi::Error::Success();
+}
+
+// Checks the operands of one call and fills `args`.
+ffi::Error ParseInt8MatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
+                               const ffi::AnyBuffer& scale, ffi::RemainingArgs extra,
+                               ffi::AnyBuffer& out, bool transpose_x2, bool has_pertoken,
+                               bool has_bias, bool has_x3, bool has_comm_scale,
+                               Int8MatmulArgs& args) {
   // With a comm scale the result is rounded to the comm scale's dtype (the
   // operator's output dtype) and then quantized to int8.
   if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
     return InvalidArgument(kOp, "x1 and x2 must be int8");
   }
-  if (has_comm_scale != (out->element_type() == ffi::DataType::S8) ||
-      (!has_comm_scale && !IsFloatType(out->element_type()))) {
+  if (has_comm_scale != (out.element_type() == ffi::DataType::S8) ||
+      (!has_comm_scale && !IsFloatType(out.element_type()))) {
     return InvalidArgument(kOp, "out must be int8 with a comm scale, a float dtype without");
   }
   if (scale.element_type() != ffi::DataType::F32) {
     return InvalidArgument(kOp, "scale must be float32");
   }
-  MatmulShape shape;
-  if (ffi::Error e = ParseMatmul(kOp, x1, x2, *out, transpose_x2, shape); e.failure()) return e;
-  const int64_t m = shape.m, k = shape.k, n = shape.n;
-  auto x1_dims = x1.dimensions();
-  auto out_dims = out->dimensions();
-  const int64_t scale_len = static_cast<int64_t>(scale.element_count());
-  if (scale_len != 1 && scale_len != n) {
+  MC2_RETURN_IF_ERROR(ParseMatmul(kOp, x1, x2, out, transpose_x2, args.shape));
+  const int64_t n = args.shape.n;
+  args.scale_len = static_cast<int64_t>(scale.element_count());
+  if (args.scale_len != 1 && args.scale_len != n) {
     return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +
                                     " elements, got " + DimsToString(scale.dimensions()));
   }
-  const size_t expected =
-      size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3} + size_t{has_comm_scale};
-  if (extra.size() != expected) {
-    return InvalidArgument(kOp, "expected " + std::to_string(expected) +
-                                    " optional operands, got " + std::to_string(extra.size()));
-  }
-  ffi::DataType out_type = out->element_type();
-  std::vector<float> comm_scale;
-  if (has_comm_scale) {
-    auto cs = extra.get<ffi::AnyBuffer>(expected - 1);  // the last operand
-    if (cs.has_error()) return cs.error();
-    if (!IsFloatType(cs->element_type()) || cs->element_type() == ffi::DataType::F32 ||
-        static_cast<int64_t>(cs->element_count()) != n) {
-      return InvalidArgument(kOp, "comm scale must be float16/bfloat16 (n,) = (" +
-                                      std::to_string(n) + ",), got " +
-                                      DimsToString(cs->dimensions()));
-    }
-    out_type = cs->element_type();
-    comm_scale.resize(n);
-    LoadAsFloat(out_type, cs->untyped_data(), 0, n, comm_scale.data());
-  }
-  size_t next = 0;
-  const float* pertoken = nullptr;
-  const int32_t* bias = nullptr;
-  const void* x3_data = nullptr;
-  if (has_pertoken) {
-    auto p = extra.get<ffi::AnyBuffer>(next++);
-    if (p.has_error()) return p.error();
-    if (p->element_type() != ffi::DataType::F32 || static_cast<int64_t>(p->element_count()) != m) {
-      return InvalidArgument(kOp, "pertoken scale must be float32 (m,) = (" + std::to_string(m) +
-                                      ",), got " + DimsToString(p->dimensions()));
-    }
-    pertoken = static_cast<const float*>(p->untyped_data());
-  }
-  if (has_bias) {
-    auto b = extra.get<ffi::AnyBuffer>(next++);
-    if (b.has_error()) return b.error();
-    if (b->element_type() != ffi::DataType::S32 || static_cast<int64_t>(b->element_count()) != n) {
-      return InvalidArgument(kOp, "bias must be int32 (n,) = (" + std::to_string(n) + ",), got " +
-                                      DimsToString(b->dimensions()));
-    }
-    bias = static_cast<const int32_t*>(b->untyped_data());
-  }
-  if (has_x3) {
-    auto x3 = extra.get<ffi::AnyBuffer>(next++);
-    if (x3.has_error()) return x3.error();
-    if (x3->element_type() != out_type || static_cast<int64_t>(x3->element_count()) != m * n) {
-      return InvalidArgument(kOp, "x3 must have the output shape " + DimsToString(out_dims) +
-                                      " and dtype, got " + DimsToString(x3->dimensions()));
-    }
-    x3_data = x3->untyped_data();
-  }
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1_dims));
-  }
+  args.out_type = out.element_type();
+  MC2_RETURN_IF_ERROR(
+      ReadInt8Optionals(extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
+  args.transpose_x2 = transpose_x2;
+  args.x1 = static_cast<const int8_t*>(x1.untyped_data());
+  args.x2 = static_cast<const int8_t*>(x2.untyped_data());
+  args.scale = static_cast<const float*>(scale.untyped_data());
+  args.out = out.untyped_data();
+  return ffi::Error::Success();
+}
 
-  SetBlasThreads(BlasThreads(parallelism));
-  const int8_t* a8 = static_cast<const int8_t*>(x1.untyped_data());
-  const int8_t* b8 = static_cast<const int8_t*>(x2.untyped_data());
-  const float* s = static_cast<const float*>(scale.untyped_data());
-  void* out_data = out->untyped_data();
+// The matmul itself, on checked operands with m, n, k >= 1.
+void RunInt8Matmul(const Int8MatmulArgs& p) {
+  const int64_t m = p.shape.m, k = p.shape.k, n = p.shape.n;
+  const bool transpose_x2 = p.transpose_x2;
+  const bool has_comm_scale = !p.comm_scale.empty();
+  const int8_t* a8 = p.x1;
+  const int8_t* b8 = p.x2;
+  const ffi::DataType out_type = p.out_type;
   const int64_t kc_max = std::min(k, kChunkK);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
   Scratch scratch;
-  float* a = scratch.Get(0, static_cast<size_t>(rows) * kc_max);
-  float* b = scratch.Get(1, static_cast<size_t>(kc_max) * n);
-  float* c = scratch.Get(2, static_cast<size_t>(rows) * n);
+  float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * kc_max);
+  float* b = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(kc_max) * n);
+  float* c = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
   // One k-chunk: the sgemm result itself is the exact accumulator.
   const bool single_chunk = k <= kc_max;
   ScratchOf<int32_t> int_scratch;
-  int32_t* acc = single_chunk ? nullptr : int_scratch.Get(0, static_cast<size_t>(rows) * n);
-  std::vector<float> x3_row(has_x3 ? n : 0);
-  std::vector<float> col_scale(n);
-  for (int64_t j = 0; j < n; ++j) col_scale[j] = s[scale_len == 1 ? 0 : j];
+  int32_t* acc =
+      single_chunk ? nullptr : int_scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
+  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+  std::vector<float> col_scale = MakeVector<float>(n);
+  for (int64_t j = 0; j < n; ++j) col_scale[j] = p.scale[p.scale_len == 1 ? 0 : j];
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
@@ -206,22 +231,41 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     // Epilogue per row: + bias (int32), dequant in fp32, round, + x3, round.
     for (int64_t i = 0; i < r; ++i) {
       float* row = c + i * n;
-      const float* token = pertoken ? pertoken + r0 + i : nullptr;
-      DequantRow(row, single_chunk ? nullptr : acc + i * n, bias, col_scale.data(), token, n);
-      if (has_x3) {
+      const float* token = p.pertoken ? p.pertoken + r0 + i : nullptr;
+      DequantRow(row, single_chunk ? nullptr : acc + i * n, p.bias, col_scale.data(), token, n);
+      if (p.x3) {
         RoundInPlace(out_type, row, n);
-        LoadAsFloat(out_type, x3_data, (r0 + i) * n, n, x3_row.data());
+        LoadAsFloat(out_type, p.x3, (r0 + i) * n, n, x3_row.data());
         AddInPlace(row, x3_row.data(), n);
       }
       if (has_comm_scale) {
         RoundInPlace(out_type, row, n);
-        QuantizeForComm(row, comm_scale.data(), n, static_cast<int8_t*>(out_data) + (r0 + i) * n);
+        QuantizeForComm(row, p.comm_scale.data(), n, static_cast<int8_t*>(p.out) + (r0 + i) * n);
       } else {
-        StoreFromFloat(out_type, row, n, out_data, (r0 + i) * n);
+        StoreFromFloat(out_type, row, n, p.out, (r0 + i) * n);
       }
     }
   }
-  return ffi::Error::Success();
+}
+
+ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
+                             ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
+                             bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
+                             bool has_comm_scale, int64_t parallelism) {
+  return CatchAtBoundary(kOp, [&]() -> ffi::Error {
+    Int8MatmulArgs args;
+    MC2_RETURN_IF_ERROR(ParseInt8MatmulArgs(x1, x2, scale, extra, *out, transpose_x2, has_pertoken,
+                                            has_bias, has_x3, has_comm_scale, args));
+    const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
+    if (m == 0 || n == 0) return ffi::Error::Success();
+    if (k == 0) {
+      return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1.dimensions()));
+    }
+    MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", k}, {"n", n}}));
+    BlasThreadsScope blas_threads(BlasThreads(parallelism));
+    RunInt8Matmul(args);
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace

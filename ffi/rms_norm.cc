@@ -64,7 +64,7 @@ struct AddRmsNormRows {
 // The reference row loop, one step per pass over the row.
 void AddRmsNormPortable(const AddRmsNormRows& p, int64_t rows) {
   const int64_t n = p.n;
-  std::vector<float> a(n), b(n), out(n);
+  std::vector<float> a = MakeVector<float>(n), b = MakeVector<float>(n), out = MakeVector<float>(n);
   for (int64_t r = 0; r < rows; ++r) {
     LoadAsFloat(p.dtype, p.mm, r * n, n, a.data());
     LoadAsFloat(p.dtype, p.residual, r * n, n, b.data());
@@ -148,7 +148,7 @@ template <typename L>
 MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t rows) {
   const int64_t n = p.n;
   const int64_t body = n - n % 16;
-  std::vector<float> v(n);
+  std::vector<float> v = MakeVector<float>(n);
   const __m256 inv_n = _mm256_set1_ps(p.inv_n);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t base = r * n;
@@ -199,9 +199,11 @@ MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t rows) {
   }
 }
 
-ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
-                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
-                             float epsilon) {
+ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
+                      const ffi::AnyBuffer& gamma, ffi::AnyBuffer& y_buffer,
+                      ffi::AnyBuffer& norm_buffer, float epsilon) {
+  ffi::AnyBuffer* y = &y_buffer;
+  ffi::AnyBuffer* norm_out = &norm_buffer;
   const ffi::DataType dtype = mm.element_type();
   if (!IsFloatType(dtype) || residual.element_type() != dtype || gamma.element_type() != dtype ||
       y->element_type() != dtype || norm_out->element_type() != dtype) {
@@ -222,7 +224,7 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
   }
   if (n == 0 || total == 0) return ffi::Error::Success();
 
-  std::vector<float> g(n);
+  std::vector<float> g = MakeVector<float>(n);
   LoadAsFloat(dtype, gamma.untyped_data(), 0, n, g.data());
   const AddRmsNormRows p{dtype,
                          mm.untyped_data(),
@@ -240,10 +242,19 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
     AddRmsNormAvx2<Fp16Lanes>(p, rows);
   } else if (dtype == ffi::DataType::BF16) {
     AddRmsNormAvx2<Bf16Lanes>(p, rows);
-  } else {
+  } else if (dtype == ffi::DataType::F32) {
     AddRmsNormAvx2<F32Lanes>(p, rows);
+  } else {
+    throw UnsupportedDtype("AddRmsNorm", dtype);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
+                             ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
+                             float epsilon) {
+  return CatchAtBoundary(kOp,
+                         [&] { return AddRmsNorm(mm, residual, gamma, *y, *norm_out, epsilon); });
 }
 
 }  // namespace

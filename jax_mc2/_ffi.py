@@ -39,6 +39,10 @@ LOWP_MATMUL = "mc2_lowp_matmul_ffi"
 #: Every target a lowering of this package uses.
 TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL, GROUPED_MATMUL_WGRAD, LOWP_MATMUL)
 
+#: The ``mode`` attribute of ``mc2_lowp_matmul_ffi`` for each quantization mode
+#: of the low-precision rows, as the C++ module defines it (ffi/lowp_modes.h).
+LOWP_MODES: dict[str, int] = dict(_mc2_ffi.lowp_modes())
+
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

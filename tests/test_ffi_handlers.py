@@ -1,0 +1,261 @@
+"""Direct calls of the C++ FFI handlers: operand errors come back as errors
+(never a crash or a silent no-op), and the module's table of the
+low-precision kernel modes is the one the Python side uses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jax_mc2 import _ffi, _mc2_ffi
+from jax_mc2.ops import lowp_quant_matmul as lowp
+
+F32 = np.float32
+I32 = np.int32
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def _call(target, out, *operands, **attrs):
+    result = jax.ffi.ffi_call(target, out)(*operands, **attrs)
+    return jax.block_until_ready(result)
+
+
+def _matmul_attrs(**overrides):
+    attrs = dict(
+        transpose_x2=False,
+        has_bias=False,
+        has_x3=False,
+        antiquant=False,
+        has_offset=False,
+        group_size=np.int64(0),
+        parallelism=np.int64(1),
+    )
+    attrs.update(overrides)
+    return attrs
+
+
+# --------------------------------------------------------------------------
+# The low-precision mode table
+
+
+def test_lowp_mode_table_matches_the_python_modes():
+    table = _mc2_ffi.lowp_modes()
+    assert set(table) == {lowp.PERTOKEN, lowp.PACKED, lowp.PERBLOCK, lowp.MX}
+    assert all(isinstance(v, int) for v in table.values())
+    # The scaled kernel mode serves pertoken and packed; perblock and MX have their own.
+    assert table[lowp.PERTOKEN] == table[lowp.PACKED]
+    assert len({table[lowp.PERTOKEN], table[lowp.PERBLOCK], table[lowp.MX]}) == 3
+    # The Python side uses the module's table, not a copy of its own.
+    assert lowp._FFI_MODES == table
+    assert _ffi.LOWP_MODES == table
+
+
+def test_lowp_mode_outside_the_table_is_an_error():
+    x1 = np.ones((2, 4), E4M3)
+    x2 = np.ones((4, 3), E4M3)
+    bad = max(_mc2_ffi.lowp_modes().values()) + 1
+    with pytest.raises(Exception, match=f"mode must be 0, 1 or 2, got {bad}"):
+        _call(
+            _ffi.LOWP_MATMUL,
+            jax.ShapeDtypeStruct((2, 3), F32),
+            x1,
+            x2,
+            np.ones(1, F32),
+            mode=np.int64(bad),
+            transpose_x2=False,
+            has_x1_scale=False,
+            has_bias=False,
+            has_x3=False,
+            comm=False,
+            block_k=np.int64(128),
+            parallelism=np.int64(1),
+        )
+
+
+# --------------------------------------------------------------------------
+# Unsupported dtypes: every handler answers with an error
+
+
+def test_matmul_unsupported_dtype():
+    x = np.ones((2, 4), I32)
+    with pytest.raises(
+        Exception, match="mc2_matmul_ffi: x1, x2 and out must share one float dtype"
+    ):
+        _call(
+            _ffi.MATMUL,
+            jax.ShapeDtypeStruct((2, 3), I32),
+            x,
+            np.ones((4, 3), I32),
+            **_matmul_attrs(),
+        )
+
+
+def test_matmul_optional_operand_count_and_dtype():
+    x1, x2 = np.ones((2, 4), F32), np.ones((4, 3), F32)
+    out = jax.ShapeDtypeStruct((2, 3), F32)
+    with pytest.raises(Exception, match="expected 1 optional operands, got 0"):
+        _call(_ffi.MATMUL, out, x1, x2, **_matmul_attrs(has_bias=True))
+    with pytest.raises(Exception, match=r"bias must be \(n,\) = \(3,\) of the x1 dtype"):
+        _call(_ffi.MATMUL, out, x1, x2, np.ones(3, I32), **_matmul_attrs(has_bias=True))
+    with pytest.raises(Exception, match="x3 must have the output shape"):
+        _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), np.float16), **_matmul_attrs(has_x3=True))
+
+
+def test_int8_matmul_unsupported_dtype():
+    with pytest.raises(Exception, match="mc2_int8_matmul_ffi: x1 and x2 must be int8"):
+        _call(
+            _ffi.INT8_MATMUL,
+            jax.ShapeDtypeStruct((2, 3), F32),
+            np.ones((2, 4), F32),
+            np.ones((4, 3), np.int8),
+            np.ones(1, F32),
+            transpose_x2=False,
+            has_pertoken=False,
+            has_bias=False,
+            has_x3=False,
+            has_comm_scale=False,
+            parallelism=np.int64(1),
+        )
+
+
+def test_int8_matmul_comm_scale_dtype():
+    with pytest.raises(Exception, match="comm scale must be float16/bfloat16"):
+        _call(
+            _ffi.INT8_MATMUL,
+            jax.ShapeDtypeStruct((2, 3), np.int8),
+            np.ones((2, 4), np.int8),
+            np.ones((4, 3), np.int8),
+            np.ones(1, F32),
+            np.ones(3, F32),
+            transpose_x2=False,
+            has_pertoken=False,
+            has_bias=False,
+            has_x3=False,
+            has_comm_scale=True,
+            parallelism=np.int64(1),
+        )
+
+
+def test_add_rms_norm_unsupported_dtype():
+    a = np.ones((2, 8), I32)
+    out = jax.ShapeDtypeStruct((2, 8), I32)
+    with pytest.raises(Exception, match="mc2_add_rms_norm_ffi: .* must share one float dtype"):
+        _call(_ffi.ADD_RMS_NORM, (out, out), a, a, np.ones(8, I32), epsilon=np.float32(1e-6))
+
+
+def _grouped(x, w, offsets, src, dst, y_shape, y_dtype=F32, permute_out=False):
+    y = jax.ShapeDtypeStruct(y_shape, y_dtype)
+    p = jax.ShapeDtypeStruct((src.shape[0], x.shape[1]), x.dtype)
+    return _call(
+        _ffi.GROUPED_MATMUL,
+        (y, p) if permute_out else y,
+        x,
+        w,
+        offsets,
+        src,
+        dst,
+        transpose_w=False,
+        has_permute_out=permute_out,
+        parallelism=np.int64(1),
+    )
+
+
+def test_grouped_matmul_unsupported_dtype():
+    idx = np.arange(2, dtype=I32)
+    with pytest.raises(Exception, match="mc2_grouped_matmul_ffi: x, w and y must share one float"):
+        _grouped(
+            np.ones((2, 4), I32),
+            np.ones((1, 4, 3), I32),
+            np.array([0, 2], I32),
+            idx,
+            idx,
+            (2, 3),
+            I32,
+        )
+
+
+def test_grouped_matmul_blas_size_limit():
+    # Empty operands whose k does not fit BLAS's 32-bit integers (y is not
+    # empty, so that XLA runs the call).
+    k = 2**31
+    with pytest.raises(Exception, match=f"k and n must be below 2\\^31, got k = {k}, n = 1"):
+        _grouped(
+            np.zeros((0, k), F32),
+            np.zeros((0, k, 1), F32),
+            np.zeros(1, I32),
+            np.zeros(0, I32),
+            np.zeros(0, I32),
+            (1, 1),
+        )
+
+
+def test_grouped_matmul_allocation_failure_is_an_error():
+    # y has 2^50 rows of n = 0 elements: no data, but the kernel's per-row
+    # bookkeeping cannot be allocated. That is an error, not a crash. (The
+    # permute_out result is not empty, so that XLA runs the call.)
+    rows = 2**50
+    with pytest.raises(
+        Exception, match=f"RESOURCE_EXHAUSTED: .*out of memory: could not allocate {rows} bytes"
+    ):
+        _grouped(
+            np.zeros((2, 4), F32),
+            np.zeros((1, 4, 0), F32),
+            np.array([0, 0], I32),
+            np.zeros(1, I32),
+            np.full(1, -1, I32),
+            (rows, 0),
+            permute_out=True,
+        )
+
+
+def test_grouped_matmul_wgrad_unsupported_dtype():
+    with pytest.raises(Exception, match="mc2_grouped_matmul_wgrad_ffi: x, dy and dw must share"):
+        _call(
+            _ffi.GROUPED_MATMUL_WGRAD,
+            jax.ShapeDtypeStruct((1, 4, 3), I32),
+            np.ones((2, 4), I32),
+            np.ones((2, 3), I32),
+            np.array([0, 2], I32),
+            transpose_w=False,
+            parallelism=np.int64(1),
+        )
+
+
+def _lowp(x1, x2, x2_scale, *extra, out_dtype=F32, has_x3=False):
+    return _call(
+        _ffi.LOWP_MATMUL,
+        jax.ShapeDtypeStruct((x1.shape[0], x2.shape[1]), out_dtype),
+        x1,
+        x2,
+        x2_scale,
+        *extra,
+        mode=np.int64(_mc2_ffi.lowp_modes()[lowp.PERTOKEN]),
+        transpose_x2=False,
+        has_x1_scale=False,
+        has_bias=False,
+        has_x3=has_x3,
+        comm=False,
+        block_k=np.int64(128),
+        parallelism=np.int64(1),
+    )
+
+
+def test_lowp_matmul_unsupported_dtypes():
+    s2 = np.ones(1, F32)
+    with pytest.raises(Exception, match="mc2_lowp_matmul_ffi: x1 and x2 must share one of"):
+        _lowp(np.ones((2, 4), F32), np.ones((4, 3), F32), s2)
+    x1, x2 = np.ones((2, 4), E4M3), np.ones((4, 3), E4M3)
+    with pytest.raises(Exception, match="out must be float16, bfloat16 or float32"):
+        _lowp(x1, x2, s2, out_dtype=I32)
+    with pytest.raises(Exception, match="x3 must be a float array of m \\* n elements"):
+        _lowp(x1, x2, s2, np.ones((2, 3), I32), has_x3=True)
+
+
+def test_lowp_matmul_still_computes():
+    x1 = np.full((2, 4), 1.5, E4M3)
+    x2 = np.full((4, 3), 2.0, E4M3)
+    got = _lowp(x1, x2, np.full(1, 0.5, F32), out_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got, F32), np.full((2, 3), 6.0, F32))
