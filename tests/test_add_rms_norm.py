@@ -145,7 +145,7 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
     every vector tail: y = round(mm + residual) bit for bit (ties to even,
     overflow to inf, NaN kept and quiet) and norm_out within an ulp or two of
     a NumPy model of the kernel's steps, non-finite rows included."""
-    from jax_mc2 import _ffi
+    from jax_mc2.implementations import ffi as _ffi
 
     rng = np.random.default_rng(n)
     # Sums of two values of one binade: many land exactly halfway.

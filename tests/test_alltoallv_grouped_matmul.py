@@ -907,7 +907,7 @@ def _emulated_ragged_all_to_all(world):
 
 @pytest.fixture
 def ragged_on_cpu(monkeypatch):
-    from jax_mc2.ops import alltoallv_grouped_matmul as mod
+    from jax_mc2.primitives import alltoallv_grouped_matmul as mod
 
     def use(world):
         monkeypatch.setattr(mod, "ragged_all_to_all", _emulated_ragged_all_to_all(world))

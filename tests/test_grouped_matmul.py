@@ -10,8 +10,8 @@ import pytest
 from conftest import IMPLEMENTATIONS
 
 import jax_mc2 as mc2
-from jax_mc2._ffi import grouped_matmul_wgrad
-from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets as grouped_matmul
+from jax_mc2.implementations.ffi import grouped_matmul_wgrad
+from jax_mc2.primitives.grouped_matmul import grouped_matmul_offsets as grouped_matmul
 
 SIZES = [3, 0, 5, 1]  # an empty group, and 2 rows past the groups
 

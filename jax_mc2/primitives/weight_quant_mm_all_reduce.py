@@ -15,14 +15,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2 import _compat, _ffi, reference, targets
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.matmul_all_reduce import (
-    check_matmul_shapes,
-    reduced_result,
-)
+from jax_mc2.framework import _compat, targets, validation
+from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
+from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -30,9 +28,9 @@ _F32 = jnp.float32
 
 def check_group_size(op, group_size, k):
     """0 (no groups), or a multiple of 32 in [32, k - 1]."""
-    group_size = v.check_int(op, "antiquant_group_size", group_size, minimum=0)
+    group_size = validation.check_int(op, "antiquant_group_size", group_size, minimum=0)
     if group_size and (group_size % 32 or not 32 <= group_size <= k - 1):
-        raise v.value_error(
+        raise validation.value_error(
             op,
             "antiquant_group_size must be 0 or a multiple of 32 in [32, k - 1] = "
             f"[32, {k - 1}], got {group_size}",
@@ -101,11 +99,11 @@ def _abstract_eval(
     del implementation
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     targets.operator_support(OP)
-    v.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    validation.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
     targets.check_float_dtype(OP, "x1", x1)
     if np.dtype(x2.dtype) != np.dtype(np.int8):
-        raise v.type_error(
-            OP, f"x2 dtype must be int8 with antiquant_scale, got {v.dtype_name(x2.dtype)}"
+        raise validation.type_error(
+            OP, f"x2 dtype must be int8 with antiquant_scale, got {dtype_name(x2.dtype)}"
         )
     out_shape = check_matmul_shapes(OP, x1, x2, transpose_x2=transpose_x2)
     k, n = x1.shape[-1], out_shape[-1]
@@ -116,17 +114,21 @@ def _abstract_eval(
             if group_size
             else f"pertensor (1,) or perchannel (n,) / (1, n) with n = {n}"
         )
-        raise v.type_error(OP, f"antiquant_scale must be {rule}, got {v.shape_str(scale.shape)}")
-    v.check_same_dtype(OP, "antiquant_scale", scale, "x1", x1)
+        raise validation.type_error(
+            OP, f"antiquant_scale must be {rule}, got {shape_str(scale.shape)}"
+        )
+    validation.check_same_dtype(OP, "antiquant_scale", scale, "x1", x1)
     if offset is not None:
-        v.check_shape(OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape")
-        v.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
+        validation.check_shape(
+            OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape"
+        )
+        validation.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
     if bias is not None:
-        v.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
-        v.check_same_dtype(OP, "bias", bias, "x1", x1)
+        validation.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
+        validation.check_same_dtype(OP, "bias", bias, "x1", x1)
     if x3 is not None:
-        v.check_shape(OP, "x3", x3, out_shape, "the output shape")
-        v.check_same_dtype(OP, "x3", x3, "x1", x1)
+        validation.check_shape(OP, "x3", x3, out_shape, "the output shape")
+        validation.check_same_dtype(OP, "x3", x3, "x1", x1)
     return reduced_result(
         OP,
         x1,
@@ -151,7 +153,7 @@ def _xla_composition(
     w = dequantize_weights(
         x2, scale, offset, dtype=x1.dtype, group_size=group_size, transpose_x2=transpose_x2
     )
-    return reference.matmul_all_reduce(
+    return xla.matmul_all_reduce(
         x1, w, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
     )
 
@@ -170,7 +172,7 @@ def _ffi_composition(
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
 
     def local(x1_c, x3_c):
-        return _ffi.matmul(
+        return ffi.matmul(
             x1_c,
             x2,
             bias,
@@ -182,9 +184,7 @@ def _ffi_composition(
             group_size=group_size,
         )
 
-    return reference.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
-    )
+    return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
 
 
 register_implementations(

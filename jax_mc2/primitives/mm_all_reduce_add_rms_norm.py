@@ -15,17 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, reference
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.matmul_all_reduce import (
-    check_chip_limits,
-    check_comm_turn,
-    check_matmul,
-    check_reduce_op,
-    collective_params,
-)
+from jax_mc2.framework import _compat, validation
+from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
+from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.validation import shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_chip_limits, check_matmul
 
 OP = "matmul_all_reduce_add_rms_norm"
 INPLACE_OP = "inplace_matmul_all_reduce_add_rms_norm"
@@ -38,23 +34,25 @@ def _op_name(inplace: bool) -> str:
 
 def check_epsilon(op, epsilon) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating)):
-        raise v.value_error(op, f"epsilon must be a Python float in (0, 1), got {epsilon!r}")
+        raise validation.value_error(
+            op, f"epsilon must be a Python float in (0, 1), got {epsilon!r}"
+        )
     if not 0.0 < float(epsilon) < 1.0:
-        raise v.value_error(op, f"epsilon must be in (0, 1), got {epsilon!r}")
+        raise validation.value_error(op, f"epsilon must be in (0, 1), got {epsilon!r}")
     return float(epsilon)
 
 
 def check_norm_operands(op, x1, x2, residual, gamma, bias, *, transpose_x2):
     """x1: [m, k] or [b, s, k]; residual: [b, s, n] with b * s == m; gamma: [n]."""
     mm_shape = check_matmul(op, x1, x2, transpose_x2=transpose_x2, bias=bias)
-    v.check_rank(op, "residual", residual, (3,), "(b, s, n)")
-    v.check_same_dtype(op, "residual", residual, "x1", x1)
+    validation.check_rank(op, "residual", residual, (3,), "(b, s, n)")
+    validation.check_same_dtype(op, "residual", residual, "x1", x1)
     n = mm_shape[-1]
     b, s, rn = residual.shape
     if x1.ndim == 3:
         ok, rule = (
             residual.shape == mm_shape,
-            f"(b, s, n) = {v.shape_str(mm_shape)} (x1 is (b, s, k))",
+            f"(b, s, n) = {shape_str(mm_shape)} (x1 is (b, s, k))",
         )
     else:
         ok, rule = (
@@ -62,9 +60,9 @@ def check_norm_operands(op, x1, x2, residual, gamma, bias, *, transpose_x2):
             f"(b, s, n) with b * s == m == {mm_shape[0]} and n == {n}",
         )
     if not ok:
-        raise v.type_error(op, f"residual must be {rule}, got {v.shape_str(residual.shape)}")
-    v.check_shape(op, "gamma", gamma, (n,), "1-D (n,)")
-    v.check_same_dtype(op, "gamma", gamma, "x1", x1)
+        raise validation.type_error(op, f"residual must be {rule}, got {shape_str(residual.shape)}")
+    validation.check_shape(op, "gamma", gamma, (n,), "1-D (n,)")
+    validation.check_same_dtype(op, "gamma", gamma, "x1", x1)
     return mm_shape
 
 
@@ -94,7 +92,7 @@ def _abstract_eval(
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     mm_shape = check_norm_operands(op, x1, x2, residual, gamma, bias, transpose_x2=transpose_x2)
     check_epsilon(op, epsilon)
-    check_comm_turn(op, comm_turn)
+    validation.check_comm_turn(op, comm_turn)
     check_chip_limits(
         op, x1, mm_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name
     )
@@ -116,18 +114,16 @@ def _ffi_composition(
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
 
     def local(x1_c, _):
-        return _ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2, parallelism=parallelism)
+        return ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2, parallelism=parallelism)
 
-    mm = reference.chunked_matmul_all_reduce(
-        local, x1, None, axis_name=axis_name, comm_turn=comm_turn
-    )
-    return _ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
+    mm = xla.chunked_matmul_all_reduce(local, x1, None, axis_name=axis_name, comm_turn=comm_turn)
+    return ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
 
 
 def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn):
     del inplace
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
-    return reference.matmul_all_reduce_add_rms_norm(
+    return xla.matmul_all_reduce_add_rms_norm(
         x1,
         x2,
         residual,
@@ -167,7 +163,7 @@ def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **par
     dmm = dmm + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
     if dbias is not None:
         dmm = dmm + dbias.astype(_F32)
-    dmm = reference.all_reduce(dmm.astype(y.dtype), axis_name).astype(_F32)
+    dmm = xla.all_reduce(dmm.astype(y.dtype), axis_name).astype(_F32)
     # d(norm_out) from the primal y: norm = y * rstd * gamma,
     # rstd = (mean(y^2) + eps)^-1/2, d rstd = -rstd^3 * mean(y * dy).
     yf = y.astype(_F32)
@@ -211,7 +207,7 @@ _compat.register_batching_rule(
 )
 
 
-def _bind(
+def bind_add_rms_norm(
     inplace,
     x1,
     x2,
@@ -227,7 +223,7 @@ def _bind(
     implementation,
 ):
     op = _op_name(inplace)
-    check_reduce_op(op, reduce_op)
+    validation.check_reduce_op(op, reduce_op)
     epsilon = check_epsilon(op, epsilon)
     params = collective_params(op, axis_name, comm_turn, implementation)
     operands = [jnp.asarray(a) for a in (x1, x2, residual, gamma)]
@@ -242,90 +238,3 @@ def _bind(
         **params,
     )
     return y, norm_out
-
-
-def matmul_all_reduce_add_rms_norm(
-    x1,
-    x2,
-    residual,
-    gamma,
-    axis_name,
-    *,
-    bias=None,
-    epsilon=1e-6,
-    reduce_op="sum",
-    comm_turn=0,
-    transpose_x2=False,
-    implementation=None,
-):
-    """Matmul + all-reduce + add + RMSNorm.
-
-    Args:
-      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
-      x2: [k, n], or [n, k] with ``transpose_x2=True``.
-      residual: [b, s, n] (b * s == m when x1 is 2-D).
-      gamma: [n].
-      axis_name: mesh axis name(s) bound by ``shard_map``, or None.
-      bias: [n], added on every rank before the reduction.
-      epsilon: in (0, 1).
-      comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
-
-    Returns:
-      ``(y, norm_out)``, both [b, s, n] in residual's dtype:
-      ``y = allReduce(x1 @ x2 + bias) + residual``, ``norm_out = RMSNorm(y) * gamma``.
-    """
-    return _bind(
-        False,
-        x1,
-        x2,
-        residual,
-        gamma,
-        axis_name,
-        bias=bias,
-        epsilon=epsilon,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
-        transpose_x2=transpose_x2,
-        implementation=implementation,
-    )
-
-
-def inplace_matmul_all_reduce_add_rms_norm(
-    x1,
-    x2,
-    residual,
-    gamma,
-    axis_name,
-    *,
-    bias=None,
-    epsilon=1e-6,
-    reduce_op="sum",
-    comm_turn=0,
-    transpose_x2=False,
-    implementation=None,
-):
-    """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
-    ``residual``'s buffer (``input_output_aliases``): donate ``residual``
-    (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;
-    without donation XLA copies it.
-
-    Args and numerics as :func:`matmul_all_reduce_add_rms_norm` (x1 [m, k]
-    or [b, s, k], x2 [k, n], residual [b, s, n], gamma [n]).
-
-    Returns:
-      ``(y, norm_out)``, both [b, s, n] in residual's dtype.
-    """
-    return _bind(
-        True,
-        x1,
-        x2,
-        residual,
-        gamma,
-        axis_name,
-        bias=bias,
-        epsilon=epsilon,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
-        transpose_x2=transpose_x2,
-        implementation=implementation,
-    )

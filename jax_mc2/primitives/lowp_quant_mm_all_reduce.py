@@ -31,11 +31,13 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, quant, reference, targets
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.matmul_all_reduce import check_matmul_shapes, reduced_result
+from jax_mc2.framework import _compat, quant, targets, validation
+from jax_mc2.framework.batching import map_over_batch
+from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.quant import canonical_packed_scale, decode_scale, is_packed_scale
+from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
 
 OP = "quant_matmul_all_reduce_v4"
 _F32 = jnp.float32
@@ -45,7 +47,6 @@ F4_E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 U8 = np.dtype(np.uint8)
 HIF8 = "hifloat8"
-_PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
 _OUT_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
 
 PERTOKEN, PACKED, PERBLOCK, MX = "pertoken", "packed", "perblock", "mx"
@@ -79,7 +80,7 @@ def value_kind(op, name, aval, hif8: bool) -> str:
     dtype = np.dtype(aval.dtype)
     if hif8:
         if dtype != U8:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 f"{name} with {name}_format='hifloat8' must hold uint8 HiFloat8 codes, got "
                 f"{dtype.name}",
@@ -88,22 +89,16 @@ def value_kind(op, name, aval, hif8: bool) -> str:
     if dtype in (F8_E4M3, F8_E5M2, F4_E2M1):
         return dtype.name
     if dtype == U8:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"uint8 {name} holds HiFloat8 codes only with x1_format='hifloat8' and "
             "x2_format='hifloat8'",
         )
-    raise v.type_error(
+    raise validation.type_error(
         op,
         f"{name} dtype must be int8, float8_e4m3fn, float8_e5m2, float4_e2m1fn or uint8 "
         f"HiFloat8 codes (x1_format/x2_format='hifloat8'), got {dtype.name}",
     )
-
-
-def _is_packed(scale) -> bool:
-    dtype = np.dtype(scale.dtype)
-    pair = dtype == np.dtype(np.uint32) and scale.ndim >= 1 and scale.shape[-1] == 2
-    return dtype in _PACKED_WIDE or pair
 
 
 def classify(op, kind, x2_scale, x1_scale) -> str:
@@ -111,25 +106,25 @@ def classify(op, kind, x2_scale, x1_scale) -> str:
     dtype = np.dtype(x2_scale.dtype)
     if dtype == E8M0:
         mode = MX
-    elif _is_packed(x2_scale):
+    elif is_packed_scale(x2_scale):
         mode = PACKED
     elif dtype == np.dtype(np.float32):
         mode = PERBLOCK if x1_scale is not None and x1_scale.ndim >= 2 else PERTOKEN
     else:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"x2_scale dtype for {kind} x1/x2 must be float32 (pertoken / perblock), packed "
             "uint64/int64 words or uint32 (low, high) pairs [..., 2] (perchannel / pertensor), "
             f"or float8_e8m0fnu (MX), got {dtype.name}{list(x2_scale.shape)}",
         )
     if kind == F4_E2M1.name and mode != MX:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             "float4_e2m1fn x1/x2 exist only in the MX rows: x1_scale and x2_scale must be "
             f"float8_e8m0fnu, got x2_scale {dtype.name}",
         )
     if kind == HIF8 and mode == MX:
-        raise v.type_error(
+        raise validation.type_error(
             op, "the MX rows take float8_e4m3fn, float8_e5m2 or float4_e2m1fn x1/x2, not hifloat8"
         )
     return mode
@@ -139,9 +134,9 @@ def _resolve_group(op, group_size, dims, scale_dims, want, row):
     try:
         got = quant.resolve_group_size(group_size, dims, scale_dims)
     except ValueError as e:
-        raise v.value_error(op, f"{e} ({row} rows)") from None
+        raise validation.value_error(op, f"{e} ({row} rows)") from None
     if got != want:
-        raise v.value_error(
+        raise validation.value_error(
             op,
             f"group_size (m, n, k) must resolve to {want} in the {row} rows, got {got} "
             f"(group_size={group_size}; a 0 field is inferred as dim / scale extent)",
@@ -151,7 +146,7 @@ def _resolve_group(op, group_size, dims, scale_dims, want, row):
 
 def _check_static_group(op, group_size, row):
     if group_size != 0:
-        raise v.value_error(
+        raise validation.value_error(
             op,
             f"group_size must be 0 in the {row} rows (it is meaningful only when both scales "
             f"are at least 2-D: perblock / MX), got {group_size!r}",
@@ -176,16 +171,16 @@ def check_call(
     """Every dtype / shape / static rule of the fp8, hifloat8 and MX rows;
     returns ``(out_shape, mode)``."""
     support = targets.operator_support(op)
-    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    validation.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
     kind = value_kind(op, "x1", x1, hif8)
     kind2 = value_kind(op, "x2", x2, hif8)
     if kind2 != kind:
-        raise v.type_error(
+        raise validation.type_error(
             op, f"x2 must have x1's dtype {kind} (the tables pair equal dtypes), got {kind2}"
         )
     profile = targets.current_profile()
     if not support.low_precision:
-        raise v.unsupported(
+        raise validation.unsupported(
             op,
             f"the {kind} rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
             f"target {profile.name!r} ({profile.description}); use target 'ascend-950' or "
@@ -199,33 +194,35 @@ def check_call(
 
     def check_f32(name, aval):
         if np.dtype(aval.dtype) != f32:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
-                f"{name} dtype must be float32 in the {mode} rows, got {v.dtype_name(aval.dtype)}",
+                f"{name} dtype must be float32 in the {mode} rows, got {dtype_name(aval.dtype)}",
             )
 
     if mode in (PERTOKEN, PACKED):
         pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
         shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
         if shape not in ((1,), (n,), (1, n)):
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
-                f"{mode} rows, got {v.shape_str(shape)}",
+                f"{mode} rows, got {shape_str(shape)}",
             )
         _check_static_group(op, group_size, mode)
     if mode == PERTOKEN:
         if x1_scale is None:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 "a float32 x2_scale needs x1_scale (float32 (m,) pertoken, or 2-D perblock "
                 "scales); without x1_scale pass packed x2_scale words (quant.trans_quant_param)",
             )
         check_f32("x1_scale", x1_scale)
-        v.check_shape(op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)")
+        validation.check_shape(
+            op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)"
+        )
     elif mode == PACKED:
         if x1_scale is not None:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
                 "rows); pertoken scales take a float32 x2_scale",
@@ -240,16 +237,16 @@ def check_call(
         else:
             want1 = (_ceil(m, BLOCK), kb)
             rule1 = "(ceil(m/128), ceil(k/128))"
-        v.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
+        validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
         want2 = (nb, kb) if transpose_x2 else (kb, nb)
         rule2 = (
             "(ceil(n/128), ceil(k/128)) (transpose_x2)"
             if transpose_x2
             else ("(ceil(k/128), ceil(n/128))")
         )
-        v.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
+        validation.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
         if bias is not None:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
                 "supports only a null bias)",
@@ -265,47 +262,48 @@ def check_call(
         )
     else:  # MX
         if not transpose_x2:
-            raise v.value_error(
+            raise validation.value_error(
                 op,
                 "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
                 "only a transposed (n, k) x2)",
             )
         if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
-            got = "None" if x1_scale is None else v.dtype_name(x1_scale.dtype)
-            raise v.type_error(
+            got = "None" if x1_scale is None else dtype_name(x1_scale.dtype)
+            raise validation.type_error(
                 op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
             )
         kb = _ceil(k, 2 * MX_BLOCK)
-        v.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
-        v.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
+        validation.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
+        validation.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
         if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
                 f"{_ceil(k, MX_BLOCK)})",
             )
         _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
     if bias is not None:
-        v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
+        validation.check_shape(op, "bias", bias, (n,), "1-D (n,)")
         check_f32("bias", bias)
     allowed = list(_OUT_DTYPES)
     if mode == PACKED and np.dtype(np.float32) not in profile.float_dtypes:
         allowed.remove(np.dtype(np.float32))
     if out_dtype not in allowed:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"out_dtype must be one of {', '.join(d.name for d in allowed)} in the {kind} "
             f"{mode} rows on target {profile.name!r}, got {out_dtype.name}",
         )
     if x3 is not None:
-        v.check_shape(op, "x3", x3, out_shape, "the output shape")
+        validation.check_shape(op, "x3", x3, out_shape, "the output shape")
         if np.dtype(x3.dtype) not in _OUT_DTYPES:
-            raise v.type_error(
-                op, f"x3 dtype must be float16, bfloat16 or float32, got {v.dtype_name(x3.dtype)}"
+            raise validation.type_error(
+                op,
+                f"x3 dtype must be float16, bfloat16 or float32, got {dtype_name(x3.dtype)}",
             )
     if comm_quant_mode == 1:
         if kind not in (F8_E4M3.name, F8_E5M2.name) or mode not in (PERTOKEN, PERBLOCK):
-            raise v.value_error(
+            raise validation.value_error(
                 op,
                 "comm_quant_mode=1 (fp8 pertile communication, formula 8) needs float8_e4m3fn "
                 f"or float8_e5m2 x1/x2 with float32 x1_scale and x2_scale, got {kind} x1/x2 "
@@ -404,8 +402,6 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
     [n]; perblock float32 [ceil(k/128), n] (each column's block scales); MX
     e8m0 [n, 2 * ceil(k/64)]."""
     if mode == PACKED:
-        from jax_mc2.ops.quant_matmul_all_reduce import decode_scale
-
         return decode_scale(x2_scale)
     if mode == PERTOKEN:
         return x2_scale.reshape(-1)
@@ -577,7 +573,7 @@ def _composition(local_fn, operands, params, axis_name, comm_turn):
     def local(x1_c, x3_c, s1_c):
         return local_fn(x1_c, x2, s2, s1_c, bias, x3_c, mode=mode, comm=comm)
 
-    return reference.chunked_matmul_all_reduce(
+    return xla.chunked_matmul_all_reduce(
         local, x1, x3, s1, axis_name=axis_name, comm_turn=comm_turn, reduce=reduce
     )
 
@@ -610,7 +606,7 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
         if np.dtype(x1.dtype) == F4_E2M1:
             # XLA:CPU stores fp4 two values per byte; every fp4 value is exact in e4m3fn.
             x1, x2 = x1.astype(jnp.float8_e4m3fn), x2.astype(jnp.float8_e4m3fn)
-        return _ffi.lowp_matmul(
+        return ffi.lowp_matmul(
             x1,
             x2,
             s2,
@@ -662,14 +658,6 @@ def _batch(args, dims, **params):
 _compat.register_batching_rule(lowp_quant_mm_all_reduce_p, lambda params: OP, _batch)
 
 
-def _canonical_scale(scale):
-    """NumPy int64/uint64 packed words become uint32 pairs (they survive x64 off)."""
-    if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
-        low, high = quant.packed_scale_words(scale)
-        return jnp.stack([low, high], axis=-1)
-    return jnp.asarray(scale)
-
-
 def bind_low_precision(
     x1,
     x2,
@@ -686,7 +674,7 @@ def bind_low_precision(
     params,
 ):
     """Binds the fp8 / hifloat8 / MX primitive (``params``: collective_params)."""
-    operands = [jnp.asarray(x1), jnp.asarray(x2), _canonical_scale(x2_scale)]
+    operands = [jnp.asarray(x1), jnp.asarray(x2), canonical_packed_scale(x2_scale)]
     operands += [jnp.asarray(a) for a in (x1_scale, bias, x3) if a is not None]
     return lowp_quant_mm_all_reduce_p.bind(
         *operands,
