@@ -13,10 +13,11 @@ import numpy as np
 
 from jax_mc2.framework import validation
 from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.primitive import bind
 from jax_mc2.operators._weight_format import x2_from_format
 from jax_mc2.primitives.mm_all_reduce import mm_all_reduce_p
 from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce
-from jax_mc2.primitives.weight_quant_mm_all_reduce import bind_weight_quant
+from jax_mc2.primitives.weight_quant_mm_all_reduce import weight_quant_mm_all_reduce_p
 
 OP = "mm_all_reduce_base"
 
@@ -121,17 +122,20 @@ def mm_all_reduce_base(
                 "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
                 "quantization) are different modes; pass one of them",
             )
-        return bind_weight_quant(
-            x1,
-            x2,
-            scale=antiquant_scale,
-            offset=antiquant_offset,
-            bias=bias,
-            x3=x3,
+        return bind(
+            weight_quant_mm_all_reduce_p,
+            {
+                "x1": x1,
+                "x2": x2,
+                "scale": antiquant_scale,
+                "offset": antiquant_offset,
+                "bias": bias,
+                "x3": x3,
+            },
+            transpose_x2=bool(transpose_x2),
             group_size=validation.check_int(
                 OP, "antiquant_group_size", antiquant_group_size, minimum=0
             ),
-            transpose_x2=transpose_x2,
             **collective_params(OP, axis_name, comm_turn, implementation),
         )
     if dequant_scale is not None:
@@ -158,12 +162,9 @@ def mm_all_reduce_base(
         raise validation.type_error(
             OP, "int8 x1 is the full-quantization mode: pass dequant_scale (and int8 x2)"
         )
-    params = collective_params(OP, axis_name, comm_turn, implementation)
-    operands = [jnp.asarray(a) for a in (x1, x2, bias, x3) if a is not None]
-    return mm_all_reduce_p.bind(
-        *operands,
+    return bind(
+        mm_all_reduce_p,
+        {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
         transpose_x2=bool(transpose_x2),
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
-        **params,
+        **collective_params(OP, axis_name, comm_turn, implementation),
     )

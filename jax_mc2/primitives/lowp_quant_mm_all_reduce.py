@@ -31,9 +31,15 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import _compat, quant, targets, validation
-from jax_mc2.framework.batching import map_over_batch
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework import quant, targets, validation
+from jax_mc2.framework.primitive import (
+    MAP,
+    Operand,
+    PrimitiveSpec,
+    bind,
+    register,
+    split_operands,
+)
 from jax_mc2.framework.quant import canonical_packed_scale, decode_scale, is_packed_scale
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.implementations import ffi, xla
@@ -315,15 +321,19 @@ def check_call(
 # --------------------------------------------------------------------------
 # The primitive
 
-lowp_quant_mm_all_reduce_p = _compat.new_primitive("mc2_lowp_quant_mm_all_reduce")
+OPERANDS = (
+    Operand("x1"),
+    Operand("x2"),
+    Operand("x2_scale"),
+    Operand("x1_scale", flag="has_x1_scale"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3"),
+)
 
 
 def _split(operands, has_x1_scale, has_bias, has_x3):
-    x1, x2, x2_scale, *rest = operands
-    x1_scale = rest.pop(0) if has_x1_scale else None
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, x2_scale, x1_scale, bias, x3
+    flags = {"has_x1_scale": has_x1_scale, "has_bias": has_bias, "has_x3": has_x3}
+    return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
 def _abstract_eval(
@@ -368,9 +378,6 @@ def _abstract_eval(
         axis_name=axis_name,
         x2=x2,
     )
-
-
-lowp_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
 
 
 # --------------------------------------------------------------------------
@@ -624,38 +631,22 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     return _composition(local, operands, params, axis_name, comm_turn)
 
 
-register_implementations(
-    lowp_quant_mm_all_reduce_p,
-    OP,
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=False,
+lowp_quant_mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_lowp_quant_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=MAP,
+        not_differentiable=(
+            "the fp8 / hifloat8 / MX quantized rows are not differentiable (quantized "
+            "operands and scales); differentiate the floating-point model and quantize after "
+            "training"
+        ),
+    )
 )
-
-
-def _jvp(primals, tangents, **params):
-    raise NotImplementedError(
-        f"{OP}: the fp8 / hifloat8 / MX quantized rows are not differentiable (quantized "
-        "operands and scales); differentiate the floating-point model and quantize after training"
-    )
-
-
-_compat.ad.primitive_jvps[lowp_quant_mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
-    ops = list(_split(list(args), *flags))
-    ds = list(_split(list(dims), *flags))
-    out = map_over_batch(
-        lambda *a: lowp_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        ops,
-        ds,
-    )
-    return out, 0
-
-
-_compat.register_batching_rule(lowp_quant_mm_all_reduce_p, lambda params: OP, _batch)
 
 
 def bind_low_precision(
@@ -674,17 +665,21 @@ def bind_low_precision(
     params,
 ):
     """Binds the fp8 / hifloat8 / MX primitive (``params``: collective_params)."""
-    operands = [jnp.asarray(x1), jnp.asarray(x2), canonical_packed_scale(x2_scale)]
-    operands += [jnp.asarray(a) for a in (x1_scale, bias, x3) if a is not None]
-    return lowp_quant_mm_all_reduce_p.bind(
-        *operands,
+    named = {
+        "x1": x1,
+        "x2": x2,
+        "x2_scale": canonical_packed_scale(x2_scale),
+        "x1_scale": x1_scale,
+        "bias": bias,
+        "x3": x3,
+    }
+    return bind(
+        lowp_quant_mm_all_reduce_p,
+        named,
         hif8=bool(hif8),
         transpose_x2=bool(transpose_x2),
         out_dtype=np.dtype(out_dtype),
         group_size=int(group_size),
         comm_quant_mode=int(comm_quant_mode),
-        has_x1_scale=x1_scale is not None,
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
         **params,
     )

@@ -10,8 +10,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_mc2.framework import _compat
-from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.primitive import (
+    FOLD_MATRIX,
+    FOLD_ROWS,
+    Operand,
+    PrimitiveSpec,
+    register,
+    split_operands,
+)
 from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.matmul_family import check_matmul, reduced_result
 
@@ -23,14 +29,17 @@ _F32 = jnp.float32
 # The primitive
 
 
-mm_all_reduce_p = _compat.new_primitive("mc2_mm_all_reduce")
+OPERANDS = (
+    Operand("x1", fold=FOLD_MATRIX),
+    Operand("x2"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3", fold=FOLD_MATRIX),
+)
 
 
 def _split_operands(operands, has_bias, has_x3):
-    x1, x2, *rest = operands
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, bias, x3
+    named = split_operands(OPERANDS, operands, {"has_bias": has_bias, "has_x3": has_x3})
+    return named["x1"], named["x2"], named["bias"], named["x3"]
 
 
 def _abstract_eval(
@@ -51,9 +60,6 @@ def _abstract_eval(
     )
 
 
-mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
-
-
 def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
 
@@ -68,11 +74,6 @@ def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_
     return xla.matmul_all_reduce(
         x1, x2, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
     )
-
-
-register_implementations(
-    mm_all_reduce_p, OP, ffi=_ffi_composition, xla=_xla_composition, multiple_results=False
-)
 
 
 def _jvp(
@@ -113,31 +114,16 @@ def _jvp(
     return out, xla.all_reduce(acc.astype(out.dtype), axis_name)
 
 
-_compat.ad.primitive_jvps[mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    not_mapped = _compat.NOT_MAPPED
-    x1, x2, bias, x3 = _split_operands(list(args), params["has_bias"], params["has_x3"])
-    d1, d2, db, d3 = _split_operands(list(dims), params["has_bias"], params["has_x3"])
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
-    if d2 is not_mapped and db is not_mapped:
-        # Only row operands are batched: fold the batch into the rows.
-        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
-        lead = x1.shape[:-1]
-        x1f = x1.reshape(size * lead[1], *x1.shape[2:]) if x1.ndim == 4 else x1
-        x3f = None
-        if x3 is not None:
-            x3f = x3.reshape(size * lead[1], *x3.shape[2:]) if x3.ndim == 4 else x3
-        ops = [x1f, x2] + [a for a in (bias, x3f) if a is not None]
-        out = mm_all_reduce_p.bind(*ops, **params)
-        return out.reshape(*lead, out.shape[-1]), 0
-    out = map_over_batch(
-        lambda *a: mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        [x1, x2, bias, x3],
-        [d1, d2, db, d3],
+mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=FOLD_ROWS,
+        fold_like="x1",
+        jvp=_jvp,
     )
-    return out, 0
-
-
-_compat.register_batching_rule(mm_all_reduce_p, lambda params: OP, _batch)
+)

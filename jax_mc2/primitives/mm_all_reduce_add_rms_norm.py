@@ -16,9 +16,16 @@ import numpy as np
 from jax import lax
 
 from jax_mc2.framework import _compat, validation
-from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
 from jax_mc2.framework.collective import collective_params
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.primitive import (
+    FOLD_LEADING,
+    FOLD_ROWS,
+    Operand,
+    PrimitiveSpec,
+    bind,
+    register,
+    split_operands,
+)
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.matmul_family import check_chip_limits, check_matmul
@@ -66,14 +73,17 @@ def check_norm_operands(op, x1, x2, residual, gamma, bias, *, transpose_x2):
     return mm_shape
 
 
-mm_all_reduce_add_rms_norm_p = _compat.new_primitive(
-    "mc2_mm_all_reduce_add_rms_norm", multiple_results=True
+OPERANDS = (
+    Operand("x1", fold=FOLD_LEADING),
+    Operand("x2"),
+    Operand("residual", fold=FOLD_LEADING),
+    Operand("gamma"),
+    Operand("bias", flag="has_bias"),
 )
 
 
 def _split(operands, has_bias):
-    x1, x2, residual, gamma, *rest = operands
-    return x1, x2, residual, gamma, (rest[0] if has_bias else None)
+    return tuple(split_operands(OPERANDS, operands, {"has_bias": has_bias}).values())
 
 
 def _abstract_eval(
@@ -105,9 +115,6 @@ def _abstract_eval(
     return [y, norm_out], _compat.named_axis_effects(axis_name)
 
 
-mm_all_reduce_add_rms_norm_p.def_effectful_abstract_eval(_abstract_eval)
-
-
 def _ffi_composition(
     *operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn, parallelism
 ):
@@ -134,15 +141,6 @@ def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_n
         axis_name=axis_name,
         comm_turn=comm_turn,
     )
-
-
-register_implementations(
-    mm_all_reduce_add_rms_norm_p,
-    lambda params: _op_name(params["inplace"]),
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=True,
-)
 
 
 def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **params):
@@ -176,34 +174,19 @@ def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **par
     return (y, norm_out), (dy.astype(y.dtype), dnorm.astype(norm_out.dtype))
 
 
-_compat.ad.primitive_jvps[mm_all_reduce_add_rms_norm_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    not_mapped = _compat.NOT_MAPPED
-    has_bias = params["has_bias"]
-    x1, x2, residual, gamma, bias = _split(list(args), has_bias)
-    d1, d2, dr, dg, db = _split(list(dims), has_bias)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
-    if d2 is not_mapped and dg is not_mapped and db is not_mapped:
-        # Only x1 and residual are batched: fold the batch into b (or m).
-        x1, residual = move_batch_to_front([x1, residual], [d1, dr], size)
-        x1f = x1.reshape(-1, *x1.shape[2:])
-        rf = residual.reshape(-1, *residual.shape[2:])
-        ops = [x1f, x2, rf, gamma] + ([bias] if has_bias else [])
-        outs = mm_all_reduce_add_rms_norm_p.bind(*ops, **params)
-        return [o.reshape(residual.shape) for o in outs], [0, 0]
-
-    def one(x1_, x2_, r_, g_, b_):
-        ops = [x1_, x2_, r_, g_] + ([b_] if has_bias else [])
-        return tuple(mm_all_reduce_add_rms_norm_p.bind(*ops, **params))
-
-    outs = map_over_batch(one, [x1, x2, residual, gamma, bias], [d1, d2, dr, dg, db])
-    return list(outs), [0, 0]
-
-
-_compat.register_batching_rule(
-    mm_all_reduce_add_rms_norm_p, lambda params: _op_name(params["inplace"]), _batch
+mm_all_reduce_add_rms_norm_p = register(
+    PrimitiveSpec(
+        name="mc2_mm_all_reduce_add_rms_norm",
+        operator=lambda params: _op_name(params["inplace"]),
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        multiple_results=True,
+        batching=FOLD_ROWS,
+        fold_like="residual",
+        jvp=_jvp,
+    )
 )
 
 
@@ -226,14 +209,11 @@ def bind_add_rms_norm(
     validation.check_reduce_op(op, reduce_op)
     epsilon = check_epsilon(op, epsilon)
     params = collective_params(op, axis_name, comm_turn, implementation)
-    operands = [jnp.asarray(a) for a in (x1, x2, residual, gamma)]
-    if bias is not None:
-        operands.append(jnp.asarray(bias))
-    y, norm_out = mm_all_reduce_add_rms_norm_p.bind(
-        *operands,
+    y, norm_out = bind(
+        mm_all_reduce_add_rms_norm_p,
+        {"x1": x1, "x2": x2, "residual": residual, "gamma": gamma, "bias": bias},
         epsilon=epsilon,
         transpose_x2=bool(transpose_x2),
-        has_bias=bias is not None,
         inplace=inplace,
         **params,
     )

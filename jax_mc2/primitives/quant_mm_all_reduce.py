@@ -21,11 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import _compat, targets, validation
-from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
+from jax_mc2.framework import targets, validation
 from jax_mc2.framework.collective import collective_params
-from jax_mc2.framework.lowering import register_implementations
-from jax_mc2.framework.quant import PACKED_WIDE, decode_scale, packed_scale_words
+from jax_mc2.framework.primitive import (
+    FOLD_MATRIX,
+    FOLD_VECTOR,
+    Operand,
+    PrimitiveSpec,
+    bind,
+    fold_rows_rule,
+    register,
+    split_operands,
+)
+from jax_mc2.framework.quant import PACKED_WIDE, canonical_packed_scale, decode_scale
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
@@ -106,16 +114,27 @@ def check_int8_matmul(op, x1, x2, *, transpose_x2, bias=None):
     return out_shape
 
 
-quant_mm_all_reduce_p = _compat.new_primitive("mc2_quant_mm_all_reduce")
+OPERANDS = (
+    Operand("x1", fold=FOLD_MATRIX),
+    Operand("x2"),
+    Operand("scale"),
+    Operand("pertoken", flag="has_pertoken", fold=FOLD_VECTOR),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3", fold=FOLD_MATRIX),
+    Operand("comm_scale_1", flag="has_comm_scales"),
+    Operand("comm_scale_2", flag="has_comm_scales"),
+)
 
 
 def _split(operands, has_pertoken, has_bias, has_x3, has_comm_scales=False):
-    x1, x2, scale, *rest = operands
-    pertoken = rest.pop(0) if has_pertoken else None
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    comm = (rest.pop(0), rest.pop(0)) if has_comm_scales else None
-    return x1, x2, scale, pertoken, bias, x3, comm
+    flags = {
+        "has_pertoken": has_pertoken,
+        "has_bias": has_bias,
+        "has_x3": has_x3,
+        "has_comm_scales": has_comm_scales,
+    }
+    *named, comm_1, comm_2 = split_operands(OPERANDS, operands, flags).values()
+    return (*named, None if comm_1 is None else (comm_1, comm_2))
 
 
 def _abstract_eval(
@@ -185,9 +204,6 @@ def _abstract_eval(
         axis_name=axis_name,
         x2=x2,
     )
-
-
-quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
 
 
 def _out_dtype(scale):
@@ -279,54 +295,36 @@ def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallel
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
 
-register_implementations(
-    quant_mm_all_reduce_p,
-    lambda params: params["op"],
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=False,
+def _batching(spec, primitive):
+    fold_rows = fold_rows_rule(spec, primitive)
+
+    def rule(args, dims, **params):
+        if params["has_comm_scales"]:
+            raise NotImplementedError(
+                f"{params['op']}: vmap of the low-bit communication mode (comm_quant_scale_*) "
+                "is not supported; its all-to-all splits the rows of one matmul across ranks"
+            )
+        return fold_rows(args, dims, **params)
+
+    return rule
+
+
+quant_mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_quant_mm_all_reduce",
+        operator=lambda params: params["op"],
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=_batching,
+        fold_like="x1",
+        not_differentiable=(
+            "the int8 quantized mode is not differentiable (int8 operands and packed "
+            "scales); differentiate the floating-point model and quantize after training"
+        ),
+    )
 )
-
-
-def _jvp(primals, tangents, *, op, **params):
-    raise NotImplementedError(
-        f"{op}: the int8 quantized mode is not differentiable (int8 operands and packed "
-        "scales); differentiate the floating-point model and quantize after training"
-    )
-
-
-_compat.ad.primitive_jvps[quant_mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    not_mapped = _compat.NOT_MAPPED
-    flags = params["has_pertoken"], params["has_bias"], params["has_x3"]
-    if params["has_comm_scales"]:
-        raise NotImplementedError(
-            f"{params['op']}: vmap of the low-bit communication mode (comm_quant_scale_*) is "
-            "not supported; its all-to-all splits the rows of one matmul across ranks"
-        )
-    x1, x2, scale, pertoken, bias, x3, _ = _split(list(args), *flags)
-    d1, d2, ds, dp, db, d3, _ = _split(list(dims), *flags)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
-    if d2 is not_mapped and ds is not_mapped and db is not_mapped:
-        # Only row operands are batched: fold the batch into the rows.
-        x1, x3, pertoken = move_batch_to_front([x1, x3, pertoken], [d1, d3, dp], size)
-        x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
-        x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
-        tf = None if pertoken is None else pertoken.reshape(-1)
-        ops = [x1f, x2, scale] + [a for a in (tf, bias, x3f) if a is not None]
-        out = quant_mm_all_reduce_p.bind(*ops, **params)
-        return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
-    out = map_over_batch(
-        lambda *a: quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        [x1, x2, scale, pertoken, bias, x3],
-        [d1, d2, ds, dp, db, d3],
-    )
-    return out, 0
-
-
-_compat.register_batching_rule(quant_mm_all_reduce_p, lambda params: params["op"], _batch)
 
 
 def bind_int8_matmul_all_reduce(
@@ -348,20 +346,20 @@ def bind_int8_matmul_all_reduce(
     """Canonicalizes the arguments and binds the int8 primitive for ``op``."""
     validation.check_reduce_op(op, reduce_op)
     params = collective_params(op, axis_name, comm_turn, implementation)
-    scale = dequant_scale if isinstance(dequant_scale, np.ndarray) else jnp.asarray(dequant_scale)
-    if isinstance(scale, np.ndarray) and scale.dtype in PACKED_WIDE:
-        low, high = packed_scale_words(scale)
-        scale = jnp.stack([low, high], axis=-1)  # NumPy words survive with x64 off
-    operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
-    operands += [jnp.asarray(a) for a in (pertoken_scale, bias, x3) if a is not None]
-    operands += [jnp.asarray(a) for a in comm_quant_scales or ()]
-    return quant_mm_all_reduce_p.bind(
-        *operands,
+    comm_1, comm_2 = comm_quant_scales or (None, None)
+    return bind(
+        quant_mm_all_reduce_p,
+        {
+            "x1": x1,
+            "x2": x2,
+            "scale": canonical_packed_scale(dequant_scale),
+            "pertoken": pertoken_scale,
+            "bias": bias,
+            "x3": x3,
+            "comm_scale_1": comm_1,
+            "comm_scale_2": comm_2,
+        },
         op=op,
         transpose_x2=bool(transpose_x2),
-        has_pertoken=pertoken_scale is not None,
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
-        has_comm_scales=comm_quant_scales is not None,
         **params,
     )

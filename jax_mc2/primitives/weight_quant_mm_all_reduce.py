@@ -15,9 +15,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import _compat, targets, validation
-from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework import targets, validation
+from jax_mc2.framework.primitive import (
+    FOLD_MATRIX,
+    FOLD_ROWS,
+    Operand,
+    PrimitiveSpec,
+    register,
+    split_operands,
+)
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
@@ -73,15 +79,19 @@ def dequantize_weights(x2, scale, offset, *, dtype, group_size, transpose_x2):
     return (w * expand(scale)).astype(dtype)
 
 
-weight_quant_mm_all_reduce_p = _compat.new_primitive("mc2_weight_quant_mm_all_reduce")
+OPERANDS = (
+    Operand("x1", fold=FOLD_MATRIX),
+    Operand("x2"),
+    Operand("scale"),
+    Operand("offset", flag="has_offset"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3", fold=FOLD_MATRIX),
+)
 
 
 def _split(operands, has_offset, has_bias, has_x3):
-    x1, x2, scale, *rest = operands
-    offset = rest.pop(0) if has_offset else None
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, scale, offset, bias, x3
+    flags = {"has_offset": has_offset, "has_bias": has_bias, "has_x3": has_x3}
+    return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
 def _abstract_eval(
@@ -143,9 +153,6 @@ def _abstract_eval(
     )
 
 
-weight_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
-
-
 def _xla_composition(
     *operands, transpose_x2, has_offset, has_bias, has_x3, group_size, axis_name, comm_turn
 ):
@@ -187,71 +194,19 @@ def _ffi_composition(
     return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
 
 
-register_implementations(
-    weight_quant_mm_all_reduce_p,
-    OP,
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=False,
+weight_quant_mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_weight_quant_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=FOLD_ROWS,
+        fold_like="x1",
+        not_differentiable=(
+            "the weight-only quantized mode (antiquant_scale) is not differentiable; "
+            "differentiate the floating-point model and quantize the weights after training"
+        ),
+    )
 )
-
-
-def _jvp(primals, tangents, **params):
-    raise NotImplementedError(
-        f"{OP}: the weight-only quantized mode (antiquant_scale) is not differentiable; "
-        "differentiate the floating-point model and quantize the weights after training"
-    )
-
-
-_compat.ad.primitive_jvps[weight_quant_mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    not_mapped = _compat.NOT_MAPPED
-    flags = params["has_offset"], params["has_bias"], params["has_x3"]
-    x1, x2, scale, offset, bias, x3 = _split(list(args), *flags)
-    d1, d2, ds, do, db, d3 = _split(list(dims), *flags)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
-    if all(d is not_mapped for d in (d2, ds, do, db)):
-        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
-        x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
-        x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
-        ops = [x1f, x2, scale] + [a for a in (offset, bias, x3f) if a is not None]
-        out = weight_quant_mm_all_reduce_p.bind(*ops, **params)
-        return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
-    out = map_over_batch(
-        lambda *a: weight_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        [x1, x2, scale, offset, bias, x3],
-        [d1, d2, ds, do, db, d3],
-    )
-    return out, 0
-
-
-_compat.register_batching_rule(weight_quant_mm_all_reduce_p, lambda params: OP, _batch)
-
-
-def bind_weight_quant(
-    x1,
-    x2,
-    *,
-    scale,
-    offset,
-    bias,
-    x3,
-    group_size,
-    transpose_x2,
-    **params,
-):
-    """Binds the weight-only quantized primitive; ``params`` are the
-    canonical collective parameters (``collective_params``)."""
-    operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
-    operands += [jnp.asarray(a) for a in (offset, bias, x3) if a is not None]
-    return weight_quant_mm_all_reduce_p.bind(
-        *operands,
-        transpose_x2=bool(transpose_x2),
-        has_offset=offset is not None,
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
-        group_size=int(group_size),
-        **params,
-    )
