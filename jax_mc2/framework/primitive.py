@@ -66,7 +66,8 @@ class PrimitiveSpec:
 
     ``operator``: the operator name in errors, or a function of the
     parameters for a primitive several operators share. ``abstract_eval``
-    takes ``(*operands, **params)`` and returns ``(avals, effects)``.
+    takes ``(*operands, **params)`` and returns ``(avals, effects)`` (the
+    avals alone when not ``effectful``).
     ``xla`` / ``ffi``: the implementations' compositions (see
     :func:`jax_mc2.framework.lowering.register_implementations`).
     ``batching``: :data:`MAP`, :data:`FOLD_ROWS` (fold the batch into the
@@ -84,6 +85,7 @@ class PrimitiveSpec:
     xla: Callable[..., Any]
     ffi: Callable[..., Any]
     multiple_results: bool = False
+    effectful: bool = True
     pass_context: bool = False
     batching: str | Callable[..., Callable[..., Any]] = MAP
     fold_like: str | None = None
@@ -210,7 +212,10 @@ def register(spec: PrimitiveSpec) -> _compat.core.Primitive:
     if spec.name in SPECS:
         raise ValueError(f"primitive {spec.name!r} is already registered")
     primitive = _compat.new_primitive(spec.name, multiple_results=spec.multiple_results)
-    primitive.def_effectful_abstract_eval(spec.abstract_eval)
+    if spec.effectful:
+        primitive.def_effectful_abstract_eval(spec.abstract_eval)
+    else:
+        primitive.def_abstract_eval(spec.abstract_eval)
     lowering.register_implementations(
         primitive,
         spec.operator,

@@ -14,15 +14,12 @@ the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 from jax import lax
 
 from jax_mc2.framework import _compat, validation
-from jax_mc2.framework.batching import map_over_batch
 from jax_mc2.framework.implementation import requested as requested_implementation
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.implementations import ffi
 
@@ -31,8 +28,8 @@ _F32 = jnp.float32
 _I32 = jnp.int32
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 
-grouped_matmul_p = _compat.new_primitive("mc2_grouped_matmul")
-grouped_matmul_wgrad_p = _compat.new_primitive("mc2_grouped_matmul_wgrad")
+OPERANDS = (Operand("x"), Operand("w"), Operand("offsets"))
+WGRAD_OPERANDS = (Operand("x"), Operand("dy"), Operand("offsets"))
 
 
 def _check_offsets(offsets, groups):
@@ -70,10 +67,6 @@ def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_
     k, n = x.shape[1], dy.shape[1]
     shape = (groups, n, k) if trans_weight else (groups, k, n)
     return _compat.result_aval(x, shape, x.dtype, [x, dy, offsets])
-
-
-grouped_matmul_p.def_abstract_eval(_abstract_eval)
-grouped_matmul_wgrad_p.def_abstract_eval(_wgrad_abstract_eval)
 
 
 def _selected_dense_gmm(x, w, offsets):
@@ -139,14 +132,6 @@ def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
     return ffi.grouped_matmul_wgrad(
         x, dy, offsets, transpose_w=trans_weight, parallelism=parallelism
     )
-
-
-register_implementations(
-    grouped_matmul_p, OP, ffi=_ffi_gmm, xla=grouped_matmul_xla, multiple_results=False
-)
-register_implementations(
-    grouped_matmul_wgrad_p, OP, ffi=_wgrad_ffi, xla=_wgrad_xla, multiple_results=False
-)
 
 
 def _bind(prim, *operands, **params):
@@ -217,24 +202,35 @@ def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
     raise NotImplementedError(f"{OP}: transposition needs exactly one of x and dy linear")
 
 
-_compat.ad.primitive_jvps[grouped_matmul_p] = functools.partial(_bilinear_jvp, grouped_matmul_p)
-_compat.ad.primitive_transposes[grouped_matmul_p] = _transpose
-_compat.ad.primitive_jvps[grouped_matmul_wgrad_p] = functools.partial(
-    _bilinear_jvp, grouped_matmul_wgrad_p
+grouped_matmul_p = register(
+    PrimitiveSpec(
+        name="mc2_grouped_matmul",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        effectful=False,
+        xla=grouped_matmul_xla,
+        ffi=_ffi_gmm,
+        batching=MAP,
+        jvp=lambda primals, tangents, **params: _bilinear_jvp(
+            grouped_matmul_p, primals, tangents, **params
+        ),
+        transpose=_transpose,
+    )
 )
-_compat.ad.primitive_transposes[grouped_matmul_wgrad_p] = _wgrad_transpose
-
-
-def _batch(prim, args, dims, **params):
-    out = map_over_batch(lambda *a: prim.bind(*a, **params), list(args), list(dims))
-    return out, 0
-
-
-_compat.register_batching_rule(
-    grouped_matmul_p, lambda p: OP, lambda a, d, **p: _batch(grouped_matmul_p, a, d, **p)
-)
-_compat.register_batching_rule(
-    grouped_matmul_wgrad_p,
-    lambda p: OP,
-    lambda a, d, **p: _batch(grouped_matmul_wgrad_p, a, d, **p),
+grouped_matmul_wgrad_p = register(
+    PrimitiveSpec(
+        name="mc2_grouped_matmul_wgrad",
+        operator=OP,
+        operands=WGRAD_OPERANDS,
+        abstract_eval=_wgrad_abstract_eval,
+        effectful=False,
+        xla=_wgrad_xla,
+        ffi=_wgrad_ffi,
+        batching=MAP,
+        jvp=lambda primals, tangents, **params: _bilinear_jvp(
+            grouped_matmul_wgrad_p, primals, tangents, **params
+        ),
+        transpose=_wgrad_transpose,
+    )
 )
