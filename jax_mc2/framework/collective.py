@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike
 
 from jax_mc2.framework import validation
 from jax_mc2.framework.implementation import requested as requested_implementation
+from jax_mc2.framework.typing import AxisName
 from jax_mc2.framework.validation import shape_str
 
 
@@ -15,7 +19,9 @@ def world_size_of(axis_name: tuple[str, ...]) -> int:
     return int(lax.axis_size(axis_name)) if axis_name else 1
 
 
-def collective_params(op, axis_name, comm_turn, implementation) -> dict:
+def collective_params(
+    op: str, axis_name: AxisName, comm_turn: int, implementation: str | None
+) -> dict[str, Any]:
     """The canonical ``axis_name``, ``world_size``, ``comm_turn`` and
     ``implementation`` parameters every primitive of the family binds with."""
     axes = validation.canonical_axis_name(op, axis_name)
@@ -29,7 +35,7 @@ def collective_params(op, axis_name, comm_turn, implementation) -> dict:
     }
 
 
-def exchange_counts(send_counts, axis_name):
+def exchange_counts(send_counts: ArrayLike, axis_name: AxisName) -> Array:
     """This rank's ``recv_counts[s*e + j]`` from every rank's traced
     ``send_counts[d*e + j]`` (e*W,): one small all-to-all over ``axis_name``.
     The dispatch derives them itself; a combine after it needs them as its

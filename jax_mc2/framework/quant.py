@@ -22,11 +22,14 @@ current x64 setting; ``packed_scale_words`` reads either form (and NumPy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax import lax
+from jax import Array, lax
+from jax.typing import ArrayLike, DTypeLike
 
 __all__ = [
     "from_fractal_nz",
@@ -76,7 +79,9 @@ def _fp19_round_half_even(bits):
     return jnp.where(exponent == 0, zero, jnp.where(exponent == 255, truncated, normal))
 
 
-def trans_quant_param(scale, offset=None, *, round_mode: int = 0):
+def trans_quant_param(
+    scale: ArrayLike, offset: ArrayLike | None = None, *, round_mode: int = 0
+) -> Array:
     """Packs fp32 dequant scales (and int9 offsets) into 64-bit words.
 
     Args:
@@ -123,7 +128,7 @@ def trans_quant_param(scale, offset=None, *, round_mode: int = 0):
     return jnp.stack([low, high], axis=-1)
 
 
-def packed_scale_words(packed):
+def packed_scale_words(packed: ArrayLike) -> tuple[Array, Array]:
     """``(low, high)`` uint32 halves of packed 64-bit scales.
 
     Accepts ``int64``/``uint64`` arrays (JAX with x64, or NumPy) or the
@@ -155,7 +160,7 @@ def packed_scale_words(packed):
 PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
 
 
-def is_packed_scale(scale) -> bool:
+def is_packed_scale(scale: Array | np.ndarray) -> bool:
     """Whether ``scale`` holds packed 64-bit words: int64/uint64, or uint32
     ``[..., 2]`` (low, high) pairs."""
     dtype = np.dtype(scale.dtype)
@@ -163,7 +168,7 @@ def is_packed_scale(scale) -> bool:
     return dtype in PACKED_WIDE or pair
 
 
-def canonical_packed_scale(scale):
+def canonical_packed_scale(scale: ArrayLike) -> Array:
     """A scale as a JAX array; NumPy int64/uint64 packed words become uint32
     ``(low, high)`` pairs, which survive with x64 disabled."""
     if isinstance(scale, np.ndarray) and scale.dtype in PACKED_WIDE:
@@ -172,7 +177,7 @@ def canonical_packed_scale(scale):
     return jnp.asarray(scale)
 
 
-def decode_scale(scale):
+def decode_scale(scale: Array) -> Array:
     """float32 ``[1]`` or ``[n]`` scale the hardware applies: the fp19 field
     ``float32(low & 0xFFFFE000)`` of packed words, or ``float32(bf16)``."""
     dtype = np.dtype(scale.dtype)
@@ -185,7 +190,7 @@ def decode_scale(scale):
     return lax.bitcast_convert_type(low & np.uint32(0xFFFFE000), jnp.float32).reshape(-1)
 
 
-def unpack_trans_quant_param(packed):
+def unpack_trans_quant_param(packed: ArrayLike) -> tuple[Array, Array]:
     """The inverse of :func:`trans_quant_param`, for inspection.
 
     Returns ``(scale, offset)``: the fp32 scale the hardware applies
@@ -250,7 +255,7 @@ def _hif8_table() -> np.ndarray:
 _HIF8_VALUES = _hif8_table()
 
 
-def hifloat8_decode(codes, dtype=jnp.float32):
+def hifloat8_decode(codes: ArrayLike, dtype: DTypeLike = jnp.float32) -> Array:
     """HiFloat8 ``uint8`` codes (any shape) -> values of ``dtype``, the same
     shape (exact for float32)."""
     codes = jnp.asarray(codes)
@@ -259,7 +264,7 @@ def hifloat8_decode(codes, dtype=jnp.float32):
     return jnp.asarray(_HIF8_VALUES)[codes.astype(jnp.int32)].astype(dtype)
 
 
-def hifloat8_encode(x):
+def hifloat8_encode(x: ArrayLike) -> Array:
     """Values (any shape) -> HiFloat8 ``uint8`` codes of the same shape,
     rounding half away from zero.
 
@@ -341,7 +346,9 @@ def unpack_group_size(value: int) -> tuple[int, int, int]:
     return (value >> 32) & 0xFFFF, (value >> 16) & 0xFFFF, value & 0xFFFF
 
 
-def resolve_group_size(value: int, dims, scale_dims) -> tuple[int, int, int]:
+def resolve_group_size(
+    value: int, dims: Sequence[int], scale_dims: Sequence[int]
+) -> tuple[int, int, int]:
     """``(m, n, k)`` group sizes with every 0 field inferred.
 
     A 0 field is ``dim // scale_dim`` of that direction and must divide
@@ -375,7 +382,9 @@ def _is_hifloat8(dtype) -> bool:
     return isinstance(dtype, str) and dtype == "hifloat8"
 
 
-def perblock_quantize(x, *, block: int = 128, dtype=jnp.float8_e4m3fn):
+def perblock_quantize(
+    x: ArrayLike, *, block: int = 128, dtype: DTypeLike = jnp.float8_e4m3fn
+) -> tuple[Array, Array]:
     """Block quantization of the last two dimensions in ``block x block`` tiles.
 
     Each tile gets the fp32 scale ``amax * float32(1 / max(dtype))`` (1 for an all-zero
@@ -422,7 +431,9 @@ _MX_DTYPES = {
 MX_BLOCK = 32
 
 
-def mx_quantize(x, *, dtype=jnp.float8_e4m3fn, axis: int = -1):
+def mx_quantize(
+    x: ArrayLike, *, dtype: DTypeLike = jnp.float8_e4m3fn, axis: int = -1
+) -> tuple[Array, Array]:
     """MX quantization in blocks of 32 along ``axis`` with e8m0 scales.
 
     For each block the shared scale is ``2^(E(amax) - emax)`` where ``E`` is
@@ -485,7 +496,7 @@ def _c0(dtype) -> int:
     return max(1, 32 // np.dtype(dtype).itemsize)
 
 
-def to_fractal_nz(w):
+def to_fractal_nz(w: ArrayLike) -> Array:
     """ND ``[..., r, c]`` -> FRACTAL_NZ ``[..., ceil(c/c0), ceil(r/16), 16, c0]``.
 
     ``c0 = 32 bytes / itemsize`` (16 for fp16/bf16, 32 for int8, 8 for fp32);
@@ -504,7 +515,7 @@ def to_fractal_nz(w):
     return jnp.transpose(tiles, perm)
 
 
-def from_fractal_nz(w_nz, shape):
+def from_fractal_nz(w_nz: ArrayLike, shape: Sequence[int]) -> Array:
     """FRACTAL_NZ ``[..., c1, r1, 16, c0]`` -> ND of ``shape`` ``[..., r, c]``."""
     w_nz = jnp.asarray(w_nz)
     shape = tuple(int(s) for s in shape)

@@ -13,6 +13,7 @@ so a function traced under one target is re-traced under another.
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,7 +235,7 @@ def set_target(name: str) -> None:
     jax.config.update("jax_mc2_target", _check_name(name))
 
 
-def target(name: str):
+def target(name: str) -> AbstractContextManager[None]:
     """A context manager applying chip target ``name`` inside its block."""
     return _target_state(_check_name(name))
 

@@ -17,7 +17,7 @@ def nz_weight_to_nd(op, x1, x2, *, transpose_x2, dtypes):
 
     NZ of the stored 2-D matrix (r, c) is (ceil(c/c0), ceil(r/16), 16, c0)
     with c0 = 32 bytes / itemsize (32 for int8, 16 for fp16/bf16;
-    ascend-semantics §9): for x2 (k, n) that is (ceil(n/c0), ceil(k/16), 16,
+    docs/semantics.md §9): for x2 (k, n) that is (ceil(n/c0), ceil(k/16), 16,
     c0), for a transposed x2 (n, k) (ceil(k/c0), ceil(n/16), 16, c0). k is
     x1's; n is the padded extent (n1 * c0, or n1 * 16 transposed).
     """

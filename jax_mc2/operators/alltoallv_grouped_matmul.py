@@ -8,27 +8,28 @@ and the exchange are described in
 from __future__ import annotations
 
 from jax_mc2.framework.collective import exchange_counts
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
 from jax_mc2.primitives.alltoallv_grouped_matmul import bind_operator, combine_p, dispatch_p
 
 __all__ = ["alltoallv_grouped_matmul", "exchange_counts", "grouped_matmul_alltoallv"]
 
 
 def alltoallv_grouped_matmul(
-    gmm_x,
-    gmm_weight,
-    axis_name,
+    gmm_x: ArrayLike,
+    gmm_weight: ArrayLike,
+    axis_name: AxisName,
     *,
-    send_counts,
-    recv_counts=None,
-    mm_x=None,
-    mm_weight=None,
-    trans_gmm_weight=False,
-    trans_mm_weight=False,
-    permute_out_flag=False,
-    max_recv_tokens=None,
-    max_tokens_per_peer=None,
-    implementation=None,
-):
+    send_counts: ArrayLike,
+    recv_counts: ArrayLike | None = None,
+    mm_x: ArrayLike | None = None,
+    mm_weight: ArrayLike | None = None,
+    trans_gmm_weight: bool = False,
+    trans_mm_weight: bool = False,
+    permute_out_flag: bool = False,
+    max_recv_tokens: int | None = None,
+    max_tokens_per_peer: int | None = None,
+    implementation: Implementation = None,
+) -> tuple[Array, Array | None, Array | None]:
     """AlltoAllv + Permute + grouped matmul (MoE dispatch), with an optional
     shared-expert matmul alongside (aclnnAlltoAllvGroupedMatMul).
 
@@ -85,20 +86,20 @@ def alltoallv_grouped_matmul(
 
 
 def grouped_matmul_alltoallv(
-    gmm_x,
-    gmm_weight,
-    axis_name,
+    gmm_x: ArrayLike,
+    gmm_weight: ArrayLike,
+    axis_name: AxisName,
     *,
-    send_counts,
-    recv_counts=None,
-    mm_x=None,
-    mm_weight=None,
-    trans_gmm_weight=False,
-    trans_mm_weight=False,
-    max_out_tokens=None,
-    max_tokens_per_peer=None,
-    implementation=None,
-):
+    send_counts: ArrayLike,
+    recv_counts: ArrayLike | None = None,
+    mm_x: ArrayLike | None = None,
+    mm_weight: ArrayLike | None = None,
+    trans_gmm_weight: bool = False,
+    trans_mm_weight: bool = False,
+    max_out_tokens: int | None = None,
+    max_tokens_per_peer: int | None = None,
+    implementation: Implementation = None,
+) -> tuple[Array, Array | None]:
     """Grouped matmul + Unpermute + AlltoAllv (MoE combine), the exact
     inverse layout of :func:`alltoallv_grouped_matmul`, with an optional
     shared-expert matmul (aclnnGroupedMatMulAlltoAllv).

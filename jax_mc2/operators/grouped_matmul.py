@@ -7,13 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mc2.framework import validation
+from jax_mc2.framework.typing import Array, ArrayLike, Implementation
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.primitives.grouped_matmul import OP, grouped_matmul_offsets
 
 _I32 = jnp.int32
 
 
-def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None):
+def grouped_matmul(
+    x: ArrayLike,
+    w: ArrayLike,
+    group_sizes: ArrayLike,
+    *,
+    trans_weight: bool = False,
+    implementation: Implementation = None,
+) -> Array:
     """A grouped matmul with ``lax.ragged_dot``'s layout, on the C++ kernels
     on CPU (``implementation="ffi"``, the default there) or ``lax.ragged_dot``
     (``"xla"``): the first ``group_sizes[0]`` rows of x times ``w[0]``, the

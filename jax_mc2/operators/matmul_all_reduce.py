@@ -14,6 +14,7 @@ import numpy as np
 from jax_mc2.framework import validation
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import bind
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Format, Implementation
 from jax_mc2.operators._weight_format import x2_from_format
 from jax_mc2.primitives.mm_all_reduce import mm_all_reduce_p
 from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce
@@ -23,25 +24,25 @@ OP = "mm_all_reduce_base"
 
 
 def mm_all_reduce_base(
-    x1,
-    x2,
-    axis_name,
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
     *,
-    reduce_op="sum",
-    bias=None,
-    antiquant_scale=None,
-    antiquant_offset=None,
-    x3=None,
-    dequant_scale=None,
-    pertoken_scale=None,
-    comm_quant_scale_1=None,
-    comm_quant_scale_2=None,
-    comm_turn=0,
-    antiquant_group_size=0,
-    transpose_x2=False,
-    x2_format=None,
-    implementation=None,
-):
+    reduce_op: str = "sum",
+    bias: ArrayLike | None = None,
+    antiquant_scale: ArrayLike | None = None,
+    antiquant_offset: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    dequant_scale: ArrayLike | None = None,
+    pertoken_scale: ArrayLike | None = None,
+    comm_quant_scale_1: ArrayLike | None = None,
+    comm_quant_scale_2: ArrayLike | None = None,
+    comm_turn: int = 0,
+    antiquant_group_size: int = 0,
+    transpose_x2: bool = False,
+    x2_format: Format = None,
+    implementation: Implementation = None,
+) -> Array:
     """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
 
     Modes: non-quantized (float x1 and x2); weight-only quantization (int8 x2
@@ -98,30 +99,11 @@ def mm_all_reduce_base(
         transpose_x2=transpose_x2,
         dtypes=(np.int8, np.float16, jnp.bfloat16, np.float32),
     )
-    comm_scales = None
-    if comm_quant_scale_1 is not None or comm_quant_scale_2 is not None:
-        if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
-            raise validation.value_error(
-                OP, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
-            )
-        if dequant_scale is None:
-            raise validation.value_error(
-                OP,
-                "low-bit communication (comm_quant_scale_1/2) exists only in the full-"
-                "quantization mode (int8 x1 and x2 with dequant_scale)",
-            )
-        comm_scales = (comm_quant_scale_1, comm_quant_scale_2)
-    if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
-        raise validation.value_error(
-            OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
-        )
+    comm_scales = _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale)
+    _check_antiquant_arguments(
+        antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
+    )
     if antiquant_scale is not None:
-        if dequant_scale is not None or pertoken_scale is not None:
-            raise validation.value_error(
-                OP,
-                "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
-                "quantization) are different modes; pass one of them",
-            )
         return bind(
             weight_quant_mm_all_reduce_p,
             {
@@ -154,6 +136,51 @@ def mm_all_reduce_base(
             transpose_x2=transpose_x2,
             implementation=implementation,
         )
+    _check_plain_arguments(x1, pertoken_scale)
+    return bind(
+        mm_all_reduce_p,
+        {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
+        transpose_x2=bool(transpose_x2),
+        **collective_params(OP, axis_name, comm_turn, implementation),
+    )
+
+
+def _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale):
+    """The low-bit communication scales (both or neither; full quantization only)."""
+    if comm_quant_scale_1 is None and comm_quant_scale_2 is None:
+        return None
+    if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
+        raise validation.value_error(
+            OP, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+        )
+    if dequant_scale is None:
+        raise validation.value_error(
+            OP,
+            "low-bit communication (comm_quant_scale_1/2) exists only in the full-"
+            "quantization mode (int8 x1 and x2 with dequant_scale)",
+        )
+    return (comm_quant_scale_1, comm_quant_scale_2)
+
+
+def _check_antiquant_arguments(
+    antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
+):
+    """The weight-only mode's arguments come with antiquant_scale and without
+    the full-quantization ones."""
+    if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
+        raise validation.value_error(
+            OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
+        )
+    if antiquant_scale is not None and (dequant_scale is not None or pertoken_scale is not None):
+        raise validation.value_error(
+            OP,
+            "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
+            "quantization) are different modes; pass one of them",
+        )
+
+
+def _check_plain_arguments(x1, pertoken_scale):
+    """The non-quantized mode has no pertoken scale and no int8 x1."""
     if pertoken_scale is not None:
         raise validation.type_error(
             OP, "pertoken_scale is only used with dequant_scale (full quantization)"
@@ -162,9 +189,3 @@ def mm_all_reduce_base(
         raise validation.type_error(
             OP, "int8 x1 is the full-quantization mode: pass dequant_scale (and int8 x2)"
         )
-    return bind(
-        mm_all_reduce_p,
-        {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
-        transpose_x2=bool(transpose_x2),
-        **collective_params(OP, axis_name, comm_turn, implementation),
-    )

@@ -8,23 +8,24 @@ aclnnMatmulAllReduceAddRmsNorm and aclnnInplaceMatmulAllReduceAddRmsNorm).
 
 from __future__ import annotations
 
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
 from jax_mc2.primitives.mm_all_reduce_add_rms_norm import bind_add_rms_norm
 
 
 def matmul_all_reduce_add_rms_norm(
-    x1,
-    x2,
-    residual,
-    gamma,
-    axis_name,
+    x1: ArrayLike,
+    x2: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
+    axis_name: AxisName,
     *,
-    bias=None,
-    epsilon=1e-6,
-    reduce_op="sum",
-    comm_turn=0,
-    transpose_x2=False,
-    implementation=None,
-):
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
     """Matmul + all-reduce + add + RMSNorm.
 
     Args:
@@ -58,19 +59,19 @@ def matmul_all_reduce_add_rms_norm(
 
 
 def inplace_matmul_all_reduce_add_rms_norm(
-    x1,
-    x2,
-    residual,
-    gamma,
-    axis_name,
+    x1: ArrayLike,
+    x2: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
+    axis_name: AxisName,
     *,
-    bias=None,
-    epsilon=1e-6,
-    reduce_op="sum",
-    comm_turn=0,
-    transpose_x2=False,
-    implementation=None,
-):
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
     """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
     ``residual``'s buffer (``input_output_aliases``): donate ``residual``
     (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;

@@ -10,6 +10,7 @@ import numpy as np
 
 from jax_mc2.framework import validation
 from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, DTypeLike, Format, Implementation
 from jax_mc2.operators._weight_format import nz_weight_to_nd, x2_from_format
 from jax_mc2.primitives.lowp_quant_mm_all_reduce import bind_low_precision, is_low_precision
 from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce, scale_layout
@@ -18,19 +19,19 @@ OP = "quant_matmul_all_reduce"
 
 
 def quant_matmul_all_reduce(
-    x1,
-    x2,
-    axis_name,
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
     *,
-    dequant_scale,
-    bias=None,
-    x3=None,
-    reduce_op="sum",
-    comm_turn=0,
-    transpose_x2=False,
-    x2_format=None,
-    implementation=None,
-):
+    dequant_scale: ArrayLike | None,
+    bias: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    x2_format: Format = None,
+    implementation: Implementation = None,
+) -> Array:
     """int8 matmul + dequant + x3 + all-reduce (aclnnQuantMatmulAllReduce).
 
     Args:
@@ -73,26 +74,26 @@ _V4_X1_FORMATS = (None, "ND", "hifloat8")
 
 
 def quant_matmul_all_reduce_v4(
-    x1,
-    x2,
-    axis_name,
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
     *,
-    x2_scale,
-    x1_scale=None,
-    bias=None,
-    x3=None,
-    comm_quant_scale_1=None,
-    comm_quant_scale_2=None,
-    reduce_op="sum",
-    comm_turn=0,
-    group_size=0,
-    comm_quant_mode=0,
-    out_dtype=None,
-    x1_format=None,
-    x2_format=None,
-    transpose_x2=False,
-    implementation=None,
-):
+    x2_scale: ArrayLike,
+    x1_scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    comm_quant_scale_1: ArrayLike | None = None,
+    comm_quant_scale_2: ArrayLike | None = None,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    group_size: int = 0,
+    comm_quant_mode: int = 0,
+    out_dtype: DTypeLike | None = None,
+    x1_format: Format = None,
+    x2_format: Format = None,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> Array:
     """Quantized matmul + all-reduce, aclnnQuantMatmulAllReduceV4 (seed 003).
 
     Every row of the seed's tables (Atlas A2: the int8 rows; Ascend 950: all):
@@ -102,7 +103,7 @@ def quant_matmul_all_reduce_v4(
       - float32 ``x2_scale`` with float32 pertoken ``x1_scale`` [m] -> float16;
       - bfloat16 ``x2_scale`` (optionally with ``x1_scale``) -> bfloat16;
       with optional int8 low-bit communication (``comm_quant_scale_1/2`` in
-      the output dtype, ascend-semantics §5.1). The output dtype is the one
+      the output dtype, docs/semantics.md §5.1). The output dtype is the one
       the scales select (``out_dtype`` may only repeat it).
     fp8 (float8_e4m3fn / float8_e5m2) or hifloat8 (uint8 codes with
     ``x1_format=x2_format="hifloat8"``) x1/x2, float32 bias, output float16,
@@ -128,22 +129,16 @@ def quant_matmul_all_reduce_v4(
     fp32 (float16, bfloat16 or float32, the output shape) and rounds again;
     the all-reduce runs in the output dtype. ``comm_quant_mode=1`` (fp8
     x1/x2 with float32 scales: pertoken or perblock) replaces it by the fp8
-    pertile chain of ascend-semantics §5.2: ``C = y + x3`` in fp32,
+    pertile chain of docs/semantics.md §5.2: ``C = y + x3`` in fp32,
     quantized per 1 x 128 tile (``sc = FP8_MAX / max|tile|``) into x1's fp8
     format, an fp8 all-to-all of the codes with the tile scales appended,
     dequantized (``f32(q) / sc``) and summed in rank order in fp32,
     requantized, an fp8 all-gather, dequantized and rounded to the output.
 
-    Choices where the seed is silent or inconsistent: ``x3`` may have any of
-    the three float dtypes in the fp8 / hifloat8 / MX rows (the tables list
-    them independently of the output); the hifloat8 perchannel / pertensor
-    row accepts a null bias and x3 like the fp8 rows beside it (the table
-    omits "null" there); comm_quant_scale_1/2 exist only in the int8 rows;
-    with low-bit communication the seed's x3 entry asks for bfloat16 output
-    and a non-null x3 while its A2 int8 table lists float16 rows with comm
-    scales, so both output dtypes are accepted and x3 stays optional; the
-    fp8 / hifloat8 packed rows take int64 as well as uint64 words (the seed
-    lists uint64; the bits are the same).
+    Where the seed is silent or inconsistent (x3's dtype in the fp8 /
+    hifloat8 / MX rows, null bias / x3 in the hifloat8 packed row, the comm
+    scales' rows and output dtypes, int64 words in the fp8 / hifloat8 packed
+    rows) see docs/semantics.md §11 "seed inconsistencies and choices".
     The fp8 / hifloat8 / MX rows and ``comm_quant_mode=1`` exist on the
     ``ascend-950`` and ``generic`` targets; ``atlas-a2`` raises
     NotImplementedError. Under ``implementation="xla"`` on CPU, XLA may fuse
@@ -178,6 +173,57 @@ def quant_matmul_all_reduce_v4(
       as the int8 rows' scales select; ``out_dtype`` (default bfloat16) in
       the other rows.
     """
+    hif8 = _check_v4_call(
+        x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2
+    )
+    x1 = x1 if hasattr(x1, "dtype") else jnp.asarray(x1)
+    if is_low_precision(x1, x1_format, x2_format):
+        return _low_precision_rows(
+            x1,
+            x2,
+            axis_name,
+            x2_scale=x2_scale,
+            x1_scale=x1_scale,
+            bias=bias,
+            x3=x3,
+            has_comm_scales=comm_quant_scale_1 is not None,
+            reduce_op=reduce_op,
+            comm_turn=comm_turn,
+            group_size=group_size,
+            comm_quant_mode=comm_quant_mode,
+            out_dtype=out_dtype,
+            x2_format=x2_format,
+            hif8=hif8,
+            transpose_x2=transpose_x2,
+            implementation=implementation,
+        )
+    if x2_format == "FRACTAL_NZ":
+        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
+    _check_int8_row_statics(comm_quant_mode, group_size)
+    if out_dtype is not None and np.ndim(x2) == 2:
+        # Checked before anything runs (an eager call would compute first).
+        _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, transpose_x2=transpose_x2)
+    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
+    return bind_int8_matmul_all_reduce(
+        OP_V4,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=x2_scale,
+        pertoken_scale=x1_scale,
+        comm_quant_scales=comm,
+        bias=bias,
+        x3=x3,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+
+
+def _check_v4_call(x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2):
+    """The static arguments every V4 row shares; returns whether x1/x2 are
+    HiFloat8 codes."""
     for name, value, allowed in (
         ("x1_format", x1_format, _V4_X1_FORMATS),
         ("x2_format", x2_format, _V4_FORMATS),
@@ -199,46 +245,69 @@ def quant_matmul_all_reduce_v4(
             "x1_format and x2_format must both be 'hifloat8' (the tables pair hifloat8 x1 with "
             f"hifloat8 x2), got {x1_format!r} and {x2_format!r}",
         )
-    x1 = x1 if hasattr(x1, "dtype") else jnp.asarray(x1)
-    if is_low_precision(x1, x1_format, x2_format):
-        if x2_format == "FRACTAL_NZ":
-            raise validation.value_error(
-                OP_V4,
-                "x2_format='FRACTAL_NZ' is accepted for int8 x2 only (seed 003 lists ND x2 for "
-                f"the fp8 / hifloat8 / MX rows), got {np.dtype(x1.dtype).name} x1",
-            )
-        if comm_quant_scale_1 is not None:
-            raise validation.type_error(
-                OP_V4,
-                "comm_quant_scale_1/2 (int8 low-bit communication) exist only in the int8 rows; "
-                "the fp8 rows communicate in fp8 with comm_quant_mode=1",
-            )
-        validation.check_reduce_op(OP_V4, reduce_op)
-        params = collective_params(OP_V4, axis_name, comm_turn, implementation)
-        if out_dtype is None:
-            out_dtype = jnp.bfloat16
-        try:
-            out_dtype = np.dtype(out_dtype)
-        except TypeError:
-            raise validation.type_error(
-                OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}"
-            ) from None
-        return bind_low_precision(
-            x1,
-            x2,
-            x2_scale=x2_scale,
-            x1_scale=x1_scale,
-            bias=bias,
-            x3=x3,
-            hif8=hif8,
-            transpose_x2=transpose_x2,
-            out_dtype=out_dtype,
-            group_size=validation.check_int(OP_V4, "group_size", group_size, minimum=0),
-            comm_quant_mode=comm_quant_mode,
-            params=params,
-        )
+    return hif8
+
+
+def _low_precision_rows(
+    x1,
+    x2,
+    axis_name,
+    *,
+    x2_scale,
+    x1_scale,
+    bias,
+    x3,
+    has_comm_scales,
+    reduce_op,
+    comm_turn,
+    group_size,
+    comm_quant_mode,
+    out_dtype,
+    x2_format,
+    hif8,
+    transpose_x2,
+    implementation,
+):
+    """The fp8 / hifloat8 / MX rows: their call checks, then the bind."""
     if x2_format == "FRACTAL_NZ":
-        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
+        raise validation.value_error(
+            OP_V4,
+            "x2_format='FRACTAL_NZ' is accepted for int8 x2 only (seed 003 lists ND x2 for "
+            f"the fp8 / hifloat8 / MX rows), got {np.dtype(x1.dtype).name} x1",
+        )
+    if has_comm_scales:
+        raise validation.type_error(
+            OP_V4,
+            "comm_quant_scale_1/2 (int8 low-bit communication) exist only in the int8 rows; "
+            "the fp8 rows communicate in fp8 with comm_quant_mode=1",
+        )
+    validation.check_reduce_op(OP_V4, reduce_op)
+    params = collective_params(OP_V4, axis_name, comm_turn, implementation)
+    if out_dtype is None:
+        out_dtype = jnp.bfloat16
+    try:
+        out_dtype = np.dtype(out_dtype)
+    except TypeError:
+        raise validation.type_error(
+            OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}"
+        ) from None
+    return bind_low_precision(
+        x1,
+        x2,
+        x2_scale=x2_scale,
+        x1_scale=x1_scale,
+        bias=bias,
+        x3=x3,
+        hif8=hif8,
+        transpose_x2=transpose_x2,
+        out_dtype=out_dtype,
+        group_size=validation.check_int(OP_V4, "group_size", group_size, minimum=0),
+        comm_quant_mode=comm_quant_mode,
+        params=params,
+    )
+
+
+def _check_int8_row_statics(comm_quant_mode, group_size):
     if comm_quant_mode == 1:
         raise validation.value_error(
             OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
@@ -249,31 +318,16 @@ def quant_matmul_all_reduce_v4(
             f"group_size must be 0 unless both scales are at least 2-D (perblock/MX), got "
             f"{group_size!r}",
         )
-    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
-    if out_dtype is not None and np.ndim(x2) == 2:
-        # Checked before anything runs (an eager call would compute first).
-        scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
-        n = np.shape(x2)[0 if transpose_x2 else 1]
-        selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
-        if np.dtype(out_dtype) != selected:
-            raise validation.type_error(
-                OP_V4,
-                f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
-                f"select, whose output is {selected.name}",
-            )
-    out = bind_int8_matmul_all_reduce(
-        OP_V4,
-        x1,
-        x2,
-        axis_name,
-        dequant_scale=x2_scale,
-        pertoken_scale=x1_scale,
-        comm_quant_scales=comm,
-        bias=bias,
-        x3=x3,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
-        transpose_x2=transpose_x2,
-        implementation=implementation,
-    )
-    return out
+
+
+def _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, *, transpose_x2):
+    """``out_dtype`` may only repeat the output dtype the int8 row's scales select."""
+    scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
+    n = np.shape(x2)[0 if transpose_x2 else 1]
+    selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
+    if np.dtype(out_dtype) != selected:
+        raise validation.type_error(
+            OP_V4,
+            f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
+            f"select, whose output is {selected.name}",
+        )

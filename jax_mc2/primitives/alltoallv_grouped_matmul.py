@@ -8,7 +8,7 @@ communicate, then compute) and its exact inverse ``grouped_matmul_alltoallv``
               gmmY = GroupedMatMul(permuteOut, gmmWeight); mmY = mmX @ mmWeight
     combine:  y = AlltoAllv(Unpermute(GroupedMatMul(gmmX, gmmWeight))); mmY = mmX @ mmWeight
 
-Layout (``reference/ascend-semantics.md`` §6), with E local experts per rank
+Layout (``docs/semantics.md`` §6), with E local experts per rank
 and W ranks, global expert ``d*E + e`` living on rank ``d``:
 
 - dispatch ``send_counts[d*E + e]``: rows this rank sends to expert e of rank
@@ -44,11 +44,11 @@ import numpy as np
 from jax import lax
 
 from jax_mc2.framework import _compat, targets, validation
-from jax_mc2.framework.batching import map_over_batch
 from jax_mc2.framework.collective import exchange_counts, world_size_of
 from jax_mc2.framework.implementation import FFI, XLA
 from jax_mc2.framework.implementation import requested as requested_implementation
-from jax_mc2.framework.lowering import register_implementations
+from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
+from jax_mc2.framework.primitive import split_operands as framework_split
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
@@ -288,21 +288,24 @@ def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
 # [mm_x, mm_weight]. ``has_weight=False`` is the data movement alone (the
 # transpose of the other primitive's data movement).
 
-dispatch_p = _compat.new_primitive("mc2_alltoallv_grouped_matmul", multiple_results=True)
-combine_p = _compat.new_primitive("mc2_grouped_matmul_alltoallv", multiple_results=True)
+
+def _traced_counts(params):
+    return params["send_table"] is None
+
+
+OPERANDS = (
+    Operand("gmm_x"),
+    Operand("gmm_weight", flag="has_weight"),
+    Operand("send_counts", present=_traced_counts),
+    Operand("recv_counts", present=_traced_counts),
+    Operand("mm_x", flag="has_mm"),
+    Operand("mm_weight", flag="has_mm"),
+)
 
 
 def split_operands(operands, params):
-    ops = list(operands)
-    x = ops.pop(0)
-    w = ops.pop(0) if params["has_weight"] else None
-    send = recv = None
-    if params["send_table"] is None:
-        send, recv = ops.pop(0), ops.pop(0)
-    mm_x = mm_w = None
-    if params["has_mm"]:
-        mm_x, mm_w = ops.pop(0), ops.pop(0)
-    return x, w, send, recv, mm_x, mm_w
+    """(gmm_x, gmm_weight, send, recv, mm_x, mm_weight), None where absent."""
+    return tuple(framework_split(OPERANDS, operands, params).values())
 
 
 def _join_operands(x, w, send, recv, mm_x, mm_w):
@@ -367,19 +370,7 @@ def _abstract_eval(prim, *operands, **params):
     validation.check_rank(op, "gmm_x", x, (2,), layout)
     targets.check_float_dtype(op, "gmm_x", x)
     rows, h1 = x.shape
-    n1 = h1
-    if w is not None:
-        trans = params["trans_weight"]
-        wl = "(e, N1, H1)" if trans else "(e, H1, N1)"
-        k_w = w.shape[2] if (w.ndim == 3 and trans) else (w.shape[1] if w.ndim == 3 else None)
-        if w.ndim != 3 or k_w != h1 or w.shape[0] != experts:
-            raise validation.type_error(
-                op,
-                f"gmm_weight must be 3-D {wl} with H1 == gmm_x.shape[1] == {h1}"
-                f"{' (trans_gmm_weight=True)' if trans else ''}, got {shape_str(w.shape)}",
-            )
-        validation.check_same_dtype(op, "gmm_weight", w, "gmm_x", x)
-        n1 = w.shape[1] if trans else w.shape[2]
+    n1 = h1 if w is None else _check_gmm_weight(op, x, w, experts, params["trans_weight"])
     if experts < 1 or experts > MAX_LOCAL_EXPERTS:
         raise validation.value_error(
             op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got {experts}"
@@ -395,44 +386,10 @@ def _abstract_eval(prim, *operands, **params):
         _check_counts_operand(op, "recv_counts", recv, experts * world)
         rows_sent = rows
     else:
-        table = np.asarray(params["send_table"])
-        sums = table.sum(axis=1)
-        if sums.max(initial=0) > rows:
-            r = int(sums.argmax())
-            raise validation.type_error(
-                op,
-                f"gmm_x has {rows} rows but rank {r} sends sum(send_counts) = {int(sums[r])}",
-            )
-        recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
-        if recv_sums.max(initial=0) > params["out_rows"]:
-            arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
-            raise validation.value_error(
-                op,
-                f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
-                "rows a rank receives with these static counts",
-            )
-        if _max_chunk(table, experts) > params["peer_capacity"]:
-            raise validation.value_error(
-                op,
-                f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
-                f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
-            )
-        rows_sent = int(sums.max(initial=0))
+        rows_sent = _check_static_counts(prim, op, rows, params)
     mm_out, n2 = [], None
     if mm_x is not None:
-        validation.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
-        validation.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
-        validation.check_same_dtype(op, "mm_weight", mm_w, "gmm_x", x)
-        trans = params["trans_mm_weight"]
-        h2 = mm_x.shape[1]
-        if mm_w.ndim != 2 or (mm_w.shape[1] if trans else mm_w.shape[0]) != h2:
-            wl = "(N2, H2)" if trans else "(H2, N2)"
-            raise validation.type_error(
-                op,
-                f"mm_weight must be 2-D {wl} with H2 == mm_x.shape[1] == {h2}, got "
-                f"{shape_str(mm_w.shape)}",
-            )
-        n2 = mm_w.shape[0] if trans else mm_w.shape[1]
+        n2 = _check_shared_expert(op, x, mm_x, mm_w, params["trans_mm_weight"])
         mm_out = [_compat.result_aval(mm_x, (mm_x.shape[0], n2), mm_x.dtype, [mm_x, mm_w])]
     _check_chip(op, x, n1, rows_sent, mm_x, n2, params["out_rows"], params)
     axes = params["axis_name"]
@@ -446,8 +403,64 @@ def _abstract_eval(prim, *operands, **params):
     return outs, _compat.named_axis_effects(axes)
 
 
-dispatch_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(dispatch_p, *a, **p))
-combine_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(combine_p, *a, **p))
+def _check_gmm_weight(op, x, w, experts, trans):
+    """gmm_weight [e, H1, N1] ([e, N1, H1] transposed) in gmm_x's dtype; returns N1."""
+    h1 = x.shape[1]
+    wl = "(e, N1, H1)" if trans else "(e, H1, N1)"
+    k_w = w.shape[2] if (w.ndim == 3 and trans) else (w.shape[1] if w.ndim == 3 else None)
+    if w.ndim != 3 or k_w != h1 or w.shape[0] != experts:
+        raise validation.type_error(
+            op,
+            f"gmm_weight must be 3-D {wl} with H1 == gmm_x.shape[1] == {h1}"
+            f"{' (trans_gmm_weight=True)' if trans else ''}, got {shape_str(w.shape)}",
+        )
+    validation.check_same_dtype(op, "gmm_weight", w, "gmm_x", x)
+    return w.shape[1] if trans else w.shape[2]
+
+
+def _check_static_counts(prim, op, rows, params):
+    """A static count table against gmm_x's rows and the capacities; returns
+    the most rows a rank sends."""
+    world, experts = params["world_size"], params["experts"]
+    table = np.asarray(params["send_table"])
+    sums = table.sum(axis=1)
+    if sums.max(initial=0) > rows:
+        r = int(sums.argmax())
+        raise validation.type_error(
+            op,
+            f"gmm_x has {rows} rows but rank {r} sends sum(send_counts) = {int(sums[r])}",
+        )
+    recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
+    if recv_sums.max(initial=0) > params["out_rows"]:
+        arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+        raise validation.value_error(
+            op,
+            f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
+            "rows a rank receives with these static counts",
+        )
+    if _max_chunk(table, experts) > params["peer_capacity"]:
+        raise validation.value_error(
+            op,
+            f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
+            f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
+        )
+    return int(sums.max(initial=0))
+
+
+def _check_shared_expert(op, x, mm_x, mm_w, trans):
+    """mm_x [BS, H2] and mm_weight [H2, N2] ([N2, H2] transposed); returns N2."""
+    validation.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
+    validation.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
+    validation.check_same_dtype(op, "mm_weight", mm_w, "gmm_x", x)
+    h2 = mm_x.shape[1]
+    if mm_w.ndim != 2 or (mm_w.shape[1] if trans else mm_w.shape[0]) != h2:
+        wl = "(N2, H2)" if trans else "(H2, N2)"
+        raise validation.type_error(
+            op,
+            f"mm_weight must be 2-D {wl} with H2 == mm_x.shape[1] == {h2}, got "
+            f"{shape_str(mm_w.shape)}",
+        )
+    return mm_w.shape[0] if trans else mm_w.shape[1]
 
 
 def rank_counts(params, send, recv):
@@ -583,17 +596,6 @@ def _xla_lowering(composition):
     return fn
 
 
-for _prim, _comp in ((dispatch_p, _dispatch_composition), (combine_p, _combine_composition)):
-    register_implementations(
-        _prim,
-        _op_name(_prim),
-        ffi=_ffi_lowering(_comp),
-        xla=_xla_lowering(_comp),
-        multiple_results=True,
-        pass_context=True,
-    )
-
-
 # --------------------------------------------------------------------------
 # Autodiff. Each primitive is linear in gmm_x for a fixed weight, and its
 # transpose in gmm_x is the other primitive with the transposed weight and
@@ -644,14 +646,6 @@ def _transpose(prim, cts, *operands, **params):
     if ct_x is None:
         ct_x = ad.Zero(x.aval)
     return [ct_x] + [None] * (len(operands) - 1)
-
-
-_compat.ad.primitive_transposes[dispatch_p] = lambda cts, *a, **p: _transpose(
-    dispatch_p, cts, *a, **p
-)
-_compat.ad.primitive_transposes[combine_p] = lambda cts, *a, **p: _transpose(
-    combine_p, cts, *a, **p
-)
 
 
 def _instantiate(t, primal):
@@ -707,24 +701,30 @@ def _jvp(prim, primals, tangents, **params):
     return result, tangent
 
 
-_compat.ad.primitive_jvps[dispatch_p] = lambda p, t, **k: _jvp(dispatch_p, p, t, **k)
-_compat.ad.primitive_jvps[combine_p] = lambda p, t, **k: _jvp(combine_p, p, t, **k)
+def _spec(name, operator, composition, primitive):
+    """The spec of the dispatch or the combine; ``primitive()`` is the
+    registered primitive (looked up when a rule runs)."""
+    return PrimitiveSpec(
+        name=name,
+        operator=operator,
+        operands=OPERANDS,
+        abstract_eval=lambda *a, **p: _abstract_eval(primitive(), *a, **p),
+        xla=_xla_lowering(composition),
+        ffi=_ffi_lowering(composition),
+        multiple_results=True,
+        pass_context=True,
+        batching=MAP,  # each batch element is its own exchange
+        jvp=lambda primals, tangents, **p: _jvp(primitive(), primals, tangents, **p),
+        transpose=lambda cts, *a, **p: _transpose(primitive(), cts, *a, **p),
+    )
 
 
-def _batch(prim, args, dims, **params):
-    # Each batch element is its own exchange (lax.map over the batch).
-    outs = map_over_batch(lambda *a: tuple(prim.bind(*a, **params)), list(args), list(dims))
-    return list(outs), [0] * len(outs)
-
-
-_compat.register_batching_rule(
-    dispatch_p, lambda p: OP_DISPATCH, lambda a, d, **p: _batch(dispatch_p, a, d, **p)
+dispatch_p = register(
+    _spec("mc2_alltoallv_grouped_matmul", OP_DISPATCH, _dispatch_composition, lambda: dispatch_p)
 )
-_compat.register_batching_rule(
-    combine_p, lambda p: OP_COMBINE, lambda a, d, **p: _batch(combine_p, a, d, **p)
+combine_p = register(
+    _spec("mc2_grouped_matmul_alltoallv", OP_COMBINE, _combine_composition, lambda: combine_p)
 )
-
-
 # --------------------------------------------------------------------------
 # Binding a public call
 

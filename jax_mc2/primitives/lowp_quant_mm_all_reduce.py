@@ -21,7 +21,7 @@ One primitive serves four scale layouts (the seed's formulas 4 to 7):
 The products accumulate in fp32; ``y`` is rounded half to even to the output
 dtype once, ``x3`` is added in fp32 and rounded again (as the int8 rows do),
 and the all-reduce runs in the output dtype. ``comm_quant_mode=1`` replaces the
-all-reduce by the fp8 pertile chain of ascend-semantics §5.2.
+all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 """
 
 from __future__ import annotations
@@ -176,6 +176,29 @@ def check_call(
 ):
     """Every dtype / shape / static rule of the fp8, hifloat8 and MX rows;
     returns ``(out_shape, mode)``."""
+    kind = _check_values(op, x1, x2, hif8)
+    out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
+    mode = classify(op, kind, x2_scale, x1_scale)
+    if mode in (PERTOKEN, PACKED):
+        _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, out_shape[-1], group_size)
+    elif mode == PERBLOCK:
+        _check_perblock(op, x1, x2_scale, x1_scale, bias, out_shape[-1], group_size, transpose_x2)
+    else:
+        _check_mx(op, kind, x1, x2_scale, x1_scale, out_shape[-1], group_size, transpose_x2)
+    _check_bias_out_x3(op, kind, mode, bias, x3, out_shape, out_dtype)
+    if comm_quant_mode == 1:
+        if kind not in (F8_E4M3.name, F8_E5M2.name) or mode not in (PERTOKEN, PERBLOCK):
+            raise validation.value_error(
+                op,
+                "comm_quant_mode=1 (fp8 pertile communication, formula 8) needs float8_e4m3fn "
+                f"or float8_e5m2 x1/x2 with float32 x1_scale and x2_scale, got {kind} x1/x2 "
+                f"in the {mode} rows",
+            )
+    return out_shape, mode
+
+
+def _check_values(op, x1, x2, hif8) -> str:
+    """x1's rank, x1/x2's common value kind, and the target's support."""
     support = targets.operator_support(op)
     validation.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
     kind = value_kind(op, "x1", x1, hif8)
@@ -192,29 +215,27 @@ def check_call(
             f"target {profile.name!r} ({profile.description}); use target 'ascend-950' or "
             "'generic'",
         )
-    out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
-    *lead, k = x1.shape
-    m, n = int(np.prod(lead)), out_shape[-1]
-    mode = classify(op, kind, x2_scale, x1_scale)
-    f32 = np.dtype(np.float32)
+    return kind
 
-    def check_f32(name, aval):
-        if np.dtype(aval.dtype) != f32:
-            raise validation.type_error(
-                op,
-                f"{name} dtype must be float32 in the {mode} rows, got {dtype_name(aval.dtype)}",
-            )
 
-    if mode in (PERTOKEN, PACKED):
-        pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
-        shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
-        if shape not in ((1,), (n,), (1, n)):
-            raise validation.type_error(
-                op,
-                f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
-                f"{mode} rows, got {shape_str(shape)}",
-            )
-        _check_static_group(op, group_size, mode)
+def _check_f32(op, mode, name, aval):
+    if np.dtype(aval.dtype) != np.dtype(np.float32):
+        raise validation.type_error(
+            op,
+            f"{name} dtype must be float32 in the {mode} rows, got {dtype_name(aval.dtype)}",
+        )
+
+
+def _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, n, group_size):
+    pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
+    shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
+    if shape not in ((1,), (n,), (1, n)):
+        raise validation.type_error(
+            op,
+            f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
+            f"{mode} rows, got {shape_str(shape)}",
+        )
+    _check_static_group(op, group_size, mode)
     if mode == PERTOKEN:
         if x1_scale is None:
             raise validation.type_error(
@@ -222,75 +243,87 @@ def check_call(
                 "a float32 x2_scale needs x1_scale (float32 (m,) pertoken, or 2-D perblock "
                 "scales); without x1_scale pass packed x2_scale words (quant.trans_quant_param)",
             )
-        check_f32("x1_scale", x1_scale)
+        _check_f32(op, mode, "x1_scale", x1_scale)
+        m = int(np.prod(x1.shape[:-1]))
         validation.check_shape(
             op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)"
         )
-    elif mode == PACKED:
-        if x1_scale is not None:
-            raise validation.type_error(
-                op,
-                "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
-                "rows); pertoken scales take a float32 x2_scale",
-            )
-    elif mode == PERBLOCK:
-        check_f32("x1_scale", x1_scale)
-        check_f32("x2_scale", x2_scale)
-        kb, nb = _ceil(k, BLOCK), _ceil(n, BLOCK)
-        if x1.ndim == 3:
-            want1 = (x1.shape[0], _ceil(x1.shape[1], BLOCK), kb)
-            rule1 = "(b, ceil(s/128), ceil(k/128))"
-        else:
-            want1 = (_ceil(m, BLOCK), kb)
-            rule1 = "(ceil(m/128), ceil(k/128))"
-        validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
-        want2 = (nb, kb) if transpose_x2 else (kb, nb)
-        rule2 = (
-            "(ceil(n/128), ceil(k/128)) (transpose_x2)"
-            if transpose_x2
-            else ("(ceil(k/128), ceil(n/128))")
-        )
-        validation.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
-        if bias is not None:
-            raise validation.type_error(
-                op,
-                "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
-                "supports only a null bias)",
-            )
-        rows = x1.shape[-2]
-        _resolve_group(
+    elif x1_scale is not None:
+        raise validation.type_error(
             op,
-            group_size,
-            (rows, n, k),
-            (x1_scale.shape[-2], x2_scale.shape[0 if transpose_x2 else 1], x1_scale.shape[-1]),
-            PERBLOCK_GROUP,
-            PERBLOCK,
+            "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
+            "rows); pertoken scales take a float32 x2_scale",
         )
-    else:  # MX
-        if not transpose_x2:
-            raise validation.value_error(
-                op,
-                "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
-                "only a transposed (n, k) x2)",
-            )
-        if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
-            got = "None" if x1_scale is None else dtype_name(x1_scale.dtype)
-            raise validation.type_error(
-                op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
-            )
-        kb = _ceil(k, 2 * MX_BLOCK)
-        validation.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
-        validation.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
-        if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
-            raise validation.type_error(
-                op,
-                f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
-                f"{_ceil(k, MX_BLOCK)})",
-            )
-        _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
+
+
+def _check_perblock(op, x1, x2_scale, x1_scale, bias, n, group_size, transpose_x2):
+    _check_f32(op, PERBLOCK, "x1_scale", x1_scale)
+    _check_f32(op, PERBLOCK, "x2_scale", x2_scale)
+    *lead, k = x1.shape
+    m = int(np.prod(lead))
+    kb, nb = _ceil(k, BLOCK), _ceil(n, BLOCK)
+    if x1.ndim == 3:
+        want1 = (x1.shape[0], _ceil(x1.shape[1], BLOCK), kb)
+        rule1 = "(b, ceil(s/128), ceil(k/128))"
+    else:
+        want1 = (_ceil(m, BLOCK), kb)
+        rule1 = "(ceil(m/128), ceil(k/128))"
+    validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
+    want2 = (nb, kb) if transpose_x2 else (kb, nb)
+    rule2 = (
+        "(ceil(n/128), ceil(k/128)) (transpose_x2)"
+        if transpose_x2
+        else ("(ceil(k/128), ceil(n/128))")
+    )
+    validation.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
     if bias is not None:
-        validation.check_shape(op, "bias", bias, (n,), "1-D (n,)")
-        check_f32("bias", bias)
+        raise validation.type_error(
+            op,
+            "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
+            "supports only a null bias)",
+        )
+    rows = x1.shape[-2]
+    _resolve_group(
+        op,
+        group_size,
+        (rows, n, k),
+        (x1_scale.shape[-2], x2_scale.shape[0 if transpose_x2 else 1], x1_scale.shape[-1]),
+        PERBLOCK_GROUP,
+        PERBLOCK,
+    )
+
+
+def _check_mx(op, kind, x1, x2_scale, x1_scale, n, group_size, transpose_x2):
+    if not transpose_x2:
+        raise validation.value_error(
+            op,
+            "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
+            "only a transposed (n, k) x2)",
+        )
+    if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
+        got = "None" if x1_scale is None else dtype_name(x1_scale.dtype)
+        raise validation.type_error(
+            op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
+        )
+    *lead, k = x1.shape
+    m = int(np.prod(lead))
+    kb = _ceil(k, 2 * MX_BLOCK)
+    validation.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
+    validation.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
+    if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
+        raise validation.type_error(
+            op,
+            f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
+            f"{_ceil(k, MX_BLOCK)})",
+        )
+    _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
+
+
+def _check_bias_out_x3(op, kind, mode, bias, x3, out_shape, out_dtype):
+    if bias is not None:
+        validation.check_shape(op, "bias", bias, (out_shape[-1],), "1-D (n,)")
+        _check_f32(op, mode, "bias", bias)
+    profile = targets.current_profile()
     allowed = list(_OUT_DTYPES)
     if mode == PACKED and np.dtype(np.float32) not in profile.float_dtypes:
         allowed.remove(np.dtype(np.float32))
@@ -304,18 +337,8 @@ def check_call(
         validation.check_shape(op, "x3", x3, out_shape, "the output shape")
         if np.dtype(x3.dtype) not in _OUT_DTYPES:
             raise validation.type_error(
-                op,
-                f"x3 dtype must be float16, bfloat16 or float32, got {dtype_name(x3.dtype)}",
+                op, f"x3 dtype must be float16, bfloat16 or float32, got {dtype_name(x3.dtype)}"
             )
-    if comm_quant_mode == 1:
-        if kind not in (F8_E4M3.name, F8_E5M2.name) or mode not in (PERTOKEN, PERBLOCK):
-            raise validation.value_error(
-                op,
-                "comm_quant_mode=1 (fp8 pertile communication, formula 8) needs float8_e4m3fn "
-                f"or float8_e5m2 x1/x2 with float32 x1_scale and x2_scale, got {kind} x1/x2 "
-                f"in the {mode} rows",
-            )
-    return out_shape, mode
 
 
 # --------------------------------------------------------------------------
@@ -483,7 +506,7 @@ def local_lowp_matmul(x1, x2, s2, s1, bias, *, mode, hif8, transpose_x2):
 
 
 # --------------------------------------------------------------------------
-# fp8 pertile low-bit communication (comm_quant_mode=1), ascend-semantics §5.2
+# fp8 pertile low-bit communication (comm_quant_mode=1), docs/semantics.md §5.2
 
 
 def pertile_quantize(c, fp8):

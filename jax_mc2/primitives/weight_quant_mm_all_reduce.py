@@ -4,7 +4,7 @@ npu_mm_all_reduce_base (seed 004 table 2, aclnnWeightQuantMatmulAllReduce).
     out = allReduce(x1 @ ((x2_int8 + antiquant_offset) * antiquant_scale) + bias + x3)
 
 The int8 weights are dequantized to x1's dtype with the Ascend weight-quant
-arithmetic (ascend-semantics §8): for float16 in fp16 steps (the add and the
+arithmetic (docs/semantics.md §8): for float16 in fp16 steps (the add and the
 multiply each rounded to fp16), for bfloat16 in fp32 and rounded once to
 bf16. The matmul then runs as the non-quantized one (fp32 accumulation,
 + bias + x3, one rounding) and the all-reduce is in x1's dtype.
