@@ -57,6 +57,7 @@ def _check(got, want, dtype, world):
         np.testing.assert_allclose(np.asarray(g).astype(np.float64), w, atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OPS)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -279,6 +280,7 @@ def _loss_ref(x1, x2, residual, gamma, bias):
     return _loss_of(y, norm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_grads_sharded(impl):
     f = _sharded(mc2.matmul_all_reduce_add_rms_norm, impl)
@@ -290,6 +292,7 @@ def test_grads_sharded(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])

@@ -73,6 +73,7 @@ def test_default_implementation_on_cpu_is_ffi():
     assert "mc2_matmul_ffi" not in text and "dot_general" in text
 
 
+@pytest.mark.slow
 def test_implementation_from_environment():
     code = (
         "import jax, numpy as np, jax_mc2 as mc2\n"

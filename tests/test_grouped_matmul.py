@@ -60,6 +60,7 @@ def test_values(impl, dtype, trans):
     assert not np.asarray(y[sum(SIZES) :], np.float32).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("trans", [False, True])
 def test_weight_gradient_values(impl, trans):
@@ -74,6 +75,7 @@ def test_weight_gradient_values(impl, trans):
     assert not np.asarray(dw[1]).any()  # the empty group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("trans", [False, True])
 def test_check_grads(impl, trans):
