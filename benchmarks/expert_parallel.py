@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
-from jax_mc2 import _ffi
+from jax_mc2.implementations import ffi as _ffi
 
 
 def group_sizes(routing, m, groups, rng):

@@ -29,7 +29,7 @@ def ep_round_trip(impl):
     """Per shard: dispatch with traced counts, then combine with the
     transposed weights; returns (gmm_y, combined) with a leading rank axis."""
     import jax_mc2 as mc2
-    from jax_mc2.ops.alltoallv_grouped_matmul import exchange_counts
+    from jax_mc2.operators.alltoallv_grouped_matmul import exchange_counts
 
     def f(x, w, counts):
         send = counts[0]

@@ -57,6 +57,7 @@ def _check(got, want, dtype, world):
         np.testing.assert_allclose(np.asarray(g).astype(np.float64), w, atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OPS)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -145,7 +146,7 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
     every vector tail: y = round(mm + residual) bit for bit (ties to even,
     overflow to inf, NaN kept and quiet) and norm_out within an ulp or two of
     a NumPy model of the kernel's steps, non-finite rows included."""
-    from jax_mc2 import _ffi
+    from jax_mc2.implementations import ffi as _ffi
 
     rng = np.random.default_rng(n)
     # Sums of two values of one binade: many land exactly halfway.
@@ -279,6 +280,7 @@ def _loss_ref(x1, x2, residual, gamma, bias):
     return _loss_of(y, norm)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_grads_sharded(impl):
     f = _sharded(mc2.matmul_all_reduce_add_rms_norm, impl)
@@ -290,6 +292,7 @@ def test_grads_sharded(impl):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])

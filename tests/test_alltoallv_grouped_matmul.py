@@ -120,6 +120,7 @@ def run_dispatch(
     return _ep_call(world, f, (xs, ws, jnp.asarray(table, jnp.int32), mm_x, mm_w), specs, n_out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("kind", ["uniform", "random", "skewed", "zeros"])
@@ -229,6 +230,7 @@ def _combine_case(rng, world, experts, table, dtype, *, trans, h1=16, n1=12):
     return xs, _rand(rng, (world, *shape), dtype, 0.3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("kind", ["uniform", "random", "skewed", "zeros"])
@@ -265,6 +267,7 @@ def test_combine_traced_counts_and_shared_expert(impl, trans):
         _assert_close(mm_y[r], (mm_x[r].astype(np.float64) @ mm_w).astype(dtype), dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("world", [2, 8])
@@ -370,6 +373,7 @@ def test_axis_name_none_is_a_group_of_one():
         assert mm_y is None
 
 
+@pytest.mark.slow
 def test_multi_axis_ep_group():
     """axis_name may be a tuple of mesh axes, like lax.psum."""
     world, experts = 4, 2
@@ -448,6 +452,7 @@ def _grad_case(world, traced, impl, op):
     return functools.partial(lambda c, *a: g(*a, c), counts), (x, w, mm_x, mm_w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("op", ["dispatch", "combine"])
 @pytest.mark.parametrize("traced", [False, True])
@@ -907,7 +912,7 @@ def _emulated_ragged_all_to_all(world):
 
 @pytest.fixture
 def ragged_on_cpu(monkeypatch):
-    from jax_mc2.ops import alltoallv_grouped_matmul as mod
+    from jax_mc2.primitives import alltoallv_grouped_matmul as mod
 
     def use(world):
         monkeypatch.setattr(mod, "ragged_all_to_all", _emulated_ragged_all_to_all(world))
@@ -1052,6 +1057,7 @@ def _capacity_round_trip(impl, peer_capacity, out_rows):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_grads_with_tokens_replicated_over_the_ep_axis(impl):
     """gmm_x invariant along the EP axis (every rank routes the same tokens)

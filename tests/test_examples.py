@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_shape_check_example():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
@@ -29,6 +32,7 @@ def test_shape_check_example():
     )
 
 
+@pytest.mark.slow
 def test_tp_transformer_block_example_with_lowbit_comm():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
@@ -56,6 +60,7 @@ def test_tp_transformer_block_example_with_lowbit_comm():
     assert "OK: W8A8 within 3e-2" in out.stdout
 
 
+@pytest.mark.slow
 def test_moe_expert_parallel_example():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     small = ["--tokens", "128", "--d-model", "32", "--ffn", "64", "--shared-ffn", "32"]

@@ -67,6 +67,7 @@ def dense_moe(x, rw, wg, wu, wd, *, shards, capacity_factor=None, shared=None):
 MESHES = {"ep8": ((8,), ("ep",)), "dp2xep4": ((2, 4), ("dp", "ep"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 @pytest.mark.parametrize("with_shared", [False, True])
@@ -85,6 +86,7 @@ def test_no_drop_matches_dense(impl, mesh_name, with_shared):
     np.testing.assert_array_equal(out.tokens_per_expert, per_expert)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
 def test_capacity_factor_drops_like_the_model(impl, capacity_factor):
@@ -112,6 +114,7 @@ def test_capacities():
     assert mc2.parallel.moe_capacities(64, 2, 8, 4, None) == (128, 128, 512, 128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_bf16_close_to_dense(impl):
     x, rw, wg, wu, wd, shared = _case(3)
@@ -138,6 +141,7 @@ def _dense_jnp(x, rw, wg, wu, wd, shared):
     return y + (jax.nn.silu(x @ sg) * (x @ su)) @ sd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_gradients_match_dense(impl, mesh_name):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jax_mc2 as mc2
-from jax_mc2 import _ffi
+from jax_mc2.implementations import ffi as _ffi
 
 
 def test_every_lowered_target_is_registered():
@@ -73,6 +73,7 @@ def test_default_implementation_on_cpu_is_ffi():
     assert "mc2_matmul_ffi" not in text and "dot_general" in text
 
 
+@pytest.mark.slow
 def test_implementation_from_environment():
     code = (
         "import jax, numpy as np, jax_mc2 as mc2\n"
@@ -103,7 +104,7 @@ def test_implementation_from_environment():
 
 
 def test_ffi_on_non_cpu_platform_refused():
-    from jax_mc2 import _implementation
+    from jax_mc2.framework import implementation as _implementation
     from jax_mc2.framework import lowering
 
     assert _implementation.for_platform("op", None, ("cuda",)) == "xla"

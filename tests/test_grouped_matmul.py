@@ -10,8 +10,8 @@ import pytest
 from conftest import IMPLEMENTATIONS
 
 import jax_mc2 as mc2
-from jax_mc2._ffi import grouped_matmul_wgrad
-from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets as grouped_matmul
+from jax_mc2.implementations.ffi import grouped_matmul_wgrad
+from jax_mc2.primitives.grouped_matmul import grouped_matmul_offsets as grouped_matmul
 
 SIZES = [3, 0, 5, 1]  # an empty group, and 2 rows past the groups
 
@@ -60,6 +60,7 @@ def test_values(impl, dtype, trans):
     assert not np.asarray(y[sum(SIZES) :], np.float32).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("trans", [False, True])
 def test_weight_gradient_values(impl, trans):
@@ -74,6 +75,7 @@ def test_weight_gradient_values(impl, trans):
     assert not np.asarray(dw[1]).any()  # the empty group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("trans", [False, True])
 def test_check_grads(impl, trans):

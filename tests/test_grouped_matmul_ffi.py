@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_mc2 import _ffi
+from jax_mc2.implementations import ffi as _ffi
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = (np.dtype(np.float16), BF16, np.dtype(np.float32))

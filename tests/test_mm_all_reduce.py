@@ -82,6 +82,7 @@ def _assert_close(got, want, dtype, world):
     np.testing.assert_allclose(got, want, atol=tol, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -248,6 +249,7 @@ def test_vma_typing(impl):
     np.testing.assert_allclose(np.asarray(h(x1, np.ones((32, 4), np.float32))), 32.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("transpose_x2,comm_turn", [(False, 0), (True, 3)])
 def test_grads_sharded(impl, transpose_x2, comm_turn):
@@ -291,6 +293,7 @@ def test_grads_sharded(impl, transpose_x2, comm_turn):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
 def test_grads_sharded_16_bit(impl, dtype):

@@ -14,6 +14,7 @@ def _rand(rng, shape, dtype=np.float32, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "mesh_shape,names,data_axis",
@@ -38,6 +39,7 @@ def test_row_parallel_linear(impl, mesh_shape, names, data_axis, x_rank):
     np.testing.assert_allclose(np.asarray(out_t), x @ w, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
@@ -98,6 +100,7 @@ def test_wrapper_errors():
         mc2.parallel.row_parallel_linear(np.ones(16, np.float32), w, mesh=mesh, axis="tp")
 
 
+@pytest.mark.slow
 def test_wrapper_grads_match_dense():
     rng = np.random.default_rng(2)
     mesh = make_mesh((2, 4), ("dp", "tp"))
@@ -128,6 +131,7 @@ def test_wrapper_grads_match_dense():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
 def test_row_parallel_linear_w8a8(impl, dtype):

@@ -110,6 +110,7 @@ def test_packed_scales_with_x64():
             np.testing.assert_array_equal(np.asarray(got), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind", ["pairs", "bf16"])
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
@@ -465,6 +466,7 @@ def test_mm_all_reduce_base_full_quant(impl, kind, with_pertoken, out_dtype, x1_
         np.testing.assert_allclose(np.asarray(got2).astype(np.float64), want2, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind,with_pertoken,out_dtype", TABLE3)
 @pytest.mark.parametrize("world", [2, 8])
@@ -739,6 +741,7 @@ V4_ROWS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind,with_x1_scale,out_dtype", V4_ROWS)
 @pytest.mark.parametrize("world,with_comm", [(1, False), (2, False), (8, False), (4, True)])

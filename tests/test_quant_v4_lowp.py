@@ -356,6 +356,7 @@ def test_perblock_tiles_bit_exact(m, k, n, transpose_x2):
     np.testing.assert_array_equal(np.asarray(got), want.astype(np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("mode,kind,out_dtype", ROWS, ids=ROW_IDS)
 @pytest.mark.parametrize("world", [2, 8])
@@ -483,6 +484,7 @@ def oracle_pertile_chain(c_ranks, fp8, out_dtype):
     return np.concatenate(out)[:m].astype(out_dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize(
     "kind,out_dtype,world,mode",

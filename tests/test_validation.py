@@ -414,6 +414,7 @@ def test_target_selection_api_and_jit_cache():
         f(a, b)
 
 
+@pytest.mark.slow
 def test_target_from_environment():
     code = (
         "import jax_mc2 as mc2, jax, jax.numpy as jnp\n"

@@ -82,6 +82,7 @@ def test_dequantized_weights_bit_exact(impl, dtype, mode, group, with_offset, tr
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize(

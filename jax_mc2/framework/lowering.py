@@ -20,7 +20,8 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-from jax_mc2 import _compat, _implementation
+from jax_mc2.framework import _compat
+from jax_mc2.framework import implementation as _implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,3 +112,36 @@ def composition(
         return _compat.lower_fun(lowered, multiple_results=multiple_results)(ctx, *operands)
 
     return rule
+
+
+def register_implementations(
+    primitive,
+    op_name: str | Callable[[dict], str],
+    *,
+    ffi: Callable,
+    xla: Callable,
+    multiple_results: bool,
+    pass_context: bool = False,
+) -> None:
+    """Registers a primitive's ``xla`` and ``ffi`` compositions in the table
+    and its dispatching MLIR rule.
+
+    ``ffi`` (CPU only) gets the parameters plus ``parallelism``; ``xla``
+    gets the parameters. With ``pass_context`` both also get ``world_size``
+    and ``platforms``. ``op_name`` may be a function of the parameters, for
+    primitives shared by several operators."""
+    name = primitive.name
+    register(
+        name,
+        _implementation.XLA,
+        composition(xla, multiple_results=multiple_results, pass_context=pass_context),
+    )
+    register(
+        name,
+        _implementation.FFI,
+        composition(
+            ffi, multiple_results=multiple_results, pass_context=pass_context, parallelism=True
+        ),
+        platforms=("cpu",),
+    )
+    _compat.register_lowering(primitive, dispatching_rule(name, op_name))

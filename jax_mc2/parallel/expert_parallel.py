@@ -30,8 +30,9 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jax_mc2 import _validation as v
-from jax_mc2.ops.alltoallv_grouped_matmul import (
+from jax_mc2.framework import validation
+from jax_mc2.framework.validation import shape_str
+from jax_mc2.operators.alltoallv_grouped_matmul import (
     alltoallv_grouped_matmul,
     exchange_counts,
     grouped_matmul_alltoallv,
@@ -218,65 +219,11 @@ def expert_parallel_moe(
     Returns:
       :class:`MoEOutput` ``(y [T, H], dropped, tokens_per_expert [G])``.
     """
-    if axis not in mesh.axis_names:
-        raise v.value_error(OP, f"mesh has no axis {axis!r}; its axes are {mesh.axis_names}")
-    if data_axes is None:
-        data_axes = tuple(a for a in mesh.axis_names if a != axis)
-    data_axes = tuple(data_axes)
-    for a in data_axes:
-        if a not in mesh.axis_names or a == axis:
-            raise v.value_error(
-                OP, f"data_axes must be other axes of the mesh {mesh.axis_names}, got {data_axes}"
-            )
+    data_axes = _check_mesh_axes(mesh, axis, data_axes)
     world = mesh.shape[axis]
-    if x.ndim != 2:
-        raise v.type_error(OP, f"x must be 2-D (T, H), got shape {v.shape_str(x.shape)}")
-    tokens, hidden = x.shape
-    g = router_weight.shape[-1]
-    if router_weight.shape != (hidden, g):
-        raise v.type_error(
-            OP,
-            f"router_weight must be (H, G) with H == {hidden}, got "
-            f"{v.shape_str(router_weight.shape)}",
-        )
-    if w_gate.ndim != 3 or w_gate.shape[:2] != (g, hidden) or w_up.shape != w_gate.shape:
-        raise v.type_error(
-            OP,
-            f"w_gate and w_up must be (G, H, F) with G == {g}, H == {hidden}, got "
-            f"{v.shape_str(w_gate.shape)} and {v.shape_str(w_up.shape)}",
-        )
-    ffn = w_gate.shape[2]
-    if w_down.shape != (g, ffn, hidden):
-        raise v.type_error(
-            OP,
-            f"w_down must be (G, F, H) = {v.shape_str((g, ffn, hidden))}, got "
-            f"{v.shape_str(w_down.shape)}",
-        )
-    if g % world:
-        raise v.value_error(OP, f"G = {g} experts must be a multiple of the {axis!r} size {world}")
-    if not 1 <= top_k <= g:
-        raise v.value_error(OP, f"top_k must be in [1, G = {g}], got {top_k}")
-    shards = world * math.prod(mesh.shape[a] for a in data_axes)
-    if tokens % shards:
-        raise v.value_error(
-            OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
-        )
-    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
-        raise v.value_error(
-            OP, f"capacity_factor must be None or a finite value > 0, got {capacity_factor}"
-        )
-    if shared_expert is not None:
-        if not isinstance(shared_expert, SharedExpert):
-            raise v.type_error(
-                OP, f"shared_expert must be a SharedExpert or None, got {type(shared_expert)}"
-            )
-        sg, su, sd = (np.shape(a) for a in shared_expert)
-        if len(sg) != 2 or sg[0] != hidden or su != sg or sd != (sg[1], hidden):
-            raise v.type_error(
-                OP,
-                f"shared_expert must have w_gate, w_up (H, Fs) and w_down (Fs, H) with H = "
-                f"{hidden}, got {v.shape_str(sg)}, {v.shape_str(su)} and {v.shape_str(sd)}",
-            )
+    g = _check_weights(x, router_weight, w_gate, w_up, w_down)
+    _check_moe_sizes(mesh, axis, data_axes, x.shape[0], g, world, top_k, capacity_factor)
+    _check_shared_expert(shared_expert, x.shape[1])
     all_axes = (*data_axes, axis)
     token_spec = P(all_axes)
     w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
@@ -306,3 +253,85 @@ def expert_parallel_moe(
     )
     y, dropped, per_expert = fn(x, router_weight, w_gate_up, w_down, shared_expert)
     return MoEOutput(y, dropped, per_expert)
+
+
+def _check_mesh_axes(mesh, axis, data_axes):
+    """The expert-parallel axis is the mesh's; returns the data axes (by
+    default every other axis)."""
+    if axis not in mesh.axis_names:
+        raise validation.value_error(
+            OP, f"mesh has no axis {axis!r}; its axes are {mesh.axis_names}"
+        )
+    if data_axes is None:
+        data_axes = tuple(a for a in mesh.axis_names if a != axis)
+    data_axes = tuple(data_axes)
+    for a in data_axes:
+        if a not in mesh.axis_names or a == axis:
+            raise validation.value_error(
+                OP, f"data_axes must be other axes of the mesh {mesh.axis_names}, got {data_axes}"
+            )
+    return data_axes
+
+
+def _check_weights(x, router_weight, w_gate, w_up, w_down):
+    """x (T, H), router_weight (H, G), w_gate / w_up (G, H, F), w_down (G, F, H); returns G."""
+    if x.ndim != 2:
+        raise validation.type_error(OP, f"x must be 2-D (T, H), got shape {shape_str(x.shape)}")
+    tokens, hidden = x.shape
+    g = router_weight.shape[-1]
+    if router_weight.shape != (hidden, g):
+        raise validation.type_error(
+            OP,
+            f"router_weight must be (H, G) with H == {hidden}, got "
+            f"{shape_str(router_weight.shape)}",
+        )
+    if w_gate.ndim != 3 or w_gate.shape[:2] != (g, hidden) or w_up.shape != w_gate.shape:
+        raise validation.type_error(
+            OP,
+            f"w_gate and w_up must be (G, H, F) with G == {g}, H == {hidden}, got "
+            f"{shape_str(w_gate.shape)} and {shape_str(w_up.shape)}",
+        )
+    ffn = w_gate.shape[2]
+    if w_down.shape != (g, ffn, hidden):
+        raise validation.type_error(
+            OP,
+            f"w_down must be (G, F, H) = {shape_str((g, ffn, hidden))}, got "
+            f"{shape_str(w_down.shape)}",
+        )
+    return g
+
+
+def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_factor):
+    """G divides over the axis, top_k fits G, T over the shards, capacity_factor > 0."""
+    if g % world:
+        raise validation.value_error(
+            OP, f"G = {g} experts must be a multiple of the {axis!r} size {world}"
+        )
+    if not 1 <= top_k <= g:
+        raise validation.value_error(OP, f"top_k must be in [1, G = {g}], got {top_k}")
+    shards = world * math.prod(mesh.shape[a] for a in data_axes)
+    if tokens % shards:
+        raise validation.value_error(
+            OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
+        )
+    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+        raise validation.value_error(
+            OP, f"capacity_factor must be None or a finite value > 0, got {capacity_factor}"
+        )
+
+
+def _check_shared_expert(shared_expert, hidden):
+    """None, or a SharedExpert of (H, Fs), (H, Fs) and (Fs, H) weights."""
+    if shared_expert is None:
+        return
+    if not isinstance(shared_expert, SharedExpert):
+        raise validation.type_error(
+            OP, f"shared_expert must be a SharedExpert or None, got {type(shared_expert)}"
+        )
+    sg, su, sd = (np.shape(a) for a in shared_expert)
+    if len(sg) != 2 or sg[0] != hidden or su != sg or sd != (sg[1], hidden):
+        raise validation.type_error(
+            OP,
+            f"shared_expert must have w_gate, w_up (H, Fs) and w_down (Fs, H) with H = "
+            f"{hidden}, got {shape_str(sg)}, {shape_str(su)} and {shape_str(sd)}",
+        )

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jax_mc2 import _validation as v
-from jax_mc2.ops.matmul_all_reduce import mm_all_reduce_base
-from jax_mc2.ops.matmul_all_reduce_add_rms_norm import (
+from jax_mc2.framework import validation
+from jax_mc2.framework.validation import shape_str
+from jax_mc2.operators.matmul_all_reduce import mm_all_reduce_base
+from jax_mc2.operators.matmul_all_reduce_add_rms_norm import (
     inplace_matmul_all_reduce_add_rms_norm,
     matmul_all_reduce_add_rms_norm,
 )
@@ -35,8 +36,8 @@ def _bias_once(bias, axis):
 
 def _x_spec(x, axis, data_axis, op):
     if x.ndim not in (2, 3):
-        raise v.type_error(
-            op, f"x must be 2-D (m, k) or 3-D (b, s, k), got shape {v.shape_str(x.shape)}"
+        raise validation.type_error(
+            op, f"x must be 2-D (m, k) or 3-D (b, s, k), got shape {shape_str(x.shape)}"
         )
     return P(data_axis, axis) if x.ndim == 2 else P(data_axis, None, axis)
 
@@ -45,7 +46,9 @@ def _check_mesh(op, mesh, axis, data_axis):
     names = (axis,) if isinstance(axis, str) else tuple(axis)
     for name in names + ((data_axis,) if data_axis is not None else ()):
         if name not in mesh.axis_names:
-            raise v.value_error(op, f"mesh has no axis {name!r}; its axes are {mesh.axis_names}")
+            raise validation.value_error(
+                op, f"mesh has no axis {name!r}; its axes are {mesh.axis_names}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,19 +124,21 @@ def row_parallel_linear(
     """
     op = "row_parallel_linear"
     if quant is not None and not isinstance(quant, W8A8):
-        raise v.value_error(op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}")
+        raise validation.value_error(
+            op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}"
+        )
     if (
         quant is not None
         and bias is not None
         and not jnp.issubdtype(jnp.result_type(bias), jnp.floating)
     ):
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"bias must be a float array with quant=W8A8, added to the dequantized result; "
             f"got {jnp.result_type(bias)}",
         )
     if quant is not None and jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
-        raise v.value_error(
+        raise validation.value_error(
             op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
         )
     _check_mesh(op, mesh, axis, data_axis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from jax_mc2 import _compat
+from jax_mc2.framework import _compat
 
 
 def move_batch_to_front(args, dims, size):

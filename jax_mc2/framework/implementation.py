@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from jax_mc2 import _compat
+from jax_mc2.framework import _compat
 
 XLA = "xla"
 FFI = "ffi"

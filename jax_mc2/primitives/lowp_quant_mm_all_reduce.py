@@ -21,7 +21,7 @@ One primitive serves four scale layouts (the seed's formulas 4 to 7):
 The products accumulate in fp32; ``y`` is rounded half to even to the output
 dtype once, ``x3`` is added in fp32 and rounded again (as the int8 rows do),
 and the all-reduce runs in the output dtype. ``comm_quant_mode=1`` replaces the
-all-reduce by the fp8 pertile chain of ascend-semantics §5.2.
+all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 """
 
 from __future__ import annotations
@@ -31,11 +31,19 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, quant, reference, targets
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.matmul_all_reduce import check_matmul_shapes, reduced_result
+from jax_mc2.framework import quant, targets, validation
+from jax_mc2.framework.primitive import (
+    MAP,
+    Operand,
+    PrimitiveSpec,
+    bind,
+    register,
+    split_operands,
+)
+from jax_mc2.framework.quant import canonical_packed_scale, decode_scale, is_packed_scale
+from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
 
 OP = "quant_matmul_all_reduce_v4"
 _F32 = jnp.float32
@@ -45,7 +53,6 @@ F4_E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 U8 = np.dtype(np.uint8)
 HIF8 = "hifloat8"
-_PACKED_WIDE = (np.dtype(np.int64), np.dtype(np.uint64))
 _OUT_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32))
 
 PERTOKEN, PACKED, PERBLOCK, MX = "pertoken", "packed", "perblock", "mx"
@@ -79,7 +86,7 @@ def value_kind(op, name, aval, hif8: bool) -> str:
     dtype = np.dtype(aval.dtype)
     if hif8:
         if dtype != U8:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 f"{name} with {name}_format='hifloat8' must hold uint8 HiFloat8 codes, got "
                 f"{dtype.name}",
@@ -88,22 +95,16 @@ def value_kind(op, name, aval, hif8: bool) -> str:
     if dtype in (F8_E4M3, F8_E5M2, F4_E2M1):
         return dtype.name
     if dtype == U8:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"uint8 {name} holds HiFloat8 codes only with x1_format='hifloat8' and "
             "x2_format='hifloat8'",
         )
-    raise v.type_error(
+    raise validation.type_error(
         op,
         f"{name} dtype must be int8, float8_e4m3fn, float8_e5m2, float4_e2m1fn or uint8 "
         f"HiFloat8 codes (x1_format/x2_format='hifloat8'), got {dtype.name}",
     )
-
-
-def _is_packed(scale) -> bool:
-    dtype = np.dtype(scale.dtype)
-    pair = dtype == np.dtype(np.uint32) and scale.ndim >= 1 and scale.shape[-1] == 2
-    return dtype in _PACKED_WIDE or pair
 
 
 def classify(op, kind, x2_scale, x1_scale) -> str:
@@ -111,25 +112,25 @@ def classify(op, kind, x2_scale, x1_scale) -> str:
     dtype = np.dtype(x2_scale.dtype)
     if dtype == E8M0:
         mode = MX
-    elif _is_packed(x2_scale):
+    elif is_packed_scale(x2_scale):
         mode = PACKED
     elif dtype == np.dtype(np.float32):
         mode = PERBLOCK if x1_scale is not None and x1_scale.ndim >= 2 else PERTOKEN
     else:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"x2_scale dtype for {kind} x1/x2 must be float32 (pertoken / perblock), packed "
             "uint64/int64 words or uint32 (low, high) pairs [..., 2] (perchannel / pertensor), "
             f"or float8_e8m0fnu (MX), got {dtype.name}{list(x2_scale.shape)}",
         )
     if kind == F4_E2M1.name and mode != MX:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             "float4_e2m1fn x1/x2 exist only in the MX rows: x1_scale and x2_scale must be "
             f"float8_e8m0fnu, got x2_scale {dtype.name}",
         )
     if kind == HIF8 and mode == MX:
-        raise v.type_error(
+        raise validation.type_error(
             op, "the MX rows take float8_e4m3fn, float8_e5m2 or float4_e2m1fn x1/x2, not hifloat8"
         )
     return mode
@@ -139,9 +140,9 @@ def _resolve_group(op, group_size, dims, scale_dims, want, row):
     try:
         got = quant.resolve_group_size(group_size, dims, scale_dims)
     except ValueError as e:
-        raise v.value_error(op, f"{e} ({row} rows)") from None
+        raise validation.value_error(op, f"{e} ({row} rows)") from None
     if got != want:
-        raise v.value_error(
+        raise validation.value_error(
             op,
             f"group_size (m, n, k) must resolve to {want} in the {row} rows, got {got} "
             f"(group_size={group_size}; a 0 field is inferred as dim / scale extent)",
@@ -151,7 +152,7 @@ def _resolve_group(op, group_size, dims, scale_dims, want, row):
 
 def _check_static_group(op, group_size, row):
     if group_size != 0:
-        raise v.value_error(
+        raise validation.value_error(
             op,
             f"group_size must be 0 in the {row} rows (it is meaningful only when both scales "
             f"are at least 2-D: perblock / MX), got {group_size!r}",
@@ -175,137 +176,19 @@ def check_call(
 ):
     """Every dtype / shape / static rule of the fp8, hifloat8 and MX rows;
     returns ``(out_shape, mode)``."""
-    support = targets.operator_support(op)
-    v.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
-    kind = value_kind(op, "x1", x1, hif8)
-    kind2 = value_kind(op, "x2", x2, hif8)
-    if kind2 != kind:
-        raise v.type_error(
-            op, f"x2 must have x1's dtype {kind} (the tables pair equal dtypes), got {kind2}"
-        )
-    profile = targets.current_profile()
-    if not support.low_precision:
-        raise v.unsupported(
-            op,
-            f"the {kind} rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
-            f"target {profile.name!r} ({profile.description}); use target 'ascend-950' or "
-            "'generic'",
-        )
+    kind = _check_values(op, x1, x2, hif8)
     out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
-    *lead, k = x1.shape
-    m, n = int(np.prod(lead)), out_shape[-1]
     mode = classify(op, kind, x2_scale, x1_scale)
-    f32 = np.dtype(np.float32)
-
-    def check_f32(name, aval):
-        if np.dtype(aval.dtype) != f32:
-            raise v.type_error(
-                op,
-                f"{name} dtype must be float32 in the {mode} rows, got {v.dtype_name(aval.dtype)}",
-            )
-
     if mode in (PERTOKEN, PACKED):
-        pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
-        shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
-        if shape not in ((1,), (n,), (1, n)):
-            raise v.type_error(
-                op,
-                f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
-                f"{mode} rows, got {v.shape_str(shape)}",
-            )
-        _check_static_group(op, group_size, mode)
-    if mode == PERTOKEN:
-        if x1_scale is None:
-            raise v.type_error(
-                op,
-                "a float32 x2_scale needs x1_scale (float32 (m,) pertoken, or 2-D perblock "
-                "scales); without x1_scale pass packed x2_scale words (quant.trans_quant_param)",
-            )
-        check_f32("x1_scale", x1_scale)
-        v.check_shape(op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)")
-    elif mode == PACKED:
-        if x1_scale is not None:
-            raise v.type_error(
-                op,
-                "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
-                "rows); pertoken scales take a float32 x2_scale",
-            )
+        _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, out_shape[-1], group_size)
     elif mode == PERBLOCK:
-        check_f32("x1_scale", x1_scale)
-        check_f32("x2_scale", x2_scale)
-        kb, nb = _ceil(k, BLOCK), _ceil(n, BLOCK)
-        if x1.ndim == 3:
-            want1 = (x1.shape[0], _ceil(x1.shape[1], BLOCK), kb)
-            rule1 = "(b, ceil(s/128), ceil(k/128))"
-        else:
-            want1 = (_ceil(m, BLOCK), kb)
-            rule1 = "(ceil(m/128), ceil(k/128))"
-        v.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
-        want2 = (nb, kb) if transpose_x2 else (kb, nb)
-        rule2 = (
-            "(ceil(n/128), ceil(k/128)) (transpose_x2)"
-            if transpose_x2
-            else ("(ceil(k/128), ceil(n/128))")
-        )
-        v.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
-        if bias is not None:
-            raise v.type_error(
-                op,
-                "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
-                "supports only a null bias)",
-            )
-        rows = x1.shape[-2]
-        _resolve_group(
-            op,
-            group_size,
-            (rows, n, k),
-            (x1_scale.shape[-2], x2_scale.shape[0 if transpose_x2 else 1], x1_scale.shape[-1]),
-            PERBLOCK_GROUP,
-            PERBLOCK,
-        )
-    else:  # MX
-        if not transpose_x2:
-            raise v.value_error(
-                op,
-                "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
-                "only a transposed (n, k) x2)",
-            )
-        if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
-            got = "None" if x1_scale is None else v.dtype_name(x1_scale.dtype)
-            raise v.type_error(
-                op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
-            )
-        kb = _ceil(k, 2 * MX_BLOCK)
-        v.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
-        v.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
-        if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
-            raise v.type_error(
-                op,
-                f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
-                f"{_ceil(k, MX_BLOCK)})",
-            )
-        _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
-    if bias is not None:
-        v.check_shape(op, "bias", bias, (n,), "1-D (n,)")
-        check_f32("bias", bias)
-    allowed = list(_OUT_DTYPES)
-    if mode == PACKED and np.dtype(np.float32) not in profile.float_dtypes:
-        allowed.remove(np.dtype(np.float32))
-    if out_dtype not in allowed:
-        raise v.type_error(
-            op,
-            f"out_dtype must be one of {', '.join(d.name for d in allowed)} in the {kind} "
-            f"{mode} rows on target {profile.name!r}, got {out_dtype.name}",
-        )
-    if x3 is not None:
-        v.check_shape(op, "x3", x3, out_shape, "the output shape")
-        if np.dtype(x3.dtype) not in _OUT_DTYPES:
-            raise v.type_error(
-                op, f"x3 dtype must be float16, bfloat16 or float32, got {v.dtype_name(x3.dtype)}"
-            )
+        _check_perblock(op, x1, x2_scale, x1_scale, bias, out_shape[-1], group_size, transpose_x2)
+    else:
+        _check_mx(op, kind, x1, x2_scale, x1_scale, out_shape[-1], group_size, transpose_x2)
+    _check_bias_out_x3(op, kind, mode, bias, x3, out_shape, out_dtype)
     if comm_quant_mode == 1:
         if kind not in (F8_E4M3.name, F8_E5M2.name) or mode not in (PERTOKEN, PERBLOCK):
-            raise v.value_error(
+            raise validation.value_error(
                 op,
                 "comm_quant_mode=1 (fp8 pertile communication, formula 8) needs float8_e4m3fn "
                 f"or float8_e5m2 x1/x2 with float32 x1_scale and x2_scale, got {kind} x1/x2 "
@@ -314,18 +197,166 @@ def check_call(
     return out_shape, mode
 
 
+def _check_values(op, x1, x2, hif8) -> str:
+    """x1's rank, x1/x2's common value kind, and the target's support."""
+    support = targets.operator_support(op)
+    validation.check_rank(op, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    kind = value_kind(op, "x1", x1, hif8)
+    kind2 = value_kind(op, "x2", x2, hif8)
+    if kind2 != kind:
+        raise validation.type_error(
+            op, f"x2 must have x1's dtype {kind} (the tables pair equal dtypes), got {kind2}"
+        )
+    profile = targets.current_profile()
+    if not support.low_precision:
+        raise validation.unsupported(
+            op,
+            f"the {kind} rows (fp8, hifloat8 and MX: Ascend 950 only) are not available on "
+            f"target {profile.name!r} ({profile.description}); use target 'ascend-950' or "
+            "'generic'",
+        )
+    return kind
+
+
+def _check_f32(op, mode, name, aval):
+    if np.dtype(aval.dtype) != np.dtype(np.float32):
+        raise validation.type_error(
+            op,
+            f"{name} dtype must be float32 in the {mode} rows, got {dtype_name(aval.dtype)}",
+        )
+
+
+def _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, n, group_size):
+    pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
+    shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
+    if shape not in ((1,), (n,), (1, n)):
+        raise validation.type_error(
+            op,
+            f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
+            f"{mode} rows, got {shape_str(shape)}",
+        )
+    _check_static_group(op, group_size, mode)
+    if mode == PERTOKEN:
+        if x1_scale is None:
+            raise validation.type_error(
+                op,
+                "a float32 x2_scale needs x1_scale (float32 (m,) pertoken, or 2-D perblock "
+                "scales); without x1_scale pass packed x2_scale words (quant.trans_quant_param)",
+            )
+        _check_f32(op, mode, "x1_scale", x1_scale)
+        m = int(np.prod(x1.shape[:-1]))
+        validation.check_shape(
+            op, "x1_scale", x1_scale, (m,), "1-D (m,) pertoken (b * s for 3-D x1)"
+        )
+    elif x1_scale is not None:
+        raise validation.type_error(
+            op,
+            "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
+            "rows); pertoken scales take a float32 x2_scale",
+        )
+
+
+def _check_perblock(op, x1, x2_scale, x1_scale, bias, n, group_size, transpose_x2):
+    _check_f32(op, PERBLOCK, "x1_scale", x1_scale)
+    _check_f32(op, PERBLOCK, "x2_scale", x2_scale)
+    *lead, k = x1.shape
+    m = int(np.prod(lead))
+    kb, nb = _ceil(k, BLOCK), _ceil(n, BLOCK)
+    if x1.ndim == 3:
+        want1 = (x1.shape[0], _ceil(x1.shape[1], BLOCK), kb)
+        rule1 = "(b, ceil(s/128), ceil(k/128))"
+    else:
+        want1 = (_ceil(m, BLOCK), kb)
+        rule1 = "(ceil(m/128), ceil(k/128))"
+    validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
+    want2 = (nb, kb) if transpose_x2 else (kb, nb)
+    rule2 = (
+        "(ceil(n/128), ceil(k/128)) (transpose_x2)"
+        if transpose_x2
+        else ("(ceil(k/128), ceil(n/128))")
+    )
+    validation.check_shape(op, "x2_scale", x2_scale, want2, f"perblock {rule2}")
+    if bias is not None:
+        raise validation.type_error(
+            op,
+            "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
+            "supports only a null bias)",
+        )
+    rows = x1.shape[-2]
+    _resolve_group(
+        op,
+        group_size,
+        (rows, n, k),
+        (x1_scale.shape[-2], x2_scale.shape[0 if transpose_x2 else 1], x1_scale.shape[-1]),
+        PERBLOCK_GROUP,
+        PERBLOCK,
+    )
+
+
+def _check_mx(op, kind, x1, x2_scale, x1_scale, n, group_size, transpose_x2):
+    if not transpose_x2:
+        raise validation.value_error(
+            op,
+            "transpose_x2 must be True in the MX rows (float8_e8m0fnu x2_scale supports "
+            "only a transposed (n, k) x2)",
+        )
+    if x1_scale is None or np.dtype(x1_scale.dtype) != E8M0:
+        got = "None" if x1_scale is None else dtype_name(x1_scale.dtype)
+        raise validation.type_error(
+            op, f"x1_scale must be float8_e8m0fnu in the MX rows (as x2_scale), got {got}"
+        )
+    *lead, k = x1.shape
+    m = int(np.prod(lead))
+    kb = _ceil(k, 2 * MX_BLOCK)
+    validation.check_shape(op, "x1_scale", x1_scale, (m, kb, 2), "MX [m, ceil(k/64), 2]")
+    validation.check_shape(op, "x2_scale", x2_scale, (n, kb, 2), "MX [n, ceil(k/64), 2]")
+    if kind == F4_E2M1.name and _ceil(k, MX_BLOCK) % 2:
+        raise validation.type_error(
+            op,
+            f"float4_e2m1fn x1/x2 need ceil(k/32) even, got k = {k} (ceil(k/32) = "
+            f"{_ceil(k, MX_BLOCK)})",
+        )
+    _resolve_group(op, group_size, (m, n, k), (m, n, 2 * kb), MX_GROUP, MX)
+
+
+def _check_bias_out_x3(op, kind, mode, bias, x3, out_shape, out_dtype):
+    if bias is not None:
+        validation.check_shape(op, "bias", bias, (out_shape[-1],), "1-D (n,)")
+        _check_f32(op, mode, "bias", bias)
+    profile = targets.current_profile()
+    allowed = list(_OUT_DTYPES)
+    if mode == PACKED and np.dtype(np.float32) not in profile.float_dtypes:
+        allowed.remove(np.dtype(np.float32))
+    if out_dtype not in allowed:
+        raise validation.type_error(
+            op,
+            f"out_dtype must be one of {', '.join(d.name for d in allowed)} in the {kind} "
+            f"{mode} rows on target {profile.name!r}, got {out_dtype.name}",
+        )
+    if x3 is not None:
+        validation.check_shape(op, "x3", x3, out_shape, "the output shape")
+        if np.dtype(x3.dtype) not in _OUT_DTYPES:
+            raise validation.type_error(
+                op, f"x3 dtype must be float16, bfloat16 or float32, got {dtype_name(x3.dtype)}"
+            )
+
+
 # --------------------------------------------------------------------------
 # The primitive
 
-lowp_quant_mm_all_reduce_p = _compat.new_primitive("mc2_lowp_quant_mm_all_reduce")
+OPERANDS = (
+    Operand("x1"),
+    Operand("x2"),
+    Operand("x2_scale"),
+    Operand("x1_scale", flag="has_x1_scale"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3"),
+)
 
 
 def _split(operands, has_x1_scale, has_bias, has_x3):
-    x1, x2, x2_scale, *rest = operands
-    x1_scale = rest.pop(0) if has_x1_scale else None
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, x2_scale, x1_scale, bias, x3
+    flags = {"has_x1_scale": has_x1_scale, "has_bias": has_bias, "has_x3": has_x3}
+    return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
 def _abstract_eval(
@@ -372,9 +403,6 @@ def _abstract_eval(
     )
 
 
-lowp_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
-
-
 # --------------------------------------------------------------------------
 # Shared pieces of the two implementations
 
@@ -404,8 +432,6 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
     [n]; perblock float32 [ceil(k/128), n] (each column's block scales); MX
     e8m0 [n, 2 * ceil(k/64)]."""
     if mode == PACKED:
-        from jax_mc2.ops.quant_matmul_all_reduce import decode_scale
-
         return decode_scale(x2_scale)
     if mode == PERTOKEN:
         return x2_scale.reshape(-1)
@@ -480,7 +506,7 @@ def local_lowp_matmul(x1, x2, s2, s1, bias, *, mode, hif8, transpose_x2):
 
 
 # --------------------------------------------------------------------------
-# fp8 pertile low-bit communication (comm_quant_mode=1), ascend-semantics §5.2
+# fp8 pertile low-bit communication (comm_quant_mode=1), docs/semantics.md §5.2
 
 
 def pertile_quantize(c, fp8):
@@ -577,7 +603,7 @@ def _composition(local_fn, operands, params, axis_name, comm_turn):
     def local(x1_c, x3_c, s1_c):
         return local_fn(x1_c, x2, s2, s1_c, bias, x3_c, mode=mode, comm=comm)
 
-    return reference.chunked_matmul_all_reduce(
+    return xla.chunked_matmul_all_reduce(
         local, x1, x3, s1, axis_name=axis_name, comm_turn=comm_turn, reduce=reduce
     )
 
@@ -610,7 +636,7 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
         if np.dtype(x1.dtype) == F4_E2M1:
             # XLA:CPU stores fp4 two values per byte; every fp4 value is exact in e4m3fn.
             x1, x2 = x1.astype(jnp.float8_e4m3fn), x2.astype(jnp.float8_e4m3fn)
-        return _ffi.lowp_matmul(
+        return ffi.lowp_matmul(
             x1,
             x2,
             s2,
@@ -628,46 +654,22 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     return _composition(local, operands, params, axis_name, comm_turn)
 
 
-register_implementations(
-    lowp_quant_mm_all_reduce_p,
-    OP,
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=False,
+lowp_quant_mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_lowp_quant_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=MAP,
+        not_differentiable=(
+            "the fp8 / hifloat8 / MX quantized rows are not differentiable (quantized "
+            "operands and scales); differentiate the floating-point model and quantize after "
+            "training"
+        ),
+    )
 )
-
-
-def _jvp(primals, tangents, **params):
-    raise NotImplementedError(
-        f"{OP}: the fp8 / hifloat8 / MX quantized rows are not differentiable (quantized "
-        "operands and scales); differentiate the floating-point model and quantize after training"
-    )
-
-
-_compat.ad.primitive_jvps[lowp_quant_mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
-    ops = list(_split(list(args), *flags))
-    ds = list(_split(list(dims), *flags))
-    out = map_over_batch(
-        lambda *a: lowp_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        ops,
-        ds,
-    )
-    return out, 0
-
-
-_compat.register_batching_rule(lowp_quant_mm_all_reduce_p, lambda params: OP, _batch)
-
-
-def _canonical_scale(scale):
-    """NumPy int64/uint64 packed words become uint32 pairs (they survive x64 off)."""
-    if isinstance(scale, np.ndarray) and scale.dtype in _PACKED_WIDE:
-        low, high = quant.packed_scale_words(scale)
-        return jnp.stack([low, high], axis=-1)
-    return jnp.asarray(scale)
 
 
 def bind_low_precision(
@@ -686,17 +688,21 @@ def bind_low_precision(
     params,
 ):
     """Binds the fp8 / hifloat8 / MX primitive (``params``: collective_params)."""
-    operands = [jnp.asarray(x1), jnp.asarray(x2), _canonical_scale(x2_scale)]
-    operands += [jnp.asarray(a) for a in (x1_scale, bias, x3) if a is not None]
-    return lowp_quant_mm_all_reduce_p.bind(
-        *operands,
+    named = {
+        "x1": x1,
+        "x2": x2,
+        "x2_scale": canonical_packed_scale(x2_scale),
+        "x1_scale": x1_scale,
+        "bias": bias,
+        "x3": x3,
+    }
+    return bind(
+        lowp_quant_mm_all_reduce_p,
+        named,
         hif8=bool(hif8),
         transpose_x2=bool(transpose_x2),
         out_dtype=np.dtype(out_dtype),
         group_size=int(group_size),
         comm_quant_mode=int(comm_quant_mode),
-        has_x1_scale=x1_scale is not None,
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
         **params,
     )

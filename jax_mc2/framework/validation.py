@@ -82,3 +82,14 @@ def canonical_axis_name(op: str, axis_name) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise value_error(op, f"axis_name must not repeat a name, got {axis_name!r}")
     return names
+
+
+def check_comm_turn(op, comm_turn):
+    return check_int(op, "comm_turn", comm_turn, minimum=0)
+
+
+def check_reduce_op(op, reduce_op):
+    if reduce_op != "sum":
+        raise value_error(
+            op, f"reduce_op must be 'sum' (the only reduction CANN supports), got {reduce_op!r}"
+        )

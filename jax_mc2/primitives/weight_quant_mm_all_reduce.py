@@ -4,7 +4,7 @@ npu_mm_all_reduce_base (seed 004 table 2, aclnnWeightQuantMatmulAllReduce).
     out = allReduce(x1 @ ((x2_int8 + antiquant_offset) * antiquant_scale) + bias + x3)
 
 The int8 weights are dequantized to x1's dtype with the Ascend weight-quant
-arithmetic (ascend-semantics §8): for float16 in fp16 steps (the add and the
+arithmetic (docs/semantics.md §8): for float16 in fp16 steps (the add and the
 multiply each rounded to fp16), for bfloat16 in fp32 and rounded once to
 bf16. The matmul then runs as the non-quantized one (fp32 accumulation,
 + bias + x3, one rounding) and the all-reduce is in x1's dtype.
@@ -15,14 +15,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2 import _compat, _ffi, reference, targets
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch, move_batch_to_front
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.matmul_all_reduce import (
-    check_matmul_shapes,
-    reduced_result,
+from jax_mc2.framework import targets, validation
+from jax_mc2.framework.primitive import (
+    FOLD_MATRIX,
+    FOLD_ROWS,
+    Operand,
+    PrimitiveSpec,
+    register,
+    split_operands,
 )
+from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -30,9 +34,9 @@ _F32 = jnp.float32
 
 def check_group_size(op, group_size, k):
     """0 (no groups), or a multiple of 32 in [32, k - 1]."""
-    group_size = v.check_int(op, "antiquant_group_size", group_size, minimum=0)
+    group_size = validation.check_int(op, "antiquant_group_size", group_size, minimum=0)
     if group_size and (group_size % 32 or not 32 <= group_size <= k - 1):
-        raise v.value_error(
+        raise validation.value_error(
             op,
             "antiquant_group_size must be 0 or a multiple of 32 in [32, k - 1] = "
             f"[32, {k - 1}], got {group_size}",
@@ -75,15 +79,19 @@ def dequantize_weights(x2, scale, offset, *, dtype, group_size, transpose_x2):
     return (w * expand(scale)).astype(dtype)
 
 
-weight_quant_mm_all_reduce_p = _compat.new_primitive("mc2_weight_quant_mm_all_reduce")
+OPERANDS = (
+    Operand("x1", fold=FOLD_MATRIX),
+    Operand("x2"),
+    Operand("scale"),
+    Operand("offset", flag="has_offset"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3", fold=FOLD_MATRIX),
+)
 
 
 def _split(operands, has_offset, has_bias, has_x3):
-    x1, x2, scale, *rest = operands
-    offset = rest.pop(0) if has_offset else None
-    bias = rest.pop(0) if has_bias else None
-    x3 = rest.pop(0) if has_x3 else None
-    return x1, x2, scale, offset, bias, x3
+    flags = {"has_offset": has_offset, "has_bias": has_bias, "has_x3": has_x3}
+    return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
 def _abstract_eval(
@@ -101,11 +109,11 @@ def _abstract_eval(
     del implementation
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     targets.operator_support(OP)
-    v.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
+    validation.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
     targets.check_float_dtype(OP, "x1", x1)
     if np.dtype(x2.dtype) != np.dtype(np.int8):
-        raise v.type_error(
-            OP, f"x2 dtype must be int8 with antiquant_scale, got {v.dtype_name(x2.dtype)}"
+        raise validation.type_error(
+            OP, f"x2 dtype must be int8 with antiquant_scale, got {dtype_name(x2.dtype)}"
         )
     out_shape = check_matmul_shapes(OP, x1, x2, transpose_x2=transpose_x2)
     k, n = x1.shape[-1], out_shape[-1]
@@ -116,17 +124,21 @@ def _abstract_eval(
             if group_size
             else f"pertensor (1,) or perchannel (n,) / (1, n) with n = {n}"
         )
-        raise v.type_error(OP, f"antiquant_scale must be {rule}, got {v.shape_str(scale.shape)}")
-    v.check_same_dtype(OP, "antiquant_scale", scale, "x1", x1)
+        raise validation.type_error(
+            OP, f"antiquant_scale must be {rule}, got {shape_str(scale.shape)}"
+        )
+    validation.check_same_dtype(OP, "antiquant_scale", scale, "x1", x1)
     if offset is not None:
-        v.check_shape(OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape")
-        v.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
+        validation.check_shape(
+            OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape"
+        )
+        validation.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
     if bias is not None:
-        v.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
-        v.check_same_dtype(OP, "bias", bias, "x1", x1)
+        validation.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
+        validation.check_same_dtype(OP, "bias", bias, "x1", x1)
     if x3 is not None:
-        v.check_shape(OP, "x3", x3, out_shape, "the output shape")
-        v.check_same_dtype(OP, "x3", x3, "x1", x1)
+        validation.check_shape(OP, "x3", x3, out_shape, "the output shape")
+        validation.check_same_dtype(OP, "x3", x3, "x1", x1)
     return reduced_result(
         OP,
         x1,
@@ -141,9 +153,6 @@ def _abstract_eval(
     )
 
 
-weight_quant_mm_all_reduce_p.def_effectful_abstract_eval(_abstract_eval)
-
-
 def _xla_composition(
     *operands, transpose_x2, has_offset, has_bias, has_x3, group_size, axis_name, comm_turn
 ):
@@ -151,7 +160,7 @@ def _xla_composition(
     w = dequantize_weights(
         x2, scale, offset, dtype=x1.dtype, group_size=group_size, transpose_x2=transpose_x2
     )
-    return reference.matmul_all_reduce(
+    return xla.matmul_all_reduce(
         x1, w, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
     )
 
@@ -170,7 +179,7 @@ def _ffi_composition(
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
 
     def local(x1_c, x3_c):
-        return _ffi.matmul(
+        return ffi.matmul(
             x1_c,
             x2,
             bias,
@@ -182,76 +191,22 @@ def _ffi_composition(
             group_size=group_size,
         )
 
-    return reference.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn
+    return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
+
+
+weight_quant_mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_weight_quant_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=FOLD_ROWS,
+        fold_like="x1",
+        not_differentiable=(
+            "the weight-only quantized mode (antiquant_scale) is not differentiable; "
+            "differentiate the floating-point model and quantize the weights after training"
+        ),
     )
-
-
-register_implementations(
-    weight_quant_mm_all_reduce_p,
-    OP,
-    ffi=_ffi_composition,
-    xla=_xla_composition,
-    multiple_results=False,
 )
-
-
-def _jvp(primals, tangents, **params):
-    raise NotImplementedError(
-        f"{OP}: the weight-only quantized mode (antiquant_scale) is not differentiable; "
-        "differentiate the floating-point model and quantize the weights after training"
-    )
-
-
-_compat.ad.primitive_jvps[weight_quant_mm_all_reduce_p] = _jvp
-
-
-def _batch(args, dims, **params):
-    not_mapped = _compat.NOT_MAPPED
-    flags = params["has_offset"], params["has_bias"], params["has_x3"]
-    x1, x2, scale, offset, bias, x3 = _split(list(args), *flags)
-    d1, d2, ds, do, db, d3 = _split(list(dims), *flags)
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
-    if all(d is not_mapped for d in (d2, ds, do, db)):
-        x1, x3 = move_batch_to_front([x1, x3], [d1, d3], size)
-        x1f = x1.reshape(-1, *x1.shape[2:]) if x1.ndim == 4 else x1
-        x3f = None if x3 is None else (x3.reshape(-1, *x3.shape[2:]) if x3.ndim == 4 else x3)
-        ops = [x1f, x2, scale] + [a for a in (offset, bias, x3f) if a is not None]
-        out = weight_quant_mm_all_reduce_p.bind(*ops, **params)
-        return out.reshape(*x1.shape[:-1], out.shape[-1]), 0
-    out = map_over_batch(
-        lambda *a: weight_quant_mm_all_reduce_p.bind(*[o for o in a if o is not None], **params),
-        [x1, x2, scale, offset, bias, x3],
-        [d1, d2, ds, do, db, d3],
-    )
-    return out, 0
-
-
-_compat.register_batching_rule(weight_quant_mm_all_reduce_p, lambda params: OP, _batch)
-
-
-def bind_weight_quant(
-    x1,
-    x2,
-    *,
-    scale,
-    offset,
-    bias,
-    x3,
-    group_size,
-    transpose_x2,
-    **params,
-):
-    """Binds the weight-only quantized primitive; ``params`` are the
-    canonical collective parameters (``collective_params``)."""
-    operands = [jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(scale)]
-    operands += [jnp.asarray(a) for a in (offset, bias, x3) if a is not None]
-    return weight_quant_mm_all_reduce_p.bind(
-        *operands,
-        transpose_x2=bool(transpose_x2),
-        has_offset=offset is not None,
-        has_bias=bias is not None,
-        has_x3=x3 is not None,
-        group_size=int(group_size),
-        **params,
-    )

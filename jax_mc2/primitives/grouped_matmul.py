@@ -14,46 +14,48 @@ the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, _implementation
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import register_implementations
+from jax_mc2.framework import _compat, validation
+from jax_mc2.framework.implementation import requested as requested_implementation
+from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
+from jax_mc2.framework.validation import shape_str
+from jax_mc2.implementations import ffi
 
 OP = "grouped_matmul"
 _F32 = jnp.float32
 _I32 = jnp.int32
 _FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32))
 
-grouped_matmul_p = _compat.new_primitive("mc2_grouped_matmul")
-grouped_matmul_wgrad_p = _compat.new_primitive("mc2_grouped_matmul_wgrad")
+OPERANDS = (Operand("x"), Operand("w"), Operand("offsets"))
+WGRAD_OPERANDS = (Operand("x"), Operand("dy"), Operand("offsets"))
 
 
 def _check_offsets(offsets, groups):
     if offsets.shape != (groups + 1,) or offsets.dtype != jnp.dtype(_I32):
-        raise v.type_error(
+        raise validation.type_error(
             OP,
             f"group_offsets must be int32 (G + 1,) = ({groups + 1},), got "
-            f"{offsets.dtype.name}{v.shape_str(offsets.shape)}",
+            f"{offsets.dtype.name}{shape_str(offsets.shape)}",
         )
 
 
 def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
     del implementation, world_size
-    v.check_rank(OP, "x", x, (2,), "(rows, k)")
+    validation.check_rank(OP, "x", x, (2,), "(rows, k)")
     if x.dtype not in _FLOAT_DTYPES:
-        raise v.type_error(OP, f"x dtype must be float16, bfloat16 or float32, got {x.dtype.name}")
+        raise validation.type_error(
+            OP, f"x dtype must be float16, bfloat16 or float32, got {x.dtype.name}"
+        )
     k = x.shape[1]
     wk = w.shape[2] if trans_weight else w.shape[1] if w.ndim == 3 else None
     if w.ndim != 3 or wk != k:
         layout = "(G, n, k)" if trans_weight else "(G, k, n)"
-        raise v.type_error(OP, f"w must be 3-D {layout} with k == {k}, got {v.shape_str(w.shape)}")
-    v.check_same_dtype(OP, "w", w, "x", x)
+        raise validation.type_error(
+            OP, f"w must be 3-D {layout} with k == {k}, got {shape_str(w.shape)}"
+        )
+    validation.check_same_dtype(OP, "w", w, "x", x)
     _check_offsets(offsets, w.shape[0])
     n = w.shape[1] if trans_weight else w.shape[2]
     return _compat.result_aval(x, (x.shape[0], n), x.dtype, [x, w, offsets])
@@ -65,10 +67,6 @@ def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_
     k, n = x.shape[1], dy.shape[1]
     shape = (groups, n, k) if trans_weight else (groups, k, n)
     return _compat.result_aval(x, shape, x.dtype, [x, dy, offsets])
-
-
-grouped_matmul_p.def_abstract_eval(_abstract_eval)
-grouped_matmul_wgrad_p.def_abstract_eval(_wgrad_abstract_eval)
 
 
 def _selected_dense_gmm(x, w, offsets):
@@ -105,7 +103,7 @@ def grouped_matmul_xla(x, w, offsets, *, trans_weight):
 
 def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism):
     rows = jnp.arange(x.shape[0], dtype=_I32)
-    return _ffi.grouped_matmul(
+    return ffi.grouped_matmul(
         x,
         w,
         offsets,
@@ -131,56 +129,13 @@ def _wgrad_xla(x, dy, offsets, *, trans_weight):
 
 
 def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
-    return _ffi.grouped_matmul_wgrad(
+    return ffi.grouped_matmul_wgrad(
         x, dy, offsets, transpose_w=trans_weight, parallelism=parallelism
     )
 
 
-register_implementations(
-    grouped_matmul_p, OP, ffi=_ffi_gmm, xla=grouped_matmul_xla, multiple_results=False
-)
-register_implementations(
-    grouped_matmul_wgrad_p, OP, ffi=_wgrad_ffi, xla=_wgrad_xla, multiple_results=False
-)
-
-
 def _bind(prim, *operands, **params):
     return prim.bind(*_compat.match_vma(*operands), **params)
-
-
-def grouped_matmul(x, w, group_sizes, *, trans_weight=False, implementation=None):
-    """A grouped matmul with ``lax.ragged_dot``'s layout, on the C++ kernels
-    on CPU (``implementation="ffi"``, the default there) or ``lax.ragged_dot``
-    (``"xla"``): the first ``group_sizes[0]`` rows of x times ``w[0]``, the
-    next ``group_sizes[1]`` times ``w[1]``, ...; rows past the groups are 0.
-
-    x: [m, k] float16/bfloat16/float32; w: [G, k, n] ([G, n, k] with
-    ``trans_weight``), x's dtype; group_sizes: integer [G] (sizes past m are
-    clipped, negative sizes count as 0). Returns [m, n] in x's dtype (fp32
-    accumulation, one rounding). Differentiable in x and w to any order (the weight gradient
-    is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
-    """
-    x, w = jnp.asarray(x), jnp.asarray(w)
-    sizes = jnp.asarray(group_sizes)
-    if sizes.ndim != 1 or not jnp.issubdtype(sizes.dtype, jnp.integer):
-        raise v.type_error(
-            OP,
-            f"group_sizes must be a 1-D integer array (G,), got "
-            f"{sizes.dtype.name}{v.shape_str(sizes.shape)}",
-        )
-    if np.ndim(w) == 3 and sizes.shape[0] != np.shape(w)[0]:
-        raise v.type_error(
-            OP,
-            f"group_sizes must have one size per group of w: (G,) = ({np.shape(w)[0]},), got "
-            f"{v.shape_str(sizes.shape)}",
-        )
-    # Negative sizes count as empty groups.
-    sizes = jnp.maximum(sizes.astype(_I32), 0)
-    offsets = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes, dtype=_I32)])
-    offsets = jnp.clip(offsets, 0, x.shape[0] if x.ndim else 0)
-    return grouped_matmul_offsets(
-        x, w, offsets, trans_weight=trans_weight, implementation=implementation
-    )
 
 
 def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implementation=None):
@@ -196,7 +151,7 @@ def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implement
         w,
         group_offsets,
         trans_weight=bool(trans_weight),
-        implementation=_implementation.requested(OP, implementation),
+        implementation=requested_implementation(OP, implementation),
         world_size=1,
     )
 
@@ -247,24 +202,35 @@ def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
     raise NotImplementedError(f"{OP}: transposition needs exactly one of x and dy linear")
 
 
-_compat.ad.primitive_jvps[grouped_matmul_p] = functools.partial(_bilinear_jvp, grouped_matmul_p)
-_compat.ad.primitive_transposes[grouped_matmul_p] = _transpose
-_compat.ad.primitive_jvps[grouped_matmul_wgrad_p] = functools.partial(
-    _bilinear_jvp, grouped_matmul_wgrad_p
+grouped_matmul_p = register(
+    PrimitiveSpec(
+        name="mc2_grouped_matmul",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        effectful=False,
+        xla=grouped_matmul_xla,
+        ffi=_ffi_gmm,
+        batching=MAP,
+        jvp=lambda primals, tangents, **params: _bilinear_jvp(
+            grouped_matmul_p, primals, tangents, **params
+        ),
+        transpose=_transpose,
+    )
 )
-_compat.ad.primitive_transposes[grouped_matmul_wgrad_p] = _wgrad_transpose
-
-
-def _batch(prim, args, dims, **params):
-    out = map_over_batch(lambda *a: prim.bind(*a, **params), list(args), list(dims))
-    return out, 0
-
-
-_compat.register_batching_rule(
-    grouped_matmul_p, lambda p: OP, lambda a, d, **p: _batch(grouped_matmul_p, a, d, **p)
-)
-_compat.register_batching_rule(
-    grouped_matmul_wgrad_p,
-    lambda p: OP,
-    lambda a, d, **p: _batch(grouped_matmul_wgrad_p, a, d, **p),
+grouped_matmul_wgrad_p = register(
+    PrimitiveSpec(
+        name="mc2_grouped_matmul_wgrad",
+        operator=OP,
+        operands=WGRAD_OPERANDS,
+        abstract_eval=_wgrad_abstract_eval,
+        effectful=False,
+        xla=_wgrad_xla,
+        ffi=_wgrad_ffi,
+        batching=MAP,
+        jvp=lambda primals, tangents, **params: _bilinear_jvp(
+            grouped_matmul_wgrad_p, primals, tangents, **params
+        ),
+        transpose=_wgrad_transpose,
+    )
 )

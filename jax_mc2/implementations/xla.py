@@ -91,7 +91,7 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
 
     y is rounded to the dtype first and the statistics are fp32 over the
     rounded y. For fp16/bf16, ``y * rstd`` is rounded to the dtype before the
-    multiplication by gamma (ascend-semantics: AddRmsNorm single-N kernel).
+    multiplication by gamma (docs/semantics.md: the AddRmsNorm single-N kernel).
     """
     dtype = residual.dtype
     y = (mm.astype(_F32) + residual.astype(_F32)).astype(dtype)
@@ -124,14 +124,14 @@ def _int8_sat_rne(x):
 
 def comm_quantize(c, scale_1):
     """Per column ``q = int8(fp16(f32(c) / f32(scale_1)))``: the quantization
-    before the int8 all-to-all of the low-bit communication (ascend-semantics
+    before the int8 all-to-all of the low-bit communication (docs/semantics.md
     §5.1; the fp16 kernel's half division is a correctly rounded fp32
     division rounded to fp16)."""
     return _int8_sat_rne((c.astype(_F32) / scale_1.astype(_F32)).astype(jnp.float16))
 
 
 def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
-    """The low-bit communication chain of ascend-semantics §5.1 on int8 q [m, n]:
+    """The low-bit communication chain of docs/semantics.md §5.1 on int8 q [m, n]:
 
     rows padded to a multiple of the R ranks and split into R chunks; an int8
     all-to-all (rank j gets chunk j of every rank, in rank order); the chunks

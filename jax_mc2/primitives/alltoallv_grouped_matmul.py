@@ -8,7 +8,7 @@ communicate, then compute) and its exact inverse ``grouped_matmul_alltoallv``
               gmmY = GroupedMatMul(permuteOut, gmmWeight); mmY = mmX @ mmWeight
     combine:  y = AlltoAllv(Unpermute(GroupedMatMul(gmmX, gmmWeight))); mmY = mmX @ mmWeight
 
-Layout (``reference/ascend-semantics.md`` §6), with E local experts per rank
+Layout (``docs/semantics.md`` §6), with E local experts per rank
 and W ranks, global expert ``d*E + e`` living on rank ``d``:
 
 - dispatch ``send_counts[d*E + e]``: rows this rank sends to expert e of rank
@@ -43,12 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2 import _compat, _ffi, _implementation, reference, targets
-from jax_mc2 import _validation as v
-from jax_mc2.ops._batching import map_over_batch
-from jax_mc2.ops._lowering import register_implementations
-from jax_mc2.ops.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
-from jax_mc2.ops.matmul_all_reduce import world_size_of
+from jax_mc2.framework import _compat, targets, validation
+from jax_mc2.framework.collective import exchange_counts, world_size_of
+from jax_mc2.framework.implementation import FFI, XLA
+from jax_mc2.framework.implementation import requested as requested_implementation
+from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
+from jax_mc2.framework.primitive import split_operands as framework_split
+from jax_mc2.framework.validation import shape_str
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
 OP_COMBINE = "grouped_matmul_alltoallv"
@@ -71,19 +74,19 @@ def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
     """A ``(W, E*W)`` int64 table from a per-rank matrix or one shared row."""
     table = np.asarray(counts)
     if table.dtype.kind not in "iu":
-        raise v.type_error(op, f"{name} must hold integers, got dtype {table.dtype.name}")
+        raise validation.type_error(op, f"{name} must hold integers, got dtype {table.dtype.name}")
     if table.ndim == 1:
         table = np.broadcast_to(table, (world, table.shape[0]))
     want = (world, experts * world)
     if table.shape != want:
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"{name} must be (e*W,) = ({experts * world},) or the per-rank matrix (W, e*W) = "
-            f"{v.shape_str(want)} with e = {experts} local experts and world size W = {world}, "
-            f"got {v.shape_str(np.shape(counts))}",
+            f"{shape_str(want)} with e = {experts} local experts and world size W = {world}, "
+            f"got {shape_str(np.shape(counts))}",
         )
     if (table < 0).any():
-        raise v.value_error(op, f"{name} must be >= 0, got {table.min()}")
+        raise validation.value_error(op, f"{name} must be >= 0, got {table.min()}")
     return table.astype(np.int64)
 
 
@@ -91,29 +94,6 @@ def transpose_count_table(table: np.ndarray, *, world: int, experts: int) -> np.
     """The receiving side of a count table: ``recv[r][s*E+e] = send[s][r*E+e]``."""
     t = np.asarray(table).reshape(world, world, experts)
     return t.transpose(1, 0, 2).reshape(world, world * experts)
-
-
-def exchange_counts(send_counts, axis_name):
-    """This rank's ``recv_counts[s*e + j]`` from every rank's traced
-    ``send_counts[d*e + j]`` (e*W,): one small all-to-all over ``axis_name``.
-    The dispatch derives them itself; a combine after it needs them as its
-    ``send_counts`` (and the dispatch's send counts as its recv_counts)."""
-    send_counts = jnp.asarray(send_counts)
-    world = world_size_of(axis_name)
-    if (
-        send_counts.ndim != 1
-        or not jnp.issubdtype(send_counts.dtype, jnp.integer)
-        or send_counts.shape[0] % world
-    ):
-        raise v.type_error(
-            "exchange_counts",
-            f"send_counts must be a 1-D integer array of e*W counts (W = {world}), got "
-            f"{send_counts.dtype.name}{v.shape_str(send_counts.shape)}",
-        )
-    if not axis_name:
-        return send_counts
-    chunks = send_counts.reshape(world, -1)
-    return lax.all_to_all(chunks, axis_name, 0, 0, tiled=True).reshape(-1)
 
 
 def _max_chunk(table, experts):
@@ -225,7 +205,7 @@ RAGGED_PLATFORMS = {"cuda", "rocm"}
 def uses_ragged_exchange(impl, platforms) -> bool:
     """The xla implementation on GPU exchanges exactly the rows the counts
     say (``lax.ragged_all_to_all``) instead of fixed-capacity chunks."""
-    return impl == _implementation.XLA and all(p in RAGGED_PLATFORMS for p in platforms)
+    return impl == XLA and all(p in RAGGED_PLATFORMS for p in platforms)
 
 
 def _zero_padded(x, rows):
@@ -298,9 +278,9 @@ def _exchange(buf, axis_name):
 def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
     if mm_x.shape[1] == 0:  # H2 = 0 (generic target): an empty sum
         return jnp.zeros((mm_x.shape[0], mm_w.shape[0] if trans else mm_w.shape[1]), mm_x.dtype)
-    if impl == _implementation.FFI:
-        return _ffi.matmul(mm_x, mm_w, transpose_x2=trans, parallelism=parallelism)
-    return reference.local_matmul(mm_x, mm_w, transpose_x2=trans)
+    if impl == FFI:
+        return ffi.matmul(mm_x, mm_w, transpose_x2=trans, parallelism=parallelism)
+    return xla.local_matmul(mm_x, mm_w, transpose_x2=trans)
 
 
 # --------------------------------------------------------------------------
@@ -308,21 +288,24 @@ def _shared_matmul(mm_x, mm_w, *, trans, impl, parallelism):
 # [mm_x, mm_weight]. ``has_weight=False`` is the data movement alone (the
 # transpose of the other primitive's data movement).
 
-dispatch_p = _compat.new_primitive("mc2_alltoallv_grouped_matmul", multiple_results=True)
-combine_p = _compat.new_primitive("mc2_grouped_matmul_alltoallv", multiple_results=True)
+
+def _traced_counts(params):
+    return params["send_table"] is None
+
+
+OPERANDS = (
+    Operand("gmm_x"),
+    Operand("gmm_weight", flag="has_weight"),
+    Operand("send_counts", present=_traced_counts),
+    Operand("recv_counts", present=_traced_counts),
+    Operand("mm_x", flag="has_mm"),
+    Operand("mm_weight", flag="has_mm"),
+)
 
 
 def split_operands(operands, params):
-    ops = list(operands)
-    x = ops.pop(0)
-    w = ops.pop(0) if params["has_weight"] else None
-    send = recv = None
-    if params["send_table"] is None:
-        send, recv = ops.pop(0), ops.pop(0)
-    mm_x = mm_w = None
-    if params["has_mm"]:
-        mm_x, mm_w = ops.pop(0), ops.pop(0)
-    return x, w, send, recv, mm_x, mm_w
+    """(gmm_x, gmm_weight, send, recv, mm_x, mm_weight), None where absent."""
+    return tuple(framework_split(OPERANDS, operands, params).values())
 
 
 def _join_operands(x, w, send, recv, mm_x, mm_w):
@@ -335,10 +318,10 @@ def _op_name(prim):
 
 def _check_counts_operand(op, name, aval, length):
     if aval.shape != (length,) or not jnp.issubdtype(aval.dtype, jnp.integer):
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"traced {name} must be an integer array of shape (e*W,) = ({length},) per shard, "
-            f"got {aval.dtype.name}{v.shape_str(aval.shape)}",
+            f"got {aval.dtype.name}{shape_str(aval.shape)}",
         )
 
 
@@ -357,10 +340,12 @@ def _check_chip(op, x, n1, rows_sent, mm_x, n2, out_rows, params):
         sizes["N2"] = (n2, limits.max_hidden)
     for dim, (size, limit) in sizes.items():
         if not 0 < size <= limit:
-            raise v.unsupported(op, f"{dim} = {size} must be in (0, {limit}] on target {name!r}")
+            raise validation.unsupported(
+                op, f"{dim} = {size} must be in (0, {limit}] on target {name!r}"
+            )
     bsk = x.shape[0] if op == OP_DISPATCH else out_rows
     if not 0 < bsk <= limits.max_tokens:
-        raise v.unsupported(
+        raise validation.unsupported(
             op, f"BSK = {bsk} must be in (0, {limits.max_tokens + 1}) on target {name!r}"
         )
     if limits.traffic_bytes is not None:
@@ -368,7 +353,7 @@ def _check_chip(op, x, n1, rows_sent, mm_x, n2, out_rows, params):
         width = h1 if op == OP_DISPATCH else n1
         traffic = rows_sent * width * np.dtype(x.dtype).itemsize
         if not lo <= traffic <= hi:
-            raise v.unsupported(
+            raise validation.unsupported(
                 op,
                 f"per-card traffic {traffic} bytes ({rows_sent} rows x {width} x "
                 f"{np.dtype(x.dtype).itemsize} B) must be in [{lo // 2**20} MB, "
@@ -382,28 +367,16 @@ def _abstract_eval(prim, *operands, **params):
     world, experts = params["world_size"], params["experts"]
     targets.operator_support(op)
     layout = "(BSK, H1)" if prim is dispatch_p else "(A, H1)"
-    v.check_rank(op, "gmm_x", x, (2,), layout)
+    validation.check_rank(op, "gmm_x", x, (2,), layout)
     targets.check_float_dtype(op, "gmm_x", x)
     rows, h1 = x.shape
-    n1 = h1
-    if w is not None:
-        trans = params["trans_weight"]
-        wl = "(e, N1, H1)" if trans else "(e, H1, N1)"
-        k_w = w.shape[2] if (w.ndim == 3 and trans) else (w.shape[1] if w.ndim == 3 else None)
-        if w.ndim != 3 or k_w != h1 or w.shape[0] != experts:
-            raise v.type_error(
-                op,
-                f"gmm_weight must be 3-D {wl} with H1 == gmm_x.shape[1] == {h1}"
-                f"{' (trans_gmm_weight=True)' if trans else ''}, got {v.shape_str(w.shape)}",
-            )
-        v.check_same_dtype(op, "gmm_weight", w, "gmm_x", x)
-        n1 = w.shape[1] if trans else w.shape[2]
+    n1 = h1 if w is None else _check_gmm_weight(op, x, w, experts, params["trans_weight"])
     if experts < 1 or experts > MAX_LOCAL_EXPERTS:
-        raise v.value_error(
+        raise validation.value_error(
             op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got {experts}"
         )
     if experts * world > MAX_COUNTS:
-        raise v.value_error(
+        raise validation.value_error(
             op,
             f"e * W = {experts} * {world} = {experts * world} exceeds {MAX_COUNTS} (the "
             "length of send_counts / recv_counts)",
@@ -413,44 +386,10 @@ def _abstract_eval(prim, *operands, **params):
         _check_counts_operand(op, "recv_counts", recv, experts * world)
         rows_sent = rows
     else:
-        table = np.asarray(params["send_table"])
-        sums = table.sum(axis=1)
-        if sums.max(initial=0) > rows:
-            r = int(sums.argmax())
-            raise v.type_error(
-                op,
-                f"gmm_x has {rows} rows but rank {r} sends sum(send_counts) = {int(sums[r])}",
-            )
-        recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
-        if recv_sums.max(initial=0) > params["out_rows"]:
-            arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
-            raise v.value_error(
-                op,
-                f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
-                "rows a rank receives with these static counts",
-            )
-        if _max_chunk(table, experts) > params["peer_capacity"]:
-            raise v.value_error(
-                op,
-                f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
-                f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
-            )
-        rows_sent = int(sums.max(initial=0))
+        rows_sent = _check_static_counts(prim, op, rows, params)
     mm_out, n2 = [], None
     if mm_x is not None:
-        v.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
-        v.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
-        v.check_same_dtype(op, "mm_weight", mm_w, "gmm_x", x)
-        trans = params["trans_mm_weight"]
-        h2 = mm_x.shape[1]
-        if mm_w.ndim != 2 or (mm_w.shape[1] if trans else mm_w.shape[0]) != h2:
-            wl = "(N2, H2)" if trans else "(H2, N2)"
-            raise v.type_error(
-                op,
-                f"mm_weight must be 2-D {wl} with H2 == mm_x.shape[1] == {h2}, got "
-                f"{v.shape_str(mm_w.shape)}",
-            )
-        n2 = mm_w.shape[0] if trans else mm_w.shape[1]
+        n2 = _check_shared_expert(op, x, mm_x, mm_w, params["trans_mm_weight"])
         mm_out = [_compat.result_aval(mm_x, (mm_x.shape[0], n2), mm_x.dtype, [mm_x, mm_w])]
     _check_chip(op, x, n1, rows_sent, mm_x, n2, params["out_rows"], params)
     axes = params["axis_name"]
@@ -464,8 +403,64 @@ def _abstract_eval(prim, *operands, **params):
     return outs, _compat.named_axis_effects(axes)
 
 
-dispatch_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(dispatch_p, *a, **p))
-combine_p.def_effectful_abstract_eval(lambda *a, **p: _abstract_eval(combine_p, *a, **p))
+def _check_gmm_weight(op, x, w, experts, trans):
+    """gmm_weight [e, H1, N1] ([e, N1, H1] transposed) in gmm_x's dtype; returns N1."""
+    h1 = x.shape[1]
+    wl = "(e, N1, H1)" if trans else "(e, H1, N1)"
+    k_w = w.shape[2] if (w.ndim == 3 and trans) else (w.shape[1] if w.ndim == 3 else None)
+    if w.ndim != 3 or k_w != h1 or w.shape[0] != experts:
+        raise validation.type_error(
+            op,
+            f"gmm_weight must be 3-D {wl} with H1 == gmm_x.shape[1] == {h1}"
+            f"{' (trans_gmm_weight=True)' if trans else ''}, got {shape_str(w.shape)}",
+        )
+    validation.check_same_dtype(op, "gmm_weight", w, "gmm_x", x)
+    return w.shape[1] if trans else w.shape[2]
+
+
+def _check_static_counts(prim, op, rows, params):
+    """A static count table against gmm_x's rows and the capacities; returns
+    the most rows a rank sends."""
+    world, experts = params["world_size"], params["experts"]
+    table = np.asarray(params["send_table"])
+    sums = table.sum(axis=1)
+    if sums.max(initial=0) > rows:
+        r = int(sums.argmax())
+        raise validation.type_error(
+            op,
+            f"gmm_x has {rows} rows but rank {r} sends sum(send_counts) = {int(sums[r])}",
+        )
+    recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
+    if recv_sums.max(initial=0) > params["out_rows"]:
+        arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+        raise validation.value_error(
+            op,
+            f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
+            "rows a rank receives with these static counts",
+        )
+    if _max_chunk(table, experts) > params["peer_capacity"]:
+        raise validation.value_error(
+            op,
+            f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
+            f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
+        )
+    return int(sums.max(initial=0))
+
+
+def _check_shared_expert(op, x, mm_x, mm_w, trans):
+    """mm_x [BS, H2] and mm_weight [H2, N2] ([N2, H2] transposed); returns N2."""
+    validation.check_rank(op, "mm_x", mm_x, (2,), "(BS, H2)")
+    validation.check_same_dtype(op, "mm_x", mm_x, "gmm_x", x)
+    validation.check_same_dtype(op, "mm_weight", mm_w, "gmm_x", x)
+    h2 = mm_x.shape[1]
+    if mm_w.ndim != 2 or (mm_w.shape[1] if trans else mm_w.shape[0]) != h2:
+        wl = "(N2, H2)" if trans else "(H2, N2)"
+        raise validation.type_error(
+            op,
+            f"mm_weight must be 2-D {wl} with H2 == mm_x.shape[1] == {h2}, got "
+            f"{shape_str(mm_w.shape)}",
+        )
+    return mm_w.shape[0] if trans else mm_w.shape[1]
 
 
 def rank_counts(params, send, recv):
@@ -520,8 +515,8 @@ def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
     gather, offsets = _expert_rows_index(recv_c, world, experts, cap, out_rows)
     if w is None:
         outs.append(take_rows(received, gather))
-    elif impl == _implementation.FFI:
-        res = _ffi.grouped_matmul(
+    elif impl == FFI:
+        res = ffi.grouped_matmul(
             received,
             w,
             offsets,
@@ -557,10 +552,10 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
     cap, out_rows = params["peer_capacity"], params["out_rows"]
     send_c, recv_c = rank_counts(params, send, recv)
     rows = x.shape[0]
-    if w is not None and impl == _implementation.FFI:
+    if w is not None and impl == FFI:
         # The grouped matmul scatters its rows straight into the chunks.
         dst, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
-        buf = _ffi.grouped_matmul(
+        buf = ffi.grouped_matmul(
             x,
             w,
             offsets,
@@ -589,27 +584,16 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
 
 def _ffi_lowering(composition):
     def fn(*operands, parallelism, **params):
-        return composition(*operands, impl=_implementation.FFI, parallelism=parallelism, **params)
+        return composition(*operands, impl=FFI, parallelism=parallelism, **params)
 
     return fn
 
 
 def _xla_lowering(composition):
     def fn(*operands, **params):
-        return composition(*operands, impl=_implementation.XLA, parallelism=1, **params)
+        return composition(*operands, impl=XLA, parallelism=1, **params)
 
     return fn
-
-
-for _prim, _comp in ((dispatch_p, _dispatch_composition), (combine_p, _combine_composition)):
-    register_implementations(
-        _prim,
-        _op_name(_prim),
-        ffi=_ffi_lowering(_comp),
-        xla=_xla_lowering(_comp),
-        multiple_results=True,
-        pass_context=True,
-    )
 
 
 # --------------------------------------------------------------------------
@@ -664,14 +648,6 @@ def _transpose(prim, cts, *operands, **params):
     return [ct_x] + [None] * (len(operands) - 1)
 
 
-_compat.ad.primitive_transposes[dispatch_p] = lambda cts, *a, **p: _transpose(
-    dispatch_p, cts, *a, **p
-)
-_compat.ad.primitive_transposes[combine_p] = lambda cts, *a, **p: _transpose(
-    combine_p, cts, *a, **p
-)
-
-
 def _instantiate(t, primal):
     if t is None:
         return None
@@ -716,8 +692,8 @@ def _jvp(prim, primals, tangents, **params):
     if mm_x is not None:
         result.append(outs[1])
         trans = params["trans_mm_weight"]
-        t_mm = reference.local_matmul(dmm_x, mm_w, transpose_x2=trans).astype(_F32)
-        t_mm = t_mm + reference.local_matmul(mm_x, dmm_w, transpose_x2=trans).astype(_F32)
+        t_mm = xla.local_matmul(dmm_x, mm_w, transpose_x2=trans).astype(_F32)
+        t_mm = t_mm + xla.local_matmul(mm_x, dmm_w, transpose_x2=trans).astype(_F32)
         tangent.append(t_mm.astype(mm_x.dtype))
     if params["permute_out"]:
         result.append(outs[-1])
@@ -725,41 +701,51 @@ def _jvp(prim, primals, tangents, **params):
     return result, tangent
 
 
-_compat.ad.primitive_jvps[dispatch_p] = lambda p, t, **k: _jvp(dispatch_p, p, t, **k)
-_compat.ad.primitive_jvps[combine_p] = lambda p, t, **k: _jvp(combine_p, p, t, **k)
+def _spec(name, operator, composition, primitive):
+    """The spec of the dispatch or the combine; ``primitive()`` is the
+    registered primitive (looked up when a rule runs)."""
+    return PrimitiveSpec(
+        name=name,
+        operator=operator,
+        operands=OPERANDS,
+        abstract_eval=lambda *a, **p: _abstract_eval(primitive(), *a, **p),
+        xla=_xla_lowering(composition),
+        ffi=_ffi_lowering(composition),
+        multiple_results=True,
+        pass_context=True,
+        batching=MAP,  # each batch element is its own exchange
+        jvp=lambda primals, tangents, **p: _jvp(primitive(), primals, tangents, **p),
+        transpose=lambda cts, *a, **p: _transpose(primitive(), cts, *a, **p),
+    )
 
 
-def _batch(prim, args, dims, **params):
-    # Each batch element is its own exchange (lax.map over the batch).
-    outs = map_over_batch(lambda *a: tuple(prim.bind(*a, **params)), list(args), list(dims))
-    return list(outs), [0] * len(outs)
-
-
-_compat.register_batching_rule(
-    dispatch_p, lambda p: OP_DISPATCH, lambda a, d, **p: _batch(dispatch_p, a, d, **p)
+dispatch_p = register(
+    _spec("mc2_alltoallv_grouped_matmul", OP_DISPATCH, _dispatch_composition, lambda: dispatch_p)
 )
-_compat.register_batching_rule(
-    combine_p, lambda p: OP_COMBINE, lambda a, d, **p: _batch(combine_p, a, d, **p)
+combine_p = register(
+    _spec("mc2_grouped_matmul_alltoallv", OP_COMBINE, _combine_composition, lambda: combine_p)
 )
-
-
 # --------------------------------------------------------------------------
-# Public functions
+# Binding a public call
 
 
 def _common_params(op, gmm_weight, axis_name, send_counts, recv_counts, implementation):
-    axes = v.canonical_axis_name(op, axis_name)
-    impl = _implementation.requested(op, implementation)
+    axes = validation.canonical_axis_name(op, axis_name)
+    impl = requested_implementation(op, implementation)
     world = world_size_of(axes)
     w_shape = np.shape(gmm_weight)
     if len(w_shape) != 3:
-        raise v.type_error(op, f"gmm_weight must be 3-D (e, H1, N1), got {v.shape_str(w_shape)}")
+        raise validation.type_error(
+            op, f"gmm_weight must be 3-D (e, H1, N1), got {shape_str(w_shape)}"
+        )
     experts = int(w_shape[0])
     if experts < 1:
-        raise v.value_error(op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got 0")
+        raise validation.value_error(
+            op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got 0"
+        )
     static = is_static_counts(send_counts)
     if recv_counts is not None and is_static_counts(recv_counts) != static:
-        raise v.type_error(
+        raise validation.type_error(
             op, "send_counts and recv_counts must both be static (NumPy) or both traced (JAX)"
         )
     return axes, impl, world, experts
@@ -775,7 +761,7 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
             if not np.array_equal(recv, derived):
                 r, i = (int(a[0]) for a in np.nonzero(recv != derived))
                 s, e = divmod(i, experts)
-                raise v.value_error(
+                raise validation.value_error(
                     op,
                     f"recv_counts disagree with send_counts: rank {r} recv_counts[{i}] = "
                     f"{int(recv[r, i])} but rank {s} send_counts[{r * experts + e}] = "
@@ -784,10 +770,10 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
         return tuple(tuple(int(c) for c in row) for row in table), None, None
     send = jnp.asarray(send_counts)
     if not jnp.issubdtype(send.dtype, jnp.integer) or send.shape != (experts * world,):
-        raise v.type_error(
+        raise validation.type_error(
             op,
             f"traced send_counts must be an integer array of shape (e*W,) = "
-            f"({experts * world},) per shard, got {send.dtype.name}{v.shape_str(send.shape)}",
+            f"({experts * world},) per shard, got {send.dtype.name}{shape_str(send.shape)}",
         )
     send = send.astype(_I32)
     recv = exchange_counts(send, axes) if recv_counts is None else jnp.asarray(recv_counts)
@@ -797,17 +783,17 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
 def _capacity(op, name, value, default, minimum=0):
     if value is None:
         return default
-    return v.check_int(op, name, value, minimum=minimum)
+    return validation.check_int(op, name, value, minimum=minimum)
 
 
 def _check_mm_pair(op, mm_x, mm_weight):
     if (mm_x is None) != (mm_weight is None):
-        raise v.value_error(
+        raise validation.value_error(
             op, "mm_x and mm_weight (the shared expert) must be given together or not at all"
         )
 
 
-def _bind_operator(
+def bind_operator(
     prim,
     gmm_x,
     gmm_weight,
@@ -838,7 +824,7 @@ def _bind_operator(
     if table is not None:
         sums = np.asarray(table).sum(axis=1)
         if prim is dispatch_p and np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
-            raise v.type_error(
+            raise validation.type_error(
                 op,
                 f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
                 f"largest rank's; per rank: {sums.tolist()})",
@@ -878,139 +864,3 @@ def _bind_operator(
         world_size=world,
         implementation=impl,
     )
-
-
-def alltoallv_grouped_matmul(
-    gmm_x,
-    gmm_weight,
-    axis_name,
-    *,
-    send_counts,
-    recv_counts=None,
-    mm_x=None,
-    mm_weight=None,
-    trans_gmm_weight=False,
-    trans_mm_weight=False,
-    permute_out_flag=False,
-    max_recv_tokens=None,
-    max_tokens_per_peer=None,
-    implementation=None,
-):
-    """AlltoAllv + Permute + grouped matmul (MoE dispatch), with an optional
-    shared-expert matmul alongside (aclnnAlltoAllvGroupedMatMul).
-
-    Args:
-      gmm_x: [BSK, H1] float16/bfloat16 (float32 on the generic target), rows
-        grouped by global expert id ``d*e + j``. With static counts BSK is
-        the largest rank's ``sum(send_counts)``; rows past a rank's own sum
-        are ignored.
-      gmm_weight: [e, H1, N1], or [e, N1, H1] with ``trans_gmm_weight``;
-        e local experts per rank.
-      axis_name: the expert-parallel mesh axis (or tuple of axes) bound by
-        ``shard_map``; None for a group of one.
-      send_counts: rows to expert j of rank d at ``[d*e + j]``. Static: a
-        NumPy/Python ``(W, e*W)`` per-rank matrix or one ``(e*W,)`` row for
-        every rank. Traced: an integer JAX array ``(e*W,)`` per shard.
-      recv_counts: rows from rank s for local expert j at ``[s*e + j]``;
-        optional (derived from send_counts: statically, or by a small
-        all-to-all of the traced counts). Checked against send_counts when
-        static.
-      mm_x: [BS, H2], with mm_weight [H2, N2] ([N2, H2] with
-        ``trans_mm_weight``): the shared expert, ``mm_y = mm_x @ mm_weight``.
-      permute_out_flag: also return ``permute_out`` [A_cap, H1].
-      max_recv_tokens: A_cap, the static row count of the outputs (rows past
-        a rank's received count are zero). Default: the exact maximum for
-        static counts, ``W * max_tokens_per_peer`` for traced ones.
-      max_tokens_per_peer: rows one rank sends one peer in the fixed-capacity
-        all-to-all (at least 1). Default: the exact maximum for static
-        counts, BSK for traced ones (always enough; smaller values drop rows
-        past it). Negative traced counts count as 0.
-      implementation: "xla", "ffi", "ascend" or None (platform default).
-
-    Returns:
-      ``(gmm_y [A_cap, N1], mm_y [BS, N2] or None, permute_out [A_cap, H1] or
-      None)``; gmm_y and permute_out are expert-major, source-rank-minor.
-    """
-    outs = _bind_operator(
-        dispatch_p,
-        gmm_x,
-        gmm_weight,
-        axis_name,
-        send_counts=send_counts,
-        recv_counts=recv_counts,
-        mm_x=mm_x,
-        mm_weight=mm_weight,
-        trans_gmm_weight=trans_gmm_weight,
-        trans_mm_weight=trans_mm_weight,
-        permute_out=bool(permute_out_flag),
-        max_out=max_recv_tokens,
-        max_tokens_per_peer=max_tokens_per_peer,
-        implementation=implementation,
-    )
-    mm_y = outs[1] if mm_x is not None else None
-    return outs[0], mm_y, outs[-1] if permute_out_flag else None
-
-
-def grouped_matmul_alltoallv(
-    gmm_x,
-    gmm_weight,
-    axis_name,
-    *,
-    send_counts,
-    recv_counts=None,
-    mm_x=None,
-    mm_weight=None,
-    trans_gmm_weight=False,
-    trans_mm_weight=False,
-    max_out_tokens=None,
-    max_tokens_per_peer=None,
-    implementation=None,
-):
-    """Grouped matmul + Unpermute + AlltoAllv (MoE combine), the exact
-    inverse layout of :func:`alltoallv_grouped_matmul`, with an optional
-    shared-expert matmul (aclnnGroupedMatMulAlltoAllv).
-
-    Args:
-      gmm_x: [A_cap, H1], expert-major, rank-minor (like ``permute_out``):
-        group j has ``sum_d send_counts[d*e + j]`` rows and uses
-        ``gmm_weight[j]``; rows past the groups are ignored. With a
-        ``max_tokens_per_peer`` that clips, the blocks hold only the rows the
-        dispatch with the same capacity kept (the rows of each peer's chunk
-        past the capacity are absent, not skipped), so a combine follows
-        the dispatch it inverts.
-      gmm_weight: [e, H1, N1], or [e, N1, H1] with ``trans_gmm_weight``.
-      send_counts: rows of local expert j going back to rank d at
-        ``[d*e + j]`` (the dispatch's recv_counts); static or traced as in
-        :func:`alltoallv_grouped_matmul`.
-      recv_counts: rows from rank s's expert j at ``[s*e + j]`` (the
-        dispatch's send_counts); optional, derived from send_counts.
-      mm_x, mm_weight, trans_mm_weight: the shared expert, ``mm_y = mm_x @
-        mm_weight``.
-      max_out_tokens: BSK_cap, the static row count of ``y``. Default: the
-        exact maximum for static counts, ``W * max_tokens_per_peer`` for
-        traced ones.
-      max_tokens_per_peer: as in :func:`alltoallv_grouped_matmul` (at least
-        1); default the exact maximum for static counts, A_cap for traced
-        ones.
-
-    Returns:
-      ``(y [BSK_cap, N1], mm_y [BS, N2] or None)``: y's rows are grouped by
-      global expert id, the order of the dispatch's gmm_x; padding rows 0.
-    """
-    outs = _bind_operator(
-        combine_p,
-        gmm_x,
-        gmm_weight,
-        axis_name,
-        send_counts=send_counts,
-        recv_counts=recv_counts,
-        mm_x=mm_x,
-        mm_weight=mm_weight,
-        trans_gmm_weight=trans_gmm_weight,
-        trans_mm_weight=trans_mm_weight,
-        permute_out=False,
-        max_out=max_out_tokens,
-        max_tokens_per_peer=max_tokens_per_peer,
-        implementation=implementation,
-    )
-    return outs[0], (outs[1] if mm_x is not None else None)

@@ -1,0 +1,241 @@
+"""The primitive pattern: one declarative :class:`PrimitiveSpec` per primitive,
+wired by :func:`register`.
+
+A spec names the primitive (``"mc2_mm_all_reduce"``, ...), its operands in
+binding order (an optional operand is present when its presence parameter,
+e.g. ``has_bias``, is true), the operator it serves (for error messages), its
+abstract evaluation, its batching (fold the batch into the rows, map over it,
+or a custom rule), its differentiation (JVP / transpose rules, or a reason it
+is not differentiable) and its ``xla`` / ``ffi`` lowering entries.
+
+:data:`SPECS` maps each primitive name to its spec, so a backend registering
+its own lowering (``jax_mc2.framework.lowering.register``) can read a call's
+operands by name with ``SPECS[name].split(operands, params)`` without
+importing the primitive's module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+from jax_mc2.framework import _compat, lowering
+from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
+
+#: How a fold-rows batching rule folds a batched row operand into its rows.
+FOLD_MATRIX = "matrix"  # [B, b, s, c] -> [B * b, s, c]; [B, m, c] stays a 3-D [b, s, c]
+FOLD_LEADING = "leading"  # [B, r, ...] -> [B * r, ...]
+FOLD_VECTOR = "vector"  # [B, m] -> [B * m]
+
+#: Batching kinds.
+MAP = "map"
+FOLD_ROWS = "fold rows"
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """One operand of a primitive.
+
+    ``flag``: the boolean parameter that says whether an optional operand is
+    present (operands sharing a flag come and go together); ``present``: a
+    predicate of the parameters instead, for operands whose presence another
+    parameter implies. Neither: always present. ``fold``: how a fold-rows
+    batching rule folds it into the rows (``FOLD_*``); None: the rule folds
+    only when this operand is not batched.
+    """
+
+    name: str
+    flag: str | None = None
+    present: Callable[[Mapping[str, Any]], bool] | None = None
+    fold: str | None = None
+
+    def is_present(self, params: Mapping[str, Any]) -> bool:
+        if self.flag is not None:
+            return bool(params[self.flag])
+        if self.present is not None:
+            return bool(self.present(params))
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class PrimitiveSpec:
+    """Everything :func:`register` needs to define a primitive.
+
+    ``operator``: the operator name in errors, or a function of the
+    parameters for a primitive several operators share. ``abstract_eval``
+    takes ``(*operands, **params)`` and returns ``(avals, effects)`` (the
+    avals alone when not ``effectful``).
+    ``xla`` / ``ffi``: the implementations' compositions (see
+    :func:`jax_mc2.framework.lowering.register_implementations`).
+    ``batching``: :data:`MAP`, :data:`FOLD_ROWS` (fold the batch into the
+    rows when only the ``Operand.fold`` operands are batched, else map;
+    ``fold_like`` names the operand whose leading shape the outputs take) or
+    a custom rule ``(spec, primitive) -> rule(args, dims, **params)``.
+    Differentiation: ``jvp`` (and ``transpose``) rules, or
+    ``not_differentiable``, the reason a JVP raises ``NotImplementedError``.
+    """
+
+    name: str
+    operator: str | Callable[[Mapping[str, Any]], str]
+    operands: tuple[Operand, ...]
+    abstract_eval: Callable[..., Any]
+    xla: Callable[..., Any]
+    ffi: Callable[..., Any]
+    multiple_results: bool = False
+    effectful: bool = True
+    pass_context: bool = False
+    batching: str | Callable[..., Callable[..., Any]] = MAP
+    fold_like: str | None = None
+    jvp: Callable[..., Any] | None = None
+    transpose: Callable[..., Any] | None = None
+    not_differentiable: str | None = None
+
+    def operator_name(self, params: Mapping[str, Any]) -> str:
+        return self.operator(params) if callable(self.operator) else self.operator
+
+    def split(self, operands: Sequence[Any], params: Mapping[str, Any]) -> dict[str, Any]:
+        """The bound operands by name; an absent optional operand is None."""
+        return split_operands(self.operands, operands, params)
+
+    def join(self, named: Mapping[str, Any]) -> list[Any]:
+        """The present operands of ``named`` in binding order."""
+        return [named[o.name] for o in self.operands if named.get(o.name) is not None]
+
+    def presence(self, named: Mapping[str, Any]) -> dict[str, bool]:
+        """The presence parameters (``has_bias=...``) of the operands in ``named``."""
+        flags: dict[str, bool] = {}
+        for operand in self.operands:
+            if operand.flag is not None:
+                flags[operand.flag] = named.get(operand.name) is not None
+        return flags
+
+
+def split_operands(
+    specs: Sequence[Operand], operands: Sequence[Any], params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``operands`` (as bound) by name, per ``specs``; an absent optional
+    operand is None. The one operand splitter of every primitive."""
+    rest = list(operands)
+    named = {}
+    for operand in specs:
+        named[operand.name] = rest.pop(0) if operand.is_present(params) else None
+    if rest:
+        raise ValueError(f"{len(rest)} operands more than {[o.name for o in specs]}")
+    return named
+
+
+#: Every registered primitive's spec, by primitive name.
+SPECS: dict[str, PrimitiveSpec] = {}
+
+
+def bind(primitive: _compat.core.Primitive, named: Mapping[str, Any], **params: Any) -> Any:
+    """Binds ``primitive`` with the present operands of ``named`` as JAX
+    arrays and their presence parameters added to ``params``: the one
+    canonicalizer of the operators' calls."""
+    spec = SPECS[primitive.name]
+    arrays = {k: None if a is None else jnp.asarray(a) for k, a in named.items()}
+    return primitive.bind(*spec.join(arrays), **spec.presence(arrays), **params)
+
+
+def _refuse_jvp(spec: PrimitiveSpec) -> Callable[..., Any]:
+    def jvp(primals, tangents, **params):
+        raise NotImplementedError(f"{spec.operator_name(params)}: {spec.not_differentiable}")
+
+    return jvp
+
+
+def map_rule(spec: PrimitiveSpec, primitive: _compat.core.Primitive) -> Callable[..., Any]:
+    """Each batch element its own call (``lax.map``)."""
+
+    def rule(args, dims, **params):
+        names = [o.name for o in spec.operands]
+        named_args = spec.split(args, params)
+        named_dims = spec.split(dims, params)
+
+        def one(*sliced):
+            outs = primitive.bind(*spec.join(dict(zip(names, sliced))), **params)
+            return tuple(outs) if spec.multiple_results else outs
+
+        out = map_over_batch(one, [named_args[n] for n in names], [named_dims[n] for n in names])
+        if spec.multiple_results:
+            return list(out), [0] * len(out)
+        return out, 0
+
+    return rule
+
+
+def _fold(x: Any, how: str) -> Any:
+    if how == FOLD_VECTOR:
+        return x.reshape(-1)
+    if how == FOLD_LEADING or x.ndim == 4:
+        return x.reshape(-1, *x.shape[2:])
+    return x
+
+
+def fold_rows_rule(spec: PrimitiveSpec, primitive: _compat.core.Primitive) -> Callable[..., Any]:
+    """Folds the batch into the rows when only row operands are batched (one
+    call), else maps over it."""
+    mapped = map_rule(spec, primitive)
+    row_names = [o.name for o in spec.operands if o.fold is not None]
+
+    def rule(args, dims, **params):
+        not_mapped = _compat.NOT_MAPPED
+        named_args = spec.split(args, params)
+        named_dims = spec.split(dims, params)
+        if any(named_dims[o.name] is not not_mapped for o in spec.operands if o.fold is None):
+            return mapped(args, dims, **params)
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not not_mapped)
+        moved = move_batch_to_front(
+            [named_args[n] for n in row_names], [named_dims[n] for n in row_names], size
+        )
+        folded = dict(named_args)
+        for operand in spec.operands:
+            if operand.fold is not None:
+                x = moved[row_names.index(operand.name)]
+                folded[operand.name] = None if x is None else _fold(x, operand.fold)
+        lead = moved[row_names.index(spec.fold_like)].shape[:-1]
+        outs = primitive.bind(*spec.join(folded), **params)
+        if spec.multiple_results:
+            return [o.reshape(*lead, o.shape[-1]) for o in outs], [0] * len(outs)
+        return outs.reshape(*lead, outs.shape[-1]), 0
+
+    return rule
+
+
+def register(spec: PrimitiveSpec) -> _compat.core.Primitive:
+    """Defines the primitive ``spec`` describes: abstract evaluation, the
+    lowering table entries and the dispatching rule, differentiation and
+    batching. Returns the primitive."""
+    if spec.name in SPECS:
+        raise ValueError(f"primitive {spec.name!r} is already registered")
+    primitive = _compat.new_primitive(spec.name, multiple_results=spec.multiple_results)
+    if spec.effectful:
+        primitive.def_effectful_abstract_eval(spec.abstract_eval)
+    else:
+        primitive.def_abstract_eval(spec.abstract_eval)
+    lowering.register_implementations(
+        primitive,
+        spec.operator,
+        ffi=spec.ffi,
+        xla=spec.xla,
+        multiple_results=spec.multiple_results,
+        pass_context=spec.pass_context,
+    )
+    if spec.jvp is not None:
+        _compat.ad.primitive_jvps[primitive] = spec.jvp
+    elif spec.not_differentiable is not None:
+        _compat.ad.primitive_jvps[primitive] = _refuse_jvp(spec)
+    if spec.transpose is not None:
+        _compat.ad.primitive_transposes[primitive] = spec.transpose
+    if spec.batching == MAP:
+        rule = map_rule(spec, primitive)
+    elif spec.batching == FOLD_ROWS:
+        rule = fold_rows_rule(spec, primitive)
+    else:
+        rule = spec.batching(spec, primitive)
+    _compat.register_batching_rule(primitive, spec.operator_name, rule)
+    SPECS[spec.name] = spec
+    return primitive

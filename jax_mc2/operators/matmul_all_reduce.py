@@ -1,0 +1,191 @@
+"""The public matmul + all-reduce entry point (seed 004,
+``torch_npu.npu_mm_all_reduce_base``): one function, three modes (plain,
+weight-only quantized, fully quantized), each its own primitive.
+
+``out = allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``. ``bias`` and
+``x3`` are added on every rank before the reduction, as the CANN kernels do.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mc2.framework import validation
+from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.primitive import bind
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Format, Implementation
+from jax_mc2.operators._weight_format import x2_from_format
+from jax_mc2.primitives.mm_all_reduce import mm_all_reduce_p
+from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce
+from jax_mc2.primitives.weight_quant_mm_all_reduce import weight_quant_mm_all_reduce_p
+
+OP = "mm_all_reduce_base"
+
+
+def mm_all_reduce_base(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
+    *,
+    reduce_op: str = "sum",
+    bias: ArrayLike | None = None,
+    antiquant_scale: ArrayLike | None = None,
+    antiquant_offset: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    dequant_scale: ArrayLike | None = None,
+    pertoken_scale: ArrayLike | None = None,
+    comm_quant_scale_1: ArrayLike | None = None,
+    comm_quant_scale_2: ArrayLike | None = None,
+    comm_turn: int = 0,
+    antiquant_group_size: int = 0,
+    transpose_x2: bool = False,
+    x2_format: Format = None,
+    implementation: Implementation = None,
+) -> Array:
+    """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
+
+    Modes: non-quantized (float x1 and x2); weight-only quantization (int8 x2
+    with antiquant_scale); full quantization (int8 x1 and x2 with
+    dequant_scale). Low-bit communication (comm_quant_scale_1/2, full
+    quantization only) replaces the all-reduce with the int8 all-to-all,
+    sum and all-gather chain.
+
+    Args:
+      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
+      x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype, or int8
+        (weight-only and full quantization).
+      axis_name: mesh axis name (or tuple of names) bound by an enclosing
+        ``shard_map``; None for a group of one (no communication).
+      bias: [n], added on every rank before the reduction; x1's dtype, int32
+        in full quantization.
+      x3: the output shape and dtype, added on every rank before the
+        reduction (in full quantization after the dequantization).
+      antiquant_scale: weight-only quantization, int8 x2 dequantized as
+        ``(x2 + antiquant_offset) * antiquant_scale`` in x1's dtype; pertensor
+        (1,), perchannel (n,) / (1, n), or pergroup (ceil(k / G), n) with
+        ``antiquant_group_size`` G (a multiple of 32 in [32, k - 1]).
+      antiquant_offset: antiquant_scale's shape and dtype (optional).
+      dequant_scale: full quantization (int8 x1 and x2, int32 bias):
+        ``allReduce(dequant_scale * (x1 @ x2 + bias) (* pertoken_scale) + x3)``
+        with packed int64/uint64 words (or uint32 pairs; float16 output),
+        bfloat16 (bfloat16 output) or, with pertoken_scale, float32 (float16
+        output); shape (1,), (n,) or (1, n).
+      pertoken_scale: float32 [m] ([b * s] for 3-D x1), with dequant_scale.
+      comm_quant_scale_1, comm_quant_scale_2: (n,) or (1, n) in the output
+        dtype, given together, full quantization only: the int8 low-bit
+        communication (quantize by scale_1, all-to-all, sum, requantize by
+        scale_2, all-gather, dequantize).
+      comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
+        own matmul and all-reduce (same result; CANN accepts only 0).
+      x2_format: None / "ND", or "FRACTAL_NZ" for x2 in the NZ layout of
+        ``quant.to_fractal_nz`` (seed 004 accepts NZ weights in every mode):
+        (ceil(n/c0), ceil(k/16), 16, c0) for x2 (k, n), (ceil(k/c0),
+        ceil(n/16), 16, c0) for a transposed (n, k), c0 = 32 for int8 and 16
+        for float16/bfloat16 (8 for float32); n is the padded extent.
+      implementation: "xla", "ffi", "ascend" or None (platform default).
+
+    Returns:
+      [m, n] or [b, s, n], replicated over ``axis_name``: x1's dtype
+      (non-quantized and weight-only), float16 or bfloat16 as dequant_scale
+      selects (full quantization).
+    """
+    validation.check_reduce_op(OP, reduce_op)
+    x2 = x2_from_format(
+        OP,
+        x1,
+        x2,
+        x2_format,
+        transpose_x2=transpose_x2,
+        dtypes=(np.int8, np.float16, jnp.bfloat16, np.float32),
+    )
+    comm_scales = _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale)
+    _check_antiquant_arguments(
+        antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
+    )
+    if antiquant_scale is not None:
+        return bind(
+            weight_quant_mm_all_reduce_p,
+            {
+                "x1": x1,
+                "x2": x2,
+                "scale": antiquant_scale,
+                "offset": antiquant_offset,
+                "bias": bias,
+                "x3": x3,
+            },
+            transpose_x2=bool(transpose_x2),
+            group_size=validation.check_int(
+                OP, "antiquant_group_size", antiquant_group_size, minimum=0
+            ),
+            **collective_params(OP, axis_name, comm_turn, implementation),
+        )
+    if dequant_scale is not None:
+        return bind_int8_matmul_all_reduce(
+            OP,
+            x1,
+            x2,
+            axis_name,
+            dequant_scale=dequant_scale,
+            pertoken_scale=pertoken_scale,
+            comm_quant_scales=comm_scales,
+            bias=bias,
+            x3=x3,
+            reduce_op=reduce_op,
+            comm_turn=comm_turn,
+            transpose_x2=transpose_x2,
+            implementation=implementation,
+        )
+    _check_plain_arguments(x1, pertoken_scale)
+    return bind(
+        mm_all_reduce_p,
+        {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
+        transpose_x2=bool(transpose_x2),
+        **collective_params(OP, axis_name, comm_turn, implementation),
+    )
+
+
+def _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale):
+    """The low-bit communication scales (both or neither; full quantization only)."""
+    if comm_quant_scale_1 is None and comm_quant_scale_2 is None:
+        return None
+    if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
+        raise validation.value_error(
+            OP, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+        )
+    if dequant_scale is None:
+        raise validation.value_error(
+            OP,
+            "low-bit communication (comm_quant_scale_1/2) exists only in the full-"
+            "quantization mode (int8 x1 and x2 with dequant_scale)",
+        )
+    return (comm_quant_scale_1, comm_quant_scale_2)
+
+
+def _check_antiquant_arguments(
+    antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
+):
+    """The weight-only mode's arguments come with antiquant_scale and without
+    the full-quantization ones."""
+    if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
+        raise validation.value_error(
+            OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
+        )
+    if antiquant_scale is not None and (dequant_scale is not None or pertoken_scale is not None):
+        raise validation.value_error(
+            OP,
+            "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
+            "quantization) are different modes; pass one of them",
+        )
+
+
+def _check_plain_arguments(x1, pertoken_scale):
+    """The non-quantized mode has no pertoken scale and no int8 x1."""
+    if pertoken_scale is not None:
+        raise validation.type_error(
+            OP, "pertoken_scale is only used with dequant_scale (full quantization)"
+        )
+    if np.dtype(getattr(x1, "dtype", np.float32)) == np.dtype(np.int8):
+        raise validation.type_error(
+            OP, "int8 x1 is the full-quantization mode: pass dequant_scale (and int8 x2)"
+        )

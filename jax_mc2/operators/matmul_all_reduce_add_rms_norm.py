@@ -1,0 +1,99 @@
+"""The public matmul + all-reduce + add + RMSNorm entry points (seed 002,
+aclnnMatmulAllReduceAddRmsNorm and aclnnInplaceMatmulAllReduceAddRmsNorm).
+
+    mm       = allReduce(x1 @ x2 + bias)
+    y        = mm + residual
+    norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
+"""
+
+from __future__ import annotations
+
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
+from jax_mc2.primitives.mm_all_reduce_add_rms_norm import bind_add_rms_norm
+
+
+def matmul_all_reduce_add_rms_norm(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
+    axis_name: AxisName,
+    *,
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
+    """Matmul + all-reduce + add + RMSNorm.
+
+    Args:
+      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
+      x2: [k, n], or [n, k] with ``transpose_x2=True``.
+      residual: [b, s, n] (b * s == m when x1 is 2-D).
+      gamma: [n].
+      axis_name: mesh axis name(s) bound by ``shard_map``, or None.
+      bias: [n], added on every rank before the reduction.
+      epsilon: in (0, 1).
+      comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
+
+    Returns:
+      ``(y, norm_out)``, both [b, s, n] in residual's dtype:
+      ``y = allReduce(x1 @ x2 + bias) + residual``, ``norm_out = RMSNorm(y) * gamma``.
+    """
+    return bind_add_rms_norm(
+        False,
+        x1,
+        x2,
+        residual,
+        gamma,
+        axis_name,
+        bias=bias,
+        epsilon=epsilon,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+
+
+def inplace_matmul_all_reduce_add_rms_norm(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
+    axis_name: AxisName,
+    *,
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
+    """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
+    ``residual``'s buffer (``input_output_aliases``): donate ``residual``
+    (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;
+    without donation XLA copies it.
+
+    Args and numerics as :func:`matmul_all_reduce_add_rms_norm` (x1 [m, k]
+    or [b, s, k], x2 [k, n], residual [b, s, n], gamma [n]).
+
+    Returns:
+      ``(y, norm_out)``, both [b, s, n] in residual's dtype.
+    """
+    return bind_add_rms_norm(
+        True,
+        x1,
+        x2,
+        residual,
+        gamma,
+        axis_name,
+        bias=bias,
+        epsilon=epsilon,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )

@@ -1,0 +1,333 @@
+"""The public quantized matmul + all-reduce entry points:
+aclnnQuantMatmulAllReduce (seed 000, int8) and aclnnQuantMatmulAllReduceV4
+(seed 003: the int8 rows on the int8 primitive, the fp8 / hifloat8 / MX rows
+on the low-precision one)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_mc2.framework import validation
+from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.typing import Array, ArrayLike, AxisName, DTypeLike, Format, Implementation
+from jax_mc2.operators._weight_format import nz_weight_to_nd, x2_from_format
+from jax_mc2.primitives.lowp_quant_mm_all_reduce import bind_low_precision, is_low_precision
+from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce, scale_layout
+
+OP = "quant_matmul_all_reduce"
+
+
+def quant_matmul_all_reduce(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
+    *,
+    dequant_scale: ArrayLike | None,
+    bias: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    transpose_x2: bool = False,
+    x2_format: Format = None,
+    implementation: Implementation = None,
+) -> Array:
+    """int8 matmul + dequant + x3 + all-reduce (aclnnQuantMatmulAllReduce).
+
+    Args:
+      x1: int8 [m, k] or [b, s, k].
+      x2: int8 [k, n], or [n, k] with ``transpose_x2=True``; with
+        ``x2_format="FRACTAL_NZ"`` the NZ layout of that matrix
+        (``quant.to_fractal_nz``; see :func:`mm_all_reduce_base`).
+      axis_name: mesh axis name(s) bound by ``shard_map``, or None.
+      dequant_scale: packed 64-bit scales from ``quant.trans_quant_param``
+        (int64/uint64, or uint32 [..., 2] pairs without x64) -> float16
+        output, or bfloat16 -> bfloat16 output; shape (1,), (n,) or (1, n).
+      bias: int32 [n], added to the int32 accumulator on every rank.
+      x3: the output shape and dtype, added on every rank before the reduction.
+      comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
+
+    Returns:
+      [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
+    """
+    x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,))
+    return bind_int8_matmul_all_reduce(
+        OP,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=dequant_scale,
+        pertoken_scale=None,
+        comm_quant_scales=None,
+        bias=bias,
+        x3=x3,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+
+
+OP_V4 = "quant_matmul_all_reduce_v4"
+_V4_FORMATS = (None, "ND", "FRACTAL_NZ", "hifloat8")
+_V4_X1_FORMATS = (None, "ND", "hifloat8")
+
+
+def quant_matmul_all_reduce_v4(
+    x1: ArrayLike,
+    x2: ArrayLike,
+    axis_name: AxisName,
+    *,
+    x2_scale: ArrayLike,
+    x1_scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    x3: ArrayLike | None = None,
+    comm_quant_scale_1: ArrayLike | None = None,
+    comm_quant_scale_2: ArrayLike | None = None,
+    reduce_op: str = "sum",
+    comm_turn: int = 0,
+    group_size: int = 0,
+    comm_quant_mode: int = 0,
+    out_dtype: DTypeLike | None = None,
+    x1_format: Format = None,
+    x2_format: Format = None,
+    transpose_x2: bool = False,
+    implementation: Implementation = None,
+) -> Array:
+    """Quantized matmul + all-reduce, aclnnQuantMatmulAllReduceV4 (seed 003).
+
+    Every row of the seed's tables (Atlas A2: the int8 rows; Ascend 950: all):
+
+    int8 x1/x2, int32 bias, ``out = allReduce(x2_scale * (x1 @ x2 + bias) (* x1_scale) + x3)``
+      - packed int64/uint64 ``x2_scale`` (or uint32 pairs) -> float16;
+      - float32 ``x2_scale`` with float32 pertoken ``x1_scale`` [m] -> float16;
+      - bfloat16 ``x2_scale`` (optionally with ``x1_scale``) -> bfloat16;
+      with optional int8 low-bit communication (``comm_quant_scale_1/2`` in
+      the output dtype, docs/semantics.md §5.1). The output dtype is the one
+      the scales select (``out_dtype`` may only repeat it).
+    fp8 (float8_e4m3fn / float8_e5m2) or hifloat8 (uint8 codes with
+    ``x1_format=x2_format="hifloat8"``) x1/x2, float32 bias, output float16,
+    bfloat16 or float32 (``out_dtype``, default bfloat16):
+      - pertoken: float32 ``x1_scale`` (m,) and float32 ``x2_scale`` (1,),
+        (n,) or (1, n): ``y = f32(x1 @ x2 + bias) * x2_scale * x1_scale``;
+      - perchannel / pertensor: packed ``x2_scale`` words, no ``x1_scale``,
+        output float16 / bfloat16 (float32 too under the generic target):
+        ``y = f32(x1 @ x2 + bias) * fp19(x2_scale)``;
+      - perblock: float32 ``x1_scale`` (ceil(m/128), ceil(k/128)) ((b,
+        ceil(s/128), ceil(k/128)) for 3-D x1), ``x2_scale`` (ceil(k/128),
+        ceil(n/128)) ((ceil(n/128), ceil(k/128)) transposed), no bias,
+        ``group_size`` resolving to (128, 128, 128) (``quant.group_size``;
+        a 0 field is inferred as dim / scale extent and must divide):
+        ``y = sum_kb (x1[:, kb] @ x2[kb, :]) * (x1_scale[i//128, kb] * x2_scale[kb, j//128])``,
+        accumulated in fp32 block after block; tail blocks are shorter.
+    MX: float8_e4m3fn / float8_e5m2 / float4_e2m1fn x1/x2 with
+    float8_e8m0fnu ``x1_scale`` [m, ceil(k/64), 2] and ``x2_scale``
+    [n, ceil(k/64), 2] (``quant.mx_quantize``), ``transpose_x2=True`` only,
+    ``group_size`` resolving to (1, 1, 32), float4 needs ceil(k/32) even:
+    ``y = (x1 * x1_scale) @ (x2 * x2_scale) + bias``.
+    Each rank rounds ``y`` half to even to the output dtype, adds ``x3`` in
+    fp32 (float16, bfloat16 or float32, the output shape) and rounds again;
+    the all-reduce runs in the output dtype. ``comm_quant_mode=1`` (fp8
+    x1/x2 with float32 scales: pertoken or perblock) replaces it by the fp8
+    pertile chain of docs/semantics.md §5.2: ``C = y + x3`` in fp32,
+    quantized per 1 x 128 tile (``sc = FP8_MAX / max|tile|``) into x1's fp8
+    format, an fp8 all-to-all of the codes with the tile scales appended,
+    dequantized (``f32(q) / sc``) and summed in rank order in fp32,
+    requantized, an fp8 all-gather, dequantized and rounded to the output.
+
+    Where the seed is silent or inconsistent (x3's dtype in the fp8 /
+    hifloat8 / MX rows, null bias / x3 in the hifloat8 packed row, the comm
+    scales' rows and output dtypes, int64 words in the fp8 / hifloat8 packed
+    rows) see docs/semantics.md §11 "seed inconsistencies and choices".
+    The fp8 / hifloat8 / MX rows and ``comm_quant_mode=1`` exist on the
+    ``ascend-950`` and ``generic`` targets; ``atlas-a2`` raises
+    NotImplementedError. Under ``implementation="xla"`` on CPU, XLA may fuse
+    ``a * b + c`` into an FMA where no rounding separates them (fp32 output
+    with x3, the perblock accumulation), a difference of at most 1 fp32 ulp
+    there; the ``ffi`` kernel rounds every step.
+
+    Args:
+      x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2).
+      axis_name: mesh axis name (or tuple of names) bound by an enclosing
+        ``shard_map``; None for a group of one (no communication).
+      x2_scale, x1_scale: see above.
+      bias: [n] (optional), int32 in the int8 rows, float32 in the others
+        (none in perblock).
+      x3: the output shape (optional), added on every rank before the
+        reduction.
+      out_dtype: None (the int8 rows' dtype, bfloat16 for the others) or
+        float16 / bfloat16 / float32 as the row allows.
+      group_size: 0, or ``quant.group_size(m, n, k)`` for perblock / MX.
+      comm_quant_mode: 0, or 1 for the fp8 pertile communication.
+      x1_format / x2_format: None / "ND", or "hifloat8" for uint8 HiFloat8
+        codes (both); ``x2_format="FRACTAL_NZ"`` takes an int8 x2 in the NZ
+        layout of ``quant.to_fractal_nz`` (the int8 rows, as seed 003's
+        sample; its tables list ND for the other rows): (ceil(n/32),
+        ceil(k/16), 16, 32) for x2 (k, n), (ceil(k/32), ceil(n/16), 16, 32)
+        for a transposed (n, k); n is the padded extent (n1 * 32, or n1 * 16
+        transposed) and the operator converts it back with
+        ``quant.from_fractal_nz``.
+
+    Returns:
+      [m, n] or [b, s, n], replicated over ``axis_name``: float16 / bfloat16
+      as the int8 rows' scales select; ``out_dtype`` (default bfloat16) in
+      the other rows.
+    """
+    hif8 = _check_v4_call(
+        x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2
+    )
+    x1 = x1 if hasattr(x1, "dtype") else jnp.asarray(x1)
+    if is_low_precision(x1, x1_format, x2_format):
+        return _low_precision_rows(
+            x1,
+            x2,
+            axis_name,
+            x2_scale=x2_scale,
+            x1_scale=x1_scale,
+            bias=bias,
+            x3=x3,
+            has_comm_scales=comm_quant_scale_1 is not None,
+            reduce_op=reduce_op,
+            comm_turn=comm_turn,
+            group_size=group_size,
+            comm_quant_mode=comm_quant_mode,
+            out_dtype=out_dtype,
+            x2_format=x2_format,
+            hif8=hif8,
+            transpose_x2=transpose_x2,
+            implementation=implementation,
+        )
+    if x2_format == "FRACTAL_NZ":
+        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
+    _check_int8_row_statics(comm_quant_mode, group_size)
+    if out_dtype is not None and np.ndim(x2) == 2:
+        # Checked before anything runs (an eager call would compute first).
+        _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, transpose_x2=transpose_x2)
+    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
+    return bind_int8_matmul_all_reduce(
+        OP_V4,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=x2_scale,
+        pertoken_scale=x1_scale,
+        comm_quant_scales=comm,
+        bias=bias,
+        x3=x3,
+        reduce_op=reduce_op,
+        comm_turn=comm_turn,
+        transpose_x2=transpose_x2,
+        implementation=implementation,
+    )
+
+
+def _check_v4_call(x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2):
+    """The static arguments every V4 row shares; returns whether x1/x2 are
+    HiFloat8 codes."""
+    for name, value, allowed in (
+        ("x1_format", x1_format, _V4_X1_FORMATS),
+        ("x2_format", x2_format, _V4_FORMATS),
+    ):
+        if value not in allowed:
+            raise validation.value_error(OP_V4, f"{name} must be one of {allowed}, got {value!r}")
+    if isinstance(comm_quant_mode, bool) or comm_quant_mode not in (0, 1):
+        raise validation.value_error(
+            OP_V4, f"comm_quant_mode must be 0 or 1, got {comm_quant_mode!r}"
+        )
+    if (comm_quant_scale_1 is None) != (comm_quant_scale_2 is None):
+        raise validation.value_error(
+            OP_V4, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+        )
+    hif8 = "hifloat8" in (x1_format, x2_format)
+    if hif8 and x1_format != x2_format:
+        raise validation.type_error(
+            OP_V4,
+            "x1_format and x2_format must both be 'hifloat8' (the tables pair hifloat8 x1 with "
+            f"hifloat8 x2), got {x1_format!r} and {x2_format!r}",
+        )
+    return hif8
+
+
+def _low_precision_rows(
+    x1,
+    x2,
+    axis_name,
+    *,
+    x2_scale,
+    x1_scale,
+    bias,
+    x3,
+    has_comm_scales,
+    reduce_op,
+    comm_turn,
+    group_size,
+    comm_quant_mode,
+    out_dtype,
+    x2_format,
+    hif8,
+    transpose_x2,
+    implementation,
+):
+    """The fp8 / hifloat8 / MX rows: their call checks, then the bind."""
+    if x2_format == "FRACTAL_NZ":
+        raise validation.value_error(
+            OP_V4,
+            "x2_format='FRACTAL_NZ' is accepted for int8 x2 only (seed 003 lists ND x2 for "
+            f"the fp8 / hifloat8 / MX rows), got {np.dtype(x1.dtype).name} x1",
+        )
+    if has_comm_scales:
+        raise validation.type_error(
+            OP_V4,
+            "comm_quant_scale_1/2 (int8 low-bit communication) exist only in the int8 rows; "
+            "the fp8 rows communicate in fp8 with comm_quant_mode=1",
+        )
+    validation.check_reduce_op(OP_V4, reduce_op)
+    params = collective_params(OP_V4, axis_name, comm_turn, implementation)
+    if out_dtype is None:
+        out_dtype = jnp.bfloat16
+    try:
+        out_dtype = np.dtype(out_dtype)
+    except TypeError:
+        raise validation.type_error(
+            OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}"
+        ) from None
+    return bind_low_precision(
+        x1,
+        x2,
+        x2_scale=x2_scale,
+        x1_scale=x1_scale,
+        bias=bias,
+        x3=x3,
+        hif8=hif8,
+        transpose_x2=transpose_x2,
+        out_dtype=out_dtype,
+        group_size=validation.check_int(OP_V4, "group_size", group_size, minimum=0),
+        comm_quant_mode=comm_quant_mode,
+        params=params,
+    )
+
+
+def _check_int8_row_statics(comm_quant_mode, group_size):
+    if comm_quant_mode == 1:
+        raise validation.value_error(
+            OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
+        )
+    if group_size != 0:
+        raise validation.value_error(
+            OP_V4,
+            f"group_size must be 0 unless both scales are at least 2-D (perblock/MX), got "
+            f"{group_size!r}",
+        )
+
+
+def _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, *, transpose_x2):
+    """``out_dtype`` may only repeat the output dtype the int8 row's scales select."""
+    scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
+    n = np.shape(x2)[0 if transpose_x2 else 1]
+    selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
+    if np.dtype(out_dtype) != selected:
+        raise validation.type_error(
+            OP_V4,
+            f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
+            f"select, whose output is {selected.name}",
+        )

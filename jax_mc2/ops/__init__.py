@@ -1,2 +1,0 @@
-"""One module per operator family: primitives, abstract evaluation
-(validation), one lowering per implementation, JVP and batching rules."""

@@ -1,0 +1,129 @@
+"""Matmul + all-reduce (seed 004, ``torch_npu.npu_mm_all_reduce_base``).
+
+``out = allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``. ``bias`` and
+``x3`` are added on every rank before the reduction, as the CANN kernels do.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jax_mc2.framework import _compat
+from jax_mc2.framework.primitive import (
+    FOLD_MATRIX,
+    FOLD_ROWS,
+    Operand,
+    PrimitiveSpec,
+    register,
+    split_operands,
+)
+from jax_mc2.implementations import ffi, xla
+from jax_mc2.primitives.matmul_family import check_matmul, reduced_result
+
+OP = "mm_all_reduce_base"
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------
+# The primitive
+
+
+OPERANDS = (
+    Operand("x1", fold=FOLD_MATRIX),
+    Operand("x2"),
+    Operand("bias", flag="has_bias"),
+    Operand("x3", flag="has_x3", fold=FOLD_MATRIX),
+)
+
+
+def _split_operands(operands, has_bias, has_x3):
+    named = split_operands(OPERANDS, operands, {"has_bias": has_bias, "has_x3": has_x3})
+    return named["x1"], named["x2"], named["bias"], named["x3"]
+
+
+def _abstract_eval(
+    *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn, implementation
+):
+    del implementation
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+    out_shape = check_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias, x3=x3)
+    return reduced_result(
+        OP,
+        x1,
+        out_shape,
+        x1.dtype,
+        operands,
+        comm_turn=comm_turn,
+        world_size=world_size,
+        axis_name=axis_name,
+    )
+
+
+def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+
+    def local(x1_c, x3_c):
+        return ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism)
+
+    return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
+
+
+def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
+    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
+    return xla.matmul_all_reduce(
+        x1, x2, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
+    )
+
+
+def _jvp(
+    primals,
+    tangents,
+    *,
+    transpose_x2,
+    has_bias,
+    has_x3,
+    axis_name,
+    world_size,
+    comm_turn,
+    implementation,
+):
+    out = mm_all_reduce_p.bind(
+        *primals,
+        transpose_x2=transpose_x2,
+        has_bias=has_bias,
+        has_x3=has_x3,
+        axis_name=axis_name,
+        world_size=world_size,
+        comm_turn=comm_turn,
+        implementation=implementation,
+    )
+    x1, x2, _, _ = _split_operands(primals, has_bias, has_x3)
+    tangents = [_compat.ad.instantiate_zeros(t) for t in tangents]
+    dx1, dx2, dbias, dx3 = _split_operands(tangents, has_bias, has_x3)
+    # The op is bilinear in (x1, x2) and linear in bias and x3; the tangent
+    # is the same all-reduce of the fp32 sum of the linear parts. It is built
+    # from lax ops so reverse mode transposes it with JAX's own rules.
+    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    acc = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
+    acc = acc + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
+    if dbias is not None:
+        acc = acc + dbias.astype(_F32)
+    if dx3 is not None:
+        acc = acc + dx3.astype(_F32)
+    return out, xla.all_reduce(acc.astype(out.dtype), axis_name)
+
+
+mm_all_reduce_p = register(
+    PrimitiveSpec(
+        name="mc2_mm_all_reduce",
+        operator=OP,
+        operands=OPERANDS,
+        abstract_eval=_abstract_eval,
+        xla=_xla_composition,
+        ffi=_ffi_composition,
+        batching=FOLD_ROWS,
+        fold_like="x1",
+        jvp=_jvp,
+    )
+)
