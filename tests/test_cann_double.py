@@ -40,38 +40,74 @@ class Cann:
     """ctypes handles on the double's libraries."""
 
     def __init__(self, folder):
-        load = lambda name: ctypes.CDLL(str(Path(folder) / name), mode=ctypes.RTLD_GLOBAL)
+        def load(name):
+            return ctypes.CDLL(str(Path(folder) / name), mode=ctypes.RTLD_GLOBAL)
+
         self.core = load("libcann_double_core.so")
         self.acl = load("libascendcl.so")
         self.nn = load("libnnopbase.so")
         self.hccl = load("libhccl.so")
-        p, i32, i64, u64, sz = (ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64,
-                                ctypes.c_size_t)
+        p, i32, i64, u64, sz = (
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_int64,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+        )
         pp = ctypes.POINTER(ctypes.c_void_p)
         for name, args in {
-            "aclInit": [ctypes.c_char_p], "aclFinalize": [], "aclrtSetDevice": [i32],
-            "aclrtResetDevice": [i32], "aclrtMalloc": [pp, sz, ctypes.c_int], "aclrtFree": [p],
+            "aclInit": [ctypes.c_char_p],
+            "aclFinalize": [],
+            "aclrtSetDevice": [i32],
+            "aclrtResetDevice": [i32],
+            "aclrtMalloc": [pp, sz, ctypes.c_int],
+            "aclrtFree": [p],
             "aclrtMemcpy": [p, sz, p, sz, ctypes.c_int],
-            "aclrtMemcpyAsync": [p, sz, p, sz, ctypes.c_int, p], "aclrtCreateStream": [pp],
-            "aclrtDestroyStream": [p], "aclrtSynchronizeStream": [p],
-            "aclrtSynchronizeStreamWithTimeout": [p, i32], "aclrtCreateEvent": [pp],
-            "aclrtDestroyEvent": [p], "aclrtRecordEvent": [p, p], "aclrtStreamWaitEvent": [p, p],
+            "aclrtMemcpyAsync": [p, sz, p, sz, ctypes.c_int, p],
+            "aclrtCreateStream": [pp],
+            "aclrtDestroyStream": [p],
+            "aclrtSynchronizeStream": [p],
+            "aclrtSynchronizeStreamWithTimeout": [p, i32],
+            "aclrtCreateEvent": [pp],
+            "aclrtDestroyEvent": [p],
+            "aclrtRecordEvent": [p, p],
+            "aclrtStreamWaitEvent": [p, p],
             "aclrtGetDevice": [ctypes.POINTER(i32)],
         }.items():
             _declare(self.acl, name, ctypes.c_int, *args)
         _declare(self.acl, "aclGetRecentErrMsg", ctypes.c_char_p)
         _declare(self.acl, "aclrtGetSocName", ctypes.c_char_p)
-        _declare(self.nn, "aclCreateTensor", p, ctypes.POINTER(i64), u64, ctypes.c_int,
-                 ctypes.POINTER(i64), i64, ctypes.c_int, ctypes.POINTER(i64), u64, p)
+        _declare(
+            self.nn,
+            "aclCreateTensor",
+            p,
+            ctypes.POINTER(i64),
+            u64,
+            ctypes.c_int,
+            ctypes.POINTER(i64),
+            i64,
+            ctypes.c_int,
+            ctypes.POINTER(i64),
+            u64,
+            p,
+        )
         _declare(self.nn, "aclDestroyTensor", ctypes.c_int, p)
         _declare(self.nn, "aclCreateIntArray", p, ctypes.POINTER(i64), u64)
         _declare(self.nn, "aclDestroyIntArray", ctypes.c_int, p)
         _declare(self.nn, "aclSetAclOpExecutorRepeatable", ctypes.c_int, p)
-        _declare(self.hccl, "HcclCommInitAll", ctypes.c_int, ctypes.c_uint32,
-                 ctypes.POINTER(i32), pp)
+        _declare(
+            self.hccl, "HcclCommInitAll", ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(i32), pp
+        )
         _declare(self.hccl, "HcclGetRootInfo", ctypes.c_int, ctypes.c_char_p)
-        _declare(self.hccl, "HcclCommInitRootInfo", ctypes.c_int, ctypes.c_uint32,
-                 ctypes.c_char_p, ctypes.c_uint32, pp)
+        _declare(
+            self.hccl,
+            "HcclCommInitRootInfo",
+            ctypes.c_int,
+            ctypes.c_uint32,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            pp,
+        )
         _declare(self.hccl, "HcclGetCommName", ctypes.c_int, p, ctypes.c_char_p)
         _declare(self.hccl, "HcclCommDestroy", ctypes.c_int, p)
         _declare(self.hccl, "HcclGetRankId", ctypes.c_int, p, ctypes.POINTER(ctypes.c_uint32))
@@ -80,12 +116,20 @@ class Cann:
         _declare(self.core, "cann_double_report", ctypes.c_char_p)
         _declare(self.core, "cann_double_clear_report", None)
         _declare(self.core, "cann_double_check_device_range", ctypes.c_int, p, sz)
-        _declare(self.core, "cann_double_test_all_gather", ctypes.c_int, ctypes.c_char_p,
-                 ctypes.c_int, p, sz, p, sz, ctypes.POINTER(sz))
-        _declare(self.core, "cann_double_test_new_executor", p, ctypes.c_char_p, u64,
-                 ctypes.c_int)
-        _declare(self.core, "cann_double_test_launch", ctypes.c_int, ctypes.c_char_p, p, u64, p,
-                 p)
+        _declare(
+            self.core,
+            "cann_double_test_all_gather",
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+            p,
+            sz,
+            p,
+            sz,
+            ctypes.POINTER(sz),
+        )
+        _declare(self.core, "cann_double_test_new_executor", p, ctypes.c_char_p, u64, ctypes.c_int)
+        _declare(self.core, "cann_double_test_launch", ctypes.c_int, ctypes.c_char_p, p, u64, p, p)
         _declare(self.core, "cann_double_test_injected_status", ctypes.c_int, ctypes.c_char_p)
 
     def error(self):
@@ -117,9 +161,10 @@ class Cann:
     def all_gather(self, name, device, payload):
         out = ctypes.create_string_buffer(4096)
         size = ctypes.c_size_t()
-        result = self.core.cann_double_test_all_gather(name, device, payload, len(payload), out,
-                                                       len(out), ctypes.byref(size))
-        return result, out.raw[:size.value]
+        result = self.core.cann_double_test_all_gather(
+            name, device, payload, len(payload), out, len(out), ctypes.byref(size)
+        )
+        return result, out.raw[: size.value]
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +174,11 @@ def library_dir(tmp_path_factory):
         return folder
     folder = tmp_path_factory.mktemp("cann_double")
     # The runtime alone: these tests need no operator, and the build stays short.
-    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder), "--runtime-only"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), str(folder), "--runtime-only"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return str(folder)
 
 
@@ -142,8 +190,13 @@ def cann(library_dir):
 @pytest.fixture
 def device(cann, monkeypatch):
     """Device 0 set on the test thread; the report starts empty."""
-    for name in ("CANN_DOUBLE_FAIL_MALLOC", "CANN_DOUBLE_SYNC_TIMEOUT", "CANN_DOUBLE_STALL_RANK",
-                 "CANN_DOUBLE_LAUNCH_DELAY_MS", "CANN_DOUBLE_FAIL_PHASE"):
+    for name in (
+        "CANN_DOUBLE_FAIL_MALLOC",
+        "CANN_DOUBLE_SYNC_TIMEOUT",
+        "CANN_DOUBLE_STALL_RANK",
+        "CANN_DOUBLE_LAUNCH_DELAY_MS",
+        "CANN_DOUBLE_FAIL_PHASE",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert cann.acl.aclrtSetDevice(0) == ACL_SUCCESS
     cann.core.cann_double_clear_report()
@@ -174,10 +227,14 @@ def test_async_memcpy_lands_only_after_sync(cann, device, monkeypatch):
     source = ctypes.create_string_buffer(b"A" * 16)
     result = ctypes.create_string_buffer(16)
     monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "100")
-    assert cann.acl.aclrtMemcpyAsync(buffer, 16, source, 16, MEMCPY_HOST_TO_DEVICE,
-                                     stream) == ACL_SUCCESS
-    assert cann.acl.aclrtMemcpyAsync(result, 16, buffer, 16, MEMCPY_DEVICE_TO_HOST,
-                                     stream) == ACL_SUCCESS
+    assert (
+        cann.acl.aclrtMemcpyAsync(buffer, 16, source, 16, MEMCPY_HOST_TO_DEVICE, stream)
+        == ACL_SUCCESS
+    )
+    assert (
+        cann.acl.aclrtMemcpyAsync(result, 16, buffer, 16, MEMCPY_DEVICE_TO_HOST, stream)
+        == ACL_SUCCESS
+    )
     before = result.raw
     assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
     assert before == b"\0" * 16
@@ -192,14 +249,16 @@ def test_sync_timeout_real_and_injected(cann, device, monkeypatch):
     source = ctypes.create_string_buffer(8)
     monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "300")
     cann.acl.aclrtMemcpyAsync(buffer, 8, source, 8, MEMCPY_HOST_TO_DEVICE, stream)
-    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 20) == \
-        ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    assert (
+        cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 20) == ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    )
     assert "not done" in cann.error()
     assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, -1) == ACL_SUCCESS
     monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "0")
     monkeypatch.setenv("CANN_DOUBLE_SYNC_TIMEOUT", "1")
-    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 1000) == \
-        ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    assert (
+        cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 1000) == ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    )
     assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 1000) == ACL_SUCCESS
     cann.acl.aclrtFree(buffer)
     cann.acl.aclrtDestroyStream(stream)
@@ -250,8 +309,10 @@ def test_use_after_free_detected(cann, device):
     assert cann.core.cann_double_check_device_range(pointer, 8) == 0
     assert "use after free" in cann.report()
     host = ctypes.create_string_buffer(8)
-    assert cann.acl.aclrtMemcpy(pointer, 8, host, 8, MEMCPY_HOST_TO_DEVICE) == \
-        ACL_ERROR_RT_PARAM_INVALID
+    assert (
+        cann.acl.aclrtMemcpy(pointer, 8, host, 8, MEMCPY_HOST_TO_DEVICE)
+        == ACL_ERROR_RT_PARAM_INVALID
+    )
 
 
 def test_malloc_failure_injection(cann, device, monkeypatch):
@@ -270,8 +331,12 @@ def test_tensor_validation_and_live_counts(cann, device):
     buffer = cann.malloc(4 * 6)
     dims = (ctypes.c_int64 * 2)(2, 3)
     strides = (ctypes.c_int64 * 2)(3, 1)
-    create = lambda data, storage=dims: cann.nn.aclCreateTensor(
-        dims, 2, ACL_FLOAT, strides, 0, ACL_FORMAT_ND, storage, 2, data)
+
+    def create(data, storage=dims):
+        return cann.nn.aclCreateTensor(
+            dims, 2, ACL_FLOAT, strides, 0, ACL_FORMAT_ND, storage, 2, data
+        )
+
     tensor = create(buffer)
     assert tensor
     assert not create(buffer + 4)
@@ -294,8 +359,10 @@ def test_executor_single_use_and_kernel_failure(cann, device):
     executor = cann.core.cann_double_test_new_executor(b"aclnnTest", 0, 0)
     assert cann.nn.aclSetAclOpExecutorRepeatable(executor) != 0
     assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, executor, stream) == 0
-    assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, executor, stream) == \
-        ACLNN_ERR_PARAM_INVALID
+    assert (
+        cann.core.cann_double_test_launch(b"aclnnTest", None, 0, executor, stream)
+        == ACLNN_ERR_PARAM_INVALID
+    )
     assert "single-use" in cann.error()
     failing = cann.core.cann_double_test_new_executor(b"aclnnTest", 0, 561000)
     assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, failing, stream) == 0
@@ -316,8 +383,9 @@ def test_phase_failure_injection(cann, device, monkeypatch):
 def _run_ranks(count, work):
     """Runs work(rank) on `count` threads; returns their results by rank."""
     results = [None] * count
-    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, work(r)))
-               for r in range(count)]
+    threads = [
+        threading.Thread(target=lambda r=r: results.__setitem__(r, work(r))) for r in range(count)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -409,7 +477,11 @@ CHILD_RANK = textwrap.dedent("""
 def _spawn_child(library_dir, root_info, env):
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD_RANK.format(tests=str(HERE), folder=library_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
     assert child.stdout.readline() == "ready\n"  # so a short timeout covers only the rendezvous
     child.stdin.write(root_info.hex() + "\n")
     child.stdin.flush()
@@ -455,8 +527,7 @@ def test_missing_rank_times_out_init(cann, device, monkeypatch):
     assert cann.hccl.HcclGetRootInfo(root_info) == 0
     comm = ctypes.c_void_p()
     start = time.monotonic()
-    assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == \
-        HCCL_E_TIMEOUT
+    assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == HCCL_E_TIMEOUT
     assert time.monotonic() - start < 2.0
 
 
@@ -470,8 +541,13 @@ def test_exit_report_lists_leaks(library_dir, tmp_path):
         cann.acl.aclrtSetDevice(0)
         cann.malloc(48)  # never freed
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                   env={**os.environ, "CANN_DOUBLE_REPORT": str(report)}, timeout=20)
+    subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "CANN_DOUBLE_REPORT": str(report)},
+        timeout=20,
+    )
     text = report.read_text()
     assert "allocations=1 " in text
     assert "leaked allocation #1 (48 bytes" in text

@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jax_mc2 import _ffi, _mc2_ffi
-from jax_mc2.ops import lowp_quant_matmul as lowp
+from jax_mc2 import _mc2_ffi
+from jax_mc2.implementations import ffi as _ffi
+from jax_mc2.primitives import lowp_quant_mm_all_reduce as lowp
 
 F32 = np.float32
 I32 = np.int32

@@ -624,7 +624,7 @@ def _xla_composition(*operands, axis_name, comm_turn, **params):
     return _composition(local, operands, params, axis_name, comm_turn)
 
 
-_FFI_MODES = _ffi.LOWP_MODES  # the kernel's modes, from the C++ module
+_FFI_MODES = ffi.LOWP_MODES  # the kernel's modes, from the C++ module
 
 
 def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):

@@ -37,9 +37,19 @@ SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
 
 def compile_flags(sanitize):
-    flags = ["-std=c++17", "-O2", "-g", "-fPIC", "-pthread", "-Wall", "-Wextra",
-             "-Wno-unused-parameter", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
-             f"-I{HERE}"]
+    flags = [
+        "-std=c++17",
+        "-O2",
+        "-g",
+        "-fPIC",
+        "-pthread",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        "-fvisibility=hidden",
+        "-fvisibility-inlines-hidden",
+        f"-I{HERE}",
+    ]
     return flags + (SANITIZE_FLAGS if sanitize else [])
 
 
@@ -60,16 +70,29 @@ def newest_header_time():
 
 def compile_object(cxx, source, out_dir, flags, header_time, force):
     obj = out_dir / "obj" / (source.stem + ".o")
-    if (not force and obj.exists()
-            and obj.stat().st_mtime >= max(source.stat().st_mtime, header_time)):
+    if (
+        not force
+        and obj.exists()
+        and obj.stat().st_mtime >= max(source.stat().st_mtime, header_time)
+    ):
         return obj
     run([cxx, *flags, "-c", str(source), "-o", str(obj)])
     return obj
 
 
 def link(cxx, objects, output, flags, libraries=()):
-    run([cxx, *map(str, objects), "-o", str(output), *flags, f"-Wl,-soname,{output.name}",
-         f"-L{output.parent}", *(f"-l:{name}" for name in libraries)])
+    run(
+        [
+            cxx,
+            *map(str, objects),
+            "-o",
+            str(output),
+            *flags,
+            f"-Wl,-soname,{output.name}",
+            f"-L{output.parent}",
+            *(f"-l:{name}" for name in libraries),
+        ]
+    )
 
 
 def build(out_dir, sanitize=False, jobs=None, runtime_only=False):
@@ -85,30 +108,44 @@ def build(out_dir, sanitize=False, jobs=None, runtime_only=False):
     sources += ops_sources
     header_time = newest_header_time()
     with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-        objects = dict(zip(sources, pool.map(
-            lambda source: compile_object(cxx, source, out_dir, flags, header_time, force),
-            sources)))
+        objects = dict(
+            zip(
+                sources,
+                pool.map(
+                    lambda source: compile_object(cxx, source, out_dir, flags, header_time, force),
+                    sources,
+                ),
+            )
+        )
     stamp.write_text(" ".join([cxx, *flags]))
 
     lflags = link_flags(sanitize)
     link(cxx, [objects[HERE / name] for name in CORE_SOURCES], out_dir / CORE_LIBRARY, lflags)
     for library, names in WRAPPERS.items():
-        link(cxx, [objects[HERE / name] for name in names], out_dir / library, lflags,
-             [CORE_LIBRARY])
+        link(
+            cxx, [objects[HERE / name] for name in names], out_dir / library, lflags, [CORE_LIBRARY]
+        )
     if ops_sources:
-        link(cxx, [objects[source] for source in ops_sources], out_dir / "libopapi.so", lflags,
-             [CORE_LIBRARY, "libnnopbase.so", "libascendcl.so", "libhccl.so"])
+        link(
+            cxx,
+            [objects[source] for source in ops_sources],
+            out_dir / "libopapi.so",
+            lflags,
+            [CORE_LIBRARY, "libnnopbase.so", "libascendcl.so", "libhccl.so"],
+        )
     return out_dir
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--sanitize", action="store_true",
-                        help="build with -fsanitize=address,undefined")
+    parser.add_argument(
+        "--sanitize", action="store_true", help="build with -fsanitize=address,undefined"
+    )
     parser.add_argument("--jobs", type=int, default=None)
-    parser.add_argument("--runtime-only", action="store_true",
-                        help="skip libopapi.so (the operators)")
+    parser.add_argument(
+        "--runtime-only", action="store_true", help="skip libopapi.so (the operators)"
+    )
     args = parser.parse_args()
     try:
         build(args.out_dir, args.sanitize, args.jobs, args.runtime_only)
