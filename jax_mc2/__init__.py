@@ -2,6 +2,7 @@
 semantics of Huawei Ascend CANN's MC2 operators."""
 
 from jax_mc2 import _ffi as _ffi  # registers the FFI targets
+from jax_mc2 import ascend as ascend  # the ascend implementation (CANN loads lazily)
 from jax_mc2 import parallel as parallel
 from jax_mc2 import quant as quant
 from jax_mc2 import targets as targets

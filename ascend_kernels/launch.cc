@@ -1,0 +1,778 @@
+// The launch core (see launch.h and docs/ascend.md).
+#include "launch.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "cann_abi.h"
+#include "loader.h"
+
+namespace jax_mc2::ascend {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string RecentErr(const Cann &c) {
+  const char *m = c.aclGetRecentErrMsg ? c.aclGetRecentErrMsg() : nullptr;
+  return (m && *m) ? std::string(m) : std::string("(no message)");
+}
+
+std::atomic<int32_t> g_timeout_ms{[] {
+  const char *v = std::getenv("JAX_MC2_ASCEND_TIMEOUT_MS");
+  return v ? std::atoi(v) : 120000;
+}()};
+std::atomic<bool> g_deterministic{false};
+std::mutex g_bind_mu;
+std::vector<int> g_npus;
+
+thread_local Timings t_timings;
+
+// ---------------------------------------------------------------- devices
+
+// A stream-ordered pool of device memory for one stream. Blocks go back to
+// the free list only after the stream has synchronized past the kernel that
+// used them; after a failed synchronization they are quarantined until the
+// stream next synchronizes cleanly (or Shutdown).
+struct Pool {
+  std::multimap<size_t, void *> free_blocks;
+  std::vector<std::pair<size_t, void *>> quarantine;
+};
+
+struct DeviceState {
+  int ordinal = -1;
+  int npu = -1;
+  aclrtContext ctx = nullptr;
+  aclrtStream stream = nullptr;
+  std::mutex mu;  // one call at a time on this device's stream
+  Pool pool;
+};
+
+std::mutex g_dev_mu;
+std::map<int, std::unique_ptr<DeviceState>> g_devices;
+
+Status Fail(const Cann &c, const std::string &what, int code) {
+  return Status::Error(what + " failed with status " + std::to_string(code) + ": " +
+                       RecentErr(c));
+}
+
+void ApplyDeterminism(const Cann &c) {
+  if (!g_deterministic.load()) return;
+  if (c.aclrtCtxSetSysParamOpt) c.aclrtCtxSetSysParamOpt(kOptDeterministic, 1);
+}
+
+Status GetDevice(const Cann &c, int ordinal, DeviceState **out) {
+  std::lock_guard<std::mutex> lock(g_dev_mu);
+  auto it = g_devices.find(ordinal);
+  if (it != g_devices.end()) {
+    *out = it->second.get();
+    return Status::Ok();
+  }
+  auto d = std::make_unique<DeviceState>();
+  d->ordinal = ordinal;
+  d->npu = NpuOf(ordinal);
+  aclError rc = c.aclrtSetDevice(d->npu);
+  if (rc != kAclSuccess)
+    return Fail(c, "aclrtSetDevice(" + std::to_string(d->npu) + ") for JAX device " +
+                       std::to_string(ordinal), rc);
+  if ((rc = c.aclrtGetCurrentContext(&d->ctx)) != kAclSuccess)
+    return Fail(c, "aclrtGetCurrentContext", rc);
+  ApplyDeterminism(c);
+  if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess)
+    return Fail(c, "aclrtCreateStream", rc);
+  *out = d.get();
+  g_devices.emplace(ordinal, std::move(d));
+  return Status::Ok();
+}
+
+Status Enter(const Cann &c, DeviceState *d) {
+  // XLA runs handlers on its worker threads: bind the thread every call.
+  aclError rc = c.aclrtSetDevice(d->npu);
+  if (rc != kAclSuccess) return Fail(c, "aclrtSetDevice(" + std::to_string(d->npu) + ")", rc);
+  if ((rc = c.aclrtSetCurrentContext(d->ctx)) != kAclSuccess)
+    return Fail(c, "aclrtSetCurrentContext", rc);
+  return Status::Ok();
+}
+
+size_t RoundUp(size_t n) { return (n + 511) & ~size_t{511}; }
+
+void *Acquire(const Cann &c, Pool &pool, size_t bytes, aclError *rc) {
+  bytes = RoundUp(bytes == 0 ? 1 : bytes);
+  auto it = pool.free_blocks.lower_bound(bytes);
+  if (it != pool.free_blocks.end() && it->first <= 2 * bytes + (1 << 20)) {
+    void *p = it->second;
+    pool.free_blocks.erase(it);
+    *rc = kAclSuccess;
+    return p;
+  }
+  void *p = nullptr;
+  *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
+  if (*rc != kAclSuccess) {  // give the cached blocks back and retry once
+    for (auto &[sz, blk] : pool.free_blocks) c.aclrtFree(blk);
+    pool.free_blocks.clear();
+    *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
+    if (*rc != kAclSuccess) return nullptr;
+  }
+  return p;
+}
+
+struct Held {  // blocks one call holds, with their pool sizes
+  std::vector<std::pair<size_t, void *>> blocks;
+};
+
+void ReleaseAll(const Cann &c, Pool &pool, Held &held, bool stream_clean) {
+  if (stream_clean) {
+    for (auto &q : pool.quarantine) pool.free_blocks.emplace(q.first, q.second);
+    pool.quarantine.clear();
+    for (auto &b : held.blocks) pool.free_blocks.emplace(b.first, b.second);
+  } else {
+    for (auto &b : held.blocks) pool.quarantine.push_back(b);
+  }
+  held.blocks.clear();
+  (void)c;
+}
+
+// ---------------------------------------------------------------- communicators
+
+struct CommEntry {
+  HcclComm comm = nullptr;
+  std::string name;
+};
+std::mutex g_comm_mu;
+std::map<std::pair<std::string, int>, CommEntry> g_comms;
+
+std::string HcclErr(const Cann &c, HcclResult r) {
+  const char *s = c.HcclGetErrorString ? c.HcclGetErrorString(r) : nullptr;
+  return std::to_string(r) + (s ? std::string(" (") + s + ")" : "");
+}
+
+void ApplyHcclDeterminism(const Cann &c) {
+  if (g_deterministic.load() && c.HcclSetConfig) c.HcclSetConfig(kHcclDeterministic, 1);
+}
+
+// ---------------------------------------------------------------- argument spec
+
+struct Slot {
+  char kind = 0;  // t tensor, n null, s string, g group, i int, d double, b bool, a int array
+  char src = 'o';
+  int index = 0;
+  int dtype = -1, format = 2;
+  int64_t offset = 0;
+  std::vector<int64_t> dims, strides, storage;
+  std::string text;
+  int64_t i = 0;
+  double d = 0;
+};
+struct Spec {
+  std::vector<Slot> slots;
+  std::vector<std::pair<int, int>> readback;  // (result, operand) aliases
+};
+
+std::vector<int64_t> Ints(const std::string &s) {
+  std::vector<int64_t> out;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    if (end > pos) out.push_back(std::stoll(s.substr(pos, end - pos)));
+    pos = end + 1;
+  }
+  return out;
+}
+
+std::vector<std::string> Split(const std::string &s, char sep) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (true) {
+    size_t end = s.find(sep, pos);
+    out.push_back(s.substr(pos, end == std::string::npos ? std::string::npos : end - pos));
+    if (end == std::string::npos) break;
+    pos = end + 1;
+  }
+  return out;
+}
+
+// Grammar: slots separated by ';'. t<o|r><index>/<dtype>/<format>/<offset>/<dims>/<strides>/<storage>
+// (csv lists), n, s<text>, g, i<int>, d<double>, b<0|1>, a<csv>, and x<result>=<operand>
+// (not an argument: result read back from the operand's device buffer).
+bool ParseSpec(const std::string &text, Spec *spec, std::string *err) {
+  try {
+    for (const std::string &item : Split(text, ';')) {
+      if (item.empty()) continue;
+      Slot s;
+      s.kind = item[0];
+      const std::string body = item.substr(1);
+      switch (s.kind) {
+        case 't': {
+          auto f = Split(body, '/');
+          if (f.size() != 7 || f[0].size() < 2) throw std::runtime_error("bad tensor " + item);
+          s.src = f[0][0];
+          s.index = std::stoi(f[0].substr(1));
+          s.dtype = std::stoi(f[1]);
+          s.format = std::stoi(f[2]);
+          s.offset = std::stoll(f[3]);
+          s.dims = Ints(f[4]);
+          s.strides = Ints(f[5]);
+          s.storage = Ints(f[6]);
+          if (s.strides.size() != s.dims.size()) throw std::runtime_error("bad strides " + item);
+          break;
+        }
+        case 'x': {
+          auto f = Split(body, '=');
+          spec->readback.emplace_back(std::stoi(f.at(0)), std::stoi(f.at(1)));
+          continue;
+        }
+        case 'n':
+        case 'g':
+          break;
+        case 's':
+          s.text = body;
+          break;
+        case 'i':
+        case 'b':
+          s.i = std::stoll(body);
+          break;
+        case 'd':
+          s.d = std::stod(body);
+          break;
+        case 'a':
+          s.dims = Ints(body);
+          break;
+        default:
+          throw std::runtime_error("unknown slot kind in " + item);
+      }
+      spec->slots.push_back(std::move(s));
+    }
+  } catch (const std::exception &e) {
+    *err = std::string("malformed argument spec: ") + e.what();
+    return false;
+  }
+  return true;
+}
+
+const Spec *CachedSpec(std::string_view text, std::string *err) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<Spec>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  std::string key(text);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.get();
+  auto spec = std::make_unique<Spec>();
+  if (!ParseSpec(key, spec.get(), err)) return nullptr;
+  return cache.emplace(key, std::move(spec)).first->second.get();
+}
+
+// ---------------------------------------------------------------- typed calls
+
+struct ArgVal {
+  char kind = 0;
+  aclTensor *tensor = nullptr;
+  const aclIntArray *array = nullptr;
+  const char *str = nullptr;
+  int64_t i = 0;
+  double d = 0;
+};
+
+namespace kinds {
+struct T {};
+struct O {};
+struct S {};
+struct G {};
+struct I {};
+struct D {};
+struct B {};
+struct A {};
+}  // namespace kinds
+
+template <typename K>
+struct Param;
+template <>
+struct Param<kinds::T> {
+  using type = const aclTensor *;
+  static bool Accept(char k) { return k == 't' || k == 'n'; }
+  static type Get(const ArgVal &a) { return a.tensor; }
+};
+template <>
+struct Param<kinds::O> {
+  using type = aclTensor *;
+  static bool Accept(char k) { return k == 't' || k == 'n'; }
+  static type Get(const ArgVal &a) { return a.tensor; }
+};
+template <>
+struct Param<kinds::S> {
+  using type = const char *;
+  static bool Accept(char k) { return k == 's'; }
+  static type Get(const ArgVal &a) { return a.str; }
+};
+template <>
+struct Param<kinds::G> {
+  using type = const char *;
+  static bool Accept(char k) { return k == 'g'; }
+  static type Get(const ArgVal &a) { return a.str; }
+};
+template <>
+struct Param<kinds::I> {
+  using type = int64_t;
+  static bool Accept(char k) { return k == 'i'; }
+  static type Get(const ArgVal &a) { return a.i; }
+};
+template <>
+struct Param<kinds::D> {
+  using type = double;
+  static bool Accept(char k) { return k == 'd'; }
+  static type Get(const ArgVal &a) { return a.d; }
+};
+template <>
+struct Param<kinds::B> {
+  using type = bool;
+  static bool Accept(char k) { return k == 'b'; }
+  static type Get(const ArgVal &a) { return a.i != 0; }
+};
+template <>
+struct Param<kinds::A> {
+  using type = const aclIntArray *;
+  static bool Accept(char k) { return k == 'a'; }
+  static type Get(const ArgVal &a) { return a.array; }
+};
+
+using Caller = bool (*)(void *fn, const std::vector<ArgVal> &, uint64_t *, aclOpExecutor **,
+                        aclnnStatus *, std::string *);
+
+template <typename... K, size_t... Idx>
+aclnnStatus CallImpl(void *fn, const std::vector<ArgVal> &a, uint64_t *ws, aclOpExecutor **ex,
+                     std::index_sequence<Idx...>) {
+  using Fn = aclnnStatus (*)(typename Param<K>::type..., uint64_t *, aclOpExecutor **);
+  return reinterpret_cast<Fn>(fn)(Param<K>::Get(a[Idx])..., ws, ex);
+}
+
+template <typename... K>
+bool Call(void *fn, const std::vector<ArgVal> &a, uint64_t *ws, aclOpExecutor **ex,
+          aclnnStatus *status, std::string *err) {
+  if (a.size() != sizeof...(K)) {
+    *err = "argument spec has " + std::to_string(a.size()) + " arguments, the function takes " +
+           std::to_string(sizeof...(K));
+    return false;
+  }
+  static constexpr bool (*accept[])(char) = {&Param<K>::Accept...};
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!accept[i](a[i].kind)) {
+      *err = "argument " + std::to_string(i) + " of the spec has the wrong kind '" +
+             std::string(1, a[i].kind) + "'";
+      return false;
+    }
+  }
+  *status = CallImpl<K...>(fn, a, ws, ex, std::index_sequence_for<K...>{});
+  return true;
+}
+
+const std::unordered_map<std::string, Caller> &Callers() {
+  using namespace kinds;
+  static const auto *table = new std::unordered_map<std::string, Caller>{
+#define ACLNN_OP(name, ...) {"aclnn" #name, &Call<__VA_ARGS__>},
+#include "aclnn_ops.def"
+#undef ACLNN_OP
+  };
+  return *table;
+}
+
+// Destroys the descriptors of one call on every path.
+struct Descriptors {
+  const Cann *c;
+  std::vector<aclTensor *> tensors;
+  std::vector<aclIntArray *> arrays;
+  ~Descriptors() {
+    for (auto *t : tensors) c->aclDestroyTensor(t);
+    for (auto *a : arrays) c->aclDestroyIntArray(a);
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- settings
+
+void SetTimeoutMs(int32_t ms) { g_timeout_ms.store(ms); }
+int32_t TimeoutMs() { return g_timeout_ms.load(); }
+void SetDeterministic(bool on) { g_deterministic.store(on); }
+
+void BindDevices(const std::vector<int> &npus) {
+  std::lock_guard<std::mutex> lock(g_bind_mu);
+  g_npus = npus;
+}
+
+int NpuOf(int ordinal) {
+  std::lock_guard<std::mutex> lock(g_bind_mu);
+  if (ordinal >= 0 && static_cast<size_t>(ordinal) < g_npus.size()) return g_npus[ordinal];
+  return ordinal;
+}
+
+Timings LastTimings() { return t_timings; }
+
+std::string SocName(Status *status) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) {
+    *status = Status::Error(why);
+    return "";
+  }
+  if (c->aclrtGetSocName == nullptr) {
+    *status = Status::Error("CANN symbol aclrtGetSocName not found in libascendcl.so");
+    return "";
+  }
+  const char *s = c->aclrtGetSocName();
+  return s ? s : "";
+}
+
+int DeviceCount(Status *status) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) {
+    *status = Status::Error(why);
+    return 0;
+  }
+  uint32_t n = 0;
+  aclError rc = c->aclrtGetDeviceCount(&n);
+  if (rc != kAclSuccess) *status = Fail(*c, "aclrtGetDeviceCount", rc);
+  return static_cast<int>(n);
+}
+
+// ---------------------------------------------------------------- communicators
+
+Status CommInitAll(const std::string &key, const std::vector<int> &ordinals) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  if (c->HcclCommInitAll == nullptr)
+    return Status::Error("CANN symbol HcclCommInitAll not found in libhccl.so");
+  std::vector<int32_t> npus;
+  for (int o : ordinals) {
+    DeviceState *d = nullptr;
+    Status s = GetDevice(*c, o, &d);
+    if (!s.ok) return s;
+    npus.push_back(d->npu);
+  }
+  ApplyHcclDeterminism(*c);
+  std::vector<HcclComm> comms(ordinals.size(), nullptr);
+  HcclResult r = c->HcclCommInitAll(static_cast<uint32_t>(npus.size()), npus.data(), comms.data());
+  if (r != 0) return Status::Error("HcclCommInitAll failed with HcclResult " + HcclErr(*c, r));
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < ordinals.size(); ++i) {
+    char name[kCommNameMaxLength + 1] = {0};
+    r = c->HcclGetCommName(comms[i], name);
+    if (r != 0) return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+    g_comms[{key, ordinals[i]}] = CommEntry{comms[i], name};
+  }
+  return Status::Ok();
+}
+
+Status GetRootInfo(int ordinal, std::string *bytes) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  DeviceState *d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return s;
+  if (!(s = Enter(*c, d)).ok) return s;
+  bytes->assign(kHcclRootInfoBytes, '\0');
+  HcclResult r = c->HcclGetRootInfo(bytes->data());
+  if (r != 0) return Status::Error("HcclGetRootInfo failed with HcclResult " + HcclErr(*c, r));
+  return Status::Ok();
+}
+
+Status CommInitRootInfo(const std::string &key, int nranks, const std::string &root_info,
+                        const std::vector<std::pair<int, int>> &rank_ordinals) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  if (root_info.size() != kHcclRootInfoBytes)
+    return Status::Error("HCCL root info must be " + std::to_string(kHcclRootInfoBytes) +
+                         " bytes, got " + std::to_string(root_info.size()));
+  ApplyHcclDeterminism(*c);
+  std::vector<Status> results(rank_ordinals.size());
+  std::vector<CommEntry> entries(rank_ordinals.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < rank_ordinals.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto [rank, ordinal] = rank_ordinals[i];
+      DeviceState *d = nullptr;
+      Status s = GetDevice(*c, ordinal, &d);
+      if (s.ok) s = Enter(*c, d);
+      if (s.ok) {
+        HcclComm comm = nullptr;
+        HcclResult r = c->HcclCommInitRootInfo(static_cast<uint32_t>(nranks), root_info.data(),
+                                               static_cast<uint32_t>(rank), &comm);
+        if (r != 0) {
+          s = Status::Error("HcclCommInitRootInfo (rank " + std::to_string(rank) + " of " +
+                            std::to_string(nranks) + ") failed with HcclResult " + HcclErr(*c, r));
+        } else {
+          char name[kCommNameMaxLength + 1] = {0};
+          r = c->HcclGetCommName(comm, name);
+          if (r != 0) s = Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+          entries[i] = CommEntry{comm, name};
+        }
+      }
+      results[i] = s;
+    });
+  }
+  for (auto &t : threads) t.join();
+  for (auto &s : results)
+    if (!s.ok) return s;
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < rank_ordinals.size(); ++i)
+    g_comms[{key, rank_ordinals[i].second}] = entries[i];
+  return Status::Ok();
+}
+
+bool HasComm(const std::string &key, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  return g_comms.count({key, ordinal}) != 0;
+}
+
+std::string CommName(const std::string &key, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  auto it = g_comms.find({key, ordinal});
+  return it == g_comms.end() ? std::string() : it->second.name;
+}
+
+void Shutdown() {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(g_dev_mu);
+    for (auto &[o, d] : g_devices) {
+      std::lock_guard<std::mutex> dl(d->mu);
+      if (Enter(*c, d.get()).ok) {
+        c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    for (auto &[k, e] : g_comms) {
+      if (DeviceState *d = g_devices.count(k.second) ? g_devices[k.second].get() : nullptr)
+        Enter(*c, d);
+      c->HcclCommDestroy(e.comm);
+    }
+    g_comms.clear();
+  }
+  std::lock_guard<std::mutex> lock(g_dev_mu);
+  for (auto &[o, d] : g_devices) {
+    std::lock_guard<std::mutex> dl(d->mu);
+    Enter(*c, d.get());
+    for (auto &[sz, blk] : d->pool.free_blocks) c->aclrtFree(blk);
+    for (auto &[sz, blk] : d->pool.quarantine) c->aclrtFree(blk);
+    d->pool.free_blocks.clear();
+    d->pool.quarantine.clear();
+    c->aclrtDestroyStream(d->stream);
+  }
+  std::vector<int> npus;
+  for (auto &[o, d] : g_devices) npus.push_back(d->npu);
+  g_devices.clear();
+  for (int n : npus) c->aclrtResetDevice(n);
+}
+
+// ---------------------------------------------------------------- launch
+
+Status Launch(int ordinal, std::string_view op_view, std::string_view function_view,
+              std::string_view spec_text, std::string_view group_key, const CallIo &io) {
+  const int64_t t0 = NowNs();
+  Timings tm;
+  const std::string op(op_view), function(function_view);
+  auto error = [&](const std::string &m) { return Status::Error(op + ": " + m); };
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return error(why);
+  std::string err;
+  const Spec *spec = CachedSpec(spec_text, &err);
+  if (spec == nullptr) return error(function + ": " + err);
+  auto caller_it = Callers().find(function);
+  if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
+  void *phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
+  if (phase1 == nullptr) return error(why);
+  void *phase2 = AclnnSymbol(*c, function, &why);
+  if (phase2 == nullptr) return error(why);
+
+  DeviceState *d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return error(s.message);
+  std::lock_guard<std::mutex> lock(d->mu);
+  if (!(s = Enter(*c, d)).ok) return error(s.message);
+  aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
+
+  std::string group_name;
+  for (const Slot &sl : spec->slots) {
+    if (sl.kind == 'g') {
+      // The lowering passes every replica group's key, '|'-separated.
+      for (const std::string &key : Split(std::string(group_key), '|')) {
+        group_name = CommName(key, ordinal);
+        if (!group_name.empty()) break;
+      }
+      if (group_name.empty())
+        return error("no HCCL communicator for replica group " + std::string(group_key) +
+                     " on JAX device " + std::to_string(ordinal) +
+                     " (communicators are created when the call is lowered)");
+      break;
+    }
+  }
+
+  // Device memory for the operands and results (host bridge), copied in.
+  Held held;
+  std::vector<void *> dev_in(io.operands.size(), nullptr), dev_out(io.results.size(), nullptr);
+  auto finish = [&](Status st, bool clean) {
+    ReleaseAll(*c, d->pool, held, clean);
+    return st;
+  };
+  if (io.host) {
+    for (size_t i = 0; i < io.operands.size(); ++i) {
+      aclError rc;
+      void *p = Acquire(*c, d->pool, io.operands[i].bytes, &rc);
+      if (p == nullptr) return finish(error(function + ": aclrtMalloc of " + std::to_string(io.operands[i].bytes) + " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)), false);
+      held.blocks.emplace_back(RoundUp(io.operands[i].bytes ? io.operands[i].bytes : 1), p);
+      dev_in[i] = p;
+      if (io.operands[i].bytes) {
+        rc = c->aclrtMemcpyAsync(p, io.operands[i].bytes, io.operands[i].data,
+                                 io.operands[i].bytes, kMemcpyHostToDevice, stream);
+        if (rc != kAclSuccess) return finish(error(function + ": " + Fail(*c, "aclrtMemcpyAsync (host to device)", rc).message), false);
+      }
+    }
+    for (size_t i = 0; i < io.results.size(); ++i) {
+      aclError rc;
+      void *p = Acquire(*c, d->pool, io.results[i].bytes, &rc);
+      if (p == nullptr) return finish(error(function + ": aclrtMalloc of " + std::to_string(io.results[i].bytes) + " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)), false);
+      held.blocks.emplace_back(RoundUp(io.results[i].bytes ? io.results[i].bytes : 1), p);
+      dev_out[i] = p;
+    }
+  } else {
+    for (size_t i = 0; i < io.operands.size(); ++i) dev_in[i] = io.operands[i].data;
+    for (size_t i = 0; i < io.results.size(); ++i) dev_out[i] = io.results[i].data;
+  }
+  tm.copy_in = NowNs() - t0;
+  const int64_t t1 = NowNs();
+
+  // Descriptors.
+  Descriptors desc{c, {}, {}};
+  std::vector<ArgVal> args;
+  args.reserve(spec->slots.size());
+  for (size_t k = 0; k < spec->slots.size(); ++k) {
+    const Slot &sl = spec->slots[k];
+    ArgVal a;
+    a.kind = sl.kind;
+    switch (sl.kind) {
+      case 't': {
+        const auto &bufs = sl.src == 'r' ? dev_out : dev_in;
+        if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
+          return finish(error(function + ": argument " + std::to_string(k) + " names a missing buffer"), false);
+        a.tensor = c->aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
+                                      sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
+                                      bufs[sl.index]);
+        if (a.tensor == nullptr)
+          return finish(error(function + ": aclCreateTensor failed for argument " + std::to_string(k) + ": " + RecentErr(*c)), false);
+        desc.tensors.push_back(a.tensor);
+        break;
+      }
+      case 'a': {
+        aclIntArray *arr = c->aclCreateIntArray(sl.dims.data(), sl.dims.size());
+        if (arr == nullptr)
+          return finish(error(function + ": aclCreateIntArray failed for argument " + std::to_string(k) + ": " + RecentErr(*c)), false);
+        desc.arrays.push_back(arr);
+        a.array = arr;
+        break;
+      }
+      case 's':
+        a.str = sl.text.c_str();
+        break;
+      case 'g':
+        a.str = group_name.c_str();
+        break;
+      case 'i':
+      case 'b':
+        a.i = sl.i;
+        break;
+      case 'd':
+        a.d = sl.d;
+        break;
+      default:
+        break;
+    }
+    args.push_back(a);
+  }
+  tm.prepare = NowNs() - t1;
+
+  // Phase 1.
+  const int64_t t2 = NowNs();
+  uint64_t ws_size = 0;
+  aclOpExecutor *executor = nullptr;
+  aclnnStatus st = 0;
+  if (!caller_it->second(phase1, args, &ws_size, &executor, &st, &err))
+    return finish(error(function + ": " + err), false);
+  if (st != 0)
+    return finish(error(function + "GetWorkspaceSize failed with status " + std::to_string(st) +
+                        ": " + RecentErr(*c)), false);
+  tm.phase1 = NowNs() - t2;
+
+  // Phase 2 with a pooled workspace.
+  const int64_t t3 = NowNs();
+  void *ws = nullptr;
+  if (ws_size > 0) {
+    aclError rc;
+    ws = Acquire(*c, d->pool, ws_size, &rc);
+    if (ws == nullptr)
+      return finish(error(function + ": aclrtMalloc of the " + std::to_string(ws_size) + "-byte workspace failed with status " + std::to_string(rc) + ": " + RecentErr(*c)), false);
+    held.blocks.emplace_back(RoundUp(ws_size), ws);
+  }
+  st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
+  if (st != 0)
+    return finish(error(function + " failed with status " + std::to_string(st) + ": " +
+                        RecentErr(*c)), false);
+  tm.phase2 = NowNs() - t3;
+
+  // Results back (host bridge), then wait for the stream.
+  const int64_t t4 = NowNs();
+  if (io.host) {
+    std::vector<int> from(io.results.size(), -1);
+    for (auto [r, o] : spec->readback)
+      if (r >= 0 && static_cast<size_t>(r) < from.size()) from[r] = o;
+    for (size_t i = 0; i < io.results.size(); ++i) {
+      if (io.results[i].bytes == 0) continue;
+      void *src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
+      aclError rc = c->aclrtMemcpyAsync(io.results[i].data, io.results[i].bytes, src,
+                                        io.results[i].bytes, kMemcpyDeviceToHost, stream);
+      if (rc != kAclSuccess)
+        return finish(error(function + ": " + Fail(*c, "aclrtMemcpyAsync (device to host)", rc).message), false);
+    }
+    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
+    if (rc != kAclSuccess) {
+      std::string what = rc == kAclStreamSyncTimeout
+                             ? " did not finish within " + std::to_string(TimeoutMs()) +
+                                   " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
+                             : " failed on the stream";
+      return finish(error(function + what + ": aclrtSynchronizeStreamWithTimeout status " +
+                          std::to_string(rc) + ": " + RecentErr(*c)), false);
+    }
+  }
+  tm.sync = NowNs() - t4;
+  tm.total = NowNs() - t0;
+  t_timings = tm;
+  // Device mode: buffers belong to XLA; the pooled workspace stays held
+  // until... the host bridge is the only mode exercised so far, so device
+  // mode synchronizes too before reusing the workspace.
+  if (!io.host) {
+    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
+    if (rc != kAclSuccess)
+      return finish(error(function + " failed on the stream: status " + std::to_string(rc) +
+                          ": " + RecentErr(*c)), false);
+  }
+  return finish(Status::Ok(), false);
+}
+
+}  // namespace jax_mc2::ascend

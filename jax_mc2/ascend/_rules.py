@@ -1,0 +1,76 @@
+"""The ``ascend`` lowering rules: one custom call per operator that runs the
+whole CANN MC2 operator (no XLA collective). Registered in the lowering table
+by primitive name; each rule chooses the aclnn function (and version) the
+way torch_npu does for the same arguments and describes its arguments."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_mc2.ascend import _comms
+from jax_mc2.ascend import _spec as S
+from jax_mc2.framework import lowering
+
+HOST_BRIDGE = "mc2_ascend_host_bridge"
+_PLATFORMS = ("cpu",)
+
+
+def emit(ctx, operands, *, op: str, function: str, slots, axis_name, aliases=None):
+    """The custom call running aclnn ``function`` over ``operands``."""
+    group = _comms.for_lowering(ctx, tuple(axis_name or ()))
+    rule = jax.ffi.ffi_lowering(HOST_BRIDGE, operand_output_aliases=aliases)
+    return rule(ctx, *operands, op=op, function=function, spec=S.encode(slots), group=group)
+
+
+def weight(index, aval, transpose: bool):
+    """x2 as a (k, n) tensor: contiguous [k, n], or the transposed view of an
+    [n, k] buffer."""
+    return S.transposed_weight(index, aval) if transpose else S.operand(index, aval)
+
+
+def optional(index, avals):
+    return S.NULL if index is None else S.operand(index, avals[index])
+
+
+class Operands:
+    """Hands out operand indices in primitive order."""
+
+    def __init__(self, ctx):
+        self.avals = ctx.avals_in
+        self.next = 0
+
+    def take(self, present: bool = True):
+        if not present:
+            return None
+        i = self.next
+        self.next += 1
+        return i
+
+    def tensor(self, present: bool = True):
+        return optional(self.take(present), self.avals)
+
+
+def comm_tail(comm_turn):
+    return [S.GROUP, S.string("sum"), S.integer(comm_turn), S.integer(S.STREAM_MODE_STOP_ON_FAILURE)]
+
+
+# ----------------------------------------------------------------------------
+# mm_all_reduce_base (plain): aclnnMatmulAllReduce, or V2 with x3
+
+
+def _mm_all_reduce(ctx, *operands, transpose_x2, has_bias, has_x3, axis_name, world_size,
+                   comm_turn):
+    del world_size
+    o = Operands(ctx)
+    x1 = o.tensor()
+    x2i = o.take()
+    slots = [x1, weight(x2i, o.avals[x2i], transpose_x2), o.tensor(has_bias)]
+    if has_x3:
+        slots.append(o.tensor())
+    slots += comm_tail(comm_turn) + [S.result(0, ctx.avals_out[0])]
+    function = "aclnnMatmulAllReduceV2" if has_x3 else "aclnnMatmulAllReduce"
+    return emit(ctx, operands, op="mm_all_reduce_base", function=function, slots=slots,
+                axis_name=axis_name)
+
+
+lowering.register("mc2_mm_all_reduce", "ascend", _mm_all_reduce, platforms=_PLATFORMS)
