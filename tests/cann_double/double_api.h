@@ -25,6 +25,13 @@ struct aclIntArray;
 struct aclOpExecutor;
 }
 
+// Marks a symbol a library of the double exports (they build with
+// -fvisibility=hidden); the operators mark their aclnn entry points with it.
+#define CANN_DOUBLE_EXPORT __attribute__((visibility("default")))
+
+// The interface below is exported by libcann_double_core.so and imported by
+// the other libraries, so it keeps default visibility under -fvisibility=hidden.
+#pragma GCC visibility push(default)
 namespace cann_double {
 
 // aclnn status codes the operators return.
@@ -99,3 +106,4 @@ aclnnStatus LaunchExecutor(const char *function, void *workspace, uint64_t works
                            aclOpExecutor *executor, aclrtStream stream);
 
 }  // namespace cann_double
+#pragma GCC visibility pop

@@ -1,0 +1,449 @@
+"""The CANN test double's runtime, driven through its C API with ctypes.
+
+Builds the double into a temporary folder once per session (or uses
+JAX_MC2_CANN_LIBRARY_PATH when set) and never imports jax_mc2.
+"""
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "cann_double" / "build.py"
+
+ACL_SUCCESS = 0
+ACL_ERROR_RT_PARAM_INVALID = 107000
+ACL_ERROR_RT_MEMORY_ALLOCATION = 207001
+ACL_ERROR_RT_STREAM_SYNC_TIMEOUT = 507046
+ACL_ERROR_REPEAT_INITIALIZE = 100002
+ACLNN_ERR_PARAM_INVALID = 161002
+HCCL_E_TIMEOUT = 9
+MEMCPY_HOST_TO_DEVICE, MEMCPY_DEVICE_TO_HOST = 1, 2
+ACL_FLOAT = 0
+ACL_FORMAT_ND = 2
+
+
+def _declare(lib, name, restype, *argtypes):
+    function = getattr(lib, name)
+    function.restype = restype
+    function.argtypes = list(argtypes)
+
+
+class Cann:
+    """ctypes handles on the double's libraries."""
+
+    def __init__(self, folder):
+        load = lambda name: ctypes.CDLL(str(Path(folder) / name), mode=ctypes.RTLD_GLOBAL)
+        self.core = load("libcann_double_core.so")
+        self.acl = load("libascendcl.so")
+        self.nn = load("libnnopbase.so")
+        self.hccl = load("libhccl.so")
+        p, i32, i64, u64, sz = (ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64,
+                                ctypes.c_size_t)
+        pp = ctypes.POINTER(ctypes.c_void_p)
+        for name, args in {
+            "aclInit": [ctypes.c_char_p], "aclFinalize": [], "aclrtSetDevice": [i32],
+            "aclrtResetDevice": [i32], "aclrtMalloc": [pp, sz, ctypes.c_int], "aclrtFree": [p],
+            "aclrtMemcpy": [p, sz, p, sz, ctypes.c_int],
+            "aclrtMemcpyAsync": [p, sz, p, sz, ctypes.c_int, p], "aclrtCreateStream": [pp],
+            "aclrtDestroyStream": [p], "aclrtSynchronizeStream": [p],
+            "aclrtSynchronizeStreamWithTimeout": [p, i32], "aclrtCreateEvent": [pp],
+            "aclrtDestroyEvent": [p], "aclrtRecordEvent": [p, p], "aclrtStreamWaitEvent": [p, p],
+            "aclrtGetDevice": [ctypes.POINTER(i32)],
+        }.items():
+            _declare(self.acl, name, ctypes.c_int, *args)
+        _declare(self.acl, "aclGetRecentErrMsg", ctypes.c_char_p)
+        _declare(self.acl, "aclrtGetSocName", ctypes.c_char_p)
+        _declare(self.nn, "aclCreateTensor", p, ctypes.POINTER(i64), u64, ctypes.c_int,
+                 ctypes.POINTER(i64), i64, ctypes.c_int, ctypes.POINTER(i64), u64, p)
+        _declare(self.nn, "aclDestroyTensor", ctypes.c_int, p)
+        _declare(self.nn, "aclCreateIntArray", p, ctypes.POINTER(i64), u64)
+        _declare(self.nn, "aclDestroyIntArray", ctypes.c_int, p)
+        _declare(self.nn, "aclSetAclOpExecutorRepeatable", ctypes.c_int, p)
+        _declare(self.hccl, "HcclCommInitAll", ctypes.c_int, ctypes.c_uint32,
+                 ctypes.POINTER(i32), pp)
+        _declare(self.hccl, "HcclGetRootInfo", ctypes.c_int, ctypes.c_char_p)
+        _declare(self.hccl, "HcclCommInitRootInfo", ctypes.c_int, ctypes.c_uint32,
+                 ctypes.c_char_p, ctypes.c_uint32, pp)
+        _declare(self.hccl, "HcclGetCommName", ctypes.c_int, p, ctypes.c_char_p)
+        _declare(self.hccl, "HcclCommDestroy", ctypes.c_int, p)
+        _declare(self.hccl, "HcclGetRankId", ctypes.c_int, p, ctypes.POINTER(ctypes.c_uint32))
+        _declare(self.hccl, "HcclBarrier", ctypes.c_int, p, p)
+        _declare(self.core, "cann_double_live_counts", None, *[ctypes.POINTER(i64)] * 4)
+        _declare(self.core, "cann_double_report", ctypes.c_char_p)
+        _declare(self.core, "cann_double_clear_report", None)
+        _declare(self.core, "cann_double_check_device_range", ctypes.c_int, p, sz)
+        _declare(self.core, "cann_double_test_all_gather", ctypes.c_int, ctypes.c_char_p,
+                 ctypes.c_int, p, sz, p, sz, ctypes.POINTER(sz))
+        _declare(self.core, "cann_double_test_new_executor", p, ctypes.c_char_p, u64,
+                 ctypes.c_int)
+        _declare(self.core, "cann_double_test_launch", ctypes.c_int, ctypes.c_char_p, p, u64, p,
+                 p)
+        _declare(self.core, "cann_double_test_injected_status", ctypes.c_int, ctypes.c_char_p)
+
+    def error(self):
+        return (self.acl.aclGetRecentErrMsg() or b"").decode()
+
+    def report(self):
+        return self.core.cann_double_report().decode()
+
+    def malloc(self, size):
+        pointer = ctypes.c_void_p()
+        assert self.acl.aclrtMalloc(ctypes.byref(pointer), size, 0) == ACL_SUCCESS, self.error()
+        return pointer.value
+
+    def stream(self):
+        handle = ctypes.c_void_p()
+        assert self.acl.aclrtCreateStream(ctypes.byref(handle)) == ACL_SUCCESS
+        return handle.value
+
+    def live_counts(self):
+        counts = [ctypes.c_int64() for _ in range(4)]
+        self.core.cann_double_live_counts(*map(ctypes.byref, counts))
+        return tuple(count.value for count in counts)
+
+    def comm_name(self, comm):
+        name = ctypes.create_string_buffer(128)
+        assert self.hccl.HcclGetCommName(comm, name) == 0
+        return name.value
+
+    def all_gather(self, name, device, payload):
+        out = ctypes.create_string_buffer(4096)
+        size = ctypes.c_size_t()
+        result = self.core.cann_double_test_all_gather(name, device, payload, len(payload), out,
+                                                       len(out), ctypes.byref(size))
+        return result, out.raw[:size.value]
+
+
+@pytest.fixture(scope="session")
+def library_dir(tmp_path_factory):
+    folder = os.environ.get("JAX_MC2_CANN_LIBRARY_PATH")
+    if folder:
+        return folder
+    folder = tmp_path_factory.mktemp("cann_double")
+    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def cann(library_dir):
+    return Cann(library_dir)
+
+
+@pytest.fixture
+def device(cann, monkeypatch):
+    """Device 0 set on the test thread; the report starts empty."""
+    for name in ("CANN_DOUBLE_FAIL_MALLOC", "CANN_DOUBLE_SYNC_TIMEOUT", "CANN_DOUBLE_STALL_RANK",
+                 "CANN_DOUBLE_LAUNCH_DELAY_MS", "CANN_DOUBLE_FAIL_PHASE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cann.acl.aclrtSetDevice(0) == ACL_SUCCESS
+    cann.core.cann_double_clear_report()
+    yield 0
+    cann.core.cann_double_clear_report()
+
+
+def test_init_soc_and_device(cann, device):
+    first = cann.acl.aclInit(None)
+    assert first in (ACL_SUCCESS, ACL_ERROR_REPEAT_INITIALIZE)
+    assert cann.acl.aclInit(None) == ACL_ERROR_REPEAT_INITIALIZE
+    assert cann.acl.aclrtGetSocName() == b"Ascend910B1"
+    current = ctypes.c_int32(-1)
+    assert cann.acl.aclrtGetDevice(ctypes.byref(current)) == ACL_SUCCESS
+    assert current.value == 0
+
+
+def test_malloc_alignment_and_garbage(cann, device):
+    pointer = cann.malloc(100)
+    assert pointer % 64 == 0
+    assert ctypes.string_at(pointer, 100) == b"\xff" * 100  # not zeroed
+    assert cann.acl.aclrtFree(pointer) == ACL_SUCCESS
+
+
+def test_async_memcpy_lands_only_after_sync(cann, device, monkeypatch):
+    stream = cann.stream()
+    buffer = cann.malloc(16)
+    source = ctypes.create_string_buffer(b"A" * 16)
+    result = ctypes.create_string_buffer(16)
+    monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "100")
+    assert cann.acl.aclrtMemcpyAsync(buffer, 16, source, 16, MEMCPY_HOST_TO_DEVICE,
+                                     stream) == ACL_SUCCESS
+    assert cann.acl.aclrtMemcpyAsync(result, 16, buffer, 16, MEMCPY_DEVICE_TO_HOST,
+                                     stream) == ACL_SUCCESS
+    before = result.raw
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+    assert before == b"\0" * 16
+    assert result.raw == b"A" * 16
+    cann.acl.aclrtFree(buffer)
+    cann.acl.aclrtDestroyStream(stream)
+
+
+def test_sync_timeout_real_and_injected(cann, device, monkeypatch):
+    stream = cann.stream()
+    buffer = cann.malloc(8)
+    source = ctypes.create_string_buffer(8)
+    monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "300")
+    cann.acl.aclrtMemcpyAsync(buffer, 8, source, 8, MEMCPY_HOST_TO_DEVICE, stream)
+    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 20) == \
+        ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    assert "not done" in cann.error()
+    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, -1) == ACL_SUCCESS
+    monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "0")
+    monkeypatch.setenv("CANN_DOUBLE_SYNC_TIMEOUT", "1")
+    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 1000) == \
+        ACL_ERROR_RT_STREAM_SYNC_TIMEOUT
+    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 1000) == ACL_SUCCESS
+    cann.acl.aclrtFree(buffer)
+    cann.acl.aclrtDestroyStream(stream)
+
+
+def test_event_orders_streams(cann, device, monkeypatch):
+    producer, consumer = cann.stream(), cann.stream()
+    event = ctypes.c_void_p()
+    assert cann.acl.aclrtCreateEvent(ctypes.byref(event)) == ACL_SUCCESS
+    buffer = cann.malloc(8)
+    source = ctypes.create_string_buffer(b"12345678")
+    result = ctypes.create_string_buffer(8)
+    monkeypatch.setenv("CANN_DOUBLE_LAUNCH_DELAY_MS", "50")
+    cann.acl.aclrtMemcpyAsync(buffer, 8, source, 8, MEMCPY_HOST_TO_DEVICE, producer)
+    cann.acl.aclrtRecordEvent(event, producer)
+    cann.acl.aclrtStreamWaitEvent(consumer, event)
+    cann.acl.aclrtMemcpyAsync(result, 8, buffer, 8, MEMCPY_DEVICE_TO_HOST, consumer)
+    assert cann.acl.aclrtSynchronizeStream(consumer) == ACL_SUCCESS
+    assert result.raw == b"12345678"
+    for stream in (producer, consumer):
+        cann.acl.aclrtDestroyStream(stream)
+    cann.acl.aclrtDestroyEvent(event)
+    cann.acl.aclrtFree(buffer)
+
+
+def test_guard_overflow_detected(cann, device):
+    pointer = cann.malloc(100)
+    ctypes.memset(pointer + 100, 0, 1)  # one byte past the end
+    assert cann.acl.aclrtFree(pointer) == ACL_SUCCESS
+    assert "guard corruption (out-of-bounds write) at offset 100" in cann.report()
+
+
+def test_double_and_unknown_free_detected(cann, device):
+    pointer = cann.malloc(32)
+    assert cann.acl.aclrtFree(pointer) == ACL_SUCCESS
+    assert cann.acl.aclrtFree(pointer) == ACL_ERROR_RT_PARAM_INVALID
+    assert "double free" in cann.report()
+    host = ctypes.create_string_buffer(32)
+    assert cann.acl.aclrtFree(ctypes.addressof(host)) == ACL_ERROR_RT_PARAM_INVALID
+    assert "free of unknown pointer" in cann.report()
+
+
+def test_use_after_free_detected(cann, device):
+    pointer = cann.malloc(64)
+    assert cann.core.cann_double_check_device_range(pointer + 8, 8) == 1
+    assert cann.core.cann_double_check_device_range(pointer + 8, 64) == 0  # past the end
+    assert cann.acl.aclrtFree(pointer) == ACL_SUCCESS
+    assert cann.core.cann_double_check_device_range(pointer, 8) == 0
+    assert "use after free" in cann.report()
+    host = ctypes.create_string_buffer(8)
+    assert cann.acl.aclrtMemcpy(pointer, 8, host, 8, MEMCPY_HOST_TO_DEVICE) == \
+        ACL_ERROR_RT_PARAM_INVALID
+
+
+def test_malloc_failure_injection(cann, device, monkeypatch):
+    monkeypatch.setenv("CANN_DOUBLE_FAIL_MALLOC", "2")
+    first = cann.malloc(16)
+    pointer = ctypes.c_void_p()
+    assert cann.acl.aclrtMalloc(ctypes.byref(pointer), 16, 0) == ACL_ERROR_RT_MEMORY_ALLOCATION
+    assert "CANN_DOUBLE_FAIL_MALLOC" in cann.error()
+    third = cann.malloc(16)  # only the N-th fails
+    for allocation in (first, third):
+        cann.acl.aclrtFree(allocation)
+
+
+def test_tensor_validation_and_live_counts(cann, device):
+    baseline = cann.live_counts()
+    buffer = cann.malloc(4 * 6)
+    dims = (ctypes.c_int64 * 2)(2, 3)
+    strides = (ctypes.c_int64 * 2)(3, 1)
+    create = lambda data, storage=dims: cann.nn.aclCreateTensor(
+        dims, 2, ACL_FLOAT, strides, 0, ACL_FORMAT_ND, storage, 2, data)
+    tensor = create(buffer)
+    assert tensor
+    assert not create(buffer + 4)
+    assert "32-byte aligned" in cann.error()
+    assert not create(buffer, (ctypes.c_int64 * 2)(4, 3))
+    assert "past the end" in cann.error()
+    values = (ctypes.c_int64 * 3)(1, 2, 3)
+    array = cann.nn.aclCreateIntArray(values, 3)
+    assert cann.live_counts()[1:] == (baseline[1] + 1, baseline[2], baseline[3] + 1)
+    assert cann.nn.aclDestroyTensor(tensor) == 0
+    assert cann.nn.aclDestroyTensor(tensor) == ACLNN_ERR_PARAM_INVALID
+    assert "double destroy of aclTensor" in cann.report()
+    assert cann.nn.aclDestroyIntArray(array) == 0
+    assert cann.acl.aclrtFree(buffer) == ACL_SUCCESS
+    assert cann.live_counts() == baseline
+
+
+def test_executor_single_use_and_kernel_failure(cann, device):
+    stream = cann.stream()
+    executor = cann.core.cann_double_test_new_executor(b"aclnnTest", 0, 0)
+    assert cann.nn.aclSetAclOpExecutorRepeatable(executor) != 0
+    assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, executor, stream) == 0
+    assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, executor, stream) == \
+        ACLNN_ERR_PARAM_INVALID
+    assert "single-use" in cann.error()
+    failing = cann.core.cann_double_test_new_executor(b"aclnnTest", 0, 561000)
+    assert cann.core.cann_double_test_launch(b"aclnnTest", None, 0, failing, stream) == 0
+    assert cann.acl.aclrtSynchronizeStream(stream) == 561000
+    assert cann.error() == "test kernel failed"
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+    assert cann.live_counts()[2] == 0
+    cann.acl.aclrtDestroyStream(stream)
+
+
+def test_phase_failure_injection(cann, device, monkeypatch):
+    monkeypatch.setenv("CANN_DOUBLE_FAIL_PHASE", "aclnnA:561002,aclnnAGetWorkspaceSize:161002")
+    assert cann.core.cann_double_test_injected_status(b"aclnnA") == 561002
+    assert cann.core.cann_double_test_injected_status(b"aclnnAGetWorkspaceSize") == 161002
+    assert cann.core.cann_double_test_injected_status(b"aclnnB") == 0
+
+
+def _run_ranks(count, work):
+    """Runs work(rank) on `count` threads; returns their results by rank."""
+    results = [None] * count
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, work(r)))
+               for r in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    return results
+
+
+def _init_all(cann, count):
+    devices = (ctypes.c_int32 * count)(*range(count))
+    comms = (ctypes.c_void_p * count)()
+    assert cann.hccl.HcclCommInitAll(count, devices, comms) == 0
+    return list(comms)
+
+
+def test_comm_init_all_all_gather_v(cann, device):
+    comms = _init_all(cann, 4)
+    name = cann.comm_name(comms[0])
+    assert all(cann.comm_name(comm) == name for comm in comms)
+
+    def rank_work(rank):
+        cann.acl.aclrtSetDevice(rank)
+        first = cann.all_gather(name, rank, bytes([rank]) * (rank + 1))
+        stream = cann.stream()
+        barrier = cann.hccl.HcclBarrier(comms[rank], stream)
+        synced = cann.acl.aclrtSynchronizeStream(stream)
+        cann.acl.aclrtDestroyStream(stream)
+        return first, barrier, synced
+
+    expected = b"".join(bytes([rank]) * (rank + 1) for rank in range(4))
+    assert _run_ranks(4, rank_work) == [((0, expected), 0, 0)] * 4
+    for comm in comms:
+        assert cann.hccl.HcclCommDestroy(comm) == 0
+
+
+def test_stalled_rank_times_out_every_rank(cann, device, monkeypatch):
+    monkeypatch.setenv("CANN_DOUBLE_HCCL_TIMEOUT_MS", "300")
+    comms = _init_all(cann, 3)
+    name = cann.comm_name(comms[0])
+    monkeypatch.setenv("CANN_DOUBLE_STALL_RANK", "*:1")
+
+    def rank_work(rank):
+        cann.acl.aclrtSetDevice(rank)
+        start = time.monotonic()
+        result, _ = cann.all_gather(name, rank, b"x")
+        return result, time.monotonic() - start
+
+    results = _run_ranks(3, rank_work)
+    assert [result for result, _ in results] == [HCCL_E_TIMEOUT] * 3
+    assert all(elapsed < 2.0 for _, elapsed in results)
+    for comm in comms:
+        cann.hccl.HcclCommDestroy(comm)
+
+
+CHILD_RANK = textwrap.dedent("""
+    import ctypes, os, sys
+    sys.path.insert(0, {tests!r})
+    from test_cann_double import Cann
+    cann = Cann({folder!r})
+    cann.acl.aclrtSetDevice(1)
+    print("ready", flush=True)
+    info = bytes.fromhex(sys.stdin.readline())
+    comm = ctypes.c_void_p()
+    result = cann.hccl.HcclCommInitRootInfo(2, info, 1, ctypes.byref(comm))
+    if result:
+        print("init", result, flush=True)
+        sys.exit(0)
+    name = cann.comm_name(comm)
+    result, gathered = cann.all_gather(name, 1, b"child")
+    print(name.decode(), result, gathered.hex(), flush=True)
+    cann.hccl.HcclCommDestroy(comm)
+""")
+
+
+def _spawn_child(library_dir, root_info, env):
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_RANK.format(tests=str(HERE), folder=library_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+    assert child.stdout.readline() == "ready\n"  # so a short timeout covers only the rendezvous
+    child.stdin.write(root_info.hex() + "\n")
+    child.stdin.flush()
+    return child
+
+
+def _root_rank(cann, library_dir, child_env):
+    root_info = ctypes.create_string_buffer(4108)
+    assert cann.hccl.HcclGetRootInfo(root_info) == 0
+    child = _spawn_child(library_dir, root_info.raw, child_env)
+    comm = ctypes.c_void_p()
+    assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == 0
+    return child, comm.value
+
+
+def test_root_info_across_processes(cann, library_dir, device):
+    child, comm = _root_rank(cann, library_dir, {})
+    name = cann.comm_name(comm)
+    result, gathered = cann.all_gather(name, 0, b"root!")
+    out, _ = child.communicate(timeout=20)
+    assert (result, gathered) == (0, b"root!child")
+    assert out.split() == [name.decode(), "0", b"root!child".hex()]
+    rank = ctypes.c_uint32()
+    assert cann.hccl.HcclGetRankId(comm, ctypes.byref(rank)) == 0 and rank.value == 0
+    assert cann.hccl.HcclCommDestroy(comm) == 0
+
+
+def test_stalled_rank_across_processes(cann, library_dir, device, monkeypatch):
+    monkeypatch.setenv("CANN_DOUBLE_HCCL_TIMEOUT_MS", "300")
+    child, comm = _root_rank(cann, library_dir, {"CANN_DOUBLE_STALL_RANK": "*:1"})
+    start = time.monotonic()
+    result, _ = cann.all_gather(cann.comm_name(comm), 0, b"root!")
+    assert result == HCCL_E_TIMEOUT
+    assert time.monotonic() - start < 2.0
+    out, _ = child.communicate(timeout=20)
+    assert out.split()[1] == str(HCCL_E_TIMEOUT)
+    cann.hccl.HcclCommDestroy(comm)
+
+
+def test_missing_rank_times_out_init(cann, device, monkeypatch):
+    monkeypatch.setenv("CANN_DOUBLE_HCCL_TIMEOUT_MS", "200")
+    root_info = ctypes.create_string_buffer(4108)
+    assert cann.hccl.HcclGetRootInfo(root_info) == 0
+    comm = ctypes.c_void_p()
+    start = time.monotonic()
+    assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == \
+        HCCL_E_TIMEOUT
+    assert time.monotonic() - start < 2.0
+
+
+def test_everything_released(cann, device):
+    assert cann.live_counts() == (0, 0, 0, 0)
+    assert cann.report().startswith("violations: 0\n")
