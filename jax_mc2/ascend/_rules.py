@@ -74,3 +74,46 @@ def _mm_all_reduce(ctx, *operands, transpose_x2, has_bias, has_x3, axis_name, wo
 
 
 lowering.register("mc2_mm_all_reduce", "ascend", _mm_all_reduce, platforms=_PLATFORMS)
+
+
+# ----------------------------------------------------------------------------
+# matmul + all-reduce + add + RMSNorm: aclnnMatmulAllReduceAddRmsNorm, or the
+# in-place variant that writes y into residual (aliased onto y)
+
+
+def _mm_all_reduce_add_rms_norm(ctx, *operands, epsilon, transpose_x2, has_bias, inplace,
+                                axis_name, world_size, comm_turn):
+    del world_size
+    avals = ctx.avals_in
+    x1, x2, residual, gamma = 0, 1, 2, 3
+    bias = 4 if has_bias else None
+    slots = [
+        S.operand(x1, avals[x1]),
+        weight(x2, avals[x2], transpose_x2),
+        optional(bias, avals),
+        S.operand(residual, avals[residual]),
+        S.operand(gamma, avals[gamma]),
+        S.double(epsilon),
+        *comm_tail(comm_turn),
+    ]
+    y_aval, norm_aval = ctx.avals_out
+    if inplace:
+        slots += [S.result(1, norm_aval), S.readback(0, residual)]
+        function, op, aliases = (
+            "aclnnInplaceMatmulAllReduceAddRmsNorm",
+            "inplace_matmul_all_reduce_add_rms_norm",
+            {residual: 0},
+        )
+    else:
+        slots += [S.result(0, y_aval), S.result(1, norm_aval)]
+        function, op, aliases = (
+            "aclnnMatmulAllReduceAddRmsNorm",
+            "matmul_all_reduce_add_rms_norm",
+            None,
+        )
+    return emit(ctx, operands, op=op, function=function, slots=slots, axis_name=axis_name,
+                aliases=aliases)
+
+
+lowering.register("mc2_mm_all_reduce_add_rms_norm", "ascend", _mm_all_reduce_add_rms_norm,
+                  platforms=_PLATFORMS)
