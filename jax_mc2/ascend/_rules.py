@@ -6,6 +6,7 @@ way torch_npu does for the same arguments and describes its arguments."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from jax_mc2.ascend import _comms
 from jax_mc2.ascend import _spec as S
@@ -116,4 +117,71 @@ def _mm_all_reduce_add_rms_norm(ctx, *operands, epsilon, transpose_x2, has_bias,
 
 
 lowering.register("mc2_mm_all_reduce_add_rms_norm", "ascend", _mm_all_reduce_add_rms_norm,
+                  platforms=_PLATFORMS)
+
+
+# ----------------------------------------------------------------------------
+# int8 x int8: aclnnQuantMatmulAllReduce, V2 with a pertoken scale, V3 with
+# the low-bit communication scales (torch_npu's choice of version)
+
+
+def scale_tensor(index, aval):
+    """A dequant scale: uint32 (low, high) pairs [..., 2] travel as one
+    UINT64 tensor over the same bytes (little-endian words)."""
+    if np.dtype(aval.dtype) == np.dtype(np.uint32) and aval.ndim >= 1 and aval.shape[-1] == 2:
+        return S.Tensor("o", index, aval.shape[:-1], "uint64")
+    return S.operand(index, aval)
+
+
+def _quant_mm_all_reduce(ctx, *operands, op, transpose_x2, has_pertoken, has_bias, has_x3,
+                         has_comm_scales, axis_name, world_size, comm_turn):
+    del world_size
+    o = Operands(ctx)
+    x1 = o.tensor()
+    x2i = o.take()
+    x2 = weight(x2i, o.avals[x2i], transpose_x2)
+    si = o.take()
+    scale = scale_tensor(si, o.avals[si])
+    pertoken = o.tensor(has_pertoken)
+    bias = o.tensor(has_bias)
+    x3 = o.tensor(has_x3)
+    slots = [x1, x2, bias, x3, scale]
+    if has_comm_scales:
+        function = "aclnnQuantMatmulAllReduceV3"
+        slots += [pertoken, o.tensor(), o.tensor()]
+    elif has_pertoken:
+        function = "aclnnQuantMatmulAllReduceV2"
+        slots += [pertoken]
+    else:
+        function = "aclnnQuantMatmulAllReduce"
+    slots += comm_tail(comm_turn) + [S.result(0, ctx.avals_out[0])]
+    return emit(ctx, operands, op=op, function=function, slots=slots, axis_name=axis_name)
+
+
+lowering.register("mc2_quant_mm_all_reduce", "ascend", _quant_mm_all_reduce,
+                  platforms=_PLATFORMS)
+
+
+# ----------------------------------------------------------------------------
+# weight-only quantization: aclnnWeightQuantMatmulAllReduce
+
+
+def _weight_quant_mm_all_reduce(ctx, *operands, transpose_x2, has_offset, has_bias, has_x3,
+                                group_size, axis_name, world_size, comm_turn):
+    del world_size
+    o = Operands(ctx)
+    x1 = o.tensor()
+    x2i = o.take()
+    x2 = weight(x2i, o.avals[x2i], transpose_x2)
+    scale = o.tensor()
+    offset = o.tensor(has_offset)
+    bias = o.tensor(has_bias)
+    x3 = o.tensor(has_x3)
+    slots = [x1, x2, bias, scale, offset, x3, *comm_tail(comm_turn), S.integer(group_size),
+             S.result(0, ctx.avals_out[0])]
+    return emit(ctx, operands, op="mm_all_reduce_base",
+                function="aclnnWeightQuantMatmulAllReduce", slots=slots, axis_name=axis_name)
+
+
+lowering.register("mc2_weight_quant_mm_all_reduce", "ascend", _weight_quant_mm_all_reduce,
                   platforms=_PLATFORMS)
