@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -147,6 +148,7 @@ void ReleaseAll(const Cann &c, Pool &pool, Held &held, bool stream_clean) {
 struct CommEntry {
   HcclComm comm = nullptr;
   std::string name;
+  int rank = 0;
 };
 std::mutex g_comm_mu;
 std::map<std::pair<std::string, int>, CommEntry> g_comms;
@@ -176,6 +178,8 @@ struct Slot {
 struct Spec {
   std::vector<Slot> slots;
   std::vector<std::pair<int, int>> readback;  // (result, operand) aliases
+  std::vector<std::pair<int, int64_t>> partial;  // (result, bytes the kernel writes)
+  bool uses_group = false;
 };
 
 std::vector<int64_t> Ints(const std::string &s) {
@@ -204,7 +208,9 @@ std::vector<std::string> Split(const std::string &s, char sep) {
 
 // Grammar: slots separated by ';'. t<o|r><index>/<dtype>/<format>/<offset>/<dims>/<strides>/<storage>
 // (csv lists), n, s<text>, g, i<int>, d<double>, b<0|1>, a<csv>, and x<result>=<operand>
-// (not an argument: result read back from the operand's device buffer).
+// (not an argument: result read back from the operand's device buffer), c<result>=<bytes>
+// (not an argument: the kernel writes the result's first bytes; the rest is zero).
+// The attribute may hold one spec per communicator rank, separated by '\n'.
 bool ParseSpec(const std::string &text, Spec *spec, std::string *err) {
   try {
     for (const std::string &item : Split(text, ';')) {
@@ -232,8 +238,15 @@ bool ParseSpec(const std::string &text, Spec *spec, std::string *err) {
           spec->readback.emplace_back(std::stoi(f.at(0)), std::stoi(f.at(1)));
           continue;
         }
-        case 'n':
+        case 'c': {
+          auto f = Split(body, '=');
+          spec->partial.emplace_back(std::stoi(f.at(0)), std::stoll(f.at(1)));
+          continue;
+        }
         case 'g':
+          spec->uses_group = true;
+          break;
+        case 'n':
           break;
         case 's':
           s.text = body;
@@ -260,16 +273,20 @@ bool ParseSpec(const std::string &text, Spec *spec, std::string *err) {
   return true;
 }
 
-const Spec *CachedSpec(std::string_view text, std::string *err) {
+// The parsed specs of an attribute (one per rank, or one for all).
+const std::vector<Spec> *CachedSpecs(std::string_view text, std::string *err) {
   static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<Spec>> cache;
+  static std::unordered_map<std::string, std::unique_ptr<std::vector<Spec>>> cache;
   std::lock_guard<std::mutex> lock(mu);
   std::string key(text);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second.get();
-  auto spec = std::make_unique<Spec>();
-  if (!ParseSpec(key, spec.get(), err)) return nullptr;
-  return cache.emplace(key, std::move(spec)).first->second.get();
+  auto specs = std::make_unique<std::vector<Spec>>();
+  for (const std::string &one : Split(key, '\n')) {
+    specs->emplace_back();
+    if (!ParseSpec(one, &specs->back(), err)) return nullptr;
+  }
+  return cache.emplace(key, std::move(specs)).first->second.get();
 }
 
 // ---------------------------------------------------------------- typed calls
@@ -469,7 +486,7 @@ Status CommInitAll(const std::string &key, const std::vector<int> &ordinals) {
     char name[kCommNameMaxLength + 1] = {0};
     r = c->HcclGetCommName(comms[i], name);
     if (r != 0) return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
-    g_comms[{key, ordinals[i]}] = CommEntry{comms[i], name};
+    g_comms[{key, ordinals[i]}] = CommEntry{comms[i], name, static_cast<int>(i)};
   }
   return Status::Ok();
 }
@@ -517,7 +534,7 @@ Status CommInitRootInfo(const std::string &key, int nranks, const std::string &r
           char name[kCommNameMaxLength + 1] = {0};
           r = c->HcclGetCommName(comm, name);
           if (r != 0) s = Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
-          entries[i] = CommEntry{comm, name};
+          entries[i] = CommEntry{comm, name, rank};
         }
       }
       results[i] = s;
@@ -542,6 +559,22 @@ std::string CommName(const std::string &key, int ordinal) {
   auto it = g_comms.find({key, ordinal});
   return it == g_comms.end() ? std::string() : it->second.name;
 }
+
+namespace {
+// The communicator name and rank of `ordinal` among the '|'-separated keys.
+bool FindComm(std::string_view keys, int ordinal, std::string *name, int *rank) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (const std::string &key : Split(std::string(keys), '|')) {
+    auto it = g_comms.find({key, ordinal});
+    if (it != g_comms.end()) {
+      *name = it->second.name;
+      *rank = it->second.rank;
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace
 
 void Shutdown() {
   std::string why;
@@ -593,8 +626,8 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   const Cann *c = LoadCann(&why);
   if (c == nullptr) return error(why);
   std::string err;
-  const Spec *spec = CachedSpec(spec_text, &err);
-  if (spec == nullptr) return error(function + ": " + err);
+  const std::vector<Spec> *specs = CachedSpecs(spec_text, &err);
+  if (specs == nullptr) return error(function + ": " + err);
   auto caller_it = Callers().find(function);
   if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
   void *phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
@@ -609,21 +642,17 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   if (!(s = Enter(*c, d)).ok) return error(s.message);
   aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
 
+  // The lowering passes every replica group's key, '|'-separated; the
+  // device's own communicator gives the group name and this rank's spec.
   std::string group_name;
-  for (const Slot &sl : spec->slots) {
-    if (sl.kind == 'g') {
-      // The lowering passes every replica group's key, '|'-separated.
-      for (const std::string &key : Split(std::string(group_key), '|')) {
-        group_name = CommName(key, ordinal);
-        if (!group_name.empty()) break;
-      }
-      if (group_name.empty())
-        return error("no HCCL communicator for replica group " + std::string(group_key) +
-                     " on JAX device " + std::to_string(ordinal) +
-                     " (communicators are created when the call is lowered)");
-      break;
-    }
-  }
+  int rank = 0;
+  if (!FindComm(group_key, ordinal, &group_name, &rank) && (*specs)[0].uses_group)
+    return error("no HCCL communicator for replica group " + std::string(group_key) +
+                 " on JAX device " + std::to_string(ordinal) +
+                 " (communicators are created when the call is lowered)");
+  if (specs->size() > 1 && static_cast<size_t>(rank) >= specs->size())
+    return error(function + ": no argument spec for rank " + std::to_string(rank));
+  const Spec *spec = &(*specs)[specs->size() > 1 ? rank : 0];
 
   // Device memory for the operands and results (host bridge), copied in.
   Held held;
@@ -740,13 +769,21 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   const int64_t t4 = NowNs();
   if (io.host) {
     std::vector<int> from(io.results.size(), -1);
+    std::vector<size_t> count(io.results.size());
+    for (size_t i = 0; i < io.results.size(); ++i) count[i] = io.results[i].bytes;
     for (auto [r, o] : spec->readback)
       if (r >= 0 && static_cast<size_t>(r) < from.size()) from[r] = o;
+    for (auto [r, b] : spec->partial) {
+      if (r < 0 || static_cast<size_t>(r) >= count.size()) continue;
+      count[r] = std::min(count[r], static_cast<size_t>(b));
+      std::memset(static_cast<char *>(io.results[r].data) + count[r], 0,
+                  io.results[r].bytes - count[r]);
+    }
     for (size_t i = 0; i < io.results.size(); ++i) {
-      if (io.results[i].bytes == 0) continue;
+      if (count[i] == 0) continue;
       void *src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
       aclError rc = c->aclrtMemcpyAsync(io.results[i].data, io.results[i].bytes, src,
-                                        io.results[i].bytes, kMemcpyDeviceToHost, stream);
+                                        count[i], kMemcpyDeviceToHost, stream);
       if (rc != kAclSuccess)
         return finish(error(function + ": " + Fail(*c, "aclrtMemcpyAsync (device to host)", rc).message), false);
     }

@@ -12,6 +12,7 @@ def _cann_double() -> None:
     backend at it, before jax_mc2 is imported. A failed build fails the
     session: the ascend tests must never be skipped silently."""
     os.environ.setdefault("CANN_DOUBLE_HCCL_TIMEOUT_MS", "5000")
+    os.environ.setdefault("JAX_MC2_ASCEND_TIMEOUT_MS", "20000")
     if os.environ.get("JAX_MC2_CANN_LIBRARY_PATH"):
         return
     here = os.path.dirname(os.path.abspath(__file__))

@@ -185,3 +185,96 @@ def _weight_quant_mm_all_reduce(ctx, *operands, transpose_x2, has_offset, has_bi
 
 lowering.register("mc2_weight_quant_mm_all_reduce", "ascend", _weight_quant_mm_all_reduce,
                   platforms=_PLATFORMS)
+
+
+# ----------------------------------------------------------------------------
+# AlltoAllv + grouped matmul (dispatch) and grouped matmul + AlltoAllv
+# (combine). CANN takes host count arrays, so only static counts lower; each
+# rank gets its own argument spec (its counts, and views of the first
+# sum(sendCounts) input rows / sum(recvCounts) output rows; the padding rows
+# of the output are zero).
+
+
+def _recv_table(table, world, experts):
+    t = np.asarray(table).reshape(world, world, experts)
+    return t.transpose(1, 0, 2).reshape(world, world * experts)
+
+
+def _rows_view(src, index, aval, rows):
+    """The first ``rows`` rows of a 2-D buffer."""
+    return S.Tensor(src, index, (rows, aval.shape[1]), aval.dtype, storage=aval.shape)
+
+
+def _alltoallv_gmm(dispatch: bool):
+    op = "alltoallv_grouped_matmul" if dispatch else "grouped_matmul_alltoallv"
+    function = "aclnnAlltoAllvGroupedMatMul" if dispatch else "aclnnGroupedMatMulAlltoAllv"
+
+    def rule(ctx, *operands, send_table, experts, peer_capacity, out_rows, trans_weight,
+             trans_mm_weight, has_weight, has_mm, permute_out, axis_name, world_size):
+        del peer_capacity, out_rows
+        if send_table is None:
+            raise NotImplementedError(
+                f"{op}: implementation='ascend' needs static send_counts (NumPy/Python "
+                f"integers): {function} takes host count arrays (aclIntArray), not device "
+                "tensors; use implementation='ffi' or 'xla' for traced counts"
+            )
+        if not has_weight:
+            raise NotImplementedError(
+                f"{op}: implementation='ascend' has no data-movement-only lowering (the "
+                "transpose used by reverse-mode differentiation of this operator)"
+            )
+        avals, outs = ctx.avals_in, ctx.avals_out
+        x, w = 0, 1
+        mm_x, mm_w = (2, 3) if has_mm else (None, None)
+        table = np.asarray(send_table, np.int64)
+        recv = _recv_table(table, world_size, experts)
+        empty = [r for r in range(world_size) if table[r].sum() == 0]
+        if empty:
+            raise NotImplementedError(
+                f"{op}: implementation='ascend': {function} needs every rank to send at least "
+                f"one row (sum(send_counts) in (0, 52428800)); rank {empty[0]} sends none"
+            )
+        specs = []
+        for r in range(world_size):
+            sent, received = int(table[r].sum()), int(recv[r].sum())
+            slots = [
+                _rows_view("o", x, avals[x], sent),
+                S.operand(w, avals[w]),
+                S.NULL,
+                S.NULL,
+                optional(mm_x, avals),
+                optional(mm_w, avals),
+                S.GROUP,
+                S.integer(world_size),
+                S.int_array(table[r]),
+                S.int_array(recv[r]),
+                S.boolean(trans_weight),
+                S.boolean(trans_mm_weight),
+            ]
+            if dispatch:
+                slots.append(S.boolean(permute_out))
+            slots.append(_rows_view("r", 0, outs[0], received))
+            row_bytes = outs[0].shape[1] * np.dtype(outs[0].dtype).itemsize
+            partial = [f"c0={received * row_bytes}"]
+            slots.append(S.result(1, outs[1]) if has_mm else S.NULL)
+            if dispatch:
+                if permute_out:
+                    p = len(outs) - 1
+                    slots.append(_rows_view("r", p, outs[p], received))
+                    pbytes = outs[p].shape[1] * np.dtype(outs[p].dtype).itemsize
+                    partial.append(f"c{p}={received * pbytes}")
+                else:
+                    slots.append(S.NULL)
+            specs.append(S.encode(slots + partial))
+        group = _comms.for_lowering(ctx, tuple(axis_name or ()))
+        lower = jax.ffi.ffi_lowering(HOST_BRIDGE)
+        return lower(ctx, *operands, op=op, function=function, spec="\n".join(specs),
+                     group=group)
+
+    return rule
+
+
+lowering.register("mc2_alltoallv_grouped_matmul", "ascend", _alltoallv_gmm(True),
+                  platforms=_PLATFORMS)
+lowering.register("mc2_grouped_matmul_alltoallv", "ascend", _alltoallv_gmm(False),
+                  platforms=_PLATFORMS)
