@@ -22,11 +22,13 @@ def _is_f32(value) -> bool:
         return False
 
 
-def _keep(value, drop=()) -> bool:
+def _keep(value, drop=(), keep_f32=False) -> bool:
     if isinstance(value, str) and value in drop:
         return False
     if isinstance(value, (tuple, list)) and any(isinstance(v, str) and v in drop for v in value):
         return False
+    if keep_f32:
+        return True
     values = value.values if hasattr(value, "values") and hasattr(value, "marks") else value
     if isinstance(values, (tuple, list)):
         return not any(_is_f32(v) for v in values if not isinstance(v, (int, float, str)))
@@ -35,7 +37,7 @@ def _keep(value, drop=()) -> bool:
     return not _is_f32(values)
 
 
-def for_ascend(test, drop=()):
+def for_ascend(test, drop=(), keep_f32=False):
     """``drop``: parameter values (strings) whose cases CANN does not take."""
     marks = []
     for m in getattr(test, "pytestmark", []):
@@ -44,13 +46,13 @@ def for_ascend(test, drop=()):
             names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
             if "impl" in names:
                 continue
-            values = [v for v in m.args[1] if _keep(v, drop)]
+            values = [v for v in m.args[1] if _keep(v, drop, keep_f32)]
             ids = m.kwargs.get("ids")
             kwargs = {k: v for k, v in m.kwargs.items() if k != "ids"}
             if callable(ids) or ids is None:
                 marks.append(pytest.mark.parametrize(m.args[0], values, ids=ids, **kwargs))
             else:
-                kept = [i for v, i in zip(m.args[1], ids) if _keep(v, drop)]
+                kept = [i for v, i in zip(m.args[1], ids) if _keep(v, drop, keep_f32)]
                 marks.append(pytest.mark.parametrize(m.args[0], values, ids=kept, **kwargs))
         else:
             marks.append(m)

@@ -278,3 +278,45 @@ lowering.register("mc2_alltoallv_grouped_matmul", "ascend", _alltoallv_gmm(True)
                   platforms=_PLATFORMS)
 lowering.register("mc2_grouped_matmul_alltoallv", "ascend", _alltoallv_gmm(False),
                   platforms=_PLATFORMS)
+
+
+# ----------------------------------------------------------------------------
+# V4 low-precision rows (fp8 / hifloat8 / MX / perblock):
+# aclnnQuantMatmulAllReduceV4 (torch_npu's choice for fp8/hif8/fp4 x1)
+
+
+def _lowp_quant_mm_all_reduce(ctx, *operands, hif8, transpose_x2, out_dtype, group_size,
+                              comm_quant_mode, has_x1_scale, has_bias, has_x3, axis_name,
+                              world_size, comm_turn):
+    del world_size, out_dtype
+    op = "quant_matmul_all_reduce_v4"
+    avals = ctx.avals_in
+    if np.dtype(avals[0].dtype).name == "float4_e2m1fn":
+        raise NotImplementedError(
+            f"{op}: implementation='ascend' does not take float4_e2m1fn yet: CANN packs two "
+            "fp4 values per byte, JAX holds one per byte"
+        )
+    o = Operands(ctx)
+    code = {"dtype_code": S._codes.ACL_DTYPE["hifloat8"]} if hif8 else {}
+    x1i = o.take()
+    x1 = S.operand(x1i, avals[x1i], **code)
+    x2i = o.take()
+    if transpose_x2:
+        n, k = avals[x2i].shape
+        x2 = S.Tensor("o", x2i, (k, n), avals[x2i].dtype, strides=(1, k), storage=(n * k,),
+                      **code)
+    else:
+        x2 = S.operand(x2i, avals[x2i], **code)
+    si = o.take()
+    x2_scale = scale_tensor(si, avals[si])
+    x1_scale = o.tensor(has_x1_scale)
+    bias = o.tensor(has_bias)
+    x3 = o.tensor(has_x3)
+    slots = [x1, x2, bias, x3, x1_scale, x2_scale, S.NULL, S.NULL, *comm_tail(comm_turn),
+             S.integer(group_size), S.integer(comm_quant_mode), S.result(0, ctx.avals_out[0])]
+    return emit(ctx, operands, op=op, function="aclnnQuantMatmulAllReduceV4", slots=slots,
+                axis_name=axis_name)
+
+
+lowering.register("mc2_lowp_quant_mm_all_reduce", "ascend", _lowp_quant_mm_all_reduce,
+                  platforms=_PLATFORMS)
