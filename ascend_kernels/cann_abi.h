@@ -71,6 +71,7 @@ using aclCreateTensor_t = aclTensor *(*)(const int64_t *, uint64_t, int, const i
 using aclDestroyTensor_t = aclnnStatus (*)(const aclTensor *);
 using aclCreateIntArray_t = aclIntArray *(*)(const int64_t *, uint64_t);
 using aclDestroyIntArray_t = aclnnStatus (*)(const aclIntArray *);
+using aclDestroyAclOpExecutor_t = aclnnStatus (*)(aclOpExecutor *);
 
 // HCCL (libhccl.so).
 using HcclGetRootInfo_t = HcclResult (*)(void *root_info);

@@ -38,6 +38,7 @@ std::mutex g_bind_mu;
 std::vector<int> g_npus;
 
 thread_local Timings t_timings;
+std::atomic<int64_t> g_launches{0};
 
 // ---------------------------------------------------------------- devices
 
@@ -57,6 +58,7 @@ struct DeviceState {
   aclrtStream stream = nullptr;
   std::mutex mu;  // one call at a time on this device's stream
   Pool pool;
+  bool dirty = false;  // a failed call may have left work on the stream
 };
 
 std::mutex g_dev_mu;
@@ -118,13 +120,12 @@ void *Acquire(const Cann &c, Pool &pool, size_t bytes, aclError *rc) {
   }
   void *p = nullptr;
   *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
-  if (*rc != kAclSuccess) {  // give the cached blocks back and retry once
+  if (*rc != kAclSuccess && !pool.free_blocks.empty()) {  // give the cache back, retry once
     for (auto &[sz, blk] : pool.free_blocks) c.aclrtFree(blk);
     pool.free_blocks.clear();
     *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
-    if (*rc != kAclSuccess) return nullptr;
   }
-  return p;
+  return *rc == kAclSuccess ? p : nullptr;
 }
 
 struct Held {  // blocks one call holds, with their pool sizes
@@ -152,6 +153,25 @@ struct CommEntry {
 };
 std::mutex g_comm_mu;
 std::map<std::pair<std::string, int>, CommEntry> g_comms;
+
+// What a communicator group was made from, kept across Shutdown so that a
+// compiled call finds (or re-creates) its communicators: a group whose
+// collective failed is marked broken and re-created by the next call that
+// needs it (HcclCommInitAll groups; the ranks live in this process).
+//
+// Ranks run the same sequence of calls on a group, so each device counts its
+// calls per group: a failure in call n marks the group broken at n, and the
+// first rank to start a later call re-creates it (never a rank still in call
+// n, whose peers may be using the communicators).
+struct GroupDef {
+  std::vector<int> ordinals;
+  bool init_all = false;
+  int64_t broken_at = -1;     // the call whose collective failed, -1 if none
+  int64_t recreated_at = 0;   // the call that created the current communicators
+  std::map<int, int64_t> calls;  // calls per device ordinal
+  std::mutex mu;
+};
+std::map<std::string, std::shared_ptr<GroupDef>> g_groups;  // guarded by g_comm_mu
 
 std::string HcclErr(const Cann &c, HcclResult r) {
   const char *s = c.HcclGetErrorString ? c.HcclGetErrorString(r) : nullptr;
@@ -433,6 +453,7 @@ int NpuOf(int ordinal) {
 }
 
 Timings LastTimings() { return t_timings; }
+int64_t LaunchCount() { return g_launches.load(); }
 
 std::string SocName(Status *status) {
   std::string why;
@@ -464,10 +485,46 @@ int DeviceCount(Status *status) {
 
 // ---------------------------------------------------------------- communicators
 
+Status CommInitAllLocked(const Cann *c, const std::string &key, const std::vector<int> &ordinals);
+
 Status CommInitAll(const std::string &key, const std::vector<int> &ordinals) {
   std::string why;
   const Cann *c = LoadCann(&why);
   if (c == nullptr) return Status::Error(why);
+  std::shared_ptr<GroupDef> def;
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    auto &slot = g_groups[key];
+    if (!slot) slot = std::make_shared<GroupDef>();
+    slot->ordinals = ordinals;
+    slot->init_all = true;
+    def = slot;
+  }
+  std::lock_guard<std::mutex> lock(def->mu);
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    bool all = true;
+    for (int o : ordinals) all = all && g_comms.count({key, o}) != 0;
+    if (all && def->broken_at < 0) return Status::Ok();  // already there
+    for (int o : ordinals) {
+      auto it = g_comms.find({key, o});
+      if (it != g_comms.end()) {
+        c->HcclCommDestroy(it->second.comm);
+        g_comms.erase(it);
+      }
+    }
+  }
+  Status s = CommInitAllLocked(c, key, ordinals);
+  if (s.ok) {
+    def->broken_at = -1;
+    int64_t latest = 0;
+    for (auto &[o, n] : def->calls) latest = std::max(latest, n);
+    def->recreated_at = latest;
+  }
+  return s;
+}
+
+Status CommInitAllLocked(const Cann *c, const std::string &key, const std::vector<int> &ordinals) {
   if (c->HcclCommInitAll == nullptr)
     return Status::Error("CANN symbol HcclCommInitAll not found in libhccl.so");
   std::vector<int32_t> npus;
@@ -546,6 +603,10 @@ Status CommInitRootInfo(const std::string &key, int nranks, const std::string &r
   std::lock_guard<std::mutex> lock(g_comm_mu);
   for (size_t i = 0; i < rank_ordinals.size(); ++i)
     g_comms[{key, rank_ordinals[i].second}] = entries[i];
+  auto &slot = g_groups[key];
+  if (!slot) slot = std::make_shared<GroupDef>();
+  slot->init_all = false;
+  for (auto [r, o] : rank_ordinals) slot->ordinals.push_back(o);
   return Status::Ok();
 }
 
@@ -561,6 +622,73 @@ std::string CommName(const std::string &key, int ordinal) {
 }
 
 namespace {
+
+// The group (key, definition) of `ordinal` among the '|'-separated keys.
+std::pair<std::string, std::shared_ptr<GroupDef>> GroupOf(std::string_view keys, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (const std::string &key : Split(std::string(keys), '|')) {
+    auto it = g_groups.find(key);
+    if (it == g_groups.end()) continue;
+    for (int o : it->second->ordinals)
+      if (o == ordinal) return {key, it->second};
+  }
+  return {"", nullptr};
+}
+
+void MarkBroken(std::string_view keys, int ordinal, int64_t call) {
+  auto [key, def] = GroupOf(keys, ordinal);
+  if (def) {
+    std::lock_guard<std::mutex> lock(def->mu);
+    if (call >= def->recreated_at) def->broken_at = std::max(def->broken_at, call);
+  }
+}
+
+// Counts this device's call on its group and makes sure its communicator
+// exists and is not broken: re-creates the whole group (HcclCommInitAll)
+// once, whichever of its ranks comes first to a call after the failure.
+Status EnsureComm(const Cann &c, std::string_view keys, int ordinal, int64_t *call) {
+  auto [key, def] = GroupOf(keys, ordinal);
+  *call = 0;
+  if (!def) return Status::Ok();  // reported by the lookup
+  std::lock_guard<std::mutex> lock(def->mu);
+  *call = ++def->calls[ordinal];
+  const bool present = HasComm(key, ordinal);
+  if (present && (def->broken_at < 0 || *call <= def->broken_at)) return Status::Ok();
+  if (def->init_all) {
+    // Let kernels still queued from the failed call finish (or fail) on the
+    // old communicators first; their status belongs to that call.
+    for (int o : def->ordinals) {
+      DeviceState *od = nullptr;
+      {
+        std::lock_guard<std::mutex> dl(g_dev_mu);
+        auto it = g_devices.find(o);
+        if (it != g_devices.end()) od = it->second.get();
+      }
+      if (od != nullptr && Enter(c, od).ok)
+        c.aclrtSynchronizeStreamWithTimeout(od->stream, TimeoutMs());
+    }
+  }
+  if (!def->init_all)
+    return Status::Error("the HCCL communicator of replica group " + key +
+                         (present ? " failed in an earlier call" : " was destroyed") +
+                         " and spans several processes: restart the processes");
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    for (int o : def->ordinals) {
+      auto it = g_comms.find({key, o});
+      if (it != g_comms.end()) {
+        c.HcclCommDestroy(it->second.comm);
+        g_comms.erase(it);
+      }
+    }
+  }
+  Status s = CommInitAllLocked(&c, key, def->ordinals);
+  if (!s.ok) return s;
+  def->broken_at = -1;
+  def->recreated_at = *call;
+  return Status::Ok();
+}
+
 // The communicator name and rank of `ordinal` among the '|'-separated keys.
 bool FindComm(std::string_view keys, int ordinal, std::string *name, int *rank) {
   std::lock_guard<std::mutex> lock(g_comm_mu);
@@ -619,6 +747,7 @@ void Shutdown() {
 Status Launch(int ordinal, std::string_view op_view, std::string_view function_view,
               std::string_view spec_text, std::string_view group_key, const CallIo &io) {
   const int64_t t0 = NowNs();
+  g_launches.fetch_add(1);
   Timings tm;
   const std::string op(op_view), function(function_view);
   auto error = [&](const std::string &m) { return Status::Error(op + ": " + m); };
@@ -644,6 +773,22 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
 
   // The lowering passes every replica group's key, '|'-separated; the
   // device's own communicator gives the group name and this rank's spec.
+  if (d->dirty && io.host) {
+    // A failed call may have left work on the stream: wait for it, and
+    // drop its status (it belongs to that call, already reported).
+    const aclError rc = c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+    if (rc == kAclStreamSyncTimeout)
+      return error(function + ": the stream of JAX device " + std::to_string(ordinal) +
+                   " is still busy with an earlier failed call (status " + std::to_string(rc) +
+                   ")");
+    d->dirty = false;
+    Held none;
+    ReleaseAll(*c, d->pool, none, true);
+  }
+  int64_t call = 0;
+  if (!(s = EnsureComm(*c, group_key, ordinal, &call)).ok)
+    return error(function + ": " + s.message);
+  if (!(s = Enter(*c, d)).ok) return error(s.message);  // a re-created group may move the thread
   std::string group_name;
   int rank = 0;
   if (!FindComm(group_key, ordinal, &group_name, &rank) && (*specs)[0].uses_group)
@@ -659,6 +804,7 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   std::vector<void *> dev_in(io.operands.size(), nullptr), dev_out(io.results.size(), nullptr);
   auto finish = [&](Status st, bool clean) {
     ReleaseAll(*c, d->pool, held, clean);
+    if (!clean) d->dirty = true;
     return st;
   };
   if (io.host) {
@@ -755,11 +901,17 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   if (ws_size > 0) {
     aclError rc;
     ws = Acquire(*c, d->pool, ws_size, &rc);
+    if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
     if (ws == nullptr)
       return finish(error(function + ": aclrtMalloc of the " + std::to_string(ws_size) + "-byte workspace failed with status " + std::to_string(rc) + ": " + RecentErr(*c)), false);
     held.blocks.emplace_back(RoundUp(ws_size), ws);
   }
   st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
+  if (st != 0) {
+    // Not enqueued: the executor is still ours to destroy.
+    if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
+    MarkBroken(group_key, ordinal, call);
+  }
   if (st != 0)
     return finish(error(function + " failed with status " + std::to_string(st) + ": " +
                         RecentErr(*c)), false);
@@ -789,6 +941,7 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     }
     aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
     if (rc != kAclSuccess) {
+      MarkBroken(group_key, ordinal, call);
       std::string what = rc == kAclStreamSyncTimeout
                              ? " did not finish within " + std::to_string(TimeoutMs()) +
                                    " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
@@ -800,16 +953,16 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   tm.sync = NowNs() - t4;
   tm.total = NowNs() - t0;
   t_timings = tm;
-  // Device mode: buffers belong to XLA; the pooled workspace stays held
-  // until... the host bridge is the only mode exercised so far, so device
-  // mode synchronizes too before reusing the workspace.
+  // Device mode: the buffers are XLA's; the pooled workspace may be reused
+  // only once the stream has passed the kernel, so this first version of
+  // the seam synchronizes too (an event-ordered pool would not).
   if (!io.host) {
     aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
     if (rc != kAclSuccess)
       return finish(error(function + " failed on the stream: status " + std::to_string(rc) +
                           ": " + RecentErr(*c)), false);
   }
-  return finish(Status::Ok(), false);
+  return finish(Status::Ok(), true);
 }
 
 }  // namespace jax_mc2::ascend

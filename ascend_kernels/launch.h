@@ -57,6 +57,8 @@ struct Timings {
   int64_t copy_in = 0, prepare = 0, phase1 = 0, phase2 = 0, sync = 0, total = 0;
 };
 Timings LastTimings();
+// How many operator calls the launch core has started (all devices).
+int64_t LaunchCount();
 
 // `spec` describes the aclnn function's arguments (see the Python side,
 // jax_mc2/ascend/_spec.py, for the grammar); `group_key` names the

@@ -163,6 +163,7 @@ Cann *DoLoad(std::string *why) {
   OPT(hccl, HcclCommInitAll)
   OPT(hccl, HcclSetConfig)
   OPT(hccl, HcclGetErrorString)
+  OPT(nnop, aclDestroyAclOpExecutor)
 #undef REQ
 #undef OPT
   if (!ok) return nullptr;

@@ -39,6 +39,7 @@ struct Cann {
   CANN_FN(HcclCommInitAll)
   CANN_FN(HcclSetConfig)
   CANN_FN(HcclGetErrorString)
+  CANN_FN(aclDestroyAclOpExecutor)
 #undef CANN_FN
   // The operator libraries, searched in order for aclnn functions.
   std::vector<void *> op_libs;

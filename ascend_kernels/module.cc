@@ -112,6 +112,7 @@ NB_MODULE(_mc2_ascend, m) {
     nb::gil_scoped_release release;
     Shutdown();
   });
+  m.def("launch_count", &LaunchCount);
   m.def("last_timings", []() {
     Timings t = LastTimings();
     nb::dict d;
