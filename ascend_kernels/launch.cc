@@ -35,7 +35,7 @@ std::atomic<int32_t> g_timeout_ms{[] {
 }()};
 std::atomic<bool> g_deterministic{false};
 std::mutex g_bind_mu;
-std::vector<int> g_npus;
+std::map<int, int> g_npus;  // JAX device ordinal -> NPU
 
 thread_local Timings t_timings;
 std::atomic<int64_t> g_launches{0};
@@ -441,15 +441,16 @@ void SetTimeoutMs(int32_t ms) { g_timeout_ms.store(ms); }
 int32_t TimeoutMs() { return g_timeout_ms.load(); }
 void SetDeterministic(bool on) { g_deterministic.store(on); }
 
-void BindDevices(const std::vector<int> &npus) {
+void BindDevices(const std::vector<std::pair<int, int>> &ordinal_npu) {
   std::lock_guard<std::mutex> lock(g_bind_mu);
-  g_npus = npus;
+  g_npus.clear();
+  for (auto [o, n] : ordinal_npu) g_npus[o] = n;
 }
 
 int NpuOf(int ordinal) {
   std::lock_guard<std::mutex> lock(g_bind_mu);
-  if (ordinal >= 0 && static_cast<size_t>(ordinal) < g_npus.size()) return g_npus[ordinal];
-  return ordinal;
+  auto it = g_npus.find(ordinal);
+  return it == g_npus.end() ? ordinal : it->second;
 }
 
 Timings LastTimings() { return t_timings; }

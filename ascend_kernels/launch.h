@@ -23,8 +23,8 @@ struct Status {
 void SetTimeoutMs(int32_t ms);  // aclrtSynchronizeStreamWithTimeout; -1 waits forever
 int32_t TimeoutMs();
 void SetDeterministic(bool on);  // ACL_OPT_DETERMINISTIC + HCCL_DETERMINISTIC
-// JAX device ordinal i -> NPU npus[i]; empty: identity.
-void BindDevices(const std::vector<int> &npus);
+// (JAX device ordinal, NPU) pairs; an ordinal not bound uses NPU = ordinal.
+void BindDevices(const std::vector<std::pair<int, int>> &ordinal_npu);
 int NpuOf(int ordinal);
 
 // ---- HCCL communicator registry, keyed by (group key, JAX device ordinal)

@@ -79,9 +79,24 @@ def _check(op: str) -> None:
 
 
 def bind_devices(npus) -> None:
-    """Binds JAX CPU device ordinal i to NPU ``npus[i]`` (default: NPU i).
+    """Binds this process's i-th JAX CPU device (``jax.local_devices()[i]``)
+    to NPU ``npus[i]`` (default: NPU i; env ``JAX_MC2_ASCEND_DEVICES="0,1,..."``).
     Call before the first ascend operator runs."""
-    _mc2_ascend.bind_devices([int(n) for n in npus])
+    from jax_mc2.ascend._comms import _ordinal
+
+    global _BOUND
+    local = jax.local_devices(backend="cpu")
+    npus = [int(n) for n in npus]
+    if len(npus) < len(local):
+        raise ValueError(
+            f"bind_devices: {len(local)} local JAX CPU devices need {len(local)} NPU ids, got "
+            f"{npus}"
+        )
+    _mc2_ascend.bind_devices([(_ordinal(d), n) for d, n in zip(local, npus)])
+    _BOUND = True
+
+
+_BOUND = False
 
 
 def configure(*, timeout_ms: int | None = None, deterministic: bool | None = None,
@@ -116,6 +131,8 @@ def _apply_env_once() -> None:
     devices = os.environ.get("JAX_MC2_ASCEND_DEVICES")
     if devices:
         bind_devices([int(x) for x in devices.split(",") if x.strip()])
+    elif not _BOUND:
+        bind_devices(range(len(jax.local_devices(backend="cpu"))))
     if os.environ.get("JAX_MC2_ASCEND_DETERMINISTIC", "") not in ("", "0"):
         _mc2_ascend.set_deterministic(True)
 

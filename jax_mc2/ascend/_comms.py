@@ -24,9 +24,9 @@ KV_TIMEOUT_MS = 300_000
 
 
 def _ordinal(device) -> int:
-    """The device's ordinal in its process (what XLA gives the handler)."""
-    local = getattr(device, "local_hardware_id", None)
-    return int(local) if local is not None else int(device.id)
+    """The device ordinal XLA:CPU gives the handler (ffi::DeviceOrdinal): the
+    device's id (process p's CPU devices are numbered from p * 2048)."""
+    return int(device.id)
 
 
 def _process_index() -> int:
