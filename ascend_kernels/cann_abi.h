@@ -61,6 +61,7 @@ using aclrtDestroyStream_t = aclError (*)(aclrtStream);
 using aclrtSynchronizeStreamWithTimeout_t = aclError (*)(aclrtStream, int32_t);
 using aclrtMalloc_t = aclError (*)(void **, size_t, int);
 using aclrtFree_t = aclError (*)(void *);
+using aclrtMemcpy_t = aclError (*)(void *, size_t, const void *, size_t, int);
 using aclrtMemcpyAsync_t = aclError (*)(void *, size_t, const void *, size_t, int, aclrtStream);
 using aclrtCtxSetSysParamOpt_t = aclError (*)(int, int64_t);
 using aclrtGetSocName_t = const char *(*)();

@@ -815,10 +815,12 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
       if (p == nullptr) return finish(error(function + ": aclrtMalloc of " + std::to_string(io.operands[i].bytes) + " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)), false);
       held.blocks.emplace_back(RoundUp(io.operands[i].bytes ? io.operands[i].bytes : 1), p);
       dev_in[i] = p;
+      // Synchronous: once it returns nothing reads XLA's host buffer any more,
+      // whatever happens to the stream later.
       if (io.operands[i].bytes) {
-        rc = c->aclrtMemcpyAsync(p, io.operands[i].bytes, io.operands[i].data,
-                                 io.operands[i].bytes, kMemcpyHostToDevice, stream);
-        if (rc != kAclSuccess) return finish(error(function + ": " + Fail(*c, "aclrtMemcpyAsync (host to device)", rc).message), false);
+        rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data, io.operands[i].bytes,
+                            kMemcpyHostToDevice);
+        if (rc != kAclSuccess) return finish(error(function + ": " + Fail(*c, "aclrtMemcpy (host to device)", rc).message), false);
       }
     }
     for (size_t i = 0; i < io.results.size(); ++i) {
@@ -918,7 +920,7 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
                         RecentErr(*c)), false);
   tm.phase2 = NowNs() - t3;
 
-  // Results back (host bridge), then wait for the stream.
+  // Wait for the stream, then the results back (host bridge).
   const int64_t t4 = NowNs();
   if (io.host) {
     std::vector<int> from(io.results.size(), -1);
@@ -932,14 +934,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
       std::memset(static_cast<char *>(io.results[r].data) + count[r], 0,
                   io.results[r].bytes - count[r]);
     }
-    for (size_t i = 0; i < io.results.size(); ++i) {
-      if (count[i] == 0) continue;
-      void *src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
-      aclError rc = c->aclrtMemcpyAsync(io.results[i].data, io.results[i].bytes, src,
-                                        count[i], kMemcpyDeviceToHost, stream);
-      if (rc != kAclSuccess)
-        return finish(error(function + ": " + Fail(*c, "aclrtMemcpyAsync (device to host)", rc).message), false);
-    }
     aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
     if (rc != kAclSuccess) {
       MarkBroken(group_key, ordinal, call);
@@ -949,6 +943,17 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
                              : " failed on the stream";
       return finish(error(function + what + ": aclrtSynchronizeStreamWithTimeout status " +
                           std::to_string(rc) + ": " + RecentErr(*c)), false);
+    }
+    // Results come back only once the stream has passed the kernel, with a
+    // synchronous copy: a call that timed out leaves nothing queued that
+    // would write into XLA's host buffers later.
+    for (size_t i = 0; i < io.results.size(); ++i) {
+      if (count[i] == 0) continue;
+      void *src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
+      aclError rc2 = c->aclrtMemcpy(io.results[i].data, io.results[i].bytes, src, count[i],
+                                    kMemcpyDeviceToHost);
+      if (rc2 != kAclSuccess)
+        return finish(error(function + ": " + Fail(*c, "aclrtMemcpy (device to host)", rc2).message), false);
     }
   }
   tm.sync = NowNs() - t4;

@@ -148,6 +148,7 @@ Cann *DoLoad(std::string *why) {
   REQ(acl, aclrtSynchronizeStreamWithTimeout)
   REQ(acl, aclrtMalloc)
   REQ(acl, aclrtFree)
+  REQ(acl, aclrtMemcpy)
   REQ(acl, aclrtMemcpyAsync)
   REQ(nnop, aclCreateTensor)
   REQ(nnop, aclDestroyTensor)

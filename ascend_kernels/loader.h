@@ -23,6 +23,7 @@ struct Cann {
   CANN_FN(aclrtSynchronizeStreamWithTimeout)
   CANN_FN(aclrtMalloc)
   CANN_FN(aclrtFree)
+  CANN_FN(aclrtMemcpy)
   CANN_FN(aclrtMemcpyAsync)
   CANN_FN(aclCreateTensor)
   CANN_FN(aclDestroyTensor)
