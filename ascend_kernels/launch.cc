@@ -37,7 +37,8 @@ std::atomic<bool> g_deterministic{false};
 std::mutex g_bind_mu;
 std::map<int, int> g_npus;  // JAX device ordinal -> NPU
 
-thread_local Timings t_timings;
+std::mutex g_timing_mu;
+Timings g_timings;
 std::atomic<int64_t> g_launches{0};
 
 // ---------------------------------------------------------------- devices
@@ -453,7 +454,15 @@ int NpuOf(int ordinal) {
   return it == g_npus.end() ? ordinal : it->second;
 }
 
-Timings LastTimings() { return t_timings; }
+Timings TimingTotals() {
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  return g_timings;
+}
+
+void ResetTimings() {
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  g_timings = Timings();
+}
 int64_t LaunchCount() { return g_launches.load(); }
 
 std::string SocName(Status *status) {
@@ -818,8 +827,11 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
       // Synchronous: once it returns nothing reads XLA's host buffer any more,
       // whatever happens to the stream later.
       if (io.operands[i].bytes) {
+        const int64_t tc = NowNs();
         rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data, io.operands[i].bytes,
                             kMemcpyHostToDevice);
+        tm.copy_in += NowNs() - tc;
+        tm.bytes_in += static_cast<int64_t>(io.operands[i].bytes);
         if (rc != kAclSuccess) return finish(error(function + ": " + Fail(*c, "aclrtMemcpy (host to device)", rc).message), false);
       }
     }
@@ -834,8 +846,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     for (size_t i = 0; i < io.operands.size(); ++i) dev_in[i] = io.operands[i].data;
     for (size_t i = 0; i < io.results.size(); ++i) dev_out[i] = io.results[i].data;
   }
-  tm.copy_in = NowNs() - t0;
-  const int64_t t1 = NowNs();
 
   // Descriptors.
   Descriptors desc{c, {}, {}};
@@ -884,7 +894,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     }
     args.push_back(a);
   }
-  tm.prepare = NowNs() - t1;
 
   // Phase 1.
   const int64_t t2 = NowNs();
@@ -935,6 +944,7 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
                   io.results[r].bytes - count[r]);
     }
     aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
+    tm.wait = NowNs() - t4;
     if (rc != kAclSuccess) {
       MarkBroken(group_key, ordinal, call);
       std::string what = rc == kAclStreamSyncTimeout
@@ -950,15 +960,16 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     for (size_t i = 0; i < io.results.size(); ++i) {
       if (count[i] == 0) continue;
       void *src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
+      const int64_t tc = NowNs();
       aclError rc2 = c->aclrtMemcpy(io.results[i].data, io.results[i].bytes, src, count[i],
                                     kMemcpyDeviceToHost);
+      tm.copy_out += NowNs() - tc;
+      tm.bytes_out += static_cast<int64_t>(count[i]);
       if (rc2 != kAclSuccess)
         return finish(error(function + ": " + Fail(*c, "aclrtMemcpy (device to host)", rc2).message), false);
     }
   }
-  tm.sync = NowNs() - t4;
   tm.total = NowNs() - t0;
-  t_timings = tm;
   // Device mode: the buffers are XLA's; the pooled workspace may be reused
   // only once the stream has passed the kernel, so this first version of
   // the seam synchronizes too (an event-ordered pool would not).
@@ -968,7 +979,47 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
       return finish(error(function + " failed on the stream: status " + std::to_string(rc) +
                           ": " + RecentErr(*c)), false);
   }
-  return finish(Status::Ok(), true);
+  Status done = finish(Status::Ok(), true);
+  tm.total = NowNs() - t0;
+  {
+    std::lock_guard<std::mutex> lock(g_timing_mu);
+    g_timings.calls += 1;
+    g_timings.copy_in += tm.copy_in;
+    g_timings.copy_out += tm.copy_out;
+    g_timings.wait += tm.wait;
+    g_timings.phase1 += tm.phase1;
+    g_timings.phase2 += tm.phase2;
+    g_timings.total += tm.total;
+    g_timings.bytes_in += tm.bytes_in;
+    g_timings.bytes_out += tm.bytes_out;
+  }
+  return done;
+}
+
+Status CopyBenchmark(int ordinal, size_t bytes, int reps, double *h2d, double *d2h) {
+  std::string why;
+  const Cann *c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  DeviceState *d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return s;
+  std::lock_guard<std::mutex> lock(d->mu);
+  if (!(s = Enter(*c, d)).ok) return s;
+  std::vector<char> host(bytes, 1), back(bytes);
+  aclError rc;
+  void *dev = Acquire(*c, d->pool, bytes, &rc);
+  if (dev == nullptr) return Fail(*c, "aclrtMalloc", rc);
+  const int64_t t0 = NowNs();
+  for (int i = 0; i < reps; ++i)
+    c->aclrtMemcpy(dev, bytes, host.data(), bytes, kMemcpyHostToDevice);
+  const int64_t t1 = NowNs();
+  for (int i = 0; i < reps; ++i)
+    c->aclrtMemcpy(back.data(), bytes, dev, bytes, kMemcpyDeviceToHost);
+  const int64_t t2 = NowNs();
+  d->pool.free_blocks.emplace(RoundUp(bytes), dev);
+  *h2d = (t1 - t0) * 1e-9;
+  *d2h = (t2 - t1) * 1e-9;
+  return Status::Ok();
 }
 
 }  // namespace jax_mc2::ascend

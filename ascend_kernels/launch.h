@@ -52,11 +52,18 @@ struct CallIo {
   void *stream = nullptr;        // device mode: XLA's aclrtStream
 };
 
-// Launch-phase timings of the calling thread's last call (nanoseconds).
+// Where the host bridge's calls spent their time (nanoseconds, summed over
+// the successful calls since the last reset): copies in and out, the stream
+// wait, the two aclnn phases (CANN's own time), and the total.
 struct Timings {
-  int64_t copy_in = 0, prepare = 0, phase1 = 0, phase2 = 0, sync = 0, total = 0;
+  int64_t calls = 0, copy_in = 0, copy_out = 0, wait = 0, phase1 = 0, phase2 = 0, total = 0;
+  int64_t bytes_in = 0, bytes_out = 0;
 };
-Timings LastTimings();
+Timings TimingTotals();
+void ResetTimings();
+// Host-to-device and device-to-host copy time (seconds) of `reps` copies of
+// `bytes` through the bridge's copy path on `ordinal`'s NPU.
+Status CopyBenchmark(int ordinal, size_t bytes, int reps, double *h2d, double *d2h);
 // How many operator calls the launch core has started (all devices).
 int64_t LaunchCount();
 

@@ -113,15 +113,29 @@ NB_MODULE(_mc2_ascend, m) {
     Shutdown();
   });
   m.def("launch_count", &LaunchCount);
-  m.def("last_timings", []() {
-    Timings t = LastTimings();
+  m.def("reset_timings", &ResetTimings);
+  m.def("timings", []() {
+    Timings t = TimingTotals();
     nb::dict d;
+    d["calls"] = t.calls;
     d["copy_in"] = t.copy_in;
-    d["prepare"] = t.prepare;
+    d["copy_out"] = t.copy_out;
+    d["wait"] = t.wait;
     d["phase1"] = t.phase1;
     d["phase2"] = t.phase2;
-    d["sync"] = t.sync;
     d["total"] = t.total;
+    d["bytes_in"] = t.bytes_in;
+    d["bytes_out"] = t.bytes_out;
     return d;
+  });
+  m.def("copy_benchmark", [](int ordinal, size_t bytes, int reps) {
+    double h2d = 0, d2h = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = CopyBenchmark(ordinal, bytes, reps, &h2d, &d2h);
+    }
+    Check(s);
+    return nb::make_tuple(h2d, d2h);
   });
 }
