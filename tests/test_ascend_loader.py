@@ -67,3 +67,41 @@ def test_missing_library_is_a_trace_time_error(tmp_path):
 def test_ascend_home_path_is_searched(tmp_path):
     out = _run({"ASCEND_HOME_PATH": str(tmp_path)}, tmp_path)
     assert f"{tmp_path}/lib64" in out and "ASCEND_HOME_PATH" in out
+
+
+_SOC_PROBE = textwrap.dedent(
+    """
+    import numpy as np, jax.numpy as jnp, jax_mc2 as mc2
+    print("BEFORE", mc2.get_target())
+    x = jnp.ones((4, 8), jnp.bfloat16); w = jnp.ones((8, 4), jnp.bfloat16)
+    try:
+        np.asarray(mc2.mm_all_reduce_base(x, w, None, implementation="ascend"))
+    except NotImplementedError as e:
+        print("ERROR", e)
+    print("AFTER", mc2.get_target(), mc2.ascend.soc_name())
+    """
+)
+
+
+def _soc_run(env_updates, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_MC2_TARGET"}
+    env.update(env_updates)
+    out = subprocess.run([sys.executable, "-c", _SOC_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_chip_target_follows_the_soc_name(tmp_path):
+    out = _soc_run({"CANN_DOUBLE_SOC_NAME": "Ascend910_9391"}, tmp_path)
+    # A3 has no matmul + all-reduce: the chip's rules apply from this call on
+    assert "BEFORE generic" in out and "AFTER atlas-a3 Ascend910_9391" in out
+    assert "not available on target 'atlas-a3'" in out
+    out = _soc_run({"CANN_DOUBLE_SOC_NAME": "Ascend910B2"}, tmp_path)
+    assert "AFTER atlas-a2 Ascend910B2" in out and "ERROR" not in out
+
+
+def test_an_explicit_target_wins(tmp_path):
+    out = _soc_run({"CANN_DOUBLE_SOC_NAME": "Ascend910_9391", "JAX_MC2_TARGET": "atlas-a2"},
+                   tmp_path)
+    assert "AFTER atlas-a2" in out

@@ -76,6 +76,29 @@ def _check(op: str) -> None:
         raise NotImplementedError(f"{op}: implementation='ascend' is not available: {why}")
     _USED = True
     _apply_env_once()
+    _apply_chip_target_once()
+
+
+_TARGET_APPLIED = False
+
+
+def _apply_chip_target_once() -> None:
+    """Without an explicit target, the chip's own (from aclrtGetSocName)
+    applies from the first ascend call on."""
+    global _TARGET_APPLIED
+    if _TARGET_APPLIED:
+        return
+    _TARGET_APPLIED = True
+    from jax_mc2 import targets
+
+    if targets.explicitly_set():
+        return
+    try:
+        name = chip_target()
+    except RuntimeError:
+        return
+    if name is not None:
+        jax.config.update("jax_mc2_target", name)
 
 
 def bind_devices(npus) -> None:
