@@ -2,7 +2,6 @@
 semantics of Huawei Ascend CANN's MC2 operators."""
 
 from jax_mc2 import _ffi as _ffi  # registers the FFI targets
-from jax_mc2 import ascend as ascend  # the ascend implementation (CANN loads lazily)
 from jax_mc2 import parallel as parallel
 from jax_mc2 import quant as quant
 from jax_mc2 import targets as targets
@@ -30,6 +29,8 @@ from jax_mc2.ops.quant_matmul_all_reduce import (
 from jax_mc2.targets import get_target as get_target
 from jax_mc2.targets import set_target as set_target
 from jax_mc2.targets import target as target
+
+from jax_mc2 import ascend as ascend  # noqa: E402,I001  (the ascend implementation; CANN loads lazily)
 
 __version__ = "0.1.0"
 
