@@ -110,3 +110,32 @@ def test_grad_sharded_matches_ffi():
     for a, b in zip(ga, gf):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=2e-2, atol=2e-1)
+
+
+@pytest.mark.parametrize("axes", [("tp",), ("dp", "tp")])
+def test_sub_groups_of_a_dp_x_tp_mesh(axes):
+    """One communicator per tp group inside dp x tp (or one over both axes)."""
+    mesh = make_mesh((2, 4), ("dp", "tp"))
+    rng = np.random.default_rng(11)
+    x1 = rng.standard_normal((2, 6, 64)).astype(oracle.BF16)  # dp-batched rows
+    x2 = (rng.standard_normal((64, 8)) * 0.5).astype(oracle.BF16)
+    k_spec = axes if len(axes) > 1 else "tp"
+
+    def f(a, b):
+        return mc2.mm_all_reduce_base(a[0], b, axes, implementation="ascend")[None]
+
+    in_specs = (P("dp", None, k_spec), P(k_spec, None))
+    if len(axes) > 1:
+        in_specs = (P(None, None, k_spec), P(k_spec, None))
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs,
+                              out_specs=P("dp") if len(axes) == 1 else P()))
+    got = np.asarray(g(x1, x2), np.float64)
+    text = g.lower(x1, x2).as_text()
+    assert text.count("mc2_ascend_host_bridge") == 1 and "stablehlo.all_reduce" not in text
+    world = 4 if len(axes) == 1 else 8
+    kl = 64 // world
+    for d in range(got.shape[0]):
+        xs = x1[d] if len(axes) == 1 else x1[0]
+        want = oracle.mm_all_reduce_base([xs[:, r * kl:(r + 1) * kl] for r in range(world)],
+                                         [x2[r * kl:(r + 1) * kl] for r in range(world)])
+        _assert_close(got[d], want, oracle.BF16, world)
