@@ -128,8 +128,9 @@ def library_dir(tmp_path_factory):
     if folder:
         return folder
     folder = tmp_path_factory.mktemp("cann_double")
-    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder)], check=True,
-                   stdout=subprocess.DEVNULL)
+    # The runtime alone: these tests need no operator, and the build stays short.
+    subprocess.run([sys.executable, str(BUILD_SCRIPT), str(folder), "--runtime-only"],
+                   check=True, stdout=subprocess.DEVNULL)
     return str(folder)
 
 
@@ -351,6 +352,21 @@ def test_comm_init_all_all_gather_v(cann, device):
         assert cann.hccl.HcclCommDestroy(comm) == 0
 
 
+def test_root_info_across_threads(cann, device):
+    root_info = ctypes.create_string_buffer(4108)
+    assert cann.hccl.HcclGetRootInfo(root_info) == 0
+
+    def rank_work(rank):
+        cann.acl.aclrtSetDevice(rank)
+        comm = ctypes.c_void_p()
+        assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, rank, ctypes.byref(comm)) == 0
+        gathered = cann.all_gather(cann.comm_name(comm), rank, b"rank%d" % rank)
+        assert cann.hccl.HcclCommDestroy(comm) == 0
+        return gathered
+
+    assert _run_ranks(2, rank_work) == [(0, b"rank0rank1")] * 2
+
+
 def test_stalled_rank_times_out_every_rank(cann, device, monkeypatch):
     monkeypatch.setenv("CANN_DOUBLE_HCCL_TIMEOUT_MS", "300")
     comms = _init_all(cann, 3)
@@ -442,6 +458,23 @@ def test_missing_rank_times_out_init(cann, device, monkeypatch):
     assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == \
         HCCL_E_TIMEOUT
     assert time.monotonic() - start < 2.0
+
+
+def test_exit_report_lists_leaks(library_dir, tmp_path):
+    report = tmp_path / "report.txt"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(HERE)!r})
+        from test_cann_double import Cann
+        cann = Cann({library_dir!r})
+        cann.acl.aclrtSetDevice(0)
+        cann.malloc(48)  # never freed
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                   env={**os.environ, "CANN_DOUBLE_REPORT": str(report)}, timeout=20)
+    text = report.read_text()
+    assert "allocations=1 " in text
+    assert "leaked allocation #1 (48 bytes" in text
 
 
 def test_everything_released(cann, device):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds the CANN test double into a folder.
 
-    python tests/cann_double/build.py DIR [--sanitize] [--jobs N]
+    python tests/cann_double/build.py DIR [--sanitize] [--jobs N] [--runtime-only]
 
 DIR then holds libcann_double_core.so (the shared state), libascendcl.so,
 libnnopbase.so, libhccl.so and libopapi.so (from every ops_*.cc here); point
@@ -68,18 +68,18 @@ def compile_object(cxx, source, out_dir, flags, header_time, force):
 
 
 def link(cxx, objects, output, flags, libraries=()):
-    run([cxx, *map(str, objects), "-o", str(output), *flags, f"-L{output.parent}",
-         *(f"-l:{name}" for name in libraries)])
+    run([cxx, *map(str, objects), "-o", str(output), *flags, f"-Wl,-soname,{output.name}",
+         f"-L{output.parent}", *(f"-l:{name}" for name in libraries)])
 
 
-def build(out_dir, sanitize=False, jobs=None):
+def build(out_dir, sanitize=False, jobs=None, runtime_only=False):
     out_dir = Path(out_dir).resolve()
     (out_dir / "obj").mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
     flags = compile_flags(sanitize)
     stamp = out_dir / "obj" / "flags"
     force = not stamp.exists() or stamp.read_text() != " ".join([cxx, *flags])
-    ops_sources = sorted(HERE.glob("ops_*.cc"))
+    ops_sources = [] if runtime_only else sorted(HERE.glob("ops_*.cc"))
     sources = [HERE / name for name in CORE_SOURCES]
     sources += [HERE / name for names in WRAPPERS.values() for name in names]
     sources += ops_sources
@@ -107,9 +107,11 @@ def main():
     parser.add_argument("--sanitize", action="store_true",
                         help="build with -fsanitize=address,undefined")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--runtime-only", action="store_true",
+                        help="skip libopapi.so (the operators)")
     args = parser.parse_args()
     try:
-        build(args.out_dir, args.sanitize, args.jobs)
+        build(args.out_dir, args.sanitize, args.jobs, args.runtime_only)
     except subprocess.CalledProcessError as error:
         sys.exit(error.returncode or 1)
 

@@ -13,8 +13,8 @@
 #include "double_api.h"
 
 extern "C" {
-typedef void *aclrtContext;
-typedef void *aclrtEvent;
+typedef void* aclrtContext;
+typedef void* aclrtEvent;
 }
 
 #pragma GCC visibility push(default)
@@ -48,17 +48,17 @@ constexpr int kHcclErrRemote = 21;
 // ---- shared state (core_state.cc) ----
 
 // The value of an environment variable, "" when unset.
-std::string GetEnv(const char *name);
+std::string GetEnv(const char* name);
 
 // Fires on the N-th call after the variable was set to N (counting restarts
 // whenever its value changes); never when unset or not a positive integer.
 class EnvCountdown {
  public:
-  explicit EnvCountdown(const char *variable) : variable_(variable) {}
+  explicit EnvCountdown(const char* variable) : variable_(variable) {}
   bool Fire();
 
  private:
-  const char *variable_;
+  const char* variable_;
   std::mutex mutex_;
   std::string seen_;
   int64_t calls_ = 0;
@@ -66,10 +66,10 @@ class EnvCountdown {
 
 // Records a misuse the double detected (guard corruption, double free, use
 // after free, ...) for cann_double_report(); also sets the recent error.
-void RecordViolation(const std::string &what);
+void RecordViolation(const std::string& what);
 
 // aclGetRecentErrMsg: the calling thread's last message, then clears it.
-const char *TakeRecentError();
+const char* TakeRecentError();
 
 // The default context of `device` is created by aclrtSetDevice.
 struct Context {
@@ -77,9 +77,9 @@ struct Context {
   bool alive = true;
   aclrtStream default_stream = nullptr;
 };
-Context *CurrentContext();
-void SetCurrentContextForThread(Context *context);
-bool IsLiveContext(const Context *context);
+Context* CurrentContext();
+void SetCurrentContextForThread(Context* context);
+bool IsLiveContext(const Context* context);
 int DeviceCount();
 
 namespace rt {
@@ -87,30 +87,30 @@ aclError Init();
 aclError Finalize();
 aclError SetDevice(int32_t device);
 aclError ResetDevice(int32_t device);
-aclError GetDevice(int32_t *device);
-aclError GetDeviceCount(uint32_t *count);
-aclError CreateContext(aclrtContext *context, int32_t device);
+aclError GetDevice(int32_t* device);
+aclError GetDeviceCount(uint32_t* count);
+aclError CreateContext(aclrtContext* context, int32_t device);
 aclError DestroyContext(aclrtContext context);
 aclError SetCurrentContext(aclrtContext context);
-aclError GetCurrentContext(aclrtContext *context);
-const char *SocName();
+aclError GetCurrentContext(aclrtContext* context);
+const char* SocName();
 aclError SetSysParamOpt(int option, int64_t value);
 int64_t SysParamOpt(int option);
 
 // ---- device memory (core_memory.cc) ----
-aclError Malloc(void **pointer, size_t size, int policy);
-aclError Free(void *pointer);
-aclError Memcpy(void *dst, size_t dst_max, const void *src, size_t count, int kind);
-aclError MemcpyAsync(void *dst, size_t dst_max, const void *src, size_t count, int kind,
+aclError Malloc(void** pointer, size_t size, int policy);
+aclError Free(void* pointer);
+aclError Memcpy(void* dst, size_t dst_max, const void* src, size_t count, int kind);
+aclError MemcpyAsync(void* dst, size_t dst_max, const void* src, size_t count, int kind,
                      aclrtStream stream);
 
 // ---- streams and events (core_stream.cc) ----
-aclError CreateStream(aclrtStream *stream);
+aclError CreateStream(aclrtStream* stream);
 aclError DestroyStream(aclrtStream stream);
 // timeout_ms: -1 (or 0) waits forever.
 aclError SynchronizeStream(aclrtStream stream, int32_t timeout_ms);
 aclError SynchronizeDevice();
-aclError CreateEvent(aclrtEvent *event);
+aclError CreateEvent(aclrtEvent* event);
 aclError DestroyEvent(aclrtEvent event);
 aclError RecordEvent(aclrtEvent event, aclrtStream stream);
 aclError StreamWaitEvent(aclrtStream stream, aclrtEvent event);
@@ -118,32 +118,32 @@ aclError SynchronizeEvent(aclrtEvent event);
 }  // namespace rt
 
 // Validates [ptr, ptr + bytes) for a copy; `side` names it in the message.
-bool CheckCopyRange(const void *ptr, size_t bytes, bool on_device, const char *side,
-                    std::string *why);
+bool CheckCopyRange(const void* ptr, size_t bytes, bool on_device, const char* side,
+                    std::string* why);
 int64_t LiveAllocationCount();
 // Checks every live allocation's guard bytes; records corruption.
 void CheckAllGuards();
 std::string LiveAllocationSummary();
 
 // A unit of stream work: returns 0 or a status with `message` set.
-using StreamTask = std::function<int(std::string *message)>;
+using StreamTask = std::function<int(std::string* message)>;
 // Queues `task` on `stream` (nullptr: the current context's default stream)
 // after checking the stream is live and on the current device. Returns
 // kAclSuccess or a runtime error with `why` set.
-aclError Enqueue(aclrtStream stream, StreamTask task, std::string *why);
+aclError Enqueue(aclrtStream stream, StreamTask task, std::string* why);
 // The device a live stream runs on, -1 if `stream` is not a live stream.
 int StreamDevice(aclrtStream stream);
 
 // ---- tensors, int arrays, executors (core_tensor.cc) ----
 namespace nn {
-aclTensor *CreateTensor(const int64_t *view_dims, uint64_t view_dims_num, int dtype,
-                        const int64_t *strides, int64_t offset, int format,
-                        const int64_t *storage_dims, uint64_t storage_dims_num, void *data);
-aclnnStatus DestroyTensor(const aclTensor *tensor);
-aclIntArray *CreateIntArray(const int64_t *values, uint64_t size);
-aclnnStatus DestroyIntArray(const aclIntArray *array);
-aclnnStatus SetExecutorRepeatable(aclOpExecutor *executor);
-aclnnStatus DestroyExecutor(aclOpExecutor *executor);
+aclTensor* CreateTensor(const int64_t* view_dims, uint64_t view_dims_num, int dtype,
+                        const int64_t* strides, int64_t offset, int format,
+                        const int64_t* storage_dims, uint64_t storage_dims_num, void* data);
+aclnnStatus DestroyTensor(const aclTensor* tensor);
+aclIntArray* CreateIntArray(const int64_t* values, uint64_t size);
+aclnnStatus DestroyIntArray(const aclIntArray* array);
+aclnnStatus SetExecutorRepeatable(aclOpExecutor* executor);
+aclnnStatus DestroyExecutor(aclOpExecutor* executor);
 aclnnStatus Init();
 aclnnStatus Finalize();
 }  // namespace nn
@@ -155,16 +155,16 @@ int DtypeBits(int dtype);
 
 // ---- communicators (core_hccl.cc) ----
 namespace hccl {
-int GetRootInfo(void *root_info);
-int CommInitRootInfo(uint32_t ranks, const void *root_info, uint32_t rank, HcclComm *comm);
-int CommInitAll(uint32_t ranks, const int32_t *devices, HcclComm *comms);
-int GetCommName(HcclComm comm, char *name);
-int GetRankSize(HcclComm comm, uint32_t *size);
-int GetRankId(HcclComm comm, uint32_t *rank);
+int GetRootInfo(void* root_info);
+int CommInitRootInfo(uint32_t ranks, const void* root_info, uint32_t rank, HcclComm* comm);
+int CommInitAll(uint32_t ranks, const int32_t* devices, HcclComm* comms);
+int GetCommName(HcclComm comm, char* name);
+int GetRankSize(HcclComm comm, uint32_t* size);
+int GetRankId(HcclComm comm, uint32_t* rank);
 int CommDestroy(HcclComm comm);
 int SetConfig(int config, int32_t value);
 int Barrier(HcclComm comm, aclrtStream stream);
-const char *ErrorString(int code);
+const char* ErrorString(int code);
 }  // namespace hccl
 int64_t LiveCommCount();
 
@@ -173,9 +173,9 @@ int64_t LiveCommCount();
 
 // Exported for tests (ctypes).
 extern "C" {
-CANN_DOUBLE_EXPORT void cann_double_live_counts(int64_t *allocs, int64_t *tensors,
-                                                int64_t *executors, int64_t *int_arrays);
-CANN_DOUBLE_EXPORT const char *cann_double_report();
+CANN_DOUBLE_EXPORT void cann_double_live_counts(int64_t* allocs, int64_t* tensors,
+                                                int64_t* executors, int64_t* int_arrays);
+CANN_DOUBLE_EXPORT const char* cann_double_report();
 CANN_DOUBLE_EXPORT void cann_double_clear_report();
-CANN_DOUBLE_EXPORT int cann_double_check_device_range(const void *ptr, size_t bytes);
+CANN_DOUBLE_EXPORT int cann_double_check_device_range(const void* ptr, size_t bytes);
 }

@@ -76,13 +76,13 @@ struct LocalGroup {
 // ---- wire format (hub <-> rank) ----
 
 enum MessageType : uint32_t {
-  kHello = 1,    // seq = nRanks, payload = root id (u64) + pid (i32)
-  kWelcome = 2,  // seq = 1 if every rank runs in one process, payload = comm name
-  kGather = 3,   // seq = round, payload = this rank's bytes
-  kResult = 4,   // seq = round, payload = per rank: u64 size + bytes
-  kAbort = 5,    // seq = HcclResult every rank returns
-  kTimedOut = 6, // a rank gave up waiting
-  kBye = 7,      // a rank destroyed its communicator
+  kHello = 1,     // seq = nRanks, payload = root id (u64) + pid (i32)
+  kWelcome = 2,   // seq = 1 if every rank runs in one process, payload = comm name
+  kGather = 3,    // seq = round, payload = this rank's bytes
+  kResult = 4,    // seq = round, payload = per rank: u64 size + bytes
+  kAbort = 5,     // seq = HcclResult every rank returns
+  kTimedOut = 6,  // a rank gave up waiting
+  kBye = 7,       // a rank destroyed its communicator
 };
 
 struct Header {
@@ -106,8 +106,8 @@ struct RootInfoWire {
 };
 static_assert(sizeof(RootInfoWire) <= kRootInfoBytes, "root info too large");
 
-bool SendAll(int fd, const void *data, size_t size) {
-  auto *bytes = static_cast<const uint8_t *>(data);
+bool SendAll(int fd, const void* data, size_t size) {
+  auto* bytes = static_cast<const uint8_t*>(data);
   while (size > 0) {
     ssize_t sent = send(fd, bytes, size, MSG_NOSIGNAL);
     if (sent < 0 && errno == EINTR) continue;
@@ -118,7 +118,7 @@ bool SendAll(int fd, const void *data, size_t size) {
   return true;
 }
 
-bool SendMessage(int fd, uint32_t type, uint32_t rank, uint64_t seq, const void *data,
+bool SendMessage(int fd, uint32_t type, uint32_t rank, uint64_t seq, const void* data,
                  size_t size) {
   Header header{type, rank, seq, size};
   return SendAll(fd, &header, sizeof header) && SendAll(fd, data, size);
@@ -127,8 +127,8 @@ bool SendMessage(int fd, uint32_t type, uint32_t rank, uint64_t seq, const void 
 enum class Received { kOk, kTimeout, kClosed };
 
 // Reads exactly `size` bytes; a deadline of Clock::time_point::max() waits forever.
-Received RecvAll(int fd, void *data, size_t size, Clock::time_point deadline) {
-  auto *bytes = static_cast<uint8_t *>(data);
+Received RecvAll(int fd, void* data, size_t size, Clock::time_point deadline) {
+  auto* bytes = static_cast<uint8_t*>(data);
   while (size > 0) {
     int wait_ms = -1;
     if (deadline != Clock::time_point::max()) {
@@ -149,7 +149,7 @@ Received RecvAll(int fd, void *data, size_t size, Clock::time_point deadline) {
   return Received::kOk;
 }
 
-Received RecvMessage(int fd, Message *message, Clock::time_point deadline) {
+Received RecvMessage(int fd, Message* message, Clock::time_point deadline) {
   Received status = RecvAll(fd, &message->header, sizeof message->header, deadline);
   if (status != Received::kOk) return status;
   message->payload.resize(message->header.length);
@@ -171,20 +171,20 @@ struct Hub {
   std::map<uint64_t, std::map<int, Bytes>> rounds;
 };
 
-void HubBroadcast(Hub &hub, uint32_t type, uint64_t seq, const Bytes &payload) {
-  for (const auto &entry : hub.rank_fds) {
+void HubBroadcast(Hub& hub, uint32_t type, uint64_t seq, const Bytes& payload) {
+  for (const auto& entry : hub.rank_fds) {
     SendMessage(entry.second, type, entry.first, seq, payload.data(), payload.size());
   }
 }
 
-void HubAbort(Hub &hub, int code) {
+void HubAbort(Hub& hub, int code) {
   if (hub.aborted) return;
   hub.aborted = true;
   HubBroadcast(hub, kAbort, static_cast<uint64_t>(code), {});
 }
 
 // Registers a rank's hello; once all ranks are in, welcomes them all.
-void HubJoin(Hub &hub, int fd, const Header &hello, uint64_t id, int pid) {
+void HubJoin(Hub& hub, int fd, const Header& hello, uint64_t id, int pid) {
   int ranks = static_cast<int>(hello.seq);
   int rank = static_cast<int>(hello.rank);
   bool valid = id == hub.id && ranks > 0 && (hub.size == 0 || hub.size == ranks) && rank >= 0 &&
@@ -201,14 +201,14 @@ void HubJoin(Hub &hub, int fd, const Header &hello, uint64_t id, int pid) {
   HubBroadcast(hub, kWelcome, hub.pids.size() == 1, Bytes(name.begin(), name.end()));
 }
 
-void HubGather(Hub &hub, const Message &message) {
-  auto &round = hub.rounds[message.header.seq];
+void HubGather(Hub& hub, const Message& message) {
+  auto& round = hub.rounds[message.header.seq];
   round[static_cast<int>(message.header.rank)] = message.payload;
   if (static_cast<int>(round.size()) < hub.size) return;
   Bytes result;
-  for (const auto &entry : round) {
+  for (const auto& entry : round) {
     uint64_t size = entry.second.size();
-    const auto *size_bytes = reinterpret_cast<const uint8_t *>(&size);
+    const auto* size_bytes = reinterpret_cast<const uint8_t*>(&size);
     result.insert(result.end(), size_bytes, size_bytes + sizeof size);
     result.insert(result.end(), entry.second.begin(), entry.second.end());
   }
@@ -233,9 +233,15 @@ void HubServe(std::shared_ptr<Hub> hub, int fd) {
         HubJoin(*hub, fd, message.header, id, pid);
         break;
       }
-      case kGather: HubGather(*hub, message); break;
-      case kTimedOut: HubAbort(*hub, kHcclErrTimeout); break;
-      case kBye: said_bye = true; break;
+      case kGather:
+        HubGather(*hub, message);
+        break;
+      case kTimedOut:
+        HubAbort(*hub, kHcclErrTimeout);
+        break;
+      case kBye:
+        said_bye = true;
+        break;
     }
     if (said_bye) break;
   }
@@ -273,8 +279,8 @@ uint16_t StartHub(uint64_t id) {
   address.sin_family = AF_INET;
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t length = sizeof address;
-  if (bind(fd, reinterpret_cast<sockaddr *>(&address), length) != 0 || listen(fd, 256) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr *>(&address), &length) != 0) {
+  if (bind(fd, reinterpret_cast<sockaddr*>(&address), length) != 0 || listen(fd, 256) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
     close(fd);
     return 0;
   }
@@ -286,7 +292,7 @@ uint16_t StartHub(uint64_t id) {
 }
 
 // Connects to the hub, retrying until `deadline` (the root may not listen yet).
-int ConnectHub(const RootInfoWire &info, Clock::time_point deadline) {
+int ConnectHub(const RootInfoWire& info, Clock::time_point deadline) {
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(info.port);
@@ -294,7 +300,7 @@ int ConnectHub(const RootInfoWire &info, Clock::time_point deadline) {
   while (Clock::now() < deadline) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
-    if (connect(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0) {
+    if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0) {
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
       return fd;
@@ -326,37 +332,37 @@ namespace {
 
 struct Comms {
   std::mutex mutex;
-  std::set<Comm *> live;
-  std::set<Comm *> destroyed;  // never freed: queued kernels may still hold them
+  std::set<Comm*> live;
+  std::set<Comm*> destroyed;  // never freed: queued kernels may still hold them
   std::map<uint64_t, std::weak_ptr<LocalGroup>> groups_by_root;
 };
 
-Comms &GetComms() {
-  static Comms *comms = new Comms;
+Comms& GetComms() {
+  static Comms* comms = new Comms;
   return *comms;
 }
 
-Comm *LiveComm(HcclComm handle) {
-  Comms &comms = GetComms();
+Comm* LiveComm(HcclComm handle) {
+  Comms& comms = GetComms();
   std::lock_guard<std::mutex> lock(comms.mutex);
-  auto *comm = static_cast<Comm *>(handle);
+  auto* comm = static_cast<Comm*>(handle);
   return comms.live.count(comm) ? comm : nullptr;
 }
 
-Comm *NewComm(const std::string &name, int rank, int size, int device, int timeout_ms) {
-  auto *comm = new Comm;
+Comm* NewComm(const std::string& name, int rank, int size, int device, int timeout_ms) {
+  auto* comm = new Comm;
   comm->name = name;
   comm->rank = rank;
   comm->size = size;
   comm->device = device;
   comm->timeout_ms = timeout_ms;
-  Comms &comms = GetComms();
+  Comms& comms = GetComms();
   std::lock_guard<std::mutex> lock(comms.mutex);
   comms.live.insert(comm);
   return comm;
 }
 
-bool Stalled(const Comm &comm) {
+bool Stalled(const Comm& comm) {
   std::string rule = GetEnv("CANN_DOUBLE_STALL_RANK");
   size_t colon = rule.rfind(':');
   if (colon == std::string::npos) return false;
@@ -367,22 +373,22 @@ bool Stalled(const Comm &comm) {
 // A stalled rank waits past the deadline by this much, so the others time out first.
 constexpr auto kStallMargin = std::chrono::milliseconds(200);
 
-int LocalAllGatherV(Comm &comm, uint64_t seq, const void *data, size_t bytes, bool stall,
-                    std::vector<Bytes> *out) {
-  LocalGroup &group = *comm.local;
+int LocalAllGatherV(Comm& comm, uint64_t seq, const void* data, size_t bytes, bool stall,
+                    std::vector<Bytes>* out) {
+  LocalGroup& group = *comm.local;
   auto deadline = Clock::now() + std::chrono::milliseconds(comm.timeout_ms);
   std::unique_lock<std::mutex> lock(group.mutex);
   if (stall) {
     group.changed.wait_until(lock, deadline + kStallMargin, [&] { return group.broken != 0; });
   } else if (group.broken == kHcclSuccess) {
-    Round &round = group.rounds[seq];
+    Round& round = group.rounds[seq];
     round.data.resize(group.size);
-    auto *begin = static_cast<const uint8_t *>(data);
+    auto* begin = static_cast<const uint8_t*>(data);
     round.data[comm.rank].assign(begin, begin + bytes);
     ++round.arrived;
     group.changed.notify_all();
-    group.changed.wait_until(
-        lock, deadline, [&] { return round.arrived == group.size || group.broken != 0; });
+    group.changed.wait_until(lock, deadline,
+                             [&] { return round.arrived == group.size || group.broken != 0; });
     if (round.arrived == group.size) {
       *out = round.data;
       if (++round.taken == group.size) group.rounds.erase(seq);
@@ -394,7 +400,7 @@ int LocalAllGatherV(Comm &comm, uint64_t seq, const void *data, size_t bytes, bo
   return group.broken;
 }
 
-bool ParseResult(const Bytes &payload, int size, std::vector<Bytes> *out) {
+bool ParseResult(const Bytes& payload, int size, std::vector<Bytes>* out) {
   out->assign(size, {});
   size_t at = 0;
   for (int rank = 0; rank < size; ++rank) {
@@ -410,7 +416,7 @@ bool ParseResult(const Bytes &payload, int size, std::vector<Bytes> *out) {
 }
 
 // Waits for the hub's answer to `seq` (or an abort) until `deadline`.
-int AwaitHub(Comm &comm, uint64_t seq, Clock::time_point deadline, std::vector<Bytes> *out) {
+int AwaitHub(Comm& comm, uint64_t seq, Clock::time_point deadline, std::vector<Bytes>* out) {
   Message message;
   for (;;) {
     Received status = RecvMessage(comm.hub_fd, &message, deadline);
@@ -426,8 +432,8 @@ int AwaitHub(Comm &comm, uint64_t seq, Clock::time_point deadline, std::vector<B
   }
 }
 
-int HubAllGatherV(Comm &comm, uint64_t seq, const void *data, size_t bytes, bool stall,
-                  std::vector<Bytes> *out) {
+int HubAllGatherV(Comm& comm, uint64_t seq, const void* data, size_t bytes, bool stall,
+                  std::vector<Bytes>* out) {
   auto deadline = Clock::now() + std::chrono::milliseconds(comm.timeout_ms);
   if (stall) {
     Message message;  // wait for the others' abort, or give up a little later
@@ -439,8 +445,8 @@ int HubAllGatherV(Comm &comm, uint64_t seq, const void *data, size_t bytes, bool
 }
 
 // Joins the hub named by `info` as `rank`; returns an HcclResult.
-int JoinHub(const RootInfoWire &info, uint32_t ranks, uint32_t rank, int timeout_ms,
-            int *fd_out, Message *welcome) {
+int JoinHub(const RootInfoWire& info, uint32_t ranks, uint32_t rank, int timeout_ms, int* fd_out,
+            Message* welcome) {
   auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
   int fd = ConnectHub(info, deadline);
   if (fd < 0) {
@@ -459,8 +465,8 @@ int JoinHub(const RootInfoWire &info, uint32_t ranks, uint32_t rank, int timeout
       SendMessage(fd, kTimedOut, rank, 0, nullptr, 0);
       result = kHcclErrTimeout;
     } else if (status == Received::kOk) {
-      result = welcome->header.type == kWelcome ? kHcclSuccess
-                                                : static_cast<int>(welcome->header.seq);
+      result =
+          welcome->header.type == kWelcome ? kHcclSuccess : static_cast<int>(welcome->header.seq);
     }
   }
   if (result != kHcclSuccess) {
@@ -475,7 +481,7 @@ int JoinHub(const RootInfoWire &info, uint32_t ranks, uint32_t rank, int timeout
 }
 
 std::shared_ptr<LocalGroup> SharedLocalGroup(uint64_t root_id, int size) {
-  Comms &comms = GetComms();
+  Comms& comms = GetComms();
   std::lock_guard<std::mutex> lock(comms.mutex);
   std::shared_ptr<LocalGroup> group = comms.groups_by_root[root_id].lock();
   if (!group) {
@@ -487,20 +493,20 @@ std::shared_ptr<LocalGroup> SharedLocalGroup(uint64_t root_id, int size) {
 
 }  // namespace
 
-Comm *FindComm(const char *group, int device) {
+Comm* FindComm(const char* group, int device) {
   if (group == nullptr) return nullptr;
-  Comms &comms = GetComms();
+  Comms& comms = GetComms();
   std::lock_guard<std::mutex> lock(comms.mutex);
-  for (Comm *comm : comms.live) {
+  for (Comm* comm : comms.live) {
     if (comm->name == group && comm->device == device) return comm;
   }
   return nullptr;
 }
 
-int CommRank(const Comm *comm) { return comm->rank; }
-int CommSize(const Comm *comm) { return comm->size; }
+int CommRank(const Comm* comm) { return comm->rank; }
+int CommSize(const Comm* comm) { return comm->size; }
 
-int AllGatherV(Comm *comm, const void *data, size_t bytes, std::vector<Bytes> *out) {
+int AllGatherV(Comm* comm, const void* data, size_t bytes, std::vector<Bytes>* out) {
   std::lock_guard<std::mutex> lock(comm->mutex);
   if (comm->broken != kHcclSuccess) return comm->broken;
   uint64_t seq = comm->next_round++;
@@ -511,23 +517,22 @@ int AllGatherV(Comm *comm, const void *data, size_t bytes, std::vector<Bytes> *o
     comm->broken = result;
     SetRecentError("AllGatherV on " + comm->name + " rank " + std::to_string(comm->rank) +
                    " failed: " + hccl::ErrorString(result) +
-                   (result == kHcclErrTimeout
-                        ? " (a rank did not arrive within " + std::to_string(comm->timeout_ms) +
-                              " ms)"
-                        : ""));
+                   (result == kHcclErrTimeout ? " (a rank did not arrive within " +
+                                                    std::to_string(comm->timeout_ms) + " ms)"
+                                              : ""));
   }
   return result;
 }
 
 int64_t LiveCommCount() {
-  Comms &comms = GetComms();
+  Comms& comms = GetComms();
   std::lock_guard<std::mutex> lock(comms.mutex);
   return static_cast<int64_t>(comms.live.size());
 }
 
 namespace hccl {
 
-int GetRootInfo(void *root_info) {
+int GetRootInfo(void* root_info) {
   if (root_info == nullptr) return kHcclErrPtr;
   RootInfoWire info{};
   std::memcpy(info.magic, kRootInfoMagic, sizeof info.magic);
@@ -544,7 +549,7 @@ int GetRootInfo(void *root_info) {
   return kHcclSuccess;
 }
 
-int CommInitRootInfo(uint32_t ranks, const void *root_info, uint32_t rank, HcclComm *comm) {
+int CommInitRootInfo(uint32_t ranks, const void* root_info, uint32_t rank, HcclComm* comm) {
   if (root_info == nullptr || comm == nullptr) return kHcclErrPtr;
   RootInfoWire info;
   std::memcpy(&info, root_info, sizeof info);
@@ -564,15 +569,15 @@ int CommInitRootInfo(uint32_t ranks, const void *root_info, uint32_t rank, HcclC
   int result = JoinHub(info, ranks, rank, timeout_ms, &fd, &welcome);
   if (result != kHcclSuccess) return result;
   std::string name(welcome.payload.begin(), welcome.payload.end());
-  Comm *created = NewComm(name, static_cast<int>(rank), static_cast<int>(ranks), device,
-                          timeout_ms);
+  Comm* created =
+      NewComm(name, static_cast<int>(rank), static_cast<int>(ranks), device, timeout_ms);
   created->hub_fd = fd;  // kept: the hub counts the rank gone when it closes
   if (welcome.header.seq == 1) created->local = SharedLocalGroup(info.id, ranks);
   *comm = created;
   return kHcclSuccess;
 }
 
-int CommInitAll(uint32_t ranks, const int32_t *devices, HcclComm *comms) {
+int CommInitAll(uint32_t ranks, const int32_t* devices, HcclComm* comms) {
   if (devices == nullptr || comms == nullptr) return kHcclErrPtr;
   std::set<int32_t> distinct(devices, devices + ranks);
   if (ranks == 0 || distinct.size() != ranks || *distinct.begin() < 0 ||
@@ -584,46 +589,46 @@ int CommInitAll(uint32_t ranks, const int32_t *devices, HcclComm *comms) {
   auto group = std::make_shared<LocalGroup>(static_cast<int>(ranks));
   int timeout_ms = TimeoutMs();
   for (uint32_t rank = 0; rank < ranks; ++rank) {
-    Comm *comm = NewComm(name, static_cast<int>(rank), static_cast<int>(ranks), devices[rank],
-                         timeout_ms);
+    Comm* comm =
+        NewComm(name, static_cast<int>(rank), static_cast<int>(ranks), devices[rank], timeout_ms);
     comm->local = group;
     comms[rank] = comm;
   }
   return kHcclSuccess;
 }
 
-int GetCommName(HcclComm handle, char *name) {
-  Comm *comm = LiveComm(handle);
+int GetCommName(HcclComm handle, char* name) {
+  Comm* comm = LiveComm(handle);
   if (comm == nullptr || name == nullptr) return kHcclErrPtr;
   std::snprintf(name, kCommNameMax, "%s", comm->name.c_str());
   return kHcclSuccess;
 }
 
-int GetRankSize(HcclComm handle, uint32_t *size) {
-  Comm *comm = LiveComm(handle);
+int GetRankSize(HcclComm handle, uint32_t* size) {
+  Comm* comm = LiveComm(handle);
   if (comm == nullptr || size == nullptr) return kHcclErrPtr;
   *size = static_cast<uint32_t>(comm->size);
   return kHcclSuccess;
 }
 
-int GetRankId(HcclComm handle, uint32_t *rank) {
-  Comm *comm = LiveComm(handle);
+int GetRankId(HcclComm handle, uint32_t* rank) {
+  Comm* comm = LiveComm(handle);
   if (comm == nullptr || rank == nullptr) return kHcclErrPtr;
   *rank = static_cast<uint32_t>(comm->rank);
   return kHcclSuccess;
 }
 
 int CommDestroy(HcclComm handle) {
-  auto *comm = static_cast<Comm *>(handle);
+  auto* comm = static_cast<Comm*>(handle);
   std::string problem;
   {
-    Comms &comms = GetComms();
+    Comms& comms = GetComms();
     std::lock_guard<std::mutex> lock(comms.mutex);
     if (comms.live.erase(comm)) {
       comms.destroyed.insert(comm);
     } else {
-      problem = comms.destroyed.count(comm) ? "communicator destroyed twice"
-                                            : "unknown communicator";
+      problem =
+          comms.destroyed.count(comm) ? "communicator destroyed twice" : "unknown communicator";
     }
   }
   if (!problem.empty()) {
@@ -642,7 +647,7 @@ int CommDestroy(HcclComm handle) {
 
 int SetConfig(int config, int32_t value) {
   static std::mutex mutex;
-  static std::map<int, int32_t> *values = new std::map<int, int32_t>;
+  static std::map<int, int32_t>* values = new std::map<int, int32_t>;
   if (config != 0) return kHcclErrNotFound;  // only HCCL_DETERMINISTIC exists
   std::lock_guard<std::mutex> lock(mutex);
   (*values)[config] = value;
@@ -650,12 +655,12 @@ int SetConfig(int config, int32_t value) {
 }
 
 int Barrier(HcclComm handle, aclrtStream stream) {
-  Comm *comm = LiveComm(handle);
+  Comm* comm = LiveComm(handle);
   if (comm == nullptr) return kHcclErrPtr;
   std::string why;
   aclError status = Enqueue(
       stream,
-      [comm](std::string *message) {
+      [comm](std::string* message) {
         std::vector<Bytes> ignored;
         int result = AllGatherV(comm, nullptr, 0, &ignored);
         if (result == kHcclSuccess) return kAclSuccess;
@@ -670,15 +675,32 @@ int Barrier(HcclComm handle, aclrtStream stream) {
   return kHcclSuccess;
 }
 
-const char *ErrorString(int code) {
-  static const char *const kNames[] = {
-      "HCCL_SUCCESS",       "HCCL_E_PARA",          "HCCL_E_PTR",          "HCCL_E_MEMORY",
-      "HCCL_E_INTERNAL",    "HCCL_E_NOT_SUPPORT",   "HCCL_E_NOT_FOUND",    "HCCL_E_UNAVAIL",
-      "HCCL_E_SYSCALL",     "HCCL_E_TIMEOUT",       "HCCL_E_OPEN_FILE_FAILURE",
-      "HCCL_E_TCP_CONNECT", "HCCL_E_ROCE_CONNECT",  "HCCL_E_TCP_TRANSFER", "HCCL_E_ROCE_TRANSFER",
-      "HCCL_E_RUNTIME",     "HCCL_E_DRV",           "HCCL_E_PROFILING",    "HCCL_E_CCE",
-      "HCCL_E_NETWORK",     "HCCL_E_AGAIN",         "HCCL_E_REMOTE",       "HCCL_E_SUSPENDING",
-      "HCCL_E_OPRETRY_FAIL", "HCCL_E_OOM"};
+const char* ErrorString(int code) {
+  static const char* const kNames[] = {"HCCL_SUCCESS",
+                                       "HCCL_E_PARA",
+                                       "HCCL_E_PTR",
+                                       "HCCL_E_MEMORY",
+                                       "HCCL_E_INTERNAL",
+                                       "HCCL_E_NOT_SUPPORT",
+                                       "HCCL_E_NOT_FOUND",
+                                       "HCCL_E_UNAVAIL",
+                                       "HCCL_E_SYSCALL",
+                                       "HCCL_E_TIMEOUT",
+                                       "HCCL_E_OPEN_FILE_FAILURE",
+                                       "HCCL_E_TCP_CONNECT",
+                                       "HCCL_E_ROCE_CONNECT",
+                                       "HCCL_E_TCP_TRANSFER",
+                                       "HCCL_E_ROCE_TRANSFER",
+                                       "HCCL_E_RUNTIME",
+                                       "HCCL_E_DRV",
+                                       "HCCL_E_PROFILING",
+                                       "HCCL_E_CCE",
+                                       "HCCL_E_NETWORK",
+                                       "HCCL_E_AGAIN",
+                                       "HCCL_E_REMOTE",
+                                       "HCCL_E_SUSPENDING",
+                                       "HCCL_E_OPRETRY_FAIL",
+                                       "HCCL_E_OOM"};
   if (code >= 0 && code < static_cast<int>(sizeof kNames / sizeof kNames[0])) {
     return kNames[code];
   }

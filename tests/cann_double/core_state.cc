@@ -12,32 +12,32 @@ namespace cann_double {
 namespace {
 
 constexpr int kDefaultDeviceCount = 8;
-constexpr const char *kDefaultSocName = "Ascend910B1";
+constexpr const char* kDefaultSocName = "Ascend910B1";
 
 struct State {
   std::mutex mutex;
   bool acl_initialized = false;
   std::vector<std::string> violations;
-  std::vector<Context *> contexts;  // never freed: a stale handle stays detectable
-  std::map<int, Context *> default_contexts;
+  std::vector<Context*> contexts;  // never freed: a stale handle stays detectable
+  std::map<int, Context*> default_contexts;
   std::map<int, int> device_refcounts;
   std::map<int, int64_t> sys_params;
 };
 
 // Leaked on purpose: stream workers may still run while statics are destroyed.
-State &GetState() {
-  static State *state = new State;
+State& GetState() {
+  static State* state = new State;
   return *state;
 }
 
-thread_local Context *current_context = nullptr;
+thread_local Context* current_context = nullptr;
 thread_local std::string recent_error;
 thread_local std::string taken_error;
 
 }  // namespace
 
-std::string GetEnv(const char *name) {
-  const char *value = std::getenv(name);
+std::string GetEnv(const char* name) {
+  const char* value = std::getenv(name);
   return value ? value : "";
 }
 
@@ -48,29 +48,29 @@ bool EnvCountdown::Fire() {
     seen_ = value;
     calls_ = 0;
   }
-  char *end = nullptr;
+  char* end = nullptr;
   long long target = std::strtoll(value.c_str(), &end, 10);
   if (value.empty() || *end != '\0' || target <= 0) return false;
   return ++calls_ == target;
 }
 
-void SetRecentError(const std::string &message) { recent_error = message; }
+void SetRecentError(const std::string& message) { recent_error = message; }
 
-const char *TakeRecentError() {
+const char* TakeRecentError() {
   taken_error.swap(recent_error);
   recent_error.clear();
   return taken_error.c_str();
 }
 
-void RecordViolation(const std::string &what) {
+void RecordViolation(const std::string& what) {
   SetRecentError(what);
   std::fprintf(stderr, "[cann_double] violation: %s\n", what.c_str());
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   state.violations.push_back(what);
 }
 
-aclnnStatus InjectedStatus(const char *function) {
+aclnnStatus InjectedStatus(const char* function) {
   // CANN_DOUBLE_FAIL_PHASE=name:status[,name:status...]
   std::stringstream entries(GetEnv("CANN_DOUBLE_FAIL_PHASE"));
   std::string entry;
@@ -93,27 +93,27 @@ int DeviceCount() {
   return count > 0 ? count : kDefaultDeviceCount;
 }
 
-Context *CurrentContext() { return current_context; }
-void SetCurrentContextForThread(Context *context) { current_context = context; }
+Context* CurrentContext() { return current_context; }
+void SetCurrentContextForThread(Context* context) { current_context = context; }
 
-bool IsLiveContext(const Context *context) {
-  State &state = GetState();
+bool IsLiveContext(const Context* context) {
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  for (Context *known : state.contexts) {
+  for (Context* known : state.contexts) {
     if (known == context) return known->alive;
   }
   return false;
 }
 
 int CurrentDevice() {
-  Context *context = current_context;
+  Context* context = current_context;
   return context && context->alive ? context->device : -1;
 }
 
 namespace rt {
 
 aclError Init() {
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   if (state.acl_initialized) return kAclErrRepeatInitialize;
   state.acl_initialized = true;
@@ -121,7 +121,7 @@ aclError Init() {
 }
 
 aclError Finalize() {
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   if (!state.acl_initialized) return kAclErrRepeatFinalize;
   state.acl_initialized = false;
@@ -137,9 +137,9 @@ static bool ValidDevice(int32_t device) {
 
 aclError SetDevice(int32_t device) {
   if (!ValidDevice(device)) return kRtErrInvalidDeviceId;
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  Context *&context = state.default_contexts[device];
+  Context*& context = state.default_contexts[device];
   if (context == nullptr || !context->alive) {
     context = new Context{device};
     state.contexts.push_back(context);
@@ -151,9 +151,9 @@ aclError SetDevice(int32_t device) {
 
 aclError ResetDevice(int32_t device) {
   if (!ValidDevice(device)) return kRtErrInvalidDeviceId;
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  int &refcount = state.device_refcounts[device];
+  int& refcount = state.device_refcounts[device];
   if (refcount > 0) --refcount;
   if (current_context && current_context->device == device &&
       current_context == state.default_contexts[device]) {
@@ -162,7 +162,7 @@ aclError ResetDevice(int32_t device) {
   return kAclSuccess;
 }
 
-aclError GetDevice(int32_t *device) {
+aclError GetDevice(int32_t* device) {
   if (device == nullptr) return kRtErrParamInvalid;
   int current = CurrentDevice();
   if (current < 0) {
@@ -173,18 +173,18 @@ aclError GetDevice(int32_t *device) {
   return kAclSuccess;
 }
 
-aclError GetDeviceCount(uint32_t *count) {
+aclError GetDeviceCount(uint32_t* count) {
   if (count == nullptr) return kRtErrParamInvalid;
   *count = static_cast<uint32_t>(DeviceCount());
   return kAclSuccess;
 }
 
-aclError CreateContext(aclrtContext *handle, int32_t device) {
+aclError CreateContext(aclrtContext* handle, int32_t device) {
   if (handle == nullptr) return kRtErrParamInvalid;
   if (!ValidDevice(device)) return kRtErrInvalidDeviceId;
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  Context *context = new Context{device};
+  Context* context = new Context{device};
   state.contexts.push_back(context);
   current_context = context;  // as in ACL: the new context becomes current
   *handle = context;
@@ -192,7 +192,7 @@ aclError CreateContext(aclrtContext *handle, int32_t device) {
 }
 
 aclError DestroyContext(aclrtContext handle) {
-  auto *context = static_cast<Context *>(handle);
+  auto* context = static_cast<Context*>(handle);
   if (!IsLiveContext(context)) {
     SetRecentError("aclrtDestroyContext: not a live context");
     return kRtErrParamInvalid;
@@ -204,7 +204,7 @@ aclError DestroyContext(aclrtContext handle) {
 }
 
 aclError SetCurrentContext(aclrtContext handle) {
-  auto *context = static_cast<Context *>(handle);
+  auto* context = static_cast<Context*>(handle);
   if (!IsLiveContext(context)) {
     SetRecentError("aclrtSetCurrentContext: not a live context");
     return kRtErrParamInvalid;
@@ -213,14 +213,14 @@ aclError SetCurrentContext(aclrtContext handle) {
   return kAclSuccess;
 }
 
-aclError GetCurrentContext(aclrtContext *handle) {
+aclError GetCurrentContext(aclrtContext* handle) {
   if (handle == nullptr) return kRtErrParamInvalid;
   if (current_context == nullptr || !current_context->alive) return kRtErrContextNull;
   *handle = current_context;
   return kAclSuccess;
 }
 
-const char *SocName() {
+const char* SocName() {
   static thread_local std::string name;
   name = GetEnv("CANN_DOUBLE_SOC_NAME");
   if (name.empty()) name = kDefaultSocName;
@@ -229,14 +229,14 @@ const char *SocName() {
 
 aclError SetSysParamOpt(int option, int64_t value) {
   if (option < 0 || option > 3) return kRtErrParamInvalid;
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   state.sys_params[option] = value;
   return kAclSuccess;
 }
 
 int64_t SysParamOpt(int option) {
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   auto found = state.sys_params.find(option);
   return found == state.sys_params.end() ? 0 : found->second;
@@ -250,11 +250,11 @@ std::string BuildReport() {
   int64_t allocs, tensors, executors, int_arrays;
   cann_double_live_counts(&allocs, &tensors, &executors, &int_arrays);
   std::ostringstream out;
-  State &state = GetState();
+  State& state = GetState();
   {
     std::lock_guard<std::mutex> lock(state.mutex);
     out << "violations: " << state.violations.size() << "\n";
-    for (const std::string &violation : state.violations) out << "  " << violation << "\n";
+    for (const std::string& violation : state.violations) out << "  " << violation << "\n";
   }
   out << "live: allocations=" << allocs << " tensors=" << tensors << " executors=" << executors
       << " int_arrays=" << int_arrays << " comms=" << LiveCommCount() << "\n";
@@ -269,14 +269,14 @@ struct ExitReport {
     std::string report = BuildReport();
     std::string path = GetEnv("CANN_DOUBLE_REPORT");
     if (!path.empty()) {
-      if (FILE *file = std::fopen(path.c_str(), "w")) {
+      if (FILE* file = std::fopen(path.c_str(), "w")) {
         std::fputs(report.c_str(), file);
         std::fclose(file);
       }
     }
-    bool clean = report.rfind("violations: 0\n", 0) == 0 &&
-                 report.find("allocations=0 tensors=0 executors=0 int_arrays=0") !=
-                     std::string::npos;
+    bool clean =
+        report.rfind("violations: 0\n", 0) == 0 &&
+        report.find("allocations=0 tensors=0 executors=0 int_arrays=0") != std::string::npos;
     if (!clean) std::fprintf(stderr, "[cann_double] exit report:\n%s", report.c_str());
   }
 } exit_report;
@@ -288,15 +288,15 @@ using namespace cann_double;
 
 extern "C" {
 
-void cann_double_live_counts(int64_t *allocs, int64_t *tensors, int64_t *executors,
-                             int64_t *int_arrays) {
+void cann_double_live_counts(int64_t* allocs, int64_t* tensors, int64_t* executors,
+                             int64_t* int_arrays) {
   if (allocs) *allocs = LiveAllocationCount();
   if (tensors) *tensors = LiveTensorCount();
   if (executors) *executors = LiveExecutorCount();
   if (int_arrays) *int_arrays = LiveIntArrayCount();
 }
 
-const char *cann_double_report() {
+const char* cann_double_report() {
   static std::mutex mutex;
   static std::string report;
   std::lock_guard<std::mutex> lock(mutex);
@@ -306,12 +306,12 @@ const char *cann_double_report() {
 }
 
 void cann_double_clear_report() {
-  State &state = GetState();
+  State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   state.violations.clear();
 }
 
-int cann_double_check_device_range(const void *ptr, size_t bytes) {
+int cann_double_check_device_range(const void* ptr, size_t bytes) {
   std::string why;
   bool ok = CheckDeviceRange(ptr, bytes, &why);
   if (!ok) SetRecentError(why);

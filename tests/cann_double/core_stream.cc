@@ -12,7 +12,7 @@ namespace cann_double {
 namespace {
 
 struct Stream {
-  Context *context = nullptr;
+  Context* context = nullptr;
   int device = -1;
   std::mutex mutex;
   std::condition_variable work_ready;
@@ -37,12 +37,12 @@ struct Event {
 
 struct Streams {
   std::mutex mutex;
-  std::set<Stream *> live;
-  std::set<Event *> events;  // never freed: a stale handle stays detectable
+  std::set<Stream*> live;
+  std::set<Event*> events;  // never freed: a stale handle stays detectable
 };
 
-Streams &GetStreams() {
-  static Streams *streams = new Streams;
+Streams& GetStreams() {
+  static Streams* streams = new Streams;
   return *streams;
 }
 
@@ -52,10 +52,10 @@ void LaunchDelay() {
   if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
 }
 
-int RunTask(StreamTask &task, std::string *message) {
+int RunTask(StreamTask& task, std::string* message) {
   try {
     return task(message);
-  } catch (const std::exception &error) {
+  } catch (const std::exception& error) {
     *message = std::string("stream task threw: ") + error.what();
   } catch (...) {
     *message = "stream task threw";
@@ -63,7 +63,7 @@ int RunTask(StreamTask &task, std::string *message) {
   return kRtErrAicoreException;
 }
 
-void WorkerLoop(Stream *stream) {
+void WorkerLoop(Stream* stream) {
   SetCurrentContextForThread(stream->context);
   std::unique_lock<std::mutex> lock(stream->mutex);
   for (;;) {
@@ -86,43 +86,43 @@ void WorkerLoop(Stream *stream) {
   }
 }
 
-Stream *LiveStream(aclrtStream handle) {
-  Streams &streams = GetStreams();
+Stream* LiveStream(aclrtStream handle) {
+  Streams& streams = GetStreams();
   std::lock_guard<std::mutex> lock(streams.mutex);
-  auto *stream = static_cast<Stream *>(handle);
+  auto* stream = static_cast<Stream*>(handle);
   return streams.live.count(stream) ? stream : nullptr;
 }
 
-Event *LiveEvent(aclrtEvent handle) {
-  Streams &streams = GetStreams();
+Event* LiveEvent(aclrtEvent handle) {
+  Streams& streams = GetStreams();
   std::lock_guard<std::mutex> lock(streams.mutex);
-  auto *event = static_cast<Event *>(handle);
+  auto* event = static_cast<Event*>(handle);
   return streams.events.count(event) && event->alive ? event : nullptr;
 }
 
-Stream *NewStream(Context *context) {
-  auto *stream = new Stream;
+Stream* NewStream(Context* context) {
+  auto* stream = new Stream;
   stream->context = context;
   stream->device = context->device;
   stream->worker = std::thread(WorkerLoop, stream);
-  Streams &streams = GetStreams();
+  Streams& streams = GetStreams();
   std::lock_guard<std::mutex> lock(streams.mutex);
   streams.live.insert(stream);
   return stream;
 }
 
 // The current context's default stream (the nullptr stream), made on first use.
-Stream *DefaultStream() {
+Stream* DefaultStream() {
   static std::mutex mutex;
-  Context *context = CurrentContext();
+  Context* context = CurrentContext();
   if (context == nullptr || !context->alive) return nullptr;
   std::lock_guard<std::mutex> lock(mutex);
   if (context->default_stream == nullptr) context->default_stream = NewStream(context);
-  return static_cast<Stream *>(context->default_stream);
+  return static_cast<Stream*>(context->default_stream);
 }
 
 // Waits until `stream` has run everything submitted so far; false on timeout.
-bool WaitIdle(Stream *stream, std::unique_lock<std::mutex> &lock, int32_t timeout_ms) {
+bool WaitIdle(Stream* stream, std::unique_lock<std::mutex>& lock, int32_t timeout_ms) {
   uint64_t target = stream->submitted;
   auto done = [&] { return stream->completed >= target; };
   if (timeout_ms <= 0) {
@@ -134,8 +134,8 @@ bool WaitIdle(Stream *stream, std::unique_lock<std::mutex> &lock, int32_t timeou
 
 }  // namespace
 
-aclError Enqueue(aclrtStream handle, StreamTask task, std::string *why) {
-  Stream *stream = handle ? LiveStream(handle) : DefaultStream();
+aclError Enqueue(aclrtStream handle, StreamTask task, std::string* why) {
+  Stream* stream = handle ? LiveStream(handle) : DefaultStream();
   if (stream == nullptr) {
     *why = handle ? "not a live stream" : "no current context for the default stream";
     return handle ? kRtErrParamInvalid : kRtErrContextNull;
@@ -154,15 +154,15 @@ aclError Enqueue(aclrtStream handle, StreamTask task, std::string *why) {
 }
 
 int StreamDevice(aclrtStream handle) {
-  Stream *stream = handle ? LiveStream(handle) : DefaultStream();
+  Stream* stream = handle ? LiveStream(handle) : DefaultStream();
   return stream ? stream->device : -1;
 }
 
 namespace rt {
 
-aclError CreateStream(aclrtStream *handle) {
+aclError CreateStream(aclrtStream* handle) {
   if (handle == nullptr) return kRtErrParamInvalid;
-  Context *context = CurrentContext();
+  Context* context = CurrentContext();
   if (context == nullptr || !context->alive) {
     SetRecentError("aclrtCreateStream: no current context (call aclrtSetDevice first)");
     return kRtErrContextNull;
@@ -172,13 +172,13 @@ aclError CreateStream(aclrtStream *handle) {
 }
 
 aclError DestroyStream(aclrtStream handle) {
-  Stream *stream = LiveStream(handle);
+  Stream* stream = LiveStream(handle);
   if (stream == nullptr) {
     SetRecentError("aclrtDestroyStream: not a live stream");
     return kRtErrParamInvalid;
   }
   {
-    Streams &streams = GetStreams();
+    Streams& streams = GetStreams();
     std::lock_guard<std::mutex> lock(streams.mutex);
     streams.live.erase(stream);
   }
@@ -195,7 +195,7 @@ aclError DestroyStream(aclrtStream handle) {
 
 aclError SynchronizeStream(aclrtStream handle, int32_t timeout_ms) {
   if (timeout_ms < -1) return kRtErrParamInvalid;
-  Stream *stream = handle ? LiveStream(handle) : DefaultStream();
+  Stream* stream = handle ? LiveStream(handle) : DefaultStream();
   if (stream == nullptr) {
     SetRecentError("aclrtSynchronizeStream: not a live stream");
     return handle ? kRtErrParamInvalid : kRtErrContextNull;
@@ -219,26 +219,26 @@ aclError SynchronizeStream(aclrtStream handle, int32_t timeout_ms) {
 aclError SynchronizeDevice() {
   int device = CurrentDevice();
   if (device < 0) return kRtErrContextNull;
-  std::vector<Stream *> on_device;
+  std::vector<Stream*> on_device;
   {
-    Streams &streams = GetStreams();
+    Streams& streams = GetStreams();
     std::lock_guard<std::mutex> lock(streams.mutex);
-    for (Stream *stream : streams.live) {
+    for (Stream* stream : streams.live) {
       if (stream->device == device) on_device.push_back(stream);
     }
   }
   aclError first_error = kAclSuccess;
-  for (Stream *stream : on_device) {
+  for (Stream* stream : on_device) {
     aclError error = SynchronizeStream(stream, -1);
     if (first_error == kAclSuccess) first_error = error;
   }
   return first_error;
 }
 
-aclError CreateEvent(aclrtEvent *handle) {
+aclError CreateEvent(aclrtEvent* handle) {
   if (handle == nullptr) return kRtErrParamInvalid;
-  auto *event = new Event;
-  Streams &streams = GetStreams();
+  auto* event = new Event;
+  Streams& streams = GetStreams();
   std::lock_guard<std::mutex> lock(streams.mutex);
   streams.events.insert(event);
   *handle = event;
@@ -246,7 +246,7 @@ aclError CreateEvent(aclrtEvent *handle) {
 }
 
 aclError DestroyEvent(aclrtEvent handle) {
-  Event *event = LiveEvent(handle);
+  Event* event = LiveEvent(handle);
   if (event == nullptr) {
     SetRecentError("aclrtDestroyEvent: not a live event");
     return kRtErrParamInvalid;
@@ -258,7 +258,7 @@ aclError DestroyEvent(aclrtEvent handle) {
 }
 
 aclError RecordEvent(aclrtEvent handle, aclrtStream stream) {
-  Event *event = LiveEvent(handle);
+  Event* event = LiveEvent(handle);
   if (event == nullptr) return kRtErrParamInvalid;
   uint64_t generation;
   {
@@ -268,7 +268,7 @@ aclError RecordEvent(aclrtEvent handle, aclrtStream stream) {
   std::string why;
   aclError status = Enqueue(
       stream,
-      [event, generation](std::string *) {
+      [event, generation](std::string*) {
         std::lock_guard<std::mutex> lock(event->mutex);
         if (generation > event->completed) event->completed = generation;
         event->completed_changed.notify_all();
@@ -280,7 +280,7 @@ aclError RecordEvent(aclrtEvent handle, aclrtStream stream) {
 }
 
 aclError StreamWaitEvent(aclrtStream stream, aclrtEvent handle) {
-  Event *event = LiveEvent(handle);
+  Event* event = LiveEvent(handle);
   if (event == nullptr) return kRtErrParamInvalid;
   uint64_t target;
   {
@@ -290,10 +290,10 @@ aclError StreamWaitEvent(aclrtStream stream, aclrtEvent handle) {
   std::string why;
   aclError status = Enqueue(
       stream,
-      [event, target](std::string *) {
+      [event, target](std::string*) {
         std::unique_lock<std::mutex> lock(event->mutex);
-        event->completed_changed.wait(
-            lock, [&] { return event->completed >= target || !event->alive; });
+        event->completed_changed.wait(lock,
+                                      [&] { return event->completed >= target || !event->alive; });
         return kAclSuccess;
       },
       &why);
@@ -302,12 +302,11 @@ aclError StreamWaitEvent(aclrtStream stream, aclrtEvent handle) {
 }
 
 aclError SynchronizeEvent(aclrtEvent handle) {
-  Event *event = LiveEvent(handle);
+  Event* event = LiveEvent(handle);
   if (event == nullptr) return kRtErrParamInvalid;
   std::unique_lock<std::mutex> lock(event->mutex);
   uint64_t target = event->recorded;
-  event->completed_changed.wait(lock,
-                                [&] { return event->completed >= target || !event->alive; });
+  event->completed_changed.wait(lock, [&] { return event->completed >= target || !event->alive; });
   return kAclSuccess;
 }
 

@@ -32,21 +32,21 @@ enum class HandleState { kLive, kDestroyed, kUnknown };
 template <typename T>
 class HandleRegistry {
  public:
-  T *Add(T *handle) {
+  T* Add(T* handle) {
     std::lock_guard<std::mutex> lock(mutex_);
     states_[handle] = HandleState::kLive;
     ++live_;
     return handle;
   }
 
-  HandleState State(const T *handle) {
+  HandleState State(const T* handle) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = states_.find(handle);
     return found == states_.end() ? HandleState::kUnknown : found->second;
   }
 
   // Marks a live handle destroyed; returns its state before.
-  HandleState Retire(const T *handle) {
+  HandleState Retire(const T* handle) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = states_.find(handle);
     if (found == states_.end()) return HandleState::kUnknown;
@@ -70,50 +70,50 @@ class HandleRegistry {
  private:
   static constexpr size_t kKeptRetired = 65536;
   std::mutex mutex_;
-  std::unordered_map<const T *, HandleState> states_;
-  std::deque<const T *> retired_;
+  std::unordered_map<const T*, HandleState> states_;
+  std::deque<const T*> retired_;
   int64_t live_ = 0;
 };
 
 template <typename T>
-HandleRegistry<T> &Registry() {
-  static auto *registry = new HandleRegistry<T>;
+HandleRegistry<T>& Registry() {
+  static auto* registry = new HandleRegistry<T>;
   return *registry;
 }
 
-std::string Pointer(const void *pointer) {
+std::string Pointer(const void* pointer) {
   char text[32];
   std::snprintf(text, sizeof text, "%p", pointer);
   return text;
 }
 
 bool KnownFormat(int format) {
-  static const std::set<int> kFormats = {-1, 0,  1,  2,  3,  4,  12, 16, 27, 29, 30,
-                                         32, 33, 35, 47, 50, 51, 52, 53, 54};
+  static const std::set<int> kFormats = {-1, 0,  1,  2,  3,  4,  12, 16, 27, 29,
+                                         30, 32, 33, 35, 47, 50, 51, 52, 53, 54};
   return kFormats.count(format) > 0;
 }
 
-bool NonNegative(const std::vector<int64_t> &values) {
+bool NonNegative(const std::vector<int64_t>& values) {
   for (int64_t value : values) {
     if (value < 0) return false;
   }
   return true;
 }
 
-int64_t Product(const std::vector<int64_t> &values) {
+int64_t Product(const std::vector<int64_t>& values) {
   int64_t product = 1;
   for (int64_t value : values) product *= value;
   return product;
 }
 
-std::vector<int64_t> ContiguousStrides(const std::vector<int64_t> &dims) {
+std::vector<int64_t> ContiguousStrides(const std::vector<int64_t>& dims) {
   std::vector<int64_t> strides(dims.size(), 1);
   for (size_t i = dims.size(); i-- > 1;) strides[i - 1] = strides[i] * dims[i];
   return strides;
 }
 
 // Why `desc` is not a valid tensor, "" if it is.
-std::string TensorProblem(const TensorDesc &desc) {
+std::string TensorProblem(const TensorDesc& desc) {
   int bits = DtypeBits(desc.dtype);
   if (bits == 0) return "unknown dtype " + std::to_string(desc.dtype);
   if (!KnownFormat(desc.format)) return "unknown format " + std::to_string(desc.format);
@@ -143,7 +143,7 @@ std::string TensorProblem(const TensorDesc &desc) {
 }
 
 // Checks an executor for phase 2; "" if it may run.
-std::string ExecutorProblem(const char *function, aclOpExecutor *executor, aclnnStatus *status) {
+std::string ExecutorProblem(const char* function, aclOpExecutor* executor, aclnnStatus* status) {
   *status = kErrParamInvalid;
   if (executor == nullptr) {
     *status = kErrParamNullptr;
@@ -161,8 +161,8 @@ std::string ExecutorProblem(const char *function, aclOpExecutor *executor, aclnn
   return "";
 }
 
-std::string WorkspaceProblem(aclOpExecutor *executor, void *workspace, uint64_t size,
-                             aclnnStatus *status) {
+std::string WorkspaceProblem(aclOpExecutor* executor, void* workspace, uint64_t size,
+                             aclnnStatus* status) {
   *status = kErrParamInvalid;
   if (size < executor->workspace_size) {
     return "workspace size " + std::to_string(size) + " < the " +
@@ -177,24 +177,24 @@ std::string WorkspaceProblem(aclOpExecutor *executor, void *workspace, uint64_t 
   return CheckDeviceRange(workspace, size, &why) ? "" : "workspace: " + why;
 }
 
-void RetireExecutor(aclOpExecutor *executor) { Registry<aclOpExecutor>().Retire(executor); }
+void RetireExecutor(aclOpExecutor* executor) { Registry<aclOpExecutor>().Retire(executor); }
 
 }  // namespace
 
 int DtypeBits(int dtype) {
   static const std::unordered_map<int, int> kBits = {
-      {0, 32}, {1, 16}, {2, 8},   {3, 32}, {4, 8},  {6, 16}, {7, 16}, {8, 32},
-      {9, 64}, {10, 64}, {11, 64}, {12, 8}, {16, 64}, {17, 128}, {27, 16}, {29, 4},
-      {30, 1}, {33, 32}, {34, 8},  {35, 8}, {36, 8}, {37, 8},  {38, 6},  {39, 6},
-      {40, 4}, {41, 4}};
+      {0, 32},  {1, 16},  {2, 8},  {3, 32},  {4, 8},    {6, 16},  {7, 16}, {8, 32}, {9, 64},
+      {10, 64}, {11, 64}, {12, 8}, {16, 64}, {17, 128}, {27, 16}, {29, 4}, {30, 1}, {33, 32},
+      {34, 8},  {35, 8},  {36, 8}, {37, 8},  {38, 6},   {39, 6},  {40, 4}, {41, 4}};
   auto found = kBits.find(dtype);
   return found == kBits.end() ? 0 : found->second;
 }
 
-const TensorDesc *Desc(const aclTensor *tensor) {
+const TensorDesc* Desc(const aclTensor* tensor) {
   if (tensor == nullptr) return nullptr;
   switch (Registry<aclTensor>().State(tensor)) {
-    case HandleState::kLive: return &tensor->desc;
+    case HandleState::kLive:
+      return &tensor->desc;
     case HandleState::kDestroyed:
       RecordViolation("use of destroyed aclTensor " + Pointer(tensor));
       return nullptr;
@@ -204,23 +204,23 @@ const TensorDesc *Desc(const aclTensor *tensor) {
   }
 }
 
-std::vector<int64_t> IntArrayValues(const aclIntArray *array, bool *ok) {
+std::vector<int64_t> IntArrayValues(const aclIntArray* array, bool* ok) {
   bool live = array == nullptr || Registry<aclIntArray>().State(array) == HandleState::kLive;
   if (ok) *ok = live;
   if (!live) RecordViolation(Pointer(array) + " is not a live aclIntArray");
   return live && array ? array->values : std::vector<int64_t>{};
 }
 
-aclOpExecutor *NewExecutor(const char *function, uint64_t workspace_size, Kernel kernel) {
-  auto *executor = new aclOpExecutor;
+aclOpExecutor* NewExecutor(const char* function, uint64_t workspace_size, Kernel kernel) {
+  auto* executor = new aclOpExecutor;
   executor->function = function;
   executor->workspace_size = workspace_size;
   executor->kernel = std::move(kernel);
   return Registry<aclOpExecutor>().Add(executor);
 }
 
-aclnnStatus LaunchExecutor(const char *function, void *workspace, uint64_t workspace_size,
-                           aclOpExecutor *executor, aclrtStream stream) {
+aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t workspace_size,
+                           aclOpExecutor* executor, aclrtStream stream) {
   aclnnStatus status;
   std::string problem = ExecutorProblem(function, executor, &status);
   if (problem.empty()) problem = WorkspaceProblem(executor, workspace, workspace_size, &status);
@@ -234,7 +234,7 @@ aclnnStatus LaunchExecutor(const char *function, void *workspace, uint64_t works
     return status;
   }
   executor->launched = true;
-  StreamTask task = [=](std::string *message) {
+  StreamTask task = [=](std::string* message) {
     std::string why;
     aclnnStatus result;
     if (workspace_size && !CheckDeviceRange(workspace, workspace_size, &why)) {
@@ -257,15 +257,15 @@ aclnnStatus LaunchExecutor(const char *function, void *workspace, uint64_t works
 
 namespace nn {
 
-aclTensor *CreateTensor(const int64_t *view_dims, uint64_t view_dims_num, int dtype,
-                        const int64_t *strides, int64_t offset, int format,
-                        const int64_t *storage_dims, uint64_t storage_dims_num, void *data) {
+aclTensor* CreateTensor(const int64_t* view_dims, uint64_t view_dims_num, int dtype,
+                        const int64_t* strides, int64_t offset, int format,
+                        const int64_t* storage_dims, uint64_t storage_dims_num, void* data) {
   if ((view_dims == nullptr && view_dims_num) || (storage_dims == nullptr && storage_dims_num)) {
     SetRecentError("aclCreateTensor: dims are nullptr");
     return nullptr;
   }
   auto tensor = std::make_unique<aclTensor>();
-  TensorDesc &desc = tensor->desc;
+  TensorDesc& desc = tensor->desc;
   desc.view_dims.assign(view_dims, view_dims + view_dims_num);
   desc.strides = strides ? std::vector<int64_t>(strides, strides + view_dims_num)
                          : ContiguousStrides(desc.view_dims);
@@ -283,33 +283,33 @@ aclTensor *CreateTensor(const int64_t *view_dims, uint64_t view_dims_num, int dt
 }
 
 template <typename T>
-aclnnStatus DestroyHandle(const T *handle, const char *what) {
+aclnnStatus DestroyHandle(const T* handle, const char* what) {
   if (handle == nullptr) return kAclnnSuccess;
   HandleState before = Registry<T>().Retire(handle);
   if (before == HandleState::kLive) return kAclnnSuccess;
   RecordViolation(std::string(before == HandleState::kDestroyed ? "double destroy of "
-                                                                 : "destroy of unknown ") +
+                                                                : "destroy of unknown ") +
                   what + " " + Pointer(handle));
   return kErrParamInvalid;
 }
 
-aclnnStatus DestroyTensor(const aclTensor *tensor) { return DestroyHandle(tensor, "aclTensor"); }
+aclnnStatus DestroyTensor(const aclTensor* tensor) { return DestroyHandle(tensor, "aclTensor"); }
 
-aclIntArray *CreateIntArray(const int64_t *values, uint64_t size) {
+aclIntArray* CreateIntArray(const int64_t* values, uint64_t size) {
   if (values == nullptr && size) {
     SetRecentError("aclCreateIntArray: values are nullptr");
     return nullptr;
   }
-  auto *array = new aclIntArray;
+  auto* array = new aclIntArray;
   array->values.assign(values, values + size);
   return Registry<aclIntArray>().Add(array);
 }
 
-aclnnStatus DestroyIntArray(const aclIntArray *array) {
+aclnnStatus DestroyIntArray(const aclIntArray* array) {
   return DestroyHandle(array, "aclIntArray");
 }
 
-aclnnStatus SetExecutorRepeatable(aclOpExecutor *executor) {
+aclnnStatus SetExecutorRepeatable(aclOpExecutor* executor) {
   if (executor == nullptr) return kErrParamNullptr;
   SetRecentError("aclSetAclOpExecutorRepeatable: repeatable executors are not supported for " +
                  (Registry<aclOpExecutor>().State(executor) == HandleState::kLive
@@ -318,7 +318,7 @@ aclnnStatus SetExecutorRepeatable(aclOpExecutor *executor) {
   return kErrParamInvalid;
 }
 
-aclnnStatus DestroyExecutor(aclOpExecutor *executor) {
+aclnnStatus DestroyExecutor(aclOpExecutor* executor) {
   if (executor != nullptr && Registry<aclOpExecutor>().State(executor) == HandleState::kLive &&
       executor->launched) {
     RecordViolation("aclDestroyAclOpExecutor: executor of " + executor->function +

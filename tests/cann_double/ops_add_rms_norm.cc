@@ -85,7 +85,7 @@ aclnnStatus CheckInputs(const char *fn, const aclTensor *x1, const aclTensor *x2
                         const aclTensor *bias, const aclTensor *residual, const aclTensor *gamma,
                         double epsilon, const char *group, const char *reduce_op,
                         int64_t comm_turn, int64_t stream_mode, AddRmsNormPlan *plan) {
-  CD_RETURN_IF_ERROR(CheckFloatMatmul(fn, x1, x2, bias, false, plan));
+  CD_RETURN_IF_ERROR(CheckFloatMatmul(fn, x1, x2, bias, false, 0, plan));
   CD_RETURN_IF_ERROR(CheckNormArgs(fn, residual, gamma, epsilon, plan));
   int world = 0;
   CD_RETURN_IF_ERROR(

@@ -16,7 +16,7 @@ namespace ops {
 
 const char *DtypeName(int dtype) {
   switch (dtype) {
-    case kFloat: return "FLOAT";
+    case kFloat: return "FLOAT32";
     case kFloat16: return "FLOAT16";
     case kInt8: return "INT8";
     case kInt32: return "INT32";
@@ -354,7 +354,8 @@ aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int
   const int64_t c0 = 32 / (DtypeBits(d.dtype) / 8);
   const auto plain = NzShape(w->k, w->n, c0);       // stored (k, n)
   const auto transposed = NzShape(w->n, w->k, c0);  // stored (n, k)
-  const bool says_t = t.rank() == 2 && w->k > 1 && StridesTransposed(d.view_dims, d.strides);
+  const bool says_t = t.rank() == 2 && !IsContiguous(d.view_dims, d.strides) &&
+                      StridesTransposed(d.view_dims, d.strides);
   if (!says_t && d.storage_dims == plain) {
     w->transposed = false;
   } else if (d.storage_dims == transposed) {
@@ -394,6 +395,11 @@ aclnnStatus ResolveWeight(const char *fn, const Tensor &t, bool allow_nz, int64_
                          "got strides " + DimsString(t.desc.strides) + " for " + DimsString(t.dims()));
   }
   return kAclnnSuccess;
+}
+
+int64_t LastDim(const aclTensor *tensor) {
+  const TensorDesc *d = tensor ? Desc(tensor) : nullptr;
+  return d && !d->view_dims.empty() ? d->view_dims.back() : 0;
 }
 
 aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool allow_nz,
@@ -472,11 +478,8 @@ aclnnStatus Finish(const char *fn, uint64_t workspace_bytes, KernelBody body,
 }
 
 aclnnStatus Injected(const char *fn) {
-  const aclnnStatus status = InjectedStatus(fn);
-  if (status != kAclnnSuccess) {
-    SetRecentError(std::string(fn) + ": injected failure (status " + std::to_string(status) + ")");
-  }
-  return status;
+  // InjectedStatus sets the recent error itself when it injects a failure.
+  return InjectedStatus(fn);
 }
 
 // ---------------------------------------------------------------------------

@@ -146,6 +146,9 @@ aclnnStatus CheckContiguous(const char *fn, const Tensor &t);
 // with k and n taken from the caller (k_hint, n_hint >= 1).
 aclnnStatus ResolveWeight(const char *fn, const Tensor &t, bool allow_nz, int64_t k_hint,
                           int64_t n_hint, Weight *out);
+// The last view dim of a live tensor (0 for nullptr, a dead or 0-D tensor):
+// the n of a 4-D FRACTAL_NZ weight view, taken from the output.
+int64_t LastDim(const aclTensor *tensor);
 // The matmul shapes: x1 (m, k) or (b, s, k) contiguous ND, x2 a Weight with
 // x1's k; returns the output dims (x1's leading dims + n).
 aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool allow_nz,
@@ -177,7 +180,7 @@ aclnnStatus Injected(const char *fn);
 bool StorageLive(const char *fn, const std::vector<const Tensor *> &tensors, std::string *message);
 
 // Every element of the view as a double, row-major over the view dims
-// (strides, offset; NZ storage for a 4-D NZ tensor read as its storage).
+// (through strides and offset; FLOAT4_E2M1 nibbles, low nibble first).
 std::vector<double> ReadAll(const Tensor &t);
 // The raw 64-bit words of an INT64/UINT64 tensor's view.
 std::vector<uint64_t> ReadWords(const Tensor &t);

@@ -170,7 +170,8 @@ std::vector<float> FloatMatmulPlan::LocalWith(const std::vector<double> &w) cons
 std::vector<float> FloatMatmulPlan::Local() const { return LocalWith(ReadWeight(x2)); }
 
 aclnnStatus CheckFloatMatmul(const char *fn, const aclTensor *x1, const aclTensor *x2,
-                             const aclTensor *bias, bool allow_nz, MatmulAllReducePlan *plan) {
+                             const aclTensor *bias, bool allow_nz, int64_t n_hint,
+                             MatmulAllReducePlan *plan) {
   plan->fn = fn;
   CD_RETURN_IF_ERROR(Required(fn, "x1", x1, &plan->x1));
   Tensor x2t;
@@ -178,7 +179,7 @@ aclnnStatus CheckFloatMatmul(const char *fn, const aclTensor *x1, const aclTenso
   CD_RETURN_IF_ERROR(CheckDtype(fn, plan->x1, {kFloat16, kBf16}));
   CD_RETURN_IF_ERROR(CheckSameDtype(fn, x2t, plan->x1));
   std::vector<int64_t> out_dims;
-  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, allow_nz, 0, &plan->x2, &out_dims));
+  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, allow_nz, n_hint, &plan->x2, &out_dims));
   SetShape(plan, out_dims);
   plan->out_dtype = plan->x1.dtype();
   return CheckBias(fn, bias, {plan->x1.dtype()}, plan);
@@ -193,7 +194,7 @@ aclnnStatus MatmulAllReduceCommon(const char *fn, const aclTensor *x1, const acl
                                   aclOpExecutor **executor) {
   auto plan = std::make_shared<FloatMatmulPlan>();
   int world = 0;
-  CD_RETURN_IF_ERROR(CheckFloatMatmul(fn, x1, x2, bias, true, plan.get()));
+  CD_RETURN_IF_ERROR(CheckFloatMatmul(fn, x1, x2, bias, true, LastDim(output), plan.get()));
   CD_RETURN_IF_ERROR(CheckNotEmpty(fn, *plan));
   CD_RETURN_IF_ERROR(CheckX3(fn, x3, {plan->out_dtype}, plan.get()));
   CD_RETURN_IF_ERROR(CheckOutput(fn, output, plan.get(), "x1's dtype"));
@@ -286,7 +287,7 @@ aclnnStatus WeightQuantCommon(const char *fn, const aclTensor *x1, const aclTens
   CD_RETURN_IF_ERROR(CheckDtype(fn, plan->x1, {kFloat16, kBf16}));
   CD_RETURN_IF_ERROR(CheckDtype(fn, x2t, {kInt8}));
   std::vector<int64_t> out_dims;
-  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, true, 0, &plan->x2, &out_dims));
+  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, true, LastDim(output), &plan->x2, &out_dims));
   SetShape(plan.get(), out_dims);
   plan->out_dtype = plan->x1.dtype();
   CD_RETURN_IF_ERROR(CheckNotEmpty(fn, *plan));
@@ -386,7 +387,7 @@ struct Int8Plan : MatmulAllReducePlan {
 
 // The int8 operands: x1/x2 INT8, bias INT32 (n,), limits.
 aclnnStatus CheckInt8Matmul(const char *fn, const aclTensor *x1, const aclTensor *x2,
-                            const aclTensor *bias, Int8Plan *plan) {
+                            const aclTensor *bias, int64_t n_hint, Int8Plan *plan) {
   plan->fn = fn;
   CD_RETURN_IF_ERROR(Required(fn, "x1", x1, &plan->x1));
   Tensor x2t;
@@ -394,7 +395,7 @@ aclnnStatus CheckInt8Matmul(const char *fn, const aclTensor *x1, const aclTensor
   CD_RETURN_IF_ERROR(CheckDtype(fn, plan->x1, {kInt8}));
   CD_RETURN_IF_ERROR(CheckDtype(fn, x2t, {kInt8}));
   std::vector<int64_t> out_dims;
-  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, true, 0, &plan->x2, &out_dims));
+  CD_RETURN_IF_ERROR(CheckMatmul(fn, plan->x1, x2t, true, n_hint, &plan->x2, &out_dims));
   SetShape(plan, out_dims);
   CD_RETURN_IF_ERROR(CheckNotEmpty(fn, *plan));
   CD_RETURN_IF_ERROR(CheckQuantLimits(fn, *plan, false));
@@ -456,10 +457,11 @@ aclnnStatus CheckCommScales(const char *fn, const aclTensor *s1, const aclTensor
 struct Int8Args {
   const aclTensor *x1, *x2, *bias, *x3, *scale, *pertoken, *comm1, *comm2;
   const char *scale_name, *pertoken_name;
+  const aclTensor *output = nullptr;  // for a 4-D FRACTAL_NZ x2's n
 };
 
 aclnnStatus CheckInt8Call(const char *fn, const Int8Args &a, Int8Plan *plan) {
-  CD_RETURN_IF_ERROR(CheckInt8Matmul(fn, a.x1, a.x2, a.bias, plan));
+  CD_RETURN_IF_ERROR(CheckInt8Matmul(fn, a.x1, a.x2, a.bias, LastDim(a.output), plan));
   CD_RETURN_IF_ERROR(
       CheckInt8Scales(fn, a.scale_name, a.scale, a.pertoken_name, a.pertoken, plan));
   CD_RETURN_IF_ERROR(CheckX3(fn, a.x3, {plan->out_dtype}, plan));
@@ -471,7 +473,9 @@ aclnnStatus QuantCommon(const char *fn, const Int8Args &a, const char *group, co
                         uint64_t *workspace_size, aclOpExecutor **executor) {
   auto plan = std::make_shared<Int8Plan>();
   int world = 0;
-  CD_RETURN_IF_ERROR(CheckInt8Call(fn, a, plan.get()));
+  Int8Args with_output = a;
+  with_output.output = output;
+  CD_RETURN_IF_ERROR(CheckInt8Call(fn, with_output, plan.get()));
   CD_RETURN_IF_ERROR(CheckOutput(fn, output, plan.get(), std::string("set by ") + a.scale_name));
   CD_RETURN_IF_ERROR(
       CheckAllReduceArgs(fn, group, reduce_op, comm_turn, stream_mode, kA2WorldSizes, &world));
@@ -838,8 +842,8 @@ aclnnStatus CheckLowpCall(const char *fn, const V4Args &a, Tensor x2t, LowpPlan 
 }
 
 aclnnStatus CheckV4Int8(const char *fn, const V4Args &a, Int8Plan *plan) {
-  const Int8Args ia{a.x1, a.x2, a.bias, a.x3, a.x2_scale, a.x1_scale, a.comm1, a.comm2,
-                    "x2Scale", "x1Scale"};
+  const Int8Args ia{a.x1,    a.x2,    a.bias,    a.x3,      a.x2_scale, a.x1_scale,
+                    a.comm1, a.comm2, "x2Scale", "x1Scale", a.output};
   CD_RETURN_IF_ERROR(CheckInt8Call(fn, ia, plan));
   if (a.group_size != 0) {
     return Fail(fn, kErrParamInvalid, "groupSize must be 0 for INT8 x1/x2, got " + std::to_string(a.group_size));

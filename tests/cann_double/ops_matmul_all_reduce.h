@@ -47,8 +47,10 @@ struct FloatMatmulPlan : MatmulAllReducePlan {
 // the add + RMSNorm operators: x1/x2 FLOAT16 or BFLOAT16 (x2 ND, or NZ when
 // allow_nz), bias (n,) of x1's dtype; fills plan's x1, x2, bias, m, k, n,
 // out_dims, out_dtype.
+// n_hint: n for a 4-D FRACTAL_NZ view (the output's last dim), else 0.
 aclnnStatus CheckFloatMatmul(const char *fn, const aclTensor *x1, const aclTensor *x2,
-                             const aclTensor *bias, bool allow_nz, MatmulAllReducePlan *plan);
+                             const aclTensor *bias, bool allow_nz, int64_t n_hint,
+                             MatmulAllReducePlan *plan);
 
 // Phase 2 kernel body of a plan: storage checks, the local part, the
 // reduction, the output written. `after` (optional) post-processes the
