@@ -13,7 +13,7 @@ The expert-parallel cases (grouped matmul against ``lax.ragged_dot`` and a
 dense batched einsum; the AlltoAllv dispatch operator on the mesh) are in
 ``benchmarks/expert_parallel.py``.
 
-    python -m benchmarks.run [--json FILE] [--quick] [--suite all|tp|ep]
+    python -m benchmarks.run [--json FILE] [--quick] [--suite all|tp|ep|ascend]
         [--implementations xla,ffi]
 """
 
@@ -459,10 +459,19 @@ def main(argv=None):
     parser.add_argument(
         "--suite",
         default="all",
-        choices=["all", "tp", "ep"],
-        help="tp: the matmul + all-reduce operators; ep: grouped matmul and AlltoAllv",
+        choices=["all", "tp", "ep", "ascend"],
+        help="tp: the matmul + all-reduce operators; ep: grouped matmul and AlltoAllv; "
+        "ascend: the ascend launch layer's own cost through the CANN test double",
     )
     args = parser.parse_args(argv)
+    if args.suite == "ascend":
+        from benchmarks import ascend
+
+        rows = ascend.run(repeat=max(args.repeat, 200))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     backend = jax.default_backend()
     impls = (
         args.implementations.split(",")

@@ -1,6 +1,8 @@
 """jax_mc2: fused compute + communication operators for JAX with the
 semantics of Huawei Ascend CANN's MC2 operators."""
 
+# The ascend implementation registers its lowerings; CANN loads lazily.
+from jax_mc2 import ascend as ascend
 from jax_mc2 import parallel as parallel
 from jax_mc2 import quant as quant
 from jax_mc2 import targets as targets

@@ -1,6 +1,35 @@
 """Test setup: an 8-device simulated CPU mesh, configured before jax loads."""
 
 import os
+import subprocess
+import sys
+import tempfile
+
+
+def _cann_double() -> None:
+    """Builds the CANN test double once per session (unless
+    JAX_MC2_CANN_LIBRARY_PATH already names a CANN) and points the ascend
+    backend at it, before jax_mc2 is imported. A failed build fails the
+    session: the ascend tests must never be skipped silently."""
+    os.environ.setdefault("CANN_DOUBLE_HCCL_TIMEOUT_MS", "5000")
+    os.environ.setdefault("JAX_MC2_ASCEND_TIMEOUT_MS", "20000")
+    if os.environ.get("JAX_MC2_CANN_LIBRARY_PATH"):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tempfile.mkdtemp(prefix="jax_mc2_cann_double_")
+    build = subprocess.run(
+        [sys.executable, os.path.join(here, "cann_double", "build.py"), out],
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode != 0:
+        raise RuntimeError(
+            "building the CANN test double failed:\n" + build.stdout[-4000:] + build.stderr[-4000:]
+        )
+    os.environ["JAX_MC2_CANN_LIBRARY_PATH"] = out
+
+
+_cann_double()
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -16,6 +45,49 @@ from jax.sharding import Mesh  # noqa: E402
 import jax_mc2  # noqa: E402, F401
 
 IMPLEMENTATIONS = ("xla", "ffi")
+#: Every implementation, the ascend one through the CANN test double.
+ALL_IMPLEMENTATIONS = ("xla", "ffi", "ascend")
+
+
+def cann_double_live_counts() -> dict:
+    """The double's live allocations, tensors, executors and int arrays."""
+    import ctypes
+
+    lib = ctypes.CDLL(
+        os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libcann_double_core.so")
+    )
+    vals = [ctypes.c_int64() for _ in range(4)]
+    lib.cann_double_live_counts(*[ctypes.byref(v) for v in vals])
+    return dict(zip(("allocations", "tensors", "executors", "int_arrays"), (v.value for v in vals)))
+
+
+def cann_double_report() -> str:
+    import ctypes
+
+    lib = ctypes.CDLL(
+        os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libcann_double_core.so")
+    )
+    lib.cann_double_report.restype = ctypes.c_char_p
+    return lib.cann_double_report().decode()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the ascend tests: the launch layer released everything it took
+    from CANN (zero live allocations, descriptors, executors) and the double
+    saw no misuse."""
+    if not jax_mc2.ascend._USED:
+        return
+    jax_mc2.ascend.shutdown()
+    counts = cann_double_live_counts()
+    report = cann_double_report()
+    problems = []
+    if any(counts.values()):
+        problems.append(f"live CANN handles after shutdown: {counts}")
+    if "violations: 0" not in report:
+        problems.append(report)
+    if problems:
+        sys.stderr.write("\nCANN test double check FAILED:\n" + "\n".join(problems) + "\n")
+        session.exitstatus = 1
 
 
 def make_mesh(shape, names):

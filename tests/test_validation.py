@@ -141,13 +141,6 @@ MM_INVALID = [
     (
         S((4, 8)),
         S((8, 4)),
-        {"implementation": "ascend"},
-        NotImplementedError,
-        r"implementation='ascend' needs the CANN toolkit",
-    ),
-    (
-        S((4, 8)),
-        S((8, 4)),
         {"comm_quant_scale_1": S((4,))},
         ValueError,
         r"comm_quant_scale_1 and comm_quant_scale_2 must be given together",

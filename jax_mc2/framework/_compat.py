@@ -129,3 +129,41 @@ def result_aval(
     varying = varying | frozenset(varying_axes)
     aval = template.update(shape=tuple(shape), dtype=dtype, weak_type=False)
     return aval.update(manual_axis_type=aval.mat.update(varying=varying))
+
+
+# --------------------------------------------------------------------------
+# The ascend backend's touches (jax_mc2.ascend)
+
+
+def lowering_mesh(ctx):
+    """The concrete mesh a lowering runs under (shard_map's), or None."""
+    mesh = getattr(ctx.module_context.axis_context, "mesh", None)
+    if mesh is None or not hasattr(mesh, "devices"):
+        return None
+    return mesh
+
+
+def lowering_device_assignment(ctx):
+    """The devices a lowering outside shard_map runs on, or None if unknown."""
+    axis_context = ctx.module_context.axis_context
+    devices = getattr(axis_context, "device_assignment", None)
+    if devices is None:
+        mesh = getattr(axis_context, "mesh", None)
+        if mesh is not None and hasattr(mesh, "devices"):
+            devices = tuple(mesh.devices.flat)
+    return devices
+
+
+def distributed_client():
+    """JAX's distributed key-value store client, or None outside jax.distributed."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def kv_set_bytes(client, key: str, value: bytes) -> None:
+    client.key_value_set_bytes(key, value)
+
+
+def kv_get_bytes(client, key: str, timeout_ms: int) -> bytes:
+    return client.blocking_key_value_get_bytes(key, timeout_ms)

@@ -228,11 +228,23 @@ def get_target() -> str:
     return _target_state.value
 
 
+_explicit = "JAX_MC2_TARGET" in os.environ
+
+
+def explicitly_set() -> bool:
+    """Whether the user chose a target (``set_target``, ``JAX_MC2_TARGET``, or
+    a non-generic target in force); the ascend backend otherwise takes the
+    chip's own from the hardware."""
+    return _explicit or get_target() != GENERIC
+
+
 def set_target(name: str) -> None:
     """Sets the chip target for this process (``"generic"`` to clear)."""
     import jax
 
+    global _explicit
     jax.config.update("jax_mc2_target", _check_name(name))
+    _explicit = True
 
 
 def target(name: str) -> AbstractContextManager[None]:

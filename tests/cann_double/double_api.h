@@ -18,8 +18,8 @@
 extern "C" {
 typedef int aclError;
 typedef int32_t aclnnStatus;
-typedef void *aclrtStream;
-typedef void *HcclComm;
+typedef void* aclrtStream;
+typedef void* HcclComm;
 struct aclTensor;
 struct aclIntArray;
 struct aclOpExecutor;
@@ -50,27 +50,27 @@ struct TensorDesc {
   int dtype = -1;   // aclDataType
   int format = -1;  // aclFormat
   std::vector<int64_t> storage_dims;
-  void *data = nullptr;
+  void* data = nullptr;
 };
 
 // The descriptor behind a live aclTensor; nullptr for nullptr. A pointer that
 // is not a live descriptor is reported (use after destroy) and gives nullptr.
-const TensorDesc *Desc(const aclTensor *tensor);
+const TensorDesc* Desc(const aclTensor* tensor);
 
 // The values of a live aclIntArray (empty for nullptr; `ok` false if the
 // pointer is not a live array).
-std::vector<int64_t> IntArrayValues(const aclIntArray *array, bool *ok = nullptr);
+std::vector<int64_t> IntArrayValues(const aclIntArray* array, bool* ok = nullptr);
 
 // Whether [ptr, ptr + bytes) lies inside one live device allocation; `why`
 // says what is wrong otherwise (freed, out of bounds, host pointer).
-bool CheckDeviceRange(const void *ptr, size_t bytes, std::string *why);
+bool CheckDeviceRange(const void* ptr, size_t bytes, std::string* why);
 
 // Sets what aclGetRecentErrMsg() returns on the calling thread.
-void SetRecentError(const std::string &message);
+void SetRecentError(const std::string& message);
 
 // The status injected for `function` (e.g. "aclnnMatmulAllReduceGetWorkspaceSize"
 // or "aclnnMatmulAllReduce"), 0 when none (CANN_DOUBLE_FAIL_PHASE=name:status).
-aclnnStatus InjectedStatus(const char *function);
+aclnnStatus InjectedStatus(const char* function);
 
 // The device the calling thread has set (aclrtSetDevice / current context), -1 if none.
 int CurrentDevice();
@@ -78,23 +78,22 @@ int CurrentDevice();
 // A communicator rank of this process.
 struct Comm;
 // The live communicator named `group` (HcclGetCommName) on `device`, nullptr if none.
-Comm *FindComm(const char *group, int device);
-int CommRank(const Comm *comm);
-int CommSize(const Comm *comm);
+Comm* FindComm(const char* group, int device);
+int CommRank(const Comm* comm);
+int CommSize(const Comm* comm);
 // Every rank's `bytes` (sizes may differ by rank), in rank order, inside the
 // operator: blocks until all ranks of the communicator have called it. Returns
 // an HcclResult: 0, or HCCL_E_TIMEOUT (9) when a rank does not arrive within
 // the communicator's timeout (HCCL_CONNECT_TIMEOUT / CANN_DOUBLE_HCCL_TIMEOUT_MS).
-int AllGatherV(Comm *comm, const void *data, size_t bytes,
-               std::vector<std::vector<uint8_t>> *out);
+int AllGatherV(Comm* comm, const void* data, size_t bytes, std::vector<std::vector<uint8_t>>* out);
 
 // The work phase 2 runs on the stream's worker thread. `device` is the
 // stream's device. Return kAclnnSuccess, or a status with `message` set.
-using Kernel = std::function<aclnnStatus(void *workspace, uint64_t workspace_size, int device,
-                                         std::string *message)>;
+using Kernel = std::function<aclnnStatus(void* workspace, uint64_t workspace_size, int device,
+                                         std::string* message)>;
 
 // Phase 1's executor: owns `kernel` until phase 2 runs it (single use).
-aclOpExecutor *NewExecutor(const char *function, uint64_t workspace_size, Kernel kernel);
+aclOpExecutor* NewExecutor(const char* function, uint64_t workspace_size, Kernel kernel);
 
 // Phase 2 of every operator: checks the executor (live, made by `function`'s
 // phase 1, not run before), the workspace (size >= asked, live device memory)
@@ -102,8 +101,8 @@ aclOpExecutor *NewExecutor(const char *function, uint64_t workspace_size, Kernel
 // (the stream is asynchronous). A kernel failure makes the stream's next
 // synchronization return the status; its message is kept for aclGetRecentErrMsg.
 // The executor is destroyed once the kernel has run.
-aclnnStatus LaunchExecutor(const char *function, void *workspace, uint64_t workspace_size,
-                           aclOpExecutor *executor, aclrtStream stream);
+aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t workspace_size,
+                           aclOpExecutor* executor, aclrtStream stream);
 
 }  // namespace cann_double
 #pragma GCC visibility pop

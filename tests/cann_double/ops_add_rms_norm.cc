@@ -16,14 +16,14 @@ struct AddRmsNormPlan : FloatMatmulPlan {
   Tensor residual, gamma, y, norm_out;  // y is residual itself when inplace
   float epsilon = 1e-6f;
 
-  std::vector<const Tensor *> Tensors() const override {
+  std::vector<const Tensor*> Tensors() const override {
     auto t = MatmulAllReducePlan::Tensors();
-    for (const Tensor *e : {&residual, &gamma, &y, &norm_out}) t.push_back(e);
+    for (const Tensor* e : {&residual, &gamma, &y, &norm_out}) t.push_back(e);
     return t;
   }
 
   // y and normOut from the all-reduced mm [m, n].
-  void AddRmsNorm(const std::vector<float> &mm) const {
+  void AddRmsNorm(const std::vector<float>& mm) const {
     const std::vector<double> res = ReadAll(residual), gam = ReadAll(gamma);
     std::vector<float> yv(mm.size()), norm(mm.size());
     const float inv_n = n > 0 ? 1.0f / static_cast<float>(n) : 0.0f;
@@ -45,17 +45,17 @@ struct AddRmsNormPlan : FloatMatmulPlan {
   }
 };
 
-aclnnStatus CheckSameLayout(const char *fn, const Tensor &t, const AddRmsNormPlan &plan) {
+aclnnStatus CheckSameLayout(const char* fn, const Tensor& t, const AddRmsNormPlan& plan) {
   CD_RETURN_IF_ERROR(CheckNd(fn, t));
   CD_RETURN_IF_ERROR(CheckSameDtype(fn, t, plan.x1));
   return CheckShape(fn, t, plan.residual.dims(), "residual's shape (b, s, n)");
 }
 
-aclnnStatus CheckNormArgs(const char *fn, const aclTensor *residual, const aclTensor *gamma,
-                          double epsilon, AddRmsNormPlan *plan) {
+aclnnStatus CheckNormArgs(const char* fn, const aclTensor* residual, const aclTensor* gamma,
+                          double epsilon, AddRmsNormPlan* plan) {
   CD_RETURN_IF_ERROR(Required(fn, "residual", residual, &plan->residual));
   CD_RETURN_IF_ERROR(Required(fn, "gamma", gamma, &plan->gamma));
-  const Tensor &r = plan->residual;
+  const Tensor& r = plan->residual;
   CD_RETURN_IF_ERROR(CheckRank(fn, r, 3, 3));
   CD_RETURN_IF_ERROR(CheckNd(fn, r));
   CD_RETURN_IF_ERROR(CheckContiguous(fn, r));
@@ -81,10 +81,10 @@ aclnnStatus CheckNormArgs(const char *fn, const aclTensor *residual, const aclTe
 }
 
 // Everything but the outputs; `fn` names the operator.
-aclnnStatus CheckInputs(const char *fn, const aclTensor *x1, const aclTensor *x2,
-                        const aclTensor *bias, const aclTensor *residual, const aclTensor *gamma,
-                        double epsilon, const char *group, const char *reduce_op,
-                        int64_t comm_turn, int64_t stream_mode, AddRmsNormPlan *plan) {
+aclnnStatus CheckInputs(const char* fn, const aclTensor* x1, const aclTensor* x2,
+                        const aclTensor* bias, const aclTensor* residual, const aclTensor* gamma,
+                        double epsilon, const char* group, const char* reduce_op, int64_t comm_turn,
+                        int64_t stream_mode, AddRmsNormPlan* plan) {
   CD_RETURN_IF_ERROR(CheckFloatMatmul(fn, x1, x2, bias, false, 0, plan));
   CD_RETURN_IF_ERROR(CheckNormArgs(fn, residual, gamma, epsilon, plan));
   int world = 0;
@@ -94,11 +94,11 @@ aclnnStatus CheckInputs(const char *fn, const aclTensor *x1, const aclTensor *x2
   return kAclnnSuccess;
 }
 
-aclnnStatus FinishNorm(std::shared_ptr<AddRmsNormPlan> plan, uint64_t *workspace_size,
-                       aclOpExecutor **executor) {
-  KernelBody body = [plan](int device, std::string *message) {
+aclnnStatus FinishNorm(std::shared_ptr<AddRmsNormPlan> plan, uint64_t* workspace_size,
+                       aclOpExecutor** executor) {
+  KernelBody body = [plan](int device, std::string* message) {
     return RunMatmulAllReduce(
-        *plan, device, {}, [&](const std::vector<float> &mm) { plan->AddRmsNorm(mm); }, message);
+        *plan, device, {}, [&](const std::vector<float>& mm) { plan->AddRmsNorm(mm); }, message);
   };
   const uint64_t bytes = static_cast<uint64_t>(plan->residual.numel()) * 4;
   return Finish(plan->fn, WorkspaceFor(bytes), body, workspace_size, executor);
@@ -113,12 +113,12 @@ using cann_double::ops::AddRmsNormPlan;
 using cann_double::ops::Injected;
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNormGetWorkspaceSize(
-    const aclTensor *x1, const aclTensor *x2, const aclTensor *bias, const aclTensor *residual,
-    const aclTensor *gamma, double epsilon, const char *group, const char *reduceOp,
-    int64_t commTurn, int64_t streamMode, const aclTensor *y, const aclTensor *normOut,
-    uint64_t *workspaceSize, aclOpExecutor **executor) {
+    const aclTensor* x1, const aclTensor* x2, const aclTensor* bias, const aclTensor* residual,
+    const aclTensor* gamma, double epsilon, const char* group, const char* reduceOp,
+    int64_t commTurn, int64_t streamMode, const aclTensor* y, const aclTensor* normOut,
+    uint64_t* workspaceSize, aclOpExecutor** executor) {
   using namespace cann_double::ops;
-  const char *fn = "aclnnMatmulAllReduceAddRmsNorm";
+  const char* fn = "aclnnMatmulAllReduceAddRmsNorm";
   if (aclnnStatus s = Injected("aclnnMatmulAllReduceAddRmsNormGetWorkspaceSize")) return s;
   auto plan = std::make_shared<AddRmsNormPlan>();
   CD_RETURN_IF_ERROR(CheckInputs(fn, x1, x2, bias, residual, gamma, epsilon, group, reduceOp,
@@ -130,19 +130,22 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNormGetWorks
   return FinishNorm(plan, workspaceSize, executor);
 }
 
-extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNorm(
-    void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream) {
+extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNorm(void* workspace,
+                                                                         uint64_t workspaceSize,
+                                                                         aclOpExecutor* executor,
+                                                                         aclrtStream stream) {
   if (aclnnStatus s = Injected("aclnnMatmulAllReduceAddRmsNorm")) return s;
-  return LaunchExecutor("aclnnMatmulAllReduceAddRmsNorm", workspace, workspaceSize, executor, stream);
+  return LaunchExecutor("aclnnMatmulAllReduceAddRmsNorm", workspace, workspaceSize, executor,
+                        stream);
 }
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnInplaceMatmulAllReduceAddRmsNormGetWorkspaceSize(
-    const aclTensor *x1, const aclTensor *x2, const aclTensor *bias, const aclTensor *residual,
-    const aclTensor *gamma, double epsilon, const char *group, const char *reduceOp,
-    int64_t commTurn, int64_t streamMode, const aclTensor *normOut, uint64_t *workspaceSize,
-    aclOpExecutor **executor) {
+    const aclTensor* x1, const aclTensor* x2, const aclTensor* bias, const aclTensor* residual,
+    const aclTensor* gamma, double epsilon, const char* group, const char* reduceOp,
+    int64_t commTurn, int64_t streamMode, const aclTensor* normOut, uint64_t* workspaceSize,
+    aclOpExecutor** executor) {
   using namespace cann_double::ops;
-  const char *fn = "aclnnInplaceMatmulAllReduceAddRmsNorm";
+  const char* fn = "aclnnInplaceMatmulAllReduceAddRmsNorm";
   if (aclnnStatus s = Injected("aclnnInplaceMatmulAllReduceAddRmsNormGetWorkspaceSize")) return s;
   auto plan = std::make_shared<AddRmsNormPlan>();
   CD_RETURN_IF_ERROR(CheckInputs(fn, x1, x2, bias, residual, gamma, epsilon, group, reduceOp,
@@ -155,8 +158,8 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnInplaceMatmulAllReduceAddRmsNormG
 }
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnInplaceMatmulAllReduceAddRmsNorm(
-    void *workspace, uint64_t workspaceSize, aclOpExecutor *executor, aclrtStream stream) {
+    void* workspace, uint64_t workspaceSize, aclOpExecutor* executor, aclrtStream stream) {
   if (aclnnStatus s = Injected("aclnnInplaceMatmulAllReduceAddRmsNorm")) return s;
-  return LaunchExecutor("aclnnInplaceMatmulAllReduceAddRmsNorm", workspace, workspaceSize,
-                        executor, stream);
+  return LaunchExecutor("aclnnInplaceMatmulAllReduceAddRmsNorm", workspace, workspaceSize, executor,
+                        stream);
 }

@@ -14,40 +14,71 @@ namespace ops {
 // ---------------------------------------------------------------------------
 // Names and sizes
 
-const char *DtypeName(int dtype) {
+const char* DtypeName(int dtype) {
   switch (dtype) {
-    case kFloat: return "FLOAT32";
-    case kFloat16: return "FLOAT16";
-    case kInt8: return "INT8";
-    case kInt32: return "INT32";
-    case kUint8: return "UINT8";
-    case kInt16: return "INT16";
-    case kUint16: return "UINT16";
-    case kUint32: return "UINT32";
-    case kInt64: return "INT64";
-    case kUint64: return "UINT64";
-    case kDouble: return "DOUBLE";
-    case kBool: return "BOOL";
-    case kBf16: return "BFLOAT16";
-    case kHifloat8: return "HIFLOAT8";
-    case kFloat8E5m2: return "FLOAT8_E5M2";
-    case kFloat8E4m3fn: return "FLOAT8_E4M3FN";
-    case kFloat8E8m0: return "FLOAT8_E8M0";
-    case kFloat4E2m1: return "FLOAT4_E2M1";
-    default: return "UNKNOWN";
+    case kFloat:
+      return "FLOAT32";
+    case kFloat16:
+      return "FLOAT16";
+    case kInt8:
+      return "INT8";
+    case kInt32:
+      return "INT32";
+    case kUint8:
+      return "UINT8";
+    case kInt16:
+      return "INT16";
+    case kUint16:
+      return "UINT16";
+    case kUint32:
+      return "UINT32";
+    case kInt64:
+      return "INT64";
+    case kUint64:
+      return "UINT64";
+    case kDouble:
+      return "DOUBLE";
+    case kBool:
+      return "BOOL";
+    case kBf16:
+      return "BFLOAT16";
+    case kHifloat8:
+      return "HIFLOAT8";
+    case kFloat8E5m2:
+      return "FLOAT8_E5M2";
+    case kFloat8E4m3fn:
+      return "FLOAT8_E4M3FN";
+    case kFloat8E8m0:
+      return "FLOAT8_E8M0";
+    case kFloat4E2m1:
+      return "FLOAT4_E2M1";
+    default:
+      return "UNKNOWN";
   }
 }
 
 int DtypeBits(int dtype) {
   switch (dtype) {
-    case kInt8: case kUint8: case kBool: case kHifloat8: case kFloat8E5m2:
-    case kFloat8E4m3fn: case kFloat8E8m0:
+    case kInt8:
+    case kUint8:
+    case kBool:
+    case kHifloat8:
+    case kFloat8E5m2:
+    case kFloat8E4m3fn:
+    case kFloat8E8m0:
       return 8;
-    case kFloat16: case kBf16: case kInt16: case kUint16:
+    case kFloat16:
+    case kBf16:
+    case kInt16:
+    case kUint16:
       return 16;
-    case kFloat: case kInt32: case kUint32:
+    case kFloat:
+    case kInt32:
+    case kUint32:
       return 32;
-    case kInt64: case kUint64: case kDouble:
+    case kInt64:
+    case kUint64:
+    case kDouble:
       return 64;
     case kFloat4E2m1:
       return 4;
@@ -56,7 +87,7 @@ int DtypeBits(int dtype) {
   }
 }
 
-std::string DimsString(const std::vector<int64_t> &dims) {
+std::string DimsString(const std::vector<int64_t>& dims) {
   std::ostringstream os;
   os << "(";
   for (size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
@@ -65,7 +96,7 @@ std::string DimsString(const std::vector<int64_t> &dims) {
   return os.str();
 }
 
-int64_t Numel(const std::vector<int64_t> &dims) {
+int64_t Numel(const std::vector<int64_t>& dims) {
   int64_t n = 1;
   for (int64_t d : dims) n *= d;
   return n;
@@ -190,7 +221,7 @@ float PackedScale(uint64_t word) {
 // ---------------------------------------------------------------------------
 // Phase 1 checks
 
-aclnnStatus Fail(const char *fn, aclnnStatus status, const std::string &rule) {
+aclnnStatus Fail(const char* fn, aclnnStatus status, const std::string& rule) {
   SetRecentError(std::string(fn) + ": " + rule);
   return status;
 }
@@ -198,28 +229,31 @@ aclnnStatus Fail(const char *fn, aclnnStatus status, const std::string &rule) {
 namespace {
 
 // The smallest and largest storage element index the view touches.
-void ViewExtent(const TensorDesc &d, int64_t *lo, int64_t *hi) {
+void ViewExtent(const TensorDesc& d, int64_t* lo, int64_t* hi) {
   *lo = *hi = d.offset;
   for (size_t i = 0; i < d.view_dims.size(); ++i) {
     const int64_t span = (d.view_dims[i] - 1) * d.strides[i];
-    if (span < 0) *lo += span; else *hi += span;
+    if (span < 0)
+      *lo += span;
+    else
+      *hi += span;
   }
 }
 
-aclnnStatus CheckDescriptor(const char *fn, const Tensor &t) {
-  const TensorDesc &d = t.desc;
+aclnnStatus CheckDescriptor(const char* fn, const Tensor& t) {
+  const TensorDesc& d = t.desc;
   if (DtypeBits(d.dtype) == 0) {
-    return Fail(fn, kErrParamInvalid,
-                t.name + " has aclDataType " + std::to_string(d.dtype) +
-                    ", which no MC2 operator takes");
+    return Fail(
+        fn, kErrParamInvalid,
+        t.name + " has aclDataType " + std::to_string(d.dtype) + ", which no MC2 operator takes");
   }
   for (int64_t dim : d.view_dims) {
     if (dim < 0) return Fail(fn, kErrParamInvalid, t.name + " has a negative dim");
   }
   if (d.strides.size() != d.view_dims.size()) {
-    return Fail(fn, kErrParamInvalid, t.name + " has " + std::to_string(d.strides.size()) +
-                                          " strides for " + std::to_string(d.view_dims.size()) +
-                                          " dims");
+    return Fail(fn, kErrParamInvalid,
+                t.name + " has " + std::to_string(d.strides.size()) + " strides for " +
+                    std::to_string(d.view_dims.size()) + " dims");
   }
   if (d.format == kFormatNz || Numel(d.view_dims) == 0) return kAclnnSuccess;  // NZ: ResolveWeight
   int64_t lo, hi;
@@ -233,7 +267,7 @@ aclnnStatus CheckDescriptor(const char *fn, const Tensor &t) {
   return kAclnnSuccess;
 }
 
-bool IsContiguous(const std::vector<int64_t> &dims, const std::vector<int64_t> &strides) {
+bool IsContiguous(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides) {
   int64_t expect = 1;
   for (size_t i = dims.size(); i-- > 0;) {
     if (dims[i] != 1 && strides[i] != expect) return false;
@@ -244,11 +278,11 @@ bool IsContiguous(const std::vector<int64_t> &dims, const std::vector<int64_t> &
 
 }  // namespace
 
-aclnnStatus Optional(const char *fn, const char *name, const aclTensor *tensor, Tensor *out) {
+aclnnStatus Optional(const char* fn, const char* name, const aclTensor* tensor, Tensor* out) {
   out->name = name;
   out->present = false;
   if (tensor == nullptr) return kAclnnSuccess;
-  const TensorDesc *d = Desc(tensor);
+  const TensorDesc* d = Desc(tensor);
   if (d == nullptr) {
     return Fail(fn, kErrParamInvalid, std::string(name) + " is not a live aclTensor");
   }
@@ -257,68 +291,72 @@ aclnnStatus Optional(const char *fn, const char *name, const aclTensor *tensor, 
   return CheckDescriptor(fn, *out);
 }
 
-aclnnStatus Required(const char *fn, const char *name, const aclTensor *tensor, Tensor *out) {
+aclnnStatus Required(const char* fn, const char* name, const aclTensor* tensor, Tensor* out) {
   if (tensor == nullptr) {
     return Fail(fn, kErrParamNullptr, std::string(name) + " must not be nullptr");
   }
   return Optional(fn, name, tensor, out);
 }
 
-aclnnStatus MustBeNull(const char *fn, const char *name, const aclTensor *tensor,
-                       const std::string &why) {
+aclnnStatus MustBeNull(const char* fn, const char* name, const aclTensor* tensor,
+                       const std::string& why) {
   if (tensor == nullptr) return kAclnnSuccess;
   return Fail(fn, kErrParamInvalid, std::string(name) + " must be nullptr: " + why);
 }
 
-aclnnStatus CheckDtype(const char *fn, const Tensor &t, const std::vector<int> &allowed) {
+aclnnStatus CheckDtype(const char* fn, const Tensor& t, const std::vector<int>& allowed) {
   if (std::find(allowed.begin(), allowed.end(), t.dtype()) != allowed.end()) return kAclnnSuccess;
   std::string names;
-  for (size_t i = 0; i < allowed.size(); ++i) names += (i ? ", " : "") + std::string(DtypeName(allowed[i]));
+  for (size_t i = 0; i < allowed.size(); ++i)
+    names += (i ? ", " : "") + std::string(DtypeName(allowed[i]));
   return Fail(fn, kErrParamInvalid,
               t.name + " dtype must be one of " + names + ", got " + DtypeName(t.dtype()));
 }
 
-aclnnStatus CheckSameDtype(const char *fn, const Tensor &t, const Tensor &like) {
+aclnnStatus CheckSameDtype(const char* fn, const Tensor& t, const Tensor& like) {
   if (t.dtype() == like.dtype()) return kAclnnSuccess;
   return Fail(fn, kErrParamInvalid,
               t.name + " dtype must equal " + like.name + "'s " + DtypeName(like.dtype()) +
                   ", got " + DtypeName(t.dtype()));
 }
 
-aclnnStatus CheckRank(const char *fn, const Tensor &t, int lo, int hi) {
+aclnnStatus CheckRank(const char* fn, const Tensor& t, int lo, int hi) {
   if (t.rank() >= lo && t.rank() <= hi) return kAclnnSuccess;
-  const std::string want = lo == hi ? std::to_string(lo) : std::to_string(lo) + " to " + std::to_string(hi);
+  const std::string want =
+      lo == hi ? std::to_string(lo) : std::to_string(lo) + " to " + std::to_string(hi);
   return Fail(fn, kErrParamInvalid,
               t.name + " must have " + want + " dims, got " + DimsString(t.dims()));
 }
 
-aclnnStatus CheckShape(const char *fn, const Tensor &t, const std::vector<int64_t> &want,
-                       const std::string &rule) {
+aclnnStatus CheckShape(const char* fn, const Tensor& t, const std::vector<int64_t>& want,
+                       const std::string& rule) {
   if (t.dims() == want) return kAclnnSuccess;
   return Fail(fn, kErrParamInvalid,
               t.name + " shape must be " + DimsString(want) + " (" + rule + "), got " +
                   DimsString(t.dims()));
 }
 
-aclnnStatus CheckShapeIn(const char *fn, const Tensor &t,
-                         const std::vector<std::vector<int64_t>> &allowed, const std::string &rule) {
-  for (const auto &a : allowed) {
+aclnnStatus CheckShapeIn(const char* fn, const Tensor& t,
+                         const std::vector<std::vector<int64_t>>& allowed,
+                         const std::string& rule) {
+  for (const auto& a : allowed) {
     if (t.dims() == a) return kAclnnSuccess;
   }
-  return Fail(fn, kErrParamInvalid, t.name + " shape must be " + rule + ", got " + DimsString(t.dims()));
+  return Fail(fn, kErrParamInvalid,
+              t.name + " shape must be " + rule + ", got " + DimsString(t.dims()));
 }
 
-aclnnStatus CheckNd(const char *fn, const Tensor &t) {
+aclnnStatus CheckNd(const char* fn, const Tensor& t) {
   if (t.desc.format == kFormatNd) return kAclnnSuccess;
   return Fail(fn, kErrParamInvalid,
               t.name + " format must be ND (2), got " + std::to_string(t.desc.format));
 }
 
-aclnnStatus CheckContiguous(const char *fn, const Tensor &t) {
+aclnnStatus CheckContiguous(const char* fn, const Tensor& t) {
   if (IsContiguous(t.dims(), t.desc.strides)) return kAclnnSuccess;
   return Fail(fn, kErrParamInvalid,
-              t.name + " must be contiguous, got strides " + DimsString(t.desc.strides) +
-                  " for " + DimsString(t.dims()));
+              t.name + " must be contiguous, got strides " + DimsString(t.desc.strides) + " for " +
+                  DimsString(t.dims()));
 }
 
 namespace {
@@ -327,17 +365,18 @@ std::vector<int64_t> NzShape(int64_t rows, int64_t cols, int64_t c0) {
   return {CeilDiv(cols, c0), CeilDiv(rows, 16), 16, c0};
 }
 
-bool StridesTransposed(const std::vector<int64_t> &dims, const std::vector<int64_t> &strides) {
+bool StridesTransposed(const std::vector<int64_t>& dims, const std::vector<int64_t>& strides) {
   // (k, n) viewing a row-major (n, k): strides (1, k); size-1 dims are free.
   return (dims[0] == 1 || strides[0] == 1) && (dims[1] == 1 || strides[1] == dims[0]);
 }
 
-aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int64_t n_hint,
-                            Weight *w) {
-  const TensorDesc &d = t.desc;
+aclnnStatus ResolveNzWeight(const char* fn, const Tensor& t, int64_t k_hint, int64_t n_hint,
+                            Weight* w) {
+  const TensorDesc& d = t.desc;
   if (d.dtype != kFloat16 && d.dtype != kBf16 && d.dtype != kInt8) {
-    return Fail(fn, kErrParamInvalid,
-                t.name + " in FRACTAL_NZ must be FLOAT16, BFLOAT16 or INT8, got " + DtypeName(d.dtype));
+    return Fail(
+        fn, kErrParamInvalid,
+        t.name + " in FRACTAL_NZ must be FLOAT16, BFLOAT16 or INT8, got " + DtypeName(d.dtype));
   }
   if (t.rank() == 2) {
     w->k = t.dim(0), w->n = t.dim(1);
@@ -345,8 +384,10 @@ aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int
     w->k = k_hint, w->n = n_hint;
   } else {
     return Fail(fn, kErrParamInvalid,
-                t.name + " in FRACTAL_NZ must have the (k, n) view (or its 4-D NZ storage shape as "
-                         "the view), got " + DimsString(d.view_dims));
+                t.name +
+                    " in FRACTAL_NZ must have the (k, n) view (or its 4-D NZ storage shape as "
+                    "the view), got " +
+                    DimsString(d.view_dims));
   }
   if (d.offset != 0) {
     return Fail(fn, kErrParamInvalid, t.name + " in FRACTAL_NZ must have offset 0");
@@ -364,7 +405,8 @@ aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int
     return Fail(fn, kErrParamInvalid,
                 t.name + " FRACTAL_NZ storage must be (ceil(n/c0), ceil(k/16), 16, c0) = " +
                     DimsString(plain) + ", or " + DimsString(transposed) +
-                    " for a transposed x2 (c0 = 32 bytes / itemsize), got " + DimsString(d.storage_dims));
+                    " for a transposed x2 (c0 = 32 bytes / itemsize), got " +
+                    DimsString(d.storage_dims));
   }
   w->nz = true;
   return kAclnnSuccess;
@@ -372,12 +414,13 @@ aclnnStatus ResolveNzWeight(const char *fn, const Tensor &t, int64_t k_hint, int
 
 }  // namespace
 
-aclnnStatus ResolveWeight(const char *fn, const Tensor &t, bool allow_nz, int64_t k_hint,
-                          int64_t n_hint, Weight *out) {
+aclnnStatus ResolveWeight(const char* fn, const Tensor& t, bool allow_nz, int64_t k_hint,
+                          int64_t n_hint, Weight* out) {
   out->t = t;
   if (t.desc.format == kFormatNz) {
     if (!allow_nz) {
-      return Fail(fn, kErrParamInvalid, t.name + " format must be ND (2); FRACTAL_NZ is not supported here");
+      return Fail(fn, kErrParamInvalid,
+                  t.name + " format must be ND (2); FRACTAL_NZ is not supported here");
     }
     return ResolveNzWeight(fn, t, k_hint, n_hint, out);
   }
@@ -391,19 +434,21 @@ aclnnStatus ResolveWeight(const char *fn, const Tensor &t, bool allow_nz, int64_
     out->transposed = true;
   } else {
     return Fail(fn, kErrParamInvalid,
-                t.name + " must be contiguous (k, n) or its last two axes transposed (strides (1, k)), "
-                         "got strides " + DimsString(t.desc.strides) + " for " + DimsString(t.dims()));
+                t.name +
+                    " must be contiguous (k, n) or its last two axes transposed (strides (1, k)), "
+                    "got strides " +
+                    DimsString(t.desc.strides) + " for " + DimsString(t.dims()));
   }
   return kAclnnSuccess;
 }
 
-int64_t LastDim(const aclTensor *tensor) {
-  const TensorDesc *d = tensor ? Desc(tensor) : nullptr;
+int64_t LastDim(const aclTensor* tensor) {
+  const TensorDesc* d = tensor ? Desc(tensor) : nullptr;
   return d && !d->view_dims.empty() ? d->view_dims.back() : 0;
 }
 
-aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool allow_nz,
-                        int64_t n_hint, Weight *w, std::vector<int64_t> *out_dims) {
+aclnnStatus CheckMatmul(const char* fn, const Tensor& x1, const Tensor& x2, bool allow_nz,
+                        int64_t n_hint, Weight* w, std::vector<int64_t>* out_dims) {
   CD_RETURN_IF_ERROR(CheckRank(fn, x1, 2, 3));
   CD_RETURN_IF_ERROR(CheckNd(fn, x1));
   CD_RETURN_IF_ERROR(CheckContiguous(fn, x1));
@@ -411,8 +456,9 @@ aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool
   CD_RETURN_IF_ERROR(ResolveWeight(fn, x2, allow_nz, k, n_hint, w));
   if (w->k != k) {
     return Fail(fn, kErrParamInvalid,
-                "x2's k (" + std::to_string(w->k) + ") must equal x1's last dim " + std::to_string(k) +
-                    ": x1 " + DimsString(x1.dims()) + ", x2 " + DimsString(x2.dims()));
+                "x2's k (" + std::to_string(w->k) + ") must equal x1's last dim " +
+                    std::to_string(k) + ": x1 " + DimsString(x1.dims()) + ", x2 " +
+                    DimsString(x2.dims()));
   }
   if (k < 1) return Fail(fn, kErrParamInvalid, "k must be at least 1");
   *out_dims = x1.dims();
@@ -420,29 +466,30 @@ aclnnStatus CheckMatmul(const char *fn, const Tensor &x1, const Tensor &x2, bool
   return kAclnnSuccess;
 }
 
-aclnnStatus CheckGroup(const char *fn, const char *group, int *world_size) {
+aclnnStatus CheckGroup(const char* fn, const char* group, int* world_size) {
   if (group == nullptr) return Fail(fn, kErrParamNullptr, "group must not be nullptr");
   const size_t len = strnlen(group, 128);
   if (len == 0 || len >= 128) {
     return Fail(fn, kErrParamInvalid, "group name length must be in (0, 128)");
   }
   const int device = CurrentDevice();
-  Comm *comm = FindComm(group, device);
+  Comm* comm = FindComm(group, device);
   if (comm == nullptr) {
     return Fail(fn, kErrParamInvalid,
-                std::string("group '") + group + "' names no live communicator on the current device " +
-                    std::to_string(device));
+                std::string("group '") + group +
+                    "' names no live communicator on the current device " + std::to_string(device));
   }
   *world_size = CommSize(comm);
   return kAclnnSuccess;
 }
 
-aclnnStatus CheckAllReduceArgs(const char *fn, const char *group, const char *reduce_op,
+aclnnStatus CheckAllReduceArgs(const char* fn, const char* group, const char* reduce_op,
                                int64_t comm_turn, int64_t stream_mode,
-                               const std::vector<int> &world_sizes, int *world_size) {
+                               const std::vector<int>& world_sizes, int* world_size) {
   if (reduce_op == nullptr) return Fail(fn, kErrParamNullptr, "reduceOp must not be nullptr");
   if (std::strcmp(reduce_op, "sum") != 0) {
-    return Fail(fn, kErrParamInvalid, std::string("reduceOp must be \"sum\", got \"") + reduce_op + "\"");
+    return Fail(fn, kErrParamInvalid,
+                std::string("reduceOp must be \"sum\", got \"") + reduce_op + "\"");
   }
   if (comm_turn != 0) {
     return Fail(fn, kErrParamInvalid, "commTurn must be 0, got " + std::to_string(comm_turn));
@@ -454,30 +501,33 @@ aclnnStatus CheckAllReduceArgs(const char *fn, const char *group, const char *re
   CD_RETURN_IF_ERROR(CheckGroup(fn, group, world_size));
   if (std::find(world_sizes.begin(), world_sizes.end(), *world_size) == world_sizes.end()) {
     std::string list;
-    for (size_t i = 0; i < world_sizes.size(); ++i) list += (i ? ", " : "") + std::to_string(world_sizes[i]);
-    return Fail(fn, kErrParamInvalid,
-                "the communicator has " + std::to_string(*world_size) + " ranks; supported: " + list);
+    for (size_t i = 0; i < world_sizes.size(); ++i)
+      list += (i ? ", " : "") + std::to_string(world_sizes[i]);
+    return Fail(
+        fn, kErrParamInvalid,
+        "the communicator has " + std::to_string(*world_size) + " ranks; supported: " + list);
   }
   return kAclnnSuccess;
 }
 
 uint64_t WorkspaceFor(uint64_t bytes) { return bytes + 1024; }
 
-aclnnStatus Finish(const char *fn, uint64_t workspace_bytes, KernelBody body,
-                   uint64_t *workspace_size, aclOpExecutor **executor) {
-  if (workspace_size == nullptr) return Fail(fn, kErrParamNullptr, "workspaceSize must not be nullptr");
+aclnnStatus Finish(const char* fn, uint64_t workspace_bytes, KernelBody body,
+                   uint64_t* workspace_size, aclOpExecutor** executor) {
+  if (workspace_size == nullptr)
+    return Fail(fn, kErrParamNullptr, "workspaceSize must not be nullptr");
   if (executor == nullptr) return Fail(fn, kErrParamNullptr, "executor must not be nullptr");
-  Kernel kernel = [body](void *, uint64_t, int device, std::string *message) {
+  Kernel kernel = [body](void*, uint64_t, int device, std::string* message) {
     return body(device, message);
   };
-  aclOpExecutor *e = NewExecutor(fn, workspace_bytes, std::move(kernel));
+  aclOpExecutor* e = NewExecutor(fn, workspace_bytes, std::move(kernel));
   if (e == nullptr) return Fail(fn, kErrInner, "could not create the executor");
   *workspace_size = workspace_bytes;
   *executor = e;
   return kAclnnSuccess;
 }
 
-aclnnStatus Injected(const char *fn) {
+aclnnStatus Injected(const char* fn) {
   // InjectedStatus sets the recent error itself when it injects a failure.
   return InjectedStatus(fn);
 }
@@ -485,8 +535,8 @@ aclnnStatus Injected(const char *fn) {
 // ---------------------------------------------------------------------------
 // Kernel-side access
 
-bool StorageLive(const char *fn, const std::vector<const Tensor *> &tensors, std::string *message) {
-  for (const Tensor *t : tensors) {
+bool StorageLive(const char* fn, const std::vector<const Tensor*>& tensors, std::string* message) {
+  for (const Tensor* t : tensors) {
     if (t == nullptr || !t->present) continue;
     const size_t bytes = t->StorageBytes();
     if (bytes == 0) continue;
@@ -500,40 +550,89 @@ bool StorageLive(const char *fn, const std::vector<const Tensor *> &tensors, std
   return true;
 }
 
-double LoadElement(const TensorDesc &d, int64_t index) {
-  const uint8_t *base = static_cast<const uint8_t *>(d.data);
+double LoadElement(const TensorDesc& d, int64_t index) {
+  const uint8_t* base = static_cast<const uint8_t*>(d.data);
   switch (d.dtype) {
     case kFloat4E2m1: {
       const uint8_t byte = base[index / 2];
       return DecodeFloat4E2m1((index & 1) ? (byte >> 4) : (byte & 0xF));
     }
-    case kInt8: return static_cast<int8_t>(base[index]);
-    case kUint8: case kBool: return base[index];
-    case kHifloat8: return DecodeHifloat8(base[index]);
-    case kFloat8E4m3fn: return DecodeFloat8E4m3fn(base[index]);
-    case kFloat8E5m2: return DecodeFloat8E5m2(base[index]);
-    case kFloat8E8m0: return DecodeFloat8E8m0(base[index]);
-    default: break;
+    case kInt8:
+      return static_cast<int8_t>(base[index]);
+    case kUint8:
+    case kBool:
+      return base[index];
+    case kHifloat8:
+      return DecodeHifloat8(base[index]);
+    case kFloat8E4m3fn:
+      return DecodeFloat8E4m3fn(base[index]);
+    case kFloat8E5m2:
+      return DecodeFloat8E5m2(base[index]);
+    case kFloat8E8m0:
+      return DecodeFloat8E8m0(base[index]);
+    default:
+      break;
   }
   const int bytes = DtypeBits(d.dtype) / 8;
-  const uint8_t *p = base + index * bytes;
+  const uint8_t* p = base + index * bytes;
   switch (d.dtype) {
-    case kFloat16: { uint16_t v; std::memcpy(&v, p, 2); return DecodeFp16(v); }
-    case kBf16: { uint16_t v; std::memcpy(&v, p, 2); return DecodeBf16(v); }
-    case kInt16: { int16_t v; std::memcpy(&v, p, 2); return v; }
-    case kUint16: { uint16_t v; std::memcpy(&v, p, 2); return v; }
-    case kFloat: { float v; std::memcpy(&v, p, 4); return v; }
-    case kInt32: { int32_t v; std::memcpy(&v, p, 4); return v; }
-    case kUint32: { uint32_t v; std::memcpy(&v, p, 4); return v; }
-    case kInt64: { int64_t v; std::memcpy(&v, p, 8); return static_cast<double>(v); }
-    case kUint64: { uint64_t v; std::memcpy(&v, p, 8); return static_cast<double>(v); }
-    case kDouble: { double v; std::memcpy(&v, p, 8); return v; }
-    default: return 0.0;
+    case kFloat16: {
+      uint16_t v;
+      std::memcpy(&v, p, 2);
+      return DecodeFp16(v);
+    }
+    case kBf16: {
+      uint16_t v;
+      std::memcpy(&v, p, 2);
+      return DecodeBf16(v);
+    }
+    case kInt16: {
+      int16_t v;
+      std::memcpy(&v, p, 2);
+      return v;
+    }
+    case kUint16: {
+      uint16_t v;
+      std::memcpy(&v, p, 2);
+      return v;
+    }
+    case kFloat: {
+      float v;
+      std::memcpy(&v, p, 4);
+      return v;
+    }
+    case kInt32: {
+      int32_t v;
+      std::memcpy(&v, p, 4);
+      return v;
+    }
+    case kUint32: {
+      uint32_t v;
+      std::memcpy(&v, p, 4);
+      return v;
+    }
+    case kInt64: {
+      int64_t v;
+      std::memcpy(&v, p, 8);
+      return static_cast<double>(v);
+    }
+    case kUint64: {
+      uint64_t v;
+      std::memcpy(&v, p, 8);
+      return static_cast<double>(v);
+    }
+    case kDouble: {
+      double v;
+      std::memcpy(&v, p, 8);
+      return v;
+    }
+    default:
+      return 0.0;
   }
 }
 
-void StoreElement(const TensorDesc &d, int64_t index, float value) {
-  uint8_t *p = static_cast<uint8_t *>(d.data) + index * (DtypeBits(d.dtype) / 8);
+void StoreElement(const TensorDesc& d, int64_t index, float value) {
+  uint8_t* p = static_cast<uint8_t*>(d.data) + index * (DtypeBits(d.dtype) / 8);
   if (d.dtype == kFloat16) {
     const uint16_t v = EncodeFp16(value);
     std::memcpy(p, &v, 2);
@@ -545,7 +644,7 @@ void StoreElement(const TensorDesc &d, int64_t index, float value) {
   }
 }
 
-int64_t StorageIndex(const TensorDesc &d, const std::vector<int64_t> &index) {
+int64_t StorageIndex(const TensorDesc& d, const std::vector<int64_t>& index) {
   int64_t at = d.offset;
   for (size_t i = 0; i < index.size(); ++i) at += index[i] * d.strides[i];
   return at;
@@ -555,7 +654,7 @@ namespace {
 
 // Calls visit(linear, storage_index) for every element of the view, row-major.
 template <typename Visit>
-void ForEachElement(const TensorDesc &d, Visit visit) {
+void ForEachElement(const TensorDesc& d, Visit visit) {
   const int64_t count = Numel(d.view_dims);
   std::vector<int64_t> index(d.view_dims.size(), 0);
   for (int64_t linear = 0; linear < count; ++linear) {
@@ -569,21 +668,21 @@ void ForEachElement(const TensorDesc &d, Visit visit) {
 
 }  // namespace
 
-std::vector<double> ReadAll(const Tensor &t) {
+std::vector<double> ReadAll(const Tensor& t) {
   std::vector<double> out(static_cast<size_t>(t.numel()));
   ForEachElement(t.desc, [&](int64_t i, int64_t at) { out[i] = LoadElement(t.desc, at); });
   return out;
 }
 
-std::vector<uint64_t> ReadWords(const Tensor &t) {
+std::vector<uint64_t> ReadWords(const Tensor& t) {
   std::vector<uint64_t> out(static_cast<size_t>(t.numel()));
-  const uint8_t *base = static_cast<const uint8_t *>(t.desc.data);
+  const uint8_t* base = static_cast<const uint8_t*>(t.desc.data);
   ForEachElement(t.desc, [&](int64_t i, int64_t at) { std::memcpy(&out[i], base + at * 8, 8); });
   return out;
 }
 
-std::vector<double> ReadWeight(const Weight &w) {
-  const TensorDesc &d = w.t.desc;
+std::vector<double> ReadWeight(const Weight& w) {
+  const TensorDesc& d = w.t.desc;
   std::vector<double> out(static_cast<size_t>(w.k * w.n));
   if (!w.nz) {
     for (int64_t i = 0; i < w.k; ++i) {
@@ -605,11 +704,11 @@ std::vector<double> ReadWeight(const Weight &w) {
   return out;
 }
 
-void WriteAll(const Tensor &t, const std::vector<float> &values) {
+void WriteAll(const Tensor& t, const std::vector<float>& values) {
   ForEachElement(t.desc, [&](int64_t i, int64_t at) { StoreElement(t.desc, at, values[i]); });
 }
 
-std::vector<uint8_t> EncodeBuffer(int dtype, const std::vector<float> &values) {
+std::vector<uint8_t> EncodeBuffer(int dtype, const std::vector<float>& values) {
   const size_t item = DtypeBits(dtype) / 8;
   std::vector<uint8_t> out(values.size() * item);
   for (size_t i = 0; i < values.size(); ++i) {
@@ -626,7 +725,7 @@ std::vector<uint8_t> EncodeBuffer(int dtype, const std::vector<float> &values) {
   return out;
 }
 
-std::vector<float> DecodeBuffer(int dtype, const uint8_t *data, size_t count) {
+std::vector<float> DecodeBuffer(int dtype, const uint8_t* data, size_t count) {
   std::vector<float> out(count);
   for (size_t i = 0; i < count; ++i) {
     if (dtype == kFloat16 || dtype == kBf16) {
@@ -643,8 +742,8 @@ std::vector<float> DecodeBuffer(int dtype, const uint8_t *data, size_t count) {
 // ---------------------------------------------------------------------------
 // Collectives
 
-aclnnStatus OpenCollective(const char *fn, const std::string &group, int device, Collective *c,
-                           std::string *message) {
+aclnnStatus OpenCollective(const char* fn, const std::string& group, int device, Collective* c,
+                           std::string* message) {
   c->fn = fn;
   c->group = group;
   c->device = device;
@@ -659,8 +758,8 @@ aclnnStatus OpenCollective(const char *fn, const std::string &group, int device,
   return kAclnnSuccess;
 }
 
-aclnnStatus Exchange(const Collective &c, aclnnStatus local, const std::vector<uint8_t> &payload,
-                     std::vector<std::vector<uint8_t>> *out, std::string *message) {
+aclnnStatus Exchange(const Collective& c, aclnnStatus local, const std::vector<uint8_t>& payload,
+                     std::vector<std::vector<uint8_t>>* out, std::string* message) {
   // Header: int32 status; a failed rank sends its message instead of the payload.
   std::vector<uint8_t> wire(4);
   std::memcpy(wire.data(), &local, 4);
@@ -686,7 +785,8 @@ aclnnStatus Exchange(const Collective &c, aclnnStatus local, const std::vector<u
     aclnnStatus peer = kErrInner;
     if (got[r].size() >= 4) std::memcpy(&peer, got[r].data(), 4);
     if (peer != kAclnnSuccess) {
-      const std::string why = got[r].size() > 4 ? std::string(got[r].begin() + 4, got[r].end()) : "";
+      const std::string why =
+          got[r].size() > 4 ? std::string(got[r].begin() + 4, got[r].end()) : "";
       *message = std::string(c.fn) + ": rank " + std::to_string(r) + " failed: " + why;
       return kErrInner;
     }
@@ -695,12 +795,12 @@ aclnnStatus Exchange(const Collective &c, aclnnStatus local, const std::vector<u
   return kAclnnSuccess;
 }
 
-aclnnStatus AllReduceSum(const Collective &c, aclnnStatus local, int dtype,
-                         const std::vector<float> &partial, std::vector<float> *sum,
-                         std::string *message) {
+aclnnStatus AllReduceSum(const Collective& c, aclnnStatus local, int dtype,
+                         const std::vector<float>& partial, std::vector<float>* sum,
+                         std::string* message) {
   std::vector<std::vector<uint8_t>> got;
-  const std::vector<uint8_t> payload = local == kAclnnSuccess ? EncodeBuffer(dtype, partial)
-                                                              : std::vector<uint8_t>();
+  const std::vector<uint8_t> payload =
+      local == kAclnnSuccess ? EncodeBuffer(dtype, partial) : std::vector<uint8_t>();
   CD_RETURN_IF_ERROR(Exchange(c, local, payload, &got, message));
   const size_t item = DtypeBits(dtype) / 8;
   sum->assign(partial.size(), 0.0f);
@@ -714,18 +814,18 @@ aclnnStatus AllReduceSum(const Collective &c, aclnnStatus local, int dtype,
     const std::vector<float> v = DecodeBuffer(dtype, got[r].data(), partial.size());
     for (size_t i = 0; i < v.size(); ++i) (*sum)[i] += v[i];
   }
-  for (float &v : *sum) v = RoundTo(dtype, v);
+  for (float& v : *sum) v = RoundTo(dtype, v);
   return kAclnnSuccess;
 }
 
-std::vector<double> MatmulDouble(const std::vector<double> &a, const std::vector<double> &b,
+std::vector<double> MatmulDouble(const std::vector<double>& a, const std::vector<double>& b,
                                  int64_t m, int64_t k, int64_t n) {
   std::vector<double> out(static_cast<size_t>(m * n), 0.0);
   for (int64_t i = 0; i < m; ++i) {
-    double *row = &out[i * n];
+    double* row = &out[i * n];
     for (int64_t t = 0; t < k; ++t) {
       const double av = a[i * k + t];
-      const double *brow = &b[t * n];
+      const double* brow = &b[t * n];
       for (int64_t j = 0; j < n; ++j) row[j] += av * brow[j];
     }
   }

@@ -1,0 +1,1051 @@
+// The launch core (see launch.h and docs/ascend.md).
+#include "launch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "cann_abi.h"
+#include "loader.h"
+
+namespace jax_mc2::ascend {
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string RecentErr(const Cann& c) {
+  const char* m = c.aclGetRecentErrMsg ? c.aclGetRecentErrMsg() : nullptr;
+  return (m && *m) ? std::string(m) : std::string("(no message)");
+}
+
+std::atomic<int32_t> g_timeout_ms{[] {
+  const char* v = std::getenv("JAX_MC2_ASCEND_TIMEOUT_MS");
+  return v ? std::atoi(v) : 120000;
+}()};
+std::atomic<bool> g_deterministic{false};
+std::mutex g_bind_mu;
+std::map<int, int> g_npus;  // JAX device ordinal -> NPU
+
+std::mutex g_timing_mu;
+Timings g_timings;
+std::atomic<int64_t> g_launches{0};
+
+// ---------------------------------------------------------------- devices
+
+// A stream-ordered pool of device memory for one stream. Blocks go back to
+// the free list only after the stream has synchronized past the kernel that
+// used them; after a failed synchronization they are quarantined until the
+// stream next synchronizes cleanly (or Shutdown).
+struct Pool {
+  std::multimap<size_t, void*> free_blocks;
+  std::vector<std::pair<size_t, void*>> quarantine;
+};
+
+struct DeviceState {
+  int ordinal = -1;
+  int npu = -1;
+  aclrtContext ctx = nullptr;
+  aclrtStream stream = nullptr;
+  std::mutex mu;  // one call at a time on this device's stream
+  Pool pool;
+  bool dirty = false;  // a failed call may have left work on the stream
+};
+
+std::mutex g_dev_mu;
+std::map<int, std::unique_ptr<DeviceState>> g_devices;
+
+Status Fail(const Cann& c, const std::string& what, int code) {
+  return Status::Error(what + " failed with status " + std::to_string(code) + ": " + RecentErr(c));
+}
+
+void ApplyDeterminism(const Cann& c) {
+  if (!g_deterministic.load()) return;
+  if (c.aclrtCtxSetSysParamOpt) c.aclrtCtxSetSysParamOpt(kOptDeterministic, 1);
+}
+
+Status GetDevice(const Cann& c, int ordinal, DeviceState** out) {
+  std::lock_guard<std::mutex> lock(g_dev_mu);
+  auto it = g_devices.find(ordinal);
+  if (it != g_devices.end()) {
+    *out = it->second.get();
+    return Status::Ok();
+  }
+  auto d = std::make_unique<DeviceState>();
+  d->ordinal = ordinal;
+  d->npu = NpuOf(ordinal);
+  aclError rc = c.aclrtSetDevice(d->npu);
+  if (rc != kAclSuccess)
+    return Fail(
+        c,
+        "aclrtSetDevice(" + std::to_string(d->npu) + ") for JAX device " + std::to_string(ordinal),
+        rc);
+  if ((rc = c.aclrtGetCurrentContext(&d->ctx)) != kAclSuccess)
+    return Fail(c, "aclrtGetCurrentContext", rc);
+  ApplyDeterminism(c);
+  if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess)
+    return Fail(c, "aclrtCreateStream", rc);
+  *out = d.get();
+  g_devices.emplace(ordinal, std::move(d));
+  return Status::Ok();
+}
+
+Status Enter(const Cann& c, DeviceState* d) {
+  // XLA runs handlers on its worker threads: bind the thread every call.
+  aclError rc = c.aclrtSetDevice(d->npu);
+  if (rc != kAclSuccess) return Fail(c, "aclrtSetDevice(" + std::to_string(d->npu) + ")", rc);
+  if ((rc = c.aclrtSetCurrentContext(d->ctx)) != kAclSuccess)
+    return Fail(c, "aclrtSetCurrentContext", rc);
+  return Status::Ok();
+}
+
+size_t RoundUp(size_t n) { return (n + 511) & ~size_t{511}; }
+
+void* Acquire(const Cann& c, Pool& pool, size_t bytes, aclError* rc) {
+  bytes = RoundUp(bytes == 0 ? 1 : bytes);
+  auto it = pool.free_blocks.lower_bound(bytes);
+  if (it != pool.free_blocks.end() && it->first <= 2 * bytes + (1 << 20)) {
+    void* p = it->second;
+    pool.free_blocks.erase(it);
+    *rc = kAclSuccess;
+    return p;
+  }
+  void* p = nullptr;
+  *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
+  if (*rc != kAclSuccess && !pool.free_blocks.empty()) {  // give the cache back, retry once
+    for (auto& [sz, blk] : pool.free_blocks) c.aclrtFree(blk);
+    pool.free_blocks.clear();
+    *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
+  }
+  return *rc == kAclSuccess ? p : nullptr;
+}
+
+struct Held {  // blocks one call holds, with their pool sizes
+  std::vector<std::pair<size_t, void*>> blocks;
+};
+
+void ReleaseAll(const Cann& c, Pool& pool, Held& held, bool stream_clean) {
+  if (stream_clean) {
+    for (auto& q : pool.quarantine) pool.free_blocks.emplace(q.first, q.second);
+    pool.quarantine.clear();
+    for (auto& b : held.blocks) pool.free_blocks.emplace(b.first, b.second);
+  } else {
+    for (auto& b : held.blocks) pool.quarantine.push_back(b);
+  }
+  held.blocks.clear();
+  (void)c;
+}
+
+// ---------------------------------------------------------------- communicators
+
+struct CommEntry {
+  HcclComm comm = nullptr;
+  std::string name;
+  int rank = 0;
+};
+std::mutex g_comm_mu;
+std::map<std::pair<std::string, int>, CommEntry> g_comms;
+
+// What a communicator group was made from, kept across Shutdown so that a
+// compiled call finds (or re-creates) its communicators: a group whose
+// collective failed is marked broken and re-created by the next call that
+// needs it (HcclCommInitAll groups; the ranks live in this process).
+//
+// Ranks run the same sequence of calls on a group, so each device counts its
+// calls per group: a failure in call n marks the group broken at n, and the
+// first rank to start a later call re-creates it (never a rank still in call
+// n, whose peers may be using the communicators).
+struct GroupDef {
+  std::vector<int> ordinals;
+  bool init_all = false;
+  int64_t broken_at = -1;        // the call whose collective failed, -1 if none
+  int64_t recreated_at = 0;      // the call that created the current communicators
+  std::map<int, int64_t> calls;  // calls per device ordinal
+  std::mutex mu;
+};
+std::map<std::string, std::shared_ptr<GroupDef>> g_groups;  // guarded by g_comm_mu
+
+std::string HcclErr(const Cann& c, HcclResult r) {
+  const char* s = c.HcclGetErrorString ? c.HcclGetErrorString(r) : nullptr;
+  return std::to_string(r) + (s ? std::string(" (") + s + ")" : "");
+}
+
+void ApplyHcclDeterminism(const Cann& c) {
+  if (g_deterministic.load() && c.HcclSetConfig) c.HcclSetConfig(kHcclDeterministic, 1);
+}
+
+// ---------------------------------------------------------------- argument spec
+
+struct Slot {
+  char kind = 0;  // t tensor, n null, s string, g group, i int, d double, b bool, a int array
+  char src = 'o';
+  int index = 0;
+  int dtype = -1, format = 2;
+  int64_t offset = 0;
+  std::vector<int64_t> dims, strides, storage;
+  std::string text;
+  int64_t i = 0;
+  double d = 0;
+};
+struct Spec {
+  std::vector<Slot> slots;
+  std::vector<std::pair<int, int>> readback;     // (result, operand) aliases
+  std::vector<std::pair<int, int64_t>> partial;  // (result, bytes the kernel writes)
+  bool uses_group = false;
+};
+
+std::vector<int64_t> Ints(const std::string& s) {
+  std::vector<int64_t> out;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    if (end > pos) out.push_back(std::stoll(s.substr(pos, end - pos)));
+    pos = end + 1;
+  }
+  return out;
+}
+
+std::vector<std::string> Split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (true) {
+    size_t end = s.find(sep, pos);
+    out.push_back(s.substr(pos, end == std::string::npos ? std::string::npos : end - pos));
+    if (end == std::string::npos) break;
+    pos = end + 1;
+  }
+  return out;
+}
+
+// Grammar: slots separated by ';'.
+// t<o|r><index>/<dtype>/<format>/<offset>/<dims>/<strides>/<storage> (csv lists), n, s<text>, g,
+// i<int>, d<double>, b<0|1>, a<csv>, and x<result>=<operand> (not an argument: result read back
+// from the operand's device buffer), c<result>=<bytes> (not an argument: the kernel writes the
+// result's first bytes; the rest is zero). The attribute may hold one spec per communicator rank,
+// separated by '\n'.
+bool ParseSpec(const std::string& text, Spec* spec, std::string* err) {
+  try {
+    for (const std::string& item : Split(text, ';')) {
+      if (item.empty()) continue;
+      Slot s;
+      s.kind = item[0];
+      const std::string body = item.substr(1);
+      switch (s.kind) {
+        case 't': {
+          auto f = Split(body, '/');
+          if (f.size() != 7 || f[0].size() < 2) throw std::runtime_error("bad tensor " + item);
+          s.src = f[0][0];
+          s.index = std::stoi(f[0].substr(1));
+          s.dtype = std::stoi(f[1]);
+          s.format = std::stoi(f[2]);
+          s.offset = std::stoll(f[3]);
+          s.dims = Ints(f[4]);
+          s.strides = Ints(f[5]);
+          s.storage = Ints(f[6]);
+          if (s.strides.size() != s.dims.size()) throw std::runtime_error("bad strides " + item);
+          break;
+        }
+        case 'x': {
+          auto f = Split(body, '=');
+          spec->readback.emplace_back(std::stoi(f.at(0)), std::stoi(f.at(1)));
+          continue;
+        }
+        case 'c': {
+          auto f = Split(body, '=');
+          spec->partial.emplace_back(std::stoi(f.at(0)), std::stoll(f.at(1)));
+          continue;
+        }
+        case 'g':
+          spec->uses_group = true;
+          break;
+        case 'n':
+          break;
+        case 's':
+          s.text = body;
+          break;
+        case 'i':
+        case 'b':
+          s.i = std::stoll(body);
+          break;
+        case 'd':
+          s.d = std::stod(body);
+          break;
+        case 'a':
+          s.dims = Ints(body);
+          break;
+        default:
+          throw std::runtime_error("unknown slot kind in " + item);
+      }
+      spec->slots.push_back(std::move(s));
+    }
+  } catch (const std::exception& e) {
+    *err = std::string("malformed argument spec: ") + e.what();
+    return false;
+  }
+  return true;
+}
+
+// The parsed specs of an attribute (one per rank, or one for all).
+const std::vector<Spec>* CachedSpecs(std::string_view text, std::string* err) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<std::vector<Spec>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  std::string key(text);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.get();
+  auto specs = std::make_unique<std::vector<Spec>>();
+  for (const std::string& one : Split(key, '\n')) {
+    specs->emplace_back();
+    if (!ParseSpec(one, &specs->back(), err)) return nullptr;
+  }
+  return cache.emplace(key, std::move(specs)).first->second.get();
+}
+
+// ---------------------------------------------------------------- typed calls
+
+struct ArgVal {
+  char kind = 0;
+  aclTensor* tensor = nullptr;
+  const aclIntArray* array = nullptr;
+  const char* str = nullptr;
+  int64_t i = 0;
+  double d = 0;
+};
+
+namespace kinds {
+struct T {};
+struct O {};
+struct S {};
+struct G {};
+struct I {};
+struct D {};
+struct B {};
+struct A {};
+}  // namespace kinds
+
+template <typename K>
+struct Param;
+template <>
+struct Param<kinds::T> {
+  using type = const aclTensor*;
+  static bool Accept(char k) { return k == 't' || k == 'n'; }
+  static type Get(const ArgVal& a) { return a.tensor; }
+};
+template <>
+struct Param<kinds::O> {
+  using type = aclTensor*;
+  static bool Accept(char k) { return k == 't' || k == 'n'; }
+  static type Get(const ArgVal& a) { return a.tensor; }
+};
+template <>
+struct Param<kinds::S> {
+  using type = const char*;
+  static bool Accept(char k) { return k == 's'; }
+  static type Get(const ArgVal& a) { return a.str; }
+};
+template <>
+struct Param<kinds::G> {
+  using type = const char*;
+  static bool Accept(char k) { return k == 'g'; }
+  static type Get(const ArgVal& a) { return a.str; }
+};
+template <>
+struct Param<kinds::I> {
+  using type = int64_t;
+  static bool Accept(char k) { return k == 'i'; }
+  static type Get(const ArgVal& a) { return a.i; }
+};
+template <>
+struct Param<kinds::D> {
+  using type = double;
+  static bool Accept(char k) { return k == 'd'; }
+  static type Get(const ArgVal& a) { return a.d; }
+};
+template <>
+struct Param<kinds::B> {
+  using type = bool;
+  static bool Accept(char k) { return k == 'b'; }
+  static type Get(const ArgVal& a) { return a.i != 0; }
+};
+template <>
+struct Param<kinds::A> {
+  using type = const aclIntArray*;
+  static bool Accept(char k) { return k == 'a'; }
+  static type Get(const ArgVal& a) { return a.array; }
+};
+
+using Caller = bool (*)(void* fn, const std::vector<ArgVal>&, uint64_t*, aclOpExecutor**,
+                        aclnnStatus*, std::string*);
+
+template <typename... K, size_t... Idx>
+aclnnStatus CallImpl(void* fn, const std::vector<ArgVal>& a, uint64_t* ws, aclOpExecutor** ex,
+                     std::index_sequence<Idx...>) {
+  using Fn = aclnnStatus (*)(typename Param<K>::type..., uint64_t*, aclOpExecutor**);
+  return reinterpret_cast<Fn>(fn)(Param<K>::Get(a[Idx])..., ws, ex);
+}
+
+template <typename... K>
+bool Call(void* fn, const std::vector<ArgVal>& a, uint64_t* ws, aclOpExecutor** ex,
+          aclnnStatus* status, std::string* err) {
+  if (a.size() != sizeof...(K)) {
+    *err = "argument spec has " + std::to_string(a.size()) + " arguments, the function takes " +
+           std::to_string(sizeof...(K));
+    return false;
+  }
+  static constexpr bool (*accept[])(char) = {&Param<K>::Accept...};
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!accept[i](a[i].kind)) {
+      *err = "argument " + std::to_string(i) + " of the spec has the wrong kind '" +
+             std::string(1, a[i].kind) + "'";
+      return false;
+    }
+  }
+  *status = CallImpl<K...>(fn, a, ws, ex, std::index_sequence_for<K...>{});
+  return true;
+}
+
+const std::unordered_map<std::string, Caller>& Callers() {
+  using namespace kinds;
+  static const auto* table = new std::unordered_map<std::string, Caller>{
+#define ACLNN_OP(name, ...) {"aclnn" #name, &Call<__VA_ARGS__>},
+#include "aclnn_ops.def"
+#undef ACLNN_OP
+  };
+  return *table;
+}
+
+// Destroys the descriptors of one call on every path.
+struct Descriptors {
+  const Cann* c;
+  std::vector<aclTensor*> tensors;
+  std::vector<aclIntArray*> arrays;
+  ~Descriptors() {
+    for (auto* t : tensors) c->aclDestroyTensor(t);
+    for (auto* a : arrays) c->aclDestroyIntArray(a);
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------- settings
+
+void SetTimeoutMs(int32_t ms) { g_timeout_ms.store(ms); }
+int32_t TimeoutMs() { return g_timeout_ms.load(); }
+void SetDeterministic(bool on) { g_deterministic.store(on); }
+
+void BindDevices(const std::vector<std::pair<int, int>>& ordinal_npu) {
+  std::lock_guard<std::mutex> lock(g_bind_mu);
+  g_npus.clear();
+  for (auto [o, n] : ordinal_npu) g_npus[o] = n;
+}
+
+int NpuOf(int ordinal) {
+  std::lock_guard<std::mutex> lock(g_bind_mu);
+  auto it = g_npus.find(ordinal);
+  return it == g_npus.end() ? ordinal : it->second;
+}
+
+Timings TimingTotals() {
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  return g_timings;
+}
+
+void ResetTimings() {
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  g_timings = Timings();
+}
+int64_t LaunchCount() { return g_launches.load(); }
+
+std::string SocName(Status* status) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) {
+    *status = Status::Error(why);
+    return "";
+  }
+  if (c->aclrtGetSocName == nullptr) {
+    *status = Status::Error("CANN symbol aclrtGetSocName not found in libascendcl.so");
+    return "";
+  }
+  const char* s = c->aclrtGetSocName();
+  return s ? s : "";
+}
+
+int DeviceCount(Status* status) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) {
+    *status = Status::Error(why);
+    return 0;
+  }
+  uint32_t n = 0;
+  aclError rc = c->aclrtGetDeviceCount(&n);
+  if (rc != kAclSuccess) *status = Fail(*c, "aclrtGetDeviceCount", rc);
+  return static_cast<int>(n);
+}
+
+// ---------------------------------------------------------------- communicators
+
+Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals);
+
+Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  std::shared_ptr<GroupDef> def;
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    auto& slot = g_groups[key];
+    if (!slot) slot = std::make_shared<GroupDef>();
+    slot->ordinals = ordinals;
+    slot->init_all = true;
+    def = slot;
+  }
+  std::lock_guard<std::mutex> lock(def->mu);
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    bool all = true;
+    for (int o : ordinals) all = all && g_comms.count({key, o}) != 0;
+    if (all && def->broken_at < 0) return Status::Ok();  // already there
+    for (int o : ordinals) {
+      auto it = g_comms.find({key, o});
+      if (it != g_comms.end()) {
+        c->HcclCommDestroy(it->second.comm);
+        g_comms.erase(it);
+      }
+    }
+  }
+  Status s = CommInitAllLocked(c, key, ordinals);
+  if (s.ok) {
+    def->broken_at = -1;
+    int64_t latest = 0;
+    for (auto& [o, n] : def->calls) latest = std::max(latest, n);
+    def->recreated_at = latest;
+  }
+  return s;
+}
+
+Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals) {
+  if (c->HcclCommInitAll == nullptr)
+    return Status::Error("CANN symbol HcclCommInitAll not found in libhccl.so");
+  std::vector<int32_t> npus;
+  for (int o : ordinals) {
+    DeviceState* d = nullptr;
+    Status s = GetDevice(*c, o, &d);
+    if (!s.ok) return s;
+    npus.push_back(d->npu);
+  }
+  ApplyHcclDeterminism(*c);
+  std::vector<HcclComm> comms(ordinals.size(), nullptr);
+  HcclResult r = c->HcclCommInitAll(static_cast<uint32_t>(npus.size()), npus.data(), comms.data());
+  if (r != 0) return Status::Error("HcclCommInitAll failed with HcclResult " + HcclErr(*c, r));
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < ordinals.size(); ++i) {
+    char name[kCommNameMaxLength + 1] = {0};
+    r = c->HcclGetCommName(comms[i], name);
+    if (r != 0) return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+    g_comms[{key, ordinals[i]}] = CommEntry{comms[i], name, static_cast<int>(i)};
+  }
+  return Status::Ok();
+}
+
+Status GetRootInfo(int ordinal, std::string* bytes) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  DeviceState* d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return s;
+  if (!(s = Enter(*c, d)).ok) return s;
+  bytes->assign(kHcclRootInfoBytes, '\0');
+  HcclResult r = c->HcclGetRootInfo(bytes->data());
+  if (r != 0) return Status::Error("HcclGetRootInfo failed with HcclResult " + HcclErr(*c, r));
+  return Status::Ok();
+}
+
+Status CommInitRootInfo(const std::string& key, int nranks, const std::string& root_info,
+                        const std::vector<std::pair<int, int>>& rank_ordinals) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  if (root_info.size() != kHcclRootInfoBytes)
+    return Status::Error("HCCL root info must be " + std::to_string(kHcclRootInfoBytes) +
+                         " bytes, got " + std::to_string(root_info.size()));
+  ApplyHcclDeterminism(*c);
+  std::vector<Status> results(rank_ordinals.size());
+  std::vector<CommEntry> entries(rank_ordinals.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < rank_ordinals.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto [rank, ordinal] = rank_ordinals[i];
+      DeviceState* d = nullptr;
+      Status s = GetDevice(*c, ordinal, &d);
+      if (s.ok) s = Enter(*c, d);
+      if (s.ok) {
+        HcclComm comm = nullptr;
+        HcclResult r = c->HcclCommInitRootInfo(static_cast<uint32_t>(nranks), root_info.data(),
+                                               static_cast<uint32_t>(rank), &comm);
+        if (r != 0) {
+          s = Status::Error("HcclCommInitRootInfo (rank " + std::to_string(rank) + " of " +
+                            std::to_string(nranks) + ") failed with HcclResult " + HcclErr(*c, r));
+        } else {
+          char name[kCommNameMaxLength + 1] = {0};
+          r = c->HcclGetCommName(comm, name);
+          if (r != 0) s = Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+          entries[i] = CommEntry{comm, name, rank};
+        }
+      }
+      results[i] = s;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& s : results)
+    if (!s.ok) return s;
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < rank_ordinals.size(); ++i)
+    g_comms[{key, rank_ordinals[i].second}] = entries[i];
+  auto& slot = g_groups[key];
+  if (!slot) slot = std::make_shared<GroupDef>();
+  slot->init_all = false;
+  for (auto [r, o] : rank_ordinals) slot->ordinals.push_back(o);
+  return Status::Ok();
+}
+
+bool HasComm(const std::string& key, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  return g_comms.count({key, ordinal}) != 0;
+}
+
+std::string CommName(const std::string& key, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  auto it = g_comms.find({key, ordinal});
+  return it == g_comms.end() ? std::string() : it->second.name;
+}
+
+namespace {
+
+// The group (key, definition) of `ordinal` among the '|'-separated keys.
+std::pair<std::string, std::shared_ptr<GroupDef>> GroupOf(std::string_view keys, int ordinal) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (const std::string& key : Split(std::string(keys), '|')) {
+    auto it = g_groups.find(key);
+    if (it == g_groups.end()) continue;
+    for (int o : it->second->ordinals)
+      if (o == ordinal) return {key, it->second};
+  }
+  return {"", nullptr};
+}
+
+void MarkBroken(std::string_view keys, int ordinal, int64_t call) {
+  auto [key, def] = GroupOf(keys, ordinal);
+  if (def) {
+    std::lock_guard<std::mutex> lock(def->mu);
+    if (call >= def->recreated_at) def->broken_at = std::max(def->broken_at, call);
+  }
+}
+
+// Counts this device's call on its group and makes sure its communicator
+// exists and is not broken: re-creates the whole group (HcclCommInitAll)
+// once, whichever of its ranks comes first to a call after the failure.
+Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t* call) {
+  auto [key, def] = GroupOf(keys, ordinal);
+  *call = 0;
+  if (!def) return Status::Ok();  // reported by the lookup
+  std::lock_guard<std::mutex> lock(def->mu);
+  *call = ++def->calls[ordinal];
+  const bool present = HasComm(key, ordinal);
+  if (present && (def->broken_at < 0 || *call <= def->broken_at)) return Status::Ok();
+  if (def->init_all) {
+    // Let kernels still queued from the failed call finish (or fail) on the
+    // old communicators first; their status belongs to that call.
+    for (int o : def->ordinals) {
+      DeviceState* od = nullptr;
+      {
+        std::lock_guard<std::mutex> dl(g_dev_mu);
+        auto it = g_devices.find(o);
+        if (it != g_devices.end()) od = it->second.get();
+      }
+      if (od != nullptr && Enter(c, od).ok)
+        c.aclrtSynchronizeStreamWithTimeout(od->stream, TimeoutMs());
+    }
+  }
+  if (!def->init_all)
+    return Status::Error("the HCCL communicator of replica group " + key +
+                         (present ? " failed in an earlier call" : " was destroyed") +
+                         " and spans several processes: restart the processes");
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    for (int o : def->ordinals) {
+      auto it = g_comms.find({key, o});
+      if (it != g_comms.end()) {
+        c.HcclCommDestroy(it->second.comm);
+        g_comms.erase(it);
+      }
+    }
+  }
+  Status s = CommInitAllLocked(&c, key, def->ordinals);
+  if (!s.ok) return s;
+  def->broken_at = -1;
+  def->recreated_at = *call;
+  return Status::Ok();
+}
+
+// The communicator name and rank of `ordinal` among the '|'-separated keys.
+bool FindComm(std::string_view keys, int ordinal, std::string* name, int* rank) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (const std::string& key : Split(std::string(keys), '|')) {
+    auto it = g_comms.find({key, ordinal});
+    if (it != g_comms.end()) {
+      *name = it->second.name;
+      *rank = it->second.rank;
+      return true;
+    }
+  }
+  return false;
+}
+}  // namespace
+
+void Shutdown() {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(g_dev_mu);
+    for (auto& [o, d] : g_devices) {
+      std::lock_guard<std::mutex> dl(d->mu);
+      if (Enter(*c, d.get()).ok) {
+        c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    for (auto& [k, e] : g_comms) {
+      if (DeviceState* d = g_devices.count(k.second) ? g_devices[k.second].get() : nullptr)
+        Enter(*c, d);
+      c->HcclCommDestroy(e.comm);
+    }
+    g_comms.clear();
+  }
+  std::lock_guard<std::mutex> lock(g_dev_mu);
+  for (auto& [o, d] : g_devices) {
+    std::lock_guard<std::mutex> dl(d->mu);
+    Enter(*c, d.get());
+    for (auto& [sz, blk] : d->pool.free_blocks) c->aclrtFree(blk);
+    for (auto& [sz, blk] : d->pool.quarantine) c->aclrtFree(blk);
+    d->pool.free_blocks.clear();
+    d->pool.quarantine.clear();
+    c->aclrtDestroyStream(d->stream);
+  }
+  std::vector<int> npus;
+  for (auto& [o, d] : g_devices) npus.push_back(d->npu);
+  g_devices.clear();
+  for (int n : npus) c->aclrtResetDevice(n);
+}
+
+// ---------------------------------------------------------------- launch
+
+Status Launch(int ordinal, std::string_view op_view, std::string_view function_view,
+              std::string_view spec_text, std::string_view group_key, const CallIo& io) {
+  const int64_t t0 = NowNs();
+  g_launches.fetch_add(1);
+  Timings tm;
+  const std::string op(op_view), function(function_view);
+  auto error = [&](const std::string& m) { return Status::Error(op + ": " + m); };
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return error(why);
+  std::string err;
+  const std::vector<Spec>* specs = CachedSpecs(spec_text, &err);
+  if (specs == nullptr) return error(function + ": " + err);
+  auto caller_it = Callers().find(function);
+  if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
+  void* phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
+  if (phase1 == nullptr) return error(why);
+  void* phase2 = AclnnSymbol(*c, function, &why);
+  if (phase2 == nullptr) return error(why);
+
+  DeviceState* d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return error(s.message);
+  std::lock_guard<std::mutex> lock(d->mu);
+  if (!(s = Enter(*c, d)).ok) return error(s.message);
+  aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
+
+  // The lowering passes every replica group's key, '|'-separated; the
+  // device's own communicator gives the group name and this rank's spec.
+  if (d->dirty && io.host) {
+    // A failed call may have left work on the stream: wait for it, and
+    // drop its status (it belongs to that call, already reported).
+    const aclError rc = c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+    if (rc == kAclStreamSyncTimeout)
+      return error(function + ": the stream of JAX device " + std::to_string(ordinal) +
+                   " is still busy with an earlier failed call (status " + std::to_string(rc) +
+                   ")");
+    d->dirty = false;
+    Held none;
+    ReleaseAll(*c, d->pool, none, true);
+  }
+  int64_t call = 0;
+  if (!(s = EnsureComm(*c, group_key, ordinal, &call)).ok)
+    return error(function + ": " + s.message);
+  if (!(s = Enter(*c, d)).ok) return error(s.message);  // a re-created group may move the thread
+  std::string group_name;
+  int rank = 0;
+  if (!FindComm(group_key, ordinal, &group_name, &rank) && (*specs)[0].uses_group)
+    return error("no HCCL communicator for replica group " + std::string(group_key) +
+                 " on JAX device " + std::to_string(ordinal) +
+                 " (communicators are created when the call is lowered)");
+  if (specs->size() > 1 && static_cast<size_t>(rank) >= specs->size())
+    return error(function + ": no argument spec for rank " + std::to_string(rank));
+  const Spec* spec = &(*specs)[specs->size() > 1 ? rank : 0];
+
+  // Device memory for the operands and results (host bridge), copied in.
+  Held held;
+  std::vector<void*> dev_in(io.operands.size(), nullptr), dev_out(io.results.size(), nullptr);
+  auto finish = [&](Status st, bool clean) {
+    ReleaseAll(*c, d->pool, held, clean);
+    if (!clean) d->dirty = true;
+    return st;
+  };
+  if (io.host) {
+    for (size_t i = 0; i < io.operands.size(); ++i) {
+      aclError rc;
+      void* p = Acquire(*c, d->pool, io.operands[i].bytes, &rc);
+      if (p == nullptr)
+        return finish(
+            error(function + ": aclrtMalloc of " + std::to_string(io.operands[i].bytes) +
+                  " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
+            false);
+      held.blocks.emplace_back(RoundUp(io.operands[i].bytes ? io.operands[i].bytes : 1), p);
+      dev_in[i] = p;
+      // Synchronous: once it returns nothing reads XLA's host buffer any more,
+      // whatever happens to the stream later.
+      if (io.operands[i].bytes) {
+        const int64_t tc = NowNs();
+        rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data, io.operands[i].bytes,
+                            kMemcpyHostToDevice);
+        tm.copy_in += NowNs() - tc;
+        tm.bytes_in += static_cast<int64_t>(io.operands[i].bytes);
+        if (rc != kAclSuccess)
+          return finish(
+              error(function + ": " + Fail(*c, "aclrtMemcpy (host to device)", rc).message), false);
+      }
+    }
+    for (size_t i = 0; i < io.results.size(); ++i) {
+      aclError rc;
+      void* p = Acquire(*c, d->pool, io.results[i].bytes, &rc);
+      if (p == nullptr)
+        return finish(
+            error(function + ": aclrtMalloc of " + std::to_string(io.results[i].bytes) +
+                  " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
+            false);
+      held.blocks.emplace_back(RoundUp(io.results[i].bytes ? io.results[i].bytes : 1), p);
+      dev_out[i] = p;
+    }
+  } else {
+    for (size_t i = 0; i < io.operands.size(); ++i) dev_in[i] = io.operands[i].data;
+    for (size_t i = 0; i < io.results.size(); ++i) dev_out[i] = io.results[i].data;
+  }
+
+  // Descriptors.
+  Descriptors desc{c, {}, {}};
+  std::vector<ArgVal> args;
+  args.reserve(spec->slots.size());
+  for (size_t k = 0; k < spec->slots.size(); ++k) {
+    const Slot& sl = spec->slots[k];
+    ArgVal a;
+    a.kind = sl.kind;
+    switch (sl.kind) {
+      case 't': {
+        const auto& bufs = sl.src == 'r' ? dev_out : dev_in;
+        if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
+          return finish(
+              error(function + ": argument " + std::to_string(k) + " names a missing buffer"),
+              false);
+        a.tensor = c->aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
+                                      sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
+                                      bufs[sl.index]);
+        if (a.tensor == nullptr)
+          return finish(error(function + ": aclCreateTensor failed for argument " +
+                              std::to_string(k) + ": " + RecentErr(*c)),
+                        false);
+        desc.tensors.push_back(a.tensor);
+        break;
+      }
+      case 'a': {
+        aclIntArray* arr = c->aclCreateIntArray(sl.dims.data(), sl.dims.size());
+        if (arr == nullptr)
+          return finish(error(function + ": aclCreateIntArray failed for argument " +
+                              std::to_string(k) + ": " + RecentErr(*c)),
+                        false);
+        desc.arrays.push_back(arr);
+        a.array = arr;
+        break;
+      }
+      case 's':
+        a.str = sl.text.c_str();
+        break;
+      case 'g':
+        a.str = group_name.c_str();
+        break;
+      case 'i':
+      case 'b':
+        a.i = sl.i;
+        break;
+      case 'd':
+        a.d = sl.d;
+        break;
+      default:
+        break;
+    }
+    args.push_back(a);
+  }
+
+  // Phase 1.
+  const int64_t t2 = NowNs();
+  uint64_t ws_size = 0;
+  aclOpExecutor* executor = nullptr;
+  aclnnStatus st = 0;
+  if (!caller_it->second(phase1, args, &ws_size, &executor, &st, &err))
+    return finish(error(function + ": " + err), false);
+  if (st != 0)
+    return finish(error(function + "GetWorkspaceSize failed with status " + std::to_string(st) +
+                        ": " + RecentErr(*c)),
+                  false);
+  tm.phase1 = NowNs() - t2;
+
+  // Phase 2 with a pooled workspace.
+  const int64_t t3 = NowNs();
+  void* ws = nullptr;
+  if (ws_size > 0) {
+    aclError rc;
+    ws = Acquire(*c, d->pool, ws_size, &rc);
+    if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
+    if (ws == nullptr)
+      return finish(
+          error(function + ": aclrtMalloc of the " + std::to_string(ws_size) +
+                "-byte workspace failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
+          false);
+    held.blocks.emplace_back(RoundUp(ws_size), ws);
+  }
+  st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
+  if (st != 0) {
+    // Not enqueued: the executor is still ours to destroy.
+    if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
+    MarkBroken(group_key, ordinal, call);
+  }
+  if (st != 0)
+    return finish(
+        error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),
+        false);
+  tm.phase2 = NowNs() - t3;
+
+  // Wait for the stream, then the results back (host bridge).
+  const int64_t t4 = NowNs();
+  if (io.host) {
+    std::vector<int> from(io.results.size(), -1);
+    std::vector<size_t> count(io.results.size());
+    for (size_t i = 0; i < io.results.size(); ++i) count[i] = io.results[i].bytes;
+    for (auto [r, o] : spec->readback)
+      if (r >= 0 && static_cast<size_t>(r) < from.size()) from[r] = o;
+    for (auto [r, b] : spec->partial) {
+      if (r < 0 || static_cast<size_t>(r) >= count.size()) continue;
+      count[r] = std::min(count[r], static_cast<size_t>(b));
+      std::memset(static_cast<char*>(io.results[r].data) + count[r], 0,
+                  io.results[r].bytes - count[r]);
+    }
+    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
+    tm.wait = NowNs() - t4;
+    if (rc != kAclSuccess) {
+      MarkBroken(group_key, ordinal, call);
+      std::string what = rc == kAclStreamSyncTimeout
+                             ? " did not finish within " + std::to_string(TimeoutMs()) +
+                                   " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
+                             : " failed on the stream";
+      return finish(error(function + what + ": aclrtSynchronizeStreamWithTimeout status " +
+                          std::to_string(rc) + ": " + RecentErr(*c)),
+                    false);
+    }
+    // Results come back only once the stream has passed the kernel, with a
+    // synchronous copy: a call that timed out leaves nothing queued that
+    // would write into XLA's host buffers later.
+    for (size_t i = 0; i < io.results.size(); ++i) {
+      if (count[i] == 0) continue;
+      void* src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
+      const int64_t tc = NowNs();
+      aclError rc2 = c->aclrtMemcpy(io.results[i].data, io.results[i].bytes, src, count[i],
+                                    kMemcpyDeviceToHost);
+      tm.copy_out += NowNs() - tc;
+      tm.bytes_out += static_cast<int64_t>(count[i]);
+      if (rc2 != kAclSuccess)
+        return finish(
+            error(function + ": " + Fail(*c, "aclrtMemcpy (device to host)", rc2).message), false);
+    }
+  }
+  tm.total = NowNs() - t0;
+  // Device mode: the buffers are XLA's; the pooled workspace may be reused
+  // only once the stream has passed the kernel, so this first version of
+  // the seam synchronizes too (an event-ordered pool would not).
+  if (!io.host) {
+    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
+    if (rc != kAclSuccess)
+      return finish(error(function + " failed on the stream: status " + std::to_string(rc) + ": " +
+                          RecentErr(*c)),
+                    false);
+  }
+  Status done = finish(Status::Ok(), true);
+  tm.total = NowNs() - t0;
+  {
+    std::lock_guard<std::mutex> lock(g_timing_mu);
+    g_timings.calls += 1;
+    g_timings.copy_in += tm.copy_in;
+    g_timings.copy_out += tm.copy_out;
+    g_timings.wait += tm.wait;
+    g_timings.phase1 += tm.phase1;
+    g_timings.phase2 += tm.phase2;
+    g_timings.total += tm.total;
+    g_timings.bytes_in += tm.bytes_in;
+    g_timings.bytes_out += tm.bytes_out;
+  }
+  return done;
+}
+
+Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d2h) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  DeviceState* d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return s;
+  std::lock_guard<std::mutex> lock(d->mu);
+  if (!(s = Enter(*c, d)).ok) return s;
+  std::vector<char> host(bytes, 1), back(bytes);
+  aclError rc;
+  void* dev = Acquire(*c, d->pool, bytes, &rc);
+  if (dev == nullptr) return Fail(*c, "aclrtMalloc", rc);
+  const int64_t t0 = NowNs();
+  for (int i = 0; i < reps; ++i)
+    c->aclrtMemcpy(dev, bytes, host.data(), bytes, kMemcpyHostToDevice);
+  const int64_t t1 = NowNs();
+  for (int i = 0; i < reps; ++i)
+    c->aclrtMemcpy(back.data(), bytes, dev, bytes, kMemcpyDeviceToHost);
+  const int64_t t2 = NowNs();
+  d->pool.free_blocks.emplace(RoundUp(bytes), dev);
+  *h2d = (t1 - t0) * 1e-9;
+  *d2h = (t2 - t1) * 1e-9;
+  return Status::Ok();
+}
+
+}  // namespace jax_mc2::ascend

@@ -1,0 +1,76 @@
+// The Ascend launch core: runs one whole MC2 aclnn operator (compute and
+// HCCL communication inside CANN's kernel) on the ACL stream bound to a JAX
+// device. Two ways in share it: the host bridge (XLA:CPU buffers, copied to
+// the NPU and back) and device mode (XLA device buffers on an ACL stream).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace jax_mc2::ascend {
+
+struct Status {
+  bool ok = true;
+  std::string message;
+  static Status Ok() { return {}; }
+  static Status Error(std::string m) { return {false, std::move(m)}; }
+};
+
+// ---- settings
+void SetTimeoutMs(int32_t ms);  // aclrtSynchronizeStreamWithTimeout; -1 waits forever
+int32_t TimeoutMs();
+void SetDeterministic(bool on);  // ACL_OPT_DETERMINISTIC + HCCL_DETERMINISTIC
+// (JAX device ordinal, NPU) pairs; an ordinal not bound uses NPU = ordinal.
+void BindDevices(const std::vector<std::pair<int, int>>& ordinal_npu);
+int NpuOf(int ordinal);
+
+// ---- HCCL communicator registry, keyed by (group key, JAX device ordinal)
+Status CommInitAll(const std::string& key, const std::vector<int>& ordinals);
+Status GetRootInfo(int ordinal, std::string* bytes);
+// Every local rank (rank, ordinal) joins concurrently, one thread each.
+Status CommInitRootInfo(const std::string& key, int nranks, const std::string& root_info,
+                        const std::vector<std::pair<int, int>>& rank_ordinals);
+bool HasComm(const std::string& key, int ordinal);
+std::string CommName(const std::string& key, int ordinal);
+// Destroys communicators, frees pooled memory and streams.
+void Shutdown();
+std::string SocName(Status* status);
+int DeviceCount(Status* status);
+
+// ---- one operator call
+struct Buffer {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+struct CallIo {
+  std::vector<Buffer> operands;
+  std::vector<Buffer> results;
+  bool host = true;        // host bridge: copy in and out
+  void* stream = nullptr;  // device mode: XLA's aclrtStream
+};
+
+// Where the host bridge's calls spent their time (nanoseconds, summed over
+// the successful calls since the last reset): copies in and out, the stream
+// wait, the two aclnn phases (CANN's own time), and the total.
+struct Timings {
+  int64_t calls = 0, copy_in = 0, copy_out = 0, wait = 0, phase1 = 0, phase2 = 0, total = 0;
+  int64_t bytes_in = 0, bytes_out = 0;
+};
+Timings TimingTotals();
+void ResetTimings();
+// Host-to-device and device-to-host copy time (seconds) of `reps` copies of
+// `bytes` through the bridge's copy path on `ordinal`'s NPU.
+Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d2h);
+// How many operator calls the launch core has started (all devices).
+int64_t LaunchCount();
+
+// `spec` describes the aclnn function's arguments (see the Python side,
+// jax_mc2/ascend/_spec.py, for the grammar); `group_key` names the
+// communicator of this call's replica group.
+Status Launch(int ordinal, std::string_view op, std::string_view function, std::string_view spec,
+              std::string_view group_key, const CallIo& io);
+
+}  // namespace jax_mc2::ascend

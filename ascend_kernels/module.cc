@@ -1,0 +1,141 @@
+// The nanobind module jax_mc2._mc2_ascend: FFI handler capsules, the code
+// tables (from acl_codes.def), availability, device binding, settings and the
+// HCCL communicator registry. Builds without CANN; CANN loads at first use.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
+
+#include "launch.h"
+#include "loader.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace nb = nanobind;
+
+namespace jax_mc2::ascend {
+extern "C" XLA_FFI_Error* Mc2AscendHostBridge(XLA_FFI_CallFrame*);
+extern "C" XLA_FFI_Error* Mc2AscendDevice(XLA_FFI_CallFrame*);
+}  // namespace jax_mc2::ascend
+
+namespace {
+using namespace jax_mc2::ascend;
+
+void Check(const Status& s) {
+  if (!s.ok) throw std::runtime_error(s.message);
+}
+}  // namespace
+
+NB_MODULE(_mc2_ascend, m) {
+  m.def("registrations", []() {
+    nb::dict d;
+    d["mc2_ascend_host_bridge"] = nb::capsule(reinterpret_cast<void*>(Mc2AscendHostBridge));
+    return d;
+  });
+  m.def("device_registrations", []() {
+    nb::dict d;
+    d["mc2_ascend_device"] = nb::capsule(reinterpret_cast<void*>(Mc2AscendDevice));
+    return d;
+  });
+  nb::dict dtypes, formats;
+#define ACL_DTYPE(e, name, code) dtypes[name] = code;
+#define ACL_FORMAT(e, name, code) formats[name] = code;
+#include "acl_codes.def"
+#undef ACL_DTYPE
+#undef ACL_FORMAT
+  m.attr("ACL_DTYPE") = dtypes;
+  m.attr("ACL_FORMAT") = formats;
+
+  m.def("load", []() {
+    std::string why;
+    const Cann* c = LoadCann(&why);
+    return nb::make_tuple(c != nullptr, c != nullptr ? std::string() : why);
+  });
+  m.def("loaded_libraries", []() {
+    std::string why;
+    const Cann* c = LoadCann(&why);
+    return c ? c->loaded : std::vector<std::string>{};
+  });
+  m.def("has_operator", [](const std::string& name) {
+    std::string why;
+    const Cann* c = LoadCann(&why);
+    if (c == nullptr) return nb::make_tuple(false, why);
+    bool ok = AclnnSymbol(*c, name + "GetWorkspaceSize", &why) && AclnnSymbol(*c, name, &why);
+    return nb::make_tuple(ok, ok ? std::string() : why);
+  });
+  m.def("library_search", &SearchDescription);
+  m.def("set_timeout_ms", &SetTimeoutMs);
+  m.def("timeout_ms", &TimeoutMs);
+  m.def("set_deterministic", &SetDeterministic);
+  m.def("bind_devices", &BindDevices);
+  m.def("npu_of", &NpuOf);
+  m.def("soc_name", []() {
+    Status s;
+    std::string n = SocName(&s);
+    Check(s);
+    return n;
+  });
+  m.def("device_count", []() {
+    Status s;
+    int n = DeviceCount(&s);
+    Check(s);
+    return n;
+  });
+  m.def("comm_init_all", [](const std::string& key, const std::vector<int>& ordinals) {
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = CommInitAll(key, ordinals);
+    }
+    Check(s);
+  });
+  m.def("get_root_info", [](int ordinal) {
+    std::string bytes;
+    Check(GetRootInfo(ordinal, &bytes));
+    return nb::bytes(bytes.data(), bytes.size());
+  });
+  m.def("comm_init_root_info", [](const std::string& key, int nranks, nb::bytes root,
+                                  const std::vector<std::pair<int, int>>& rank_ordinals) {
+    std::string info(root.c_str(), root.size());
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = CommInitRootInfo(key, nranks, info, rank_ordinals);
+    }
+    Check(s);
+  });
+  m.def("has_comm", &HasComm);
+  m.def("comm_name", &CommName);
+  m.def("shutdown", []() {
+    nb::gil_scoped_release release;
+    Shutdown();
+  });
+  m.def("launch_count", &LaunchCount);
+  m.def("reset_timings", &ResetTimings);
+  m.def("timings", []() {
+    Timings t = TimingTotals();
+    nb::dict d;
+    d["calls"] = t.calls;
+    d["copy_in"] = t.copy_in;
+    d["copy_out"] = t.copy_out;
+    d["wait"] = t.wait;
+    d["phase1"] = t.phase1;
+    d["phase2"] = t.phase2;
+    d["total"] = t.total;
+    d["bytes_in"] = t.bytes_in;
+    d["bytes_out"] = t.bytes_out;
+    return d;
+  });
+  m.def("copy_benchmark", [](int ordinal, size_t bytes, int reps) {
+    double h2d = 0, d2h = 0;
+    Status s;
+    {
+      nb::gil_scoped_release release;
+      s = CopyBenchmark(ordinal, bytes, reps, &h2d, &d2h);
+    }
+    Check(s);
+    return nb::make_tuple(h2d, d2h);
+  });
+}

@@ -1,0 +1,197 @@
+"""The ``ascend`` implementation: CANN's MC2 kernels through the launch layer
+in ``ascend_kernels/`` (see docs/ascend.md).
+
+A JAX program on an Ascend host runs on the CPU platform; each JAX CPU device
+is bound to one NPU (device i to the i-th visible NPU unless
+:func:`bind_devices` or ``JAX_MC2_ASCEND_DEVICES`` say otherwise) and every
+operator is one custom call that copies its operands to that NPU, runs the
+whole MC2 operator (compute and HCCL communication inside CANN's kernel) on
+the device's stream and copies the results back.
+
+CANN is loaded with dlopen when first needed, never at import: importing
+jax_mc2 works without it, and ``implementation="ascend"`` then raises
+``NotImplementedError`` at trace time naming the missing library or symbol.
+
+Public API:
+
+- :func:`is_available` -> bool, :func:`why_unavailable` -> the reason (None
+  when available).
+- :data:`ACL_DTYPE` (dtype name -> aclDataType code), :data:`ACL_FORMAT`.
+- :func:`bind_devices`, :func:`configure`, :func:`shutdown`, :func:`soc_name`,
+  :func:`chip_target`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+
+import jax
+
+from jax_mc2.ascend import (
+    _comms,
+    _rules,  # noqa: F401  (registers the lowering rules)
+)
+from jax_mc2.ascend._codes import ACL_DTYPE, ACL_FORMAT
+from jax_mc2.ascend._comms import _ordinal
+from jax_mc2.ascend._native import native as _mc2_ascend
+from jax_mc2.framework import implementation as _implementation
+from jax_mc2.framework import targets
+
+__all__ = [
+    "ACL_DTYPE",
+    "ACL_FORMAT",
+    "bind_devices",
+    "chip_target",
+    "configure",
+    "is_available",
+    "shutdown",
+    "soc_name",
+    "why_unavailable",
+]
+
+#: The custom-call target of the host bridge (CPU platform).
+HOST_BRIDGE = "mc2_ascend_host_bridge"
+#: The device-mode target, for an Ascend PJRT platform named "ASCEND" (not
+#: registered: no such platform exists in public JAX).
+DEVICE_TARGET = "mc2_ascend_device"
+DEVICE_PLATFORM = "ASCEND"
+
+for _name, _capsule in _mc2_ascend.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+def why_unavailable() -> str | None:
+    """Why the ascend implementation cannot run here (None if it can): the
+    CANN library or symbol that failed to load, and where it was looked for."""
+    ok, why = _mc2_ascend.load()
+    return None if ok else why
+
+
+def is_available() -> bool:
+    """Whether CANN's libraries load (see :func:`why_unavailable`)."""
+    return why_unavailable() is None
+
+
+_USED = False
+
+
+def _check(op: str) -> None:
+    global _USED
+    why = why_unavailable()
+    if why is not None:
+        raise NotImplementedError(f"{op}: implementation='ascend' is not available: {why}")
+    _USED = True
+    _apply_env_once()
+    _apply_chip_target_once()
+
+
+_TARGET_APPLIED = False
+
+
+def _apply_chip_target_once() -> None:
+    """Without an explicit target, the chip's own (from aclrtGetSocName)
+    applies from the first ascend call on."""
+    global _TARGET_APPLIED
+    if _TARGET_APPLIED:
+        return
+    _TARGET_APPLIED = True
+    if targets.explicitly_set():
+        return
+    try:
+        name = chip_target()
+    except RuntimeError:
+        return
+    if name is not None:
+        jax.config.update("jax_mc2_target", name)
+
+
+def bind_devices(npus) -> None:
+    """Binds this process's i-th JAX CPU device (``jax.local_devices()[i]``)
+    to NPU ``npus[i]`` (default: NPU i; env ``JAX_MC2_ASCEND_DEVICES="0,1,..."``).
+    Call before the first ascend operator runs."""
+    global _BOUND
+    local = jax.local_devices(backend="cpu")
+    npus = [int(n) for n in npus]
+    if len(npus) < len(local):
+        raise ValueError(
+            f"bind_devices: {len(local)} local JAX CPU devices need {len(local)} NPU ids, got "
+            f"{npus}"
+        )
+    _mc2_ascend.bind_devices([(_ordinal(d), n) for d, n in zip(local, npus)])
+    _BOUND = True
+
+
+_BOUND = False
+
+
+def configure(
+    *,
+    timeout_ms: int | None = None,
+    deterministic: bool | None = None,
+    hccl_buffsize_mb: int | None = None,
+) -> None:
+    """Launch-layer options (each also has an environment variable):
+
+    - ``timeout_ms`` (``JAX_MC2_ASCEND_TIMEOUT_MS``, default 120000): how long
+      a call waits for its stream (aclrtSynchronizeStreamWithTimeout); -1
+      waits forever. A timeout is an error naming the operator.
+    - ``deterministic`` (``JAX_MC2_ASCEND_DETERMINISTIC=1``): sets
+      ACL_OPT_DETERMINISTIC on each device context and HCCL_DETERMINISTIC
+      (HcclSetConfig) before communicators are created.
+    - ``hccl_buffsize_mb`` (``HCCL_BUFFSIZE``, CANN's own; default 200): the
+      HCCL window size MC2's tiling reads; set before communicators exist.
+    """
+    if timeout_ms is not None:
+        _mc2_ascend.set_timeout_ms(int(timeout_ms))
+    if deterministic is not None:
+        _mc2_ascend.set_deterministic(bool(deterministic))
+    if hccl_buffsize_mb is not None:
+        os.environ["HCCL_BUFFSIZE"] = str(int(hccl_buffsize_mb))
+
+
+_ENV_APPLIED = False
+
+
+def _apply_env_once() -> None:
+    global _ENV_APPLIED
+    if _ENV_APPLIED:
+        return
+    _ENV_APPLIED = True
+    devices = os.environ.get("JAX_MC2_ASCEND_DEVICES")
+    if devices:
+        bind_devices([int(x) for x in devices.split(",") if x.strip()])
+    elif not _BOUND:
+        bind_devices(range(len(jax.local_devices(backend="cpu"))))
+    if os.environ.get("JAX_MC2_ASCEND_DETERMINISTIC", "") not in ("", "0"):
+        _mc2_ascend.set_deterministic(True)
+
+
+def soc_name() -> str:
+    """The SoC name CANN reports (aclrtGetSocName), e.g. "Ascend910B1"."""
+    return _mc2_ascend.soc_name()
+
+
+def chip_target(soc: str | None = None) -> str | None:
+    """The jax_mc2 chip target of a SoC name: atlas-a2 (Ascend910B*),
+    atlas-a3 (Ascend910_93*), ascend-950 (Ascend950*); None if unknown."""
+    soc = soc_name() if soc is None else soc
+    if soc.startswith("Ascend910_93"):
+        return "atlas-a3"
+    if soc.startswith("Ascend910B"):
+        return "atlas-a2"
+    if soc.startswith("Ascend950"):
+        return "ascend-950"
+    return None
+
+
+def shutdown() -> None:
+    """Destroys the HCCL communicators and frees the launch layer's device
+    memory and streams (also run at exit). Later calls start afresh."""
+    if _USED and is_available():
+        _mc2_ascend.shutdown()
+    _comms.reset()
+
+
+atexit.register(shutdown)
+_implementation.register_availability(_implementation.ASCEND, _check)

@@ -1,0 +1,24 @@
+"""CANN's data-type and format codes, from the C++ table (acl_codes.def)
+exported by the jax_mc2._mc2_ascend module: one source of truth."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jax_mc2.ascend._native import native as _mc2_ascend
+
+#: numpy / ml_dtypes dtype name -> aclDataType code ("hifloat8": 34 is
+#: the code given to uint8 tensors that carry HiFloat8 codes).
+ACL_DTYPE: dict[str, int] = dict(_mc2_ascend.ACL_DTYPE)
+#: aclFormat name -> code.
+ACL_FORMAT: dict[str, int] = dict(_mc2_ascend.ACL_FORMAT)
+
+
+def dtype_code(dtype) -> int:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return ACL_DTYPE[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"implementation='ascend': dtype {name} has no CANN aclDataType"
+        ) from None
