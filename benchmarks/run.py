@@ -446,6 +446,24 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
     return {"grouped_matmul": gmm_rows, "dispatch": dispatch_rows}
 
 
+#: The CPU features the GEMM speeds (and so the ratios) depend on.
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU has (from /proc/cpuinfo; empty
+    where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="jax_mc2 benchmarks")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -530,6 +548,7 @@ def main(argv=None):
         f"{os.cpu_count()} cores, jax {jax.__version__}, "
         f"median of {repeat} or more (at least {MIN_SAMPLING_S:g} s of samples per case)"
     )
+    print(f"CPU flags: {' '.join(cpu_flags()) or 'unknown'} ({platform.processor() or '?'})")
     print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
     header = (
         "| operator | m x k x n | dtype | devices | implementation | median ms | "
@@ -566,6 +585,7 @@ def main(argv=None):
                     "backend": backend,
                     "machine": platform.machine(),
                     "cores": os.cpu_count(),
+                    "cpu_flags": cpu_flags(),
                     "jax": jax.__version__,
                     "ceiling_gflops": ceiling,
                     "rows": [asdict(r) for r in rows],
