@@ -10,6 +10,7 @@ jax/jaxlib 0.10.x (pinned in pyproject.toml).
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable
 
 from jax._src import config as _config
@@ -94,14 +95,23 @@ def lowering_parallelism(ctx) -> int:
     return max(1, len(mesh.local_devices))
 
 
+def _drop_empty_env(name: str) -> None:
+    """jax's config reads ``NAME`` from the environment itself; an empty
+    variable means unset (as the shells' ``VAR= cmd`` idiom intends)."""
+    if os.environ.get(name.upper()) == "":
+        del os.environ[name.upper()]
+
+
 def config_enum_state(name: str, values: list[str], default: str, help: str):
     """A jax config option that is part of the jit cache key."""
+    _drop_empty_env(name)
     return _config.enum_state(
         name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
     )
 
 
 def config_optional_enum_state(name: str, values: list[str], default: str | None, help: str):
+    _drop_empty_env(name)
     return _config.optional_enum_state(
         name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
     )

@@ -40,6 +40,7 @@ def exchange_counts(send_counts: ArrayLike, axis_name: AxisName) -> Array:
     ``send_counts[d*e + j]`` (e*W,): one small all-to-all over ``axis_name``.
     The dispatch derives them itself; a combine after it needs them as its
     ``send_counts`` (and the dispatch's send counts as its recv_counts)."""
+    axis_name = validation.canonical_axis_name("exchange_counts", axis_name)
     send_counts = jnp.asarray(send_counts)
     world = world_size_of(axis_name)
     if (

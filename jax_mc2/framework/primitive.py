@@ -20,7 +20,9 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_mc2.framework import _compat, lowering
 from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
@@ -136,8 +138,27 @@ def bind(primitive: _compat.core.Primitive, named: Mapping[str, Any], **params: 
     arrays and their presence parameters added to ``params``: the one
     canonicalizer of the operators' calls."""
     spec = SPECS[primitive.name]
+    _check_not_narrowed(spec.operator_name(params), named)
     arrays = {k: None if a is None else jnp.asarray(a) for k, a in named.items()}
     return primitive.bind(*spec.join(arrays), **spec.presence(arrays), **params)
+
+
+def _check_not_narrowed(op: str, named: Mapping[str, Any]) -> None:
+    """A 64-bit integer operand is reported as the caller passed it: with
+    ``jax_enable_x64`` off ``jnp.asarray`` would narrow it to 32 bits and the
+    dtype rules would name a dtype the caller never passed (and accept an
+    int64 that x64 on rejects)."""
+    if jax.config.jax_enable_x64:
+        return
+    for name, a in named.items():
+        dtype = getattr(a, "dtype", None)
+        if dtype is not None and np.dtype(dtype) in (np.dtype(np.int64), np.dtype(np.uint64)):
+            narrow = np.dtype(np.int32 if np.dtype(dtype).kind == "i" else np.uint32)
+            raise TypeError(
+                f"{op}: {name} dtype {np.dtype(dtype).name} is not accepted (with "
+                f"jax_enable_x64 off JAX would narrow it to {narrow.name}); pass the dtype the "
+                "operator documents for it"
+            )
 
 
 def _refuse_jvp(spec: PrimitiveSpec) -> Callable[..., Any]:

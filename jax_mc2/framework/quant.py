@@ -95,7 +95,7 @@ def trans_quant_param(
       ``int64`` words of the broadcast shape when ``jax_enable_x64`` is on;
       otherwise ``uint32`` ``(low, high)`` pairs with a trailing dimension 2.
     """
-    if round_mode not in (0, 1):
+    if isinstance(round_mode, (bool, np.bool_)) or round_mode not in (0, 1):
         raise ValueError(f"trans_quant_param: round_mode must be 0 or 1, got {round_mode!r}")
     scale = jnp.asarray(scale)
     if not jnp.issubdtype(scale.dtype, jnp.floating):
@@ -261,6 +261,8 @@ def hifloat8_decode(codes: ArrayLike, dtype: DTypeLike = jnp.float32) -> Array:
     codes = jnp.asarray(codes)
     if codes.dtype != jnp.uint8:
         raise TypeError(f"hifloat8_decode: codes must be uint8, got {codes.dtype}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"hifloat8_decode: dtype must be a floating dtype, got {np.dtype(dtype)}")
     return jnp.asarray(_HIF8_VALUES)[codes.astype(jnp.int32)].astype(dtype)
 
 

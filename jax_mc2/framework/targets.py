@@ -203,7 +203,8 @@ PROFILES: dict[str, TargetProfile] = {
 
 
 def _env_default() -> str:
-    value = os.environ.get("JAX_MC2_TARGET", GENERIC)
+    # An empty variable means unset.
+    value = os.environ.get("JAX_MC2_TARGET") or GENERIC
     if value not in TARGETS:
         raise ValueError(f"JAX_MC2_TARGET must be one of {TARGETS}, got {value!r}")
     return value

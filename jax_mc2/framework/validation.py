@@ -65,6 +65,34 @@ def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
     return int(value)
 
 
+def describe(value) -> str:
+    """A short description of an argument for a message: None, or an array's
+    dtype and shape, or the value's repr."""
+    if value is None:
+        return "None"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"{np.dtype(value.dtype).name}{shape_str(value.shape)}"
+    return type(value).__name__ if isinstance(value, (list, tuple)) else repr(value)
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    """A static flag: a Python or NumPy bool (not a string, not an int)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise value_error(op, f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_int32(op: str, name: str, value, *, minimum: int | None = None) -> int:
+    """A static size that JAX passes as an int32 (row counts, capacities)."""
+    value = check_int(op, name, value, minimum=minimum)
+    if value > INT32_MAX:
+        raise value_error(op, f"{name} must be <= {INT32_MAX} (it must fit int32), got {value}")
+    return value
+
+
 def canonical_axis_name(op: str, axis_name) -> tuple[str, ...]:
     """``None`` → ``()``, a name → ``(name,)``, a tuple/list of names as is."""
     if axis_name is None:

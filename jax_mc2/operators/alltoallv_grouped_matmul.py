@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from jax_mc2.framework.collective import exchange_counts
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
-from jax_mc2.primitives.alltoallv_grouped_matmul import bind_operator, combine_p, dispatch_p
+from jax_mc2.framework.validation import check_bool
+from jax_mc2.primitives.alltoallv_grouped_matmul import (
+    OP_DISPATCH,
+    bind_operator,
+    combine_p,
+    dispatch_p,
+)
 
 __all__ = ["alltoallv_grouped_matmul", "exchange_counts", "grouped_matmul_alltoallv"]
 
@@ -76,7 +82,7 @@ def alltoallv_grouped_matmul(
         mm_weight=mm_weight,
         trans_gmm_weight=trans_gmm_weight,
         trans_mm_weight=trans_mm_weight,
-        permute_out=bool(permute_out_flag),
+        permute_out=check_bool(OP_DISPATCH, "permute_out_flag", permute_out_flag),
         max_out=max_recv_tokens,
         max_tokens_per_peer=max_tokens_per_peer,
         implementation=implementation,

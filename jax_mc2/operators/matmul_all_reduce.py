@@ -91,6 +91,7 @@ def mm_all_reduce_base(
       selects (full quantization).
     """
     validation.check_reduce_op(OP, reduce_op)
+    transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
     x2 = x2_from_format(
         OP,
         x1,
@@ -151,13 +152,17 @@ def _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale):
         return None
     if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
         raise validation.value_error(
-            OP, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+            OP,
+            "comm_quant_scale_1 and comm_quant_scale_2 must be given together, got "
+            f"comm_quant_scale_1={validation.describe(comm_quant_scale_1)} and "
+            f"comm_quant_scale_2={validation.describe(comm_quant_scale_2)}",
         )
     if dequant_scale is None:
         raise validation.value_error(
             OP,
             "low-bit communication (comm_quant_scale_1/2) exists only in the full-"
-            "quantization mode (int8 x1 and x2 with dequant_scale)",
+            "quantization mode (int8 x1 and x2 with dequant_scale), got comm_quant_scale_1/2 "
+            "with dequant_scale=None",
         )
     return (comm_quant_scale_1, comm_quant_scale_2)
 
@@ -169,13 +174,19 @@ def _check_antiquant_arguments(
     the full-quantization ones."""
     if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
         raise validation.value_error(
-            OP, "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode)"
+            OP,
+            "antiquant_offset and antiquant_group_size need antiquant_scale (weight-only mode), "
+            f"got antiquant_offset={validation.describe(antiquant_offset)} and "
+            f"antiquant_group_size={antiquant_group_size!r} with antiquant_scale=None",
         )
     if antiquant_scale is not None and (dequant_scale is not None or pertoken_scale is not None):
         raise validation.value_error(
             OP,
             "antiquant_scale (weight-only) and dequant_scale/pertoken_scale (full "
-            "quantization) are different modes; pass one of them",
+            "quantization) are different modes; pass one of them, got antiquant_scale="
+            f"{validation.describe(antiquant_scale)} with dequant_scale="
+            f"{validation.describe(dequant_scale)} and pertoken_scale="
+            f"{validation.describe(pertoken_scale)}",
         )
 
 
@@ -183,7 +194,9 @@ def _check_plain_arguments(x1, pertoken_scale):
     """The non-quantized mode has no pertoken scale and no int8 x1."""
     if pertoken_scale is not None:
         raise validation.type_error(
-            OP, "pertoken_scale is only used with dequant_scale (full quantization)"
+            OP,
+            "pertoken_scale is only used with dequant_scale (full quantization), got "
+            f"pertoken_scale={validation.describe(pertoken_scale)} with dequant_scale=None",
         )
     if np.dtype(getattr(x1, "dtype", np.float32)) == np.dtype(np.int8):
         raise validation.type_error(

@@ -50,6 +50,7 @@ def quant_matmul_all_reduce(
     Returns:
       [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
     """
+    transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
     x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,))
     return bind_int8_matmul_all_reduce(
         OP,
@@ -173,6 +174,7 @@ def quant_matmul_all_reduce_v4(
       as the int8 rows' scales select; ``out_dtype`` (default bfloat16) in
       the other rows.
     """
+    transpose_x2 = validation.check_bool(OP_V4, "transpose_x2", transpose_x2)
     hif8 = _check_v4_call(
         x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2
     )
@@ -236,7 +238,10 @@ def _check_v4_call(x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, co
         )
     if (comm_quant_scale_1 is None) != (comm_quant_scale_2 is None):
         raise validation.value_error(
-            OP_V4, "comm_quant_scale_1 and comm_quant_scale_2 must be given together"
+            OP_V4,
+            "comm_quant_scale_1 and comm_quant_scale_2 must be given together, got "
+            f"comm_quant_scale_1={validation.describe(comm_quant_scale_1)} and "
+            f"comm_quant_scale_2={validation.describe(comm_quant_scale_2)}",
         )
     hif8 = "hifloat8" in (x1_format, x2_format)
     if hif8 and x1_format != x2_format:

@@ -37,6 +37,7 @@ from jax_mc2.operators.alltoallv_grouped_matmul import (
     exchange_counts,
     grouped_matmul_alltoallv,
 )
+from jax_mc2.parallel.tensor_parallel import _as_array, check_mesh_type, shard_map_global
 
 OP = "expert_parallel_moe"
 _F32 = jnp.float32
@@ -219,6 +220,10 @@ def expert_parallel_moe(
     Returns:
       :class:`MoEOutput` ``(y [T, H], dropped, tokens_per_expert [G])``.
     """
+    check_mesh_type(OP, mesh)
+    x, router_weight, w_gate, w_up, w_down = (
+        _as_array(a) for a in (x, router_weight, w_gate, w_up, w_down)
+    )
     data_axes = _check_mesh_axes(mesh, axis, data_axes)
     world = mesh.shape[axis]
     g = _check_weights(x, router_weight, w_gate, w_up, w_down)
@@ -245,13 +250,13 @@ def expert_parallel_moe(
             implementation=implementation,
         )
 
-    fn = jax.shard_map(
+    y, dropped, per_expert = shard_map_global(
         body,
-        mesh=mesh,
-        in_specs=(token_spec, P(), P(axis), P(axis), shared_specs),
-        out_specs=(token_spec, P(), P()),
+        mesh,
+        (token_spec, P(), P(axis), P(axis), shared_specs),
+        (token_spec, P(), P()),
+        (x, router_weight, w_gate_up, w_down, shared_expert),
     )
-    y, dropped, per_expert = fn(x, router_weight, w_gate_up, w_down, shared_expert)
     return MoEOutput(y, dropped, per_expert)
 
 
@@ -307,6 +312,7 @@ def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_fa
         raise validation.value_error(
             OP, f"G = {g} experts must be a multiple of the {axis!r} size {world}"
         )
+    validation.check_int(OP, "top_k", top_k)
     if not 1 <= top_k <= g:
         raise validation.value_error(OP, f"top_k must be in [1, G = {g}], got {top_k}")
     shards = world * math.prod(mesh.shape[a] for a in data_axes)
@@ -314,10 +320,23 @@ def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_fa
         raise validation.value_error(
             OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
         )
-    if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+    if capacity_factor is not None and (
+        isinstance(capacity_factor, (bool, np.bool_))
+        or not isinstance(capacity_factor, (int, float, np.integer, np.floating))
+        or not 0 < capacity_factor < math.inf
+    ):
         raise validation.value_error(
-            OP, f"capacity_factor must be None or a finite value > 0, got {capacity_factor}"
+            OP, f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}"
         )
+    caps = moe_capacities(tokens // shards, top_k, g, world, capacity_factor)
+    for name, value in zip(caps._fields, caps):
+        if value > validation.INT32_MAX:
+            raise validation.value_error(
+                OP,
+                f"the {name} capacity {value} (t = {tokens // shards} tokens per rank, top_k = "
+                f"{top_k}, G = {g}, W = {world}, capacity_factor = {capacity_factor}) must fit "
+                f"int32 (<= {validation.INT32_MAX}); use more shards or a capacity_factor",
+            )
 
 
 def _check_shared_expert(shared_expert, hidden):

@@ -13,10 +13,13 @@ wrappers add it exactly once, on the first rank of ``axis``.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mc2.framework import validation
@@ -42,13 +45,79 @@ def _x_spec(x, axis, data_axis, op):
     return P(data_axis, axis) if x.ndim == 2 else P(data_axis, None, axis)
 
 
+def _as_array(a):
+    """Lists and tuples become arrays, as the operators' ``jnp.asarray``."""
+    return jnp.asarray(a) if isinstance(a, (list, tuple)) else a
+
+
+def check_mesh_type(op, mesh):
+    """Rejects a ``mesh`` that is not a ``jax.sharding.Mesh``; returns it."""
+    if not isinstance(mesh, Mesh):
+        raise validation.type_error(op, f"mesh must be a jax.sharding.Mesh, got {mesh!r}")
+    return mesh
+
+
+def shard_map_global(fn, mesh, in_specs, out_specs, args, **kwargs):
+    """``jax.shard_map(fn, ...)(*args)`` on global arrays. On a mesh with
+    Explicit axes (``jax.make_mesh``'s default) shard_map requires inputs
+    already sharded as ``in_specs``; they are resharded to them first (as
+    JAX's own error advises), so both kinds of mesh give the same result."""
+    if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        args = jax.tree.map(
+            lambda spec, arg: jax.tree.map(
+                lambda a: jax.sharding.reshard(a, NamedSharding(mesh, spec)), arg
+            ),
+            tuple(in_specs),
+            tuple(args),
+            is_leaf=lambda s: s is None or isinstance(s, P),
+        )
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, **kwargs)(*args)
+
+
 def _check_mesh(op, mesh, axis, data_axis):
+    check_mesh_type(op, mesh)
     names = (axis,) if isinstance(axis, str) else tuple(axis)
     for name in names + ((data_axis,) if data_axis is not None else ()):
-        if name not in mesh.axis_names:
+        if not isinstance(name, str) or name not in mesh.axis_names:
             raise validation.value_error(
                 op, f"mesh has no axis {name!r}; its axes are {mesh.axis_names}"
             )
+    if data_axis is not None and data_axis in names:
+        raise validation.value_error(
+            op, f"data_axis must differ from axis, got {data_axis!r} for both"
+        )
+    return mesh
+
+
+def _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w):
+    """The global shapes: x (m, k) / (b, s, k), w (k, n) / (n, k), bias (n,),
+    k over the ``axis`` ranks and the rows over the ``data_axis`` ranks;
+    returns n."""
+    k = x.shape[-1]
+    if np.ndim(w) != 2 or np.shape(w)[1 if transpose_w else 0] != k:
+        layout = "(n, k) (transpose_w)" if transpose_w else "(k, n)"
+        raise validation.type_error(
+            op,
+            f"w must be 2-D {layout} with k == x.shape[-1] == {k}, got {shape_str(np.shape(w))}",
+        )
+    n = np.shape(w)[0 if transpose_w else 1]
+    if bias is not None and np.shape(bias) != (n,):
+        raise validation.type_error(
+            op, f"bias must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(bias))}"
+        )
+    names = (axis,) if isinstance(axis, str) else tuple(axis)
+    ranks = math.prod(mesh.shape[a] for a in names)
+    if k % ranks:
+        raise validation.value_error(
+            op, f"k = {k} (x.shape[-1]) must be a multiple of the {ranks} ranks of axis {axis!r}"
+        )
+    if data_axis is not None and x.shape[0] % mesh.shape[data_axis]:
+        raise validation.value_error(
+            op,
+            f"x.shape[0] = {x.shape[0]} must be a multiple of the {mesh.shape[data_axis]} ranks "
+            f"of data_axis {data_axis!r}",
+        )
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +210,11 @@ def row_parallel_linear(
         raise validation.value_error(
             op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
         )
-    _check_mesh(op, mesh, axis, data_axis)
+    transpose_w = validation.check_bool(op, "transpose_w", transpose_w)
+    mesh = _check_mesh(op, mesh, axis, data_axis)
+    x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     x_spec = _x_spec(x, axis, data_axis, op)
+    _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
     w_spec = P(None, axis) if transpose_w else P(axis, None)
     out_spec = P(data_axis, None) if x.ndim == 2 else P(data_axis, None, None)
 
@@ -185,9 +257,7 @@ def row_parallel_linear(
         comm = tuple(quant.comm_quant_scales or ())
         args += (jnp.asarray(quant.weight_scale),) + comm
         specs += (P(),) * (1 + len(comm))
-    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=out_spec, check_vma=True)(
-        *args
-    )
+    return shard_map_global(shard, mesh, specs, out_spec, args, check_vma=True)
 
 
 def row_parallel_linear_add_rms_norm(
@@ -218,8 +288,22 @@ def row_parallel_linear_add_rms_norm(
       ``(y, norm_out)``, [b, s, n], replicated along ``axis``.
     """
     op = "row_parallel_linear_add_rms_norm"
-    _check_mesh(op, mesh, axis, data_axis)
+    transpose_w = validation.check_bool(op, "transpose_w", transpose_w)
+    inplace = validation.check_bool(op, "inplace", inplace)
+    mesh = _check_mesh(op, mesh, axis, data_axis)
+    x, w, residual, gamma, bias = (_as_array(a) for a in (x, w, residual, gamma, bias))
     x_spec = _x_spec(x, axis, data_axis, op)
+    n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
+    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
+        raise validation.type_error(
+            op,
+            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
+            f"{shape_str(np.shape(residual))}",
+        )
+    if np.shape(gamma) != (n,):
+        raise validation.type_error(
+            op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
+        )
     w_spec = P(None, axis) if transpose_w else P(axis, None)
     r_spec = P(data_axis, None, None)
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
@@ -240,6 +324,4 @@ def row_parallel_linear_add_rms_norm(
 
     args = (x, w, residual, gamma) + ((bias,) if bias is not None else ())
     specs = (x_spec, w_spec, r_spec, P()) + ((P(),) if bias is not None else ())
-    return jax.shard_map(
-        shard, mesh=mesh, in_specs=specs, out_specs=(r_spec, r_spec), check_vma=True
-    )(*args)
+    return shard_map_global(shard, mesh, specs, (r_spec, r_spec), args, check_vma=True)

@@ -67,14 +67,16 @@ MAX_COUNTS = 256
 
 def is_static_counts(counts) -> bool:
     """Python/NumPy integers are static counts; JAX arrays are traced."""
-    return isinstance(counts, (np.ndarray, list, tuple, int, np.integer))
+    return isinstance(counts, (np.ndarray, list, tuple, int, np.integer, str))
 
 
 def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
     """A ``(W, E*W)`` int64 table from a per-rank matrix or one shared row."""
     table = np.asarray(counts)
     if table.dtype.kind not in "iu":
-        raise validation.type_error(op, f"{name} must hold integers, got dtype {table.dtype.name}")
+        raise validation.type_error(
+            op, f"{name} must hold integers, got {counts!r} (dtype {table.dtype.name})"
+        )
     if table.ndim == 1:
         table = np.broadcast_to(table, (world, table.shape[0]))
     want = (world, experts * world)
@@ -87,6 +89,18 @@ def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
         )
     if (table < 0).any():
         raise validation.value_error(op, f"{name} must be >= 0, got {table.min()}")
+    if (table > validation.INT32_MAX).any():
+        raise validation.value_error(
+            op, f"{name} must fit int32 (<= {validation.INT32_MAX}), got {table.max()}"
+        )
+    if (table.sum(axis=1) > validation.INT32_MAX).any() or (
+        table.sum(axis=0) > validation.INT32_MAX
+    ).any():
+        raise validation.value_error(
+            op,
+            f"{name}: every rank's sent and received rows must fit int32 "
+            f"(<= {validation.INT32_MAX}), got sums {table.sum(axis=1).tolist()}",
+        )
     return table.astype(np.int64)
 
 
@@ -743,10 +757,19 @@ def _common_params(op, gmm_weight, axis_name, send_counts, recv_counts, implemen
         raise validation.value_error(
             op, f"e (local experts) must be in [1, {MAX_LOCAL_EXPERTS}], got 0"
         )
+    if send_counts is None:
+        raise validation.type_error(
+            op,
+            "send_counts is required: a static (W, e*W) / (e*W,) integer table or a traced "
+            "(e*W,) integer array, got None",
+        )
     static = is_static_counts(send_counts)
     if recv_counts is not None and is_static_counts(recv_counts) != static:
         raise validation.type_error(
-            op, "send_counts and recv_counts must both be static (NumPy) or both traced (JAX)"
+            op,
+            "send_counts and recv_counts must both be static (NumPy) or both traced (JAX), got "
+            f"{type(send_counts).__name__} send_counts and {type(recv_counts).__name__} "
+            "recv_counts",
         )
     return axes, impl, world, experts
 
@@ -782,14 +805,22 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
 
 def _capacity(op, name, value, default, minimum=0):
     if value is None:
+        if default > validation.INT32_MAX:
+            raise validation.value_error(
+                op,
+                f"the default {name} = {default} must fit int32 (<= {validation.INT32_MAX}); "
+                "pass a smaller one",
+            )
         return default
-    return validation.check_int(op, name, value, minimum=minimum)
+    return validation.check_int32(op, name, value, minimum=minimum)
 
 
 def _check_mm_pair(op, mm_x, mm_weight):
     if (mm_x is None) != (mm_weight is None):
         raise validation.value_error(
-            op, "mm_x and mm_weight (the shared expert) must be given together or not at all"
+            op,
+            "mm_x and mm_weight (the shared expert) must be given together or not at all, got "
+            f"mm_x={validation.describe(mm_x)} and mm_weight={validation.describe(mm_weight)}",
         )
 
 
@@ -855,8 +886,8 @@ def bind_operator(
         experts=experts,
         peer_capacity=max(peer, 1),
         out_rows=out_rows,
-        trans_weight=bool(trans_gmm_weight),
-        trans_mm_weight=bool(trans_mm_weight),
+        trans_weight=validation.check_bool(op, "trans_gmm_weight", trans_gmm_weight),
+        trans_mm_weight=validation.check_bool(op, "trans_mm_weight", trans_mm_weight),
         has_weight=True,
         has_mm=has_mm,
         permute_out=permute_out,

@@ -150,7 +150,7 @@ def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implement
         x,
         w,
         group_offsets,
-        trans_weight=bool(trans_weight),
+        trans_weight=validation.check_bool(OP, "trans_weight", trans_weight),
         implementation=requested_implementation(OP, implementation),
         world_size=1,
     )

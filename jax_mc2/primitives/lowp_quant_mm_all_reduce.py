@@ -137,15 +137,24 @@ def classify(op, kind, x2_scale, x1_scale) -> str:
 
 
 def _resolve_group(op, group_size, dims, scale_dims, want, row):
+    explicit = f"pass group_size=jax_mc2.quant.group_size{want} (= {quant.group_size(*want)})"
     try:
         got = quant.resolve_group_size(group_size, dims, scale_dims)
     except ValueError as e:
-        raise validation.value_error(op, f"{e} ({row} rows)") from None
+        raise validation.value_error(op, f"{e}: {explicit} ({row} rows)") from None
     if got != want:
+        inferred = [
+            f"{name} = {d} / {s} = {g}"
+            for name, d, s, g, w, f in zip(
+                "mnk", dims, scale_dims, got, want, quant.unpack_group_size(group_size)
+            )
+            if f == 0 and g != w
+        ]
+        detail = f"; a 0 field is inferred as dim / scale extent: {', '.join(inferred)}"
         raise validation.value_error(
             op,
             f"group_size (m, n, k) must resolve to {want} in the {row} rows, got {got} "
-            f"(group_size={group_size}; a 0 field is inferred as dim / scale extent)",
+            f"(group_size={group_size}{detail if inferred else ''}); {explicit}",
         )
     return got
 
@@ -252,7 +261,8 @@ def _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, n, group_size):
         raise validation.type_error(
             op,
             "x1_scale must be None with packed x2_scale words (the perchannel / pertensor "
-            "rows); pertoken scales take a float32 x2_scale",
+            "rows); pertoken scales take a float32 x2_scale; got x1_scale "
+            f"{validation.describe(x1_scale)} with x2_scale {validation.describe(x2_scale)}",
         )
 
 
@@ -280,7 +290,7 @@ def _check_perblock(op, x1, x2_scale, x1_scale, bias, n, group_size, transpose_x
         raise validation.type_error(
             op,
             "bias must be None in the perblock-perblock rows (seed 003: B-B quantization "
-            "supports only a null bias)",
+            f"supports only a null bias), got {validation.describe(bias)}",
         )
     rows = x1.shape[-2]
     _resolve_group(
@@ -529,7 +539,7 @@ def pertile_wire(q, sc):
     """``[q codes | sc bytes]`` rows in the float8_e4m3fn byte container."""
     r = q.shape[0]
     codes = q if np.dtype(q.dtype) == WIRE_DTYPE else lax.bitcast_convert_type(q, WIRE_DTYPE)
-    scale_bytes = lax.bitcast_convert_type(sc, WIRE_DTYPE).reshape(r, -1)
+    scale_bytes = lax.bitcast_convert_type(sc, WIRE_DTYPE).reshape(r, 4 * sc.shape[-1])
     return jnp.concatenate([codes, scale_bytes], axis=1)
 
 

@@ -213,7 +213,7 @@ def bind_add_rms_norm(
         mm_all_reduce_add_rms_norm_p,
         {"x1": x1, "x2": x2, "residual": residual, "gamma": gamma, "bias": bias},
         epsilon=epsilon,
-        transpose_x2=bool(transpose_x2),
+        transpose_x2=validation.check_bool(op, "transpose_x2", transpose_x2),
         inplace=inplace,
         **params,
     )

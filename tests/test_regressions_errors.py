@@ -1,0 +1,385 @@
+"""Regressions: every public entry point validates its arguments in the
+caller's terms (the function called, the argument as passed, global shapes
+for the wrappers, the rule and the values)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_mc2 as mc2
+from jax_mc2 import parallel, quant
+
+F8 = jnp.float8_e4m3fn
+S = jax.ShapeDtypeStruct
+_RNG = np.random.default_rng(0)
+
+# Row-parallel linear: global x (8, 64), w (64, 16) over a 4-way "tp" axis.
+_X = np.ones((8, 64), np.float32)
+_W = np.ones((64, 16), np.float32)
+
+# A small MoE: T = 16 tokens, H = 8, G = 4 experts, F = 8.
+_T, _H, _G, _F = 16, 8, 4, 8
+_XM = _RNG.standard_normal((_T, _H)).astype(np.float32)
+_RW = _RNG.standard_normal((_H, _G)).astype(np.float32)
+_WG = _RNG.standard_normal((_G, _H, _F)).astype(np.float32)
+_WU = _RNG.standard_normal((_G, _H, _F)).astype(np.float32)
+_WD = _RNG.standard_normal((_G, _F, _H)).astype(np.float32)
+
+# A group-of-one dispatch: 2 local experts, 4 rows.
+_GX = np.ones((4, 8), np.float32)
+_GW = np.ones((2, 8, 8), np.float32)
+
+
+def _rpl(**kw):
+    args = {"mesh": make_mesh((4,), ("tp",)), "axis": "tp"}
+    args.update(kw)
+    x = args.pop("x", _X)
+    w = args.pop("w", _W)
+    return lambda: parallel.row_parallel_linear(x, w, **args)
+
+
+def _moe(**kw):
+    args = {"mesh": make_mesh((2,), ("ep",)), "axis": "ep"}
+    args.update(kw)
+    x = args.pop("x", _XM)
+    return lambda: parallel.expert_parallel_moe(x, _RW, _WG, _WU, _WD, **args)
+
+
+def _dispatch(**kw):
+    args = {"send_counts": np.array([2, 2])}
+    args.update(kw)
+    return lambda: jax.eval_shape(lambda: mc2.alltoallv_grouped_matmul(_GX, _GW, None, **args))
+
+
+def _perblock(m, n, k):
+    a, sa = quant.perblock_quantize(np.ones((m, k), np.float32))
+    b, sb = quant.perblock_quantize(np.ones((k, n), np.float32))
+    return lambda: jax.eval_shape(
+        lambda: mc2.quant_matmul_all_reduce_v4(a, b, None, x1_scale=sa, x2_scale=sb)
+    )
+
+
+def _mx(k):
+    a, sa = quant.mx_quantize(np.ones((4, k), np.float32))
+    b, sb = quant.mx_quantize(np.ones((8, k), np.float32))
+    return lambda: jax.eval_shape(
+        lambda: mc2.quant_matmul_all_reduce_v4(
+            a, b, None, x1_scale=sa, x2_scale=sb, transpose_x2=True
+        )
+    )
+
+
+def _exchange(axis_name, world=4):
+    mesh = make_mesh((world,), ("ep",))
+    return lambda: jax.shard_map(
+        lambda c: mc2.exchange_counts(c, axis_name), mesh=mesh, in_specs=P(), out_specs=P("ep")
+    )(jnp.arange(8, dtype=jnp.int32))
+
+
+def _moe_big():
+    # t = 2**29 tokens per rank, top_k 2: the exact mode receives 2**31 rows.
+    return lambda: jax.eval_shape(
+        lambda x: parallel.expert_parallel_moe(
+            x, _RW, _WG, _WU, _WD, mesh=make_mesh((2,), ("ep",)), axis="ep"
+        ),
+        S((2**30, _H), jnp.float32),
+    )
+
+
+CASES = {
+    # row_parallel_linear validates global shapes and names itself.
+    "rpl_wrong_weight": (
+        _rpl(w=np.ones((32, 16), np.float32)),
+        TypeError,
+        r"row_parallel_linear: w must be 2-D \(k, n\) with k == x.shape\[-1\] == 64, "
+        r"got \(32, 16\)",
+    ),
+    "rpl_wrong_weight_transposed": (
+        _rpl(w=np.ones((64, 16), np.float32), transpose_w=True),
+        TypeError,
+        r"row_parallel_linear: w must be 2-D \(n, k\) \(transpose_w\) with k == "
+        r"x.shape\[-1\] == 64, got \(64, 16\)",
+    ),
+    "rpl_wrong_bias": (
+        _rpl(bias=np.zeros(8, np.float32)),
+        TypeError,
+        r"row_parallel_linear: bias must be \(n,\) = \(16,\), got \(8,\)",
+    ),
+    "rpl_k_not_divisible": (
+        _rpl(x=np.ones((8, 6), np.float32), w=np.ones((6, 16), np.float32)),
+        ValueError,
+        r"row_parallel_linear: k = 6 .* multiple of the 4 ranks of axis 'tp'",
+    ),
+    "rpl_mesh_none": (
+        _rpl(mesh=None),
+        TypeError,
+        r"row_parallel_linear: mesh must be a jax.sharding.Mesh, got None",
+    ),
+    "rpl_data_axis_is_axis": (
+        _rpl(mesh=make_mesh((2, 4), ("dp", "tp")), data_axis="tp"),
+        ValueError,
+        r"row_parallel_linear: data_axis must differ from axis, got 'tp' for both",
+    ),
+    "rpl_transpose_w_str": (
+        _rpl(transpose_w="yes"),
+        ValueError,
+        r"row_parallel_linear: transpose_w must be a bool, got 'yes'",
+    ),
+    # expert_parallel_moe static arguments.
+    "moe_top_k_float": (
+        _moe(top_k=2.5),
+        ValueError,
+        r"expert_parallel_moe: top_k must be a Python int, got 2.5",
+    ),
+    "moe_top_k_bool": (
+        _moe(top_k=True),
+        ValueError,
+        r"expert_parallel_moe: top_k must be a Python int, got True",
+    ),
+    "moe_capacity_factor_str": (
+        _moe(capacity_factor="1.0"),
+        ValueError,
+        r"expert_parallel_moe: capacity_factor must be None or a finite number > 0, "
+        r"got '1.0'",
+    ),
+    "moe_capacity_overflow": (
+        _moe_big(),
+        ValueError,
+        r"expert_parallel_moe: .*2147483648.* must fit int32",
+    ),
+    # alltoallv_grouped_matmul counts and capacities.
+    "a2av_send_counts_none": (
+        _dispatch(send_counts=None),
+        TypeError,
+        r"alltoallv_grouped_matmul: send_counts is required",
+    ),
+    "a2av_send_counts_str": (
+        _dispatch(send_counts="22"),
+        TypeError,
+        r"alltoallv_grouped_matmul: send_counts must hold integers, got '22'",
+    ),
+    "a2av_send_counts_uint64_huge": (
+        _dispatch(send_counts=np.array([2**63, 4], np.uint64)),
+        ValueError,
+        r"alltoallv_grouped_matmul: send_counts must fit int32 .*got 9223372036854775808",
+    ),
+    "a2av_max_tokens_per_peer_2_31": (
+        _dispatch(send_counts=jnp.array([2, 2]), max_tokens_per_peer=2**31),
+        ValueError,
+        r"alltoallv_grouped_matmul: max_tokens_per_peer must be <= 2147483647 .*got 2147483648",
+    ),
+    "a2av_max_recv_tokens_2_31": (
+        _dispatch(send_counts=jnp.array([2, 2]), max_recv_tokens=2**31),
+        ValueError,
+        r"alltoallv_grouped_matmul: max_recv_tokens must be <= 2147483647 .*got 2147483648",
+    ),
+    "a2av_permute_out_flag_str": (
+        _dispatch(permute_out_flag="no"),
+        ValueError,
+        r"alltoallv_grouped_matmul: permute_out_flag must be a bool, got 'no'",
+    ),
+    # exchange_counts axis names.
+    "exchange_counts_axis_int": (
+        lambda: mc2.exchange_counts(jnp.array([1, 2]), 5),
+        ValueError,
+        r"exchange_counts: axis_name must be None, a mesh axis name .*got 5",
+    ),
+    "exchange_counts_axis_empty": (
+        lambda: mc2.exchange_counts(jnp.array([1, 2]), ""),
+        ValueError,
+        r"exchange_counts: axis_name must be None, a mesh axis name .*got ''",
+    ),
+    "exchange_counts_axis_duplicate": (
+        _exchange(("ep", "ep")),
+        ValueError,
+        r"exchange_counts: axis_name must not repeat a name, got \('ep', 'ep'\)",
+    ),
+    # mm_all_reduce_base: the dtype the caller passed.
+    "mmar_int64_x1": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.int64), np.ones((8, 4), np.float32), None
+        ),
+        TypeError,
+        r"mm_all_reduce_base: x1 dtype int64",
+    ),
+    "mmar_transpose_x2_str": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), None, transpose_x2="yes"
+        ),
+        ValueError,
+        r"mm_all_reduce_base: transpose_x2 must be a bool, got 'yes'",
+    ),
+    # v4 perblock / MX with the default group_size: say what to pass.
+    "v4_perblock_m_200": (
+        _perblock(200, 128, 256),
+        ValueError,
+        r"quant_matmul_all_reduce_v4: .*m = 200.*pass group_size=jax_mc2.quant.group_size"
+        r"\(128, 128, 128\)",
+    ),
+    "v4_perblock_k_200": (
+        _perblock(128, 128, 200),
+        ValueError,
+        r"quant_matmul_all_reduce_v4: .*k = 200.*pass group_size=jax_mc2.quant.group_size"
+        r"\(128, 128, 128\)",
+    ),
+    "v4_mx_k_96": (
+        _mx(96),
+        ValueError,
+        r"quant_matmul_all_reduce_v4: .*k = 96.*pass group_size=jax_mc2.quant.group_size"
+        r"\(1, 1, 32\)",
+    ),
+    # Messages name the argument and the values passed.
+    "a2av_mm_x_without_mm_weight": (
+        _dispatch(mm_x=np.ones((2, 8), np.float32)),
+        ValueError,
+        r"alltoallv_grouped_matmul: mm_x and mm_weight .* got mm_x=float32\(2, 8\) and "
+        r"mm_weight=None",
+    ),
+    "a2av_static_and_traced_counts": (
+        _dispatch(recv_counts=jnp.array([2, 2])),
+        TypeError,
+        r"alltoallv_grouped_matmul: send_counts and recv_counts .* got ndarray send_counts "
+        r"and \w+ recv_counts",
+    ),
+    "mmar_pertoken_without_dequant": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.float32),
+            np.ones((8, 4), np.float32),
+            None,
+            pertoken_scale=np.ones(4, np.float32),
+        ),
+        TypeError,
+        r"mm_all_reduce_base: pertoken_scale .* got pertoken_scale=float32\(4,\) with "
+        r"dequant_scale=None",
+    ),
+    "mmar_one_comm_scale": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.int8),
+            np.ones((8, 4), np.int8),
+            None,
+            dequant_scale=np.ones(4, np.float32),
+            comm_quant_scale_1=np.ones(4, np.float16),
+        ),
+        ValueError,
+        r"mm_all_reduce_base: comm_quant_scale_1 and comm_quant_scale_2 must be given "
+        r"together, got comm_quant_scale_1=float16\(4,\) and comm_quant_scale_2=None",
+    ),
+    "mmar_antiquant_offset_without_scale": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.float16),
+            np.ones((8, 4), np.int8),
+            None,
+            antiquant_offset=np.ones(4, np.float16),
+        ),
+        ValueError,
+        r"mm_all_reduce_base: antiquant_offset .* got antiquant_offset=float16\(4,\) and "
+        r"antiquant_group_size=0 with antiquant_scale=None",
+    ),
+    # quant helpers.
+    "trans_quant_param_round_mode_bool": (
+        lambda: quant.trans_quant_param(np.ones(4, np.float32), round_mode=True),
+        ValueError,
+        r"trans_quant_param: round_mode must be 0 or 1, got True",
+    ),
+    "hifloat8_decode_int_dtype": (
+        lambda: quant.hifloat8_decode(np.zeros(4, np.uint8), jnp.int32),
+        TypeError,
+        r"hifloat8_decode: dtype must be a floating dtype, got int32",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rejects(case):
+    call, exc, pattern = CASES[case]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_rpl_list_operands_are_arrays():
+    """Like the operators (jnp.asarray), the wrappers accept lists."""
+    want = parallel.row_parallel_linear(
+        _X, _W, mesh=make_mesh((4,), ("tp",)), axis="tp", bias=np.ones(16, np.float32)
+    )
+    got = parallel.row_parallel_linear(
+        _X.tolist(), _W.tolist(), mesh=make_mesh((4,), ("tp",)), axis="tp", bias=[1.0] * 16
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_int64_bias_rejected_with_and_without_x64(x64):
+    """An int64 bias is rejected whether JAX would narrow it or not."""
+    x1 = np.ones((4, 8), np.int8)
+    x2 = np.ones((8, 4), np.int8)
+    with jax.enable_x64(x64), pytest.raises(TypeError, match=r"mm_all_reduce_base: bias .*int64"):
+        jax.eval_shape(
+            lambda: mc2.mm_all_reduce_base(
+                x1,
+                x2,
+                None,
+                dequant_scale=np.ones(4, np.float32),
+                bias=np.zeros(4, np.int64),
+            )
+        )
+
+
+@pytest.mark.parametrize("impl", ["xla", "ffi"])
+def test_v4_comm_quant_mode_empty_m(impl):
+    """m = 0 with the fp8 pertile communication: an empty result."""
+    out = mc2.quant_matmul_all_reduce_v4(
+        jnp.zeros((0, 256), F8),
+        jnp.zeros((256, 128), F8),
+        None,
+        x1_scale=jnp.zeros((0,), jnp.float32),
+        x2_scale=jnp.ones((128,), jnp.float32),
+        comm_quant_mode=1,
+        implementation=impl,
+    )
+    assert out.shape == (0, 128)
+
+
+@pytest.mark.parametrize("var", ["JAX_MC2_IMPLEMENTATION", "JAX_MC2_TARGET"])
+def test_empty_environment_variable_means_unset(var):
+    env = dict(os.environ, **{var: ""})
+    r = subprocess.run(
+        [sys.executable, "-c", "import jax_mc2; print(jax_mc2.get_target())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "generic"
+
+
+def test_make_mesh_explicit_axes_row_parallel_linear():
+    """A jax.make_mesh mesh (Explicit axes by default) works and agrees with a Mesh."""
+    x = _RNG.standard_normal((8, 64)).astype(np.float32)
+    w = _RNG.standard_normal((64, 16)).astype(np.float32)
+    b = _RNG.standard_normal(16).astype(np.float32)
+    want = parallel.row_parallel_linear(
+        x, w, bias=b, mesh=make_mesh((2, 4), ("dp", "tp")), axis="tp", data_axis="dp"
+    )
+    got = parallel.row_parallel_linear(
+        x, w, bias=b, mesh=jax.make_mesh((2, 4), ("dp", "tp")), axis="tp", data_axis="dp"
+    )
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_make_mesh_explicit_axes_expert_parallel_moe():
+    want = parallel.expert_parallel_moe(
+        _XM, _RW, _WG, _WU, _WD, mesh=make_mesh((2, 4), ("dp", "ep")), axis="ep"
+    )
+    got = parallel.expert_parallel_moe(
+        _XM, _RW, _WG, _WU, _WD, mesh=jax.make_mesh((2, 4), ("dp", "ep")), axis="ep"
+    )
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
