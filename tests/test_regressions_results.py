@@ -78,3 +78,54 @@ def test_grouped_matmul_int64_sizes_under_x64(impl, traced):
         np.testing.assert_allclose(np.asarray(y), _np_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
     finally:
         jax.config.update("jax_enable_x64", prior)
+
+
+# --- add + RMSNorm: an epsilon that vanishes in float32 (semantics §7) ---
+
+_RMS_OPS = (
+    jax_mc2.matmul_all_reduce_add_rms_norm,
+    jax_mc2.inplace_matmul_all_reduce_add_rms_norm,
+)
+
+
+def _rms_call(op, residual, epsilon, impl):
+    m = residual.shape[0] * residual.shape[1]
+    n = residual.shape[2]
+    return op(
+        np.zeros((m, 2), np.float32),
+        np.zeros((2, n), np.float32),
+        residual,
+        np.ones(n, np.float32),
+        None,
+        epsilon=epsilon,
+        implementation=impl,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+@pytest.mark.parametrize("epsilon", [1e-50, 1e-40, 1e-45])
+def test_rms_norm_epsilon_vanishing_in_float32_is_rejected(impl, op, epsilon):
+    residual = np.zeros((1, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=repr(epsilon)):
+        _rms_call(op, residual, epsilon, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+def test_rms_norm_smallest_normal_epsilon_keeps_zero_rows_finite(impl, op):
+    residual = np.zeros((1, 2, 8), np.float32)
+    y, norm = _rms_call(op, residual, float(np.finfo(np.float32).tiny), impl)
+    assert np.all(np.asarray(norm) == 0.0) and np.all(np.asarray(y) == 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+def test_rms_norm_epsilon_dominates(impl, op):
+    # |y|^2 = 1e-12 << epsilon = 1e-2: norm_out = y / sqrt(1e-12 + 1e-2) ~ y / 0.1.
+    residual = np.full((1, 2, 8), 1e-6, np.float32)
+    residual[0, 1] = -3e-6
+    _, norm = _rms_call(op, residual, 1e-2, impl)
+    yf = residual.astype(np.float64)
+    want = yf / np.sqrt(np.mean(yf * yf, axis=-1, keepdims=True) + np.float32(1e-2))
+    np.testing.assert_allclose(np.asarray(norm), want, rtol=1e-6)
