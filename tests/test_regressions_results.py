@@ -129,3 +129,31 @@ def test_rms_norm_epsilon_dominates(impl, op):
     yf = residual.astype(np.float64)
     want = yf / np.sqrt(np.mean(yf * yf, axis=-1, keepdims=True) + np.float32(1e-2))
     np.testing.assert_allclose(np.asarray(norm), want, rtol=1e-6)
+
+
+# --- int8 matmul: int32 accumulator + int32 bias wraps (semantics §10.2) ---
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("bias_value", [2**31 - 1, -(2**31)])
+def test_int8_accumulator_plus_bias_wraps_in_int32(impl, bias_value):
+    m, k, n = 2, 64, 4
+    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
+    x2 = np.full((k, n), 127, np.int8)
+    x2[:, 1] = -128
+    bias = np.full(n, bias_value, np.int32)
+    scale = np.ones(n, jnp.bfloat16)
+    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
+    wrapped = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)  # two's complement
+    assert (wrapped != acc).any()
+    want = wrapped.astype(np.float32).astype(jnp.bfloat16).astype(np.float32)
+    outs = {}
+    for name in IMPLEMENTATIONS:
+        outs[name] = np.asarray(
+            jax_mc2.quant_matmul_all_reduce(
+                x1, x2, None, dequant_scale=scale, bias=bias, implementation=name
+            ),
+            np.float32,
+        )
+    np.testing.assert_array_equal(outs[impl], want)
+    np.testing.assert_array_equal(outs["xla"], outs["ffi"])
