@@ -4,6 +4,7 @@ error; xla and ffi must agree with the documented semantics."""
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import IMPLEMENTATIONS
@@ -157,3 +158,75 @@ def test_int8_accumulator_plus_bias_wraps_in_int32(impl, bias_value):
         )
     np.testing.assert_array_equal(outs[impl], want)
     np.testing.assert_array_equal(outs["xla"], outs["ffi"])
+
+
+# --- quant: non-finite values in a perblock tile / MX block (semantics §3.2, §4.3) ---
+
+_PERBLOCK_DTYPES = [jnp.float8_e4m3fn, jnp.float8_e5m2, "hifloat8"]
+
+
+def _perblock_x():
+    x = np.linspace(-300, 300, 16 * 16).astype(np.float32).reshape(16, 16)
+    x[1, 1] = 1000.0  # the tile's finite amax
+    return x
+
+
+@pytest.mark.parametrize("dtype", _PERBLOCK_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_perblock_quantize_non_finite_keeps_finite_neighbours(dtype, bad):
+    x = _perblock_x()
+    clean_v, clean_s = jax_mc2.quant.perblock_quantize(x, block=8, dtype=dtype)
+    y = x.copy()
+    y[0, 0] = bad
+    v, s = jax_mc2.quant.perblock_quantize(y, block=8, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(clean_s))  # finite amax
+    assert np.all(np.isfinite(np.asarray(s)))
+    v, clean_v = np.asarray(v), np.asarray(clean_v)
+    mask = np.ones(x.shape, bool)
+    mask[0, 0] = False
+    np.testing.assert_array_equal(v[mask], clean_v[mask])
+    if dtype == "hifloat8":
+        got = np.asarray(jax_mc2.quant.hifloat8_decode(v))
+        fmax = 32768.0
+    else:
+        got = v.astype(np.float32)
+        fmax = float(ml_dtypes.finfo(np.dtype(dtype)).max)
+    if np.isnan(bad):
+        assert np.isnan(got[0, 0])
+    else:
+        assert got[0, 0] == np.sign(bad) * fmax  # +-Inf saturates
+    # Dequantized: the finite values are intact (1000 is not saturated to 448).
+    deq = got * np.repeat(np.repeat(np.asarray(s), 8, 0), 8, 1)
+    assert np.all(np.isfinite(deq[mask]))
+    np.testing.assert_allclose(deq[1, 1], 1000.0, rtol=0.07)
+
+
+_MX_DTYPES = [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float4_e2m1fn]
+
+
+@pytest.mark.parametrize("dtype", _MX_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_mx_quantize_non_finite_block_has_nan_scale(dtype, bad):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    clean_v, clean_s = jax_mc2.quant.mx_quantize(x, dtype=dtype)
+    y = x.copy()
+    y[0, 35] = bad  # block 1 of row 0
+    v, s = jax_mc2.quant.mx_quantize(y, dtype=dtype)
+    codes = np.array(s).view(np.uint8).reshape(2, -1)
+    clean_codes = np.asarray(clean_s).view(np.uint8).reshape(2, -1)
+    assert codes[0, 1] == 0xFF  # the OCP MX NaN scale
+    codes[0, 1] = clean_codes[0, 1]
+    np.testing.assert_array_equal(codes, clean_codes)  # other blocks untouched
+    # The other 31 values of the block are not flushed to 0: their codes are
+    # those of the block without the non-finite value.
+    v32, clean32 = np.asarray(v).astype(np.float32), np.asarray(clean_v).astype(np.float32)
+    mask = np.ones(x.shape, bool)
+    mask[0, 35] = False
+    np.testing.assert_array_equal(v32[mask], clean32[mask])
+    assert np.count_nonzero(v32[0, 32:64]) >= 16
+    # Dequantized, the whole block is NaN (e8m0 0xFF decodes to NaN).
+    scale = np.asarray(s).astype(np.float32).reshape(2, -1)
+    deq = v32 * np.repeat(scale, 32, axis=1)[:, :96]
+    assert np.all(np.isnan(deq[0, 32:64]))
+    assert np.all(np.isfinite(deq[0, :32])) and np.all(np.isfinite(deq[0, 64:]))
