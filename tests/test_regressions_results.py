@@ -230,3 +230,136 @@ def test_mx_quantize_non_finite_block_has_nan_scale(dtype, bad):
     deq = v32 * np.repeat(scale, 32, axis=1)[:, :96]
     assert np.all(np.isnan(deq[0, 32:64]))
     assert np.all(np.isfinite(deq[0, :32])) and np.all(np.isfinite(deq[0, 64:]))
+
+
+# --- alltoallv_grouped_matmul: traced counts (semantics §6.6) ---
+
+
+def _ep(world, fn, args, n_out):
+    from jax.sharding import PartitionSpec as P
+    from conftest import make_mesh
+
+    mesh = make_mesh((world,), ("ep",))
+    specs = tuple(P("ep") for _ in args)
+    return jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=tuple(P("ep") for _ in range(n_out)))
+    )(*args)
+
+
+def _dispatch_traced(impl, table, xs, ws, recv=None, **kwargs):
+    def f(x, w, s, *rc):
+        y, _, p = jax_mc2.alltoallv_grouped_matmul(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=s[0],
+            recv_counts=rc[0][0] if rc else None,
+            permute_out_flag=True,
+            implementation=impl,
+            **kwargs,
+        )
+        return y[None], p[None]
+
+    args = [xs, ws, jnp.asarray(table)] + ([jnp.asarray(recv)] if recv is not None else [])
+    y, p = _ep(len(xs), f, args, 2)
+    return np.asarray(y), np.asarray(p)
+
+
+def _a2a_case(rows=4, world=2, experts=2, h=4):
+    rng = np.random.default_rng(7)
+    xs = rng.integers(-4, 5, size=(world, rows, h)).astype(np.float32)
+    ws = np.broadcast_to(np.eye(h, dtype=np.float32), (world, experts, h, h)).copy()
+    return xs, ws
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_traced_counts_overflowing_int32_clip_like_large_counts(impl):
+    xs, ws = _a2a_case()
+    big = np.array([[2**31 - 1, 2**31 - 1, 0, 0], [1, 1, 1, 1]], np.int32)
+    hundred = np.array([[100, 100, 0, 0], [1, 1, 1, 1]], np.int32)
+    y_big, p_big = _dispatch_traced(impl, big, xs, ws)
+    y_100, p_100 = _dispatch_traced(impl, hundred, xs, ws)
+    np.testing.assert_array_equal(y_big, y_100)
+    np.testing.assert_array_equal(p_big, p_100)
+    # Rank 0 receives its own 4 rows (expert 0) and one row of rank 1 per expert.
+    np.testing.assert_array_equal(p_big[0, :4], xs[0])
+    np.testing.assert_array_equal(p_big[0, 4], xs[1, 0])
+    other = {}
+    for name in IMPLEMENTATIONS:
+        other[name] = _dispatch_traced(name, big, xs, ws)
+    np.testing.assert_array_equal(other["xla"][0], other["ffi"][0])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_traced_send_counts_past_the_rows_are_clipped(impl):
+    """A rank sends only the rows it has: rank 0's counts [2, 100 | 0, 5]
+    on 4 rows send 2 rows to expert 0 and 2 to expert 1 of rank 0, and
+    nothing to rank 1 (no zero rows inside the received region)."""
+    xs, ws = _a2a_case()
+    table = np.array([[2, 100, 0, 5], [1, 1, 1, 1]], np.int32)
+    clipped = np.array([[2, 2, 0, 0], [1, 1, 1, 1]], np.int32)
+    y, p = _dispatch_traced(impl, table, xs, ws)
+    y_c, p_c = _dispatch_traced(impl, clipped, xs, ws)
+    np.testing.assert_array_equal(p, p_c)
+    np.testing.assert_array_equal(y, y_c)
+    # Rank 1 receives 2 rows (from itself) only, then zeros.
+    np.testing.assert_array_equal(p[1, :2], xs[1, 2:4])
+    assert not p[1, 2:].any()
+
+
+def test_alltoallv_traced_recv_counts_disagreeing_xla_uses_the_peers_counts():
+    xs, ws = _a2a_case()
+    table = np.array([[1, 1, 1, 1], [2, 0, 1, 1]], np.int32)
+    good_recv = np.array([[1, 1, 2, 0], [1, 1, 1, 1]], np.int32)
+    bad_recv = good_recv.copy()
+    bad_recv[0, 2] = 0  # claims rank 1 sends nothing to expert 0
+    y, p = _dispatch_traced("xla", table, xs, ws, recv=bad_recv)
+    y_ok, p_ok = _dispatch_traced("xla", table, xs, ws, recv=good_recv)
+    np.testing.assert_array_equal(p, p_ok)
+    np.testing.assert_array_equal(y, y_ok)
+
+
+def test_alltoallv_traced_recv_counts_disagreeing_ffi_raises():
+    xs, ws = _a2a_case()
+    table = np.array([[1, 1, 1, 1], [2, 0, 1, 1]], np.int32)
+    bad_recv = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int32)
+    with pytest.raises(Exception, match=r"rank 0 recv_counts\[2\] = 0 but its peer sends 2"):
+        _dispatch_traced("ffi", table, xs, ws, recv=bad_recv)
+
+
+def _combine_traced(impl, send, recv, xs, ws):
+    def f(x, w, s, rc):
+        (y, _) = jax_mc2.grouped_matmul_alltoallv(
+            x[0], w[0], "ep", send_counts=s[0], recv_counts=rc[0], implementation=impl
+        )
+        return (y[None],)
+
+    (y,) = _ep(len(xs), f, [xs, ws, jnp.asarray(send), jnp.asarray(recv)], 1)
+    return np.asarray(y)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_combine_traced_counts_past_the_rows_read_zero_rows(impl):
+    """Combine stays the exact transpose of a dispatch whose max_recv_tokens
+    dropped rows: counts laying out more rows than gmm_x read the missing
+    rows as zero rows, in both implementations."""
+    xs, ws = _a2a_case(rows=4)
+    # Rank 0 keeps [3, 1] (capacity 4) for itself and 1 row for rank 1: 5 > 4 rows.
+    send = np.array([[3, 3, 1, 0], [1, 1, 1, 1]], np.int32)
+    recv = np.array([[3, 3, 1, 1], [1, 0, 1, 1]], np.int32)
+    y = _combine_traced(impl, send, recv, xs, ws)
+    np.testing.assert_array_equal(y[0, :3], xs[0, :3])
+    assert not y[0, 3:6].any()
+    other = _combine_traced("xla" if impl == "ffi" else "ffi", send, recv, xs, ws)
+    np.testing.assert_array_equal(y, other)
+
+
+def test_alltoallv_combine_traced_recv_counts_disagreeing_ffi_raises():
+    xs, ws = _a2a_case(rows=4)
+    send = np.array([[1, 1, 1, 1], [1, 1, 1, 1]], np.int32)
+    recv = np.array([[1, 1, 1, 1], [1, 1, 1, 3]], np.int32)
+    with pytest.raises(Exception, match=r"rank 1 recv_counts\[3\] = 3 but its peer sends 1"):
+        _combine_traced("ffi", send, recv, xs, ws)
+    y = _combine_traced("xla", send, recv, xs, ws)
+    ok = _combine_traced("xla", send, np.ones_like(recv), xs, ws)
+    np.testing.assert_array_equal(y, ok)
