@@ -11,5 +11,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2Int8MatmulHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2GroupedMatmulHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2GroupedMatmulWgradHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2LowpMatmulHandler);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2CheckCountsHandler);
 
 }  // namespace jax_mc2

@@ -25,6 +25,7 @@ NB_MODULE(_mc2_ffi, m) {
     d["mc2_grouped_matmul_wgrad_ffi"] =
         EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulWgradHandler);
     d["mc2_lowp_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2LowpMatmulHandler);
+    d["mc2_check_counts_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2CheckCountsHandler);
     return d;
   });
   // The `mode` attribute of mc2_lowp_matmul_ffi for each quantization mode

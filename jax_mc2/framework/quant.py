@@ -389,9 +389,14 @@ def perblock_quantize(
 ) -> tuple[Array, Array]:
     """Block quantization of the last two dimensions in ``block x block`` tiles.
 
-    Each tile gets the fp32 scale ``amax * float32(1 / max(dtype))`` (1 for an all-zero
-    tile) and the values ``x / scale`` rounded to the dtype (half to even for
-    fp8; half away for ``dtype="hifloat8"``, returned as uint8 codes).
+    Each tile gets the fp32 scale ``amax * float32(1 / max(dtype))``, where
+    ``amax`` is the largest magnitude among the tile's FINITE values (scale 1
+    when there is none or it is 0), and the values ``x / scale`` clipped to
+    the format's finite range and rounded to the dtype (half to even for fp8;
+    half away for ``dtype="hifloat8"``, returned as uint8 codes). Non-finite
+    elements never spoil their tile: NaN encodes as the format's NaN and
+    +-Inf saturates to +-max(dtype), while the finite neighbours keep the
+    values they would have without them (docs/semantics.md §4.3).
 
     Args:
       x: [..., r, c] float array.
@@ -415,7 +420,9 @@ def perblock_quantize(
     *lead, r, c = x.shape
     rb, cb = -(-r // block), -(-c // block)
     xf = x.astype(jnp.float32)
-    padded = jnp.pad(jnp.abs(xf), [(0, 0)] * len(lead) + [(0, rb * block - r), (0, cb * block - c)])
+    # The scale comes from the finite values only (docs/semantics.md §4.3).
+    finite_abs = jnp.where(jnp.isfinite(xf), jnp.abs(xf), np.float32(0.0))
+    padded = jnp.pad(finite_abs, [(0, 0)] * len(lead) + [(0, rb * block - r), (0, cb * block - c)])
     tiles = padded.reshape(*lead, rb, block, cb, block)
     amax = jnp.max(tiles, axis=(-3, -1))
     scales = jnp.where(amax > 0, amax * np.float32(1.0 / fmax), np.float32(1.0))
@@ -442,7 +449,11 @@ def mx_quantize(
     the unbiased exponent of ``bfloat16(amax)`` and ``emax`` the element
     format's largest exponent (8 for e4m3fn, 15 for e5m2, 2 for e2m1), the
     biased code clamped at 0; elements are ``x / scale`` rounded half to even
-    and saturated to the format's range.
+    and saturated to the format's range. As in OCP MX v1.0 (and its
+    reference implementation), a block holding a NaN or +-Inf gets the NaN
+    scale (e8m0 code 0xFF), so every value of that block dequantizes to NaN;
+    its element codes are computed from the block's finite values (so the
+    other 31 values are not flushed to 0). docs/semantics.md §3.2.
 
     Args:
       x: 2-D float array; ``axis`` is the contraction dimension k: -1 / 1 for
@@ -472,8 +483,19 @@ def mx_quantize(
     nb = -(-k // MX_BLOCK)
     nb_even = 2 * (-(-k // (2 * MX_BLOCK)))
     xf = rows_last.astype(jnp.float32)
-    padded = jnp.pad(jnp.abs(xf), [(0, 0), (0, nb * MX_BLOCK - k)])
+    # OCP MX v1.0: a block holding a NaN or +-Inf gets the NaN scale (e8m0
+    # 0xFF), so the whole block decodes as NaN; its element codes are those
+    # of its finite values' amax (docs/semantics.md §3.2).
+    finite = jnp.isfinite(xf)
+    finite_abs = jnp.where(finite, jnp.abs(xf), np.float32(0.0))
+    padded = jnp.pad(finite_abs, [(0, 0), (0, nb * MX_BLOCK - k)])
     amax = jnp.max(padded.reshape(rows, nb, MX_BLOCK), axis=-1)
+    special = ~jnp.all(
+        jnp.pad(finite, [(0, 0), (0, nb * MX_BLOCK - k)], constant_values=True).reshape(
+            rows, nb, MX_BLOCK
+        ),
+        axis=-1,
+    )
     amax_bits = lax.bitcast_convert_type(amax.astype(jnp.bfloat16), jnp.uint16)
     biased = ((amax_bits >> 7) & 0xFF).astype(jnp.int32)
     code = jnp.maximum(biased - emax, 0)
@@ -481,8 +503,12 @@ def mx_quantize(
     # code a finite amax produces).
     inverse = lax.bitcast_convert_type(((254 - code) << 23).astype(_U32), jnp.float32)
     full = jnp.repeat(inverse, MX_BLOCK, axis=-1)[:, :k]
-    values = jnp.clip(xf * full, -fmax, fmax).astype(jdtype)
-    codes = jnp.pad(code, [(0, 0), (0, nb_even - nb)], constant_values=127)
+    values = jnp.clip(xf * full, -fmax, fmax)
+    if key == np.dtype(ml_dtypes.float4_e2m1fn):
+        values = jnp.where(jnp.isnan(values), np.float32(0.0), values)  # e2m1 has no NaN
+    values = values.astype(jdtype)
+    codes = jnp.where(special, 255, code)
+    codes = jnp.pad(codes, [(0, 0), (0, nb_even - nb)], constant_values=127)
     scales = lax.bitcast_convert_type(codes.astype(jnp.uint8), jnp.float8_e8m0fnu)
     scales = scales.reshape(rows, nb_even // 2, 2)
     if axis == 0:

@@ -39,9 +39,18 @@ INT8_MATMUL = "mc2_int8_matmul_ffi"
 GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
 GROUPED_MATMUL_WGRAD = "mc2_grouped_matmul_wgrad_ffi"
 LOWP_MATMUL = "mc2_lowp_matmul_ffi"
+CHECK_COUNTS = "mc2_check_counts_ffi"
 
 #: Every target a lowering of this package uses.
-TARGETS = (MATMUL, ADD_RMS_NORM, INT8_MATMUL, GROUPED_MATMUL, GROUPED_MATMUL_WGRAD, LOWP_MATMUL)
+TARGETS = (
+    MATMUL,
+    ADD_RMS_NORM,
+    INT8_MATMUL,
+    GROUPED_MATMUL,
+    GROUPED_MATMUL_WGRAD,
+    LOWP_MATMUL,
+    CHECK_COUNTS,
+)
 
 #: The ``mode`` attribute of ``mc2_lowp_matmul_ffi`` for each quantization mode
 #: of the low-precision rows, as the C++ module defines it (ffi/lowp_modes.h).
@@ -241,4 +250,26 @@ def lowp_matmul(
         comm=bool(comm),
         block_k=np.int64(block_k),
         parallelism=np.int64(parallelism),
+    )
+
+
+def check_counts(
+    given, derived, total, used, *, op: str, check_recv: bool, rows: int, per_rank: int
+):
+    """The run-time check of traced AlltoAllv counts (custom call
+    ``mc2_check_counts_ffi``, docs/semantics.md §6.6): returns ``used``
+    (int32, unchanged), or fails the computation with an invalid-argument
+    error naming the argument when ``check_recv`` and the given recv_counts
+    differ from ``derived`` (what the peers send), or when ``total`` (the
+    rows the send counts lay out) exceeds ``rows`` (>= 0)."""
+    out = jax.ShapeDtypeStruct(used.shape, jnp.int32)
+    return jax.ffi.ffi_call(CHECK_COUNTS, out)(
+        given.astype(jnp.int32),
+        derived.astype(jnp.int32),
+        jnp.reshape(total, (-1,)).astype(jnp.int32),
+        used.astype(jnp.int32),
+        op=str(op),
+        check_recv=bool(check_recv),
+        rows=np.int64(rows),
+        per_rank=np.int64(per_rank),
     )

@@ -50,11 +50,18 @@ def alltoallv_grouped_matmul(
         ``shard_map``; None for a group of one.
       send_counts: rows to expert j of rank d at ``[d*e + j]``. Static: a
         NumPy/Python ``(W, e*W)`` per-rank matrix or one ``(e*W,)`` row for
-        every rank. Traced: an integer JAX array ``(e*W,)`` per shard.
+        every rank. Traced: an integer JAX array ``(e*W,)`` per shard, of
+        any integer dtype; a rank sends only the rows it has: its traced
+        counts are clipped in order so that their running sum stops at BSK
+        (no int32 overflow whatever their values, docs/semantics.md §6.6).
       recv_counts: rows from rank s for local expert j at ``[s*e + j]``;
         optional (derived from send_counts: statically, or by a small
         all-to-all of the traced counts). Checked against send_counts when
-        static.
+        static. Traced: the rows received are always what the peers send
+        (the all-to-all of their clipped send_counts); given traced
+        recv_counts that disagree with the peers' send_counts raise a
+        run-time error naming ``recv_counts`` under ``implementation="ffi"``
+        and are ignored under ``"xla"`` (docs/semantics.md §6.6).
       mm_x: [BS, H2], with mm_weight [H2, N2] ([N2, H2] with
         ``trans_mm_weight``): the shared expert, ``mm_y = mm_x @ mm_weight``.
       permute_out_flag: also return ``permute_out`` [A_cap, H1].
@@ -123,7 +130,12 @@ def grouped_matmul_alltoallv(
         ``[d*e + j]`` (the dispatch's recv_counts); static or traced as in
         :func:`alltoallv_grouped_matmul`.
       recv_counts: rows from rank s's expert j at ``[s*e + j]`` (the
-        dispatch's send_counts); optional, derived from send_counts.
+        dispatch's send_counts); optional, derived from send_counts; traced,
+        checked as in :func:`alltoallv_grouped_matmul`. Traced send_counts
+        whose kept rows (after max_tokens_per_peer) exceed gmm_x's A rows
+        read the missing rows as zero rows, in both implementations (so the
+        combine stays the transpose of a dispatch that dropped rows past
+        max_recv_tokens; docs/semantics.md §6.6).
       mm_x, mm_weight, trans_mm_weight: the shared expert, ``mm_y = mm_x @
         mm_weight``.
       max_out_tokens: BSK_cap, the static row count of ``y``. Default: the

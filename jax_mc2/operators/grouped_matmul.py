@@ -9,7 +9,7 @@ import numpy as np
 from jax_mc2.framework import validation
 from jax_mc2.framework.typing import Array, ArrayLike, Implementation
 from jax_mc2.framework.validation import shape_str
-from jax_mc2.primitives.grouped_matmul import OP, grouped_matmul_offsets
+from jax_mc2.primitives.grouped_matmul import OP, grouped_matmul_offsets, offsets_from_sizes
 
 _I32 = jnp.int32
 
@@ -29,7 +29,9 @@ def grouped_matmul(
 
     x: [m, k] float16/bfloat16/float32; w: [G, k, n] ([G, n, k] with
     ``trans_weight``), x's dtype; group_sizes: integer [G] (sizes past m are
-    clipped, negative sizes count as 0). Returns [m, n] in x's dtype (fp32
+    clipped, negative sizes count as 0; each size is clipped to [0, m] in its
+    own dtype and the running sum saturates at m, so no int32 sum overflows:
+    docs/semantics.md §6.6). Returns [m, n] in x's dtype (fp32
     accumulation, one rounding). Differentiable in x and w to any order (the weight gradient
     is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
     """
@@ -47,10 +49,9 @@ def grouped_matmul(
             f"group_sizes must have one size per group of w: (G,) = ({np.shape(w)[0]},), got "
             f"{shape_str(sizes.shape)}",
         )
-    # Negative sizes count as empty groups.
-    sizes = jnp.maximum(sizes.astype(_I32), 0)
-    offsets = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes, dtype=_I32)])
-    offsets = jnp.clip(offsets, 0, x.shape[0] if x.ndim else 0)
+    # Negative sizes count as empty groups; sizes and their sums saturate at
+    # the row count without int32 overflow (docs/semantics.md §6).
+    offsets = offsets_from_sizes(group_sizes, x.shape[0] if x.ndim else 0)
     return grouped_matmul_offsets(
         x, w, offsets, trans_weight=trans_weight, implementation=implementation
     )

@@ -35,7 +35,10 @@ def matmul_all_reduce_add_rms_norm(
       gamma: [n].
       axis_name: mesh axis name(s) bound by ``shard_map``, or None.
       bias: [n], added on every rank before the reduction.
-      epsilon: in (0, 1).
+      epsilon: in (0, 1) and at least float32's smallest normal
+        (``np.finfo(np.float32).tiny``, about 1.18e-38): it is added in
+        float32, and a smaller one (1e-50 rounds to 0) raises ValueError
+        rather than giving an all-zero row NaN (docs/semantics.md §7).
       comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
 
     Returns:

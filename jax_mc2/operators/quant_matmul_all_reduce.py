@@ -43,7 +43,11 @@ def quant_matmul_all_reduce(
       dequant_scale: packed 64-bit scales from ``quant.trans_quant_param``
         (int64/uint64, or uint32 [..., 2] pairs without x64) -> float16
         output, or bfloat16 -> bfloat16 output; shape (1,), (n,) or (1, n).
-      bias: int32 [n], added to the int32 accumulator on every rank.
+      bias: int32 [n], added to the int32 accumulator on every rank. The
+        accumulation and ``acc + bias`` are two's-complement int32, as CANN's
+        int32 accumulators: a sum past int32 wraps (``127*127*64 +
+        (2**31 - 1)`` becomes negative), identically in ``xla`` and ``ffi``
+        (docs/semantics.md §10.2).
       x3: the output shape and dtype, added on every rank before the reduction.
       comm_turn: 0, or t > 0 rows chunks with separate all-reduces.
 

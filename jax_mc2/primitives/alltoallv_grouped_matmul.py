@@ -48,10 +48,15 @@ from jax_mc2.framework.collective import exchange_counts, world_size_of
 from jax_mc2.framework.implementation import FFI, XLA
 from jax_mc2.framework.implementation import requested as requested_implementation
 from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
+from jax_mc2.framework.primitive import map_rule as framework_map_rule
 from jax_mc2.framework.primitive import split_operands as framework_split
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.implementations import ffi, xla
-from jax_mc2.primitives.grouped_matmul import grouped_matmul_offsets, grouped_matmul_xla
+from jax_mc2.primitives.grouped_matmul import (
+    grouped_matmul_offsets,
+    grouped_matmul_xla,
+    offsets_from_sizes,
+)
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
 OP_COMBINE = "grouped_matmul_alltoallv"
@@ -740,6 +745,110 @@ combine_p = register(
     _spec("mc2_grouped_matmul_alltoallv", OP_COMBINE, _combine_composition, lambda: combine_p)
 )
 # --------------------------------------------------------------------------
+# The run-time check of traced counts (docs/semantics.md §6.6)
+
+
+def _check_counts_abstract_eval(given, derived, total, used, **params):
+    del given, derived, total, params
+    return _compat.result_aval(used, used.shape, jnp.int32, [used])
+
+
+def _check_counts_xla(given, derived, total, used, **params):
+    """``xla`` cannot fail at run time: the counts used are the ones the
+    peers send, whatever ``recv_counts`` says."""
+    del given, derived, total, params
+    return used
+
+
+def _check_counts_ffi(given, derived, total, used, *, op, check_recv, rows, per_rank, parallelism):
+    del parallelism
+    return ffi.check_counts(
+        given, derived, total, used, op=op, check_recv=check_recv, rows=rows, per_rank=per_rank
+    )
+
+
+def _check_counts_batching(spec, primitive):
+    mapped = framework_map_rule(spec, primitive)
+
+    def rule(args, dims, **params):
+        if all(d is _compat.NOT_MAPPED for d in dims):
+            return primitive.bind(*args, **params), _compat.NOT_MAPPED
+        return mapped(args, dims, **params)
+
+    return rule
+
+
+check_counts_p = register(
+    PrimitiveSpec(
+        name="mc2_check_counts",
+        operator=lambda params: params["op"],
+        operands=(Operand("given"), Operand("derived"), Operand("total"), Operand("used")),
+        abstract_eval=_check_counts_abstract_eval,
+        effectful=False,
+        xla=_check_counts_xla,
+        ffi=_check_counts_ffi,
+        batching=_check_counts_batching,
+        not_differentiable="integer counts",
+    )
+)
+
+
+def _clip_in_dtype(counts, bound):
+    """Counts clipped to [0, bound] in their own dtype, then int32."""
+    counts = jnp.asarray(counts)
+    hi = min(bound, int(jnp.iinfo(counts.dtype).max))
+    return jnp.clip(counts, 0, hi).astype(_I32)
+
+
+def traced_counts(
+    prim, op, send, given_recv, *, rows, peer, out_rows, world, experts, axes, implementation
+):
+    """The (send, recv) int32 operands of traced counts (docs/semantics.md
+    §6.6): each count clipped to [0, max(rows, peer, out_rows)] in its own
+    dtype (no int32 sum can overflow, and no clipped count changes which
+    rows are kept); a dispatch's send counts clipped further so that their
+    running sum stops at the rows of gmm_x (a rank sends only rows it has);
+    the receive counts are always what the peers send (one all-to-all of
+    the clipped send counts). Given recv_counts are checked at run time by
+    ``ffi`` (and ignored by ``xla``)."""
+    bound = max(rows, peer, out_rows, 1)
+    if experts * world * bound >= 2**31:
+        raise validation.value_error(
+            op,
+            f"traced counts need e * W * max(rows, max_tokens_per_peer, output rows) < 2^31 "
+            f"for int32 count arithmetic, got {experts} * {world} * {bound}",
+        )
+    send_c = _clip_in_dtype(send, bound)
+    used_send = send_c
+    if prim is dispatch_p:
+        used_send = jnp.diff(offsets_from_sizes(send_c, rows))
+    used_recv = exchange_counts(used_send, axes)
+    if given_recv is None:
+        return used_send, used_recv
+    given_recv = jnp.asarray(given_recv)
+    _check_counts_operand(op, "recv_counts", given_recv, experts * world)
+    given = _clip_in_dtype(given_recv, bound)
+    derived = used_recv if used_send is send_c else exchange_counts(send_c, axes)
+    total = jnp.zeros((), _I32)  # no row check: rows past gmm_x read as zero rows
+    if axes:
+        # Every rank checks every rank's counts, so that all fail alike and
+        # none is left waiting in a later collective.
+        given, derived, total = (
+            lax.all_gather(a, axes, tiled=a.ndim > 0) for a in (given, derived, total)
+        )
+    used_recv = check_counts_p.bind(
+        *_compat.match_vma(given, derived, total, used_recv),
+        op=op,
+        check_recv=True,
+        rows=-1,
+        per_rank=experts * world,
+        implementation=implementation,
+        world_size=1,
+    )
+    return used_send, used_recv
+
+
+# --------------------------------------------------------------------------
 # Binding a public call
 
 
@@ -798,8 +907,7 @@ def _resolve_counts(op, send_counts, recv_counts, *, world, experts, axes):
             f"traced send_counts must be an integer array of shape (e*W,) = "
             f"({experts * world},) per shard, got {send.dtype.name}{shape_str(send.shape)}",
         )
-    send = send.astype(_I32)
-    recv = exchange_counts(send, axes) if recv_counts is None else jnp.asarray(recv_counts)
+    recv = None if recv_counts is None else jnp.asarray(recv_counts)
     return None, send, recv
 
 
@@ -868,6 +976,19 @@ def bind_operator(
     else:
         peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows, minimum=1)
         out_rows = _capacity(op, out_arg, max_out, world * peer)
+        send, recv = traced_counts(
+            prim,
+            op,
+            send,
+            recv,
+            rows=rows,
+            peer=max(peer, 1),
+            out_rows=out_rows,
+            world=world,
+            experts=experts,
+            axes=axes,
+            implementation=impl,
+        )
     has_mm = mm_x is not None
     # Like lax ops, cast operands invariant along an axis another operand
     # varies in (pvary), so reverse mode psums their cotangents.

@@ -14,7 +14,9 @@ the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_mc2.framework import _compat, validation
@@ -80,6 +82,34 @@ def _selected_dense_gmm(x, w, offsets):
     products = jnp.einsum("mk,gkn->gmn", x, w, preferred_element_type=_F32)
     mine = row_group[None, :, None] == jnp.arange(groups, dtype=row_group.dtype)[:, None, None]
     return jnp.sum(jnp.where(mine, products, 0.0), axis=0)
+
+
+def _clip_sizes(sizes, rows):
+    """Each size clipped to [0, rows] in its own dtype (NumPy sizes in NumPy,
+    so that int64/uint64 values past int32 never wrap), then int32."""
+    if not isinstance(sizes, jax.Array):
+        sizes = np.asarray(sizes)
+        hi = min(rows, int(np.iinfo(sizes.dtype).max))
+        return jnp.asarray(np.clip(sizes, 0, hi).astype(np.int32))
+    sizes = jnp.asarray(sizes)
+    hi = min(rows, int(jnp.iinfo(sizes.dtype).max))
+    return jnp.clip(sizes, 0, hi).astype(_I32)
+
+
+def _saturating_add(a, b, rows):
+    # a, b in [0, rows]: min(a + b, rows) without forming a + b past rows.
+    return jnp.where(a > rows - b, rows, a + b)
+
+
+def offsets_from_sizes(sizes, rows: int):
+    """(G + 1,) int32 group offsets of the integer group sizes (G,) over
+    ``rows`` rows: negative sizes count as 0, sizes past ``rows`` are
+    clipped, and the running sum saturates at ``rows`` (docs/semantics.md
+    §6), so that no size or sum overflows int32 whatever the sizes' dtype.
+    """
+    clipped = _clip_sizes(sizes, rows)
+    ends = lax.associative_scan(lambda a, b: _saturating_add(a, b, rows), clipped)
+    return jnp.concatenate([jnp.zeros(1, _I32), ends])
 
 
 def grouped_matmul_xla(x, w, offsets, *, trans_weight):

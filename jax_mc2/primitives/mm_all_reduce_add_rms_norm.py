@@ -39,6 +39,9 @@ def _op_name(inplace: bool) -> str:
     return INPLACE_OP if inplace else OP
 
 
+_F32_TINY = np.finfo(np.float32).tiny
+
+
 def check_epsilon(op, epsilon) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating)):
         raise validation.value_error(
@@ -46,6 +49,15 @@ def check_epsilon(op, epsilon) -> float:
         )
     if not 0.0 < float(epsilon) < 1.0:
         raise validation.value_error(op, f"epsilon must be in (0, 1), got {epsilon!r}")
+    # The kernels add float32(epsilon): one that rounds to 0 (or to a
+    # subnormal, flushed to 0 where denormals are) gives an all-zero row
+    # 0 * inf = NaN (docs/semantics.md §7).
+    if np.float32(epsilon) < _F32_TINY:
+        raise validation.value_error(
+            op,
+            f"epsilon must be at least float32's smallest normal {float(_F32_TINY)!r} "
+            f"(it is added in float32), got {epsilon!r}",
+        )
     return float(epsilon)
 
 

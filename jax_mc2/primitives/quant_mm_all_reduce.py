@@ -5,7 +5,8 @@ table 3), which share one primitive.
     out = allReduce(dequantScale * (x1_int8 @ x2_int8 + bias_int32) (* pertokenScale) + x3)
 
 The int8 products accumulate exactly in int32 and the int32 bias is added
-before any scale. ``dequant_scale`` is packed 64-bit words (see
+before any scale; both are two's-complement int32 and wrap past int32, as
+CANN's int32 accumulators (docs/semantics.md §10.2). ``dequant_scale`` is packed 64-bit words (see
 ``jax_mc2.quant.trans_quant_param``; float16 output), bfloat16 (bfloat16
 output) or, with a float32 ``pertoken_scale`` (mm_all_reduce_base; the
 V4 int8 rows' ``x1_scale``), float32 (float16 output) or bfloat16 (bfloat16

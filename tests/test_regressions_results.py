@@ -1,0 +1,365 @@
+"""Regression tests for silent wrong results: each input here once produced a
+wrong value (or an internal error on one implementation only) without any
+error; xla and ffi must agree with the documented semantics."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import IMPLEMENTATIONS
+
+import jax_mc2
+
+# --- grouped_matmul: group sizes whose int32 sum overflows (semantics §6) ---
+
+
+def _np_grouped(x, w, sizes):
+    """Reference: sizes clipped to [0, m] in exact integers, cumulated and
+    capped at m."""
+    m = x.shape[0]
+    y = np.zeros((m, w.shape[2]))
+    start = 0
+    for g, s in enumerate(int(v) for v in sizes):
+        stop = min(start + min(max(s, 0), m), m)
+        y[start:stop] = x[start:stop].astype(np.float64) @ w[g].astype(np.float64)
+        start = stop
+    return y
+
+
+def _gmm_case(groups):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    w = rng.standard_normal((groups, 4, 3)).astype(np.float32)
+    return x, w
+
+
+OVERFLOW_SIZES = [
+    np.int64([2**31, 1]),
+    np.uint32([3, 2**32 - 1]),
+    np.int32([3, 2**31 - 1]),
+    np.int32([2**31 - 1, 2**31 - 1]),
+    np.uint64([2**64 - 1, 5]),
+    [3, 2**31 - 1],
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("sizes", OVERFLOW_SIZES, ids=lambda s: f"{np.asarray(s).dtype}{list(s)}")
+def test_grouped_matmul_sizes_overflowing_int32(impl, sizes):
+    x, w = _gmm_case(2)
+    y = jax_mc2.grouped_matmul(x, w, sizes, implementation=impl)
+    np.testing.assert_allclose(np.asarray(y), _np_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint32])
+def test_grouped_matmul_traced_sizes_overflowing_int32(impl, dtype):
+    x, w = _gmm_case(2)
+    sizes = np.array([3, np.iinfo(dtype).max], np.int64)
+    f = jax.jit(lambda s: jax_mc2.grouped_matmul(x, w, s, implementation=impl))
+    y = f(jnp.asarray(sizes.astype(dtype)))
+    np.testing.assert_allclose(np.asarray(y), _np_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("traced", [False, True])
+def test_grouped_matmul_int64_sizes_under_x64(impl, traced):
+    prior = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x, w = _gmm_case(3)
+        sizes = np.int64([4, 2**32 + 4, 4])
+        if traced:
+            y = jax.jit(lambda s: jax_mc2.grouped_matmul(x, w, s, implementation=impl))(
+                jnp.asarray(sizes)
+            )
+        else:
+            y = jax_mc2.grouped_matmul(x, w, sizes, implementation=impl)
+        np.testing.assert_allclose(np.asarray(y), _np_grouped(x, w, sizes), rtol=1e-5, atol=1e-5)
+    finally:
+        jax.config.update("jax_enable_x64", prior)
+
+
+# --- add + RMSNorm: an epsilon that vanishes in float32 (semantics §7) ---
+
+_RMS_OPS = (
+    jax_mc2.matmul_all_reduce_add_rms_norm,
+    jax_mc2.inplace_matmul_all_reduce_add_rms_norm,
+)
+
+
+def _rms_call(op, residual, epsilon, impl):
+    m = residual.shape[0] * residual.shape[1]
+    n = residual.shape[2]
+    return op(
+        np.zeros((m, 2), np.float32),
+        np.zeros((2, n), np.float32),
+        residual,
+        np.ones(n, np.float32),
+        None,
+        epsilon=epsilon,
+        implementation=impl,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+@pytest.mark.parametrize("epsilon", [1e-50, 1e-40, 1e-45])
+def test_rms_norm_epsilon_vanishing_in_float32_is_rejected(impl, op, epsilon):
+    residual = np.zeros((1, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=repr(epsilon)):
+        _rms_call(op, residual, epsilon, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+def test_rms_norm_smallest_normal_epsilon_keeps_zero_rows_finite(impl, op):
+    residual = np.zeros((1, 2, 8), np.float32)
+    y, norm = _rms_call(op, residual, float(np.finfo(np.float32).tiny), impl)
+    assert np.all(np.asarray(norm) == 0.0) and np.all(np.asarray(y) == 0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", _RMS_OPS)
+def test_rms_norm_epsilon_dominates(impl, op):
+    # |y|^2 = 1e-12 << epsilon = 1e-2: norm_out = y / sqrt(1e-12 + 1e-2) ~ y / 0.1.
+    residual = np.full((1, 2, 8), 1e-6, np.float32)
+    residual[0, 1] = -3e-6
+    _, norm = _rms_call(op, residual, 1e-2, impl)
+    yf = residual.astype(np.float64)
+    want = yf / np.sqrt(np.mean(yf * yf, axis=-1, keepdims=True) + np.float32(1e-2))
+    np.testing.assert_allclose(np.asarray(norm), want, rtol=1e-6)
+
+
+# --- int8 matmul: int32 accumulator + int32 bias wraps (semantics §10.2) ---
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("bias_value", [2**31 - 1, -(2**31)])
+def test_int8_accumulator_plus_bias_wraps_in_int32(impl, bias_value):
+    m, k, n = 2, 64, 4
+    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
+    x2 = np.full((k, n), 127, np.int8)
+    x2[:, 1] = -128
+    bias = np.full(n, bias_value, np.int32)
+    scale = np.ones(n, jnp.bfloat16)
+    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
+    wrapped = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)  # two's complement
+    assert (wrapped != acc).any()
+    want = wrapped.astype(np.float32).astype(jnp.bfloat16).astype(np.float32)
+    outs = {}
+    for name in IMPLEMENTATIONS:
+        outs[name] = np.asarray(
+            jax_mc2.quant_matmul_all_reduce(
+                x1, x2, None, dequant_scale=scale, bias=bias, implementation=name
+            ),
+            np.float32,
+        )
+    np.testing.assert_array_equal(outs[impl], want)
+    np.testing.assert_array_equal(outs["xla"], outs["ffi"])
+
+
+# --- quant: non-finite values in a perblock tile / MX block (semantics §3.2, §4.3) ---
+
+_PERBLOCK_DTYPES = [jnp.float8_e4m3fn, jnp.float8_e5m2, "hifloat8"]
+
+
+def _perblock_x():
+    x = np.linspace(-300, 300, 16 * 16).astype(np.float32).reshape(16, 16)
+    x[1, 1] = 1000.0  # the tile's finite amax
+    return x
+
+
+@pytest.mark.parametrize("dtype", _PERBLOCK_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_perblock_quantize_non_finite_keeps_finite_neighbours(dtype, bad):
+    x = _perblock_x()
+    clean_v, clean_s = jax_mc2.quant.perblock_quantize(x, block=8, dtype=dtype)
+    y = x.copy()
+    y[0, 0] = bad
+    v, s = jax_mc2.quant.perblock_quantize(y, block=8, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(clean_s))  # finite amax
+    assert np.all(np.isfinite(np.asarray(s)))
+    v, clean_v = np.asarray(v), np.asarray(clean_v)
+    mask = np.ones(x.shape, bool)
+    mask[0, 0] = False
+    np.testing.assert_array_equal(v[mask], clean_v[mask])
+    if dtype == "hifloat8":
+        got = np.asarray(jax_mc2.quant.hifloat8_decode(v))
+        fmax = 32768.0
+    else:
+        got = v.astype(np.float32)
+        fmax = float(ml_dtypes.finfo(np.dtype(dtype)).max)
+    if np.isnan(bad):
+        assert np.isnan(got[0, 0])
+    else:
+        assert got[0, 0] == np.sign(bad) * fmax  # +-Inf saturates
+    # Dequantized: the finite values are intact (1000 is not saturated to 448).
+    deq = got * np.repeat(np.repeat(np.asarray(s), 8, 0), 8, 1)
+    assert np.all(np.isfinite(deq[mask]))
+    np.testing.assert_allclose(deq[1, 1], 1000.0, rtol=0.07)
+
+
+_MX_DTYPES = [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.float4_e2m1fn]
+
+
+@pytest.mark.parametrize("dtype", _MX_DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_mx_quantize_non_finite_block_has_nan_scale(dtype, bad):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 96)).astype(np.float32)
+    clean_v, clean_s = jax_mc2.quant.mx_quantize(x, dtype=dtype)
+    y = x.copy()
+    y[0, 35] = bad  # block 1 of row 0
+    v, s = jax_mc2.quant.mx_quantize(y, dtype=dtype)
+    codes = np.array(s).view(np.uint8).reshape(2, -1)
+    clean_codes = np.asarray(clean_s).view(np.uint8).reshape(2, -1)
+    assert codes[0, 1] == 0xFF  # the OCP MX NaN scale
+    codes[0, 1] = clean_codes[0, 1]
+    np.testing.assert_array_equal(codes, clean_codes)  # other blocks untouched
+    # The other 31 values of the block are not flushed to 0: their codes are
+    # those of the block without the non-finite value.
+    v32, clean32 = np.asarray(v).astype(np.float32), np.asarray(clean_v).astype(np.float32)
+    mask = np.ones(x.shape, bool)
+    mask[0, 35] = False
+    np.testing.assert_array_equal(v32[mask], clean32[mask])
+    assert np.count_nonzero(v32[0, 32:64]) >= 16
+    # Dequantized, the whole block is NaN (e8m0 0xFF decodes to NaN).
+    scale = np.asarray(s).astype(np.float32).reshape(2, -1)
+    deq = v32 * np.repeat(scale, 32, axis=1)[:, :96]
+    assert np.all(np.isnan(deq[0, 32:64]))
+    assert np.all(np.isfinite(deq[0, :32])) and np.all(np.isfinite(deq[0, 64:]))
+
+
+# --- alltoallv_grouped_matmul: traced counts (semantics §6.6) ---
+
+
+def _ep(world, fn, args, n_out):
+    from jax.sharding import PartitionSpec as P
+    from conftest import make_mesh
+
+    mesh = make_mesh((world,), ("ep",))
+    specs = tuple(P("ep") for _ in args)
+    return jax.jit(
+        jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=tuple(P("ep") for _ in range(n_out)))
+    )(*args)
+
+
+def _dispatch_traced(impl, table, xs, ws, recv=None, **kwargs):
+    def f(x, w, s, *rc):
+        y, _, p = jax_mc2.alltoallv_grouped_matmul(
+            x[0],
+            w[0],
+            "ep",
+            send_counts=s[0],
+            recv_counts=rc[0][0] if rc else None,
+            permute_out_flag=True,
+            implementation=impl,
+            **kwargs,
+        )
+        return y[None], p[None]
+
+    args = [xs, ws, jnp.asarray(table)] + ([jnp.asarray(recv)] if recv is not None else [])
+    y, p = _ep(len(xs), f, args, 2)
+    return np.asarray(y), np.asarray(p)
+
+
+def _a2a_case(rows=4, world=2, experts=2, h=4):
+    rng = np.random.default_rng(7)
+    xs = rng.integers(-4, 5, size=(world, rows, h)).astype(np.float32)
+    ws = np.broadcast_to(np.eye(h, dtype=np.float32), (world, experts, h, h)).copy()
+    return xs, ws
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_traced_counts_overflowing_int32_clip_like_large_counts(impl):
+    xs, ws = _a2a_case()
+    big = np.array([[2**31 - 1, 2**31 - 1, 0, 0], [1, 1, 1, 1]], np.int32)
+    hundred = np.array([[100, 100, 0, 0], [1, 1, 1, 1]], np.int32)
+    y_big, p_big = _dispatch_traced(impl, big, xs, ws)
+    y_100, p_100 = _dispatch_traced(impl, hundred, xs, ws)
+    np.testing.assert_array_equal(y_big, y_100)
+    np.testing.assert_array_equal(p_big, p_100)
+    # Rank 0 receives its own 4 rows (expert 0) and one row of rank 1 per expert.
+    np.testing.assert_array_equal(p_big[0, :4], xs[0])
+    np.testing.assert_array_equal(p_big[0, 4], xs[1, 0])
+    other = {}
+    for name in IMPLEMENTATIONS:
+        other[name] = _dispatch_traced(name, big, xs, ws)
+    np.testing.assert_array_equal(other["xla"][0], other["ffi"][0])
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_traced_send_counts_past_the_rows_are_clipped(impl):
+    """A rank sends only the rows it has: rank 0's counts [2, 100 | 0, 5]
+    on 4 rows send 2 rows to expert 0 and 2 to expert 1 of rank 0, and
+    nothing to rank 1 (no zero rows inside the received region)."""
+    xs, ws = _a2a_case()
+    table = np.array([[2, 100, 0, 5], [1, 1, 1, 1]], np.int32)
+    clipped = np.array([[2, 2, 0, 0], [1, 1, 1, 1]], np.int32)
+    y, p = _dispatch_traced(impl, table, xs, ws)
+    y_c, p_c = _dispatch_traced(impl, clipped, xs, ws)
+    np.testing.assert_array_equal(p, p_c)
+    np.testing.assert_array_equal(y, y_c)
+    # Rank 1 receives 2 rows (from itself) only, then zeros.
+    np.testing.assert_array_equal(p[1, :2], xs[1, 2:4])
+    assert not p[1, 2:].any()
+
+
+def test_alltoallv_traced_recv_counts_disagreeing_xla_uses_the_peers_counts():
+    xs, ws = _a2a_case()
+    table = np.array([[1, 1, 1, 1], [2, 0, 1, 1]], np.int32)
+    good_recv = np.array([[1, 1, 2, 0], [1, 1, 1, 1]], np.int32)
+    bad_recv = good_recv.copy()
+    bad_recv[0, 2] = 0  # claims rank 1 sends nothing to expert 0
+    y, p = _dispatch_traced("xla", table, xs, ws, recv=bad_recv)
+    y_ok, p_ok = _dispatch_traced("xla", table, xs, ws, recv=good_recv)
+    np.testing.assert_array_equal(p, p_ok)
+    np.testing.assert_array_equal(y, y_ok)
+
+
+def test_alltoallv_traced_recv_counts_disagreeing_ffi_raises():
+    xs, ws = _a2a_case()
+    table = np.array([[1, 1, 1, 1], [2, 0, 1, 1]], np.int32)
+    bad_recv = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int32)
+    with pytest.raises(Exception, match=r"rank 0 recv_counts\[2\] = 0 but its peer sends 2"):
+        _dispatch_traced("ffi", table, xs, ws, recv=bad_recv)
+
+
+def _combine_traced(impl, send, recv, xs, ws):
+    def f(x, w, s, rc):
+        (y, _) = jax_mc2.grouped_matmul_alltoallv(
+            x[0], w[0], "ep", send_counts=s[0], recv_counts=rc[0], implementation=impl
+        )
+        return (y[None],)
+
+    (y,) = _ep(len(xs), f, [xs, ws, jnp.asarray(send), jnp.asarray(recv)], 1)
+    return np.asarray(y)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_alltoallv_combine_traced_counts_past_the_rows_read_zero_rows(impl):
+    """Combine stays the exact transpose of a dispatch whose max_recv_tokens
+    dropped rows: counts laying out more rows than gmm_x read the missing
+    rows as zero rows, in both implementations."""
+    xs, ws = _a2a_case(rows=4)
+    # Rank 0 keeps [3, 1] (capacity 4) for itself and 1 row for rank 1: 5 > 4 rows.
+    send = np.array([[3, 3, 1, 0], [1, 1, 1, 1]], np.int32)
+    recv = np.array([[3, 3, 1, 1], [1, 0, 1, 1]], np.int32)
+    y = _combine_traced(impl, send, recv, xs, ws)
+    np.testing.assert_array_equal(y[0, :3], xs[0, :3])
+    assert not y[0, 3:6].any()
+    other = _combine_traced("xla" if impl == "ffi" else "ffi", send, recv, xs, ws)
+    np.testing.assert_array_equal(y, other)
+
+
+def test_alltoallv_combine_traced_recv_counts_disagreeing_ffi_raises():
+    xs, ws = _a2a_case(rows=4)
+    send = np.array([[1, 1, 1, 1], [1, 1, 1, 1]], np.int32)
+    recv = np.array([[1, 1, 1, 1], [1, 1, 1, 3]], np.int32)
+    with pytest.raises(Exception, match=r"rank 1 recv_counts\[3\] = 3 but its peer sends 1"):
+        _combine_traced("ffi", send, recv, xs, ws)
+    y = _combine_traced("xla", send, recv, xs, ws)
+    ok = _combine_traced("xla", send, np.ones_like(recv), xs, ws)
+    np.testing.assert_array_equal(y, ok)
