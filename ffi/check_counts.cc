@@ -27,8 +27,7 @@ ffi::Error CheckCountsImpl(ffi::Buffer<ffi::S32> given, ffi::Buffer<ffi::S32> de
   // count (gathered), so that every rank fails alike and none is left
   // waiting in a collective.
   const size_t n = derived.element_count();
-  if (given.element_count() != n || out->element_count() != used.element_count() ||
-      per_rank < 1) {
+  if (given.element_count() != n || out->element_count() != used.element_count() || per_rank < 1) {
     return InvalidArgument(kOp, "given and derived must have one size, out that of used");
   }
   const int32_t* g = given.typed_data();
@@ -37,10 +36,10 @@ ffi::Error CheckCountsImpl(ffi::Buffer<ffi::S32> given, ffi::Buffer<ffi::S32> de
     for (size_t i = 0; i < n; ++i) {
       if (g[i] != d[i]) {
         return ffi::Error::InvalidArgument(
-            std::string(op) + ": traced recv_counts disagree with the peers' send_counts: " +
-            "rank " + std::to_string(i / per_rank) + " recv_counts[" +
-            std::to_string(i % per_rank) + "] = " + std::to_string(g[i]) +
-            " but its peer sends " + std::to_string(d[i]) +
+            std::string(op) +
+            ": traced recv_counts disagree with the peers' send_counts: " + "rank " +
+            std::to_string(i / per_rank) + " recv_counts[" + std::to_string(i % per_rank) +
+            "] = " + std::to_string(g[i]) + " but its peer sends " + std::to_string(d[i]) +
             " (recv_counts[s*e + j] must equal rank s's send_counts[rank*e + j])");
       }
     }

@@ -95,13 +95,16 @@ def test_vmap_and_eval_shape():
     x1 = rng.integers(-5, 5, (3, 4, 32)).astype(np.int8)
     x2 = rng.integers(-5, 5, (32, 8)).astype(np.int8)
     scale = np.full((8,), 0.25, jnp.bfloat16)
-    f = lambda a: mc2.quant_matmul_all_reduce(
-        a,
-        x2,
-        None,
-        dequant_scale=scale,  # noqa: E731
-        implementation="ascend",
-    )
+
+    def f(a):
+        return mc2.quant_matmul_all_reduce(
+            a,
+            x2,
+            None,
+            dequant_scale=scale,
+            implementation="ascend",
+        )
+
     out = jax.eval_shape(jax.vmap(f), x1)
     assert out.shape == (3, 4, 8) and out.dtype == jnp.bfloat16
     got = np.asarray(jax.vmap(f)(x1), np.float32)

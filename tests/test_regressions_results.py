@@ -236,8 +236,8 @@ def test_mx_quantize_non_finite_block_has_nan_scale(dtype, bad):
 
 
 def _ep(world, fn, args, n_out):
-    from jax.sharding import PartitionSpec as P
     from conftest import make_mesh
+    from jax.sharding import PartitionSpec as P
 
     mesh = make_mesh((world,), ("ep",))
     specs = tuple(P("ep") for _ in args)
