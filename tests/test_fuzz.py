@@ -87,7 +87,7 @@ def values(draw, shape, dtype, kind=None):
     elif kind == "integers":
         a = rng.integers(-4, 5, shape).astype(np.float64)
     elif kind == "tiny":  # subnormals of the dtype and below
-        a = rng.standard_normal(shape) * float(np.finfo(dtype).smallest_normal)
+        a = rng.standard_normal(shape) * float(ml_dtypes.finfo(dtype).smallest_normal)
     elif kind == "large":
         a = rng.standard_normal(shape) * LARGE.get(dtype, 1.0)
     elif kind == "zeros":
@@ -268,7 +268,7 @@ def rms_case(draw):
     residual = values(draw, (1, m, n), dtype, draw(st.sampled_from(("normal", "zeros", "large"))))
     gamma = values(draw, (n,), dtype, "normal")
     bias = values(draw, (n,), dtype, "normal") if draw(st.booleans()) else None
-    eps = draw(st.sampled_from((1e-6, 1e-2, 1.0)))
+    eps = draw(st.sampled_from((1e-6, 1e-2, 0.5)))
     return dtype, x1, x2, residual, gamma, bias, t, eps
 
 
@@ -601,8 +601,8 @@ def test_fuzz_exchange_counts_one_rank(counts, dtype):
 @given(
     st.lists(
         st.floats(allow_nan=False, allow_infinity=False, width=32, min_value=-1.0000000150474662e+30, max_value=1.0000000150474662e+30),
-        min_size=1,
-        max_size=5,
+        min_size=4,
+        max_size=4,  # one shape: no recompilation per example
     )
 )
 def test_fuzz_quant_helpers(xs):
