@@ -86,9 +86,24 @@ def _supported_world(support):
     return min(w for w in support.world_sizes if w <= 8)
 
 
-def _unsupported_world(support):
-    sizes = support.world_sizes
-    return next(w for w in range(1, 200) if w not in sizes)
+# The CANN documents' card counts (written here, not read from jax_mc2):
+# (supported world sizes, one the documents exclude).
+A2 = ({1, 2, 4, 8}, 3)
+DOCUMENTED_WORLDS = {
+    ("mm_all_reduce_base", T.ATLAS_A2): A2,
+    ("matmul_all_reduce_add_rms_norm", T.ATLAS_A2): A2,
+    ("inplace_matmul_all_reduce_add_rms_norm", T.ATLAS_A2): A2,
+    ("quant_matmul_all_reduce", T.ATLAS_A2): A2,
+    ("quant_matmul_all_reduce_v4", T.ATLAS_A2): A2,
+    ("alltoallv_grouped_matmul", T.ATLAS_A3): ({8, 16, 32, 64}, 4),
+    ("grouped_matmul_alltoallv", T.ATLAS_A3): ({8, 16, 32, 64}, 4),
+    ("mm_all_reduce_base", T.ASCEND_950): (set(range(1, 65)), 65),
+    ("matmul_all_reduce_add_rms_norm", T.ASCEND_950): (set(range(1, 65)), 65),
+    ("inplace_matmul_all_reduce_add_rms_norm", T.ASCEND_950): (set(range(1, 65)), 65),
+    ("quant_matmul_all_reduce_v4", T.ASCEND_950): ({1, 2, 4, 8, 16, 32, 64}, 3),
+    ("alltoallv_grouped_matmul", T.ASCEND_950): ({4, 8, 16, 32, 64}, 2),
+    ("grouped_matmul_alltoallv", T.ASCEND_950): ({4, 8, 16, 32, 64}, 2),
+}
 
 
 CASES = [(op, chip) for op in OPS for chip in CHIPS]
@@ -98,6 +113,7 @@ CASES = [(op, chip) for op in OPS for chip in CHIPS]
 def test_operator_on_chip(op, chip):
     support = T.PROFILES[chip].operators.get(op)
     with mc2.target(chip):
+        assert (support is None) == ((op, chip) not in DOCUMENTED_WORLDS)
         if support is None:
             with pytest.raises(NotImplementedError, match=f"{op}: not available on target '{chip}'"):
                 _eval(op, 1 if op not in EP_OPS else 8)
@@ -105,7 +121,8 @@ def test_operator_on_chip(op, chip):
         world = _supported_world(support)
         _eval(op, world)  # the supported call traces
         # An unsupported world size.
-        bad = _unsupported_world(support)
+        worlds, bad = DOCUMENTED_WORLDS[op, chip]
+        assert set(support.world_sizes) == worlds
         with pytest.raises(NotImplementedError, match=rf"{op}: world size {bad} .*'{chip}'"):
             if bad <= 8:
                 _eval(op, bad)
