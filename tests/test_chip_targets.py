@@ -38,7 +38,10 @@ def _call(op, axis, *, dtype=F16, comm_turn=0, world=1):
     dtype of the float operands / scale, comm_turn."""
     fn = getattr(mc2, op)
     if op == "mm_all_reduce_base":
-        return lambda a, b: fn(a, b, axis, comm_turn=comm_turn), (S((4, 8), dtype), S((8, 6), dtype))
+        return lambda a, b: fn(a, b, axis, comm_turn=comm_turn), (
+            S((4, 8), dtype),
+            S((8, 6), dtype),
+        )
     if op.endswith("add_rms_norm"):
         args = (S((1, 4, 8), dtype), S((8, 6), dtype), S((1, 4, 6), dtype), S((6,), dtype))
         return lambda *a: fn(*a, axis, comm_turn=comm_turn), args
@@ -115,7 +118,9 @@ def test_operator_on_chip(op, chip):
     with mc2.target(chip):
         assert (support is None) == ((op, chip) not in DOCUMENTED_WORLDS)
         if support is None:
-            with pytest.raises(NotImplementedError, match=f"{op}: not available on target '{chip}'"):
+            with pytest.raises(
+                NotImplementedError, match=f"{op}: not available on target '{chip}'"
+            ):
                 _eval(op, 1 if op not in EP_OPS else 8)
             return
         world = _supported_world(support)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import oracle
@@ -305,7 +304,14 @@ def test_fuzz_add_rms_norm_valid(case, inplace):
     )
     out, err = run_both(
         lambda impl: op(
-            x1, x2, residual, gamma, None, bias=bias, epsilon=eps, transpose_x2=t,
+            x1,
+            x2,
+            residual,
+            gamma,
+            None,
+            bias=bias,
+            epsilon=eps,
+            transpose_x2=t,
             implementation=impl,
         )
     )
@@ -351,7 +357,14 @@ def test_fuzz_add_rms_norm_invalid(case, bad):
     for impl in ("xla", "ffi"):
         with pytest.raises(DOCUMENTED) as info:
             mc2.matmul_all_reduce_add_rms_norm(
-                x1, x2, residual, gamma, None, bias=bias, epsilon=eps, transpose_x2=t,
+                x1,
+                x2,
+                residual,
+                gamma,
+                None,
+                bias=bias,
+                epsilon=eps,
+                transpose_x2=t,
                 implementation=impl,
             )
         expect_error(info.value, "matmul_all_reduce_add_rms_norm", arg)
@@ -417,7 +430,13 @@ def test_fuzz_quant_matmul_all_reduce_invalid(case, bad):
     for impl in ("xla", "ffi"):
         with pytest.raises(DOCUMENTED) as info:
             mc2.quant_matmul_all_reduce(
-                x1, x2, None, dequant_scale=words, bias=bias, x3=x3, transpose_x2=t,
+                x1,
+                x2,
+                None,
+                dequant_scale=words,
+                bias=bias,
+                x3=x3,
+                transpose_x2=t,
                 implementation=impl,
             )
         expect_error(info.value, "quant_matmul_all_reduce", arg)
@@ -450,15 +469,19 @@ def test_fuzz_quant_matmul_all_reduce_v4(case):
     kind, x1, x2, s1, s2, bias, out_dtype = case
     out, err = run_both(
         lambda impl: mc2.quant_matmul_all_reduce_v4(
-            x1, x2, None, x2_scale=s2, x1_scale=s1, bias=bias, out_dtype=out_dtype,
+            x1,
+            x2,
+            None,
+            x2_scale=s2,
+            x1_scale=s1,
+            bias=bias,
+            out_dtype=out_dtype,
             implementation=impl,
         )
     )
     assert err is None, err
     s2_full = np.broadcast_to(s2, (x2.shape[1],)).astype(np.float32)
-    want = rank_y("pertoken", kind, x1, x2, s1, s2_full, bias, transpose_x2=False).astype(
-        out_dtype
-    )
+    want = rank_y("pertoken", kind, x1, x2, s1, s2_full, bias, transpose_x2=False).astype(out_dtype)
     for impl, got in out.items():
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=impl)
 
@@ -479,9 +502,7 @@ def gmm_case(draw):
     t = draw(st.booleans())
     x = values(draw, (m, k), dtype, draw(st.sampled_from(("normal", "integers", "nonfinite"))))
     w = values(draw, (g, n, k) if t else (g, k, n), dtype, "normal")
-    sizes = np.array(
-        draw(st.lists(st.integers(-3, 9), min_size=g, max_size=g)), np.int32
-    )
+    sizes = np.array(draw(st.lists(st.integers(-3, 9), min_size=g, max_size=g)), np.int32)
     return dtype, x, w, sizes, t
 
 
@@ -508,7 +529,9 @@ def test_fuzz_grouped_matmul(case):
     assert err is None, err
     want = _np_gmm_sizes(x, w, sizes, t).astype(dtype).astype(np.float64)
     wabs = np.abs(oracle.to_f64(w))
-    terms = _np_gmm_sizes(np.abs(np.nan_to_num(oracle.to_f64(x), posinf=0, neginf=0)), wabs, sizes, t)
+    terms = _np_gmm_sizes(
+        np.abs(np.nan_to_num(oracle.to_f64(x), posinf=0, neginf=0)), wabs, sizes, t
+    )
     tol = oracle.tolerance(dtype, 1, np.abs(want), k=x.shape[1], terms=terms)
     for impl, got in out.items():
         assert_close(got, want, tol, f"grouped_matmul[{impl}]")
@@ -574,8 +597,9 @@ def test_fuzz_alltoallv_one_rank(case, combine):
         got = np.asarray(got, np.float64)
         rows = min(got.shape[0], want.shape[0])
         assert not got[rows:].any() and not want[rows:].any()
-        tol = oracle.tolerance(dtype, 1, np.abs(want[:rows]), k=x.shape[1] + 1,
-                               terms=np.abs(want[:rows]) * 4 + 4)
+        tol = oracle.tolerance(
+            dtype, 1, np.abs(want[:rows]), k=x.shape[1] + 1, terms=np.abs(want[:rows]) * 4 + 4
+        )
         assert_close(got[:rows], want[:rows], tol, f"{op.__name__}[{impl}]")
 
 
@@ -623,7 +647,13 @@ def test_fuzz_exchange_counts_one_rank(counts, dtype):
 @FUZZ
 @given(
     st.lists(
-        st.floats(allow_nan=False, allow_infinity=False, width=32, min_value=-1.0000000150474662e+30, max_value=1.0000000150474662e+30),
+        st.floats(
+            allow_nan=False,
+            allow_infinity=False,
+            width=32,
+            min_value=-1.0000000150474662e30,
+            max_value=1.0000000150474662e30,
+        ),
         min_size=4,
         max_size=4,  # one shape: no recompilation per example
     )
@@ -645,7 +675,9 @@ def test_fuzz_quant_helpers(xs):
         np.testing.assert_array_equal(np.asarray(scale, np.float32)[finite], want[finite])
     # FRACTAL_NZ round trip.
     w = np.resize(x, (3, 5)).astype(np.float16)
-    np.testing.assert_array_equal(np.asarray(quant.from_fractal_nz(quant.to_fractal_nz(w), w.shape)), w)
+    np.testing.assert_array_equal(
+        np.asarray(quant.from_fractal_nz(quant.to_fractal_nz(w), w.shape)), w
+    )
 
 
 # --------------------------------------------------------------------------
@@ -654,8 +686,13 @@ def test_fuzz_quant_helpers(xs):
 
 def _matmul_attrs(**overrides):
     attrs = dict(
-        transpose_x2=False, has_bias=False, has_x3=False, antiquant=False, has_offset=False,
-        group_size=np.int64(0), parallelism=np.int64(1),
+        transpose_x2=False,
+        has_bias=False,
+        has_x3=False,
+        antiquant=False,
+        has_offset=False,
+        group_size=np.int64(0),
+        parallelism=np.int64(1),
     )
     attrs.update(overrides)
     return attrs
@@ -696,10 +733,16 @@ def test_fuzz_ffi_handlers(d1, d2, mkn, bias_kind, t, handler, data):
         if got.size == 0:
             return  # XLA does not run a custom call with an empty result
         assert d1 == d2 and d1 in FLOATS and bias_kind != "bad_shape", (d1, d2, bias_kind)
-        want = oracle.per_rank_matmul(x1, x2, operands[2] if bias_kind else None,
-                                      transpose_x2=t, dtype=d1)
-        tol = oracle.tolerance(d1, 1, np.abs(oracle.to_f64(want)), k=k + 1,
-                               terms=mm_terms(x1, x2, operands[2] if bias_kind else None, None, t))
+        want = oracle.per_rank_matmul(
+            x1, x2, operands[2] if bias_kind else None, transpose_x2=t, dtype=d1
+        )
+        tol = oracle.tolerance(
+            d1,
+            1,
+            np.abs(oracle.to_f64(want)),
+            k=k + 1,
+            terms=mm_terms(x1, x2, operands[2] if bias_kind else None, None, t),
+        )
         assert_close(got, oracle.to_f64(want), tol, "mc2_matmul_ffi")
     else:
         res = values(data.draw, (m, n), F32).astype(d2)
@@ -751,8 +794,10 @@ def test_fuzz_mm_all_reduce_two_devices(case):
     x1s = [x1[:, :kl], x1[:, kl:]]
     x2s = [x2[:, :kl], x2[:, kl:]] if t else [x2[:kl], x2[kl:]]
     want = oracle.mm_all_reduce_base(x1s, x2s, transpose_x2=t)
-    parts = [np.abs(oracle.to_f64(oracle.per_rank_matmul(a, b, transpose_x2=t, dtype=dtype)))
-             for a, b in zip(x1s, x2s)]
+    parts = [
+        np.abs(oracle.to_f64(oracle.per_rank_matmul(a, b, transpose_x2=t, dtype=dtype)))
+        for a, b in zip(x1s, x2s)
+    ]
     pmag = np.nan_to_num(np.maximum(*parts), posinf=0)
     terms = np.maximum(*(mm_terms(a, b, transpose_x2=t) for a, b in zip(x1s, x2s)))
     tol = oracle.tolerance(dtype, 2, np.abs(want), partial_scale=pmag, k=kl, terms=terms)

@@ -40,7 +40,8 @@ for name in ("float16", "bfloat16", "float32"):
     y, norm = mc2.matmul_all_reduce_add_rms_norm(
         x1, x2, res, gamma, None, epsilon=0.5, implementation="ffi")
     for tag, a in (("y", y), ("norm", norm)):
-        out[name + "/" + tag] = np.asarray(a).view(np.uint16 if dt.itemsize == 2 else np.uint32).tolist()
+        bits = np.uint16 if dt.itemsize == 2 else np.uint32
+        out[name + "/" + tag] = np.asarray(a).view(bits).tolist()
 print(repr(out))
 """
 
@@ -69,8 +70,22 @@ def test_add_rms_norm_suite_on_the_portable_paths():
     """tests/test_add_rms_norm.py (the fast tests) against the oracle with the
     portable kernel: a bug on that path alone fails here."""
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow",
-         str(ROOT / "tests" / "test_add_rms_norm.py")],
-        env=PORTABLE_ENV, cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not slow",
+            str(ROOT / "tests" / "test_add_rms_norm.py"),
+        ],
+        env=PORTABLE_ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -1104,7 +1104,8 @@ def test_pertoken_f32_scale_order_bit_exact(impl, kind):
     x1, x2, _, _, bias = make_case(rng, "pertoken", kind, m=m, k=k, n=n)
     s1, s2 = _general_scales(rng, m, n)
     want = rank_y("pertoken", kind, x1, x2, s1, s2, bias, transpose_x2=False)
-    y0 = rank_y("pertoken", kind, x1, x2, np.ones(m, F32), np.ones(n, F32), bias, transpose_x2=False)
+    ones_m, ones_n = np.ones(m, F32), np.ones(n, F32)
+    y0 = rank_y("pertoken", kind, x1, x2, ones_m, ones_n, bias, transpose_x2=False)
     swapped = (y0 * s1[:, None]) * s2[None, :]
     assert np.count_nonzero(swapped != want) > m * n // 20, "scales too regular to tell the order"
     kw = call_kwargs("pertoken", kind, s1, s2, bias, None, F32, False)
