@@ -4,14 +4,31 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "ffi_common.h"
 
 namespace jax_mc2 {
 
+// JAX_MC2_FFI_PORTABLE=1 in the environment (read once, at the first call)
+// forces the portable C++ paths even where the CPU has AVX2 and F16C, so
+// that the tests run every kernel's portable path too (the hand-written AVX2
+// add + RMSNorm kernel and the F16C float16 conversions; the
+// target_clones("avx2", "default") loops are compiler clones of one source
+// and are not switched).
+bool ForcePortable() {
+  static const bool force = [] {
+    const char* v = std::getenv("JAX_MC2_FFI_PORTABLE");
+    return v != nullptr && v[0] != '\0' && std::string(v) != "0";
+  }();
+  return force;
+}
+
 bool HasAvx2F16c() {
-  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+  static const bool has =
+      !ForcePortable() && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
   return has;
 }
 

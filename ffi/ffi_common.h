@@ -94,6 +94,8 @@ ffi::Error CatchAtBoundary(const char* op, Body&& body) noexcept {
 
 // Whether the CPU has AVX2 and F16C (the vectorized kernel paths).
 bool HasAvx2F16c();
+// True where JAX_MC2_FFI_PORTABLE is set (and not "0"): HasAvx2F16c() is then false.
+bool ForcePortable();
 
 // The conversion loops: an F16C/AVX2 path for float16 chosen at run time,
 // and loops written so the compiler vectorizes the bfloat16 ones.

@@ -13,4 +13,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2GroupedMatmulWgradHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2LowpMatmulHandler);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(Mc2CheckCountsHandler);
 
+// Whether the kernels take their AVX2/F16C paths (ffi_common.h).
+bool HasAvx2F16c();
+
 }  // namespace jax_mc2

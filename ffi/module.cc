@@ -37,4 +37,7 @@ NB_MODULE(_mc2_ffi, m) {
     }
     return d;
   });
+  // Whether the kernels take their vectorized (AVX2/F16C) paths in this
+  // process: false on CPUs without them and under JAX_MC2_FFI_PORTABLE=1.
+  m.def("vectorized", []() { return jax_mc2::HasAvx2F16c(); });
 }

@@ -55,9 +55,36 @@ def add_rms_norm(mm, residual, gamma, epsilon):
     return yf, yf / rms * to_f64(gamma)
 
 
-def tolerance(dtype, ranks=1, scale=1.0):
-    """Absolute tolerance for values of magnitude ``scale`` summed over ranks."""
-    eps = {np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7, np.dtype(np.float32): 2.0**-20}[
-        np.dtype(dtype)
-    ]
-    return 4 * eps * scale * (ranks + 1)
+# The spacing of each dtype's values in [1, 2): one ulp at magnitude 1.
+ULP_AT_ONE = {np.dtype(np.float16): 2.0**-10, BF16: 2.0**-7, np.dtype(np.float32): 2.0**-23}
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def ulp(dtype, magnitude):
+    """One ulp of ``dtype`` at ``magnitude`` (elementwise): the spacing of the
+    binade that holds it, a power of two at or below ``magnitude * ULP_AT_ONE``
+    (magnitudes below 1 use the spacing at 1, covering subnormals)."""
+    mag = np.maximum(np.abs(np.asarray(magnitude, np.float64)), 1.0)
+    return ULP_AT_ONE[np.dtype(dtype)] * np.exp2(np.floor(np.log2(mag)))
+
+
+def tolerance(dtype, ranks=1, scale=1.0, *, partial_scale=None, k=0, terms=None):
+    """Absolute bound on |implementation - oracle|, from the rounding steps.
+
+    One rank: the implementation and the oracle round values that differ by
+    at most the fp32 accumulation error (``k`` products, ``terms`` =
+    sum |products|, default ``scale``: k * 2^-24 * terms) to the dtype once
+    each, so they differ by at most one ulp of the output (``scale`` = the
+    output magnitude) plus that error. R > 1 ranks: each rank's partial
+    (magnitude ``partial_scale``, default ``scale``) is rounded to the dtype
+    on both sides (one ulp of the partial each, the same argument), and the
+    reduction in the dtype rounds each of its R - 1 running sums (half an ulp
+    of at most R partials each), then the output's final rounding.
+    """
+    partial = scale if partial_scale is None else partial_scale
+    terms = scale if terms is None else terms
+    acc = k * FP32_UNIT_ROUNDOFF * np.asarray(terms, np.float64)
+    if ranks == 1:
+        return ulp(dtype, scale) + acc
+    running = (ranks - 1) * 0.5 * ulp(dtype, ranks * np.asarray(partial, np.float64))
+    return ranks * (ulp(dtype, partial) + acc) + running + ulp(dtype, scale)

@@ -1085,3 +1085,52 @@ def test_vma_typing_of_the_quantized_paths(case):
         *extra,
     )
     assert seen["out"] == f"bfloat16[{m},{n}]{{V:dp}}"
+
+
+# --------------------------------------------------------------------------
+# The order of the two scales (formula 6: ``y * x2_scale * x1_scale``)
+
+
+def _general_scales(rng, m, n):
+    """Scales that are not powers of two (mantissas with many bits set), so
+    that ``(y * s2) * s1`` and ``(y * s1) * s2`` round differently."""
+    s1 = (rng.random(m) * 0.9 + 0.55).astype(np.float32)
+    s2 = (rng.random(n) * 7e-3 + 1.3e-3).astype(np.float32)
+    return s1, s2
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kind", ["float8_e4m3fn", "float8_e5m2", "hifloat8"])
+def test_pertoken_f32_scale_order_bit_exact(impl, kind):
+    """float32 output, no x3: nothing separates the two scale products from
+    the output, so the result is bit-exact to ``f32(f32(y * s2) * s1)`` and
+    differs from the swapped order ``f32(f32(y * s1) * s2)`` (checked here
+    on the model itself, so the test cannot pass vacuously)."""
+    rng = np.random.default_rng(17)
+    m, k, n = 24, 64, 40
+    x1, x2, _, _, bias = make_case(rng, "pertoken", kind, m=m, k=k, n=n)
+    s1, s2 = _general_scales(rng, m, n)
+    want = rank_y("pertoken", kind, x1, x2, s1, s2, bias, transpose_x2=False)
+    ones_m, ones_n = np.ones(m, F32), np.ones(n, F32)
+    y0 = rank_y("pertoken", kind, x1, x2, ones_m, ones_n, bias, transpose_x2=False)
+    swapped = (y0 * s1[:, None]) * s2[None, :]
+    assert np.count_nonzero(swapped != want) > m * n // 20, "scales too regular to tell the order"
+    kw = call_kwargs("pertoken", kind, s1, s2, bias, None, F32, False)
+    got = mc2.quant_matmul_all_reduce_v4(x1, x2, None, implementation=impl, **kw)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_packed_f32_general_scale_bit_exact(impl):
+    """The packed rows with non-power-of-two fp19 scales: ``f32(y * fp19(s2))``
+    bit for bit (catches the fp19 truncation being skipped or the scale
+    applied before the bias)."""
+    rng = np.random.default_rng(18)
+    m, k, n = 24, 64, 40
+    x1, x2, _, _, bias = make_case(rng, "packed", "float8_e4m3fn", m=m, k=k, n=n)
+    _, s2 = _general_scales(rng, m, n)
+    assert np.count_nonzero(fp19(s2) != s2) > n // 2
+    want = rank_y("packed", "float8_e4m3fn", x1, x2, None, s2, bias, transpose_x2=False)
+    kw = call_kwargs("packed", "float8_e4m3fn", None, s2, bias, None, F32, False)
+    got = mc2.quant_matmul_all_reduce_v4(x1, x2, None, implementation=impl, **kw)
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -234,3 +234,33 @@ def test_vmap_and_not_differentiable():
                 mc2.mm_all_reduce_base(a, x2, None, antiquant_scale=scale).astype(jnp.float32)
             )
         )(x1[0])
+
+
+# --------------------------------------------------------------------------
+# Invalid operands of the weight-only mode, on both implementations (eager,
+# so that a check missing from one implementation's path cannot hide behind
+# the other's kernel).
+
+_WQ_X1 = np.ones((4, 64), np.float16)
+_WQ_X2 = np.ones((64, 8), np.int8)
+_WQ_SCALE = np.full((8,), 0.5, np.float16)
+WQ_INVALID = [
+    ({"bias": np.ones((1,), np.float16)}, r"bias must be 1-D \(n,\) = \(8,\), got \(1,\)"),
+    ({"bias": np.ones((1, 8), np.float16)}, r"bias must be 1-D \(n,\) = \(8,\), got \(1, 8\)"),
+    ({"bias": np.ones((8,), np.float32)}, "bias dtype must equal x1 dtype float16, got float32"),
+    ({"x3": np.ones((1, 8), np.float16)}, r"x3 must be the output shape = \(4, 8\), got \(1, 8\)"),
+    (
+        {"antiquant_offset": np.ones((1,), np.float16)},
+        r"antiquant_offset must be antiquant_scale's shape = \(8,\), got \(1,\)",
+    ),
+    ({"antiquant_scale": np.full((1, 7), 0.5, np.float16)}, "antiquant_scale must be"),
+    ({"antiquant_scale": np.full((8,), 0.5, np.float32)}, "antiquant_scale dtype must equal"),
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "ffi"])
+@pytest.mark.parametrize("kw,msg", WQ_INVALID, ids=[str(i) for i in range(len(WQ_INVALID))])
+def test_weight_only_invalid_operands(impl, kw, msg):
+    kw = {"antiquant_scale": _WQ_SCALE, **kw}
+    with pytest.raises((TypeError, ValueError), match="mm_all_reduce_base: " + msg):
+        mc2.mm_all_reduce_base(_WQ_X1, _WQ_X2, None, implementation=impl, **kw)
