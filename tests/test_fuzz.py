@@ -100,15 +100,14 @@ def values(draw, shape, dtype, kind=None):
 
 
 def daz_sensitive(*arrays):
-    """FINDING (see the h13-tests report): both implementations run with
-    denormals-are-zero for bfloat16 / float32 operands (XLA:CPU's FTZ/DAZ
-    mode), so a subnormal times inf gives NaN where the oracle (and IEEE)
-    give inf: ``mm_all_reduce_base(bf16 [[1.47e-39]], bf16 [[-inf]], None)``
-    is NaN for xla and ffi alike, the oracle -inf. (float16 subnormals are
-    normal in the fp32 accumulator and are not affected.) Until that is
-    decided, calls mixing bf16/f32 subnormal and infinite operands are left
-    out of the fuzz run (the finite subnormal products, flushed to 0, stay
-    within the bound)."""
+    """Whether the call mixes a bfloat16 / float32 subnormal with an infinity.
+
+    On CPU both implementations run with subnormals flushed to zero
+    (docs/semantics.md §10.4), so a subnormal times inf gives NaN where the
+    IEEE oracle gives inf: ``mm_all_reduce_base(bf16 [[1.47e-39]], bf16
+    [[-inf]], None)`` is NaN for xla and ffi alike. Those calls are left out
+    (float16 subnormals are normal in the fp32 accumulator; finite subnormal
+    products, flushed to 0, stay within the oracle's bound)."""
     subnormal = inf = False
     for a in arrays:
         if a is None or np.dtype(a.dtype) not in (BF16, F32):
