@@ -1,6 +1,50 @@
-"""The data of the multi-process test, made identically in every process."""
+"""The data of the multi-process tests, made identically in every process,
+and the launcher of their worker processes."""
+
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(script: str, out_dir, processes: int = 2, timeout: float = 240) -> None:
+    """Runs ``processes`` copies of ``tests/<script>`` (args: process id,
+    process count, coordinator port, ``out_dir``) to the end; fails with
+    every worker's output if one fails, kills them all on a timeout."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    command = [sys.executable, os.path.join(HERE, script)]
+    procs = [
+        subprocess.Popen(
+            [*command, str(i), str(processes), str(port), str(out_dir)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(out)
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
 
 
 def make_case(world: int):

@@ -3,61 +3,19 @@ on 127.0.0.1): each process binds its devices to its own NPUs of the CANN
 test double, the HCCL communicator spans both processes (root info through
 JAX's key-value store), and the results equal one process with 4 devices."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 from conftest import make_mesh
 from jax.sharding import PartitionSpec as P
-from multiprocess_case import make_case
+from multiprocess_case import make_case, run_workers
 
 import jax_mc2 as mc2
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(HERE, "ascend_multiprocess_worker.py"),
-                str(i),
-                "2",
-                str(port),
-                str(tmp_path),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_workers("ascend_multiprocess_worker.py", tmp_path)
 
     mesh = make_mesh((4,), ("tp",))
     x1, x2, bias, residual, gamma = make_case(4)

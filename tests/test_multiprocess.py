@@ -1,11 +1,6 @@
 """2 processes x 2 CPU devices with jax.distributed and gloo give the same
 results as one process with 4 devices."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -18,51 +13,15 @@ from multiprocess_case import (
     make_case,
     make_ep_case,
     make_lowbit_case,
+    run_workers,
 )
 
 import jax_mc2 as mc2
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(HERE, "multiprocess_worker.py"),
-                str(i),
-                "2",
-                str(port),
-                str(tmp_path),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out)
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_workers("multiprocess_worker.py", tmp_path)
 
     mesh = make_mesh((4,), ("tp",))
     x1, x2, bias, residual, gamma = make_case(4)
