@@ -13,7 +13,7 @@
 //                      per 32 values along k ([m, kb32] and [n, kb32]; x2 is (n, k))
 //   out = round(round(y) + x3)             (round: half to even to out's dtype)
 // With `comm` the output is the wire of the fp8 pertile low-bit communication
-// (ascend-semantics §5.2) instead: C = y + x3 in fp32, and per row, for each
+// (docs/semantics.md §5.2) instead: C = y + x3 in fp32, and per row, for each
 // 1 x 128 tile: a = max|tile| (FP8_MAX if 0), sc = FP8_MAX / a (1 if 0),
 // q = fp8_rne(clip(tile * sc)) in x1's fp8 format; row layout
 // [n fp8 codes][ceil(n/128) f32 scales as 4 bytes each], in a float8_e4m3fn
@@ -71,7 +71,7 @@ float DecodeE5m2(uint32_t b) {
   return sign * std::ldexp(1.0f + m / 4.0f, e - 15);
 }
 
-// HiFloat8 (ascend-semantics §2.1): S | Dot | Exp | Mant; the Dot prefix
+// HiFloat8 (docs/semantics.md §2.1): S | Dot | Exp | Mant; the Dot prefix
 // selects 4+1, 3+2, 2+3, 1+3 or 0+3 exponent + mantissa bits; 0000 + 3 bits
 // are the denormals 2^(M-23); 0x80 NaN, 0x6F / 0xEF Inf.
 float DecodeHif8(uint32_t b) {

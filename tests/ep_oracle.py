@@ -1,7 +1,7 @@
 """Independent NumPy model of seed 001 (aclnnAlltoAllvGroupedMatMul) and its
 inverse (aclnnGroupedMatMulAlltoAllv), simulating every rank.
 
-Written from the seed and ascend-semantics §6, never calling jax_mc2:
+Written from the seed and docs/semantics.md §6, never calling jax_mc2:
 ``send[r][d*E + e]`` rows go from rank r to expert e of rank d; rank r's
 gmm_x rows are grouped by global expert id; rank d's received rows are
 regrouped expert-major, source-rank-minor; group e uses weight[e].

@@ -47,7 +47,7 @@ def mm_all_reduce_base(x1s, x2s, biases=None, x3s=None, *, transpose_x2=False):
 def add_rms_norm(mm, residual, gamma, epsilon):
     """seed 002: ``y = mm + residual``; ``normOut = y / RMS(y) * gamma`` with
     ``RMS(y) = sqrt(mean(y^2) + epsilon)``. y is rounded to the dtype before
-    the statistics (ascend-semantics §7). Returns (y, norm_out) in float64."""
+    the statistics (docs/semantics.md §7). Returns (y, norm_out) in float64."""
     dtype = np.asarray(residual).dtype
     y = (to_f64(mm).reshape(np.shape(residual)) + to_f64(residual)).astype(dtype)
     yf = to_f64(y)

@@ -1,5 +1,5 @@
 """jax_mc2.quant, bit for bit, against NumPy models written from
-ascend-semantics §1 (TransQuantParam), §2 (HiFloat8), §3 (MX), §4
+docs/semantics.md §1 (TransQuantParam), §2 (HiFloat8), §3 (MX), §4
 (perblock, groupSize) and §9 (FRACTAL_NZ)."""
 
 import jax
@@ -181,7 +181,7 @@ def test_hifloat8_decode_all_codes():
             assert got[code] == 0.0
         else:
             assert got[code] == (-1 if code & 0x80 else 1) * table[a], hex(code)
-    # Check-points listed in ascend-semantics §2.1.
+    # Check-points listed in docs/semantics.md §2.1.
     points = {
         0x08: 1,
         0x10: 2,

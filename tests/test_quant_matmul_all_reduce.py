@@ -612,7 +612,7 @@ def test_mm_all_reduce_base_full_quant_chip_rules():
 
 
 # --------------------------------------------------------------------------
-# Low-bit communication (comm_quant_scale_1/2), ascend-semantics §5.1
+# Low-bit communication (comm_quant_scale_1/2), docs/semantics.md §5.1
 
 
 def _sat_rne_int8(x):

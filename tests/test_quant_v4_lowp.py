@@ -2,7 +2,7 @@
 (Ascend 950), against an independent NumPy model of the seed's formulas 4-8.
 
 The model decodes fp8 / fp4 / e8m0 with ml_dtypes and HiFloat8 with a table
-built here from the bit format (ascend-semantics §2.1). Test values lie on a
+built here from the bit format (docs/semantics.md §2.1). Test values lie on a
 grid on which every fp32 partial sum is exact, so one rank's result is
 bit-exact whatever order an implementation accumulates in.
 """
@@ -64,7 +64,7 @@ HIF8 = _hif8_values()
 
 
 def test_hif8_model_checkpoints():
-    # The values ascend-semantics §2.1 lists, as a check of the model itself.
+    # The values docs/semantics.md §2.1 lists, as a check of the model itself.
     pins = {0x08: 1, 0x10: 2, 0x18: 0.5, 0x20: 4, 0x28: 8, 0x30: 0.25, 0x38: 0.125, 0x40: 16}
     pins |= {0x48: 64, 0x50: 1 / 16, 0x54: 1 / 32, 0x60: 256, 0x6E: 32768, 0x70: 2**-8}
     pins |= {0x7E: 2**-15, 0x07: 2**-16, 0x01: 2**-22}
@@ -440,7 +440,7 @@ def test_rows_sharded(impl, mode, kind, out_dtype, world):
 
 
 # --------------------------------------------------------------------------
-# comm_quant_mode=1: the fp8 pertile chain of ascend-semantics §5.2
+# comm_quant_mode=1: the fp8 pertile chain of docs/semantics.md §5.2
 
 
 def _pertile(c, fp8):

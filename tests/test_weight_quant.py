@@ -1,5 +1,5 @@
 """mm_all_reduce_base weight-only quantization (seed 004 table 2) against a
-NumPy model of ascend-semantics §8."""
+NumPy model of docs/semantics.md §8."""
 
 import jax
 import jax.numpy as jnp
