@@ -11,12 +11,13 @@ import test_quant_v4_lowp as t
 from ascend_matrix import for_ascend
 
 import jax_mc2 as mc2
+from jax_mc2.ascend import _rules
 
-# fp4: see test_fp4_is_refused; float32 output: CANN's V4 writes fp16/bf16.
-_DROP = ("float4_e2m1fn",)
-test_rows_single_device_bit_exact = for_ascend(t.test_rows_single_device_bit_exact, drop=_DROP)
-test_rows_sharded = for_ascend(t.test_rows_sharded, drop=_DROP)
-test_fp8_pertile_comm_chain = for_ascend(t.test_fp8_pertile_comm_chain, drop=_DROP)
+# float32 output dropped: CANN's V4 writes fp16/bf16. The MX rows include
+# MXFP4 (x1/x2 packed two fp4 values per byte by the lowering).
+test_rows_single_device_bit_exact = for_ascend(t.test_rows_single_device_bit_exact)
+test_rows_sharded = for_ascend(t.test_rows_sharded)
+test_fp8_pertile_comm_chain = for_ascend(t.test_fp8_pertile_comm_chain)
 test_perblock_general_scales_and_3d_x1 = for_ascend(t.test_perblock_general_scales_and_3d_x1)
 test_vmap_and_not_differentiable = for_ascend(t.test_vmap_and_not_differentiable)
 
@@ -43,16 +44,28 @@ def test_hifloat8_travels_as_uint8_with_code_34():
     assert '"aclnnQuantMatmulAllReduceV4"' in text
 
 
-def test_fp4_is_refused():
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])
+def test_mxfp4_sharded(out_dtype):
+    """MXFP4 over 2 ranks (test_rows_sharded's only fp4 row has float32
+    output, which CANN's V4 does not write)."""
+    t.test_rows_sharded(
+        impl="ascend", mode="mx", kind="float4_e2m1fn", out_dtype=out_dtype, world=2
+    )
+
+
+def test_mxfp4_packs_two_values_per_byte():
+    """x1 / x2 keep their logical FLOAT4_E2M1 (code 40) descriptors, element
+    strides included (x2 transposed: the (k, n) view of the stored [n, k]);
+    their buffers are packed bytes, low nibble first."""
     f4 = ml_dtypes.float4_e2m1fn
     x1 = np.zeros((4, 64), f4)
     x2 = np.zeros((8, 64), f4)
     s1 = np.ones((4, 1, 2), ml_dtypes.float8_e8m0fnu)
     s2 = np.ones((8, 1, 2), ml_dtypes.float8_e8m0fnu)
-    with pytest.raises(NotImplementedError, match="float4_e2m1fn"):
-        mc2.quant_matmul_all_reduce_v4(
-            x1,
-            x2,
+    f = jax.jit(
+        lambda a, b: mc2.quant_matmul_all_reduce_v4(
+            a,
+            b,
             None,
             x2_scale=s2,
             x1_scale=s1,
@@ -60,3 +73,23 @@ def test_fp4_is_refused():
             transpose_x2=True,
             implementation="ascend",
         )
+    )
+    text = f.lower(x1, x2).as_text()
+    assert "to0/40/2/0/4,64/64,1/4,64" in text and "to1/40/2/0/64,8/1,64/512" in text
+    call = next(line for line in text.splitlines() if "mc2_ascend_host_bridge" in line)
+    assert "tensor<4x32xui8>" in call and "tensor<8x32xui8>" in call
+
+
+@pytest.mark.parametrize("shape", [(2, 8), (3,), (2, 3)])
+def test_fp4_packing_nibble_order(shape):
+    """Row-major over the stored array, element 2j in the low nibble and
+    2j + 1 in the high one (as the double's FLOAT4_E2M1 reader, and CANN,
+    read them); an odd count ends in a zero high nibble. The end-to-end MX
+    cases cannot see a swap within a pair: x1 and x2 (transposed) both pack
+    along k, and the dot product does not change when both permute k."""
+    size = int(np.prod(shape))
+    codes = (np.arange(size, dtype=np.uint8) * 7 % 16).reshape(shape)
+    got = np.asarray(jax.jit(_rules._pack_fp4)(codes.view(ml_dtypes.float4_e2m1fn)))
+    flat = np.concatenate([codes.reshape(-1), np.zeros(size % 2, np.uint8)])
+    want = (flat[0::2] | (flat[1::2] << 4)).reshape(_rules._packed_fp4_shape(shape))
+    np.testing.assert_array_equal(got, want)

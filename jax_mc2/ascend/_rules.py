@@ -6,11 +6,12 @@ way torch_npu does for the same arguments and describes its arguments."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_mc2.ascend import _comms
 from jax_mc2.ascend import _spec as S
-from jax_mc2.framework import lowering
+from jax_mc2.framework import _compat, lowering
 
 HOST_BRIDGE = "mc2_ascend_host_bridge"
 _PLATFORMS = ("cpu",)
@@ -341,6 +342,41 @@ lowering.register(
 # aclnnQuantMatmulAllReduceV4 (torch_npu's choice for fp8/hif8/fp4 x1)
 
 
+def _packed_fp4_shape(shape):
+    """The packed buffer's shape, of the same rank: the last axis halved, or
+    (1, ..., 1, ceil(size / 2)) where the last axis is odd."""
+    if shape and shape[-1] % 2 == 0:
+        return (*shape[:-1], shape[-1] // 2)
+    return (*(1,) * (len(shape) - 1), (int(np.prod(shape)) + 1) // 2)
+
+
+def _pack_fp4(x):
+    """fp4 values (one per byte in JAX) as CANN's FLOAT4_E2M1 storage: the
+    array's elements in row-major order (so along the contiguous last axis),
+    two per byte, the even element in the low nibble; an odd count ends in a
+    zero high nibble."""
+    codes = jax.lax.convert_element_type(jax.lax.bitcast_convert_type(x, jnp.uint4), jnp.uint8)
+    codes = codes.reshape(-1)
+    if codes.shape[0] % 2:
+        codes = jnp.concatenate([codes, jnp.zeros((1,), jnp.uint8)])
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).reshape(_packed_fp4_shape(x.shape))
+
+
+def _pack_fp4_operands(ctx, operands, indices):
+    """``ctx`` and ``operands`` with the fp4 operands at ``indices`` packed
+    two per byte (uint8 buffers of half the elements, rounded up)."""
+    avals_in = list(ctx.avals_in)
+    operands = list(operands)
+    for i in indices:
+        aval = avals_in[i]
+        packed = aval.update(shape=_packed_fp4_shape(aval.shape), dtype=np.dtype(np.uint8))
+        sub = ctx.replace(primitive=None, avals_in=[aval], avals_out=[packed])
+        (operands[i],) = _compat.lower_fun(_pack_fp4, multiple_results=False)(sub, operands[i])
+        avals_in[i] = packed
+    return ctx.replace(avals_in=avals_in), operands
+
+
 def _lowp_quant_mm_all_reduce(
     ctx,
     *operands,
@@ -360,10 +396,9 @@ def _lowp_quant_mm_all_reduce(
     op = "quant_matmul_all_reduce_v4"
     avals = ctx.avals_in
     if np.dtype(avals[0].dtype).name == "float4_e2m1fn":
-        raise NotImplementedError(
-            f"{op}: implementation='ascend' does not take float4_e2m1fn yet: CANN packs two "
-            "fp4 values per byte, JAX holds one per byte"
-        )
+        # x1 and x2 (the MX rows take both in fp4): the descriptors keep the
+        # logical fp4 dims and element strides; the buffers become packed bytes.
+        ctx, operands = _pack_fp4_operands(ctx, operands, (0, 1))
     o = Operands(ctx)
     code = {"dtype_code": S._codes.ACL_DTYPE["hifloat8"]} if hif8 else {}
     x1i = o.take()
