@@ -702,6 +702,10 @@ def test_fuzz_row_parallel_linear_add_rms_norm(case, inplace, eps, data):
         assert_close(np.asarray(norm)[rows], want_n[rows], tol_n[rows], f"norm [{impl}]")
 
 
+# Shapes and flags only: a residual / gamma dtype mismatch is rejected by the
+# inner operator, whose message names matmul_all_reduce_add_rms_norm, not the
+# wrapper (row_parallel_linear_add_rms_norm(f16 x, ..., f32 residual) raises
+# "matmul_all_reduce_add_rms_norm: residual dtype must equal x1 dtype ...").
 RPL_BAD = (
     "axis",
     "data_axis",
