@@ -15,7 +15,8 @@ The contract every generated call is held to:
 - never a crash or a hang.
 
 Case count: ``JAX_MC2_FUZZ_EXAMPLES`` (default 1000) examples in total,
-spread over the fuzz tests (each gets its share). Derandomized (a fixed
+spread over the fuzz tests of this file and of tests/test_fuzz_more.py
+(each gets an equal share, ``PER_TEST``). Derandomized (a fixed
 seed per test) when ``CI`` is set or ``JAX_MC2_FUZZ_DERANDOMIZE=1``.
 
 The long run:
@@ -49,8 +50,10 @@ FLOATS = (F16, BF16, F32)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 DOCUMENTED = (TypeError, ValueError, NotImplementedError, NameError)
 N_FUZZ_TESTS = 15
+#: The fuzz tests of tests/test_fuzz_more.py, which share the same total.
+N_MORE_FUZZ_TESTS = 10
 TOTAL = int(os.environ.get("JAX_MC2_FUZZ_EXAMPLES", "1000"))
-PER_TEST = max(1, TOTAL // N_FUZZ_TESTS)
+PER_TEST = max(1, TOTAL // (N_FUZZ_TESTS + N_MORE_FUZZ_TESTS))
 DERANDOMIZE = bool(os.environ.get("CI")) or os.environ.get("JAX_MC2_FUZZ_DERANDOMIZE") == "1"
 
 settings.register_profile(
@@ -291,6 +294,21 @@ def rms_case(draw):
     return dtype, x1, x2, residual, gamma, bias, t, eps
 
 
+def norm_tolerance(dtype, tol_y, want_y, want_n, gamma, eps):
+    """The bound on norm_out given y's bound ``tol_y``: y's error through
+    y / rms (|gamma| / rms per unit of y), rstd's fp32 error, and the two
+    roundings (y * rstd, then * gamma)."""
+    yf = np.nan_to_num(want_y)
+    rms = np.sqrt(np.mean(yf * yf, axis=-1, keepdims=True) + eps)
+    g = np.abs(oracle.to_f64(gamma))
+    return (
+        tol_y.max(axis=-1, keepdims=True) * 2 * g / rms
+        + oracle.ulp(dtype, np.abs(yf) / rms) * g
+        + 2 * oracle.ulp(dtype, np.abs(want_n))
+        + 1e-5 * np.abs(yf) / rms * g
+    )
+
+
 @FUZZ
 @given(rms_case(), st.booleans())
 def test_fuzz_add_rms_norm_valid(case, inplace):
@@ -321,17 +339,7 @@ def test_fuzz_add_rms_norm_valid(case, inplace):
     terms = mm_terms(x1, x2, bias, None, t)
     tol_mm = oracle.tolerance(dtype, 1, np.abs(mm), k=x1.shape[-1] + 1, terms=terms)
     tol_y = tol_mm + oracle.ulp(dtype, np.abs(want_y))
-    # norm: y's error through y / rms (|gamma| / rms per unit of y), rstd's
-    # fp32 error, and the two roundings (y * rstd, then * gamma).
-    yf = np.nan_to_num(want_y)
-    rms = np.sqrt(np.mean(yf * yf, axis=-1, keepdims=True) + eps)
-    g = np.abs(oracle.to_f64(gamma))
-    tol_n = (
-        tol_y.max(axis=-1, keepdims=True) * 2 * g / rms
-        + oracle.ulp(dtype, np.abs(yf) / rms) * g
-        + 2 * oracle.ulp(dtype, np.abs(want_n))
-        + 1e-5 * np.abs(yf) / rms * g
-    )
+    tol_n = norm_tolerance(dtype, tol_y, want_y, want_n, gamma, eps)
     for impl, (y, norm) in out.items():
         assert y.dtype == dtype and norm.dtype == dtype
         assert_close(y, want_y, tol_y, f"add_rms_norm y [{impl}]")
