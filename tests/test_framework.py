@@ -54,6 +54,14 @@ def test_every_lowered_target_is_registered():
             np.ones(4, np.float32),
         )
         .as_text(),
+        # Traced counts with recv_counts given: the ffi run-time check.
+        jax.jit(
+            lambda a, w, c: mc2.alltoallv_grouped_matmul(
+                a, w, None, send_counts=c, recv_counts=c, max_recv_tokens=4
+            )[0]
+        )
+        .lower(x1, np.ones((1, 8, 4), np.float16), np.array([4], np.int32))
+        .as_text(),
     ]
     used = set()
     for t in texts:
