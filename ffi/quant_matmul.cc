@@ -9,6 +9,11 @@
 // fp32 tiles over k-chunks of at most 1024: every partial sum is an integer
 // of magnitude <= 1024 * 128 * 128 = 2^24, exact in fp32, and the chunks are
 // added in int32.
+//
+// mc2_int8_dequant_ffi is the same epilogue on an int32 accumulator acc
+// [..., n] computed elsewhere (XLA's int8 dot_general, where it is the
+// faster GEMM; docs/semantics.md §12): the results are bit for bit those of
+// mc2_int8_matmul_ffi, since both accumulators are exact.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +30,7 @@ namespace jax_mc2 {
 namespace {
 
 constexpr char kOp[] = "mc2_int8_matmul_ffi";
+constexpr char kDequantOp[] = "mc2_int8_dequant_ffi";
 constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
@@ -95,8 +101,7 @@ struct Int8MatmulArgs {
   bool transpose_x2;
   const int8_t* x1;
   const int8_t* x2;
-  const float* scale;
-  int64_t scale_len;
+  std::vector<float> col_scale;  // scale broadcast to n
   // The dtype the result is rounded to: out's, or the comm scale's.
   ffi::DataType out_type;
   const float* pertoken = nullptr;  // optional
@@ -106,12 +111,40 @@ struct Int8MatmulArgs {
   void* out;
 };
 
+// The scale, float32 with 1 or n elements, broadcast to n.
+ffi::Error ReadScale(const char* op, const ffi::AnyBuffer& scale, Int8MatmulArgs& args) {
+  const int64_t n = args.shape.n;
+  if (scale.element_type() != ffi::DataType::F32) {
+    return InvalidArgument(op, "scale must be float32");
+  }
+  const int64_t len = static_cast<int64_t>(scale.element_count());
+  if (len != 1 && len != n) {
+    return InvalidArgument(op, "scale must have 1 or n = " + std::to_string(n) + " elements, got " +
+                                   DimsToString(scale.dimensions()));
+  }
+  const float* data = static_cast<const float*>(scale.untyped_data());
+  args.col_scale = MakeVector<float>(n);
+  for (int64_t j = 0; j < n; ++j) args.col_scale[j] = data[len == 1 ? 0 : j];
+  return ffi::Error::Success();
+}
+
+// The output's dtype: int8 with a comm scale (the result is rounded to the
+// comm scale's dtype, the operator's output dtype, then quantized), a float
+// dtype without.
+ffi::Error CheckOutType(const char* op, const ffi::AnyBuffer& out, bool has_comm_scale) {
+  if (has_comm_scale != (out.element_type() == ffi::DataType::S8) ||
+      (!has_comm_scale && !IsFloatType(out.element_type()))) {
+    return InvalidArgument(op, "out must be int8 with a comm scale, a float dtype without");
+  }
+  return ffi::Error::Success();
+}
+
 // The optional operands: pertoken?, bias?, x3?, comm scale? (in that order).
-ffi::Error ReadInt8Optionals(ffi::RemainingArgs extra, bool has_pertoken, bool has_bias,
-                             bool has_x3, bool has_comm_scale, const ffi::AnyBuffer& out,
-                             Int8MatmulArgs& args) {
+ffi::Error ReadInt8Optionals(const char* op, ffi::RemainingArgs extra, bool has_pertoken,
+                             bool has_bias, bool has_x3, bool has_comm_scale,
+                             const ffi::AnyBuffer& out, Int8MatmulArgs& args) {
   const int64_t m = args.shape.m, n = args.shape.n;
-  OptionalOperands operands(kOp, extra);
+  OptionalOperands operands(op, extra);
   const size_t expected =
       size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3} + size_t{has_comm_scale};
   MC2_RETURN_IF_ERROR(operands.ExpectCount(expected));
@@ -162,44 +195,50 @@ ffi::Error ParseInt8MatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x
                                ffi::AnyBuffer& out, bool transpose_x2, bool has_pertoken,
                                bool has_bias, bool has_x3, bool has_comm_scale,
                                Int8MatmulArgs& args) {
-  // With a comm scale the result is rounded to the comm scale's dtype (the
-  // operator's output dtype) and then quantized to int8.
   if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
     return InvalidArgument(kOp, "x1 and x2 must be int8");
   }
-  if (has_comm_scale != (out.element_type() == ffi::DataType::S8) ||
-      (!has_comm_scale && !IsFloatType(out.element_type()))) {
-    return InvalidArgument(kOp, "out must be int8 with a comm scale, a float dtype without");
-  }
-  if (scale.element_type() != ffi::DataType::F32) {
-    return InvalidArgument(kOp, "scale must be float32");
-  }
+  MC2_RETURN_IF_ERROR(CheckOutType(kOp, out, has_comm_scale));
   MC2_RETURN_IF_ERROR(ParseMatmul(kOp, x1, x2, out, transpose_x2, args.shape));
-  const int64_t n = args.shape.n;
-  args.scale_len = static_cast<int64_t>(scale.element_count());
-  if (args.scale_len != 1 && args.scale_len != n) {
-    return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +
-                                    " elements, got " + DimsToString(scale.dimensions()));
-  }
+  MC2_RETURN_IF_ERROR(ReadScale(kOp, scale, args));
   args.out_type = out.element_type();
   MC2_RETURN_IF_ERROR(
-      ReadInt8Optionals(extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
+      ReadInt8Optionals(kOp, extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
   args.transpose_x2 = transpose_x2;
   args.x1 = static_cast<const int8_t*>(x1.untyped_data());
   args.x2 = static_cast<const int8_t*>(x2.untyped_data());
-  args.scale = static_cast<const float*>(scale.untyped_data());
   args.out = out.untyped_data();
   return ffi::Error::Success();
+}
+
+// The epilogue of output row `i` in the fp32 scratch row `row`: + bias
+// (int32), dequant in fp32, round, + x3, round, then the store or the comm
+// quantization. The exact accumulator is `acc` (n int32), or with acc null
+// the row itself (an sgemm result of a single k-chunk). x3_row: n floats of
+// scratch when x3 is given.
+void FinishRow(const Int8MatmulArgs& p, int64_t i, float* row, const int32_t* acc, float* x3_row) {
+  const int64_t n = p.shape.n;
+  const float* token = p.pertoken ? p.pertoken + i : nullptr;
+  DequantRow(row, acc, p.bias, p.col_scale.data(), token, n);
+  if (p.x3) {
+    RoundInPlace(p.out_type, row, n);
+    LoadAsFloat(p.out_type, p.x3, i * n, n, x3_row);
+    AddInPlace(row, x3_row, n);
+  }
+  if (!p.comm_scale.empty()) {
+    RoundInPlace(p.out_type, row, n);
+    QuantizeForComm(row, p.comm_scale.data(), n, static_cast<int8_t*>(p.out) + i * n);
+  } else {
+    StoreFromFloat(p.out_type, row, n, p.out, i * n);
+  }
 }
 
 // The matmul itself, on checked operands with m, n, k >= 1.
 void RunInt8Matmul(const Int8MatmulArgs& p) {
   const int64_t m = p.shape.m, k = p.shape.k, n = p.shape.n;
   const bool transpose_x2 = p.transpose_x2;
-  const bool has_comm_scale = !p.comm_scale.empty();
   const int8_t* a8 = p.x1;
   const int8_t* b8 = p.x2;
-  const ffi::DataType out_type = p.out_type;
   const int64_t kc_max = std::min(k, kChunkK);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, kc_max)));
   Scratch scratch;
@@ -212,8 +251,6 @@ void RunInt8Matmul(const Int8MatmulArgs& p) {
   int32_t* acc =
       single_chunk ? nullptr : int_scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
   std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
-  std::vector<float> col_scale = MakeVector<float>(n);
-  for (int64_t j = 0; j < n; ++j) col_scale[j] = p.scale[p.scale_len == 1 ? 0 : j];
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
@@ -228,24 +265,19 @@ void RunInt8Matmul(const Int8MatmulArgs& p) {
       Sgemm(false, transpose_x2, r, n, kc, a, kc, b, transpose_x2 ? kc : n, c, n);
       if (!single_chunk) AccumulateInt32(c, r * n, k0 == 0, acc);
     }
-    // Epilogue per row: + bias (int32), dequant in fp32, round, + x3, round.
     for (int64_t i = 0; i < r; ++i) {
-      float* row = c + i * n;
-      const float* token = p.pertoken ? p.pertoken + r0 + i : nullptr;
-      DequantRow(row, single_chunk ? nullptr : acc + i * n, p.bias, col_scale.data(), token, n);
-      if (p.x3) {
-        RoundInPlace(out_type, row, n);
-        LoadAsFloat(out_type, p.x3, (r0 + i) * n, n, x3_row.data());
-        AddInPlace(row, x3_row.data(), n);
-      }
-      if (has_comm_scale) {
-        RoundInPlace(out_type, row, n);
-        QuantizeForComm(row, p.comm_scale.data(), n, static_cast<int8_t*>(p.out) + (r0 + i) * n);
-      } else {
-        StoreFromFloat(out_type, row, n, p.out, (r0 + i) * n);
-      }
+      FinishRow(p, r0 + i, c + i * n, single_chunk ? nullptr : acc + i * n, x3_row.data());
     }
   }
+}
+
+// The dequantization epilogue on an int32 accumulator [m, n] (checked).
+void RunInt8Dequant(const Int8MatmulArgs& p, const int32_t* acc) {
+  const int64_t m = p.shape.m, n = p.shape.n;
+  Scratch scratch;
+  float* row = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(n));
+  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+  for (int64_t i = 0; i < m; ++i) FinishRow(p, i, row, acc + i * n, x3_row.data());
 }
 
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
@@ -268,7 +300,48 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   });
 }
 
+ffi::Error Mc2Int8DequantImpl(ffi::AnyBuffer acc, ffi::AnyBuffer scale, ffi::RemainingArgs extra,
+                              ffi::Result<ffi::AnyBuffer> out, bool has_pertoken, bool has_bias,
+                              bool has_x3, bool has_comm_scale) {
+  return CatchAtBoundary(kDequantOp, [&]() -> ffi::Error {
+    auto dims = acc.dimensions();
+    if (acc.element_type() != ffi::DataType::S32 || dims.size() < 1) {
+      return InvalidArgument(kDequantOp,
+                             "acc must be int32 of rank >= 1, got " + DimsToString(dims));
+    }
+    auto out_dims = out->dimensions();
+    if (out_dims.size() != dims.size() || !std::equal(dims.begin(), dims.end(), out_dims.begin())) {
+      return InvalidArgument(kDequantOp, "out must have acc's shape " + DimsToString(dims) +
+                                             ", got " + DimsToString(out_dims));
+    }
+    MC2_RETURN_IF_ERROR(CheckOutType(kDequantOp, *out, has_comm_scale));
+    Int8MatmulArgs args;
+    args.shape.n = dims.back();
+    args.shape.m = 1;
+    for (size_t i = 0; i + 1 < dims.size(); ++i) args.shape.m *= dims[i];
+    MC2_RETURN_IF_ERROR(ReadScale(kDequantOp, scale, args));
+    args.out_type = out->element_type();
+    MC2_RETURN_IF_ERROR(ReadInt8Optionals(kDequantOp, extra, has_pertoken, has_bias, has_x3,
+                                          has_comm_scale, *out, args));
+    args.out = out->untyped_data();
+    if (args.shape.m == 0 || args.shape.n == 0) return ffi::Error::Success();
+    RunInt8Dequant(args, static_cast<const int32_t*>(acc.untyped_data()));
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8DequantHandler, Mc2Int8DequantImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // acc int32 [..., n]
+                                  .Arg<ffi::AnyBuffer>()  // scale f32 (1,) or (n,)
+                                  .RemainingArgs()        // pertoken?, bias?, x3?, comm scale?
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<bool>("has_pertoken")
+                                  .Attr<bool>("has_bias")
+                                  .Attr<bool>("has_x3")
+                                  .Attr<bool>("has_comm_scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8MatmulHandler, Mc2Int8MatmulImpl,
                               ffi::Ffi::Bind()

@@ -19,9 +19,17 @@ import jax_mc2 as mc2
 from jax_mc2.implementations import ffi as _ffi
 
 
-def test_every_lowered_target_is_registered():
+def test_every_lowered_target_is_registered(monkeypatch):
     assert set(_ffi.TARGETS) <= set(_ffi.REGISTERED)
-    # And the lowerings really use exactly those targets.
+    # And the lowerings, with either GEMM, really use exactly those targets.
+    used = set()
+    for engine in ("blas", "xla"):
+        monkeypatch.setenv("JAX_MC2_GEMM", engine)
+        used |= _lowered_targets()
+    assert used == set(_ffi.TARGETS)
+
+
+def _lowered_targets():
     x1, x2 = np.ones((4, 8), np.float16), np.ones((8, 4), np.float16)
     r, g = np.ones((1, 4, 4), np.float16), np.ones(4, np.float16)
     texts = [
@@ -63,10 +71,7 @@ def test_every_lowered_target_is_registered():
         .lower(x1, np.ones((1, 8, 4), np.float16), np.array([4], np.int32))
         .as_text(),
     ]
-    used = set()
-    for t in texts:
-        used |= set(re.findall(r"custom_call @(\w+)", t))
-    assert used == set(_ffi.TARGETS)
+    return {name for t in texts for name in re.findall(r"custom_call @(\w+)", t)}
 
 
 def test_default_implementation_on_cpu_is_ffi():

@@ -8,12 +8,16 @@ own (see ``jax_mc2.primitives``).
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+from jax_mc2.implementations import xla
 
 
 def _preload_openblas() -> None:
@@ -36,6 +40,7 @@ _mc2_ffi = importlib.import_module("jax_mc2._mc2_ffi")
 MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
 INT8_MATMUL = "mc2_int8_matmul_ffi"
+INT8_DEQUANT = "mc2_int8_dequant_ffi"
 GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
 GROUPED_MATMUL_WGRAD = "mc2_grouped_matmul_wgrad_ffi"
 LOWP_MATMUL = "mc2_lowp_matmul_ffi"
@@ -46,6 +51,7 @@ TARGETS = (
     MATMUL,
     ADD_RMS_NORM,
     INT8_MATMUL,
+    INT8_DEQUANT,
     GROUPED_MATMUL,
     GROUPED_MATMUL_WGRAD,
     LOWP_MATMUL,
@@ -59,6 +65,70 @@ LOWP_MODES: dict[str, int] = dict(_mc2_ffi.lowp_modes())
 REGISTERED: dict[str, object] = dict(_mc2_ffi.registrations())
 for _name, _capsule in REGISTERED.items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+
+# --------------------------------------------------------------------------
+# Which GEMM computes the products (docs/semantics.md §12)
+
+BLAS, XLA_DOT = "blas", "xla"
+#: ``JAX_MC2_GEMM``: ``auto`` (the default: the table below), ``blas``
+#: (OpenBLAS sgemm inside the custom calls) or ``xla`` (XLA's own
+#: dot_general emitted around them, where the operator has such a path).
+GEMM_CHOICES = ("auto", BLAS, XLA_DOT)
+
+#: The CPU features the GEMM speeds depend on.
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx_vnni",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+#: Where XLA's dot_general beats OpenBLAS sgemm on converted operands:
+#: operand dtype -> the CPU features that give XLA a native GEMM for it.
+#: Elsewhere (and for float16 and the fp8 / hifloat8 / MX / perblock rows
+#: everywhere) sgemm measured faster. The measurements are in
+#: docs/benchmarks.md.
+XLA_GEMM_FEATURES: dict[str, frozenset[str]] = {
+    "bfloat16": frozenset({"avx512_bf16", "amx_bf16"}),
+    "int8": frozenset({"avx2", "avx_vnni", "avx512_vnni", "amx_int8"}),
+}
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """Which of :data:`CPU_FLAGS` this CPU has (from /proc/cpuinfo; empty
+    where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return tuple(flag for flag in CPU_FLAGS if flag in have)
+    except OSError:
+        pass
+    return ()
+
+
+def gemm_engine(dtype) -> str:
+    """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
+    operands of ``dtype``, read when a call is lowered (``JAX_MC2_GEMM``, or
+    :data:`XLA_GEMM_FEATURES` against this CPU's flags). The results do not
+    depend on it beyond the order of the fp32 accumulation: int8 products
+    are exact either way."""
+    choice = os.environ.get("JAX_MC2_GEMM") or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    features = XLA_GEMM_FEATURES.get(np.dtype(dtype).name, frozenset())
+    return XLA_DOT if features & set(cpu_flags()) else BLAS
 
 
 def matmul(
@@ -80,6 +150,10 @@ def matmul(
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
     offset [1], [n] or [ceil(k / group_size), n]).
     """
+    if antiquant_scale is None and gemm_engine(x1.dtype) == XLA_DOT:
+        # The same fp32 accumulation and single rounding, on XLA's GEMM; the
+        # epilogue (bias, x3, rounding) fuses into XLA's output pass.
+        return xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), x1.dtype)
     operands = [x1, x2]
@@ -139,14 +213,26 @@ def int8_matmul(
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     dtype = jax.numpy.int8 if comm_scale is not None else out_dtype
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), dtype)
-    operands = [x1, x2, scale] + [a for a in (pertoken, bias, x3, comm_scale) if a is not None]
-    return jax.ffi.ffi_call(INT8_MATMUL, out)(
-        *operands,
-        transpose_x2=bool(transpose_x2),
+    optional = [a for a in (pertoken, bias, x3, comm_scale) if a is not None]
+    flags = dict(
         has_pertoken=pertoken is not None,
         has_bias=bias is not None,
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
+    )
+    if gemm_engine(jnp.int8) == XLA_DOT:
+        # XLA's int8 GEMM gives the same exact int32 accumulator; the
+        # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
+        dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+        acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
+        return jax.ffi.ffi_call(INT8_DEQUANT, out)(acc, scale, *optional, **flags)
+    return jax.ffi.ffi_call(INT8_MATMUL, out)(
+        x1,
+        x2,
+        scale,
+        *optional,
+        transpose_x2=bool(transpose_x2),
+        **flags,
         parallelism=np.int64(parallelism),
     )
 

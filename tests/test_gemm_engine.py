@@ -1,0 +1,150 @@
+"""The ``ffi`` implementation's GEMM choice (``JAX_MC2_GEMM``): XLA's own
+dot_general or OpenBLAS sgemm inside the custom calls. The int8 results are
+bit for bit the same either way (both accumulators are exact); the float
+results keep fp32 accumulation and one rounding, and on XLA's GEMM equal the
+``xla`` implementation's bits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import jax_mc2 as mc2
+from jax_mc2 import quant
+from jax_mc2.implementations import ffi as _ffi
+from tests import oracle
+
+
+def _lowered(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_env_choice_is_validated(monkeypatch):
+    monkeypatch.setenv("JAX_MC2_GEMM", "mkl")
+    with pytest.raises(ValueError, match=r"JAX_MC2_GEMM must be one of .*'mkl'"):
+        _ffi.gemm_engine(jnp.int8)
+    monkeypatch.setenv("JAX_MC2_GEMM", "")  # empty means unset: the table
+    assert _ffi.gemm_engine(jnp.float32) == _ffi.BLAS
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype):
+    monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
+    want = _ffi.XLA_GEMM_FEATURES.get(dtype, frozenset()) & set(_ffi.cpu_flags())
+    assert _ffi.gemm_engine(dtype) == (_ffi.XLA_DOT if want else _ffi.BLAS)
+
+
+def test_the_choice_decides_the_lowering(monkeypatch):
+    x1 = np.ones((4, 8), np.int8)
+    x2 = np.ones((8, 4), np.int8)
+    s = np.ones(4, np.float32)
+
+    def lowered():
+        # A new function each time: the choice is read when a call is lowered,
+        # and jit caches lowerings per function.
+        return _lowered(
+            lambda a, b: mc2.quant_matmul_all_reduce(
+                a, b, None, dequant_scale=s.astype(jnp.bfloat16)
+            ),
+            x1,
+            x2,
+        )
+
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+    text = lowered()
+    assert "mc2_int8_dequant_ffi" in text and "mc2_int8_matmul_ffi" not in text
+    assert "dot_general" in text
+    monkeypatch.setenv("JAX_MC2_GEMM", "blas")
+    text = lowered()
+    assert "mc2_int8_matmul_ffi" in text and "dot_general" not in text
+    f = np.ones((4, 8), np.float16)
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+    assert "custom_call" not in _lowered(lambda a, b: mc2.mm_all_reduce_base(a, b, None), f, f.T)
+
+
+def _int8_case(rng, lead, k, n, *, transpose):
+    x1 = rng.integers(-128, 128, (*lead, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (n, k) if transpose else (k, n), dtype=np.int8)
+    bias = rng.integers(-(2**20), 2**20, n, dtype=np.int32)
+    # Non-power-of-two scales: the two scales' order shows in the bits.
+    scale = (rng.random(n) * 3e-4 + 1e-5).astype(np.float32)
+    return x1, x2, bias, scale
+
+
+INT8_ROWS = [
+    # (out dtype, pertoken, x3, comm quant, transpose, lead shape, k)
+    ("bfloat16", False, False, False, False, (16,), 64),
+    ("float16", False, True, False, True, (2, 8), 1500),  # two sgemm k-chunks
+    ("float16", True, True, False, False, (24,), 96),  # float32 scale: float16 out
+    ("float16", False, False, True, False, (12,), 40),
+]
+
+
+def _op(kw):
+    # A new function each time: the choice is read when a call is lowered.
+    return jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None, **kw))
+
+
+def _comm_quant_op(kw, n):
+    """The int8 low-bit communication on 2 devices (the comm quantization is
+    the epilogue's last step)."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    s1 = np.full(n, 4.0, np.float16)
+    comm = dict(comm_quant_scale_1=s1, comm_quant_scale_2=s1 * 2)
+    return jax.jit(
+        jax.shard_map(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", **kw, **comm),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None)),
+            out_specs=P(),
+        )
+    )
+
+
+@pytest.mark.parametrize("row", INT8_ROWS, ids=lambda r: "-".join(map(str, r[:5])))
+def test_int8_results_do_not_depend_on_the_gemm(monkeypatch, row):
+    out_dtype, pertoken, with_x3, comm, transpose, lead, k = row
+    rng = np.random.default_rng(11)
+    n = 48
+    x1, x2, bias, raw = _int8_case(rng, lead, k, n, transpose=transpose)
+    kw = dict(bias=bias, transpose_x2=transpose, implementation="ffi")
+    if out_dtype == "float16":
+        kw["dequant_scale"] = quant.trans_quant_param(raw)
+    else:
+        kw["dequant_scale"] = jnp.asarray(raw, jnp.bfloat16)
+    if pertoken:  # with a pertoken scale the dequant scale is float32
+        kw["dequant_scale"] = raw
+        kw["pertoken_scale"] = (rng.random(int(np.prod(lead))) + 0.5).astype(np.float32)
+    if with_x3:
+        kw["x3"] = jnp.asarray(rng.standard_normal((*lead, n)), out_dtype)
+    results = {}
+    for engine in ("blas", "xla"):
+        monkeypatch.setenv("JAX_MC2_GEMM", engine)
+        fn = _comm_quant_op(kw, n) if comm else _op(kw)
+        results[engine] = np.asarray(fn(x1, x2).astype(jnp.float32))
+    np.testing.assert_array_equal(results["xla"], results["blas"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_float_matmul_on_xla_gemm_matches_xla_and_the_oracle(monkeypatch, dtype):
+    rng = np.random.default_rng(5)
+    x1 = jnp.asarray(rng.standard_normal((2, 12, 80)), dtype)
+    x2 = jnp.asarray(rng.standard_normal((80, 40)) / 9, dtype)
+    bias = jnp.asarray(rng.standard_normal(40), dtype)
+    x3 = jnp.asarray(rng.standard_normal((2, 12, 40)), dtype)
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+
+    def op(impl):
+        return jax.jit(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, None, bias=bias, x3=x3, implementation=impl)
+        )
+
+    got = np.asarray(op("ffi")(x1, x2).astype(jnp.float32))
+    np.testing.assert_array_equal(got, np.asarray(op("xla")(x1, x2).astype(jnp.float32)))
+    want = oracle.mm_all_reduce_base([x1], [x2], [bias], [x3])
+    tol = oracle.tolerance(dtype, scale=np.abs(want).max() + 1, k=80 + 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
