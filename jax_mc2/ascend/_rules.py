@@ -15,12 +15,13 @@ import numpy as np
 
 from jax_mc2.ascend import _codes, _comms
 from jax_mc2.ascend import _spec as S
-from jax_mc2.framework import _compat, lowering
+from jax_mc2.framework import _compat, lowering, validation
 from jax_mc2.framework.primitive import SPECS
 from jax_mc2.framework.quant import is_packed_scale
 
 HOST_BRIDGE = "mc2_ascend_host_bridge"
 _PLATFORMS = ("cpu",)
+_FLOAT32 = np.dtype(np.float32)
 
 
 class Call:
@@ -66,6 +67,20 @@ class Call:
         stream_mode = S.integer(S.STREAM_MODE_STOP_ON_FAILURE)
         return [S.GROUP, S.string("sum"), S.integer(self.params["comm_turn"]), stream_mode]
 
+    def require_half(self, name: str, function: str) -> None:
+        """CANN's ``function`` takes ``name`` in float16 / bfloat16 only. The
+        'generic' target also accepts float32 (for the other
+        implementations); the ascend lowering refuses it here rather than
+        leave it to CANN's phase 1 at run time."""
+        aval = self.aval(name)
+        if np.dtype(aval.dtype) == _FLOAT32:
+            raise validation.unsupported(
+                self.op,
+                f"implementation='ascend' takes {name} as float16 or bfloat16 ({function} has "
+                f"no float32 kernel), got {validation.describe(aval)}; float32 runs with "
+                "implementation='ffi' or 'xla' under the 'generic' target",
+            )
+
 
 def emit(ctx, operands, call: Call, function: str, spec: str, aliases=None):
     """The custom call running aclnn ``function`` over ``operands``, its
@@ -96,6 +111,7 @@ def ascend_rule(primitive_name: str):
 @ascend_rule("mc2_mm_all_reduce")
 def _mm_all_reduce(ctx, operands, call: Call):
     function = "aclnnMatmulAllReduceV2" if call.present("x3") else "aclnnMatmulAllReduce"
+    call.require_half("x1", function)
     slots = [call.tensor("x1"), call.weight(), call.tensor("bias")]
     if call.present("x3"):
         slots.append(call.tensor("x3"))
@@ -114,6 +130,7 @@ def _mm_all_reduce_add_rms_norm(ctx, operands, call: Call):
     function = (
         "aclnnInplaceMatmulAllReduceAddRmsNorm" if inplace else "aclnnMatmulAllReduceAddRmsNorm"
     )
+    call.require_half("x1", function)
     slots = [
         call.tensor("x1"),
         call.weight(),
@@ -168,6 +185,7 @@ def _quant_mm_all_reduce(ctx, operands, call: Call):
 @ascend_rule("mc2_weight_quant_mm_all_reduce")
 def _weight_quant_mm_all_reduce(ctx, operands, call: Call):
     function = "aclnnWeightQuantMatmulAllReduce"
+    call.require_half("x1", function)
     slots = [
         call.tensor("x1"),
         call.weight(),
@@ -221,6 +239,7 @@ def _alltoallv_table(call: Call, function: str):
             f"{op}: implementation='ascend': {function} needs every rank to send at least "
             f"one row (sum(send_counts) in (0, 52428800)); rank {empty[0]} sends none"
         )
+    call.require_half("gmm_x", function)
     return table
 
 
@@ -312,9 +331,23 @@ def _pack_fp4_operands(ctx, operands, indices):
     return ctx.replace(avals_in=avals_in), operands
 
 
+def _require_half_output_with_packed_scales(call: Call, function: str) -> None:
+    """With packed x2_scale words CANN's ``function`` writes float16 /
+    bfloat16 only (the 'generic' target also accepts float32 output)."""
+    if np.dtype(call.params["out_dtype"]) == _FLOAT32 and is_packed_scale(call.aval("x2_scale")):
+        raise validation.unsupported(
+            call.op,
+            f"implementation='ascend' takes out_dtype float16 or bfloat16 with packed x2_scale "
+            f"words ({function} writes no float32 output in the packed-scale rows), got "
+            f"out_dtype=float32 with x2_scale {validation.describe(call.aval('x2_scale'))}; "
+            "float32 output runs with implementation='ffi' or 'xla' under the 'generic' target",
+        )
+
+
 @ascend_rule("mc2_lowp_quant_mm_all_reduce")
 def _lowp_quant_mm_all_reduce(ctx, operands, call: Call):
     function = "aclnnQuantMatmulAllReduceV4"
+    _require_half_output_with_packed_scales(call, function)
     if np.dtype(call.aval("x1").dtype).name == "float4_e2m1fn":
         # x1 and x2 (the MX rows take both in fp4): the descriptors keep the
         # logical fp4 dims and element strides (``call`` holds the logical
