@@ -98,6 +98,27 @@ def test_plain_lowering():
     assert "aclnnMatmulAllReduceAddRmsNorm" in text and "stablehlo.all_reduce" not in text
 
 
+@pytest.mark.parametrize(
+    "variant, function",
+    [
+        ("plain", "aclnnMatmulAllReduceAddRmsNorm"),
+        ("inplace", "aclnnInplaceMatmulAllReduceAddRmsNorm"),
+    ],
+)
+def test_float32_is_refused_at_lowering(variant, function):
+    """float32 passes abstract evaluation under the 'generic' target, but
+    CANN's kernels take fp16/bf16 only: the ascend lowering refuses it."""
+    fn = _fn(variant, 2, x3d=False, transpose_x2=False, with_bias=True)
+    args = _case(np.random.default_rng(0), 2, np.float32, x3d=False, transpose_x2=False)
+    op = OPS[variant].__name__
+    with pytest.raises(
+        NotImplementedError,
+        match=rf"^{op}: implementation='ascend' takes x1 as float16 or bfloat16 \({function} "
+        r"has no float32 kernel\), got float32\(12, 16\)",
+    ):
+        fn.lower(*args)
+
+
 def test_grad_matches_ffi():
     world = 2
     mesh = make_mesh((world,), ("tp",))

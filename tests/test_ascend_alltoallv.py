@@ -63,6 +63,32 @@ def test_a_rank_sending_nothing_is_refused_at_trace_time():
         g.lower(jnp.ones((8, 16), jnp.float16), jnp.ones((4, 16, 8), jnp.float16))
 
 
+@pytest.mark.parametrize(
+    "op, function",
+    [
+        (mc2.alltoallv_grouped_matmul, "aclnnAlltoAllvGroupedMatMul"),
+        (mc2.grouped_matmul_alltoallv, "aclnnGroupedMatMulAlltoAllv"),
+    ],
+    ids=["dispatch", "combine"],
+)
+def test_float32_is_refused_at_lowering(op, function):
+    """The 'generic' target accepts float32 gmm_x; CANN's AlltoAllv grouped
+    matmuls take fp16/bf16 only, so the ascend lowering refuses it."""
+    mesh = make_mesh((2,), ("ep",))
+    counts = np.full((2, 4), 1)
+
+    def f(x, w):
+        return op(x, w, "ep", send_counts=counts, implementation="ascend")[0]
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")))
+    with pytest.raises(
+        NotImplementedError,
+        match=rf"^{op.__name__}: implementation='ascend' takes gmm_x as float16 or bfloat16 "
+        rf"\({function} has no float32 kernel\), got float32\(4, 16\)",
+    ):
+        g.lower(jnp.ones((8, 16), jnp.float32), jnp.ones((4, 16, 8), jnp.float32))
+
+
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_dispatch_then_combine_returns_input_order(world):
     experts, h = 2, 8

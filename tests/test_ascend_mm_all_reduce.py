@@ -87,15 +87,25 @@ def test_eval_shape_and_vma():
     assert out.shape == (8, 4) and out.dtype == jnp.bfloat16
 
 
-def test_float32_is_rejected_by_cann():
+@pytest.mark.parametrize("with_x3", [False, True], ids=["v1", "v2_x3"])
+def test_float32_is_refused_at_lowering(with_x3):
+    """The 'generic' target accepts float32 (for xla / ffi) but CANN's matmul
+    kernels take fp16/bf16 only: the ascend lowering refuses it, naming the
+    operator, the argument and the aclnn function, before any CANN call."""
     x = jnp.ones((4, 8), jnp.float32)
     w = jnp.ones((8, 4), jnp.float32)
+    x3 = jnp.ones((4, 4), jnp.float32) if with_x3 else None
+    function = "aclnnMatmulAllReduceV2" if with_x3 else "aclnnMatmulAllReduce"
+    f = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None, x3=x3, implementation="ascend"))
+    assert jax.eval_shape(f, x, w).dtype == jnp.float32  # abstract evaluation accepts it
     with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduceGetWorkspaceSize failed with status "
-        r"161002",
+        NotImplementedError,
+        match=rf"^mm_all_reduce_base: implementation='ascend' takes x1 as float16 or bfloat16 "
+        rf"\({function} has no float32 kernel\), got float32\(4, 8\)",
     ):
-        mc2.mm_all_reduce_base(x, w, None, implementation="ascend")
+        f.lower(x, w)
+    with pytest.raises(NotImplementedError, match="takes x1 as float16 or bfloat16"):
+        mc2.mm_all_reduce_base(x, w, None, x3=x3, implementation="ascend")  # eager, too
 
 
 def test_vmap():

@@ -76,6 +76,25 @@ def test_packed_pairs_travel_as_uint64():
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.full((4, 8), 16.0, np.float32))
 
 
+def test_weight_quant_float32_x1_is_refused_at_lowering():
+    """aclnnWeightQuantMatmulAllReduce takes fp16/bf16 x1; the 'generic'
+    target's float32 x1 is refused by the ascend lowering."""
+    x1 = np.ones((4, 32), np.float32)
+    x2 = np.ones((32, 8), np.int8)
+    scale = np.ones((8,), np.float32)
+    f = jax.jit(
+        lambda a, b: mc2.mm_all_reduce_base(
+            a, b, None, antiquant_scale=scale, implementation="ascend"
+        )
+    )
+    with pytest.raises(
+        NotImplementedError,
+        match=r"^mm_all_reduce_base: implementation='ascend' takes x1 as float16 or bfloat16 "
+        r"\(aclnnWeightQuantMatmulAllReduce has no float32 kernel\), got float32\(4, 32\)",
+    ):
+        f.lower(x1, x2)
+
+
 def test_comm_turn_is_cann_s_error():
     x1 = np.ones((4, 32), np.int8)
     x2 = np.ones((32, 8), np.int8)

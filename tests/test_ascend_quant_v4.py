@@ -13,8 +13,9 @@ from ascend_matrix import for_ascend
 import jax_mc2 as mc2
 from jax_mc2.ascend import _rules
 
-# float32 output dropped: CANN's V4 writes fp16/bf16. The MX rows include
-# MXFP4 (x1/x2 packed two fp4 values per byte by the lowering).
+# float32 output dropped (the packed-scale rows refuse it at lowering: see
+# test_float32_output_with_packed_scales_is_refused_at_lowering). The MX rows
+# include MXFP4 (x1/x2 packed two fp4 values per byte by the lowering).
 test_rows_single_device_bit_exact = for_ascend(t.test_rows_single_device_bit_exact)
 test_rows_sharded = for_ascend(t.test_rows_sharded)
 test_fp8_pertile_comm_chain = for_ascend(t.test_fp8_pertile_comm_chain)
@@ -42,6 +43,43 @@ def test_hifloat8_travels_as_uint8_with_code_34():
     text = f.lower(x1, x2).as_text()
     assert "to0/34/2/0/4,64/64,1/4,64" in text and "to1/34/2/0/64,8/8,1/64,8" in text
     assert '"aclnnQuantMatmulAllReduceV4"' in text
+
+
+def test_float32_output_with_packed_scales_is_refused_at_lowering():
+    """With packed x2_scale words aclnnQuantMatmulAllReduceV4 writes fp16 /
+    bf16 only; the 'generic' target's float32 output is refused by the
+    ascend lowering (the other scale layouts keep float32 output)."""
+    x1 = np.zeros((4, 64), ml_dtypes.float8_e4m3fn)
+    x2 = np.zeros((64, 8), ml_dtypes.float8_e4m3fn)
+    scale = mc2.quant.trans_quant_param(np.ones((8,), np.float32))
+
+    def call(out_dtype):
+        return jax.jit(
+            lambda a, b: mc2.quant_matmul_all_reduce_v4(
+                a, b, None, x2_scale=scale, out_dtype=out_dtype, implementation="ascend"
+            )
+        )
+
+    assert '"aclnnQuantMatmulAllReduceV4"' in call(jnp.bfloat16).lower(x1, x2).as_text()
+    pertoken_f32 = jax.jit(
+        lambda a, b: mc2.quant_matmul_all_reduce_v4(
+            a,
+            b,
+            None,
+            x2_scale=np.ones((8,), np.float32),
+            x1_scale=np.ones((4,), np.float32),
+            out_dtype=jnp.float32,
+            implementation="ascend",
+        )
+    )
+    assert '"aclnnQuantMatmulAllReduceV4"' in pertoken_f32.lower(x1, x2).as_text()
+    with pytest.raises(
+        NotImplementedError,
+        match=r"^quant_matmul_all_reduce_v4: implementation='ascend' takes out_dtype float16 or "
+        r"bfloat16 with packed x2_scale words .*got out_dtype=float32 with x2_scale "
+        r"uint32\(8, 2\)",
+    ):
+        call(jnp.float32).lower(x1, x2)
 
 
 @pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float16])

@@ -1,7 +1,11 @@
 """The ``ascend`` lowering rules: one custom call per operator that runs the
 whole CANN MC2 operator (no XLA collective). Registered in the lowering table
 by primitive name; each rule chooses the aclnn function (and version) the
-way torch_npu does for the same arguments and describes its arguments."""
+way torch_npu does for the same arguments and describes its arguments.
+
+A rule reads the call's operands by name through the primitive's own spec
+(``SPECS[name].split``), so the operand lists and presence flags live in the
+primitive alone."""
 
 from __future__ import annotations
 
@@ -9,76 +13,110 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.ascend import _comms
+from jax_mc2.ascend import _codes, _comms
 from jax_mc2.ascend import _spec as S
-from jax_mc2.framework import _compat, lowering
+from jax_mc2.framework import _compat, lowering, validation
+from jax_mc2.framework.primitive import SPECS
+from jax_mc2.framework.quant import is_packed_scale
 
 HOST_BRIDGE = "mc2_ascend_host_bridge"
 _PLATFORMS = ("cpu",)
+_FLOAT32 = np.dtype(np.float32)
 
 
-def emit(ctx, operands, *, op: str, function: str, slots, axis_name, aliases=None):
-    """The custom call running aclnn ``function`` over ``operands``."""
-    group = _comms.for_lowering(ctx, tuple(axis_name or ()))
-    rule = jax.ffi.ffi_lowering(HOST_BRIDGE, operand_output_aliases=aliases)
-    return rule(ctx, *operands, op=op, function=function, spec=S.encode(slots), group=group)
+class Call:
+    """One call being lowered: its parameters, the operator it serves (for
+    messages) and its operands' indices by name, from the primitive's spec."""
 
-
-def weight(index, aval, transpose: bool):
-    """x2 as a (k, n) tensor: contiguous [k, n], or the transposed view of an
-    [n, k] buffer."""
-    return S.transposed_weight(index, aval) if transpose else S.operand(index, aval)
-
-
-def optional(index, avals):
-    return S.NULL if index is None else S.operand(index, avals[index])
-
-
-class Operands:
-    """Hands out operand indices in primitive order."""
-
-    def __init__(self, ctx):
+    def __init__(self, primitive_name: str, ctx, params):
+        spec = SPECS[primitive_name]
+        self.params = params
+        self.op = spec.operator_name(params)
         self.avals = ctx.avals_in
-        self.next = 0
+        self.index = spec.split(range(len(self.avals)), params)
 
-    def take(self, present: bool = True):
-        if not present:
-            return None
-        i = self.next
-        self.next += 1
-        return i
+    def present(self, name: str) -> bool:
+        return self.index[name] is not None
 
-    def tensor(self, present: bool = True):
-        return optional(self.take(present), self.avals)
+    def aval(self, name: str):
+        return self.avals[self.index[name]]
+
+    def tensor(self, name: str, **kw):
+        """The operand's tensor slot; the null slot for an absent optional one."""
+        if not self.present(name):
+            return S.NULL
+        return S.operand(self.index[name], self.aval(name), **kw)
+
+    def weight(self, name: str = "x2", **kw):
+        """x2 as a (k, n) tensor: contiguous [k, n], or (``transpose_x2``) the
+        transposed view of an [n, k] buffer."""
+        if self.params["transpose_x2"]:
+            return S.transposed_weight(self.index[name], self.aval(name), **kw)
+        return self.tensor(name, **kw)
+
+    def scale(self, name: str):
+        """A dequant scale: uint32 (low, high) pairs [..., 2] travel as one
+        UINT64 tensor over the same bytes (little-endian words)."""
+        aval = self.aval(name)
+        if np.dtype(aval.dtype) == np.dtype(np.uint32) and is_packed_scale(aval):
+            return S.Tensor("o", self.index[name], aval.shape[:-1], "uint64")
+        return self.tensor(name)
+
+    def comm_tail(self):
+        """group, reduceOp, commTurn, streamMode."""
+        stream_mode = S.integer(S.STREAM_MODE_STOP_ON_FAILURE)
+        return [S.GROUP, S.string("sum"), S.integer(self.params["comm_turn"]), stream_mode]
+
+    def require_half(self, name: str, function: str) -> None:
+        """CANN's ``function`` takes ``name`` in float16 / bfloat16 only. The
+        'generic' target also accepts float32 (for the other
+        implementations); the ascend lowering refuses it here rather than
+        leave it to CANN's phase 1 at run time."""
+        aval = self.aval(name)
+        if np.dtype(aval.dtype) == _FLOAT32:
+            raise validation.unsupported(
+                self.op,
+                f"implementation='ascend' takes {name} as float16 or bfloat16 ({function} has "
+                f"no float32 kernel), got {validation.describe(aval)}; float32 runs with "
+                "implementation='ffi' or 'xla' under the 'generic' target",
+            )
 
 
-def comm_tail(comm_turn):
-    stream_mode = S.integer(S.STREAM_MODE_STOP_ON_FAILURE)
-    return [S.GROUP, S.string("sum"), S.integer(comm_turn), stream_mode]
+def emit(ctx, operands, call: Call, function: str, spec: str, aliases=None):
+    """The custom call running aclnn ``function`` over ``operands``, its
+    arguments described by ``spec`` (one line per rank where they differ)."""
+    group = _comms.for_lowering(ctx, tuple(call.params["axis_name"] or ()))
+    rule = jax.ffi.ffi_lowering(HOST_BRIDGE, operand_output_aliases=aliases)
+    return rule(ctx, *operands, op=call.op, function=function, spec=spec, group=group)
+
+
+def ascend_rule(primitive_name: str):
+    """Registers ``build(ctx, operands, call)`` as the ascend lowering of the
+    primitive named ``primitive_name``."""
+
+    def register(build):
+        def rule(ctx, *operands, **params):
+            return build(ctx, operands, Call(primitive_name, ctx, params))
+
+        lowering.register(primitive_name, "ascend", rule, platforms=_PLATFORMS)
+        return build
+
+    return register
 
 
 # ----------------------------------------------------------------------------
 # mm_all_reduce_base (plain): aclnnMatmulAllReduce, or V2 with x3
 
 
-def _mm_all_reduce(
-    ctx, *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn
-):
-    del world_size
-    o = Operands(ctx)
-    x1 = o.tensor()
-    x2i = o.take()
-    slots = [x1, weight(x2i, o.avals[x2i], transpose_x2), o.tensor(has_bias)]
-    if has_x3:
-        slots.append(o.tensor())
-    slots += comm_tail(comm_turn) + [S.result(0, ctx.avals_out[0])]
-    function = "aclnnMatmulAllReduceV2" if has_x3 else "aclnnMatmulAllReduce"
-    return emit(
-        ctx, operands, op="mm_all_reduce_base", function=function, slots=slots, axis_name=axis_name
-    )
-
-
-lowering.register("mc2_mm_all_reduce", "ascend", _mm_all_reduce, platforms=_PLATFORMS)
+@ascend_rule("mc2_mm_all_reduce")
+def _mm_all_reduce(ctx, operands, call: Call):
+    function = "aclnnMatmulAllReduceV2" if call.present("x3") else "aclnnMatmulAllReduce"
+    call.require_half("x1", function)
+    slots = [call.tensor("x1"), call.weight(), call.tensor("bias")]
+    if call.present("x3"):
+        slots.append(call.tensor("x3"))
+    slots += call.comm_tail() + [S.result(0, ctx.avals_out[0])]
+    return emit(ctx, operands, call, function, S.encode(slots))
 
 
 # ----------------------------------------------------------------------------
@@ -86,45 +124,31 @@ lowering.register("mc2_mm_all_reduce", "ascend", _mm_all_reduce, platforms=_PLAT
 # in-place variant that writes y into residual (aliased onto y)
 
 
-def _mm_all_reduce_add_rms_norm(
-    ctx, *operands, epsilon, transpose_x2, has_bias, inplace, axis_name, world_size, comm_turn
-):
-    del world_size
-    avals = ctx.avals_in
-    x1, x2, residual, gamma = 0, 1, 2, 3
-    bias = 4 if has_bias else None
+@ascend_rule("mc2_mm_all_reduce_add_rms_norm")
+def _mm_all_reduce_add_rms_norm(ctx, operands, call: Call):
+    inplace = call.params["inplace"]
+    function = (
+        "aclnnInplaceMatmulAllReduceAddRmsNorm" if inplace else "aclnnMatmulAllReduceAddRmsNorm"
+    )
+    call.require_half("x1", function)
     slots = [
-        S.operand(x1, avals[x1]),
-        weight(x2, avals[x2], transpose_x2),
-        optional(bias, avals),
-        S.operand(residual, avals[residual]),
-        S.operand(gamma, avals[gamma]),
-        S.double(epsilon),
-        *comm_tail(comm_turn),
+        call.tensor("x1"),
+        call.weight(),
+        call.tensor("bias"),
+        call.tensor("residual"),
+        call.tensor("gamma"),
+        S.double(call.params["epsilon"]),
+        *call.comm_tail(),
     ]
     y_aval, norm_aval = ctx.avals_out
+    residual = call.index["residual"]
     if inplace:
         slots += [S.result(1, norm_aval), S.readback(0, residual)]
-        function, op, aliases = (
-            "aclnnInplaceMatmulAllReduceAddRmsNorm",
-            "inplace_matmul_all_reduce_add_rms_norm",
-            {residual: 0},
-        )
+        aliases = {residual: 0}
     else:
         slots += [S.result(0, y_aval), S.result(1, norm_aval)]
-        function, op, aliases = (
-            "aclnnMatmulAllReduceAddRmsNorm",
-            "matmul_all_reduce_add_rms_norm",
-            None,
-        )
-    return emit(
-        ctx, operands, op=op, function=function, slots=slots, axis_name=axis_name, aliases=aliases
-    )
-
-
-lowering.register(
-    "mc2_mm_all_reduce_add_rms_norm", "ascend", _mm_all_reduce_add_rms_norm, platforms=_PLATFORMS
-)
+        aliases = None
+    return emit(ctx, operands, call, function, S.encode(slots), aliases)
 
 
 # ----------------------------------------------------------------------------
@@ -132,102 +156,48 @@ lowering.register(
 # the low-bit communication scales (torch_npu's choice of version)
 
 
-def scale_tensor(index, aval):
-    """A dequant scale: uint32 (low, high) pairs [..., 2] travel as one
-    UINT64 tensor over the same bytes (little-endian words)."""
-    if np.dtype(aval.dtype) == np.dtype(np.uint32) and aval.ndim >= 1 and aval.shape[-1] == 2:
-        return S.Tensor("o", index, aval.shape[:-1], "uint64")
-    return S.operand(index, aval)
-
-
-def _quant_mm_all_reduce(
-    ctx,
-    *operands,
-    op,
-    transpose_x2,
-    has_pertoken,
-    has_bias,
-    has_x3,
-    has_comm_scales,
-    axis_name,
-    world_size,
-    comm_turn,
-):
-    del world_size
-    o = Operands(ctx)
-    x1 = o.tensor()
-    x2i = o.take()
-    x2 = weight(x2i, o.avals[x2i], transpose_x2)
-    si = o.take()
-    scale = scale_tensor(si, o.avals[si])
-    pertoken = o.tensor(has_pertoken)
-    bias = o.tensor(has_bias)
-    x3 = o.tensor(has_x3)
-    slots = [x1, x2, bias, x3, scale]
-    if has_comm_scales:
+@ascend_rule("mc2_quant_mm_all_reduce")
+def _quant_mm_all_reduce(ctx, operands, call: Call):
+    pertoken = call.tensor("pertoken")
+    slots = [
+        call.tensor("x1"),
+        call.weight(),
+        call.tensor("bias"),
+        call.tensor("x3"),
+        call.scale("scale"),
+    ]
+    if call.present("comm_scale_1"):
         function = "aclnnQuantMatmulAllReduceV3"
-        slots += [pertoken, o.tensor(), o.tensor()]
-    elif has_pertoken:
+        slots += [pertoken, call.tensor("comm_scale_1"), call.tensor("comm_scale_2")]
+    elif call.present("pertoken"):
         function = "aclnnQuantMatmulAllReduceV2"
         slots += [pertoken]
     else:
         function = "aclnnQuantMatmulAllReduce"
-    slots += comm_tail(comm_turn) + [S.result(0, ctx.avals_out[0])]
-    return emit(ctx, operands, op=op, function=function, slots=slots, axis_name=axis_name)
-
-
-lowering.register("mc2_quant_mm_all_reduce", "ascend", _quant_mm_all_reduce, platforms=_PLATFORMS)
+    slots += call.comm_tail() + [S.result(0, ctx.avals_out[0])]
+    return emit(ctx, operands, call, function, S.encode(slots))
 
 
 # ----------------------------------------------------------------------------
 # weight-only quantization: aclnnWeightQuantMatmulAllReduce
 
 
-def _weight_quant_mm_all_reduce(
-    ctx,
-    *operands,
-    transpose_x2,
-    has_offset,
-    has_bias,
-    has_x3,
-    group_size,
-    axis_name,
-    world_size,
-    comm_turn,
-):
-    del world_size
-    o = Operands(ctx)
-    x1 = o.tensor()
-    x2i = o.take()
-    x2 = weight(x2i, o.avals[x2i], transpose_x2)
-    scale = o.tensor()
-    offset = o.tensor(has_offset)
-    bias = o.tensor(has_bias)
-    x3 = o.tensor(has_x3)
+@ascend_rule("mc2_weight_quant_mm_all_reduce")
+def _weight_quant_mm_all_reduce(ctx, operands, call: Call):
+    function = "aclnnWeightQuantMatmulAllReduce"
+    call.require_half("x1", function)
     slots = [
-        x1,
-        x2,
-        bias,
-        scale,
-        offset,
-        x3,
-        *comm_tail(comm_turn),
-        S.integer(group_size),
+        call.tensor("x1"),
+        call.weight(),
+        call.tensor("bias"),
+        call.tensor("scale"),
+        call.tensor("offset"),
+        call.tensor("x3"),
+        *call.comm_tail(),
+        S.integer(call.params["group_size"]),
         S.result(0, ctx.avals_out[0]),
     ]
-    return emit(
-        ctx,
-        operands,
-        op="mm_all_reduce_base",
-        function="aclnnWeightQuantMatmulAllReduce",
-        slots=slots,
-        axis_name=axis_name,
-    )
-
-
-lowering.register(
-    "mc2_weight_quant_mm_all_reduce", "ascend", _weight_quant_mm_all_reduce, platforms=_PLATFORMS
-)
+    return emit(ctx, operands, call, function, S.encode(slots))
 
 
 # ----------------------------------------------------------------------------
@@ -248,93 +218,77 @@ def _rows_view(src, index, aval, rows):
     return S.Tensor(src, index, (rows, aval.shape[1]), aval.dtype, storage=aval.shape)
 
 
-def _alltoallv_gmm(dispatch: bool):
-    op = "alltoallv_grouped_matmul" if dispatch else "grouped_matmul_alltoallv"
-    function = "aclnnAlltoAllvGroupedMatMul" if dispatch else "aclnnGroupedMatMulAlltoAllv"
-
-    def rule(
-        ctx,
-        *operands,
-        send_table,
-        experts,
-        peer_capacity,
-        out_rows,
-        trans_weight,
-        trans_mm_weight,
-        has_weight,
-        has_mm,
-        permute_out,
-        axis_name,
-        world_size,
-    ):
-        del peer_capacity, out_rows
-        if send_table is None:
-            raise NotImplementedError(
-                f"{op}: implementation='ascend' needs static send_counts (NumPy/Python "
-                f"integers): {function} takes host count arrays (aclIntArray), not device "
-                "tensors; use implementation='ffi' or 'xla' for traced counts"
-            )
-        if not has_weight:
-            raise NotImplementedError(
-                f"{op}: implementation='ascend' has no data-movement-only lowering (the "
-                "transpose used by reverse-mode differentiation of this operator)"
-            )
-        avals, outs = ctx.avals_in, ctx.avals_out
-        x, w = 0, 1
-        mm_x, mm_w = (2, 3) if has_mm else (None, None)
-        table = np.asarray(send_table, np.int64)
-        recv = _recv_table(table, world_size, experts)
-        empty = [r for r in range(world_size) if table[r].sum() == 0]
-        if empty:
-            raise NotImplementedError(
-                f"{op}: implementation='ascend': {function} needs every rank to send at least "
-                f"one row (sum(send_counts) in (0, 52428800)); rank {empty[0]} sends none"
-            )
-        specs = []
-        for r in range(world_size):
-            sent, received = int(table[r].sum()), int(recv[r].sum())
-            slots = [
-                _rows_view("o", x, avals[x], sent),
-                S.operand(w, avals[w]),
-                S.NULL,
-                S.NULL,
-                optional(mm_x, avals),
-                optional(mm_w, avals),
-                S.GROUP,
-                S.integer(world_size),
-                S.int_array(table[r]),
-                S.int_array(recv[r]),
-                S.boolean(trans_weight),
-                S.boolean(trans_mm_weight),
-            ]
-            if dispatch:
-                slots.append(S.boolean(permute_out))
-            slots.append(_rows_view("r", 0, outs[0], received))
-            row_bytes = outs[0].shape[1] * np.dtype(outs[0].dtype).itemsize
-            partial = [f"c0={received * row_bytes}"]
-            slots.append(S.result(1, outs[1]) if has_mm else S.NULL)
-            if dispatch:
-                if permute_out:
-                    p = len(outs) - 1
-                    slots.append(_rows_view("r", p, outs[p], received))
-                    pbytes = outs[p].shape[1] * np.dtype(outs[p].dtype).itemsize
-                    partial.append(f"c{p}={received * pbytes}")
-                else:
-                    slots.append(S.NULL)
-            specs.append(S.encode(slots + partial))
-        group = _comms.for_lowering(ctx, tuple(axis_name or ()))
-        lower = jax.ffi.ffi_lowering(HOST_BRIDGE)
-        return lower(ctx, *operands, op=op, function=function, spec="\n".join(specs), group=group)
-
-    return rule
+def _alltoallv_table(call: Call, function: str):
+    """The static count table, after the refusals of what CANN cannot run."""
+    op, params = call.op, call.params
+    if params["send_table"] is None:
+        raise NotImplementedError(
+            f"{op}: implementation='ascend' needs static send_counts (NumPy/Python "
+            f"integers): {function} takes host count arrays (aclIntArray), not device "
+            "tensors; use implementation='ffi' or 'xla' for traced counts"
+        )
+    if not call.present("gmm_weight"):
+        raise NotImplementedError(
+            f"{op}: implementation='ascend' has no data-movement-only lowering (the "
+            "transpose used by reverse-mode differentiation of this operator)"
+        )
+    table = np.asarray(params["send_table"], np.int64)
+    empty = [r for r in range(params["world_size"]) if table[r].sum() == 0]
+    if empty:
+        raise NotImplementedError(
+            f"{op}: implementation='ascend': {function} needs every rank to send at least "
+            f"one row (sum(send_counts) in (0, 52428800)); rank {empty[0]} sends none"
+        )
+    call.require_half("gmm_x", function)
+    return table
 
 
-lowering.register(
-    "mc2_alltoallv_grouped_matmul", "ascend", _alltoallv_gmm(True), platforms=_PLATFORMS
-)
-lowering.register(
-    "mc2_grouped_matmul_alltoallv", "ascend", _alltoallv_gmm(False), platforms=_PLATFORMS
-)
+def _alltoallv_rank_spec(ctx, call: Call, dispatch: bool, sends, receives) -> str:
+    """One rank's argument spec: it sends ``sends`` (its count row) and
+    receives ``receives``."""
+    params, outs = call.params, ctx.avals_out
+    sent, received = int(np.sum(sends)), int(np.sum(receives))
+    slots = [
+        _rows_view("o", call.index["gmm_x"], call.aval("gmm_x"), sent),
+        call.tensor("gmm_weight"),
+        S.NULL,
+        S.NULL,
+        call.tensor("mm_x"),
+        call.tensor("mm_weight"),
+        S.GROUP,
+        S.integer(params["world_size"]),
+        S.int_array(sends),
+        S.int_array(receives),
+        S.boolean(params["trans_weight"]),
+        S.boolean(params["trans_mm_weight"]),
+    ]
+    if dispatch:
+        slots.append(S.boolean(params["permute_out"]))
+    slots.append(_rows_view("r", 0, outs[0], received))
+    partial = [f"c0={received * S.nbytes(outs[0].shape[1:], outs[0].dtype)}"]
+    slots.append(S.result(1, outs[1]) if call.present("mm_x") else S.NULL)
+    if dispatch and params["permute_out"]:
+        p = len(outs) - 1
+        slots.append(_rows_view("r", p, outs[p], received))
+        partial.append(f"c{p}={received * S.nbytes(outs[p].shape[1:], outs[p].dtype)}")
+    elif dispatch:
+        slots.append(S.NULL)
+    return S.encode(slots + partial)
+
+
+def _alltoallv_gmm(function: str, dispatch: bool):
+    def build(ctx, operands, call: Call):
+        table = _alltoallv_table(call, function)
+        world = call.params["world_size"]
+        recv = _recv_table(table, world, call.params["experts"])
+        specs = [_alltoallv_rank_spec(ctx, call, dispatch, table[r], recv[r]) for r in range(world)]
+        return emit(ctx, operands, call, function, "\n".join(specs))
+
+    return build
+
+
+ascend_rule("mc2_alltoallv_grouped_matmul")(_alltoallv_gmm("aclnnAlltoAllvGroupedMatMul", True))
+ascend_rule("mc2_grouped_matmul_alltoallv")(_alltoallv_gmm("aclnnGroupedMatMulAlltoAllv", False))
 
 
 # ----------------------------------------------------------------------------
@@ -377,67 +331,42 @@ def _pack_fp4_operands(ctx, operands, indices):
     return ctx.replace(avals_in=avals_in), operands
 
 
-def _lowp_quant_mm_all_reduce(
-    ctx,
-    *operands,
-    hif8,
-    transpose_x2,
-    out_dtype,
-    group_size,
-    comm_quant_mode,
-    has_x1_scale,
-    has_bias,
-    has_x3,
-    axis_name,
-    world_size,
-    comm_turn,
-):
-    del world_size, out_dtype
-    op = "quant_matmul_all_reduce_v4"
-    avals = ctx.avals_in
-    if np.dtype(avals[0].dtype).name == "float4_e2m1fn":
+def _require_half_output_with_packed_scales(call: Call, function: str) -> None:
+    """With packed x2_scale words CANN's ``function`` writes float16 /
+    bfloat16 only (the 'generic' target also accepts float32 output)."""
+    if np.dtype(call.params["out_dtype"]) == _FLOAT32 and is_packed_scale(call.aval("x2_scale")):
+        raise validation.unsupported(
+            call.op,
+            f"implementation='ascend' takes out_dtype float16 or bfloat16 with packed x2_scale "
+            f"words ({function} writes no float32 output in the packed-scale rows), got "
+            f"out_dtype=float32 with x2_scale {validation.describe(call.aval('x2_scale'))}; "
+            "float32 output runs with implementation='ffi' or 'xla' under the 'generic' target",
+        )
+
+
+@ascend_rule("mc2_lowp_quant_mm_all_reduce")
+def _lowp_quant_mm_all_reduce(ctx, operands, call: Call):
+    function = "aclnnQuantMatmulAllReduceV4"
+    _require_half_output_with_packed_scales(call, function)
+    if np.dtype(call.aval("x1").dtype).name == "float4_e2m1fn":
         # x1 and x2 (the MX rows take both in fp4): the descriptors keep the
-        # logical fp4 dims and element strides; the buffers become packed bytes.
-        ctx, operands = _pack_fp4_operands(ctx, operands, (0, 1))
-    o = Operands(ctx)
-    code = {"dtype_code": S._codes.ACL_DTYPE["hifloat8"]} if hif8 else {}
-    x1i = o.take()
-    x1 = S.operand(x1i, avals[x1i], **code)
-    x2i = o.take()
-    if transpose_x2:
-        n, k = avals[x2i].shape
-        x2 = S.Tensor("o", x2i, (k, n), avals[x2i].dtype, strides=(1, k), storage=(n * k,), **code)
-    else:
-        x2 = S.operand(x2i, avals[x2i], **code)
-    si = o.take()
-    x2_scale = scale_tensor(si, avals[si])
-    x1_scale = o.tensor(has_x1_scale)
-    bias = o.tensor(has_bias)
-    x3 = o.tensor(has_x3)
+        # logical fp4 dims and element strides (``call`` holds the logical
+        # avals); the buffers become packed bytes.
+        fp4 = (call.index["x1"], call.index["x2"])
+        ctx, operands = _pack_fp4_operands(ctx, operands, fp4)
+    code = {"dtype_code": _codes.ACL_DTYPE["hifloat8"]} if call.params["hif8"] else {}
     slots = [
-        x1,
-        x2,
-        bias,
-        x3,
-        x1_scale,
-        x2_scale,
+        call.tensor("x1", **code),
+        call.weight(**code),
+        call.tensor("bias"),
+        call.tensor("x3"),
+        call.tensor("x1_scale"),
+        call.scale("x2_scale"),
         S.NULL,
         S.NULL,
-        *comm_tail(comm_turn),
-        S.integer(group_size),
-        S.integer(comm_quant_mode),
+        *call.comm_tail(),
+        S.integer(call.params["group_size"]),
+        S.integer(call.params["comm_quant_mode"]),
         S.result(0, ctx.avals_out[0]),
     ]
-    return emit(
-        ctx,
-        operands,
-        op=op,
-        function="aclnnQuantMatmulAllReduceV4",
-        slots=slots,
-        axis_name=axis_name,
-    )
-
-
-lowering.register(
-    "mc2_lowp_quant_mm_all_reduce", "ascend", _lowp_quant_mm_all_reduce, platforms=_PLATFORMS
-)
+    return emit(ctx, operands, call, function, S.encode(slots))

@@ -79,11 +79,11 @@ def result(index, aval, **kw) -> Tensor:
     return Tensor("r", index, aval.shape, aval.dtype, **kw)
 
 
-def transposed_weight(index, aval) -> Tensor:
+def transposed_weight(index, aval, **kw) -> Tensor:
     """x2 given as [n, k] (transpose_x2): the (k, n) view with strides (1, k)
     over the [n, k] buffer, the layout CANN's matmul operators accept."""
     n, k = aval.shape
-    return Tensor("o", index, (k, n), aval.dtype, strides=(1, k), storage=(n * k,))
+    return Tensor("o", index, (k, n), aval.dtype, strides=(1, k), storage=(n * k,), **kw)
 
 
 NULL = "n"
