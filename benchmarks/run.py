@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_mc2 as mc2  # noqa: E402
 from benchmarks import expert_parallel  # noqa: E402
+from jax_mc2.implementations import ffi as ffi_impl  # noqa: E402
 
 
 @dataclass
@@ -446,27 +447,20 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
     return {"grouped_matmul": gmm_rows, "dispatch": dispatch_rows}
 
 
-#: The CPU features the GEMM speeds (and so the ratios) depend on.
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-
-
-def cpu_flags() -> list[str]:
-    """Which of :data:`CPU_FLAGS` this CPU has (from /proc/cpuinfo; empty
-    where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
+def gemm_choices() -> str:
+    """The ``ffi`` implementation's GEMM per operand dtype on this machine."""
+    return ", ".join(
+        f"{dtype} {ffi_impl.gemm_engine(dtype)}" for dtype in ("float16", "bfloat16", "int8")
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="jax_mc2 benchmarks")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--plot",
+        help="also draw the ratios to this PNG file (needs matplotlib: the [plot] extra)",
+    )
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small shapes only")
     parser.add_argument(
@@ -548,7 +542,9 @@ def main(argv=None):
         f"{os.cpu_count()} cores, jax {jax.__version__}, "
         f"median of {repeat} or more (at least {MIN_SAMPLING_S:g} s of samples per case)"
     )
-    print(f"CPU flags: {' '.join(cpu_flags()) or 'unknown'} ({platform.processor() or '?'})")
+    flags = ffi_impl.cpu_flags()
+    print(f"CPU flags: {' '.join(flags) or 'unknown'} ({platform.processor() or '?'})")
+    print(f"ffi GEMM (JAX_MC2_GEMM={os.environ.get('JAX_MC2_GEMM') or 'auto'}): {gemm_choices()}")
     print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
     header = (
         "| operator | m x k x n | dtype | devices | implementation | median ms | "
@@ -578,23 +574,25 @@ def main(argv=None):
             print(f"| {name} | {nbytes} | {nbytes / base_bytes:.2f} | {ms:.2f} |")
         print(f"\nint8 chain error: max |low - fp16| / max |fp16| = {err:.2e}")
         lowbit = {"rows": rows_lb, "relative_error": err}
+    run = {
+        "backend": backend,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "cpu_flags": list(ffi_impl.cpu_flags()),
+        "gemm": gemm_choices(),
+        "jax": jax.__version__,
+        "ceiling_gflops": ceiling,
+        "rows": [asdict(r) for r in rows],
+        "lowbit_comm": lowbit,
+        "expert_parallel": ep,
+    }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "backend": backend,
-                    "machine": platform.machine(),
-                    "cores": os.cpu_count(),
-                    "cpu_flags": cpu_flags(),
-                    "jax": jax.__version__,
-                    "ceiling_gflops": ceiling,
-                    "rows": [asdict(r) for r in rows],
-                    "lowbit_comm": lowbit,
-                    "expert_parallel": ep,
-                },
-                f,
-                indent=2,
-            )
+            json.dump(run, f, indent=2)
+    if args.plot:
+        from benchmarks import plot
+
+        plot.draw(run, args.plot)
 
 
 if __name__ == "__main__":
