@@ -140,6 +140,76 @@ def test_int8_matmul_comm_scale_dtype():
         )
 
 
+def _dequant_flags(**overrides):
+    flags = dict(has_pertoken=False, has_bias=False, has_x3=False, has_comm_scale=False)
+    flags.update(overrides)
+    return flags
+
+
+@pytest.mark.parametrize(
+    "acc, scale, extra, out, flags, message",
+    [
+        # acc must be int32
+        (np.ones((2, 3), F32), np.ones(1, F32), (), ((2, 3), F32), {}, "acc must be int32"),
+        # out must have acc's shape
+        (np.ones((2, 3), I32), np.ones(1, F32), (), ((3, 2), F32), {}, "out must have acc's"),
+        # scale: float32 with 1 or n elements
+        (np.ones((2, 3), I32), np.ones(2, F32), (), ((2, 3), F32), {}, "1 or n = 3"),
+        (np.ones((2, 3), I32), np.ones(3, I32), (), ((2, 3), F32), {}, "scale must be float32"),
+        # the optional operands, counted and checked
+        (np.ones((2, 3), I32), np.ones(1, F32), (), ((2, 3), F32), {"has_bias": True}, "operand"),
+        (
+            np.ones((2, 3), I32),
+            np.ones(1, F32),
+            (np.ones(2, I32),),
+            ((2, 3), F32),
+            {"has_bias": True},
+            "bias must be int32",
+        ),
+        (
+            np.ones((2, 3), I32),
+            np.ones(1, F32),
+            (np.ones(3, F32),),
+            ((2, 3), F32),
+            {"has_pertoken": True},
+            "pertoken scale must be float32",
+        ),
+        # int8 out only with a comm scale
+        (np.ones((2, 3), I32), np.ones(1, F32), (), ((2, 3), np.int8), {}, "out must be int8"),
+    ],
+)
+def test_int8_dequant_operand_errors(acc, scale, extra, out, flags, message):
+    with pytest.raises(Exception, match=f"mc2_int8_dequant_ffi: .*{message}"):
+        _call(
+            _ffi.INT8_DEQUANT,
+            jax.ShapeDtypeStruct(*out),
+            acc,
+            scale,
+            *extra,
+            **_dequant_flags(**flags),
+        )
+
+
+def test_int8_dequant_computes_the_epilogue():
+    acc = np.array([[2**31 - 1, -7, 100]], I32)
+    bias = np.array([1, 7, -100], I32)
+    scale = np.array([0.5, 3.0, 1.0], F32)
+    x3 = np.array([[1.0, 2.0, 3.0]], np.float16)
+    out = _call(
+        _ffi.INT8_DEQUANT,
+        jax.ShapeDtypeStruct((1, 3), np.float16),
+        acc,
+        scale,
+        bias,
+        x3,
+        **_dequant_flags(has_bias=True, has_x3=True),
+    )
+    # The int32 sum wraps before the conversion (docs/semantics.md §10.2):
+    # -2^31 * 0.5 overflows float16.
+    want = np.array([[-np.inf, 0 + 2, 0 + 3]], np.float16)
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
 def test_add_rms_norm_unsupported_dtype():
     a = np.ones((2, 8), I32)
     out = jax.ShapeDtypeStruct((2, 8), I32)
