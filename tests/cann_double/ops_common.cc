@@ -499,6 +499,18 @@ bool StorageLive(const char* fn, const std::vector<const Tensor*>& tensors, std:
   return true;
 }
 
+namespace {
+
+// The T stored (unaligned) at p.
+template <typename T>
+T ReadAs(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+}  // namespace
+
 double LoadElement(const TensorDesc& d, int64_t index) {
   const uint8_t* base = static_cast<const uint8_t*>(d.data);
   switch (d.dtype) {
@@ -522,59 +534,28 @@ double LoadElement(const TensorDesc& d, int64_t index) {
     default:
       break;
   }
-  const int bytes = DtypeBits(d.dtype) / 8;
-  const uint8_t* p = base + index * bytes;
+  const uint8_t* p = base + index * (DtypeBits(d.dtype) / 8);
   switch (d.dtype) {
-    case kFloat16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return DecodeFp16(v);
-    }
-    case kBf16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return DecodeBf16(v);
-    }
-    case kInt16: {
-      int16_t v;
-      std::memcpy(&v, p, 2);
-      return v;
-    }
-    case kUint16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return v;
-    }
-    case kFloat: {
-      float v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kInt32: {
-      int32_t v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kUint32: {
-      uint32_t v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kInt64: {
-      int64_t v;
-      std::memcpy(&v, p, 8);
-      return static_cast<double>(v);
-    }
-    case kUint64: {
-      uint64_t v;
-      std::memcpy(&v, p, 8);
-      return static_cast<double>(v);
-    }
-    case kDouble: {
-      double v;
-      std::memcpy(&v, p, 8);
-      return v;
-    }
+    case kFloat16:
+      return DecodeFp16(ReadAs<uint16_t>(p));
+    case kBf16:
+      return DecodeBf16(ReadAs<uint16_t>(p));
+    case kInt16:
+      return ReadAs<int16_t>(p);
+    case kUint16:
+      return ReadAs<uint16_t>(p);
+    case kFloat:
+      return ReadAs<float>(p);
+    case kInt32:
+      return ReadAs<int32_t>(p);
+    case kUint32:
+      return ReadAs<uint32_t>(p);
+    case kInt64:
+      return static_cast<double>(ReadAs<int64_t>(p));
+    case kUint64:
+      return static_cast<double>(ReadAs<uint64_t>(p));
+    case kDouble:
+      return ReadAs<double>(p);
     default:
       return 0.0;
   }

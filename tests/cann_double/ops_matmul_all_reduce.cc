@@ -41,23 +41,27 @@ aclnnStatus CheckOutput(const char* fn, const aclTensor* output, MatmulAllReduce
   return CheckShape(fn, plan->out, plan->out_dims, "x1's leading dims and n");
 }
 
+// An optional ND operand: when present, a dtype from `allowed` and the shape
+// `want` (`rule` names it).
+aclnnStatus CheckOptionalNd(const char* fn, const char* name, const aclTensor* tensor,
+                            const std::vector<int>& allowed, const std::vector<int64_t>& want,
+                            const std::string& rule, Tensor* out) {
+  CD_RETURN_IF_ERROR(Optional(fn, name, tensor, out));
+  if (!out->present) return kAclnnSuccess;
+  CD_RETURN_IF_ERROR(CheckNd(fn, *out));
+  CD_RETURN_IF_ERROR(CheckDtype(fn, *out, allowed));
+  return CheckShape(fn, *out, want, rule);
+}
+
 // x3: the output's shape, a dtype from `allowed`.
 aclnnStatus CheckX3(const char* fn, const aclTensor* x3, const std::vector<int>& allowed,
                     MatmulAllReducePlan* plan) {
-  CD_RETURN_IF_ERROR(Optional(fn, "x3", x3, &plan->x3));
-  if (!plan->x3.present) return kAclnnSuccess;
-  CD_RETURN_IF_ERROR(CheckNd(fn, plan->x3));
-  CD_RETURN_IF_ERROR(CheckDtype(fn, plan->x3, allowed));
-  return CheckShape(fn, plan->x3, plan->out_dims, "the output shape");
+  return CheckOptionalNd(fn, "x3", x3, allowed, plan->out_dims, "the output shape", &plan->x3);
 }
 
 aclnnStatus CheckBias(const char* fn, const aclTensor* bias, const std::vector<int>& allowed,
                       MatmulAllReducePlan* plan) {
-  CD_RETURN_IF_ERROR(Optional(fn, "bias", bias, &plan->bias));
-  if (!plan->bias.present) return kAclnnSuccess;
-  CD_RETURN_IF_ERROR(CheckNd(fn, plan->bias));
-  CD_RETURN_IF_ERROR(CheckDtype(fn, plan->bias, allowed));
-  return CheckShape(fn, plan->bias, {plan->n}, "1-D (n,)");
+  return CheckOptionalNd(fn, "bias", bias, allowed, {plan->n}, "1-D (n,)", &plan->bias);
 }
 
 aclnnStatus CheckNotEmpty(const char* fn, const MatmulAllReducePlan& plan) {
