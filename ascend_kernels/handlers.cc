@@ -3,6 +3,7 @@
 #include <exception>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "launch.h"
 #include "xla/ffi/api/ffi.h"
@@ -53,27 +54,25 @@ ffi::Error DeviceMode(int32_t ordinal, void* stream, ffi::RemainingArgs args,
   return Run(ordinal, stream, false, args, rets, op, function, spec, group);
 }
 
+// Both handlers' operands, results and attributes, bound after their contexts.
+template <typename Binding>
+auto BindCall(Binding binding) {
+  return std::move(binding)
+      .RemainingArgs()
+      .RemainingRets()
+      .template Attr<std::string_view>("op")
+      .template Attr<std::string_view>("function")
+      .template Attr<std::string_view>("spec")
+      .template Attr<std::string_view>("group");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2AscendHostBridge, HostBridge,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<std::string_view>("op")
-                                  .Attr<std::string_view>("function")
-                                  .Attr<std::string_view>("spec")
-                                  .Attr<std::string_view>("group"));
+                              BindCall(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2AscendDevice, DeviceMode,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .RemainingArgs()
-                                  .RemainingRets()
-                                  .Attr<std::string_view>("op")
-                                  .Attr<std::string_view>("function")
-                                  .Attr<std::string_view>("spec")
-                                  .Attr<std::string_view>("group"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    Mc2AscendDevice, DeviceMode,
+    BindCall(ffi::Ffi::Bind().Ctx<ffi::DeviceOrdinal>().Ctx<ffi::PlatformStream<void*>>()));
 
 }  // namespace jax_mc2::ascend

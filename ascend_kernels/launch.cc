@@ -109,6 +109,14 @@ Status Enter(const Cann& c, DeviceState* d) {
   return Status::Ok();
 }
 
+// CANN, loaded, and the state of JAX device `ordinal` (set up on first use).
+Status OpenDevice(int ordinal, const Cann** c, DeviceState** d) {
+  std::string why;
+  *c = LoadCann(&why);
+  if (*c == nullptr) return Status::Error(why);
+  return GetDevice(**c, ordinal, d);
+}
+
 size_t RoundUp(size_t n) { return (n + 511) & ~size_t{511}; }
 
 void* Acquire(const Cann& c, Pool& pool, size_t bytes, aclError* rc) {
@@ -336,30 +344,28 @@ struct A {};
 
 template <typename K>
 struct Param;
-template <>
-struct Param<kinds::T> {
-  using type = const aclTensor*;
+// A tensor slot ('n': nullptr) passed as `Type` (const for inputs).
+template <typename Type>
+struct TensorParam {
+  using type = Type;
   static bool Accept(char k) { return k == 't' || k == 'n'; }
   static type Get(const ArgVal& a) { return a.tensor; }
 };
 template <>
-struct Param<kinds::O> {
-  using type = aclTensor*;
-  static bool Accept(char k) { return k == 't' || k == 'n'; }
-  static type Get(const ArgVal& a) { return a.tensor; }
-};
+struct Param<kinds::T> : TensorParam<const aclTensor*> {};
 template <>
-struct Param<kinds::S> {
+struct Param<kinds::O> : TensorParam<aclTensor*> {};
+// A string slot of kind `Kind` ('s' a string, 'g' the group name).
+template <char Kind>
+struct StringParam {
   using type = const char*;
-  static bool Accept(char k) { return k == 's'; }
+  static bool Accept(char k) { return k == Kind; }
   static type Get(const ArgVal& a) { return a.str; }
 };
 template <>
-struct Param<kinds::G> {
-  using type = const char*;
-  static bool Accept(char k) { return k == 'g'; }
-  static type Get(const ArgVal& a) { return a.str; }
-};
+struct Param<kinds::S> : StringParam<'s'> {};
+template <>
+struct Param<kinds::G> : StringParam<'g'> {};
 template <>
 struct Param<kinds::I> {
   using type = int64_t;
@@ -561,11 +567,9 @@ Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vecto
 }
 
 Status GetRootInfo(int ordinal, std::string* bytes) {
-  std::string why;
-  const Cann* c = LoadCann(&why);
-  if (c == nullptr) return Status::Error(why);
+  const Cann* c = nullptr;
   DeviceState* d = nullptr;
-  Status s = GetDevice(*c, ordinal, &d);
+  Status s = OpenDevice(ordinal, &c, &d);
   if (!s.ok) return s;
   if (!(s = Enter(*c, d)).ok) return s;
   bytes->assign(kHcclRootInfoBytes, '\0');
@@ -819,23 +823,31 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     if (!clean) d->dirty = true;
     return st;
   };
+  // A pool block of `bytes` held until `finish`; nullptr (with *failed set)
+  // when aclrtMalloc fails.
+  auto acquire = [&](size_t bytes, Status* failed) -> void* {
+    aclError rc;
+    void* p = Acquire(*c, d->pool, bytes, &rc);
+    if (p == nullptr) {
+      *failed = error(function + ": aclrtMalloc of " + std::to_string(bytes) +
+                      " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c));
+      return nullptr;
+    }
+    held.blocks.emplace_back(RoundUp(bytes ? bytes : 1), p);
+    return p;
+  };
   if (io.host) {
     for (size_t i = 0; i < io.operands.size(); ++i) {
-      aclError rc;
-      void* p = Acquire(*c, d->pool, io.operands[i].bytes, &rc);
-      if (p == nullptr)
-        return finish(
-            error(function + ": aclrtMalloc of " + std::to_string(io.operands[i].bytes) +
-                  " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
-            false);
-      held.blocks.emplace_back(RoundUp(io.operands[i].bytes ? io.operands[i].bytes : 1), p);
+      Status failed;
+      void* p = acquire(io.operands[i].bytes, &failed);
+      if (p == nullptr) return finish(failed, false);
       dev_in[i] = p;
       // Synchronous: once it returns nothing reads XLA's host buffer any more,
       // whatever happens to the stream later.
       if (io.operands[i].bytes) {
         const int64_t tc = NowNs();
-        rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data, io.operands[i].bytes,
-                            kMemcpyHostToDevice);
+        const aclError rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data,
+                                           io.operands[i].bytes, kMemcpyHostToDevice);
         tm.copy_in += NowNs() - tc;
         tm.bytes_in += static_cast<int64_t>(io.operands[i].bytes);
         if (rc != kAclSuccess)
@@ -844,15 +856,9 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
       }
     }
     for (size_t i = 0; i < io.results.size(); ++i) {
-      aclError rc;
-      void* p = Acquire(*c, d->pool, io.results[i].bytes, &rc);
-      if (p == nullptr)
-        return finish(
-            error(function + ": aclrtMalloc of " + std::to_string(io.results[i].bytes) +
-                  " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
-            false);
-      held.blocks.emplace_back(RoundUp(io.results[i].bytes ? io.results[i].bytes : 1), p);
-      dev_out[i] = p;
+      Status failed;
+      dev_out[i] = acquire(io.results[i].bytes, &failed);
+      if (dev_out[i] == nullptr) return finish(failed, false);
     }
   } else {
     for (size_t i = 0; i < io.operands.size(); ++i) dev_in[i] = io.operands[i].data;
@@ -1023,11 +1029,9 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
 }
 
 Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d2h) {
-  std::string why;
-  const Cann* c = LoadCann(&why);
-  if (c == nullptr) return Status::Error(why);
+  const Cann* c = nullptr;
   DeviceState* d = nullptr;
-  Status s = GetDevice(*c, ordinal, &d);
+  Status s = OpenDevice(ordinal, &c, &d);
   if (!s.ok) return s;
   std::lock_guard<std::mutex> lock(d->mu);
   if (!(s = Enter(*c, d)).ok) return s;

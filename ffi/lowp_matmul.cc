@@ -29,6 +29,7 @@
 
 #include "blas.h"
 #include "ffi_common.h"
+#include "lowp_codecs.h"
 #include "lowp_modes.h"
 #include "mc2_ffi.h"
 
@@ -52,62 +53,6 @@ constexpr LowpMode kMx = LowpMode::kMx;
 struct Table {
   float v[256];
 };
-
-// float8_e4m3fn: bias 7, 3 mantissa bits, no Inf, 0x7F / 0xFF NaN.
-float DecodeE4m3fn(uint32_t b) {
-  const float sign = (b & 0x80) ? -1.0f : 1.0f;
-  const int e = (b >> 3) & 0xF, m = b & 0x7;
-  if (e == 15 && m == 7) return std::nanf("");
-  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);
-  return sign * std::ldexp(1.0f + m / 8.0f, e - 7);
-}
-
-// float8_e5m2: bias 15, 2 mantissa bits, IEEE Inf/NaN.
-float DecodeE5m2(uint32_t b) {
-  const float sign = (b & 0x80) ? -1.0f : 1.0f;
-  const int e = (b >> 2) & 0x1F, m = b & 0x3;
-  if (e == 31) return m == 0 ? sign * INFINITY : std::nanf("");
-  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -16);
-  return sign * std::ldexp(1.0f + m / 4.0f, e - 15);
-}
-
-// HiFloat8 (docs/semantics.md §2.1): S | Dot | Exp | Mant; the Dot prefix
-// selects 4+1, 3+2, 2+3, 1+3 or 0+3 exponent + mantissa bits; 0000 + 3 bits
-// are the denormals 2^(M-23); 0x80 NaN, 0x6F / 0xEF Inf.
-float DecodeHif8(uint32_t b) {
-  if (b == 0x80) return std::nanf("");
-  const float sign = (b & 0x80) ? -1.0f : 1.0f;
-  const uint32_t a = b & 0x7F;
-  if (a == 0x6F) return sign * INFINITY;
-  if (a == 0) return 0.0f;
-  if (a < 0x08) return sign * std::ldexp(1.0f, static_cast<int>(a) - 23);
-  int d, mw;
-  if ((a >> 5) == 3) {
-    d = 4, mw = 1;
-  } else if ((a >> 5) == 2) {
-    d = 3, mw = 2;
-  } else if ((a >> 5) == 1) {
-    d = 2, mw = 3;
-  } else if ((a >> 4) == 1) {
-    d = 1, mw = 3;
-  } else {
-    d = 0, mw = 3;
-  }
-  const int m = a & ((1 << mw) - 1);
-  const int field = (a >> mw) & ((1 << d) - 1);
-  int e = 0;
-  if (d > 0) {
-    const int magnitude = (1 << (d - 1)) | (field & ((1 << (d - 1)) - 1));
-    e = (field >> (d - 1)) ? -magnitude : magnitude;
-  }
-  return sign * std::ldexp(1.0f + static_cast<float>(m) / (1 << mw), e);
-}
-
-// float8_e8m0fnu: 2^(e - 127), 0xFF NaN.
-float DecodeE8m0(uint32_t b) {
-  if (b == 0xFF) return std::nanf("");
-  return std::ldexp(1.0f, static_cast<int>(b) - 127);
-}
 
 Table MakeTable(float (*decode)(uint32_t)) {
   Table t;

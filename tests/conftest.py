@@ -90,6 +90,21 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def run_python(code: str, env: dict, cwd) -> str:
+    """Runs `code` in a fresh Python process (environment `env`, in folder
+    `cwd`, at most 300 s), which must exit with 0; returns its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def make_mesh(shape, names):
     """A Mesh over the first prod(shape) CPU devices."""
     n = int(np.prod(shape))

@@ -7,14 +7,14 @@ in fresh processes."""
 
 import os
 import subprocess
-import sys
 import textwrap
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import make_mesh
+from conftest import make_mesh, run_python
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -46,77 +46,68 @@ def _works(f):
     np.testing.assert_allclose(got, WANT, atol=0.25, rtol=0.02)
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_phase1_status(monkeypatch, world):
-    f = _sharded(world)
-    _works(f)
-    monkeypatch.setenv("CANN_DOUBLE_FAIL_PHASE", "aclnnMatmulAllReduceGetWorkspaceSize:561002")
-    with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduceGetWorkspaceSize"
-        r" failed with status 561002: \S",
-    ):
+class Failure(NamedTuple):
+    variable: str  # the CANN_DOUBLE_* variable that injects the failure
+    value: str
+    match: str  # what the exception must say
+    world: int | None = None  # devices of the sharded call; None: the single-device call
+    empty_pools: bool = False  # start from empty pools (no working call first): the call allocates
+
+
+_PHASE1 = Failure(
+    "CANN_DOUBLE_FAIL_PHASE",
+    "aclnnMatmulAllReduceGetWorkspaceSize:561002",
+    r"mm_all_reduce_base: aclnnMatmulAllReduceGetWorkspaceSize failed with status 561002: \S",
+)
+_PHASE2 = Failure(
+    "CANN_DOUBLE_FAIL_PHASE",
+    "aclnnMatmulAllReduce:361001",
+    r"mm_all_reduce_base: aclnnMatmulAllReduce failed with status 361001: \S",
+)
+FAILURES = {
+    "phase1-world1": _PHASE1._replace(world=1),
+    "phase1-world2": _PHASE1._replace(world=2),
+    "phase2-world1": _PHASE2._replace(world=1),
+    "phase2-world4": _PHASE2._replace(world=4),
+    "allocation": Failure(
+        "CANN_DOUBLE_FAIL_MALLOC",
+        "1",
+        r"mm_all_reduce_base: aclnnMatmulAllReduce: aclrtMalloc of \d+ bytes failed with status"
+        r" 207001: \S",
+        empty_pools=True,
+    ),
+    "sync-timeout": Failure(
+        "CANN_DOUBLE_SYNC_TIMEOUT",
+        "1",
+        r"mm_all_reduce_base: aclnnMatmulAllReduce did not finish within \d+ ms .*status 507046",
+    ),
+    "stalled-rank": Failure(
+        "CANN_DOUBLE_STALL_RANK",
+        "*:1",
+        r"mm_all_reduce_base: aclnnMatmulAllReduce .*(failed|did not finish).*status \d+",
+        world=2,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES.values(), ids=FAILURES.keys())
+def test_injected_failure(monkeypatch, case):
+    """The failure comes back as an exception naming the aclnn function and
+    its status (the call returns: nothing hangs); then the same call and a
+    freshly traced one work again (a communicator broken by a failed
+    collective is re-created)."""
+    if case.empty_pools:
+        mc2.ascend.shutdown()
+    make = _single if case.world is None else lambda: _sharded(case.world)
+    f = make()
+    if not case.empty_pools:
+        _works(f)
+    monkeypatch.setenv(case.variable, case.value)
+    with pytest.raises(Exception, match=case.match):
         np.asarray(f(X1, X2))
-    monkeypatch.delenv("CANN_DOUBLE_FAIL_PHASE")
+    monkeypatch.delenv(case.variable)
     _works(f)
-
-
-@pytest.mark.parametrize("world", [1, 4])
-def test_phase2_status(monkeypatch, world):
-    f = _sharded(world)
-    _works(f)
-    monkeypatch.setenv("CANN_DOUBLE_FAIL_PHASE", "aclnnMatmulAllReduce:361001")
-    with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduce failed with "
-        r"status 361001: \S",
-    ):
-        np.asarray(f(X1, X2))
-    monkeypatch.delenv("CANN_DOUBLE_FAIL_PHASE")
-    _works(f)
-
-
-def test_allocation_failure(monkeypatch):
-    mc2.ascend.shutdown()  # empty pools: the next call allocates
-    f = _single()
-    monkeypatch.setenv("CANN_DOUBLE_FAIL_MALLOC", "1")
-    with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduce: aclrtMalloc "
-        r"of \d+ bytes failed with status 207001: \S",
-    ):
-        np.asarray(f(X1, X2))
-    monkeypatch.delenv("CANN_DOUBLE_FAIL_MALLOC")
-    _works(f)
-
-
-def test_sync_timeout(monkeypatch):
-    f = _single()
-    _works(f)
-    monkeypatch.setenv("CANN_DOUBLE_SYNC_TIMEOUT", "1")
-    with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduce did not finish "
-        r"within \d+ ms .*status 507046",
-    ):
-        np.asarray(f(X1, X2))
-    monkeypatch.delenv("CANN_DOUBLE_SYNC_TIMEOUT")
-    _works(f)
-
-
-def test_stalled_rank(monkeypatch):
-    f = _sharded(2)
-    _works(f)
-    monkeypatch.setenv("CANN_DOUBLE_STALL_RANK", "*:1")
-    with pytest.raises(
-        Exception,
-        match=r"mm_all_reduce_base: aclnnMatmulAllReduce .*(failed|"
-        r"did not finish).*status \d+",
-    ):
-        np.asarray(f(X1, X2))
-    monkeypatch.delenv("CANN_DOUBLE_STALL_RANK")
-    _works(f)  # the broken communicator is re-created
-    _works(_sharded(2))
+    _works(make())
 
 
 def test_add_rms_norm_phase1_names_its_operator(monkeypatch):
@@ -155,17 +146,7 @@ _PROBE = textwrap.dedent(
 
 
 def _probe(libdir, tmp_path):
-    env = dict(os.environ, JAX_MC2_CANN_LIBRARY_PATH=str(libdir))
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return run_python(_PROBE, dict(os.environ, JAX_MC2_CANN_LIBRARY_PATH=str(libdir)), tmp_path)
 
 
 def _partial_cann(tmp_path, replace: str):

@@ -3,9 +3,9 @@ error naming the missing library (run in fresh processes, since CANN loads
 once per process)."""
 
 import os
-import subprocess
-import sys
 import textwrap
+
+from conftest import run_python
 
 import jax_mc2
 
@@ -29,16 +29,7 @@ def _run(env_updates, tmp_path):
         if k not in ("JAX_MC2_CANN_LIBRARY_PATH", "ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME")
     }
     env.update(env_updates)
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+    return run_python(_PROBE, env, tmp_path)
 
 
 def test_code_tables():
@@ -95,16 +86,7 @@ _SOC_PROBE = textwrap.dedent(
 def _soc_run(env_updates, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "JAX_MC2_TARGET"}
     env.update(env_updates)
-    out = subprocess.run(
-        [sys.executable, "-c", _SOC_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return run_python(_SOC_PROBE, env, tmp_path)
 
 
 def test_chip_target_follows_the_soc_name(tmp_path):

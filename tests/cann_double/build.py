@@ -6,7 +6,8 @@
 DIR then holds libcann_double_core.so (the shared state), libascendcl.so,
 libnnopbase.so, libhccl.so and libopapi.so (from every ops_*.cc here); point
 JAX_MC2_CANN_LIBRARY_PATH at it. Objects are rebuilt only when a source or a
-header here is newer, or the flags changed.
+header here or in ffi/ (the element codecs the double shares with the CPU
+kernels) is newer, or the flags changed.
 """
 
 import argparse
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The sources include the shared codec headers by relative path ("../../ffi/...").
+FFI_DIR = HERE.parent.parent / "ffi"
 CORE_SOURCES = [
     "core_state.cc",
     "core_memory.cc",
@@ -65,7 +68,8 @@ def run(command):
 
 
 def newest_header_time():
-    return max((path.stat().st_mtime for path in HERE.glob("*.h")), default=0.0)
+    headers = [*HERE.glob("*.h"), *FFI_DIR.glob("*.h")]
+    return max((path.stat().st_mtime for path in headers), default=0.0)
 
 
 def compile_object(cxx, source, out_dir, flags, header_time, force):

@@ -129,8 +129,8 @@ std::string LiveAllocationSummary();
 using StreamTask = std::function<int(std::string* message)>;
 // Queues `task` on `stream` (nullptr: the current context's default stream)
 // after checking the stream is live and on the current device. Returns
-// kAclSuccess or a runtime error with `why` set.
-aclError Enqueue(aclrtStream stream, StreamTask task, std::string* why);
+// kAclSuccess, or a runtime error with the recent error set to "<fn>: <why>".
+aclError Enqueue(const char* fn, aclrtStream stream, StreamTask task);
 // The device a live stream runs on, -1 if `stream` is not a live stream.
 int StreamDevice(aclrtStream stream);
 

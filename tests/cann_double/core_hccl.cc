@@ -657,22 +657,14 @@ int SetConfig(int config, int32_t value) {
 int Barrier(HcclComm handle, aclrtStream stream) {
   Comm* comm = LiveComm(handle);
   if (comm == nullptr) return kHcclErrPtr;
-  std::string why;
-  aclError status = Enqueue(
-      stream,
-      [comm](std::string* message) {
-        std::vector<Bytes> ignored;
-        int result = AllGatherV(comm, nullptr, 0, &ignored);
-        if (result == kHcclSuccess) return kAclSuccess;
-        *message = "HcclBarrier: " + std::string(ErrorString(result));
-        return result == kHcclErrTimeout ? kRtErrStreamSyncTimeout : kRtErrAicoreException;
-      },
-      &why);
-  if (status != kAclSuccess) {
-    SetRecentError("HcclBarrier: " + why);
-    return kHcclErrPara;
-  }
-  return kHcclSuccess;
+  aclError status = Enqueue("HcclBarrier", stream, [comm](std::string* message) {
+    std::vector<Bytes> ignored;
+    int result = AllGatherV(comm, nullptr, 0, &ignored);
+    if (result == kHcclSuccess) return kAclSuccess;
+    *message = "HcclBarrier: " + std::string(ErrorString(result));
+    return result == kHcclErrTimeout ? kRtErrStreamSyncTimeout : kRtErrAicoreException;
+  });
+  return status == kAclSuccess ? kHcclSuccess : kHcclErrPara;
 }
 
 const char* ErrorString(int code) {

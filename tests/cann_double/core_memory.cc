@@ -342,9 +342,7 @@ aclError MemcpyAsync(void* dst, size_t dst_max, const void* src, size_t count, i
     if (count) std::memmove(dst, src, count);
     return kAclSuccess;
   };
-  status = Enqueue(stream, std::move(task), &why);
-  if (status != kAclSuccess) SetRecentError("aclrtMemcpyAsync: " + why);
-  return status;
+  return Enqueue("aclrtMemcpyAsync", stream, std::move(task));
 }
 
 }  // namespace rt

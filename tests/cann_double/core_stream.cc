@@ -33,6 +33,12 @@ struct Event {
   uint64_t recorded = 0;
   uint64_t completed = 0;
   bool alive = true;
+
+  // Blocks (with `lock` held on mutex) until generation `target` has
+  // completed or the event is destroyed.
+  void WaitFor(std::unique_lock<std::mutex>& lock, uint64_t target) {
+    completed_changed.wait(lock, [&] { return completed >= target || !alive; });
+  }
 };
 
 struct Streams {
@@ -134,16 +140,18 @@ bool WaitIdle(Stream* stream, std::unique_lock<std::mutex>& lock, int32_t timeou
 
 }  // namespace
 
-aclError Enqueue(aclrtStream handle, StreamTask task, std::string* why) {
+aclError Enqueue(const char* fn, aclrtStream handle, StreamTask task) {
   Stream* stream = handle ? LiveStream(handle) : DefaultStream();
   if (stream == nullptr) {
-    *why = handle ? "not a live stream" : "no current context for the default stream";
+    SetRecentError(std::string(fn) + ": " +
+                   (handle ? "not a live stream" : "no current context for the default stream"));
     return handle ? kRtErrParamInvalid : kRtErrContextNull;
   }
   int device = CurrentDevice();
   if (device != stream->device) {
-    *why = "the stream belongs to device " + std::to_string(stream->device) +
-           " but the current device is " + std::to_string(device);
+    SetRecentError(std::string(fn) + ": the stream belongs to device " +
+                   std::to_string(stream->device) + " but the current device is " +
+                   std::to_string(device));
     return device < 0 ? kRtErrContextNull : kRtErrStreamContext;
   }
   std::lock_guard<std::mutex> lock(stream->mutex);
@@ -265,18 +273,12 @@ aclError RecordEvent(aclrtEvent handle, aclrtStream stream) {
     std::lock_guard<std::mutex> lock(event->mutex);
     generation = ++event->recorded;
   }
-  std::string why;
-  aclError status = Enqueue(
-      stream,
-      [event, generation](std::string*) {
-        std::lock_guard<std::mutex> lock(event->mutex);
-        if (generation > event->completed) event->completed = generation;
-        event->completed_changed.notify_all();
-        return kAclSuccess;
-      },
-      &why);
-  if (status != kAclSuccess) SetRecentError("aclrtRecordEvent: " + why);
-  return status;
+  return Enqueue("aclrtRecordEvent", stream, [event, generation](std::string*) {
+    std::lock_guard<std::mutex> lock(event->mutex);
+    if (generation > event->completed) event->completed = generation;
+    event->completed_changed.notify_all();
+    return kAclSuccess;
+  });
 }
 
 aclError StreamWaitEvent(aclrtStream stream, aclrtEvent handle) {
@@ -287,26 +289,18 @@ aclError StreamWaitEvent(aclrtStream stream, aclrtEvent handle) {
     std::lock_guard<std::mutex> lock(event->mutex);
     target = event->recorded;
   }
-  std::string why;
-  aclError status = Enqueue(
-      stream,
-      [event, target](std::string*) {
-        std::unique_lock<std::mutex> lock(event->mutex);
-        event->completed_changed.wait(lock,
-                                      [&] { return event->completed >= target || !event->alive; });
-        return kAclSuccess;
-      },
-      &why);
-  if (status != kAclSuccess) SetRecentError("aclrtStreamWaitEvent: " + why);
-  return status;
+  return Enqueue("aclrtStreamWaitEvent", stream, [event, target](std::string*) {
+    std::unique_lock<std::mutex> lock(event->mutex);
+    event->WaitFor(lock, target);
+    return kAclSuccess;
+  });
 }
 
 aclError SynchronizeEvent(aclrtEvent handle) {
   Event* event = LiveEvent(handle);
   if (event == nullptr) return kRtErrParamInvalid;
   std::unique_lock<std::mutex> lock(event->mutex);
-  uint64_t target = event->recorded;
-  event->completed_changed.wait(lock, [&] { return event->completed >= target || !event->alive; });
+  event->WaitFor(lock, event->recorded);
   return kAclSuccess;
 }
 

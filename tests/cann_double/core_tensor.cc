@@ -246,10 +246,8 @@ aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t works
     RetireExecutor(executor);
     return result;
   };
-  std::string why;
-  if (Enqueue(stream, std::move(task), &why) != kAclSuccess) {
+  if (Enqueue(function, stream, std::move(task)) != kAclSuccess) {
     executor->launched = false;
-    SetRecentError(std::string(function) + ": " + why);
     return kErrRuntime;
   }
   return kAclnnSuccess;

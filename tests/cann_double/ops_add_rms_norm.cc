@@ -104,12 +104,32 @@ aclnnStatus FinishNorm(std::shared_ptr<AddRmsNormPlan> plan, uint64_t* workspace
   return Finish(plan->fn, WorkspaceFor(bytes), body, workspace_size, executor);
 }
 
+// Phase 1 of both operators; the in-place one (y nullptr) writes y into
+// residual.
+aclnnStatus NormCommon(const char* fn, bool inplace, const aclTensor* x1, const aclTensor* x2,
+                       const aclTensor* bias, const aclTensor* residual, const aclTensor* gamma,
+                       double epsilon, const char* group, const char* reduce_op, int64_t comm_turn,
+                       int64_t stream_mode, const aclTensor* y, const aclTensor* norm_out,
+                       uint64_t* workspace_size, aclOpExecutor** executor) {
+  auto plan = std::make_shared<AddRmsNormPlan>();
+  CD_RETURN_IF_ERROR(CheckInputs(fn, x1, x2, bias, residual, gamma, epsilon, group, reduce_op,
+                                 comm_turn, stream_mode, plan.get()));
+  if (inplace) {
+    plan->y = plan->residual;
+    plan->y.name = "residual (y)";
+  } else {
+    CD_RETURN_IF_ERROR(Required(fn, "y", y, &plan->y));
+    CD_RETURN_IF_ERROR(CheckSameLayout(fn, plan->y, *plan));
+  }
+  CD_RETURN_IF_ERROR(Required(fn, "normOut", norm_out, &plan->norm_out));
+  CD_RETURN_IF_ERROR(CheckSameLayout(fn, plan->norm_out, *plan));
+  return FinishNorm(plan, workspace_size, executor);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace cann_double
 
-using cann_double::LaunchExecutor;
-using cann_double::ops::AddRmsNormPlan;
 using cann_double::ops::Injected;
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNormGetWorkspaceSize(
@@ -117,49 +137,21 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNormGetWorks
     const aclTensor* gamma, double epsilon, const char* group, const char* reduceOp,
     int64_t commTurn, int64_t streamMode, const aclTensor* y, const aclTensor* normOut,
     uint64_t* workspaceSize, aclOpExecutor** executor) {
-  using namespace cann_double::ops;
-  const char* fn = "aclnnMatmulAllReduceAddRmsNorm";
   if (aclnnStatus s = Injected("aclnnMatmulAllReduceAddRmsNormGetWorkspaceSize")) return s;
-  auto plan = std::make_shared<AddRmsNormPlan>();
-  CD_RETURN_IF_ERROR(CheckInputs(fn, x1, x2, bias, residual, gamma, epsilon, group, reduceOp,
-                                 commTurn, streamMode, plan.get()));
-  CD_RETURN_IF_ERROR(Required(fn, "y", y, &plan->y));
-  CD_RETURN_IF_ERROR(CheckSameLayout(fn, plan->y, *plan));
-  CD_RETURN_IF_ERROR(Required(fn, "normOut", normOut, &plan->norm_out));
-  CD_RETURN_IF_ERROR(CheckSameLayout(fn, plan->norm_out, *plan));
-  return FinishNorm(plan, workspaceSize, executor);
+  return cann_double::ops::NormCommon("aclnnMatmulAllReduceAddRmsNorm", false, x1, x2, bias,
+                                      residual, gamma, epsilon, group, reduceOp, commTurn,
+                                      streamMode, y, normOut, workspaceSize, executor);
 }
-
-extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceAddRmsNorm(void* workspace,
-                                                                         uint64_t workspaceSize,
-                                                                         aclOpExecutor* executor,
-                                                                         aclrtStream stream) {
-  if (aclnnStatus s = Injected("aclnnMatmulAllReduceAddRmsNorm")) return s;
-  return LaunchExecutor("aclnnMatmulAllReduceAddRmsNorm", workspace, workspaceSize, executor,
-                        stream);
-}
+CD_PHASE2(aclnnMatmulAllReduceAddRmsNorm)
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnInplaceMatmulAllReduceAddRmsNormGetWorkspaceSize(
     const aclTensor* x1, const aclTensor* x2, const aclTensor* bias, const aclTensor* residual,
     const aclTensor* gamma, double epsilon, const char* group, const char* reduceOp,
     int64_t commTurn, int64_t streamMode, const aclTensor* normOut, uint64_t* workspaceSize,
     aclOpExecutor** executor) {
-  using namespace cann_double::ops;
-  const char* fn = "aclnnInplaceMatmulAllReduceAddRmsNorm";
   if (aclnnStatus s = Injected("aclnnInplaceMatmulAllReduceAddRmsNormGetWorkspaceSize")) return s;
-  auto plan = std::make_shared<AddRmsNormPlan>();
-  CD_RETURN_IF_ERROR(CheckInputs(fn, x1, x2, bias, residual, gamma, epsilon, group, reduceOp,
-                                 commTurn, streamMode, plan.get()));
-  plan->y = plan->residual;
-  plan->y.name = "residual (y)";
-  CD_RETURN_IF_ERROR(Required(fn, "normOut", normOut, &plan->norm_out));
-  CD_RETURN_IF_ERROR(CheckSameLayout(fn, plan->norm_out, *plan));
-  return FinishNorm(plan, workspaceSize, executor);
+  return cann_double::ops::NormCommon("aclnnInplaceMatmulAllReduceAddRmsNorm", true, x1, x2, bias,
+                                      residual, gamma, epsilon, group, reduceOp, commTurn,
+                                      streamMode, nullptr, normOut, workspaceSize, executor);
 }
-
-extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnInplaceMatmulAllReduceAddRmsNorm(
-    void* workspace, uint64_t workspaceSize, aclOpExecutor* executor, aclrtStream stream) {
-  if (aclnnStatus s = Injected("aclnnInplaceMatmulAllReduceAddRmsNorm")) return s;
-  return LaunchExecutor("aclnnInplaceMatmulAllReduceAddRmsNorm", workspace, workspaceSize, executor,
-                        stream);
-}
+CD_PHASE2(aclnnInplaceMatmulAllReduceAddRmsNorm)

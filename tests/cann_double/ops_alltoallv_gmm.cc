@@ -363,11 +363,38 @@ aclnnStatus FinishGmm(std::shared_ptr<GmmPlan> p, uint64_t* workspace_size,
   return Finish(p->fn, WorkspaceFor(bytes), body, workspace_size, executor);
 }
 
+// Phase 1 of both directions: forward (AlltoAllv then GMM) writes the routed
+// rows to gmmY and may write the permuted tokens to permuteOut; backward
+// (GMM then AlltoAllv) writes y and has no permuteOut.
+aclnnStatus GmmCommon(const char* fn, bool forward, const aclTensor* gmm_x, const aclTensor* gmm_w,
+                      const aclTensor* send_t, const aclTensor* recv_t, const aclTensor* mm_x,
+                      const aclTensor* mm_w, const char* group, int64_t ep_world_size,
+                      const aclIntArray* send, const aclIntArray* recv, bool trans_gmm_w,
+                      bool trans_mm_w, const aclTensor* rows, const char* rows_name,
+                      const aclTensor* mm_y, bool permute_flag, const aclTensor* permute_out,
+                      uint64_t* workspace_size, aclOpExecutor** executor) {
+  const GmmArgs a{gmm_x, gmm_w,         send_t, recv_t, mm_x,        mm_w,
+                  group, ep_world_size, send,   recv,   trans_gmm_w, trans_mm_w};
+  auto p = std::make_shared<GmmPlan>();
+  p->forward = forward;
+  CD_RETURN_IF_ERROR(CheckGmmCall(fn, a, p.get()));
+  CD_RETURN_IF_ERROR(CheckRows(fn, rows, rows_name, p.get()));
+  CD_RETURN_IF_ERROR(CheckSharedExpert(fn, mm_x, mm_w, mm_y, p.get()));
+  p->permute_flag = permute_flag;
+  if (permute_flag) {
+    CD_RETURN_IF_ERROR(Required(fn, "permuteOutOptional", permute_out, &p->permute_out));
+    CD_RETURN_IF_ERROR(CheckNd(fn, p->permute_out));
+    CD_RETURN_IF_ERROR(CheckSameDtype(fn, p->permute_out, p->gmm_x));
+    CD_RETURN_IF_ERROR(CheckShape(fn, p->permute_out, {p->gmm_y.dim(0), p->h1}, "(A, H1)"));
+  }
+  return FinishGmm(p, workspace_size, executor);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace cann_double
 
-using cann_double::LaunchExecutor;
+using cann_double::ops::GmmCommon;
 using cann_double::ops::Injected;
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnAlltoAllvGroupedMatMulGetWorkspaceSize(
@@ -377,42 +404,13 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnAlltoAllvGroupedMatMulGetWorkspac
     const aclIntArray* sendCounts, const aclIntArray* recvCounts, bool transGmmWeight,
     bool transMmWeight, bool permuteOutFlag, aclTensor* gmmY, aclTensor* mmYOptional,
     aclTensor* permuteOutOptional, uint64_t* workspaceSize, aclOpExecutor** executor) {
-  using namespace cann_double::ops;
-  const char* fn = "aclnnAlltoAllvGroupedMatMul";
   if (aclnnStatus s = Injected("aclnnAlltoAllvGroupedMatMulGetWorkspaceSize")) return s;
-  auto p = std::make_shared<GmmPlan>();
-  const GmmArgs a{gmmX,
-                  gmmWeight,
-                  sendCountsTensorOptional,
-                  recvCountsTensorOptional,
-                  mmXOptional,
-                  mmWeightOptional,
-                  group,
-                  epWorldSize,
-                  sendCounts,
-                  recvCounts,
-                  transGmmWeight,
-                  transMmWeight};
-  CD_RETURN_IF_ERROR(CheckGmmCall(fn, a, p.get()));
-  CD_RETURN_IF_ERROR(CheckRows(fn, gmmY, "gmmY", p.get()));
-  CD_RETURN_IF_ERROR(CheckSharedExpert(fn, mmXOptional, mmWeightOptional, mmYOptional, p.get()));
-  p->permute_flag = permuteOutFlag;
-  if (permuteOutFlag) {
-    CD_RETURN_IF_ERROR(Required(fn, "permuteOutOptional", permuteOutOptional, &p->permute_out));
-    CD_RETURN_IF_ERROR(CheckNd(fn, p->permute_out));
-    CD_RETURN_IF_ERROR(CheckSameDtype(fn, p->permute_out, p->gmm_x));
-    CD_RETURN_IF_ERROR(CheckShape(fn, p->permute_out, {p->gmm_y.dim(0), p->h1}, "(A, H1)"));
-  }
-  return FinishGmm(p, workspaceSize, executor);
+  return GmmCommon("aclnnAlltoAllvGroupedMatMul", true, gmmX, gmmWeight, sendCountsTensorOptional,
+                   recvCountsTensorOptional, mmXOptional, mmWeightOptional, group, epWorldSize,
+                   sendCounts, recvCounts, transGmmWeight, transMmWeight, gmmY, "gmmY", mmYOptional,
+                   permuteOutFlag, permuteOutOptional, workspaceSize, executor);
 }
-
-extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnAlltoAllvGroupedMatMul(void* workspace,
-                                                                      uint64_t workspaceSize,
-                                                                      aclOpExecutor* executor,
-                                                                      aclrtStream stream) {
-  if (aclnnStatus s = Injected("aclnnAlltoAllvGroupedMatMul")) return s;
-  return LaunchExecutor("aclnnAlltoAllvGroupedMatMul", workspace, workspaceSize, executor, stream);
-}
+CD_PHASE2(aclnnAlltoAllvGroupedMatMul)
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnGroupedMatMulAlltoAllvGetWorkspaceSize(
     const aclTensor* gmmX, const aclTensor* gmmWeight, const aclTensor* sendCountsTensorOptional,
@@ -421,33 +419,10 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnGroupedMatMulAlltoAllvGetWorkspac
     const aclIntArray* sendCounts, const aclIntArray* recvCounts, bool transGmmWeight,
     bool transMmWeight, aclTensor* y, aclTensor* mmYOptional, uint64_t* workspaceSize,
     aclOpExecutor** executor) {
-  using namespace cann_double::ops;
-  const char* fn = "aclnnGroupedMatMulAlltoAllv";
   if (aclnnStatus s = Injected("aclnnGroupedMatMulAlltoAllvGetWorkspaceSize")) return s;
-  auto p = std::make_shared<GmmPlan>();
-  p->forward = false;
-  const GmmArgs a{gmmX,
-                  gmmWeight,
-                  sendCountsTensorOptional,
-                  recvCountsTensorOptional,
-                  mmXOptional,
-                  mmWeightOptional,
-                  group,
-                  epWorldSize,
-                  sendCounts,
-                  recvCounts,
-                  transGmmWeight,
-                  transMmWeight};
-  CD_RETURN_IF_ERROR(CheckGmmCall(fn, a, p.get()));
-  CD_RETURN_IF_ERROR(CheckRows(fn, y, "y", p.get()));
-  CD_RETURN_IF_ERROR(CheckSharedExpert(fn, mmXOptional, mmWeightOptional, mmYOptional, p.get()));
-  return FinishGmm(p, workspaceSize, executor);
+  return GmmCommon("aclnnGroupedMatMulAlltoAllv", false, gmmX, gmmWeight, sendCountsTensorOptional,
+                   recvCountsTensorOptional, mmXOptional, mmWeightOptional, group, epWorldSize,
+                   sendCounts, recvCounts, transGmmWeight, transMmWeight, y, "y", mmYOptional,
+                   false, nullptr, workspaceSize, executor);
 }
-
-extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnGroupedMatMulAlltoAllv(void* workspace,
-                                                                      uint64_t workspaceSize,
-                                                                      aclOpExecutor* executor,
-                                                                      aclrtStream stream) {
-  if (aclnnStatus s = Injected("aclnnGroupedMatMulAlltoAllv")) return s;
-  return LaunchExecutor("aclnnGroupedMatMulAlltoAllv", workspace, workspaceSize, executor, stream);
-}
+CD_PHASE2(aclnnGroupedMatMulAlltoAllv)

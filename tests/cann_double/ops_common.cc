@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "../../ffi/dtypes.h"
+#include "../../ffi/lowp_codecs.h"
 
 namespace cann_double {
 namespace ops {
@@ -115,62 +116,10 @@ uint16_t EncodeFp16(float value) { return jax_mc2::FloatToFp16(value); }
 float DecodeBf16(uint16_t bits) { return jax_mc2::Bf16ToFloat(bits); }
 uint16_t EncodeBf16(float value) { return jax_mc2::FloatToBf16(value); }
 
-// HiFloat8: S | Dot | Exp | Mant. The Dot prefix after the sign selects the
-// exponent and mantissa widths (4+1, 3+2, 2+3, 1+3, 0+3 bits); 0000 + 3 bits
-// are the denormals 2^(M - 23). The exponent field's top bit is its sign, the
-// rest |E| without its leading 1. 0x80 NaN, 0x6F / 0xEF Inf, 0x00 zero.
-float DecodeHifloat8(uint8_t code) {
-  if (code == 0x80) return std::nanf("");
-  const float sign = (code & 0x80) ? -1.0f : 1.0f;
-  const int a = code & 0x7F;
-  if (a == 0x6F) return sign * INFINITY;
-  if (a == 0) return 0.0f;
-  if (a < 0x08) return sign * std::ldexp(1.0f, a - 23);
-  int d, mw;
-  if ((a >> 5) == 3) {
-    d = 4, mw = 1;
-  } else if ((a >> 5) == 2) {
-    d = 3, mw = 2;
-  } else if ((a >> 5) == 1) {
-    d = 2, mw = 3;
-  } else if ((a >> 4) == 1) {
-    d = 1, mw = 3;
-  } else {
-    d = 0, mw = 3;
-  }
-  const int m = a & ((1 << mw) - 1);
-  const int field = (a >> mw) & ((1 << d) - 1);
-  int e = 0;
-  if (d > 0) {
-    const int magnitude = (1 << (d - 1)) | (field & ((1 << (d - 1)) - 1));
-    e = (field >> (d - 1)) ? -magnitude : magnitude;
-  }
-  return sign * std::ldexp(1.0f + static_cast<float>(m) / static_cast<float>(1 << mw), e);
-}
-
-// float8_e4m3fn: bias 7, 3 mantissa bits, no Inf, S.1111.111 NaN.
-float DecodeFloat8E4m3fn(uint8_t code) {
-  const float sign = (code & 0x80) ? -1.0f : 1.0f;
-  const int e = (code >> 3) & 0xF, m = code & 0x7;
-  if (e == 15 && m == 7) return std::nanf("");
-  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);
-  return sign * std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
-}
-
-// float8_e5m2: bias 15, 2 mantissa bits, IEEE Inf / NaN.
-float DecodeFloat8E5m2(uint8_t code) {
-  const float sign = (code & 0x80) ? -1.0f : 1.0f;
-  const int e = (code >> 2) & 0x1F, m = code & 0x3;
-  if (e == 31) return m == 0 ? sign * INFINITY : std::nanf("");
-  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -16);
-  return sign * std::ldexp(1.0f + static_cast<float>(m) / 4.0f, e - 15);
-}
-
-// float8_e8m0: 2^(e - 127); 0xFF NaN; no sign, no zero.
-float DecodeFloat8E8m0(uint8_t code) {
-  if (code == 0xFF) return std::nanf("");
-  return std::ldexp(1.0f, static_cast<int>(code) - 127);
-}
+float DecodeHifloat8(uint8_t code) { return jax_mc2::DecodeHif8(code); }
+float DecodeFloat8E4m3fn(uint8_t code) { return jax_mc2::DecodeE4m3fn(code); }
+float DecodeFloat8E5m2(uint8_t code) { return jax_mc2::DecodeE5m2(code); }
+float DecodeFloat8E8m0(uint8_t code) { return jax_mc2::DecodeE8m0(code); }
 
 // float4_e2m1: S E E M, bias 1, no Inf / NaN: 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 float DecodeFloat4E2m1(uint8_t nibble) {
@@ -550,6 +499,18 @@ bool StorageLive(const char* fn, const std::vector<const Tensor*>& tensors, std:
   return true;
 }
 
+namespace {
+
+// The T stored (unaligned) at p.
+template <typename T>
+T ReadAs(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+}  // namespace
+
 double LoadElement(const TensorDesc& d, int64_t index) {
   const uint8_t* base = static_cast<const uint8_t*>(d.data);
   switch (d.dtype) {
@@ -573,59 +534,28 @@ double LoadElement(const TensorDesc& d, int64_t index) {
     default:
       break;
   }
-  const int bytes = DtypeBits(d.dtype) / 8;
-  const uint8_t* p = base + index * bytes;
+  const uint8_t* p = base + index * (DtypeBits(d.dtype) / 8);
   switch (d.dtype) {
-    case kFloat16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return DecodeFp16(v);
-    }
-    case kBf16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return DecodeBf16(v);
-    }
-    case kInt16: {
-      int16_t v;
-      std::memcpy(&v, p, 2);
-      return v;
-    }
-    case kUint16: {
-      uint16_t v;
-      std::memcpy(&v, p, 2);
-      return v;
-    }
-    case kFloat: {
-      float v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kInt32: {
-      int32_t v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kUint32: {
-      uint32_t v;
-      std::memcpy(&v, p, 4);
-      return v;
-    }
-    case kInt64: {
-      int64_t v;
-      std::memcpy(&v, p, 8);
-      return static_cast<double>(v);
-    }
-    case kUint64: {
-      uint64_t v;
-      std::memcpy(&v, p, 8);
-      return static_cast<double>(v);
-    }
-    case kDouble: {
-      double v;
-      std::memcpy(&v, p, 8);
-      return v;
-    }
+    case kFloat16:
+      return DecodeFp16(ReadAs<uint16_t>(p));
+    case kBf16:
+      return DecodeBf16(ReadAs<uint16_t>(p));
+    case kInt16:
+      return ReadAs<int16_t>(p);
+    case kUint16:
+      return ReadAs<uint16_t>(p);
+    case kFloat:
+      return ReadAs<float>(p);
+    case kInt32:
+      return ReadAs<int32_t>(p);
+    case kUint32:
+      return ReadAs<uint32_t>(p);
+    case kInt64:
+      return static_cast<double>(ReadAs<int64_t>(p));
+    case kUint64:
+      return static_cast<double>(ReadAs<uint64_t>(p));
+    case kDouble:
+      return ReadAs<double>(p);
     default:
       return 0.0;
   }

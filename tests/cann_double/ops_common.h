@@ -172,6 +172,15 @@ uint64_t WorkspaceFor(uint64_t bytes);
 // The injected status of `fn`, with a message; 0 when none.
 aclnnStatus Injected(const char* fn);
 
+// Defines the exported phase 2 entry point `name`: its injected status, else
+// the executor launched on the stream.
+#define CD_PHASE2(name)                                                                         \
+  extern "C" CANN_DOUBLE_EXPORT aclnnStatus name(void* workspace, uint64_t workspaceSize,       \
+                                                 aclOpExecutor* executor, aclrtStream stream) { \
+    if (aclnnStatus s = ::cann_double::ops::Injected(#name)) return s;                          \
+    return ::cann_double::LaunchExecutor(#name, workspace, workspaceSize, executor, stream);    \
+  }
+
 // ---------------------------------------------------------------------------
 // Kernel-side access
 

@@ -41,23 +41,27 @@ aclnnStatus CheckOutput(const char* fn, const aclTensor* output, MatmulAllReduce
   return CheckShape(fn, plan->out, plan->out_dims, "x1's leading dims and n");
 }
 
+// An optional ND operand: when present, a dtype from `allowed` and the shape
+// `want` (`rule` names it).
+aclnnStatus CheckOptionalNd(const char* fn, const char* name, const aclTensor* tensor,
+                            const std::vector<int>& allowed, const std::vector<int64_t>& want,
+                            const std::string& rule, Tensor* out) {
+  CD_RETURN_IF_ERROR(Optional(fn, name, tensor, out));
+  if (!out->present) return kAclnnSuccess;
+  CD_RETURN_IF_ERROR(CheckNd(fn, *out));
+  CD_RETURN_IF_ERROR(CheckDtype(fn, *out, allowed));
+  return CheckShape(fn, *out, want, rule);
+}
+
 // x3: the output's shape, a dtype from `allowed`.
 aclnnStatus CheckX3(const char* fn, const aclTensor* x3, const std::vector<int>& allowed,
                     MatmulAllReducePlan* plan) {
-  CD_RETURN_IF_ERROR(Optional(fn, "x3", x3, &plan->x3));
-  if (!plan->x3.present) return kAclnnSuccess;
-  CD_RETURN_IF_ERROR(CheckNd(fn, plan->x3));
-  CD_RETURN_IF_ERROR(CheckDtype(fn, plan->x3, allowed));
-  return CheckShape(fn, plan->x3, plan->out_dims, "the output shape");
+  return CheckOptionalNd(fn, "x3", x3, allowed, plan->out_dims, "the output shape", &plan->x3);
 }
 
 aclnnStatus CheckBias(const char* fn, const aclTensor* bias, const std::vector<int>& allowed,
                       MatmulAllReducePlan* plan) {
-  CD_RETURN_IF_ERROR(Optional(fn, "bias", bias, &plan->bias));
-  if (!plan->bias.present) return kAclnnSuccess;
-  CD_RETURN_IF_ERROR(CheckNd(fn, plan->bias));
-  CD_RETURN_IF_ERROR(CheckDtype(fn, plan->bias, allowed));
-  return CheckShape(fn, plan->bias, {plan->n}, "1-D (n,)");
+  return CheckOptionalNd(fn, "bias", bias, allowed, {plan->n}, "1-D (n,)", &plan->bias);
 }
 
 aclnnStatus CheckNotEmpty(const char* fn, const MatmulAllReducePlan& plan) {
@@ -471,14 +475,28 @@ aclnnStatus CheckInt8Call(const char* fn, const Int8Args& a, Int8Plan* plan) {
   return CheckCommScales(fn, a.comm1, a.comm2, plan);
 }
 
-aclnnStatus QuantCommon(const char* fn, const Int8Args& a, const char* group, const char* reduce_op,
+// Phase 1 of aclnnQuantMatmulAllReduce V1-V3 (V1 passes no pertokenScale, V1
+// and V2 no commQuantScale1/2).
+aclnnStatus QuantCommon(const char* fn, const aclTensor* x1, const aclTensor* x2,
+                        const aclTensor* bias, const aclTensor* x3, const aclTensor* dequant_scale,
+                        const aclTensor* pertoken_scale, const aclTensor* comm1,
+                        const aclTensor* comm2, const char* group, const char* reduce_op,
                         int64_t comm_turn, int64_t stream_mode, const aclTensor* output,
                         uint64_t* workspace_size, aclOpExecutor** executor) {
   auto plan = std::make_shared<Int8Plan>();
   int world = 0;
-  Int8Args with_output = a;
-  with_output.output = output;
-  CD_RETURN_IF_ERROR(CheckInt8Call(fn, with_output, plan.get()));
+  const Int8Args a{x1,
+                   x2,
+                   bias,
+                   x3,
+                   dequant_scale,
+                   pertoken_scale,
+                   comm1,
+                   comm2,
+                   "dequantScale",
+                   "pertokenScale",
+                   output};
+  CD_RETURN_IF_ERROR(CheckInt8Call(fn, a, plan.get()));
   CD_RETURN_IF_ERROR(CheckOutput(fn, output, plan.get(), std::string("set by ") + a.scale_name));
   CD_RETURN_IF_ERROR(
       CheckAllReduceArgs(fn, group, reduce_op, comm_turn, stream_mode, kA2WorldSizes, &world));
@@ -884,9 +902,16 @@ aclnnStatus CheckV4Int8(const char* fn, const V4Args& a, Int8Plan* plan) {
   return CheckOutput(fn, a.output, plan, "set by x2Scale");
 }
 
-aclnnStatus QuantV4Common(const char* fn, const V4Args& a, const char* group, const char* reduce_op,
-                          int64_t comm_turn, int64_t stream_mode, uint64_t* workspace_size,
+// Phase 1 of aclnnQuantMatmulAllReduceV4 and V5 (after V5's commMode check).
+aclnnStatus QuantV4Common(const char* fn, const aclTensor* x1, const aclTensor* x2,
+                          const aclTensor* bias, const aclTensor* x3, const aclTensor* x1_scale,
+                          const aclTensor* x2_scale, const aclTensor* comm1, const aclTensor* comm2,
+                          const char* group, const char* reduce_op, int64_t comm_turn,
+                          int64_t stream_mode, int64_t group_size, int64_t comm_quant_mode,
+                          const aclTensor* output, uint64_t* workspace_size,
                           aclOpExecutor** executor) {
+  const V4Args a{x1,    x2,    bias,   x3,         x1_scale,       x2_scale,
+                 comm1, comm2, output, group_size, comm_quant_mode};
   if (a.comm_quant_mode != 0 && a.comm_quant_mode != 1) {
     return Fail(fn, kErrParamInvalid,
                 "commQuantMode must be 0 or 1, got " + std::to_string(a.comm_quant_mode));
@@ -922,15 +947,7 @@ aclnnStatus QuantV4Common(const char* fn, const V4Args& a, const char* group, co
 // ---------------------------------------------------------------------------
 // Exported entry points
 
-using cann_double::LaunchExecutor;
 using cann_double::ops::Injected;
-
-#define CD_PHASE2(name)                                                                         \
-  extern "C" CANN_DOUBLE_EXPORT aclnnStatus name(void* workspace, uint64_t workspaceSize,       \
-                                                 aclOpExecutor* executor, aclrtStream stream) { \
-    if (aclnnStatus s = Injected(#name)) return s;                                              \
-    return LaunchExecutor(#name, workspace, workspaceSize, executor, stream);                   \
-  }
 
 extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnMatmulAllReduceGetWorkspaceSize(
     const aclTensor* x1, const aclTensor* x2, const aclTensor* bias, const char* group,
@@ -1001,9 +1018,8 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnQuantMatmulAllReduceGetWorkspaceS
     int64_t streamMode, const aclTensor* output, uint64_t* workspaceSize,
     aclOpExecutor** executor) {
   if (aclnnStatus s = Injected("aclnnQuantMatmulAllReduceGetWorkspaceSize")) return s;
-  const cann_double::ops::Int8Args a{
-      x1, x2, bias, x3, dequantScale, nullptr, nullptr, nullptr, "dequantScale", "pertokenScale"};
-  return cann_double::ops::QuantCommon("aclnnQuantMatmulAllReduce", a, group, reduceOp, commTurn,
+  return cann_double::ops::QuantCommon("aclnnQuantMatmulAllReduce", x1, x2, bias, x3, dequantScale,
+                                       nullptr, nullptr, nullptr, group, reduceOp, commTurn,
                                        streamMode, output, workspaceSize, executor);
 }
 CD_PHASE2(aclnnQuantMatmulAllReduce)
@@ -1014,18 +1030,9 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnQuantMatmulAllReduceV2GetWorkspac
     const char* reduceOp, int64_t commTurn, int64_t streamMode, const aclTensor* output,
     uint64_t* workspaceSize, aclOpExecutor** executor) {
   if (aclnnStatus s = Injected("aclnnQuantMatmulAllReduceV2GetWorkspaceSize")) return s;
-  const cann_double::ops::Int8Args a{x1,
-                                     x2,
-                                     bias,
-                                     x3,
-                                     dequantScale,
-                                     pertokenScale,
-                                     nullptr,
-                                     nullptr,
-                                     "dequantScale",
-                                     "pertokenScale"};
-  return cann_double::ops::QuantCommon("aclnnQuantMatmulAllReduceV2", a, group, reduceOp, commTurn,
-                                       streamMode, output, workspaceSize, executor);
+  return cann_double::ops::QuantCommon(
+      "aclnnQuantMatmulAllReduceV2", x1, x2, bias, x3, dequantScale, pertokenScale, nullptr,
+      nullptr, group, reduceOp, commTurn, streamMode, output, workspaceSize, executor);
 }
 CD_PHASE2(aclnnQuantMatmulAllReduceV2)
 
@@ -1036,18 +1043,9 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnQuantMatmulAllReduceV3GetWorkspac
     int64_t streamMode, const aclTensor* output, uint64_t* workspaceSize,
     aclOpExecutor** executor) {
   if (aclnnStatus s = Injected("aclnnQuantMatmulAllReduceV3GetWorkspaceSize")) return s;
-  const cann_double::ops::Int8Args a{x1,
-                                     x2,
-                                     bias,
-                                     x3,
-                                     dequantScale,
-                                     pertokenScale,
-                                     commQuantScale1,
-                                     commQuantScale2,
-                                     "dequantScale",
-                                     "pertokenScale"};
-  return cann_double::ops::QuantCommon("aclnnQuantMatmulAllReduceV3", a, group, reduceOp, commTurn,
-                                       streamMode, output, workspaceSize, executor);
+  return cann_double::ops::QuantCommon(
+      "aclnnQuantMatmulAllReduceV3", x1, x2, bias, x3, dequantScale, pertokenScale, commQuantScale1,
+      commQuantScale2, group, reduceOp, commTurn, streamMode, output, workspaceSize, executor);
 }
 CD_PHASE2(aclnnQuantMatmulAllReduceV3)
 
@@ -1058,11 +1056,10 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnQuantMatmulAllReduceV4GetWorkspac
     int64_t streamMode, int64_t groupSize, int64_t commQuantMode, const aclTensor* output,
     uint64_t* workspaceSize, aclOpExecutor** executor) {
   if (aclnnStatus s = Injected("aclnnQuantMatmulAllReduceV4GetWorkspaceSize")) return s;
-  const cann_double::ops::V4Args a{
-      x1,     x2,        bias,         x3, x1Scale, x2Scale, commQuantScale1, commQuantScale2,
-      output, groupSize, commQuantMode};
-  return cann_double::ops::QuantV4Common("aclnnQuantMatmulAllReduceV4", a, group, reduceOp,
-                                         commTurn, streamMode, workspaceSize, executor);
+  return cann_double::ops::QuantV4Common("aclnnQuantMatmulAllReduceV4", x1, x2, bias, x3, x1Scale,
+                                         x2Scale, commQuantScale1, commQuantScale2, group, reduceOp,
+                                         commTurn, streamMode, groupSize, commQuantMode, output,
+                                         workspaceSize, executor);
 }
 CD_PHASE2(aclnnQuantMatmulAllReduceV4)
 
@@ -1075,10 +1072,8 @@ extern "C" CANN_DOUBLE_EXPORT aclnnStatus aclnnQuantMatmulAllReduceV5GetWorkspac
   const char* fn = "aclnnQuantMatmulAllReduceV5";
   if (aclnnStatus s = Injected("aclnnQuantMatmulAllReduceV5GetWorkspaceSize")) return s;
   if (aclnnStatus s = cann_double::ops::CheckCommMode(fn, commMode)) return s;
-  const cann_double::ops::V4Args a{
-      x1,     x2,        bias,         x3, x1Scale, x2Scale, commQuantScale1, commQuantScale2,
-      output, groupSize, commQuantMode};
-  return cann_double::ops::QuantV4Common(fn, a, group, reduceOp, commTurn, streamMode,
-                                         workspaceSize, executor);
+  return cann_double::ops::QuantV4Common(fn, x1, x2, bias, x3, x1Scale, x2Scale, commQuantScale1,
+                                         commQuantScale2, group, reduceOp, commTurn, streamMode,
+                                         groupSize, commQuantMode, output, workspaceSize, executor);
 }
 CD_PHASE2(aclnnQuantMatmulAllReduceV5)
