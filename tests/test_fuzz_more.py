@@ -101,8 +101,9 @@ INT8_BAD = (
 @FUZZ
 @given(st.data(), st.sampled_from((None,) * 6 + INT8_BAD))
 def test_fuzz_ffi_int8_matmul(data, bad):
-    """Direct calls of mc2_int8_matmul_ffi: every optional operand, both
-    layouts, the comm-scale quantization; bad operands are errors."""
+    """Direct calls of mc2_int8_matmul_ffi and of its epilogue alone
+    (mc2_int8_dequant_ffi): every optional operand, both layouts, the
+    comm-scale quantization; bad operands are errors."""
     draw = data.draw
     rng = _rng(draw)
     m, k, n = (
@@ -164,10 +165,30 @@ def test_fuzz_ffi_int8_matmul(data, bad):
         "mc2_int8_matmul_ffi",
         bad,
     )
+    w = want_x2.T if t else want_x2
+    if bad not in ("x1_dtype", "x2_dtype", "k_mismatch", "k_zero"):
+        # The same epilogue on an accumulator computed elsewhere (XLA's int8
+        # dot): the same errors for the operands it shares, the same bits.
+        acc32 = (want_x1.astype(np.int64) @ w.astype(np.int64)).astype(I32)
+        got_dequant = _handler_error(
+            lambda: _call(
+                _ffi.INT8_DEQUANT,
+                jax.ShapeDtypeStruct((m, n), result_type),
+                acc32,
+                *operands[2:],
+                has_pertoken=has["pertoken"],
+                has_bias=has["bias"],
+                has_x3=has["x3"],
+                has_comm_scale=has["comm"],
+            ),
+            "mc2_int8_dequant_ffi",
+            bad,
+        )
+        if bad is None:
+            np.testing.assert_array_equal(np.asarray(got_dequant), np.asarray(got))
     if bad is not None:
         return
     # The model: exact int32 accumulation, fp32 dequant, roundings in order.
-    w = want_x2.T if t else want_x2
     acc = want_x1.astype(np.int64) @ w.astype(np.int64) + (bias if has["bias"] else 0)
     y = acc.astype(F32) * np.broadcast_to(scale, (n,))
     if has["pertoken"]:
