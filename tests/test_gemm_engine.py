@@ -32,10 +32,30 @@ def test_env_choice_is_validated(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
-def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype):
+@pytest.mark.parametrize("k", [64, 4096])
+def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype, k):
     monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
-    want = _ffi.XLA_GEMM_FEATURES.get(dtype, frozenset()) & set(_ffi.cpu_flags())
-    assert _ffi.gemm_engine(dtype) == (_ffi.XLA_DOT if want else _ffi.BLAS)
+    flags = set(_ffi.cpu_flags())
+    rules = _ffi.XLA_GEMM_RULES.get(dtype, ())
+    want = any(features & flags and k >= min_k for features, min_k in rules)
+    assert _ffi.gemm_engine(dtype, k) == (_ffi.XLA_DOT if want else _ffi.BLAS)
+
+
+def test_the_table_by_cpu(monkeypatch):
+    monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
+    cases = [
+        # (CPU flags, dtype, k, engine)
+        (("avx2", "fma", "f16c"), "bfloat16", 4096, "blas"),
+        (("avx2", "fma", "f16c"), "int8", 512, "blas"),
+        (("avx2", "fma", "f16c"), "int8", 2048, "xla"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, "xla"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, "xla"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, "blas"),
+        ((), "int8", 4096, "blas"),
+    ]
+    for flags, dtype, k, engine in cases:
+        monkeypatch.setattr(_ffi, "cpu_flags", lambda flags=flags: flags)
+        assert _ffi.gemm_engine(dtype, k) == engine, (flags, dtype, k)
 
 
 def test_the_choice_decides_the_lowering(monkeypatch):

@@ -90,14 +90,19 @@ CPU_FLAGS = (
     "amx_bf16",
 )
 
-#: Where XLA's dot_general beats OpenBLAS sgemm on converted operands:
-#: operand dtype -> the CPU features that give XLA a native GEMM for it.
-#: Elsewhere (and for float16 and the fp8 / hifloat8 / MX / perblock rows
-#: everywhere) sgemm measured faster. The measurements are in
-#: docs/benchmarks.md.
-XLA_GEMM_FEATURES: dict[str, frozenset[str]] = {
-    "bfloat16": frozenset({"avx512_bf16", "amx_bf16"}),
-    "int8": frozenset({"avx2", "avx_vnni", "avx512_vnni", "amx_int8"}),
+#: Where XLA's dot_general beats OpenBLAS sgemm on converted operands, by
+#: measurement (docs/semantics.md §12): operand dtype -> rules of (CPU
+#: features, any of which qualifies; the least per-rank k). XLA's GEMM is
+#: native for bfloat16 with AVX512-BF16 / AMX and for int8 with VNNI / AMX;
+#: with AVX2 alone its int8 GEMM wins only for deep products (k >= 1024).
+#: Elsewhere, and for float16, float32 and the fp8 / hifloat8 / MX /
+#: perblock rows everywhere, sgemm measured faster.
+XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int], ...]] = {
+    "bfloat16": ((frozenset({"avx512_bf16", "amx_bf16"}), 0),),
+    "int8": (
+        (frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 0),
+        (frozenset({"avx2"}), 1024),
+    ),
 }
 
 
@@ -116,19 +121,20 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
-def gemm_engine(dtype) -> str:
+def gemm_engine(dtype, k: int = 0) -> str:
     """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
-    operands of ``dtype``, read when a call is lowered (``JAX_MC2_GEMM``, or
-    :data:`XLA_GEMM_FEATURES` against this CPU's flags). The results do not
-    depend on it beyond the order of the fp32 accumulation: int8 products
-    are exact either way."""
+    operands of ``dtype`` with a per-rank contraction depth ``k``, read when a
+    call is lowered (``JAX_MC2_GEMM``, or :data:`XLA_GEMM_RULES` against this
+    CPU's flags). The results do not depend on it beyond the order of the
+    fp32 accumulation: int8 products are exact either way."""
     choice = os.environ.get("JAX_MC2_GEMM") or "auto"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
     if choice != "auto":
         return choice
-    features = XLA_GEMM_FEATURES.get(np.dtype(dtype).name, frozenset())
-    return XLA_DOT if features & set(cpu_flags()) else BLAS
+    flags = set(cpu_flags())
+    rules = XLA_GEMM_RULES.get(np.dtype(dtype).name, ())
+    return XLA_DOT if any(features & flags and k >= min_k for features, min_k in rules) else BLAS
 
 
 def matmul(
@@ -150,7 +156,7 @@ def matmul(
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
     offset [1], [n] or [ceil(k / group_size), n]).
     """
-    if antiquant_scale is None and gemm_engine(x1.dtype) == XLA_DOT:
+    if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1]) == XLA_DOT:
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
         # epilogue (bias, x3, rounding) fuses into XLA's output pass.
         return xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
@@ -220,7 +226,7 @@ def int8_matmul(
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
     )
-    if gemm_engine(jnp.int8) == XLA_DOT:
+    if gemm_engine(jnp.int8, x1.shape[-1]) == XLA_DOT:
         # XLA's int8 GEMM gives the same exact int32 accumulator; the
         # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
         dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
