@@ -4,6 +4,8 @@ aclnnMatmulAllReduceAddRmsNorm and aclnnInplaceMatmulAllReduceAddRmsNorm).
     mm       = allReduce(x1 @ x2 + bias)
     y        = mm + residual
     norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
+
+The two differ only in where ``y`` lives, so one signature serves both.
 """
 
 from __future__ import annotations
@@ -12,20 +14,47 @@ from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
 from jax_mc2.primitives.mm_all_reduce_add_rms_norm import bind_add_rms_norm
 
 
-def matmul_all_reduce_add_rms_norm(
-    x1: ArrayLike,
-    x2: ArrayLike,
-    residual: ArrayLike,
-    gamma: ArrayLike,
-    axis_name: AxisName,
-    *,
-    bias: ArrayLike | None = None,
-    epsilon: float = 1e-6,
-    reduce_op: str = "sum",
-    comm_turn: int = 0,
-    transpose_x2: bool = False,
-    implementation: Implementation = None,
-) -> tuple[Array, Array]:
+def _entry_point(inplace: bool, name: str, doc: str):
+    """The public function ``name`` (docstring ``doc``) binding the primitive
+    out of place or, with ``inplace``, with ``y`` aliasing ``residual``."""
+
+    def entry_point(
+        x1: ArrayLike,
+        x2: ArrayLike,
+        residual: ArrayLike,
+        gamma: ArrayLike,
+        axis_name: AxisName,
+        *,
+        bias: ArrayLike | None = None,
+        epsilon: float = 1e-6,
+        reduce_op: str = "sum",
+        comm_turn: int = 0,
+        transpose_x2: bool = False,
+        implementation: Implementation = None,
+    ) -> tuple[Array, Array]:
+        return bind_add_rms_norm(
+            inplace,
+            x1,
+            x2,
+            residual,
+            gamma,
+            axis_name,
+            bias=bias,
+            epsilon=epsilon,
+            reduce_op=reduce_op,
+            comm_turn=comm_turn,
+            transpose_x2=transpose_x2,
+            implementation=implementation,
+        )
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__doc__ = doc
+    return entry_point
+
+
+matmul_all_reduce_add_rms_norm = _entry_point(
+    False,
+    "matmul_all_reduce_add_rms_norm",
     """Matmul + all-reduce + add + RMSNorm.
 
     Args:
@@ -44,37 +73,12 @@ def matmul_all_reduce_add_rms_norm(
     Returns:
       ``(y, norm_out)``, both [b, s, n] in residual's dtype:
       ``y = allReduce(x1 @ x2 + bias) + residual``, ``norm_out = RMSNorm(y) * gamma``.
-    """
-    return bind_add_rms_norm(
-        False,
-        x1,
-        x2,
-        residual,
-        gamma,
-        axis_name,
-        bias=bias,
-        epsilon=epsilon,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
-        transpose_x2=transpose_x2,
-        implementation=implementation,
-    )
+    """,
+)
 
-
-def inplace_matmul_all_reduce_add_rms_norm(
-    x1: ArrayLike,
-    x2: ArrayLike,
-    residual: ArrayLike,
-    gamma: ArrayLike,
-    axis_name: AxisName,
-    *,
-    bias: ArrayLike | None = None,
-    epsilon: float = 1e-6,
-    reduce_op: str = "sum",
-    comm_turn: int = 0,
-    transpose_x2: bool = False,
-    implementation: Implementation = None,
-) -> tuple[Array, Array]:
+inplace_matmul_all_reduce_add_rms_norm = _entry_point(
+    True,
+    "inplace_matmul_all_reduce_add_rms_norm",
     """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
     ``residual``'s buffer (``input_output_aliases``): donate ``residual``
     (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;
@@ -85,18 +89,5 @@ def inplace_matmul_all_reduce_add_rms_norm(
 
     Returns:
       ``(y, norm_out)``, both [b, s, n] in residual's dtype.
-    """
-    return bind_add_rms_norm(
-        True,
-        x1,
-        x2,
-        residual,
-        gamma,
-        axis_name,
-        bias=bias,
-        epsilon=epsilon,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
-        transpose_x2=transpose_x2,
-        implementation=implementation,
-    )
+    """,
+)
