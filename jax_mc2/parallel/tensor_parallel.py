@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mc2.framework import validation
-from jax_mc2.framework.validation import shape_str
+from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.operators.matmul_all_reduce import mm_all_reduce_base
 from jax_mc2.operators.matmul_all_reduce_add_rms_norm import (
     inplace_matmul_all_reduce_add_rms_norm,
@@ -288,6 +288,30 @@ def row_parallel_linear(
     return shard_map_global(shard, mesh, specs, out_spec, args, check_vma=True)
 
 
+def _check_norm_operands(op, x, residual, gamma, n):
+    """The global residual (b, s, n), x's leading dimensions, and gamma (n,),
+    both in x's dtype (the operator's rule, checked here in the wrapper's
+    terms)."""
+    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
+        raise validation.type_error(
+            op,
+            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
+            f"{shape_str(np.shape(residual))}",
+        )
+    if np.shape(gamma) != (n,):
+        raise validation.type_error(
+            op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
+        )
+    dtype = jnp.result_type(x)
+    for name, operand in (("residual", residual), ("gamma", gamma)):
+        if jnp.result_type(operand) != dtype:
+            raise validation.type_error(
+                op,
+                f"{name} dtype must equal x dtype {dtype_name(dtype)}, got "
+                f"{dtype_name(jnp.result_type(operand))}",
+            )
+
+
 def row_parallel_linear_add_rms_norm(
     x,
     w,
@@ -309,7 +333,11 @@ def row_parallel_linear_add_rms_norm(
     Args:
       x: global [m, k] or [b, s, k], sharded on k along ``axis``.
       w: global [k, n] ([n, k] with ``transpose_w``), sharded on k.
-      residual: global [b, s, n]; gamma: [n]; bias: [n], added once.
+      residual: global [b, s, n]; gamma: [n]; both in x's dtype.
+      bias: [n], added once (on the first rank of ``axis``).
+      epsilon: as in ``matmul_all_reduce_add_rms_norm``.
+      mesh, axis, data_axis, comm_turn, transpose_w, implementation: as in
+        :func:`row_parallel_linear`.
       inplace: use the in-place operator (y reuses residual's buffer).
 
     Returns:
@@ -322,34 +350,20 @@ def row_parallel_linear_add_rms_norm(
     x, w, residual, gamma, bias = (_as_array(a) for a in (x, w, residual, gamma, bias))
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
-    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
-        raise validation.type_error(
-            op,
-            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
-            f"{shape_str(np.shape(residual))}",
-        )
-    if np.shape(gamma) != (n,):
-        raise validation.type_error(
-            op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
-        )
-    w_spec = P(None, axis) if transpose_w else P(axis, None)
+    _check_norm_operands(op, x, residual, gamma, n)
     r_spec = P(data_axis, None, None)
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
+    options = {
+        "epsilon": epsilon,
+        "comm_turn": comm_turn,
+        "transpose_x2": transpose_w,
+        "implementation": implementation,
+    }
 
     def shard(x_s, w_s, r_s, g_s, *b):
-        return fn(
-            x_s,
-            w_s,
-            r_s,
-            g_s,
-            axis,
-            bias=_bias_once(b[0], axis) if b else None,
-            epsilon=epsilon,
-            comm_turn=comm_turn,
-            transpose_x2=transpose_w,
-            implementation=implementation,
-        )
+        bias_s = _bias_once(b[0], axis) if b else None
+        return fn(x_s, w_s, r_s, g_s, axis, bias=bias_s, **options)
 
     args = (x, w, residual, gamma) + ((bias,) if bias is not None else ())
-    specs = (x_spec, w_spec, r_spec, P()) + ((P(),) if bias is not None else ())
+    specs = (x_spec, _w_spec(axis, transpose_w), r_spec, P()) + ((P(),) if bias is not None else ())
     return shard_map_global(shard, mesh, specs, (r_spec, r_spec), args, check_vma=True)
