@@ -10,13 +10,22 @@ The two differ only in where ``y`` lives, so one signature serves both.
 
 from __future__ import annotations
 
+from jax_mc2.framework import validation
+from jax_mc2.framework.collective import collective_params
+from jax_mc2.framework.primitive import bind
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
-from jax_mc2.primitives.mm_all_reduce_add_rms_norm import bind_add_rms_norm
+from jax_mc2.primitives.mm_all_reduce_add_rms_norm import (
+    INPLACE_OP,
+    OP,
+    check_epsilon,
+    mm_all_reduce_add_rms_norm_p,
+)
 
 
-def _entry_point(inplace: bool, name: str, doc: str):
-    """The public function ``name`` (docstring ``doc``) binding the primitive
-    out of place or, with ``inplace``, with ``y`` aliasing ``residual``."""
+def _entry_point(inplace: bool, doc: str):
+    """The public function (docstring ``doc``) binding the primitive out of
+    place or, with ``inplace``, with ``y`` aliasing ``residual``."""
+    name = INPLACE_OP if inplace else OP
 
     def entry_point(
         x1: ArrayLike,
@@ -32,20 +41,18 @@ def _entry_point(inplace: bool, name: str, doc: str):
         transpose_x2: bool = False,
         implementation: Implementation = None,
     ) -> tuple[Array, Array]:
-        return bind_add_rms_norm(
-            inplace,
-            x1,
-            x2,
-            residual,
-            gamma,
-            axis_name,
-            bias=bias,
+        validation.check_reduce_op(name, reduce_op)
+        epsilon = check_epsilon(name, epsilon)
+        params = collective_params(name, axis_name, comm_turn, implementation)
+        y, norm_out = bind(
+            mm_all_reduce_add_rms_norm_p,
+            {"x1": x1, "x2": x2, "residual": residual, "gamma": gamma, "bias": bias},
             epsilon=epsilon,
-            reduce_op=reduce_op,
-            comm_turn=comm_turn,
-            transpose_x2=transpose_x2,
-            implementation=implementation,
+            transpose_x2=validation.check_bool(name, "transpose_x2", transpose_x2),
+            inplace=inplace,
+            **params,
         )
+        return y, norm_out
 
     entry_point.__name__ = entry_point.__qualname__ = name
     entry_point.__doc__ = doc
@@ -54,7 +61,6 @@ def _entry_point(inplace: bool, name: str, doc: str):
 
 matmul_all_reduce_add_rms_norm = _entry_point(
     False,
-    "matmul_all_reduce_add_rms_norm",
     """Matmul + all-reduce + add + RMSNorm.
 
     Args:
@@ -78,7 +84,6 @@ matmul_all_reduce_add_rms_norm = _entry_point(
 
 inplace_matmul_all_reduce_add_rms_norm = _entry_point(
     True,
-    "inplace_matmul_all_reduce_add_rms_norm",
     """:func:`matmul_all_reduce_add_rms_norm` with ``y`` written into
     ``residual``'s buffer (``input_output_aliases``): donate ``residual``
     (``jax.jit(..., donate_argnums=...)``) to get the buffer back as ``y``;
