@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mc2.framework import validation
+from jax_mc2.framework.typing import Array, ArrayLike, DTypeLike, Implementation
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.operators.matmul_all_reduce import mm_all_reduce_base
 from jax_mc2.operators.matmul_all_reduce_add_rms_norm import (
@@ -133,12 +134,12 @@ class W8A8:
     the int8 low-bit communication chain.
     """
 
-    weight_scale: object
-    out_dtype: object = jnp.bfloat16
-    comm_quant_scales: tuple | None = None
+    weight_scale: ArrayLike
+    out_dtype: DTypeLike = jnp.bfloat16
+    comm_quant_scales: tuple[ArrayLike, ArrayLike] | None = None
 
 
-def quantize_weight_int8(w):
+def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
     """Per-output-channel symmetric int8 quantization of w [k, n].
 
     Returns ``(w_int8 [k, n], scale float32 [n])`` with
@@ -229,18 +230,18 @@ def _w8a8_shard(axis, quant, has_bias, **options):
 
 
 def row_parallel_linear(
-    x,
-    w,
+    x: ArrayLike,
+    w: ArrayLike,
     *,
-    mesh,
-    axis,
-    bias=None,
-    quant=None,
-    data_axis=None,
-    comm_turn=0,
-    transpose_w=False,
-    implementation=None,
-):
+    mesh: Mesh,
+    axis: str | tuple[str, ...],
+    bias: ArrayLike | None = None,
+    quant: W8A8 | None = None,
+    data_axis: str | None = None,
+    comm_turn: int = 0,
+    transpose_w: bool = False,
+    implementation: Implementation = None,
+) -> Array:
     """``x @ w + bias`` with x and w sharded along ``axis`` (row parallel).
 
     Args:
@@ -313,21 +314,21 @@ def _check_norm_operands(op, x, residual, gamma, n):
 
 
 def row_parallel_linear_add_rms_norm(
-    x,
-    w,
-    residual,
-    gamma,
+    x: ArrayLike,
+    w: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
     *,
-    mesh,
-    axis,
-    bias=None,
-    epsilon=1e-6,
-    data_axis=None,
-    comm_turn=0,
-    transpose_w=False,
-    inplace=False,
-    implementation=None,
-):
+    mesh: Mesh,
+    axis: str | tuple[str, ...],
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    data_axis: str | None = None,
+    comm_turn: int = 0,
+    transpose_w: bool = False,
+    inplace: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
     """``y = x @ w + bias + residual``, ``norm_out = RMSNorm(y) * gamma``.
 
     Args:
