@@ -723,10 +723,6 @@ def test_fuzz_row_parallel_linear_add_rms_norm(case, inplace, eps, data):
         assert_close(np.asarray(norm)[rows], want_n[rows], tol_n[rows], f"norm [{impl}]")
 
 
-# Shapes and flags only: a residual / gamma dtype mismatch is rejected by the
-# inner operator, whose message names matmul_all_reduce_add_rms_norm, not the
-# wrapper (row_parallel_linear_add_rms_norm(f16 x, ..., f32 residual) raises
-# "matmul_all_reduce_add_rms_norm: residual dtype must equal x1 dtype ...").
 RPL_BAD = (
     "axis",
     "data_axis",
@@ -744,6 +740,8 @@ RPL_BAD = (
     "w8a8_bias",
     "residual_shape",
     "gamma_shape",
+    "residual_dtype",
+    "gamma_dtype",
     "inplace",
 )
 
@@ -757,7 +755,7 @@ def test_fuzz_row_parallel_invalid(case, norm, bad):
     n = w.shape[0] if t else w.shape[1]
     if bad in ("quant", "w8a8_out", "w8a8_bias"):
         norm = False
-    elif bad in ("residual_shape", "gamma_shape", "inplace"):
+    elif bad in ("residual_shape", "gamma_shape", "residual_dtype", "gamma_dtype", "inplace"):
         norm = True
     op = "row_parallel_linear_add_rms_norm" if norm else "row_parallel_linear"
     mesh = make_mesh((2, 1) if bad == "rows" else (1, 2), ("dp", "tp"))
@@ -780,6 +778,8 @@ def test_fuzz_row_parallel_invalid(case, norm, bad):
         "w8a8_bias": "bias",
         "residual_shape": "residual",
         "gamma_shape": "gamma",
+        "residual_dtype": "residual",
+        "gamma_dtype": "gamma",
         "inplace": "inplace",
     }[bad]
     if bad == "axis":
@@ -821,6 +821,10 @@ def test_fuzz_row_parallel_invalid(case, norm, bad):
         residual = np.zeros((*x.shape[:-1], n + 1), dtype)
     elif bad == "gamma_shape":
         gamma = np.ones((n + 1,), dtype)
+    elif bad == "residual_dtype":
+        residual = residual.astype(F16 if dtype != F16 else F32)
+    elif bad == "gamma_dtype":
+        gamma = gamma.astype(F16 if dtype != F16 else F32)
     elif bad == "inplace":
         kw["inplace"] = 1
     with pytest.raises(DOCUMENTED) as info:

@@ -45,6 +45,15 @@ def _rpl(**kw):
     return lambda: parallel.row_parallel_linear(x, w, **args)
 
 
+def _rpl_norm(**kw):
+    args = {"mesh": make_mesh((4,), ("tp",)), "axis": "tp"}
+    args.update(kw)
+    x = args.pop("x", _X.reshape(2, 4, 64))
+    residual = args.pop("residual", np.zeros((2, 4, 16), np.float32))
+    gamma = args.pop("gamma", np.ones(16, np.float32))
+    return lambda: parallel.row_parallel_linear_add_rms_norm(x, _W, residual, gamma, **args)
+
+
 def _moe(**kw):
     args = {"mesh": make_mesh((2,), ("ep",)), "axis": "ep"}
     args.update(kw)
@@ -131,6 +140,44 @@ CASES = {
         _rpl(transpose_w="yes"),
         ValueError,
         r"row_parallel_linear: transpose_w must be a bool, got 'yes'",
+    ),
+    # row_parallel_linear_add_rms_norm checks residual and gamma itself.
+    "rpl_norm_residual_shape": (
+        _rpl_norm(residual=np.zeros((8, 16), np.float32)),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: residual must be 3-D \(b, s, n\) = \(2, 4, 16\), "
+        r"got \(8, 16\)",
+    ),
+    "rpl_norm_gamma_shape": (
+        _rpl_norm(gamma=np.ones(8, np.float32)),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: gamma must be \(n,\) = \(16,\), got \(8,\)",
+    ),
+    "rpl_norm_residual_dtype": (
+        _rpl_norm(residual=np.zeros((2, 4, 16), np.float16)),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: residual dtype must equal x dtype float32, "
+        r"got float16",
+    ),
+    "rpl_norm_residual_dtype_inplace": (
+        _rpl_norm(residual=jnp.zeros((2, 4, 16), jnp.bfloat16), inplace=True),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: residual dtype must equal x dtype float32, "
+        r"got bfloat16",
+    ),
+    "rpl_norm_gamma_dtype": (
+        _rpl_norm(gamma=np.ones(16, np.float16)),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: gamma dtype must equal x dtype float32, got float16",
+    ),
+    "rpl_norm_gamma_dtype_f16_x": (
+        _rpl_norm(
+            x=np.ones((2, 4, 64), np.float16),
+            residual=np.zeros((2, 4, 16), np.float16),
+            gamma=np.ones(16, np.float32),
+        ),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: gamma dtype must equal x dtype float16, got float32",
     ),
     # expert_parallel_moe static arguments.
     "moe_top_k_float": (

@@ -102,6 +102,15 @@ def _drop_empty_env(name: str) -> None:
         del os.environ[name.upper()]
 
 
+def env_choice(variable: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    """The environment variable's value, one of ``choices``; unset or empty
+    gives ``default``. Raises ValueError for any other value."""
+    value = os.environ.get(variable) or default
+    if value is not None and value not in choices:
+        raise ValueError(f"{variable} must be one of {choices}, got {value!r}")
+    return value
+
+
 def config_enum_state(name: str, values: list[str], default: str, help: str):
     """A jax config option that is part of the jit cache key."""
     _drop_empty_env(name)

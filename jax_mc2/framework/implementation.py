@@ -10,8 +10,6 @@ CPU, ``xla`` on GPU/TPU. An implementation that cannot serve a call raises
 
 from __future__ import annotations
 
-import os
-
 from jax_mc2.framework import _compat
 
 XLA = "xla"
@@ -20,17 +18,10 @@ ASCEND = "ascend"
 IMPLEMENTATIONS = (XLA, FFI, ASCEND)
 
 
-def _env_default() -> str | None:
-    value = os.environ.get("JAX_MC2_IMPLEMENTATION") or None
-    if value is not None and value not in IMPLEMENTATIONS:
-        raise ValueError(f"JAX_MC2_IMPLEMENTATION must be one of {IMPLEMENTATIONS}, got {value!r}")
-    return value
-
-
 _implementation_state = _compat.config_optional_enum_state(
     "jax_mc2_implementation",
     list(IMPLEMENTATIONS),
-    _env_default(),
+    _compat.env_choice("JAX_MC2_IMPLEMENTATION", IMPLEMENTATIONS, None),
     "Default jax_mc2 implementation (None: ffi on CPU, xla elsewhere).",
 )
 

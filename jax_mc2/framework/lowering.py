@@ -93,20 +93,20 @@ def composition(
     *,
     multiple_results: bool,
     pass_context: bool = False,
-    parallelism: bool = False,
+    pass_parallelism: bool = False,
 ) -> Callable:
     """A table rule that lowers the JAX function ``fn`` with ``mlir.lower_fun``.
 
     ``fn`` gets the parameters less ``world_size`` (which only serves abstract
-    evaluation); with ``pass_context`` also ``world_size`` and ``platforms``,
-    with ``parallelism`` the number of programs XLA runs at once (for the CPU
-    kernels to divide the cores among).
+    evaluation); with ``pass_context`` also ``world_size`` and ``platforms``;
+    with ``pass_parallelism`` also ``parallelism``, the number of programs
+    XLA runs at once (for the CPU kernels to divide the cores among).
     """
 
     def rule(ctx, *operands, world_size, **params):
         if pass_context:
             params.update(world_size=world_size, platforms=_compat.lowering_platforms(ctx))
-        if parallelism:
+        if pass_parallelism:
             params["parallelism"] = _compat.lowering_parallelism(ctx)
         lowered = functools.partial(fn, **params)
         return _compat.lower_fun(lowered, multiple_results=multiple_results)(ctx, *operands)
@@ -140,7 +140,7 @@ def register_implementations(
         name,
         _implementation.FFI,
         composition(
-            ffi, multiple_results=multiple_results, pass_context=pass_context, parallelism=True
+            ffi, multiple_results=multiple_results, pass_context=pass_context, pass_parallelism=True
         ),
         platforms=("cpu",),
     )

@@ -202,18 +202,10 @@ PROFILES: dict[str, TargetProfile] = {
 }
 
 
-def _env_default() -> str:
-    # An empty variable means unset.
-    value = os.environ.get("JAX_MC2_TARGET") or GENERIC
-    if value not in TARGETS:
-        raise ValueError(f"JAX_MC2_TARGET must be one of {TARGETS}, got {value!r}")
-    return value
-
-
 _target_state = _compat.config_enum_state(
     "jax_mc2_target",
     list(TARGETS),
-    _env_default(),
+    _compat.env_choice("JAX_MC2_TARGET", TARGETS, GENERIC),
     "Chip whose support matrix jax_mc2 applies at abstract-evaluation time.",
 )
 

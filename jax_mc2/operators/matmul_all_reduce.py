@@ -21,6 +21,7 @@ from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce
 from jax_mc2.primitives.weight_quant_mm_all_reduce import weight_quant_mm_all_reduce_p
 
 OP = "mm_all_reduce_base"
+_X2_DTYPES = (np.int8, np.float16, jnp.bfloat16, np.float32)
 
 
 def mm_all_reduce_base(
@@ -45,44 +46,34 @@ def mm_all_reduce_base(
 ) -> Array:
     """Matmul + all-reduce: ``allReduce(x1 @ x2 + bias + x3)`` over ``axis_name``.
 
-    Modes: non-quantized (float x1 and x2); weight-only quantization (int8 x2
-    with antiquant_scale); full quantization (int8 x1 and x2 with
-    dequant_scale). Low-bit communication (comm_quant_scale_1/2, full
-    quantization only) replaces the all-reduce with the int8 all-to-all,
-    sum and all-gather chain.
+    Three modes, chosen by the arguments (docs/api.md, "mm_all_reduce_base
+    modes"): non-quantized (float x1 and x2); weight-only quantization (int8
+    x2 with antiquant_scale); full quantization (int8 x1 and x2 with
+    dequant_scale), optionally with the int8 low-bit communication.
 
     Args:
-      x1: [m, k] or [b, s, k], float16 or bfloat16 (float32 on the generic target).
+      x1: [m, k] or [b, s, k]: float16 or bfloat16 (float32 on the generic
+        target); int8 in full quantization.
       x2: [k, n], or [n, k] with ``transpose_x2=True``; x1's dtype, or int8
         (weight-only and full quantization).
       axis_name: mesh axis name (or tuple of names) bound by an enclosing
         ``shard_map``; None for a group of one (no communication).
-      bias: [n], added on every rank before the reduction; x1's dtype, int32
-        in full quantization.
-      x3: the output shape and dtype, added on every rank before the
-        reduction (in full quantization after the dequantization).
-      antiquant_scale: weight-only quantization, int8 x2 dequantized as
-        ``(x2 + antiquant_offset) * antiquant_scale`` in x1's dtype; pertensor
-        (1,), perchannel (n,) / (1, n), or pergroup (ceil(k / G), n) with
-        ``antiquant_group_size`` G (a multiple of 32 in [32, k - 1]).
-      antiquant_offset: antiquant_scale's shape and dtype (optional).
-      dequant_scale: full quantization (int8 x1 and x2, int32 bias):
-        ``allReduce(dequant_scale * (x1 @ x2 + bias) (* pertoken_scale) + x3)``
-        with packed int64/uint64 words (or uint32 pairs; float16 output),
-        bfloat16 (bfloat16 output) or, with pertoken_scale, float32 (float16
-        output); shape (1,), (n,) or (1, n).
+      reduce_op: "sum".
+      bias: [n], x1's dtype (int32 in full quantization); x3: the output
+        shape and dtype. Both are added on every rank before the reduction.
+      antiquant_scale, antiquant_offset: weight-only quantization, x1's
+        dtype, (1,), (n,) / (1, n), or (ceil(k / G), n) for
+        ``antiquant_group_size`` G (0, or a multiple of 32 in [32, k - 1]);
+        the offset (optional) has the scale's shape.
+      dequant_scale: full quantization, (1,), (n,) or (1, n): packed
+        int64/uint64 words or uint32 pairs (float16 output), bfloat16
+        (bfloat16 output), or float32 with pertoken_scale (float16 output).
       pertoken_scale: float32 [m] ([b * s] for 3-D x1), with dequant_scale.
       comm_quant_scale_1, comm_quant_scale_2: (n,) or (1, n) in the output
-        dtype, given together, full quantization only: the int8 low-bit
-        communication (quantize by scale_1, all-to-all, sum, requantize by
-        scale_2, all-gather, dequantize).
-      comm_turn: 0, or t > 0 to split the m rows into t chunks, each with its
-        own matmul and all-reduce (same result; CANN accepts only 0).
+        dtype, together, full quantization only (low-bit communication).
+      comm_turn: 0, or t > 0 row chunks, each with its own all-reduce.
       x2_format: None / "ND", or "FRACTAL_NZ" for x2 in the NZ layout of
-        ``quant.to_fractal_nz`` (seed 004 accepts NZ weights in every mode):
-        (ceil(n/c0), ceil(k/16), 16, c0) for x2 (k, n), (ceil(k/c0),
-        ceil(n/16), 16, c0) for a transposed (n, k), c0 = 32 for int8 and 16
-        for float16/bfloat16 (8 for float32); n is the padded extent.
+        ``quant.to_fractal_nz`` (every mode).
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
@@ -92,57 +83,65 @@ def mm_all_reduce_base(
     """
     validation.check_reduce_op(OP, reduce_op)
     transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
-    x2 = x2_from_format(
-        OP,
-        x1,
-        x2,
-        x2_format,
-        transpose_x2=transpose_x2,
-        dtypes=(np.int8, np.float16, jnp.bfloat16, np.float32),
-    )
+    x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=_X2_DTYPES)
     comm_scales = _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale)
     _check_antiquant_arguments(
         antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
     )
+    common = {
+        "bias": bias,
+        "x3": x3,
+        "comm_turn": comm_turn,
+        "transpose_x2": transpose_x2,
+        "implementation": implementation,
+    }
     if antiquant_scale is not None:
-        return bind(
-            weight_quant_mm_all_reduce_p,
-            {
-                "x1": x1,
-                "x2": x2,
-                "scale": antiquant_scale,
-                "offset": antiquant_offset,
-                "bias": bias,
-                "x3": x3,
-            },
-            transpose_x2=bool(transpose_x2),
-            group_size=validation.check_int(
-                OP, "antiquant_group_size", antiquant_group_size, minimum=0
-            ),
-            **collective_params(OP, axis_name, comm_turn, implementation),
-        )
+        antiquant = (antiquant_scale, antiquant_offset, antiquant_group_size)
+        return _bind_weight_quant(x1, x2, axis_name, antiquant, **common)
     if dequant_scale is not None:
-        return bind_int8_matmul_all_reduce(
-            OP,
-            x1,
-            x2,
-            axis_name,
-            dequant_scale=dequant_scale,
-            pertoken_scale=pertoken_scale,
-            comm_quant_scales=comm_scales,
-            bias=bias,
-            x3=x3,
-            reduce_op=reduce_op,
-            comm_turn=comm_turn,
-            transpose_x2=transpose_x2,
-            implementation=implementation,
-        )
+        scales = (dequant_scale, pertoken_scale, comm_scales)
+        return _bind_full_quant(x1, x2, axis_name, scales, reduce_op=reduce_op, **common)
     _check_plain_arguments(x1, pertoken_scale)
+    return _bind_plain(x1, x2, axis_name, **common)
+
+
+def _bind_plain(x1, x2, axis_name, *, bias, x3, comm_turn, transpose_x2, implementation):
+    """The non-quantized mode."""
     return bind(
         mm_all_reduce_p,
         {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
         transpose_x2=bool(transpose_x2),
         **collective_params(OP, axis_name, comm_turn, implementation),
+    )
+
+
+def _bind_weight_quant(
+    x1, x2, axis_name, antiquant, *, bias, x3, comm_turn, transpose_x2, implementation
+):
+    """The weight-only mode: ``antiquant`` is (scale, offset, group size)."""
+    scale, offset, group_size = antiquant
+    return bind(
+        weight_quant_mm_all_reduce_p,
+        {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "bias": bias, "x3": x3},
+        transpose_x2=bool(transpose_x2),
+        group_size=validation.check_int(OP, "antiquant_group_size", group_size, minimum=0),
+        **collective_params(OP, axis_name, comm_turn, implementation),
+    )
+
+
+def _bind_full_quant(x1, x2, axis_name, scales, **options):
+    """The full-quantization mode, on the int8 primitive: ``scales`` is
+    (dequant_scale, pertoken_scale, the comm_quant_scale_1/2 pair or None)."""
+    dequant_scale, pertoken_scale, comm_scales = scales
+    return bind_int8_matmul_all_reduce(
+        OP,
+        x1,
+        x2,
+        axis_name,
+        dequant_scale=dequant_scale,
+        pertoken_scale=pertoken_scale,
+        comm_quant_scales=comm_scales,
+        **options,
     )
 
 

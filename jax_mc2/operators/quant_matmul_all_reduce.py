@@ -101,115 +101,86 @@ def quant_matmul_all_reduce_v4(
 ) -> Array:
     """Quantized matmul + all-reduce, aclnnQuantMatmulAllReduceV4 (seed 003).
 
-    Every row of the seed's tables (Atlas A2: the int8 rows; Ascend 950: all):
-
-    int8 x1/x2, int32 bias, ``out = allReduce(x2_scale * (x1 @ x2 + bias) (* x1_scale) + x3)``
-      - packed int64/uint64 ``x2_scale`` (or uint32 pairs) -> float16;
-      - float32 ``x2_scale`` with float32 pertoken ``x1_scale`` [m] -> float16;
-      - bfloat16 ``x2_scale`` (optionally with ``x1_scale``) -> bfloat16;
-      with optional int8 low-bit communication (``comm_quant_scale_1/2`` in
-      the output dtype, docs/semantics.md §5.1). The output dtype is the one
-      the scales select (``out_dtype`` may only repeat it).
-    fp8 (float8_e4m3fn / float8_e5m2) or hifloat8 (uint8 codes with
-    ``x1_format=x2_format="hifloat8"``) x1/x2, float32 bias, output float16,
-    bfloat16 or float32 (``out_dtype``, default bfloat16):
-      - pertoken: float32 ``x1_scale`` (m,) and float32 ``x2_scale`` (1,),
-        (n,) or (1, n): ``y = f32(x1 @ x2 + bias) * x2_scale * x1_scale``;
-      - perchannel / pertensor: packed ``x2_scale`` words, no ``x1_scale``,
-        output float16 / bfloat16 (float32 too under the generic target):
-        ``y = f32(x1 @ x2 + bias) * fp19(x2_scale)``;
-      - perblock: float32 ``x1_scale`` (ceil(m/128), ceil(k/128)) ((b,
-        ceil(s/128), ceil(k/128)) for 3-D x1), ``x2_scale`` (ceil(k/128),
-        ceil(n/128)) ((ceil(n/128), ceil(k/128)) transposed), no bias,
-        ``group_size`` resolving to (128, 128, 128) (``quant.group_size``;
-        a 0 field is inferred as dim / scale extent and must divide):
-        ``y = sum_kb (x1[:, kb] @ x2[kb, :]) * (x1_scale[i//128, kb] * x2_scale[kb, j//128])``,
-        accumulated in fp32 block after block; tail blocks are shorter.
-    MX: float8_e4m3fn / float8_e5m2 / float4_e2m1fn x1/x2 with
-    float8_e8m0fnu ``x1_scale`` [m, ceil(k/64), 2] and ``x2_scale``
-    [n, ceil(k/64), 2] (``quant.mx_quantize``), ``transpose_x2=True`` only,
-    ``group_size`` resolving to (1, 1, 32), float4 needs ceil(k/32) even:
-    ``y = (x1 * x1_scale) @ (x2 * x2_scale) + bias``.
-    Each rank rounds ``y`` half to even to the output dtype, adds ``x3`` in
-    fp32 (float16, bfloat16 or float32, the output shape) and rounds again;
-    the all-reduce runs in the output dtype. ``comm_quant_mode=1`` (fp8
-    x1/x2 with float32 scales: pertoken or perblock) replaces it by the fp8
-    pertile chain of docs/semantics.md §5.2: ``C = y + x3`` in fp32,
-    quantized per 1 x 128 tile (``sc = FP8_MAX / max|tile|``) into x1's fp8
-    format, an fp8 all-to-all of the codes with the tile scales appended,
-    dequantized (``f32(q) / sc``) and summed in rank order in fp32,
-    requantized, an fp8 all-gather, dequantized and rounded to the output.
-
-    Where the seed is silent or inconsistent (x3's dtype in the fp8 /
-    hifloat8 / MX rows, null bias / x3 in the hifloat8 packed row, the comm
-    scales' rows and output dtypes, int64 words in the fp8 / hifloat8 packed
-    rows) see docs/semantics.md §11 "seed inconsistencies and choices".
-    The fp8 / hifloat8 / MX rows and ``comm_quant_mode=1`` exist on the
-    ``ascend-950`` and ``generic`` targets; ``atlas-a2`` raises
-    NotImplementedError. Under ``implementation="xla"`` on CPU, XLA may fuse
-    ``a * b + c`` into an FMA where no rounding separates them (fp32 output
-    with x3, the perblock accumulation), a difference of at most 1 fp32 ulp
-    there; the ``ffi`` kernel rounds every step.
+    The dtypes of x1, x2 and the scales select the row (int8; fp8 / hifloat8
+    pertoken, perchannel / pertensor or perblock; MX); each row's shapes,
+    formula, rounding and chips are in docs/api.md, "quant_matmul_all_reduce_v4
+    rows".
 
     Args:
-      x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2).
+      x1: [m, k] or [b, s, k]: int8, float8_e4m3fn / float8_e5m2,
+        float4_e2m1fn (MX), or uint8 HiFloat8 codes.
+      x2: [k, n] ([n, k] if transpose_x2), of x1's kind.
       axis_name: mesh axis name (or tuple of names) bound by an enclosing
         ``shard_map``; None for a group of one (no communication).
-      x2_scale, x1_scale: see above.
+      x2_scale, x1_scale (optional): the row's scales.
       bias: [n] (optional), int32 in the int8 rows, float32 in the others
-        (none in perblock).
-      x3: the output shape (optional), added on every rank before the
-        reduction.
-      out_dtype: None (the int8 rows' dtype, bfloat16 for the others) or
-        float16 / bfloat16 / float32 as the row allows.
+        (none in perblock). x3: the output shape (optional), added on every
+        rank before the reduction.
+      comm_quant_scale_1, comm_quant_scale_2: (n,) or (1, n) in the output
+        dtype, together, int8 rows only (int8 low-bit communication).
+      reduce_op: "sum". comm_turn: 0, or t > 0 row chunks.
       group_size: 0, or ``quant.group_size(m, n, k)`` for perblock / MX.
       comm_quant_mode: 0, or 1 for the fp8 pertile communication.
-      x1_format / x2_format: None / "ND", or "hifloat8" for uint8 HiFloat8
-        codes (both); ``x2_format="FRACTAL_NZ"`` takes an int8 x2 in the NZ
-        layout of ``quant.to_fractal_nz`` (the int8 rows, as seed 003's
-        sample; its tables list ND for the other rows): (ceil(n/32),
-        ceil(k/16), 16, 32) for x2 (k, n), (ceil(k/32), ceil(n/16), 16, 32)
-        for a transposed (n, k); n is the padded extent (n1 * 32, or n1 * 16
-        transposed) and the operator converts it back with
-        ``quant.from_fractal_nz``.
+      out_dtype: None (the int8 rows' dtype, bfloat16 for the others) or
+        float16 / bfloat16 / float32 as the row allows.
+      x1_format / x2_format: None / "ND", or "hifloat8" (both) for uint8
+        HiFloat8 codes; ``x2_format="FRACTAL_NZ"``: an int8 x2 in the NZ
+        layout of ``quant.to_fractal_nz``.
+      implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
-      [m, n] or [b, s, n], replicated over ``axis_name``: float16 / bfloat16
-      as the int8 rows' scales select; ``out_dtype`` (default bfloat16) in
-      the other rows.
+      [m, n] or [b, s, n] in the row's output dtype, replicated over
+      ``axis_name``.
     """
     transpose_x2 = validation.check_bool(OP_V4, "transpose_x2", transpose_x2)
     hif8 = _check_v4_call(
         x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2
     )
     x1 = x1 if hasattr(x1, "dtype") else jnp.asarray(x1)
+    call = {
+        "x2_scale": x2_scale,
+        "x1_scale": x1_scale,
+        "bias": bias,
+        "x3": x3,
+        "reduce_op": reduce_op,
+        "comm_turn": comm_turn,
+        "group_size": group_size,
+        "comm_quant_mode": comm_quant_mode,
+        "out_dtype": out_dtype,
+        "x2_format": x2_format,
+        "transpose_x2": transpose_x2,
+        "implementation": implementation,
+    }
     if is_low_precision(x1, x1_format, x2_format):
-        return _low_precision_rows(
-            x1,
-            x2,
-            axis_name,
-            x2_scale=x2_scale,
-            x1_scale=x1_scale,
-            bias=bias,
-            x3=x3,
-            has_comm_scales=comm_quant_scale_1 is not None,
-            reduce_op=reduce_op,
-            comm_turn=comm_turn,
-            group_size=group_size,
-            comm_quant_mode=comm_quant_mode,
-            out_dtype=out_dtype,
-            x2_format=x2_format,
-            hif8=hif8,
-            transpose_x2=transpose_x2,
-            implementation=implementation,
-        )
+        comm = comm_quant_scale_1 is not None
+        return _low_precision_rows(x1, x2, axis_name, has_comm_scales=comm, hif8=hif8, **call)
+    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
+    return _int8_rows(x1, x2, axis_name, comm_quant_scales=comm, **call)
+
+
+def _int8_rows(
+    x1,
+    x2,
+    axis_name,
+    *,
+    x2_scale,
+    x1_scale,
+    comm_quant_scales,
+    group_size,
+    comm_quant_mode,
+    out_dtype,
+    x2_format,
+    transpose_x2,
+    **common,
+):
+    """The int8 rows: NZ weights back to ND, their call checks, then the bind
+    (``common``: bias, x3, reduce_op, comm_turn, implementation)."""
     if x2_format == "FRACTAL_NZ":
         x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
     _check_int8_row_statics(comm_quant_mode, group_size)
     if out_dtype is not None and np.ndim(x2) == 2:
         # Checked before anything runs (an eager call would compute first).
         _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, transpose_x2=transpose_x2)
-    comm = None if comm_quant_scale_1 is None else (comm_quant_scale_1, comm_quant_scale_2)
     return bind_int8_matmul_all_reduce(
         OP_V4,
         x1,
@@ -217,13 +188,9 @@ def quant_matmul_all_reduce_v4(
         axis_name,
         dequant_scale=x2_scale,
         pertoken_scale=x1_scale,
-        comm_quant_scales=comm,
-        bias=bias,
-        x3=x3,
-        reduce_op=reduce_op,
-        comm_turn=comm_turn,
+        comm_quant_scales=comm_quant_scales,
         transpose_x2=transpose_x2,
-        implementation=implementation,
+        **common,
     )
 
 

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_mc2.framework import validation
+from jax_mc2.framework.typing import ArrayLike, Implementation
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.operators.alltoallv_grouped_matmul import (
     alltoallv_grouped_matmul,
@@ -180,20 +182,20 @@ def _local_moe(
 
 
 def expert_parallel_moe(
-    x,
-    router_weight,
-    w_gate,
-    w_up,
-    w_down,
+    x: ArrayLike,
+    router_weight: ArrayLike,
+    w_gate: ArrayLike,
+    w_up: ArrayLike,
+    w_down: ArrayLike,
     *,
-    mesh,
-    axis,
-    top_k=2,
-    capacity_factor=None,
-    shared_expert=None,
-    data_axes=None,
-    implementation=None,
-):
+    mesh: Mesh,
+    axis: str,
+    top_k: int = 2,
+    capacity_factor: float | None = None,
+    shared_expert: SharedExpert | None = None,
+    data_axes: tuple[str, ...] | None = None,
+    implementation: Implementation = None,
+) -> MoEOutput:
     """Mixture of SwiGLU experts with expert parallelism over ``axis``.
 
     Args:

@@ -23,7 +23,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_mc2.framework import validation
-from jax_mc2.framework.validation import shape_str
+from jax_mc2.framework.typing import Array, ArrayLike, DTypeLike, Implementation
+from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.operators.matmul_all_reduce import mm_all_reduce_base
 from jax_mc2.operators.matmul_all_reduce_add_rms_norm import (
     inplace_matmul_all_reduce_add_rms_norm,
@@ -133,12 +134,12 @@ class W8A8:
     the int8 low-bit communication chain.
     """
 
-    weight_scale: object
-    out_dtype: object = jnp.bfloat16
-    comm_quant_scales: tuple | None = None
+    weight_scale: ArrayLike
+    out_dtype: DTypeLike = jnp.bfloat16
+    comm_quant_scales: tuple[ArrayLike, ArrayLike] | None = None
 
 
-def quantize_weight_int8(w):
+def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
     """Per-output-channel symmetric int8 quantization of w [k, n].
 
     Returns ``(w_int8 [k, n], scale float32 [n])`` with
@@ -160,19 +161,87 @@ def _quantize_tokens(x):
     return q, scale.reshape(-1)
 
 
+def _check_quant(op, quant, bias):
+    """``quant`` is None or a :class:`W8A8` with a float16 / bfloat16 output;
+    with it, ``bias`` is a float array (added to the dequantized result)."""
+    if quant is None:
+        return
+    if not isinstance(quant, W8A8):
+        raise validation.value_error(
+            op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}"
+        )
+    if bias is not None and not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+        raise validation.type_error(
+            op,
+            f"bias must be a float array with quant=W8A8, added to the dequantized result; "
+            f"got {jnp.result_type(bias)}",
+        )
+    if jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
+        raise validation.value_error(
+            op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
+        )
+
+
+def _w_spec(axis, transpose_w):
+    """w is sharded on its k dimension: the first, or the second transposed."""
+    return P(None, axis) if transpose_w else P(axis, None)
+
+
+def _plain_shard(axis, **options):
+    """The per-shard body without quantization: ``bias`` (the optional third
+    operand) on the first rank of ``axis``; ``options`` are the operator's
+    comm_turn, transpose_x2 and implementation."""
+
+    def shard(x_s, w_s, *b):
+        bias = _bias_once(b[0], axis) if b else None
+        return mm_all_reduce_base(x_s, w_s, axis, bias=bias, **options)
+
+    return shard
+
+
+def _w8a8_shard(axis, quant, has_bias, **options):
+    """The per-shard body with :class:`W8A8`: per-token int8 activations,
+    full quantization, and the float bias added once to the result. The
+    operands after x and w: the bias (if any), the weight scale, and the two
+    communication scales (if any)."""
+    out_dtype = jnp.dtype(quant.out_dtype)
+    # Table 3 of npu_mm_all_reduce_base: bf16 scale -> bf16, fp32 -> fp16.
+    scale_dtype = jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32
+
+    def shard(x_s, w_s, *extra):
+        b = extra[0] if has_bias else None
+        w_scale, *comm = extra[1 if has_bias else 0 :]
+        q, token = _quantize_tokens(x_s)
+        out = mm_all_reduce_base(
+            q,
+            w_s,
+            axis,
+            dequant_scale=w_scale.astype(scale_dtype),
+            pertoken_scale=token,
+            comm_quant_scale_1=comm[0] if comm else None,
+            comm_quant_scale_2=comm[1] if comm else None,
+            **options,
+        )
+        # The operator's int32 bias would be scaled by one rank's per-token
+        # activation scale; a float bias is added once to the result.
+        return out if b is None else out + b.astype(out_dtype)
+
+    return shard
+
+
 def row_parallel_linear(
-    x,
-    w,
+    x: ArrayLike,
+    w: ArrayLike,
     *,
-    mesh,
-    axis,
-    bias=None,
-    quant=None,
-    data_axis=None,
-    comm_turn=0,
-    transpose_w=False,
-    implementation=None,
-):
+    mesh: Mesh,
+    axis: str | tuple[str, ...],
+    bias: ArrayLike | None = None,
+    quant: W8A8 | None = None,
+    data_axis: str | None = None,
+    comm_turn: int = 0,
+    transpose_w: bool = False,
+    implementation: Implementation = None,
+) -> Array:
     """``x @ w + bias`` with x and w sharded along ``axis`` (row parallel).
 
     Args:
@@ -187,101 +256,89 @@ def row_parallel_linear(
       quant: None, or :class:`W8A8` with ``w`` the int8 weight: int8 x int8
         with per-token activation and per-channel weight scales
         (``mm_all_reduce_base`` full quantization).
+      data_axis: None, or a mesh axis (not ``axis``) sharding x's first
+        dimension.
+      comm_turn, implementation: as in ``mm_all_reduce_base``.
+      transpose_w: w is [n, k] (``mm_all_reduce_base``'s ``transpose_x2``).
 
     Returns:
       [m, n] or [b, s, n], replicated along ``axis``.
     """
     op = "row_parallel_linear"
-    if quant is not None and not isinstance(quant, W8A8):
-        raise validation.value_error(
-            op, f"quant must be None or jax_mc2.parallel.W8A8, got {quant!r}"
-        )
-    if (
-        quant is not None
-        and bias is not None
-        and not jnp.issubdtype(jnp.result_type(bias), jnp.floating)
-    ):
-        raise validation.type_error(
-            op,
-            f"bias must be a float array with quant=W8A8, added to the dequantized result; "
-            f"got {jnp.result_type(bias)}",
-        )
-    if quant is not None and jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
-        raise validation.value_error(
-            op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
-        )
+    _check_quant(op, quant, bias)
     transpose_w = validation.check_bool(op, "transpose_w", transpose_w)
     mesh = _check_mesh(op, mesh, axis, data_axis)
     x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     x_spec = _x_spec(x, axis, data_axis, op)
     _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
-    w_spec = P(None, axis) if transpose_w else P(axis, None)
-    out_spec = P(data_axis, None) if x.ndim == 2 else P(data_axis, None, None)
-
-    def shard(x_s, w_s, *extra):
-        b = extra[0] if bias is not None else None
-        if quant is None:
-            return mm_all_reduce_base(
-                x_s,
-                w_s,
-                axis,
-                bias=None if b is None else _bias_once(b, axis),
-                comm_turn=comm_turn,
-                transpose_x2=transpose_w,
-                implementation=implementation,
-            )
-        w_scale, *comm = extra[1 if bias is not None else 0 :]
-        q, token = _quantize_tokens(x_s)
-        out_dtype = jnp.dtype(quant.out_dtype)
-        # Table 3 of npu_mm_all_reduce_base: bf16 scale -> bf16, fp32 -> fp16.
-        scale = w_scale.astype(jnp.bfloat16 if out_dtype == jnp.bfloat16 else jnp.float32)
-        out = mm_all_reduce_base(
-            q,
-            w_s,
-            axis,
-            dequant_scale=scale,
-            pertoken_scale=token,
-            comm_quant_scale_1=comm[0] if comm else None,
-            comm_quant_scale_2=comm[1] if comm else None,
-            comm_turn=comm_turn,
-            transpose_x2=transpose_w,
-            implementation=implementation,
-        )
-        # The operator's int32 bias would be scaled by one rank's per-token
-        # activation scale; a float bias is added once to the result.
-        return out if b is None else out + b.astype(out_dtype)
-
+    options = {
+        "comm_turn": comm_turn,
+        "transpose_x2": transpose_w,
+        "implementation": implementation,
+    }
     args = (x, w) + ((bias,) if bias is not None else ())
-    specs = (x_spec, w_spec) + ((P(),) if bias is not None else ())
-    if quant is not None:
+    specs = (x_spec, _w_spec(axis, transpose_w)) + ((P(),) if bias is not None else ())
+    if quant is None:
+        shard = _plain_shard(axis, **options)
+    else:
+        shard = _w8a8_shard(axis, quant, bias is not None, **options)
         comm = tuple(quant.comm_quant_scales or ())
         args += (jnp.asarray(quant.weight_scale),) + comm
         specs += (P(),) * (1 + len(comm))
+    out_spec = P(data_axis, None) if x.ndim == 2 else P(data_axis, None, None)
     return shard_map_global(shard, mesh, specs, out_spec, args, check_vma=True)
 
 
+def _check_norm_operands(op, x, residual, gamma, n):
+    """The global residual (b, s, n), x's leading dimensions, and gamma (n,),
+    both in x's dtype (the operator's rule, checked here in the wrapper's
+    terms)."""
+    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
+        raise validation.type_error(
+            op,
+            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
+            f"{shape_str(np.shape(residual))}",
+        )
+    if np.shape(gamma) != (n,):
+        raise validation.type_error(
+            op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
+        )
+    dtype = jnp.result_type(x)
+    for name, operand in (("residual", residual), ("gamma", gamma)):
+        if jnp.result_type(operand) != dtype:
+            raise validation.type_error(
+                op,
+                f"{name} dtype must equal x dtype {dtype_name(dtype)}, got "
+                f"{dtype_name(jnp.result_type(operand))}",
+            )
+
+
 def row_parallel_linear_add_rms_norm(
-    x,
-    w,
-    residual,
-    gamma,
+    x: ArrayLike,
+    w: ArrayLike,
+    residual: ArrayLike,
+    gamma: ArrayLike,
     *,
-    mesh,
-    axis,
-    bias=None,
-    epsilon=1e-6,
-    data_axis=None,
-    comm_turn=0,
-    transpose_w=False,
-    inplace=False,
-    implementation=None,
-):
+    mesh: Mesh,
+    axis: str | tuple[str, ...],
+    bias: ArrayLike | None = None,
+    epsilon: float = 1e-6,
+    data_axis: str | None = None,
+    comm_turn: int = 0,
+    transpose_w: bool = False,
+    inplace: bool = False,
+    implementation: Implementation = None,
+) -> tuple[Array, Array]:
     """``y = x @ w + bias + residual``, ``norm_out = RMSNorm(y) * gamma``.
 
     Args:
       x: global [m, k] or [b, s, k], sharded on k along ``axis``.
       w: global [k, n] ([n, k] with ``transpose_w``), sharded on k.
-      residual: global [b, s, n]; gamma: [n]; bias: [n], added once.
+      residual: global [b, s, n]; gamma: [n]; both in x's dtype.
+      bias: [n], added once (on the first rank of ``axis``).
+      epsilon: as in ``matmul_all_reduce_add_rms_norm``.
+      mesh, axis, data_axis, comm_turn, transpose_w, implementation: as in
+        :func:`row_parallel_linear`.
       inplace: use the in-place operator (y reuses residual's buffer).
 
     Returns:
@@ -294,34 +351,20 @@ def row_parallel_linear_add_rms_norm(
     x, w, residual, gamma, bias = (_as_array(a) for a in (x, w, residual, gamma, bias))
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
-    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
-        raise validation.type_error(
-            op,
-            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
-            f"{shape_str(np.shape(residual))}",
-        )
-    if np.shape(gamma) != (n,):
-        raise validation.type_error(
-            op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
-        )
-    w_spec = P(None, axis) if transpose_w else P(axis, None)
+    _check_norm_operands(op, x, residual, gamma, n)
     r_spec = P(data_axis, None, None)
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
+    options = {
+        "epsilon": epsilon,
+        "comm_turn": comm_turn,
+        "transpose_x2": transpose_w,
+        "implementation": implementation,
+    }
 
     def shard(x_s, w_s, r_s, g_s, *b):
-        return fn(
-            x_s,
-            w_s,
-            r_s,
-            g_s,
-            axis,
-            bias=_bias_once(b[0], axis) if b else None,
-            epsilon=epsilon,
-            comm_turn=comm_turn,
-            transpose_x2=transpose_w,
-            implementation=implementation,
-        )
+        bias_s = _bias_once(b[0], axis) if b else None
+        return fn(x_s, w_s, r_s, g_s, axis, bias=bias_s, **options)
 
     args = (x, w, residual, gamma) + ((bias,) if bias is not None else ())
-    specs = (x_spec, w_spec, r_spec, P()) + ((P(),) if bias is not None else ())
+    specs = (x_spec, _w_spec(axis, transpose_w), r_spec, P()) + ((P(),) if bias is not None else ())
     return shard_map_global(shard, mesh, specs, (r_spec, r_spec), args, check_vma=True)

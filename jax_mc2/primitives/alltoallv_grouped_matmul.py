@@ -451,7 +451,7 @@ def _check_static_counts(prim, op, rows, params):
         )
     recv_sums = transpose_count_table(table, world=world, experts=experts).sum(axis=1)
     if recv_sums.max(initial=0) > params["out_rows"]:
-        arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+        arg = _out_arg(prim)
         raise validation.value_error(
             op,
             f"{arg} = {params['out_rows']} is smaller than the {int(recv_sums.max())} "
@@ -932,6 +932,30 @@ def _check_mm_pair(op, mm_x, mm_weight):
         )
 
 
+def _out_arg(prim):
+    """The public name of the output-rows capacity."""
+    return "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
+
+
+def _static_capacities(prim, op, table, gmm_x, max_out, max_tokens_per_peer, *, world, experts):
+    """With static counts: the dispatch's gmm_x has the largest rank's
+    sum(send_counts) rows; returns the (max_tokens_per_peer, output rows)
+    capacities, the exact maxima unless given."""
+    sums = np.asarray(table).sum(axis=1)
+    rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
+    if prim is dispatch_p and np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
+        raise validation.type_error(
+            op,
+            f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
+            f"largest rank's; per rank: {sums.tolist()})",
+        )
+    peer = _capacity(
+        op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts), minimum=1
+    )
+    received = transpose_count_table(np.asarray(table), world=world, experts=experts)
+    return peer, _capacity(op, _out_arg(prim), max_out, int(received.sum(1).max()))
+
+
 def bind_operator(
     prim,
     gmm_x,
@@ -951,7 +975,6 @@ def bind_operator(
 ):
     """Canonicalizes a public call (counts, capacities) and binds ``prim``."""
     op = _op_name(prim)
-    out_arg = "max_recv_tokens" if prim is dispatch_p else "max_out_tokens"
     _check_mm_pair(op, mm_x, mm_weight)
     axes, impl, world, experts = _common_params(
         op, gmm_weight, axis_name, send_counts, recv_counts, implementation
@@ -961,21 +984,12 @@ def bind_operator(
     )
     rows = int(np.shape(gmm_x)[0]) if np.ndim(gmm_x) == 2 else 0
     if table is not None:
-        sums = np.asarray(table).sum(axis=1)
-        if prim is dispatch_p and np.ndim(gmm_x) == 2 and int(sums.max()) != rows:
-            raise validation.type_error(
-                op,
-                f"gmm_x rows BSK = {rows} must equal sum(send_counts) = {int(sums.max())} (the "
-                f"largest rank's; per rank: {sums.tolist()})",
-            )
-        peer = _capacity(
-            op, "max_tokens_per_peer", max_tokens_per_peer, _max_chunk(table, experts), minimum=1
+        peer, out_rows = _static_capacities(
+            prim, op, table, gmm_x, max_out, max_tokens_per_peer, world=world, experts=experts
         )
-        received = transpose_count_table(np.asarray(table), world=world, experts=experts)
-        out_rows = _capacity(op, out_arg, max_out, int(received.sum(1).max()))
     else:
         peer = _capacity(op, "max_tokens_per_peer", max_tokens_per_peer, rows, minimum=1)
-        out_rows = _capacity(op, out_arg, max_out, world * peer)
+        out_rows = _capacity(op, _out_arg(prim), max_out, world * peer)
         send, recv = traced_counts(
             prim,
             op,

@@ -204,63 +204,85 @@ def _bilinear_jvp(prim, primals, tangents, **params):
     return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-def _transpose(ct, x, w, offsets, *, trans_weight, **params):
+def _bilinear_transpose(ct, a, b, names, a_cotangent, b_cotangent):
+    """The transpose rule of a primitive bilinear in its first two operands
+    (a, b), exactly one of them linear: ``a_cotangent(ct, b)`` or
+    ``b_cotangent(a, ct)``; the integer offsets get none."""
     ad = _compat.ad
     if type(ct) is ad.Zero:
         return [None, None, None]
-    if ad.is_undefined_primal(x) and not ad.is_undefined_primal(w):
-        ct_x = _bind(grouped_matmul_p, ct, w, offsets, trans_weight=not trans_weight, **params)
-        return [ct_x, None, None]
-    if ad.is_undefined_primal(w) and not ad.is_undefined_primal(x):
-        ct_w = _bind(grouped_matmul_wgrad_p, x, ct, offsets, trans_weight=trans_weight, **params)
-        return [None, ct_w, None]
-    raise NotImplementedError(f"{OP}: transposition needs exactly one of x and w linear")
+    if ad.is_undefined_primal(a) and not ad.is_undefined_primal(b):
+        return [a_cotangent(ct, b), None, None]
+    if ad.is_undefined_primal(b) and not ad.is_undefined_primal(a):
+        return [None, b_cotangent(a, ct), None]
+    raise NotImplementedError(f"{OP}: transposition needs exactly one of {names} linear")
+
+
+def _transpose(ct, x, w, offsets, *, trans_weight, **params):
+    """y_g = x_g @ w[g]: the cotangent of x is ct_g @ w[g]^T (the grouped
+    matmul with the weight's transposition flipped), that of w the weight
+    gradient x_g^T @ ct_g."""
+    return _bilinear_transpose(
+        ct,
+        x,
+        w,
+        "x and w",
+        lambda ct, w: _bind(
+            grouped_matmul_p, ct, w, offsets, trans_weight=not trans_weight, **params
+        ),
+        lambda x, ct: _bind(
+            grouped_matmul_wgrad_p, x, ct, offsets, trans_weight=trans_weight, **params
+        ),
+    )
 
 
 def _wgrad_transpose(ct, x, dy, offsets, *, trans_weight, **params):
     """dw[g] = x_g^T @ dy_g: the cotangent of dy is x_g @ ct[g] and that of x
     is dy_g @ ct[g]^T, both grouped matmuls (rows past the groups get 0)."""
-    ad = _compat.ad
-    if type(ct) is ad.Zero:
-        return [None, None, None]
-    if ad.is_undefined_primal(dy) and not ad.is_undefined_primal(x):
-        ct_dy = _bind(grouped_matmul_p, x, ct, offsets, trans_weight=trans_weight, **params)
-        return [None, ct_dy, None]
-    if ad.is_undefined_primal(x) and not ad.is_undefined_primal(dy):
-        ct_x = _bind(grouped_matmul_p, dy, ct, offsets, trans_weight=not trans_weight, **params)
-        return [ct_x, None, None]
-    raise NotImplementedError(f"{OP}: transposition needs exactly one of x and dy linear")
-
-
-grouped_matmul_p = register(
-    PrimitiveSpec(
-        name="mc2_grouped_matmul",
-        operator=OP,
-        operands=OPERANDS,
-        abstract_eval=_abstract_eval,
-        effectful=False,
-        xla=grouped_matmul_xla,
-        ffi=_ffi_gmm,
-        batching=MAP,
-        jvp=lambda primals, tangents, **params: _bilinear_jvp(
-            grouped_matmul_p, primals, tangents, **params
+    return _bilinear_transpose(
+        ct,
+        x,
+        dy,
+        "x and dy",
+        lambda ct, dy: _bind(
+            grouped_matmul_p, dy, ct, offsets, trans_weight=not trans_weight, **params
         ),
-        transpose=_transpose,
+        lambda x, ct: _bind(grouped_matmul_p, x, ct, offsets, trans_weight=trans_weight, **params),
     )
+
+
+def _register_bilinear(name, operands, abstract_eval, xla_rule, ffi_rule, transpose):
+    """Registers a local (communication-free) grouped primitive bilinear in
+    its first two operands, its JVP built from the primitive itself."""
+
+    def jvp(primals, tangents, **params):
+        return _bilinear_jvp(prim, primals, tangents, **params)
+
+    prim = register(
+        PrimitiveSpec(
+            name=name,
+            operator=OP,
+            operands=operands,
+            abstract_eval=abstract_eval,
+            effectful=False,
+            xla=xla_rule,
+            ffi=ffi_rule,
+            batching=MAP,
+            jvp=jvp,
+            transpose=transpose,
+        )
+    )
+    return prim
+
+
+grouped_matmul_p = _register_bilinear(
+    "mc2_grouped_matmul", OPERANDS, _abstract_eval, grouped_matmul_xla, _ffi_gmm, _transpose
 )
-grouped_matmul_wgrad_p = register(
-    PrimitiveSpec(
-        name="mc2_grouped_matmul_wgrad",
-        operator=OP,
-        operands=WGRAD_OPERANDS,
-        abstract_eval=_wgrad_abstract_eval,
-        effectful=False,
-        xla=_wgrad_xla,
-        ffi=_wgrad_ffi,
-        batching=MAP,
-        jvp=lambda primals, tangents, **params: _bilinear_jvp(
-            grouped_matmul_wgrad_p, primals, tangents, **params
-        ),
-        transpose=_wgrad_transpose,
-    )
+grouped_matmul_wgrad_p = _register_bilinear(
+    "mc2_grouped_matmul_wgrad",
+    WGRAD_OPERANDS,
+    _wgrad_abstract_eval,
+    _wgrad_xla,
+    _wgrad_ffi,
+    _wgrad_transpose,
 )

@@ -41,14 +41,19 @@ def check_matmul(op, x1, x2, *, transpose_x2, bias=None, x3=None):
     targets.check_float_dtype(op, "x1", x1)
     out_shape = check_matmul_shapes(op, x1, x2, transpose_x2=transpose_x2)
     validation.check_same_dtype(op, "x2", x2, "x1", x1)
-    n = out_shape[-1]
+    check_bias_x3(op, x1, out_shape, bias=bias, x3=x3)
+    return out_shape
+
+
+def check_bias_x3(op, x1, out_shape, *, bias, x3):
+    """The epilogue operands, each optional and in x1's dtype: bias [n] and
+    x3 of the output shape."""
     if bias is not None:
-        validation.check_shape(op, "bias", bias, (n,), "1-D (n,)")
+        validation.check_shape(op, "bias", bias, (out_shape[-1],), "1-D (n,)")
         validation.check_same_dtype(op, "bias", bias, "x1", x1)
     if x3 is not None:
         validation.check_shape(op, "x3", x3, out_shape, "the output shape")
         validation.check_same_dtype(op, "x3", x3, "x1", x1)
-    return out_shape
 
 
 def check_chip_limits(

@@ -76,27 +76,14 @@ def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_
     )
 
 
-def _jvp(
-    primals,
-    tangents,
-    *,
-    transpose_x2,
-    has_bias,
-    has_x3,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
-):
+def _jvp(primals, tangents, *, transpose_x2, has_bias, has_x3, axis_name, **params):
     out = mm_all_reduce_p.bind(
         *primals,
         transpose_x2=transpose_x2,
         has_bias=has_bias,
         has_x3=has_x3,
         axis_name=axis_name,
-        world_size=world_size,
-        comm_turn=comm_turn,
-        implementation=implementation,
+        **params,
     )
     x1, x2, _, _ = _split_operands(primals, has_bias, has_x3)
     tangents = [_compat.ad.instantiate_zeros(t) for t in tangents]

@@ -16,13 +16,11 @@ import numpy as np
 from jax import lax
 
 from jax_mc2.framework import _compat, validation
-from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import (
     FOLD_LEADING,
     FOLD_ROWS,
     Operand,
     PrimitiveSpec,
-    bind,
     register,
     split_operands,
 )
@@ -200,33 +198,3 @@ mm_all_reduce_add_rms_norm_p = register(
         jvp=_jvp,
     )
 )
-
-
-def bind_add_rms_norm(
-    inplace,
-    x1,
-    x2,
-    residual,
-    gamma,
-    axis_name,
-    *,
-    bias,
-    epsilon,
-    reduce_op,
-    comm_turn,
-    transpose_x2,
-    implementation,
-):
-    op = _op_name(inplace)
-    validation.check_reduce_op(op, reduce_op)
-    epsilon = check_epsilon(op, epsilon)
-    params = collective_params(op, axis_name, comm_turn, implementation)
-    y, norm_out = bind(
-        mm_all_reduce_add_rms_norm_p,
-        {"x1": x1, "x2": x2, "residual": residual, "gamma": gamma, "bias": bias},
-        epsilon=epsilon,
-        transpose_x2=validation.check_bool(op, "transpose_x2", transpose_x2),
-        inplace=inplace,
-        **params,
-    )
-    return y, norm_out

@@ -26,7 +26,11 @@ from jax_mc2.framework.primitive import (
 )
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.implementations import ffi, xla
-from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
+from jax_mc2.primitives.matmul_family import (
+    check_bias_x3,
+    check_matmul_shapes,
+    reduced_result,
+)
 
 OP = "mm_all_reduce_base"
 _F32 = jnp.float32
@@ -133,12 +137,7 @@ def _abstract_eval(
             OP, "antiquant_offset", offset, scale.shape, "antiquant_scale's shape"
         )
         validation.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
-    if bias is not None:
-        validation.check_shape(OP, "bias", bias, (n,), "1-D (n,)")
-        validation.check_same_dtype(OP, "bias", bias, "x1", x1)
-    if x3 is not None:
-        validation.check_shape(OP, "x3", x3, out_shape, "the output shape")
-        validation.check_same_dtype(OP, "x3", x3, "x1", x1)
+    check_bias_x3(OP, x1, out_shape, bias=bias, x3=x3)
     return reduced_result(
         OP,
         x1,
