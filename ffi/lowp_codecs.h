@@ -1,9 +1,13 @@
 // Scalar decoders of the 8-bit float formats (float8_e4m3fn, float8_e5m2,
-// HiFloat8, float8_e8m0fnu): the fp32 value of one code byte (0..255).
+// HiFloat8, float8_e8m0fnu): the fp32 value of one code byte (0..255); and
+// the fp8 encoder of the pertile communication.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "dtypes.h"
 
 namespace jax_mc2 {
 
@@ -63,6 +67,25 @@ inline float DecodeHif8(uint32_t b) {
 inline float DecodeE8m0(uint32_t b) {
   if (b == 0xFF) return std::nanf("");
   return std::ldexp(1.0f, static_cast<int>(b) - 127);
+}
+
+// fp32 -> fp8 (mant_bits mantissa bits, exponent bias `bias`), round half to
+// even, saturating at `max_value`; NaN -> 0x7F with the sign.
+inline uint8_t EncodeFp8(float x, int mant_bits, int bias, float max_value) {
+  const uint32_t bits = FloatToBits(x);
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  if (std::isnan(x)) return sign | 0x7F;
+  const float a = std::min(std::fabs(x), max_value);
+  if (a < std::ldexp(1.0f, 1 - bias)) {
+    // Subnormal: multiples of 2^(1 - bias - mant_bits); the scaling is exact
+    // and nearbyint rounds half to even.
+    const float q = std::nearbyint(std::ldexp(a, bias - 1 + mant_bits));
+    return sign | static_cast<uint8_t>(q);
+  }
+  const uint32_t ab = FloatToBits(a);
+  const int shift = 23 - mant_bits;
+  const uint32_t rounded = (ab + ((1u << (shift - 1)) - 1) + ((ab >> shift) & 1u)) >> shift;
+  return sign | static_cast<uint8_t>(rounded - (static_cast<uint32_t>(127 - bias) << mant_bits));
 }
 
 }  // namespace jax_mc2

@@ -80,25 +80,6 @@ const float* DecodeTable(ffi::DataType type) {
   }
 }
 
-// fp32 -> fp8 (mant_bits mantissa bits, exponent bias `bias`), round half to
-// even, saturating at `max_value`; NaN -> 0x7F with the sign.
-uint8_t EncodeFp8(float x, int mant_bits, int bias, float max_value) {
-  const uint32_t bits = FloatToBits(x);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
-  if (std::isnan(x)) return sign | 0x7F;
-  const float a = std::min(std::fabs(x), max_value);
-  if (a < std::ldexp(1.0f, 1 - bias)) {
-    // Subnormal: multiples of 2^(1 - bias - mant_bits); the scaling is exact
-    // and nearbyint rounds half to even.
-    const float q = std::nearbyint(std::ldexp(a, bias - 1 + mant_bits));
-    return sign | static_cast<uint8_t>(q);
-  }
-  const uint32_t ab = FloatToBits(a);
-  const int shift = 23 - mant_bits;
-  const uint32_t rounded = (ab + ((1u << (shift - 1)) - 1) + ((ab >> shift) & 1u)) >> shift;
-  return sign | static_cast<uint8_t>(rounded - (static_cast<uint32_t>(127 - bias) << mant_bits));
-}
-
 struct Fp8Format {
   int mant_bits, bias;
   float max_value;

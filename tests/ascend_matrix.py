@@ -2,9 +2,9 @@
 implementation="ascend" (through the CANN test double).
 
 ``for_ascend(test)`` returns a test with the same parametrization less the
-``impl`` axis, and less the float32 cases: CANN's MC2 kernels take fp16/bf16
-(the double rejects float32 as CANN does; test_ascend_mm_all_reduce checks
-that error)."""
+``impl`` axis, and less the float32 cases: CANN's MC2 kernels take fp16/bf16,
+and the ascend lowering refuses float32 where they do (the test_ascend_*
+files check those refusals)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The ``ffi`` implementation's all-reduce (a reduce-scatter, in float32 for
 bfloat16, and an all-gather) gives ``lax.psum``'s bits on CPU
-(docs/semantics.md §12)."""
+(docs/semantics.md §10.5)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import oracle
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -16,7 +17,6 @@ from jax.sharding import PartitionSpec as P
 import jax_mc2 as mc2
 from jax_mc2 import quant
 from jax_mc2.implementations import ffi as _ffi
-from tests import oracle
 
 
 def _lowered(fn, *args):

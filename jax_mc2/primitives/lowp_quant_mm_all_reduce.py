@@ -26,6 +26,8 @@ all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -587,9 +589,9 @@ def fp8_pertile_all_reduce(wire, *, n, fp8, out_dtype, axis_name):
 # The compositions of the two implementations
 
 
-def _composition(local_fn, operands, params, axis_name, comm_turn):
+def _composition(local_fn, operands, params, axis_name, comm_turn, all_reduce=xla.all_reduce):
     """Row chunks (comm_turn) of ``local_fn(x1, s1_rows, x3)``, each reduced by
-    the all-reduce in the output dtype, or by the fp8 pertile chain."""
+    ``all_reduce`` in the output dtype, or by the fp8 pertile chain."""
     flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
     x1, x2, x2_scale, x1_scale, bias, x3 = _split(list(operands), *flags)
     kind = HIF8 if params["hif8"] else np.dtype(x1.dtype).name
@@ -600,7 +602,7 @@ def _composition(local_fn, operands, params, axis_name, comm_turn):
     s1 = _row_scales(mode, x1, x1_scale)
     s2 = _column_scales(mode, x2_scale, n, transpose_x2)
     comm = params["comm_quant_mode"] == 1
-    reduce = None
+    reduce = functools.partial(all_reduce, axis_name=axis_name)
     if comm:
         fp8 = np.dtype(x1.dtype)
 
@@ -661,7 +663,7 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
             parallelism=parallelism,
         )
 
-    return _composition(local, operands, params, axis_name, comm_turn)
+    return _composition(local, operands, params, axis_name, comm_turn, ffi.all_reduce)
 
 
 lowp_quant_mm_all_reduce_p = register(

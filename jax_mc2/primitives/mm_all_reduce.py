@@ -66,7 +66,9 @@ def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_
     def local(x1_c, x3_c):
         return ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism)
 
-    return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
+    return xla.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
+    )
 
 
 def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):

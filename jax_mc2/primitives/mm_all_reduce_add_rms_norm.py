@@ -133,7 +133,9 @@ def _ffi_composition(
     def local(x1_c, _):
         return ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2, parallelism=parallelism)
 
-    mm = xla.chunked_matmul_all_reduce(local, x1, None, axis_name=axis_name, comm_turn=comm_turn)
+    mm = xla.chunked_matmul_all_reduce(
+        local, x1, None, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
+    )
     return ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
 
 

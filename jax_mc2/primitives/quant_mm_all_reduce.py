@@ -18,6 +18,8 @@ output dtype.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -227,14 +229,14 @@ def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, ou
     return y
 
 
-def _composition(local_fn, operands, flags, axis_name, comm_turn):
+def _composition(local_fn, operands, flags, axis_name, comm_turn, all_reduce=xla.all_reduce):
     """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
     out_dtype, comm_scale)``, each all-reduced; with comm scales ``local_fn``
     returns the int8 quantized result and the int8 low-bit communication chain
     reduces it. x3 and the pertoken scales follow their rows."""
     x1, x2, scale, pertoken, bias, x3, comm = _split(operands, *flags)
     scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
-    reduce, s1 = None, None
+    reduce, s1 = functools.partial(all_reduce, axis_name=axis_name), None
     if comm is not None:
         s1, s2 = (s.reshape(-1) for s in comm)
 
@@ -293,7 +295,7 @@ def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallel
             comm_scale=comm_scale,
         )
 
-    return _composition(local, operands, _flags(params), axis_name, comm_turn)
+    return _composition(local, operands, _flags(params), axis_name, comm_turn, ffi.all_reduce)
 
 
 def _batching(spec, primitive):

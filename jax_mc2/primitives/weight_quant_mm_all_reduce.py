@@ -190,7 +190,9 @@ def _ffi_composition(
             group_size=group_size,
         )
 
-    return xla.chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
+    return xla.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
+    )
 
 
 weight_quant_mm_all_reduce_p = register(

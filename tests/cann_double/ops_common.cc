@@ -132,23 +132,8 @@ float DecodeFloat4E2m1(uint8_t nibble) {
 float Float8Max(int dtype) { return dtype == kFloat8E5m2 ? 57344.0f : 448.0f; }
 
 uint8_t EncodeFloat8(float value, int dtype) {
-  const int mant = dtype == kFloat8E5m2 ? 2 : 3;
-  const int bias = dtype == kFloat8E5m2 ? 15 : 7;
-  const float max_value = Float8Max(dtype);
-  const uint32_t bits = jax_mc2::FloatToBits(value);
-  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
-  if (std::isnan(value)) return sign | 0x7F;
-  const float a = std::min(std::fabs(value), max_value);
-  if (a < std::ldexp(1.0f, 1 - bias)) {
-    // Subnormal: multiples of 2^(1 - bias - mant); the scaling is exact and
-    // nearbyint rounds half to even (a carry lands on the smallest normal).
-    const float q = std::nearbyint(std::ldexp(a, bias - 1 + mant));
-    return sign | static_cast<uint8_t>(q);
-  }
-  const uint32_t ab = jax_mc2::FloatToBits(a);
-  const int shift = 23 - mant;
-  const uint32_t rounded = (ab + ((1u << (shift - 1)) - 1) + ((ab >> shift) & 1u)) >> shift;
-  return sign | static_cast<uint8_t>(rounded - (static_cast<uint32_t>(127 - bias) << mant));
+  return dtype == kFloat8E5m2 ? jax_mc2::EncodeFp8(value, 2, 15, Float8Max(dtype))
+                              : jax_mc2::EncodeFp8(value, 3, 7, Float8Max(dtype));
 }
 
 float RoundTo(int dtype, float value) {
