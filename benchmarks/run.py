@@ -290,7 +290,8 @@ def lowp_case(mode, m, k, n, devices, impls, repeat):
 def _wire_bytes(compiled_text: str, ranks: int) -> int:
     """Bytes each device sends for the collectives in compiled HLO text, with
     the usual algorithms: a ring all-reduce of B bytes sends 2 (R-1)/R B, an
-    all-to-all or all-gather of B bytes (R-1)/R B."""
+    all-to-all or all-gather of B bytes (R-1)/R B, a reduce-scatter of B
+    bytes (R-1)/R B."""
     import re
 
     sizes = {"f32": 4, "f16": 2, "bf16": 2, "s8": 1, "s32": 4, "u8": 1}
@@ -298,6 +299,8 @@ def _wire_bytes(compiled_text: str, ranks: int) -> int:
         "all-reduce": 2 * (ranks - 1) / ranks,
         "all-to-all": (ranks - 1) / ranks,
         "all-gather": (ranks - 1) / ranks,
+        # The result is one rank's 1/R of the B bytes reduced: (R-1)/R B sent.
+        "reduce-scatter": ranks - 1,
     }
     total = 0.0
     for line in compiled_text.splitlines():
@@ -449,9 +452,16 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
 
 def gemm_choices() -> str:
     """The ``ffi`` implementation's GEMM per operand dtype on this machine."""
-    return ", ".join(
-        f"{dtype} {ffi_impl.gemm_engine(dtype)}" for dtype in ("float16", "bfloat16", "int8")
-    )
+    flags = set(ffi_impl.cpu_flags())
+    parts = []
+    for dtype in ("float16", "bfloat16", "int8"):
+        shallow = ffi_impl.gemm_engine(dtype, 0)
+        deep = [k for f, k in ffi_impl.XLA_GEMM_RULES.get(dtype, ()) if f & flags and k > 0]
+        if shallow != ffi_impl.XLA_DOT and deep and "JAX_MC2_GEMM" not in os.environ:
+            parts.append(f"{dtype} {shallow}, xla for per-rank k >= {min(deep)}")
+        else:
+            parts.append(f"{dtype} {shallow}")
+    return "; ".join(parts)
 
 
 def main(argv=None):

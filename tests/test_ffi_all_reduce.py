@@ -1,5 +1,5 @@
-"""The ``ffi`` implementation's all-reduce (a reduce-scatter, in float32 for
-bfloat16, and an all-gather) gives ``lax.psum``'s bits on CPU
+"""The ``ffi`` implementation's all-reduce (for bfloat16 a float32
+reduce-scatter and a bfloat16 all-gather) gives ``lax.psum``'s bits on CPU
 (docs/semantics.md §10.5)."""
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ def test_all_reduce_over_two_axes():
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
     got, want = _both(mesh, ("dp", "tp"), (32, 24), jnp.bfloat16, seed=3)
     np.testing.assert_array_equal(got, want)
+
+
+def test_only_bfloat16_takes_the_split():
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+
+    def lowered(dtype):
+        fn = jax.shard_map(
+            lambda a: _ffi.all_reduce(a, "tp"),
+            mesh=mesh,
+            in_specs=P("tp"),
+            out_specs=P(),
+            check_vma=False,
+        )
+        return jax.jit(fn).lower(jnp.zeros((8, 4), dtype)).as_text()
+
+    assert "reduce_scatter" in lowered(jnp.bfloat16)
+    assert "reduce_scatter" not in lowered(jnp.float16)
+    assert "reduce_scatter" not in lowered(jnp.float32)
 
 
 def test_all_reduce_without_an_axis_is_the_identity():
