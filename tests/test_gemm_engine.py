@@ -6,6 +6,10 @@ results keep fp32 accumulation and one rounding, and on XLA's GEMM equal the
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +172,13 @@ def test_float_matmul_on_xla_gemm_matches_xla_and_the_oracle(monkeypatch, dtype)
     want = oracle.mm_all_reduce_base([x1], [x2], [bias], [x3])
     tol = oracle.tolerance(dtype, scale=np.abs(want).max() + 1, k=80 + 2)
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def test_openblas_threads_sleep_soon_unless_the_user_says_otherwise():
+    code = "import jax_mc2, os; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == _ffi.OPENBLAS_THREAD_TIMEOUT, out.stderr[-2000:]
+    env["OPENBLAS_THREAD_TIMEOUT"] = "12"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "12", out.stderr[-2000:]

@@ -19,12 +19,22 @@ from jax import lax
 
 from jax_mc2.implementations import xla
 
+#: OpenBLAS's worker threads spin this long (2^n cycles, its smallest
+#: setting) after a call before they sleep, instead of its default 2^28:
+#: spinning threads take the cores from the XLA work that follows an ffi
+#: kernel. Measured (docs/benchmarks.md): programs mixing ffi matmuls with
+#: XLA ops 7-23 % faster, ffi-only chains within +-5 %. Read by OpenBLAS when
+#: it loads; a value the user set wins.
+OPENBLAS_THREAD_TIMEOUT = "4"
+
 
 def _preload_openblas() -> None:
     # The extension links libscipy_openblas.so; load it from the installed
     # scipy-openblas32 package so the dynamic linker finds it whatever the
     # extension's rpath says.
     import scipy_openblas32
+
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
 
     path = os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so")
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
