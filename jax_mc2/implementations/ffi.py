@@ -182,7 +182,9 @@ def matmul(
     antiquant_offset=None,
     group_size: int = 0,
 ):
-    """``round(x1 @ w + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``).
+    """``round(x1 @ w + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``;
+    without antiquant and where :func:`gemm_engine` picks XLA's GEMM, XLA's
+    ``dot_general`` with fp32 accumulation and the epilogue in lax ops).
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
     x3: the output shape. w is x2, or with ``antiquant_scale`` the int8 x2
@@ -241,7 +243,9 @@ def int8_matmul(
     comm_scale=None,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
-    (custom call ``mc2_int8_matmul_ffi``; the int8 products are exact).
+    (custom call ``mc2_int8_matmul_ffi``, or where XLA's int8 GEMM is the
+    faster one, :func:`gemm_engine`, XLA's ``dot_general`` and the custom call
+    ``mc2_int8_dequant_ffi``; the int8 products are exact either way).
 
     x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
     scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
