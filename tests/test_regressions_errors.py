@@ -153,6 +153,24 @@ CASES = {
         TypeError,
         r"row_parallel_linear_add_rms_norm: gamma must be \(n,\) = \(16,\), got \(8,\)",
     ),
+    # The float mode's w and bias share x's dtype: the wrapper says so, not
+    # mm_all_reduce_base about x2 / bias.
+    "rpl_w_dtype": (
+        _rpl(w=_W.astype(np.float16)),
+        TypeError,
+        r"row_parallel_linear: w dtype must equal x dtype float32, got float16",
+    ),
+    "rpl_bias_dtype": (
+        _rpl(bias=np.zeros(16, np.float16)),
+        TypeError,
+        r"row_parallel_linear: bias dtype must equal x dtype float32, got float16",
+    ),
+    "rpl_norm_bias_dtype": (
+        _rpl_norm(bias=jnp.zeros(16, jnp.bfloat16)),
+        TypeError,
+        r"row_parallel_linear_add_rms_norm: bias dtype must equal x dtype float32, "
+        r"got bfloat16",
+    ),
     "rpl_norm_residual_dtype": (
         _rpl_norm(residual=np.zeros((2, 4, 16), np.float16)),
         TypeError,

@@ -271,6 +271,8 @@ def row_parallel_linear(
     x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     x_spec = _x_spec(x, axis, data_axis, op)
     _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
+    if quant is None:
+        _check_like_x(op, x, w=w, bias=bias)
     options = {
         "comm_turn": comm_turn,
         "transpose_x2": transpose_w,
@@ -303,9 +305,15 @@ def _check_norm_operands(op, x, residual, gamma, n):
         raise validation.type_error(
             op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
         )
+    _check_like_x(op, x, residual=residual, gamma=gamma)
+
+
+def _check_like_x(op, x, **operands):
+    """Each of ``operands`` (None: absent) has x's dtype (the operators'
+    rule for the float modes, checked here in the wrapper's terms)."""
     dtype = jnp.result_type(x)
-    for name, operand in (("residual", residual), ("gamma", gamma)):
-        if jnp.result_type(operand) != dtype:
+    for name, operand in operands.items():
+        if operand is not None and jnp.result_type(operand) != dtype:
             raise validation.type_error(
                 op,
                 f"{name} dtype must equal x dtype {dtype_name(dtype)}, got "
@@ -352,6 +360,7 @@ def row_parallel_linear_add_rms_norm(
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
     _check_norm_operands(op, x, residual, gamma, n)
+    _check_like_x(op, x, w=w, bias=bias)
     r_spec = P(data_axis, None, None)
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
     options = {
