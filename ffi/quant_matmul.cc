@@ -25,6 +25,7 @@
 #include "blas.h"
 #include "ffi_common.h"
 #include "mc2_ffi.h"
+#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
@@ -271,13 +272,19 @@ void RunInt8Matmul(const Int8MatmulArgs& p) {
   }
 }
 
-// The dequantization epilogue on an int32 accumulator [m, n] (checked).
-void RunInt8Dequant(const Int8MatmulArgs& p, const int32_t* acc) {
-  const int64_t m = p.shape.m, n = p.shape.n;
-  Scratch scratch;
-  float* row = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(n));
-  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
-  for (int64_t i = 0; i < m; ++i) FinishRow(p, i, row, acc + i * n, x3_row.data());
+// The dequantization epilogue on an int32 accumulator [m, n] (checked),
+// its rows spread over XLA's intra-op thread pool: a pass over memory that
+// XLA's own fused epilogue also runs on several threads.
+void RunInt8Dequant(ffi::ThreadPool& pool, const Int8MatmulArgs& p, const int32_t* acc) {
+  const int64_t n = p.shape.n;
+  // At least ~64 Ki elements a chunk: below that, scheduling costs more.
+  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / n);
+  ParallelRows(pool, p.shape.m, min_rows, [&](int64_t begin, int64_t end) {
+    Scratch scratch;
+    float* row = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(n));
+    std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+    for (int64_t i = begin; i < end; ++i) FinishRow(p, i, row, acc + i * n, x3_row.data());
+  });
 }
 
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
@@ -300,9 +307,9 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   });
 }
 
-ffi::Error Mc2Int8DequantImpl(ffi::AnyBuffer acc, ffi::AnyBuffer scale, ffi::RemainingArgs extra,
-                              ffi::Result<ffi::AnyBuffer> out, bool has_pertoken, bool has_bias,
-                              bool has_x3, bool has_comm_scale) {
+ffi::Error Mc2Int8DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer acc, ffi::AnyBuffer scale,
+                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
+                              bool has_pertoken, bool has_bias, bool has_x3, bool has_comm_scale) {
   return CatchAtBoundary(kDequantOp, [&]() -> ffi::Error {
     auto dims = acc.dimensions();
     if (acc.element_type() != ffi::DataType::S32 || dims.size() < 1) {
@@ -325,7 +332,7 @@ ffi::Error Mc2Int8DequantImpl(ffi::AnyBuffer acc, ffi::AnyBuffer scale, ffi::Rem
                                           has_comm_scale, *out, args));
     args.out = out->untyped_data();
     if (args.shape.m == 0 || args.shape.n == 0) return ffi::Error::Success();
-    RunInt8Dequant(args, static_cast<const int32_t*>(acc.untyped_data()));
+    RunInt8Dequant(pool, args, static_cast<const int32_t*>(acc.untyped_data()));
     return ffi::Error::Success();
   });
 }
@@ -334,6 +341,7 @@ ffi::Error Mc2Int8DequantImpl(ffi::AnyBuffer acc, ffi::AnyBuffer scale, ffi::Rem
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8DequantHandler, Mc2Int8DequantImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // acc int32 [..., n]
                                   .Arg<ffi::AnyBuffer>()  // scale f32 (1,) or (n,)
                                   .RemainingArgs()        // pertoken?, bias?, x3?, comm scale?

@@ -153,6 +153,27 @@ def test_int8_results_do_not_depend_on_the_gemm(monkeypatch, row):
     np.testing.assert_array_equal(results["xla"], results["blas"])
 
 
+def test_int8_dequant_split_over_threads_gives_the_same_bits(monkeypatch):
+    """A tall output (1500 x 160): the dequant epilogue after XLA's int8 dot
+    runs its rows in several chunks on XLA's thread pool; every row equals the
+    single-threaded sgemm path's."""
+    rng = np.random.default_rng(3)
+    m, k, n = 1500, 96, 160
+    x1, x2, bias, raw = _int8_case(rng, (m,), k, n, transpose=False)
+    kw = dict(
+        bias=bias,
+        dequant_scale=raw,
+        pertoken_scale=(rng.random(m) + 0.5).astype(np.float32),
+        x3=jnp.asarray(rng.standard_normal((m, n)), jnp.float16),
+        implementation="ffi",
+    )
+    results = {}
+    for engine in ("blas", "xla"):
+        monkeypatch.setenv("JAX_MC2_GEMM", engine)
+        results[engine] = np.asarray(_op(kw)(x1, x2).astype(jnp.float32))
+    np.testing.assert_array_equal(results["xla"], results["blas"])
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_float_matmul_on_xla_gemm_matches_xla_and_the_oracle(monkeypatch, dtype):
     rng = np.random.default_rng(5)
