@@ -34,12 +34,31 @@ enum AclFormat : int {
 #include "acl_codes.def"
 #undef ACL_FORMAT
 };
+enum HcclDataType : int {
+#define HCCL_DTYPE(e, name, code, bytes) e = code,
+#include "acl_codes.def"
+#undef HCCL_DTYPE
+};
+
+// Bytes per element of an HcclDataType code; 0 for a code jax_mc2 never sends.
+inline int HcclDataTypeBytes(int code) {
+  switch (code) {
+#define HCCL_DTYPE(e, name, c, bytes) \
+  case c:                             \
+    return bytes;
+#include "acl_codes.def"
+#undef HCCL_DTYPE
+    default:
+      return 0;
+  }
+}
 
 constexpr aclError kAclSuccess = 0;
 constexpr aclError kAclRepeatInitialize = 100002;
 constexpr aclError kAclStreamSyncTimeout = 507046;
 constexpr int kMemcpyHostToDevice = 1;
 constexpr int kMemcpyDeviceToHost = 2;
+constexpr int kMemcpyDeviceToDevice = 3;
 constexpr int kMallocHugeFirst = 0;
 constexpr int64_t kStopOnFailure = 1;  // ACL_STOP_ON_FAILURE: MC2's streamMode
 constexpr int kOptDeterministic = 0;   // aclSysParamOpt ACL_OPT_DETERMINISTIC
@@ -82,6 +101,12 @@ using HcclGetCommName_t = HcclResult (*)(HcclComm, char*);
 using HcclCommDestroy_t = HcclResult (*)(HcclComm);
 using HcclSetConfig_t = HcclResult (*)(int, int32_t);  // union HcclConfigValue { int32_t }
 using HcclGetErrorString_t = const char* (*)(HcclResult);
+// HcclAlltoAllV(sendBuf, sendCounts, sdispls, sendType, recvBuf, recvCounts,
+// rdispls, recvType, comm, stream): the count and displacement arguments are
+// host arrays of uint64_t, one entry per rank, in elements of the data type;
+// the exchange is enqueued on `stream` (the call returns before it runs).
+using HcclAlltoAllV_t = HcclResult (*)(const void*, const void*, const void*, int, const void*,
+                                       const void*, const void*, int, HcclComm, aclrtStream);
 
 // Phase 2 of every aclnn operator.
 using AclnnPhase2_t = aclnnStatus (*)(void*, uint64_t, aclOpExecutor*, aclrtStream);

@@ -705,18 +705,203 @@ Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t* ca
   return Status::Ok();
 }
 
-// The communicator name and rank of `ordinal` among the '|'-separated keys.
-bool FindComm(std::string_view keys, int ordinal, std::string* name, int* rank) {
+// The communicator (name, rank, handle) of `ordinal` among the '|'-separated keys.
+bool FindComm(std::string_view keys, int ordinal, std::string* name, int* rank, HcclComm* comm) {
   std::lock_guard<std::mutex> lock(g_comm_mu);
   for (const std::string& key : Split(std::string(keys), '|')) {
     auto it = g_comms.find({key, ordinal});
     if (it != g_comms.end()) {
       *name = it->second.name;
       *rank = it->second.rank;
+      *comm = it->second.comm;
       return true;
     }
   }
   return false;
+}
+
+// ---------------------------------------------------------------- HcclAlltoAllV
+
+constexpr const char* kHcclAlltoAllV = "HcclAlltoAllV";
+
+// The data-movement call (docs/ascend.md, "Gradients"): one rank's spec is
+//   i<HcclDataType>;a<sendCounts>;a<sdispls>;a<recvCounts>;a<rdispls>;a<pre>;a<post>
+// (plus c0=<bytes>), every number in elements of the data type. `pre` and
+// `post` are (source offset, destination offset, elements) triples: `pre`
+// copies operand 0 into a staging send buffer, `post` copies a staging
+// receive buffer into result 0; an empty list sends straight from operand 0 /
+// receives straight into result 0.
+struct AlltoAllvPlan {
+  int dtype = 0;
+  size_t item = 0;
+  std::vector<uint64_t> send_counts, sdispls, recv_counts, rdispls;
+  std::vector<int64_t> pre, post;
+};
+
+bool ParseAlltoAllv(const Spec& spec, AlltoAllvPlan* plan, std::string* err) {
+  const auto& sl = spec.slots;
+  static const char kKinds[] = "iaaaaaa";
+  if (sl.size() != 7) {
+    *err = "argument spec has " + std::to_string(sl.size()) + " slots, HcclAlltoAllV takes 7";
+    return false;
+  }
+  for (size_t k = 0; k < sl.size(); ++k) {
+    if (sl[k].kind != kKinds[k]) {
+      *err = "argument " + std::to_string(k) + " of the spec has the wrong kind '" +
+             std::string(1, sl[k].kind) + "'";
+      return false;
+    }
+  }
+  plan->dtype = static_cast<int>(sl[0].i);
+  plan->item = static_cast<size_t>(HcclDataTypeBytes(plan->dtype));
+  if (plan->item == 0) {
+    *err = "HcclDataType " + std::to_string(plan->dtype) + " is not one jax_mc2 sends";
+    return false;
+  }
+  std::vector<uint64_t>* arrays[] = {&plan->send_counts, &plan->sdispls, &plan->recv_counts,
+                                     &plan->rdispls};
+  for (size_t k = 0; k < 4; ++k) {
+    for (int64_t v : sl[k + 1].dims) {
+      if (v < 0) {
+        *err = "argument " + std::to_string(k + 1) + " holds a negative count " + std::to_string(v);
+        return false;
+      }
+      arrays[k]->push_back(static_cast<uint64_t>(v));
+    }
+  }
+  const size_t n = plan->send_counts.size();
+  if (n == 0 || plan->sdispls.size() != n || plan->recv_counts.size() != n ||
+      plan->rdispls.size() != n) {
+    *err = "sendCounts, sdispls, recvCounts and rdispls must have one entry per rank";
+    return false;
+  }
+  plan->pre = sl[5].dims;
+  plan->post = sl[6].dims;
+  for (const auto* perm : {&plan->pre, &plan->post}) {
+    if (perm->size() % 3 != 0) {
+      *err = "a copy list must hold (source, destination, elements) triples";
+      return false;
+    }
+    for (int64_t v : *perm) {
+      if (v < 0) {
+        *err = "a copy list holds a negative offset or count " + std::to_string(v);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+// The elements a buffer must hold for the (displacement, count) pairs and the
+// copy-list side `side` (0: source, 1: destination) of `perm`.
+uint64_t NeededElements(const std::vector<uint64_t>& displs, const std::vector<uint64_t>& counts,
+                        const std::vector<int64_t>& perm, int side) {
+  uint64_t need = 0;
+  for (size_t i = 0; i < counts.size(); ++i)
+    if (counts[i]) need = std::max(need, displs[i] + counts[i]);
+  for (size_t i = 0; i + 2 < perm.size(); i += 3)
+    if (perm[i + 2]) need = std::max(need, static_cast<uint64_t>(perm[i + side] + perm[i + 2]));
+  return need;
+}
+
+// Enqueues the copy list `perm` (dst <- src, on the device) on `stream`.
+Status EnqueueCopies(const Cann& c, const std::vector<int64_t>& perm, size_t item, char* dst,
+                     size_t dst_bytes, const char* src, aclrtStream stream) {
+  for (size_t i = 0; i + 2 < perm.size(); i += 3) {
+    const size_t from = perm[i] * item, to = perm[i + 1] * item, bytes = perm[i + 2] * item;
+    if (bytes == 0) continue;
+    const aclError rc = c.aclrtMemcpyAsync(dst + to, dst_bytes - to, src + from, bytes,
+                                           kMemcpyDeviceToDevice, stream);
+    if (rc != kAclSuccess) return Fail(c, "aclrtMemcpyAsync (device to device)", rc);
+  }
+  return Status::Ok();
+}
+
+// Enqueues one rank's HcclAlltoAllV call on `stream`: operand 0 (through the
+// `pre` copies into a staging buffer when there are any) is exchanged into
+// result 0 (through a staging buffer and the `post` copies when there are
+// any). In device mode the result rows past the bytes the exchange writes
+// (the spec's c0=) are zeroed on the stream; the host bridge zeroes them on
+// the host. Staging buffers are pool blocks held until the call ends.
+Status RunAlltoAllv(const Cann& c, const AlltoAllvPlan& plan, HcclComm comm, aclrtStream stream,
+                    const CallIo& io, const std::vector<void*>& dev_in,
+                    const std::vector<void*>& dev_out, const Spec& spec, Pool& pool, Held& held) {
+  const std::string fn = kHcclAlltoAllV;
+  const size_t item = plan.item;
+  auto block = [&](size_t bytes, void** out) -> Status {
+    aclError rc;
+    *out = Acquire(c, pool, bytes, &rc);
+    if (*out == nullptr)
+      return Status::Error(fn + ": aclrtMalloc of " + std::to_string(bytes) +
+                           " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(c));
+    held.blocks.emplace_back(RoundUp(bytes ? bytes : 1), *out);
+    return Status::Ok();
+  };
+  const uint64_t in_elems = io.operands[0].bytes / item, out_elems = io.results[0].bytes / item;
+  // The send buffer: operand 0 itself, or a staging buffer the `pre` copies fill.
+  char* send = static_cast<char*>(dev_in[0]);
+  uint64_t send_elems = in_elems;
+  if (!plan.pre.empty()) {
+    if (NeededElements({}, {}, plan.pre, 0) > in_elems)
+      return Status::Error(fn + ": a copy reads past the " + std::to_string(in_elems) +
+                           "-element operand");
+    send_elems = NeededElements(plan.sdispls, plan.send_counts, plan.pre, 1);
+    void* p = nullptr;
+    Status s = block(send_elems * item, &p);
+    if (!s.ok) return s;
+    send = static_cast<char*>(p);
+    if (!(s = EnqueueCopies(c, plan.pre, item, send, send_elems * item,
+                            static_cast<const char*>(dev_in[0]), stream))
+             .ok)
+      return Status::Error(fn + ": " + s.message);
+  }
+  // The receive buffer: result 0 itself, or a staging buffer the `post` copies read.
+  char* recv = static_cast<char*>(dev_out[0]);
+  uint64_t recv_elems = out_elems;
+  if (!plan.post.empty()) {
+    if (NeededElements({}, {}, plan.post, 1) > out_elems)
+      return Status::Error(fn + ": a copy writes past the " + std::to_string(out_elems) +
+                           "-element result");
+    recv_elems = NeededElements(plan.rdispls, plan.recv_counts, plan.post, 0);
+    void* p = nullptr;
+    Status s = block(recv_elems * item, &p);
+    if (!s.ok) return s;
+    recv = static_cast<char*>(p);
+  }
+  if (NeededElements(plan.sdispls, plan.send_counts, {}, 0) > send_elems ||
+      NeededElements(plan.rdispls, plan.recv_counts, {}, 0) > recv_elems)
+    return Status::Error(fn + ": the counts and displacements reach past the " +
+                         std::to_string(send_elems) + "-element send or " +
+                         std::to_string(recv_elems) + "-element receive buffer");
+  const HcclResult r =
+      c.HcclAlltoAllV(send, plan.send_counts.data(), plan.sdispls.data(), plan.dtype, recv,
+                      plan.recv_counts.data(), plan.rdispls.data(), plan.dtype, comm, stream);
+  if (r != 0)
+    return Status::Error(fn + " failed with HcclResult " + HcclErr(c, r) + ": " + RecentErr(c));
+  if (!plan.post.empty()) {
+    Status s = EnqueueCopies(c, plan.post, item, static_cast<char*>(dev_out[0]),
+                             io.results[0].bytes, recv, stream);
+    if (!s.ok) return Status::Error(fn + ": " + s.message);
+  }
+  if (!io.host) {
+    size_t written = io.results[0].bytes;
+    for (auto [res, b] : spec.partial)
+      if (res == 0) written = std::min(written, static_cast<size_t>(b));
+    const size_t tail = io.results[0].bytes - written;
+    if (tail > 0) {
+      void* zeros = nullptr;
+      Status s = block(tail, &zeros);
+      if (!s.ok) return s;
+      const std::vector<char> host(tail, 0);
+      aclError rc = c.aclrtMemcpy(zeros, tail, host.data(), tail, kMemcpyHostToDevice);
+      if (rc == kAclSuccess)
+        rc = c.aclrtMemcpyAsync(static_cast<char*>(dev_out[0]) + written, tail, zeros, tail,
+                                kMemcpyDeviceToDevice, stream);
+      if (rc != kAclSuccess)
+        return Status::Error(fn + ": " + Fail(c, "zeroing the padding rows", rc).message);
+    }
+  }
+  return Status::Ok();
 }
 }  // namespace
 
@@ -773,12 +958,22 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   std::string err;
   const std::vector<Spec>* specs = CachedSpecs(spec_text, &err);
   if (specs == nullptr) return error(function + ": " + err);
-  auto caller_it = Callers().find(function);
-  if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
-  void* phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
-  if (phase1 == nullptr) return error(why);
-  void* phase2 = AclnnSymbol(*c, function, &why);
-  if (phase2 == nullptr) return error(why);
+  // An aclnn operator (two phases), or HCCL's own AlltoAllV (the data
+  // movement of the AlltoAllv operators' gradients).
+  const bool alltoallv = function == kHcclAlltoAllV;
+  Caller caller = nullptr;
+  void *phase1 = nullptr, *phase2 = nullptr;
+  if (alltoallv) {
+    if (c->HcclAlltoAllV == nullptr) return error(MissingSymbol(*c, function, "libhccl.so"));
+  } else {
+    auto caller_it = Callers().find(function);
+    if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
+    caller = caller_it->second;
+    phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
+    if (phase1 == nullptr) return error(why);
+    phase2 = AclnnSymbol(*c, function, &why);
+    if (phase2 == nullptr) return error(why);
+  }
 
   DeviceState* d = nullptr;
   Status s = GetDevice(*c, ordinal, &d);
@@ -807,13 +1002,21 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   if (!(s = Enter(*c, d)).ok) return error(s.message);  // a re-created group may move the thread
   std::string group_name;
   int rank = 0;
-  if (!FindComm(group_key, ordinal, &group_name, &rank) && (*specs)[0].uses_group)
+  HcclComm comm = nullptr;
+  if (!FindComm(group_key, ordinal, &group_name, &rank, &comm) &&
+      ((*specs)[0].uses_group || alltoallv))
     return error("no HCCL communicator for replica group " + std::string(group_key) +
                  " on JAX device " + std::to_string(ordinal) +
                  " (communicators are created when the call is lowered)");
   if (specs->size() > 1 && static_cast<size_t>(rank) >= specs->size())
     return error(function + ": no argument spec for rank " + std::to_string(rank));
   const Spec* spec = &(*specs)[specs->size() > 1 ? rank : 0];
+  AlltoAllvPlan plan;  // holds HcclAlltoAllV's host count arrays until the call ends
+  if (alltoallv) {
+    if (!ParseAlltoAllv(*spec, &plan, &err)) return error(function + ": " + err);
+    if (io.operands.empty() || io.results.empty())
+      return error(function + ": the call needs one operand and one result");
+  }
 
   // Device memory for the operands and results (host bridge), copied in.
   Held held;
@@ -865,98 +1068,110 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     for (size_t i = 0; i < io.results.size(); ++i) dev_out[i] = io.results[i].data;
   }
 
-  // Descriptors.
+  // Descriptors (aclnn), kept until the stream has passed the kernel.
   Descriptors desc{c, {}, {}};
-  std::vector<ArgVal> args;
-  args.reserve(spec->slots.size());
-  for (size_t k = 0; k < spec->slots.size(); ++k) {
-    const Slot& sl = spec->slots[k];
-    ArgVal a;
-    a.kind = sl.kind;
-    switch (sl.kind) {
-      case 't': {
-        const auto& bufs = sl.src == 'r' ? dev_out : dev_in;
-        if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
-          return finish(
-              error(function + ": argument " + std::to_string(k) + " names a missing buffer"),
-              false);
-        a.tensor = c->aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
-                                      sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
-                                      bufs[sl.index]);
-        if (a.tensor == nullptr)
-          return finish(error(function + ": aclCreateTensor failed for argument " +
-                              std::to_string(k) + ": " + RecentErr(*c)),
-                        false);
-        desc.tensors.push_back(a.tensor);
-        break;
-      }
-      case 'a': {
-        aclIntArray* arr = c->aclCreateIntArray(sl.dims.data(), sl.dims.size());
-        if (arr == nullptr)
-          return finish(error(function + ": aclCreateIntArray failed for argument " +
-                              std::to_string(k) + ": " + RecentErr(*c)),
-                        false);
-        desc.arrays.push_back(arr);
-        a.array = arr;
-        break;
-      }
-      case 's':
-        a.str = sl.text.c_str();
-        break;
-      case 'g':
-        a.str = group_name.c_str();
-        break;
-      case 'i':
-      case 'b':
-        a.i = sl.i;
-        break;
-      case 'd':
-        a.d = sl.d;
-        break;
-      default:
-        break;
+  if (alltoallv) {
+    const int64_t t3 = NowNs();
+    Status st = RunAlltoAllv(*c, plan, comm, stream, io, dev_in, dev_out, *spec, d->pool, held);
+    if (!st.ok) {
+      // Peers may be waiting in the exchange: their collective fails, and
+      // the group's communicators are re-created by the next call.
+      MarkBroken(group_key, ordinal, call);
+      return finish(error(st.message), false);
     }
-    args.push_back(a);
-  }
+    tm.phase2 = NowNs() - t3;
+  } else {
+    std::vector<ArgVal> args;
+    args.reserve(spec->slots.size());
+    for (size_t k = 0; k < spec->slots.size(); ++k) {
+      const Slot& sl = spec->slots[k];
+      ArgVal a;
+      a.kind = sl.kind;
+      switch (sl.kind) {
+        case 't': {
+          const auto& bufs = sl.src == 'r' ? dev_out : dev_in;
+          if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
+            return finish(
+                error(function + ": argument " + std::to_string(k) + " names a missing buffer"),
+                false);
+          a.tensor = c->aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
+                                        sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
+                                        bufs[sl.index]);
+          if (a.tensor == nullptr)
+            return finish(error(function + ": aclCreateTensor failed for argument " +
+                                std::to_string(k) + ": " + RecentErr(*c)),
+                          false);
+          desc.tensors.push_back(a.tensor);
+          break;
+        }
+        case 'a': {
+          aclIntArray* arr = c->aclCreateIntArray(sl.dims.data(), sl.dims.size());
+          if (arr == nullptr)
+            return finish(error(function + ": aclCreateIntArray failed for argument " +
+                                std::to_string(k) + ": " + RecentErr(*c)),
+                          false);
+          desc.arrays.push_back(arr);
+          a.array = arr;
+          break;
+        }
+        case 's':
+          a.str = sl.text.c_str();
+          break;
+        case 'g':
+          a.str = group_name.c_str();
+          break;
+        case 'i':
+        case 'b':
+          a.i = sl.i;
+          break;
+        case 'd':
+          a.d = sl.d;
+          break;
+        default:
+          break;
+      }
+      args.push_back(a);
+    }
 
-  // Phase 1.
-  const int64_t t2 = NowNs();
-  uint64_t ws_size = 0;
-  aclOpExecutor* executor = nullptr;
-  aclnnStatus st = 0;
-  if (!caller_it->second(phase1, args, &ws_size, &executor, &st, &err))
-    return finish(error(function + ": " + err), false);
-  if (st != 0)
-    return finish(error(function + "GetWorkspaceSize failed with status " + std::to_string(st) +
-                        ": " + RecentErr(*c)),
-                  false);
-  tm.phase1 = NowNs() - t2;
+    // Phase 1.
+    const int64_t t2 = NowNs();
+    uint64_t ws_size = 0;
+    aclOpExecutor* executor = nullptr;
+    aclnnStatus st = 0;
+    if (!caller(phase1, args, &ws_size, &executor, &st, &err))
+      return finish(error(function + ": " + err), false);
+    if (st != 0)
+      return finish(error(function + "GetWorkspaceSize failed with status " + std::to_string(st) +
+                          ": " + RecentErr(*c)),
+                    false);
+    tm.phase1 = NowNs() - t2;
 
-  // Phase 2 with a pooled workspace.
-  const int64_t t3 = NowNs();
-  void* ws = nullptr;
-  if (ws_size > 0) {
-    aclError rc;
-    ws = Acquire(*c, d->pool, ws_size, &rc);
-    if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
-    if (ws == nullptr)
+    // Phase 2 with a pooled workspace.
+    const int64_t t3 = NowNs();
+    void* ws = nullptr;
+    if (ws_size > 0) {
+      aclError rc;
+      ws = Acquire(*c, d->pool, ws_size, &rc);
+      if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
+      if (ws == nullptr)
+        return finish(error(function + ": aclrtMalloc of the " + std::to_string(ws_size) +
+                            "-byte workspace failed with status " + std::to_string(rc) + ": " +
+                            RecentErr(*c)),
+                      false);
+      held.blocks.emplace_back(RoundUp(ws_size), ws);
+    }
+    st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
+    if (st != 0) {
+      // Not enqueued: the executor is still ours to destroy.
+      if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
+      MarkBroken(group_key, ordinal, call);
+    }
+    if (st != 0)
       return finish(
-          error(function + ": aclrtMalloc of the " + std::to_string(ws_size) +
-                "-byte workspace failed with status " + std::to_string(rc) + ": " + RecentErr(*c)),
+          error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),
           false);
-    held.blocks.emplace_back(RoundUp(ws_size), ws);
+    tm.phase2 = NowNs() - t3;
   }
-  st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
-  if (st != 0) {
-    // Not enqueued: the executor is still ours to destroy.
-    if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
-    MarkBroken(group_key, ordinal, call);
-  }
-  if (st != 0)
-    return finish(
-        error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),
-        false);
-  tm.phase2 = NowNs() - t3;
 
   // Wait for the stream, then the results back (host bridge).
   const int64_t t4 = NowNs();

@@ -84,6 +84,7 @@ Cann* DoLoad(std::string* why) {
       "; set JAX_MC2_CANN_LIBRARY_PATH to the directory holding CANN's libraries, or source "
       "CANN's set_env.sh (ASCEND_HOME_PATH)";
   auto cann = std::make_unique<Cann>();
+  cann->where = where;
   std::string err;
   auto open_required = [&](const char* lib, void** out) -> bool {
     const std::string path = PathOf(dir, lib);
@@ -162,6 +163,7 @@ Cann* DoLoad(std::string* why) {
   OPT(hccl, HcclCommInitAll)
   OPT(hccl, HcclSetConfig)
   OPT(hccl, HcclGetErrorString)
+  OPT(hccl, HcclAlltoAllV)
   OPT(nnop, aclDestroyAclOpExecutor)
 #undef REQ
 #undef OPT
@@ -207,6 +209,11 @@ void* AclnnSymbol(const Cann& cann, const std::string& name, std::string* why) {
   }
   cache.emplace(name, p);
   return p;
+}
+
+std::string MissingSymbol(const Cann& cann, const std::string& name, const std::string& library) {
+  return "CANN symbol " + name + " not found in " + library + " (" + cann.where +
+         "); set JAX_MC2_CANN_LIBRARY_PATH to a CANN whose " + library + " exports it";
 }
 
 std::vector<std::string> SearchDescription() {

@@ -40,12 +40,14 @@ struct Cann {
   CANN_FN(HcclCommInitAll)
   CANN_FN(HcclSetConfig)
   CANN_FN(HcclGetErrorString)
+  CANN_FN(HcclAlltoAllV)  // needed only by the data-movement calls (gradients)
   CANN_FN(aclDestroyAclOpExecutor)
 #undef CANN_FN
   // The operator libraries, searched in order for aclnn functions.
   std::vector<void*> op_libs;
   std::vector<std::string> op_lib_paths;
   std::vector<std::string> loaded;  // every library path opened, for reports
+  std::string where;                // the directory searched, and why, for messages
 };
 
 // Loads CANN once (thread safe). Returns nullptr and sets *why (naming the
@@ -55,6 +57,10 @@ const Cann* LoadCann(std::string* why);
 // The aclnn function `name` from the operator libraries, nullptr (and *why)
 // if no library has it. Cached.
 void* AclnnSymbol(const Cann& cann, const std::string& name, std::string* why);
+
+// The message for an optional symbol `name` of `library` that this CANN lacks
+// (same wording as a missing required symbol).
+std::string MissingSymbol(const Cann& cann, const std::string& name, const std::string& library);
 
 // The library search: where each library is looked for, in order.
 std::vector<std::string> SearchDescription();

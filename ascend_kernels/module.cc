@@ -39,14 +39,17 @@ NB_MODULE(_mc2_ascend, m) {
     d["mc2_ascend_device"] = nb::capsule(reinterpret_cast<void*>(Mc2AscendDevice));
     return d;
   });
-  nb::dict dtypes, formats;
+  nb::dict dtypes, formats, hccl_dtypes;
 #define ACL_DTYPE(e, name, code) dtypes[name] = code;
 #define ACL_FORMAT(e, name, code) formats[name] = code;
+#define HCCL_DTYPE(e, name, code, bytes) hccl_dtypes[name] = code;
 #include "acl_codes.def"
 #undef ACL_DTYPE
 #undef ACL_FORMAT
+#undef HCCL_DTYPE
   m.attr("ACL_DTYPE") = dtypes;
   m.attr("ACL_FORMAT") = formats;
+  m.attr("HCCL_DTYPE") = hccl_dtypes;
 
   m.def("load", []() {
     std::string why;
@@ -64,6 +67,16 @@ NB_MODULE(_mc2_ascend, m) {
     if (c == nullptr) return nb::make_tuple(false, why);
     bool ok = AclnnSymbol(*c, name + "GetWorkspaceSize", &why) && AclnnSymbol(*c, name, &why);
     return nb::make_tuple(ok, ok ? std::string() : why);
+  });
+  // Whether libhccl.so exports HcclAlltoAllV (the data-movement calls need
+  // it; the MC2 operators do not), and the reason when it does not.
+  m.def("has_hccl_alltoallv", []() {
+    std::string why;
+    const Cann* c = LoadCann(&why);
+    if (c == nullptr) return nb::make_tuple(false, why);
+    const bool ok = c->HcclAlltoAllV != nullptr;
+    return nb::make_tuple(ok,
+                          ok ? std::string() : MissingSymbol(*c, "HcclAlltoAllV", "libhccl.so"));
   });
   m.def("library_search", &SearchDescription);
   m.def("set_timeout_ms", &SetTimeoutMs);

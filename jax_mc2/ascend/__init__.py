@@ -16,7 +16,8 @@ Public API:
 
 - :func:`is_available` -> bool, :func:`why_unavailable` -> the reason (None
   when available).
-- :data:`ACL_DTYPE` (dtype name -> aclDataType code), :data:`ACL_FORMAT`.
+- :data:`ACL_DTYPE` (dtype name -> aclDataType code), :data:`ACL_FORMAT`,
+  :data:`HCCL_DTYPE` (dtype name -> HcclDataType code).
 - :func:`bind_devices`, :func:`configure`, :func:`shutdown`, :func:`soc_name`,
   :func:`chip_target`.
 """
@@ -32,7 +33,7 @@ from jax_mc2.ascend import (
     _comms,
     _rules,  # noqa: F401  (registers the lowering rules)
 )
-from jax_mc2.ascend._codes import ACL_DTYPE, ACL_FORMAT
+from jax_mc2.ascend._codes import ACL_DTYPE, ACL_FORMAT, HCCL_DTYPE
 from jax_mc2.ascend._comms import _ordinal
 from jax_mc2.ascend._native import native as _mc2_ascend
 from jax_mc2.framework import implementation as _implementation
@@ -41,6 +42,7 @@ from jax_mc2.framework import targets
 __all__ = [
     "ACL_DTYPE",
     "ACL_FORMAT",
+    "HCCL_DTYPE",
     "bind_devices",
     "chip_target",
     "configure",

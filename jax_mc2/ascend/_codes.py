@@ -1,5 +1,6 @@
-"""CANN's data-type and format codes, from the C++ table (acl_codes.def)
-exported by the jax_mc2._mc2_ascend module: one source of truth."""
+"""CANN's data-type and format codes (aclDataType, aclFormat, HcclDataType),
+from the C++ table (acl_codes.def) exported by the jax_mc2._mc2_ascend
+module: one source of truth."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from jax_mc2.ascend._native import native as _mc2_ascend
 ACL_DTYPE: dict[str, int] = dict(_mc2_ascend.ACL_DTYPE)
 #: aclFormat name -> code.
 ACL_FORMAT: dict[str, int] = dict(_mc2_ascend.ACL_FORMAT)
+#: numpy / ml_dtypes dtype name -> HcclDataType code (HCCL's own collectives).
+HCCL_DTYPE: dict[str, int] = dict(_mc2_ascend.HCCL_DTYPE)
 
 
 def dtype_code(dtype) -> int:
@@ -21,4 +24,14 @@ def dtype_code(dtype) -> int:
     except KeyError:
         raise NotImplementedError(
             f"implementation='ascend': dtype {name} has no CANN aclDataType"
+        ) from None
+
+
+def hccl_dtype_code(dtype) -> int:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        return HCCL_DTYPE[name]
+    except KeyError:
+        raise NotImplementedError(
+            f"implementation='ascend': dtype {name} has no HcclDataType"
         ) from None
