@@ -164,6 +164,12 @@ int GetRankId(HcclComm comm, uint32_t* rank);
 int CommDestroy(HcclComm comm);
 int SetConfig(int config, int32_t value);
 int Barrier(HcclComm comm, aclrtStream stream);
+// HcclAlltoAllV: counts and displacements are host uint64_t arrays (one entry
+// per rank, in elements of `send_type`), copied at the call; the exchange runs
+// on `stream` (through AllGatherV among the communicator's ranks).
+int AlltoAllV(const void* send_buf, const void* send_counts, const void* sdispls, int send_type,
+              const void* recv_buf, const void* recv_counts, const void* rdispls, int recv_type,
+              HcclComm comm, aclrtStream stream);
 const char* ErrorString(int code);
 }  // namespace hccl
 int64_t LiveCommCount();

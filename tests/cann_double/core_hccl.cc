@@ -667,6 +667,161 @@ int Barrier(HcclComm handle, aclrtStream stream) {
   return status == kAclSuccess ? kHcclSuccess : kHcclErrPara;
 }
 
+namespace {
+
+// Bytes per element of an HcclDataType (0: not one HcclAlltoAllV takes).
+size_t DataTypeBytes(int type) {
+  switch (type) {
+    case 0:  // INT8
+    case 7:  // UINT8
+      return 1;
+    case 1:   // INT16
+    case 3:   // FP16
+    case 8:   // UINT16
+    case 11:  // BFP16
+      return 2;
+    case 2:  // INT32
+    case 4:  // FP32
+    case 9:  // UINT32
+      return 4;
+    case 5:   // INT64
+    case 6:   // UINT64
+    case 10:  // FP64
+      return 8;
+    default:
+      return 0;
+  }
+}
+
+// Whether every non-empty block (displs[i], counts[i]) of `buf` lies in live
+// device memory; `why` names the first that does not.
+bool CheckBlocks(const char* side, const void* buf, const std::vector<uint64_t>& counts,
+                 const std::vector<uint64_t>& displs, size_t item, std::string* why) {
+  for (size_t i = 0; i < counts.size(); ++i) {
+    if (counts[i] == 0) continue;
+    std::string range;
+    if (buf == nullptr || !CheckDeviceRange(static_cast<const uint8_t*>(buf) + displs[i] * item,
+                                            counts[i] * item, &range)) {
+      *why = std::string(side) + " block " + std::to_string(i) + " (displacement " +
+             std::to_string(displs[i]) + ", count " + std::to_string(counts[i]) +
+             ") is not in live device memory" + (range.empty() ? "" : ": " + range);
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+int AlltoAllV(const void* send_buf, const void* send_counts, const void* sdispls, int send_type,
+              const void* recv_buf, const void* recv_counts, const void* rdispls, int recv_type,
+              HcclComm handle, aclrtStream stream) {
+  if (int injected = InjectedStatus("HcclAlltoAllV")) return injected;
+  auto fail = [](int code, const std::string& why) {
+    SetRecentError("HcclAlltoAllV: " + why);
+    return code;
+  };
+  Comm* comm = LiveComm(handle);
+  if (comm == nullptr) return fail(kHcclErrPtr, "not a live communicator");
+  if (send_counts == nullptr || sdispls == nullptr || recv_counts == nullptr || rdispls == nullptr)
+    return fail(kHcclErrPtr, "a count or displacement array is null");
+  if (send_type != recv_type) return fail(kHcclErrPara, "sendType and recvType differ");
+  const size_t item = DataTypeBytes(send_type);
+  if (item == 0) return fail(kHcclErrPara, "unsupported HcclDataType " + std::to_string(send_type));
+  if (CurrentDevice() != comm->device)
+    return fail(kHcclErrPara, "the communicator belongs to device " + std::to_string(comm->device) +
+                                  ", the thread's device is " + std::to_string(CurrentDevice()));
+  const size_t ranks = static_cast<size_t>(comm->size);
+  auto copy = [ranks](const void* array) {
+    const auto* values = static_cast<const uint64_t*>(array);
+    return std::vector<uint64_t>(values, values + ranks);
+  };
+  const std::vector<uint64_t> sc = copy(send_counts), sd = copy(sdispls), rc = copy(recv_counts),
+                              rd = copy(rdispls);
+  uint64_t sent = 0, received = 0;
+  for (size_t i = 0; i < ranks; ++i) {
+    sent += sc[i];
+    received += rc[i];
+  }
+  if (send_buf == recv_buf && sent + received > 0)
+    return fail(kHcclErrPara, "recvBuf and sendBuf must differ");
+  std::string why;
+  if (!CheckBlocks("send", send_buf, sc, sd, item, &why) ||
+      !CheckBlocks("receive", recv_buf, rc, rd, item, &why))
+    return fail(kHcclErrPara, why);
+  const int rank = comm->rank;
+  auto* out = static_cast<uint8_t*>(const_cast<void*>(recv_buf));
+  const auto* in = static_cast<const uint8_t*>(send_buf);
+  aclError status = Enqueue("HcclAlltoAllV", stream, [=](std::string* message) {
+    // Every rank's wire: int32 status, then its per-rank counts and its
+    // blocks in rank order (or its error message). The memory is checked
+    // again: it may have been freed since the call.
+    std::string late;
+    int32_t local = CheckBlocks("send", in, sc, sd, item, &late) &&
+                            CheckBlocks("receive", out, rc, rd, item, &late)
+                        ? 0
+                        : 1;
+    Bytes wire(4);
+    std::memcpy(wire.data(), &local, 4);
+    if (local == 0) {
+      const auto* counts = reinterpret_cast<const uint8_t*>(sc.data());
+      wire.insert(wire.end(), counts, counts + ranks * sizeof(uint64_t));
+      for (size_t d = 0; d < ranks; ++d)
+        wire.insert(wire.end(), in + sd[d] * item, in + (sd[d] + sc[d]) * item);
+    } else {
+      wire.insert(wire.end(), late.begin(), late.end());
+    }
+    std::vector<Bytes> got;
+    const int result = AllGatherV(comm, wire.data(), wire.size(), &got);
+    if (result != kHcclSuccess) {
+      *message = "HcclAlltoAllV: " + std::string(ErrorString(result)) +
+                 (result == kHcclErrTimeout ? " (a rank did not arrive)" : "");
+      return result == kHcclErrTimeout ? kRtErrStreamSyncTimeout : kRtErrAicoreException;
+    }
+    if (local != 0) {
+      *message = "HcclAlltoAllV (when run on the stream): " + late;
+      return kRtErrAicoreException;
+    }
+    for (size_t s = 0; s < ranks; ++s) {
+      const Bytes& w = got[s];
+      int32_t peer = 1;
+      if (w.size() >= 4) std::memcpy(&peer, w.data(), 4);
+      if (peer != 0) {
+        *message = "HcclAlltoAllV: rank " + std::to_string(s) +
+                   " failed: " + std::string(w.begin() + std::min<size_t>(4, w.size()), w.end());
+        return kRtErrAicoreException;
+      }
+      if (w.size() < 4 + ranks * sizeof(uint64_t)) {
+        *message = "HcclAlltoAllV: rank " + std::to_string(s) + " sent a short payload";
+        return kRtErrAicoreException;
+      }
+      std::vector<uint64_t> counts(ranks);
+      std::memcpy(counts.data(), w.data() + 4, ranks * sizeof(uint64_t));
+      uint64_t before = 0, total = 0;
+      for (size_t d = 0; d < ranks; ++d) {
+        if (static_cast<int>(d) < rank) before += counts[d];
+        total += counts[d];
+      }
+      if (w.size() != 4 + ranks * sizeof(uint64_t) + total * item) {
+        *message = "HcclAlltoAllV: rank " + std::to_string(s) +
+                   " sent data that does not match its sendCounts";
+        return kRtErrAicoreException;
+      }
+      if (counts[rank] != rc[s]) {
+        *message = "HcclAlltoAllV: recvCounts[" + std::to_string(s) +
+                   "] = " + std::to_string(rc[s]) + " on rank " + std::to_string(rank) +
+                   " but rank " + std::to_string(s) + " sends it " + std::to_string(counts[rank]) +
+                   " elements";
+        return kRtErrAicoreException;
+      }
+      const uint8_t* data = w.data() + 4 + ranks * sizeof(uint64_t) + before * item;
+      if (rc[s]) std::memcpy(out + rd[s] * item, data, rc[s] * item);
+    }
+    return kAclSuccess;
+  });
+  return status == kAclSuccess ? kHcclSuccess : kHcclErrPara;
+}
+
 const char* ErrorString(int code) {
   static const char* const kNames[] = {"HCCL_SUCCESS",
                                        "HCCL_E_PARA",

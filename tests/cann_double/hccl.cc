@@ -1,4 +1,6 @@
-// libhccl.so of the double: communicator management and the barrier.
+// libhccl.so of the double: communicator management, the barrier and
+// HcclAlltoAllV (left out when built with -DCANN_DOUBLE_WITHOUT_ALLTOALLV, to
+// stand for an HCCL that lacks it).
 #include "core.h"
 
 using namespace cann_double;
@@ -46,6 +48,17 @@ CANN_DOUBLE_EXPORT HcclResult HcclSetConfig(int config, HcclConfigValue value) {
 CANN_DOUBLE_EXPORT HcclResult HcclBarrier(HcclComm comm, aclrtStream stream) {
   return hccl::Barrier(comm, stream);
 }
+#ifndef CANN_DOUBLE_WITHOUT_ALLTOALLV
+// HcclDataType is an int-sized enum.
+CANN_DOUBLE_EXPORT HcclResult HcclAlltoAllV(const void* send_buf, const void* send_counts,
+                                            const void* sdispls, int send_type,
+                                            const void* recv_buf, const void* recv_counts,
+                                            const void* rdispls, int recv_type, HcclComm comm,
+                                            aclrtStream stream) {
+  return hccl::AlltoAllV(send_buf, send_counts, sdispls, send_type, recv_buf, recv_counts, rdispls,
+                         recv_type, comm, stream);
+}
+#endif
 CANN_DOUBLE_EXPORT const char* HcclGetErrorString(HcclResult code) {
   return hccl::ErrorString(code);
 }
