@@ -15,7 +15,9 @@ import numpy as np
 
 from jax_mc2.ascend import _codes, _comms
 from jax_mc2.ascend import _spec as S
+from jax_mc2.ascend._native import native as _mc2_ascend
 from jax_mc2.framework import _compat, lowering, validation
+from jax_mc2.framework import implementation as _implementation
 from jax_mc2.framework.primitive import SPECS
 from jax_mc2.framework.quant import is_packed_scale
 
@@ -218,21 +220,22 @@ def _rows_view(src, index, aval, rows):
     return S.Tensor(src, index, (rows, aval.shape[1]), aval.dtype, storage=aval.shape)
 
 
+def _static_table(call: Call, function: str, arrays: str):
+    """The static count table; traced counts are refused (``function`` takes
+    host count arrays, ``arrays``)."""
+    if call.params["send_table"] is None:
+        raise NotImplementedError(
+            f"{call.op}: implementation='ascend' needs static send_counts (NumPy/Python "
+            f"integers): {function} takes host count arrays ({arrays}), not device "
+            "tensors; use implementation='ffi' or 'xla' for traced counts"
+        )
+    return np.asarray(call.params["send_table"], np.int64)
+
+
 def _alltoallv_table(call: Call, function: str):
     """The static count table, after the refusals of what CANN cannot run."""
     op, params = call.op, call.params
-    if params["send_table"] is None:
-        raise NotImplementedError(
-            f"{op}: implementation='ascend' needs static send_counts (NumPy/Python "
-            f"integers): {function} takes host count arrays (aclIntArray), not device "
-            "tensors; use implementation='ffi' or 'xla' for traced counts"
-        )
-    if not call.present("gmm_weight"):
-        raise NotImplementedError(
-            f"{op}: implementation='ascend' has no data-movement-only lowering (the "
-            "transpose used by reverse-mode differentiation of this operator)"
-        )
-    table = np.asarray(params["send_table"], np.int64)
+    table = _static_table(call, function, "aclIntArray")
     empty = [r for r in range(params["world_size"]) if table[r].sum() == 0]
     if empty:
         raise NotImplementedError(
@@ -278,6 +281,8 @@ def _alltoallv_rank_spec(ctx, call: Call, dispatch: bool, sends, receives) -> st
 
 def _alltoallv_gmm(function: str, dispatch: bool):
     def build(ctx, operands, call: Call):
+        if not call.present("gmm_weight"):
+            return _data_movement(ctx, operands, call, dispatch)
         table = _alltoallv_table(call, function)
         world = call.params["world_size"]
         recv = _recv_table(table, world, call.params["experts"])
@@ -289,6 +294,140 @@ def _alltoallv_gmm(function: str, dispatch: bool):
 
 ascend_rule("mc2_alltoallv_grouped_matmul")(_alltoallv_gmm("aclnnAlltoAllvGroupedMatMul", True))
 ascend_rule("mc2_grouped_matmul_alltoallv")(_alltoallv_gmm("aclnnGroupedMatMulAlltoAllv", False))
+
+
+# ----------------------------------------------------------------------------
+# The data movement alone (``has_weight=False``: the AlltoAllv and the
+# permute / unpermute, no matmul), which reverse-mode differentiation of the
+# two operators binds: HCCL's own HcclAlltoAllV on the device's stream, with
+# the block reordering as device-to-device copies around it
+# (docs/ascend.md, "Gradients").
+
+HCCL_ALLTOALLV = "HcclAlltoAllV"
+
+
+def _peer_major(world, experts):
+    return [(p, e) for p in range(world) for e in range(experts)]
+
+
+def _expert_major(world, experts):
+    return [(p, e) for e in range(experts) for p in range(world)]
+
+
+def _starts(sizes, order):
+    """The first row of each (peer, expert) block when the blocks lie in ``order``."""
+    starts, at = {}, 0
+    for key in order:
+        starts[key] = at
+        at += sizes[key]
+    return starts
+
+
+def _copies(sizes, src_order, dst_order, width):
+    """Flat (source, destination, elements) triples moving every block from
+    its place in ``src_order`` to its place in ``dst_order`` (rows of
+    ``width`` elements), adjacent moves merged; empty when nothing moves."""
+    src, dst = _starts(sizes, src_order), _starts(sizes, dst_order)
+    if all(src[k] == dst[k] for k in sizes if sizes[k]):
+        return []
+    out = []
+    for k in dst_order:
+        if not sizes[k]:
+            continue
+        a, b, n = src[k] * width, dst[k] * width, sizes[k] * width
+        if out and out[-3] + out[-1] == a and out[-2] + out[-1] == b:
+            out[-1] += n
+        else:
+            out += [a, b, n]
+    return out
+
+
+def _per_peer(sizes, world, experts, width):
+    """HcclAlltoAllV's counts and displacements (elements, peer-major)."""
+    counts = [sum(sizes[(p, e)] for e in range(experts)) * width for p in range(world)]
+    return counts, [int(v) for v in np.cumsum([0, *counts[:-1]])]
+
+
+def _data_movement_rank_spec(call: Call, dispatch: bool, sends, receives, item: int) -> str:
+    """One rank's HcclAlltoAllV spec. It sends ``sends`` (its row of the
+    count table, by destination d and expert e at d*E + e) and receives
+    ``receives`` (by source s and expert e at s*E + e).
+
+    dispatch: gmm_x is grouped by global expert id, so each destination's
+    rows are already contiguous in destination order (sent as they are);
+    rows arrive source-major and are reordered expert-major, source-minor.
+    combine: gmm_x is expert-major, destination-minor, so it is reordered
+    destination-major before the exchange; rows arrive source-major, which
+    is the token order of the output."""
+    params = call.params
+    world, experts = params["world_size"], params["experts"]
+    width = int(call.aval("gmm_x").shape[1])
+    keys = _peer_major(world, experts)
+    send_sizes = {(p, e): int(sends[p * experts + e]) for p, e in keys}
+    recv_sizes = {(p, e): int(receives[p * experts + e]) for p, e in keys}
+    peer, expert = _peer_major(world, experts), _expert_major(world, experts)
+    if dispatch:
+        pre, post = [], _copies(recv_sizes, peer, expert, width)
+    else:
+        pre, post = _copies(send_sizes, expert, peer, width), []
+    send_counts, sdispls = _per_peer(send_sizes, world, experts, width)
+    recv_counts, rdispls = _per_peer(recv_sizes, world, experts, width)
+    dtype = _codes.hccl_dtype_code(call.aval("gmm_x").dtype)
+    written = sum(recv_counts) * item
+    slots = [
+        S.integer(dtype),
+        S.int_array(send_counts),
+        S.int_array(sdispls),
+        S.int_array(recv_counts),
+        S.int_array(rdispls),
+        S.int_array(pre),
+        S.int_array(post),
+        f"c0={written}",
+    ]
+    return S.encode(slots)
+
+
+def _data_movement(ctx, operands, call: Call, dispatch: bool):
+    op, params = call.op, call.params
+    table = _static_table(call, HCCL_ALLTOALLV, "uint64 count and displacement arrays")
+    if call.present("mm_x") or params["permute_out"]:
+        raise NotImplementedError(
+            f"{op}: implementation='ascend': the data-movement call (has_weight=False) takes "
+            f"no shared expert and no permute_out, got has_mm={params['has_mm']}, "
+            f"permute_out={params['permute_out']}"
+        )
+    ok, why = _mc2_ascend.has_hccl_alltoallv()
+    if not ok:
+        raise NotImplementedError(
+            f"{op}: implementation='ascend' runs the data movement of this operator's "
+            f"gradient (AlltoAllv without the matmul) with {HCCL_ALLTOALLV}: {why}"
+        )
+    world = params["world_size"]
+    recv = _recv_table(table, world, params["experts"])
+    item = np.dtype(call.aval("gmm_x").dtype).itemsize
+    specs = [
+        _data_movement_rank_spec(call, dispatch, table[r], recv[r], item) for r in range(world)
+    ]
+    return emit(ctx, operands, call, HCCL_ALLTOALLV, "\n".join(specs))
+
+
+# ----------------------------------------------------------------------------
+# The local grouped matmul and its weight gradient (no communication: the
+# expert GEMMs of the AlltoAllv operators' gradients) run on the host, through
+# the ffi implementation's C++ kernels (docs/ascend.md, "Gradients").
+
+
+def _host_kernel(primitive_name: str, op: str) -> None:
+    ffi_rule = lowering.dispatching_rule(primitive_name, op)
+
+    def rule(ctx, *operands, **params):
+        return ffi_rule(ctx, *operands, implementation=_implementation.FFI, **params)
+
+    lowering.register(primitive_name, _implementation.ASCEND, rule, platforms=_PLATFORMS)
+
+
+_host_kernel("mc2_grouped_matmul", "grouped_matmul")
+_host_kernel("mc2_grouped_matmul_wgrad", "grouped_matmul")
 
 
 # ----------------------------------------------------------------------------
