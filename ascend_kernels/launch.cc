@@ -1014,6 +1014,12 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   AlltoAllvPlan plan;  // holds HcclAlltoAllV's host count arrays until the call ends
   if (alltoallv) {
     if (!ParseAlltoAllv(*spec, &plan, &err)) return error(function + ": " + err);
+    // One spec line per rank, each with one count per rank: HCCL reads as
+    // many entries as the communicator has ranks.
+    if (plan.send_counts.size() != specs->size())
+      return error(function + ": the spec has " + std::to_string(specs->size()) +
+                   " rank lines but " + std::to_string(plan.send_counts.size()) +
+                   " counts per rank");
     if (io.operands.empty() || io.results.empty())
       return error(function + ": the call needs one operand and one result");
   }
