@@ -31,21 +31,6 @@ import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
-__all__ = [
-    "from_fractal_nz",
-    "group_size",
-    "hifloat8_decode",
-    "hifloat8_encode",
-    "mx_quantize",
-    "packed_scale_words",
-    "perblock_quantize",
-    "resolve_group_size",
-    "to_fractal_nz",
-    "trans_quant_param",
-    "unpack_group_size",
-    "unpack_trans_quant_param",
-]
-
 _U32 = jnp.uint32
 
 
