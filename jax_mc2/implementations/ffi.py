@@ -211,6 +211,24 @@ def matmul(
     )
 
 
+def matmul_all_reduce(
+    x1, x2, bias, x3, *, transpose_x2, axis_name, comm_turn, parallelism, **antiquant
+):
+    """``allReduce(x1 @ w + bias + x3)`` with :func:`matmul` on each rank and
+    :func:`all_reduce` (the ``ffi`` counterpart of ``xla.matmul_all_reduce``),
+    in ``comm_turn`` row chunks. Shapes as in :func:`matmul`; ``antiquant``:
+    its ``antiquant_scale`` / ``antiquant_offset`` / ``group_size``."""
+
+    def local(x1_c, x3_c):
+        return matmul(
+            x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism, **antiquant
+        )
+
+    return xla.chunked_matmul_all_reduce(
+        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=reducer(axis_name)
+    )
+
+
 def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
     """``(y, norm_out)`` of add + RMSNorm (custom call ``mc2_add_rms_norm_ffi``).
 

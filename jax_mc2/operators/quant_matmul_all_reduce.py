@@ -267,19 +267,15 @@ def _low_precision_rows(
         raise validation.type_error(
             OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}"
         ) from None
+    named = {"x1": x1, "x2": x2, "x2_scale": x2_scale, "x1_scale": x1_scale, "bias": bias, "x3": x3}
     return bind_low_precision(
-        x1,
-        x2,
-        x2_scale=x2_scale,
-        x1_scale=x1_scale,
-        bias=bias,
-        x3=x3,
+        named,
+        params,
         hif8=hif8,
         transpose_x2=transpose_x2,
         out_dtype=out_dtype,
         group_size=validation.check_int(OP_V4, "group_size", group_size, minimum=0),
         comm_quant_mode=comm_quant_mode,
-        params=params,
     )
 
 

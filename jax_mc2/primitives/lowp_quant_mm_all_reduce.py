@@ -26,8 +26,6 @@ all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -43,9 +41,13 @@ from jax_mc2.framework.primitive import (
     split_operands,
 )
 from jax_mc2.framework.quant import canonical_packed_scale, decode_scale, is_packed_scale
-from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.framework.validation import dtype_name
 from jax_mc2.implementations import ffi, xla
-from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
+from jax_mc2.primitives.matmul_family import (
+    check_channel_scale,
+    check_matmul_shapes,
+    reduced_result,
+)
 
 OP = "quant_matmul_all_reduce_v4"
 _F32 = jnp.float32
@@ -239,13 +241,8 @@ def _check_f32(op, mode, name, aval):
 
 def _check_pertoken_or_packed(op, mode, x1, x2_scale, x1_scale, n, group_size):
     pair = mode == PACKED and np.dtype(x2_scale.dtype) == np.dtype(np.uint32)
-    shape = tuple(x2_scale.shape[:-1]) if pair else tuple(x2_scale.shape)
-    if shape not in ((1,), (n,), (1, n)):
-        raise validation.type_error(
-            op,
-            f"x2_scale must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n} in the "
-            f"{mode} rows, got {shape_str(shape)}",
-        )
+    where = f" in the {mode} rows"
+    check_channel_scale(op, "x2_scale", x2_scale, n, pair=pair, where=where, mark_pairs=False)
     _check_static_group(op, group_size, mode)
     if mode == PERTOKEN:
         if x1_scale is None:
@@ -366,53 +363,30 @@ OPERANDS = (
 )
 
 
-def _split(operands, has_x1_scale, has_bias, has_x3):
-    flags = {"has_x1_scale": has_x1_scale, "has_bias": has_bias, "has_x3": has_x3}
-    return tuple(split_operands(OPERANDS, operands, flags).values())
+#: The primitive's static parameters (check_call's keyword arguments), each
+#: with the function that gives its canonical bound form.
+STATICS = {
+    "hif8": bool,
+    "transpose_x2": bool,
+    "out_dtype": np.dtype,
+    "group_size": int,
+    "comm_quant_mode": int,
+}
 
 
-def _abstract_eval(
-    *operands,
-    hif8,
-    transpose_x2,
-    out_dtype,
-    group_size,
-    comm_quant_mode,
-    has_x1_scale,
-    has_bias,
-    has_x3,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
-):
-    del implementation
-    x1, x2, x2_scale, x1_scale, bias, x3 = _split(operands, has_x1_scale, has_bias, has_x3)
-    out_shape, _ = check_call(
-        OP,
-        x1,
-        x2,
-        x2_scale,
-        x1_scale,
-        bias,
-        x3,
-        hif8=hif8,
-        transpose_x2=transpose_x2,
-        out_dtype=out_dtype,
-        group_size=group_size,
-        comm_quant_mode=comm_quant_mode,
-    )
-    return reduced_result(
-        OP,
-        x1,
-        out_shape,
-        out_dtype,
-        operands,
-        comm_turn=comm_turn,
-        world_size=world_size,
-        axis_name=axis_name,
-        x2=x2,
-    )
+def _split(operands, params):
+    """(x1, x2, x2_scale, x1_scale, bias, x3), absent ones None, per the
+    presence flags in ``params``."""
+    return tuple(split_operands(OPERANDS, operands, params).values())
+
+
+def _abstract_eval(*operands, **params):
+    """``params``: :data:`STATICS`, the presence flags and the collective
+    parameters."""
+    x1, x2, x2_scale, x1_scale, bias, x3 = _split(operands, params)
+    statics = {name: params[name] for name in STATICS}
+    out_shape, _ = check_call(OP, x1, x2, x2_scale, x1_scale, bias, x3, **statics)
+    return reduced_result(OP, x1, out_shape, params["out_dtype"], operands, params, x2=x2)
 
 
 # --------------------------------------------------------------------------
@@ -589,11 +563,11 @@ def fp8_pertile_all_reduce(wire, *, n, fp8, out_dtype, axis_name):
 # The compositions of the two implementations
 
 
-def _composition(local_fn, operands, params, axis_name, comm_turn, all_reduce=xla.all_reduce):
-    """Row chunks (comm_turn) of ``local_fn(x1, s1_rows, x3)``, each reduced by
-    ``all_reduce`` in the output dtype, or by the fp8 pertile chain."""
-    flags = params["has_x1_scale"], params["has_bias"], params["has_x3"]
-    x1, x2, x2_scale, x1_scale, bias, x3 = _split(list(operands), *flags)
+def _composition(local_fn, operands, params, axis_name, comm_turn, reduce=None):
+    """Row chunks (comm_turn) of ``local_fn(x1, s1_rows, x3)``, each reduced in
+    the output dtype by ``reduce`` (a function of the array; default the
+    ``xla`` all-reduce over ``axis_name``), or by the fp8 pertile chain."""
+    x1, x2, x2_scale, x1_scale, bias, x3 = _split(operands, params)
     kind = HIF8 if params["hif8"] else np.dtype(x1.dtype).name
     mode = classify(OP, kind, x2_scale, x1_scale)
     transpose_x2 = params["transpose_x2"]
@@ -602,7 +576,6 @@ def _composition(local_fn, operands, params, axis_name, comm_turn, all_reduce=xl
     s1 = _row_scales(mode, x1, x1_scale)
     s2 = _column_scales(mode, x2_scale, n, transpose_x2)
     comm = params["comm_quant_mode"] == 1
-    reduce = functools.partial(all_reduce, axis_name=axis_name)
     if comm:
         fp8 = np.dtype(x1.dtype)
 
@@ -663,7 +636,7 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
             parallelism=parallelism,
         )
 
-    return _composition(local, operands, params, axis_name, comm_turn, ffi.all_reduce)
+    return _composition(local, operands, params, axis_name, comm_turn, ffi.reducer(axis_name))
 
 
 lowp_quant_mm_all_reduce_p = register(
@@ -684,37 +657,11 @@ lowp_quant_mm_all_reduce_p = register(
 )
 
 
-def bind_low_precision(
-    x1,
-    x2,
-    *,
-    x2_scale,
-    x1_scale,
-    bias,
-    x3,
-    hif8,
-    transpose_x2,
-    out_dtype,
-    group_size,
-    comm_quant_mode,
-    params,
-):
-    """Binds the fp8 / hifloat8 / MX primitive (``params``: collective_params)."""
-    named = {
-        "x1": x1,
-        "x2": x2,
-        "x2_scale": canonical_packed_scale(x2_scale),
-        "x1_scale": x1_scale,
-        "bias": bias,
-        "x3": x3,
-    }
-    return bind(
-        lowp_quant_mm_all_reduce_p,
-        named,
-        hif8=bool(hif8),
-        transpose_x2=bool(transpose_x2),
-        out_dtype=np.dtype(out_dtype),
-        group_size=int(group_size),
-        comm_quant_mode=int(comm_quant_mode),
-        **params,
-    )
+def bind_low_precision(named, params, **statics):
+    """Binds the fp8 / hifloat8 / MX primitive. ``named``: the operands by
+    name (x1, x2, x2_scale, x1_scale, bias, x3; None where absent);
+    ``statics``: the :data:`STATICS`, canonicalized here; ``params``:
+    collective_params."""
+    named = {**named, "x2_scale": canonical_packed_scale(named["x2_scale"])}
+    canonical = {name: form(statics[name]) for name, form in STATICS.items()}
+    return bind(lowp_quant_mm_all_reduce_p, named, **canonical, **params)

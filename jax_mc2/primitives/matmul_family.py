@@ -56,15 +56,34 @@ def check_bias_x3(op, x1, out_shape, *, bias, x3):
         validation.check_same_dtype(op, "x3", x3, "x1", x1)
 
 
-def check_chip_limits(
-    op, x1, out_shape, *, comm_turn, world_size, axis_name, x2=None, limit_n=False
-):
+def check_channel_scale(op, name, scale, n, *, pair, where="", mark_pairs=True):
+    """A pertensor (1,) or perchannel (n,) / (1, n) scale. ``pair``: uint32
+    (low, high) pairs, [..., 2], whose last axis is not part of the shape.
+    The error names ``where`` after n (e.g. " in the packed rows") and, with
+    ``mark_pairs``, marks a pair form."""
+    shape = tuple(scale.shape[:-1]) if pair else tuple(scale.shape)
+    if shape not in ((1,), (n,), (1, n)):
+        marked = " (uint32 pairs)" if pair and mark_pairs else ""
+        raise validation.type_error(
+            op,
+            f"{name} must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n}{where}, "
+            f"got {shape_str(shape)}{marked}",
+        )
+
+
+def check_chip_limits(op, x1, out_shape, collective, *, x2=None, limit_n=False):
     """The current chip target's rules: operator availability, world size,
     comm_turn, size limits and empty tensors. With ``x2`` the quantized
     modes' limit applies to the last dimensions of x1 and x2 (so a transposed
-    x2's n may exceed it); ``limit_n`` (weight-only) also applies it to n."""
+    x2's n may exceed it); ``limit_n`` (weight-only) also applies it to n.
+
+    ``collective``: the call's collective parameters (``axis_name``,
+    ``world_size``, ``comm_turn``, as
+    ``jax_mc2.framework.collective.collective_params`` makes them; other
+    entries are ignored)."""
     support = targets.operator_support(op)
-    targets.check_world_size(op, world_size, axis_name)
+    comm_turn = collective["comm_turn"]
+    targets.check_world_size(op, collective["world_size"], collective["axis_name"])
     name = targets.get_target()
     if comm_turn != 0 and support.comm_turn_zero_only:
         raise validation.unsupported(
@@ -101,15 +120,12 @@ def check_chip_limits(
         )
 
 
-def reduced_result(
-    op, x1, out_shape, out_dtype, operands, *, comm_turn, world_size, axis_name, **limits
-):
+def reduced_result(op, x1, out_shape, out_dtype, operands, collective, **limits):
     """The tail of every matmul + all-reduce abstract eval: the comm_turn and
-    chip-target checks (``limits``: check_chip_limits' ``x2`` / ``limit_n``),
+    chip-target checks (``collective`` and ``limits``: check_chip_limits'),
     then the output aval (reduced over ``axis_name``) and its effects."""
-    validation.check_comm_turn(op, comm_turn)
-    check_chip_limits(
-        op, x1, out_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name, **limits
-    )
+    validation.check_comm_turn(op, collective["comm_turn"])
+    check_chip_limits(op, x1, out_shape, collective, **limits)
+    axis_name = collective["axis_name"]
     out = _compat.result_aval(x1, out_shape, out_dtype, operands, axis_name)
     return out, _compat.named_axis_effects(axis_name)

@@ -42,40 +42,18 @@ def _split_operands(operands, has_bias, has_x3):
     return named["x1"], named["x2"], named["bias"], named["x3"]
 
 
-def _abstract_eval(
-    *operands, transpose_x2, has_bias, has_x3, axis_name, world_size, comm_turn, implementation
-):
-    del implementation
+def _abstract_eval(*operands, transpose_x2, has_bias, has_x3, **collective):
     x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
     out_shape = check_matmul(OP, x1, x2, transpose_x2=transpose_x2, bias=bias, x3=x3)
-    return reduced_result(
-        OP,
-        x1,
-        out_shape,
-        x1.dtype,
-        operands,
-        comm_turn=comm_turn,
-        world_size=world_size,
-        axis_name=axis_name,
-    )
+    return reduced_result(OP, x1, out_shape, x1.dtype, operands, collective)
 
 
-def _ffi_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn, parallelism):
-    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
-
-    def local(x1_c, x3_c):
-        return ffi.matmul(x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism)
-
-    return xla.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
-    )
+def _ffi_composition(*operands, has_bias, has_x3, **params):
+    return ffi.matmul_all_reduce(*_split_operands(operands, has_bias, has_x3), **params)
 
 
-def _xla_composition(*operands, transpose_x2, has_bias, has_x3, axis_name, comm_turn):
-    x1, x2, bias, x3 = _split_operands(operands, has_bias, has_x3)
-    return xla.matmul_all_reduce(
-        x1, x2, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
-    )
+def _xla_composition(*operands, has_bias, has_x3, **params):
+    return xla.matmul_all_reduce(*_split_operands(operands, has_bias, has_x3), **params)
 
 
 def _jvp(primals, tangents, *, transpose_x2, has_bias, has_x3, axis_name, **params):

@@ -96,26 +96,14 @@ def _split(operands, has_bias):
     return tuple(split_operands(OPERANDS, operands, {"has_bias": has_bias}).values())
 
 
-def _abstract_eval(
-    *operands,
-    epsilon,
-    transpose_x2,
-    has_bias,
-    inplace,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
-):
-    del implementation
+def _abstract_eval(*operands, epsilon, transpose_x2, has_bias, inplace, **collective):
     op = _op_name(inplace)
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     mm_shape = check_norm_operands(op, x1, x2, residual, gamma, bias, transpose_x2=transpose_x2)
     check_epsilon(op, epsilon)
-    validation.check_comm_turn(op, comm_turn)
-    check_chip_limits(
-        op, x1, mm_shape, comm_turn=comm_turn, world_size=world_size, axis_name=axis_name
-    )
+    validation.check_comm_turn(op, collective["comm_turn"])
+    check_chip_limits(op, x1, mm_shape, collective)
+    axis_name = collective["axis_name"]
     mm = _compat.result_aval(
         x1, mm_shape, x1.dtype, [a for a in (x1, x2, bias) if a is not None], axis_name
     )
@@ -125,33 +113,19 @@ def _abstract_eval(
     return [y, norm_out], _compat.named_axis_effects(axis_name)
 
 
-def _ffi_composition(
-    *operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn, parallelism
-):
+def _ffi_composition(*operands, epsilon, has_bias, inplace, **params):
+    """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
-
-    def local(x1_c, _):
-        return ffi.matmul(x1_c, x2, bias, None, transpose_x2=transpose_x2, parallelism=parallelism)
-
-    mm = xla.chunked_matmul_all_reduce(
-        local, x1, None, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
-    )
+    mm = ffi.matmul_all_reduce(x1, x2, bias, None, **params)
     return ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
 
 
-def _xla_composition(*operands, epsilon, transpose_x2, has_bias, inplace, axis_name, comm_turn):
+def _xla_composition(*operands, epsilon, has_bias, inplace, **params):
+    """``params``: transpose_x2, axis_name, comm_turn."""
     del inplace
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     return xla.matmul_all_reduce_add_rms_norm(
-        x1,
-        x2,
-        residual,
-        gamma,
-        bias,
-        epsilon=epsilon,
-        transpose_x2=transpose_x2,
-        axis_name=axis_name,
-        comm_turn=comm_turn,
+        x1, x2, residual, gamma, bias, epsilon=epsilon, **params
     )
 
 

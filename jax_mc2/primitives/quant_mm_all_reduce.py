@@ -18,8 +18,6 @@ output dtype.
 
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -39,7 +37,11 @@ from jax_mc2.framework.primitive import (
 from jax_mc2.framework.quant import PACKED_WIDE, canonical_packed_scale, decode_scale
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.implementations import ffi, xla
-from jax_mc2.primitives.matmul_family import check_matmul_shapes, reduced_result
+from jax_mc2.primitives.matmul_family import (
+    check_channel_scale,
+    check_matmul_shapes,
+    reduced_result,
+)
 
 OP = "quant_matmul_all_reduce"
 _F32 = jnp.float32
@@ -86,13 +88,7 @@ def scale_layout(op, name, scale, n, *, pertoken=False):
                 else ""
             ),
         )
-    shape = tuple(scale.shape[:-1]) if pair else tuple(scale.shape)
-    if shape not in ((1,), (n,), (1, n)):
-        raise validation.type_error(
-            op,
-            f"{name} must be pertensor (1,) or perchannel (n,) / (1, n) with n = {n}, got "
-            f"{shape_str(shape)}{' (uint32 pairs)' if pair else ''}",
-        )
+    check_channel_scale(op, name, scale, n, pair=pair)
     return out_dtype, pair
 
 
@@ -148,12 +144,8 @@ def _abstract_eval(
     has_bias,
     has_x3,
     has_comm_scales,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
+    **collective,
 ):
-    del implementation
     x1, x2, scale, pertoken, bias, x3, comm = _split(
         operands, has_pertoken, has_bias, has_x3, has_comm_scales
     )
@@ -196,17 +188,7 @@ def _abstract_eval(
                 "comm_quant_scale_1 and comm_quant_scale_2 must have one shape, got "
                 f"{shape_str(comm[0].shape)} and {shape_str(comm[1].shape)}",
             )
-    return reduced_result(
-        op,
-        x1,
-        out_shape,
-        out_dtype,
-        operands,
-        comm_turn=comm_turn,
-        world_size=world_size,
-        axis_name=axis_name,
-        x2=x2,
-    )
+    return reduced_result(op, x1, out_shape, out_dtype, operands, collective, x2=x2)
 
 
 def _out_dtype(scale):
@@ -229,14 +211,16 @@ def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, ou
     return y
 
 
-def _composition(local_fn, operands, flags, axis_name, comm_turn, all_reduce=xla.all_reduce):
+def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
     """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
-    out_dtype, comm_scale)``, each all-reduced; with comm scales ``local_fn``
-    returns the int8 quantized result and the int8 low-bit communication chain
-    reduces it. x3 and the pertoken scales follow their rows."""
+    out_dtype, comm_scale)``, each reduced by ``reduce`` (a function of the
+    array; default the ``xla`` all-reduce over ``axis_name``); with comm
+    scales ``local_fn`` returns the int8 quantized result and the int8
+    low-bit communication chain reduces it. x3 and the pertoken scales
+    follow their rows."""
     x1, x2, scale, pertoken, bias, x3, comm = _split(operands, *flags)
     scale_f32, out_dtype = decode_scale(scale), _out_dtype(scale)
-    reduce, s1 = functools.partial(all_reduce, axis_name=axis_name), None
+    s1 = None
     if comm is not None:
         s1, s2 = (s.reshape(-1) for s in comm)
 
@@ -295,7 +279,8 @@ def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallel
             comm_scale=comm_scale,
         )
 
-    return _composition(local, operands, _flags(params), axis_name, comm_turn, ffi.all_reduce)
+    reduce = ffi.reducer(axis_name)
+    return _composition(local, operands, _flags(params), axis_name, comm_turn, reduce)
 
 
 def _batching(spec, primitive):

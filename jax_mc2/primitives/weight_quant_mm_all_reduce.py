@@ -98,19 +98,7 @@ def _split(operands, has_offset, has_bias, has_x3):
     return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
-def _abstract_eval(
-    *operands,
-    transpose_x2,
-    has_offset,
-    has_bias,
-    has_x3,
-    group_size,
-    axis_name,
-    world_size,
-    comm_turn,
-    implementation,
-):
-    del implementation
+def _abstract_eval(*operands, transpose_x2, has_offset, has_bias, has_x3, group_size, **collective):
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     targets.operator_support(OP)
     validation.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
@@ -138,18 +126,7 @@ def _abstract_eval(
         )
         validation.check_same_dtype(OP, "antiquant_offset", offset, "x1", x1)
     check_bias_x3(OP, x1, out_shape, bias=bias, x3=x3)
-    return reduced_result(
-        OP,
-        x1,
-        out_shape,
-        x1.dtype,
-        operands,
-        comm_turn=comm_turn,
-        world_size=world_size,
-        axis_name=axis_name,
-        x2=x2,
-        limit_n=True,
-    )
+    return reduced_result(OP, x1, out_shape, x1.dtype, operands, collective, x2=x2, limit_n=True)
 
 
 def _xla_composition(
@@ -164,35 +141,10 @@ def _xla_composition(
     )
 
 
-def _ffi_composition(
-    *operands,
-    transpose_x2,
-    has_offset,
-    has_bias,
-    has_x3,
-    group_size,
-    axis_name,
-    comm_turn,
-    parallelism,
-):
+def _ffi_composition(*operands, has_offset, has_bias, has_x3, group_size, **params):
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
-
-    def local(x1_c, x3_c):
-        return ffi.matmul(
-            x1_c,
-            x2,
-            bias,
-            x3_c,
-            transpose_x2=transpose_x2,
-            parallelism=parallelism,
-            antiquant_scale=scale,
-            antiquant_offset=offset,
-            group_size=group_size,
-        )
-
-    return xla.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=ffi.reducer(axis_name)
-    )
+    antiquant = {"antiquant_scale": scale, "antiquant_offset": offset, "group_size": group_size}
+    return ffi.matmul_all_reduce(x1, x2, bias, x3, **params, **antiquant)
 
 
 weight_quant_mm_all_reduce_p = register(
