@@ -452,15 +452,15 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
 
 def gemm_choices() -> str:
     """The ``ffi`` implementation's GEMM per operand dtype on this machine."""
-    flags = set(ffi_impl.cpu_flags())
     parts = []
     for dtype in ("float16", "bfloat16", "int8"):
-        shallow = ffi_impl.gemm_engine(dtype, 0)
-        deep = [k for f, k in ffi_impl.XLA_GEMM_RULES.get(dtype, ()) if f & flags and k > 0]
-        if shallow != ffi_impl.XLA_DOT and deep and "JAX_MC2_GEMM" not in os.environ:
-            parts.append(f"{dtype} {shallow}, xla for per-rank k >= {min(deep)}")
+        min_k = ffi_impl.xla_gemm_min_k(dtype)
+        if min_k is None:
+            parts.append(f"{dtype} {ffi_impl.BLAS}")
+        elif min_k == 0:
+            parts.append(f"{dtype} {ffi_impl.XLA_DOT}")
         else:
-            parts.append(f"{dtype} {shallow}")
+            parts.append(f"{dtype} {ffi_impl.BLAS}, {ffi_impl.XLA_DOT} for per-rank k >= {min_k}")
     return "; ".join(parts)
 
 

@@ -131,20 +131,29 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
-def gemm_engine(dtype, k: int = 0) -> str:
-    """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
-    operands of ``dtype`` with a per-rank contraction depth ``k``, read when a
-    call is lowered (``JAX_MC2_GEMM``, or :data:`XLA_GEMM_RULES` against this
-    CPU's flags). The results do not depend on it beyond the order of the
-    fp32 accumulation: int8 products are exact either way."""
+def xla_gemm_min_k(dtype) -> int | None:
+    """The least per-rank contraction depth k from which the ``ffi``
+    implementation multiplies operands of ``dtype`` on XLA's GEMM (0: at
+    every k; None: never, OpenBLAS sgemm), read now: ``JAX_MC2_GEMM``, or
+    with ``auto`` the :data:`XLA_GEMM_RULES` this CPU's flags satisfy."""
     choice = os.environ.get("JAX_MC2_GEMM") or "auto"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
     if choice != "auto":
-        return choice
+        return 0 if choice == XLA_DOT else None
     flags = set(cpu_flags())
     rules = XLA_GEMM_RULES.get(np.dtype(dtype).name, ())
-    return XLA_DOT if any(features & flags and k >= min_k for features, min_k in rules) else BLAS
+    return min((min_k for features, min_k in rules if features & flags), default=None)
+
+
+def gemm_engine(dtype, k: int = 0) -> str:
+    """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
+    operands of ``dtype`` with a per-rank contraction depth ``k``, read when a
+    call is lowered (:func:`xla_gemm_min_k`). The results do not depend on it
+    beyond the order of the fp32 accumulation: int8 products are exact
+    either way."""
+    min_k = xla_gemm_min_k(dtype)
+    return XLA_DOT if min_k is not None and k >= min_k else BLAS
 
 
 def all_reduce(x, axis_name):
