@@ -28,43 +28,55 @@ COLOURS = {
 }
 
 
-def _panels(run: dict) -> list[tuple[str, list[str], dict[str, list], dict[str, list], str]]:
-    """(title, case labels, {contender: ratios}, {contender: ceiling fractions},
-    what the ratio is against) per operator."""
-    panels = []
+#: One panel: (title, case labels, {contender: ratios}, {contender: ceiling
+#: fractions}, what the ratio is against).
+Panel = tuple[str, list[str], dict[str, list], dict[str, list], str]
+
+
+def _panel(title, rows, case, contender, baseline, ratio) -> Panel:
+    """The panel of ``rows`` (benchmark rows, dicts): ``case(row)`` is a row's
+    case label (the cases in first-seen order), ``row[contender]`` who ran it
+    (the ``baseline`` rows are left out), ``row[ratio]`` its speed relative to
+    the baseline and ``row["vs_ceiling"]`` its fraction of the fp32 ceiling;
+    a contender without a row for a case has None there."""
+    cases = list(dict.fromkeys(case(r) for r in rows))
+    ratios: dict[str, list] = {}
+    ceiling: dict[str, list] = {}
+    for r in rows:
+        if r[contender] == baseline:
+            continue
+        i = cases.index(case(r))
+        ratios.setdefault(r[contender], [None] * len(cases))[i] = r[ratio]
+        ceiling.setdefault(r[contender], [None] * len(cases))[i] = r["vs_ceiling"]
+    return title, cases, ratios, ceiling, baseline
+
+
+def _panels(run: dict) -> list[Panel]:
+    """One panel per operator (against the unfused ``jnp`` composition), then
+    the grouped matmul's (against the dense batched einsum) if the run has it."""
     by_op: dict[str, list[dict]] = {}
     for row in run["rows"]:
         by_op.setdefault(row["operator"], []).append(row)
-    for op, rows in by_op.items():
-        cases = []
-        for r in rows:
-            label = f"{r['shape']}\n{r['dtype']} x{r['devices']}"
-            if label not in cases:
-                cases.append(label)
-        ratios: dict[str, list] = {}
-        ceiling: dict[str, list] = {}
-        for r in rows:
-            if r["implementation"] == "unfused jnp":
-                continue
-            i = cases.index(f"{r['shape']}\n{r['dtype']} x{r['devices']}")
-            ratios.setdefault(r["implementation"], [None] * len(cases))[i] = r["vs_unfused"]
-            ceiling.setdefault(r["implementation"], [None] * len(cases))[i] = r["vs_ceiling"]
-        panels.append((op, cases, ratios, ceiling, "unfused jnp"))
+
+    def operator_case(r):
+        return f"{r['shape']}\n{r['dtype']} x{r['devices']}"
+
+    panels = [
+        _panel(op, rows, operator_case, "implementation", "unfused jnp", "vs_unfused")
+        for op, rows in by_op.items()
+    ]
     gmm = (run.get("expert_parallel") or {}).get("grouped_matmul") or []
     if gmm:
-        cases = []
-        ratios, ceiling = {}, {}
-        for r in gmm:
-            label = f"{r['routing']}\n{r['dtype']}"
-            if label not in cases:
-                cases.append(label)
-        for r in gmm:
-            if r["contender"] == "dense batched einsum":
-                continue
-            i = cases.index(f"{r['routing']}\n{r['dtype']}")
-            ratios.setdefault(r["contender"], [None] * len(cases))[i] = r["vs_dense_einsum"]
-            ceiling.setdefault(r["contender"], [None] * len(cases))[i] = r["vs_ceiling"]
-        panels.append(("grouped matmul (G = 8)", cases, ratios, ceiling, "dense batched einsum"))
+        panels.append(
+            _panel(
+                "grouped matmul (G = 8)",
+                gmm,
+                lambda r: f"{r['routing']}\n{r['dtype']}",
+                "contender",
+                "dense batched einsum",
+                "vs_dense_einsum",
+            )
+        )
     return panels
 
 
