@@ -49,10 +49,12 @@ def _abstract_eval(*operands, transpose_x2, has_bias, has_x3, **collective):
 
 
 def _ffi_composition(*operands, has_bias, has_x3, **params):
+    """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     return ffi.matmul_all_reduce(*_split_operands(operands, has_bias, has_x3), **params)
 
 
 def _xla_composition(*operands, has_bias, has_x3, **params):
+    """``params``: transpose_x2, axis_name, comm_turn."""
     return xla.matmul_all_reduce(*_split_operands(operands, has_bias, has_x3), **params)
 
 

@@ -129,19 +129,17 @@ def _abstract_eval(*operands, transpose_x2, has_offset, has_bias, has_x3, group_
     return reduced_result(OP, x1, out_shape, x1.dtype, operands, collective, x2=x2, limit_n=True)
 
 
-def _xla_composition(
-    *operands, transpose_x2, has_offset, has_bias, has_x3, group_size, axis_name, comm_turn
-):
+def _xla_composition(*operands, transpose_x2, has_offset, has_bias, has_x3, group_size, **params):
+    """``params``: axis_name, comm_turn."""
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     w = dequantize_weights(
         x2, scale, offset, dtype=x1.dtype, group_size=group_size, transpose_x2=transpose_x2
     )
-    return xla.matmul_all_reduce(
-        x1, w, bias, x3, transpose_x2=transpose_x2, axis_name=axis_name, comm_turn=comm_turn
-    )
+    return xla.matmul_all_reduce(x1, w, bias, x3, transpose_x2=transpose_x2, **params)
 
 
 def _ffi_composition(*operands, has_offset, has_bias, has_x3, group_size, **params):
+    """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     antiquant = {"antiquant_scale": scale, "antiquant_offset": offset, "group_size": group_size}
     return ffi.matmul_all_reduce(x1, x2, bias, x3, **params, **antiquant)
