@@ -116,3 +116,67 @@ def _generic_target():
     jax_mc2.set_target("generic")
     yield
     jax_mc2.set_target("generic")
+
+
+# --- The inner loop: `pytest -m "not slow"` -------------------------------
+#
+# `pytest -q` runs every test. The inner loop (`-m "not slow"`) runs each
+# primitive and mode once; collection marks the rest `slow` by two rules, on
+# top of the explicit `@pytest.mark.slow` marks in the test files (and
+# SLOW_TESTS below for the ascend files):
+#
+# 1. A case on more than 2 devices (a `world` parameter above 2) is slow.
+# 2. A parametrized test runs each of its parameter values once per
+#    implementation (`impl`): a case whose every value already ran in an
+#    earlier inner-loop case of the same test and implementation is slow. A
+#    single list (say, the invalid inputs of a validation test) therefore
+#    stays whole, and a product such as dtype x world x transpose keeps, per
+#    implementation, about as many cases as its longest axis.
+
+
+def slow(*values, **kwargs):
+    """A parameter set that runs in the full run only:
+    `pytest.param(*values, marks=pytest.mark.slow)`."""
+    return pytest.param(*values, marks=pytest.mark.slow, **kwargs)
+
+
+#: Slow tests of the files whose test bodies are edited elsewhere
+#: (tests/test_ascend_*.py): "file::test" (every case) or "file::test[id]".
+SLOW_TESTS = {
+    "test_ascend_add_rms_norm.py::test_grad_matches_ffi",
+    "test_ascend_mm_all_reduce.py::test_grad_sharded_matches_ffi",
+    # Waits out the double's collective timeout.
+    "test_ascend_failures.py::test_injected_failure[stalled-rank]",
+}
+
+#: Device counts up to this stay in the inner loop.
+FAST_WORLD = 2
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    covered: dict = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        file = os.path.basename(str(item.path))
+        names = {getattr(item, "originalname", item.name), item.name}
+        if {f"{file}::{name}" for name in names} & SLOW_TESTS:
+            item.add_marker(slow)
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            continue
+        world = callspec.params.get("world")
+        if isinstance(world, int) and world > FAST_WORLD:
+            item.add_marker(slow)
+            continue
+        # One id per parametrize() call, in order: the case's values.
+        values = set(enumerate(getattr(callspec, "_idlist", [callspec.id])))
+        # Per implementation: each runs its own code for every value.
+        test = (item.nodeid.split("[", 1)[0], callspec.params.get("impl"))
+        seen = covered.setdefault(test, set())
+        if values <= seen:
+            item.add_marker(slow)
+        else:
+            seen |= values
