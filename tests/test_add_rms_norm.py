@@ -438,6 +438,7 @@ def test_empty_n(impl):
         assert y.shape == norm.shape == (2, 2, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=20, deadline=None)
 @given(

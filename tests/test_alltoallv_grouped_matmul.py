@@ -13,7 +13,7 @@ import jax.test_util  # noqa: F401  (check_grads)
 import numpy as np
 import oracle
 import pytest
-from conftest import IMPLEMENTATIONS, make_mesh
+from conftest import IMPLEMENTATIONS, make_mesh, slow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
@@ -140,7 +140,7 @@ def test_dispatch_matches_oracle(impl, world, kind):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16, np.float32])
+@pytest.mark.parametrize("dtype", [np.float16, slow(oracle.BF16), slow(np.float32)])
 @pytest.mark.parametrize("trans", [False, True])
 def test_dispatch_traced_counts_and_shared_expert(impl, dtype, trans):
     world, experts = 4, 3
@@ -461,6 +461,7 @@ def test_grads(impl, op, traced):
     jax.test_util.check_grads(fn, args, order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_transpose_of_dispatch_is_combine(impl):
     """The VJP of the dispatch data movement in gmm_x is the combine with the
@@ -921,6 +922,7 @@ def ragged_on_cpu(monkeypatch):
     return use
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize("kind", ["random", "zeros", "skewed"])
 def test_ragged_path_equals_padded_path(ragged_on_cpu, traced, kind):
@@ -995,6 +997,7 @@ def test_gpu_lowering_uses_ragged_all_to_all():
             assert "xi32>" in line and "bf16" not in line, line
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 4), min_size=32, max_size=32),
@@ -1079,6 +1082,7 @@ def test_grads_with_tokens_replicated_over_the_ep_axis(impl):
     jax.test_util.check_grads(fn, (x, w), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_hessian_vector_product(impl):
     """Second order through the dispatch (the weight-gradient kernel has its

@@ -69,6 +69,8 @@ settings.register_profile(
     ],
 )
 FUZZ = settings.get_profile("jax_mc2_fuzz")
+#: Hundreds of cases per test: the full run only (`pytest -q`), not the inner loop.
+pytestmark = pytest.mark.slow
 
 # --------------------------------------------------------------------------
 # Value strategies

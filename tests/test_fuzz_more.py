@@ -57,6 +57,8 @@ from jax_mc2.primitives import lowp_quant_mm_all_reduce as lowp
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E5M2 = np.dtype(ml_dtypes.float8_e5m2)
 I8, I16, I32 = np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32)
+#: Like tests/test_fuzz.py: the full run only, not the inner loop.
+pytestmark = pytest.mark.slow
 
 
 def _other_float(dtype):

@@ -86,6 +86,7 @@ def test_check_grads(impl, trans):
     jax.test_util.check_grads(fn, (x, w), order=1, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("trans", [False, True])
 def test_second_order(impl, trans):

@@ -9,7 +9,7 @@ import jax.test_util  # noqa: F401  (check_grads)
 import numpy as np
 import oracle
 import pytest
-from conftest import IMPLEMENTATIONS, make_mesh
+from conftest import IMPLEMENTATIONS, make_mesh, slow
 from hlo import reductions
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,7 +160,7 @@ def test_ffi_and_xla_agree_bitwise_on_one_device(dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("comm_turn", [1, 3, 5, 100])
+@pytest.mark.parametrize("comm_turn", [slow(1), 3, slow(5), slow(100)])
 def test_comm_turn_identical(impl, comm_turn):
     rng = np.random.default_rng(11)
     x1, x2, bias, x3 = _case(rng, 4, np.float16, x3d=True, transpose_x2=False)
@@ -391,6 +391,7 @@ def test_empty_m_and_n(impl):
     assert out.shape == (2, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=25, deadline=None)
 @given(

@@ -66,6 +66,7 @@ def test_portable_and_vectorized_paths_give_the_same_bits():
         np.testing.assert_array_equal(np.array(portable[key]), np.array(fast[key]), err_msg=key)
 
 
+@pytest.mark.slow
 def test_add_rms_norm_suite_on_the_portable_paths():
     """tests/test_add_rms_norm.py (the fast tests) against the oracle with the
     portable kernel: a bug on that path alone fails here."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import slow
 
 from jax_mc2 import quant
 
@@ -234,6 +235,7 @@ def _oracle_hif8_encode(values):
     return out
 
 
+@pytest.mark.slow
 def test_hifloat8_encode_every_fp16():
     x = np.arange(0x10000, dtype=np.uint32).astype(np.uint16).view(np.float16)
     got = np.asarray(quant.hifloat8_encode(x))
@@ -333,7 +335,7 @@ def _oracle_perblock(x, dtype, block=128):
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2])
-@pytest.mark.parametrize("shape", [(128, 256), (200, 130), (5, 7)])
+@pytest.mark.parametrize("shape", [slow((128, 256)), (200, 130), (5, 7)])
 def test_perblock_quantize(dtype, shape):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
@@ -394,7 +396,7 @@ def _oracle_mx(x, dtype):
 @pytest.mark.parametrize(
     "dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float4_e2m1fn]
 )
-@pytest.mark.parametrize("k", [32, 64, 100, 256])
+@pytest.mark.parametrize("k", [32, slow(64), 100, slow(256)])
 def test_mx_quantize(dtype, k):
     rng = np.random.default_rng(k)
     x = (rng.standard_normal((6, k)) * 2.0 ** rng.integers(-10, 10, (6, 1))).astype(np.float32)

@@ -243,6 +243,12 @@ ALL_ROWS = [
     for out in (F16, BF16, F32)
 ]
 ALL_ROW_IDS = [f"{mode}-{kind}-{np.dtype(o).name}" for mode, kind, o in ALL_ROWS]
+#: ALL_ROWS with the output dtypes outside ROWS marked slow: the inner loop
+#: (`-m "not slow"`) runs each row once.
+ALL_ROW_PARAMS = [
+    pytest.param(*row, id=row_id, marks=() if row in ROWS else pytest.mark.slow)
+    for row, row_id in zip(ALL_ROWS, ALL_ROW_IDS)
+]
 
 
 def call_kwargs(mode, kind, s1, s2, bias, x3, out_dtype, transpose_x2):
@@ -262,7 +268,7 @@ def call_kwargs(mode, kind, s1, s2, bias, x3, out_dtype, transpose_x2):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("mode,kind,out_dtype", ALL_ROWS, ids=ALL_ROW_IDS)
+@pytest.mark.parametrize("mode,kind,out_dtype", ALL_ROW_PARAMS)
 def test_rows_single_device_bit_exact(impl, mode, kind, out_dtype):
     rng = np.random.default_rng(len(mode) * 7 + len(kind))
     transpose_x2 = mode == "mx" or kind == "float8_e5m2"
@@ -332,8 +338,9 @@ def test_perblock_general_scales_and_3d_x1(impl):
     [
         (600, 300, 700, False),  # several row and column tiles of the output
         (600, 300, 700, True),
-        (4, 32768, 1040, False),  # k * n > 2^24: x2 decoded in column blocks
-        (4, 32768, 1040, True),
+        # k * n > 2^24: x2 decoded in column blocks
+        pytest.param(4, 32768, 1040, False, marks=pytest.mark.slow),
+        pytest.param(4, 32768, 1040, True, marks=pytest.mark.slow),
     ],
 )
 def test_perblock_tiles_bit_exact(m, k, n, transpose_x2):

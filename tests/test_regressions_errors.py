@@ -368,6 +368,7 @@ def test_rejects(case):
         call()
 
 
+@pytest.mark.slow
 def test_rpl_list_operands_are_arrays():
     """Like the operators (jnp.asarray), the wrappers accept lists."""
     want = parallel.row_parallel_linear(
@@ -411,6 +412,7 @@ def test_v4_comm_quant_mode_empty_m(impl):
     assert out.shape == (0, 128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("var", ["JAX_MC2_IMPLEMENTATION", "JAX_MC2_TARGET"])
 def test_empty_environment_variable_means_unset(var):
     env = dict(os.environ, **{var: ""})
@@ -425,6 +427,7 @@ def test_empty_environment_variable_means_unset(var):
     assert r.stdout.strip() == "generic"
 
 
+@pytest.mark.slow
 def test_make_mesh_explicit_axes_row_parallel_linear():
     """A jax.make_mesh mesh (Explicit axes by default) works and agrees with a Mesh."""
     x = _RNG.standard_normal((8, 64)).astype(np.float32)
@@ -439,6 +442,7 @@ def test_make_mesh_explicit_axes_row_parallel_linear():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_make_mesh_explicit_axes_expert_parallel_moe():
     want = parallel.expert_parallel_moe(
         _XM, _RW, _WG, _WU, _WD, mesh=make_mesh((2, 4), ("dp", "ep")), axis="ep"
