@@ -1,27 +1,32 @@
 """Test setup: an 8-device simulated CPU mesh, configured before jax loads."""
 
+import fcntl
 import os
 import subprocess
 import sys
-import tempfile
 
 
 def _cann_double() -> None:
-    """Builds the CANN test double once per session (unless
-    JAX_MC2_CANN_LIBRARY_PATH already names a CANN) and points the ascend
-    backend at it, before jax_mc2 is imported. A failed build fails the
-    session: the ascend tests must never be skipped silently."""
+    """Builds the CANN test double into build/cann_double at the repository
+    root (unless JAX_MC2_CANN_LIBRARY_PATH already names a CANN) and points
+    the ascend backend at it, before jax_mc2 is imported. The build is
+    incremental (build.py recompiles what changed and relinks), under a lock
+    so that concurrent sessions do not build over each other. A failed build
+    fails the session: the ascend tests must never be skipped silently."""
     os.environ.setdefault("CANN_DOUBLE_HCCL_TIMEOUT_MS", "5000")
     os.environ.setdefault("JAX_MC2_ASCEND_TIMEOUT_MS", "20000")
     if os.environ.get("JAX_MC2_CANN_LIBRARY_PATH"):
         return
     here = os.path.dirname(os.path.abspath(__file__))
-    out = tempfile.mkdtemp(prefix="jax_mc2_cann_double_")
-    build = subprocess.run(
-        [sys.executable, os.path.join(here, "cann_double", "build.py"), out],
-        capture_output=True,
-        text=True,
-    )
+    out = os.path.join(os.path.dirname(here), "build", "cann_double")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build = subprocess.run(
+            [sys.executable, os.path.join(here, "cann_double", "build.py"), out],
+            capture_output=True,
+            text=True,
+        )
     if build.returncode != 0:
         raise RuntimeError(
             "building the CANN test double failed:\n" + build.stdout[-4000:] + build.stderr[-4000:]
