@@ -158,6 +158,8 @@ SLOW_TESTS = {
 FAST_WORLD = 2
 
 
+# tryfirst: before -m deselects and before any plugin reorders the items.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     slow = pytest.mark.slow
     covered: dict = {}
