@@ -85,18 +85,23 @@ def compile_object(cxx, source, out_dir, flags, header_time, force):
 
 
 def link(cxx, objects, output, flags, libraries=()):
+    """Links to a temporary name, then renames it over ``output``: a process
+    that has the old library loaded, or loads it meanwhile, never sees a
+    half-written file."""
+    partial = output.with_name(output.name + ".partial")
     run(
         [
             cxx,
             *map(str, objects),
             "-o",
-            str(output),
+            str(partial),
             *flags,
             f"-Wl,-soname,{output.name}",
             f"-L{output.parent}",
             *(f"-l:{name}" for name in libraries),
         ]
     )
+    os.replace(partial, output)
 
 
 def build(out_dir, sanitize=False, jobs=None, runtime_only=False):
