@@ -6,7 +6,7 @@
 //
 // w is x2 itself (x1's dtype), or, with `antiquant`, the int8 x2 dequantized
 // to x1's dtype: w = (x2 + offset) * scale, per tensor, per channel (n) or
-// per group of `group_size` rows of k, with the Ascend weight-quant
+// per group of `antiquant_group_size` rows of k, with the Ascend weight-quant
 // arithmetic: float16 in fp16 steps (each add and multiply rounded to fp16),
 // bfloat16 in fp32 then rounded once to bf16, float32 in fp32.
 #include <algorithm>
@@ -33,9 +33,9 @@ constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 struct Antiquant {
   const void* scale = nullptr;
   const void* offset = nullptr;  // optional
-  int64_t scale_rows = 1;        // 1, or ceil(k / group_size) per group
+  int64_t scale_rows = 1;        // 1, or ceil(k / antiquant_group_size) per group
   int64_t scale_cols = 1;        // 1 (pertensor) or n
-  int64_t group_size = 0;
+  int64_t antiquant_group_size = 0;
 };
 
 // Dequantizes the int8 x2 (as stored: (k, n), or (n, k) transposed) into
@@ -51,7 +51,7 @@ void DequantizeWeights(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t kk = transpose_x2 ? c : r, j = transpose_x2 ? r : c;
-      const int64_t group = aq.group_size > 0 ? kk / aq.group_size : 0;
+      const int64_t group = aq.antiquant_group_size > 0 ? kk / aq.antiquant_group_size : 0;
       const int64_t idx =
           (aq.scale_rows > 1 ? group * aq.scale_cols : 0) + (aq.scale_cols > 1 ? j : 0);
       float v = static_cast<float>(x2[r * cols + c]);
@@ -86,10 +86,11 @@ struct MatmulArgs {
 
 // The antiquant scale and offset (the first optional operands).
 ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_t k, int64_t n,
-                         bool has_offset, int64_t group_size, Antiquant& aq) {
+                         bool has_offset, int64_t antiquant_group_size, Antiquant& aq) {
   std::optional<ffi::AnyBuffer> scale, offset;
-  aq.group_size = group_size;
-  aq.scale_rows = group_size > 0 ? (k + group_size - 1) / group_size : 1;
+  aq.antiquant_group_size = antiquant_group_size;
+  aq.scale_rows =
+      antiquant_group_size > 0 ? (k + antiquant_group_size - 1) / antiquant_group_size : 1;
   int64_t count = 0;
   auto scale_message = [&] {
     return "antiquant scale must have x1's dtype and " +
@@ -99,7 +100,7 @@ ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_
   // The scale's own size decides between pertensor and per channel.
   MC2_RETURN_IF_ERROR(operands.Next(true, scale));
   count = static_cast<int64_t>(scale->element_count());
-  aq.scale_cols = (count == 1 && group_size == 0) ? 1 : n;
+  aq.scale_cols = (count == 1 && antiquant_group_size == 0) ? 1 : n;
   MC2_RETURN_IF_ERROR(
       CheckBuffer(kOp, *scale, BufferSpec{dtype, aq.scale_rows * aq.scale_cols}, scale_message));
   aq.scale = scale->untyped_data();
@@ -117,7 +118,7 @@ ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_
 ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
                            ffi::RemainingArgs extra, ffi::AnyBuffer& out, bool transpose_x2,
                            bool has_bias, bool has_x3, bool antiquant, bool has_offset,
-                           int64_t group_size, MatmulArgs& args) {
+                           int64_t antiquant_group_size, MatmulArgs& args) {
   const ffi::DataType dtype = x1.element_type();
   const ffi::DataType w_type = antiquant ? ffi::DataType::S8 : dtype;
   if (!IsFloatType(dtype) || x2.element_type() != w_type || out.element_type() != dtype) {
@@ -130,7 +131,8 @@ ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   MC2_RETURN_IF_ERROR(operands.ExpectCount((antiquant ? 1 + size_t{has_offset} : 0) +
                                            size_t{has_bias} + size_t{has_x3}));
   if (antiquant) {
-    MC2_RETURN_IF_ERROR(ReadAntiquant(operands, dtype, k, n, has_offset, group_size, args.aq));
+    MC2_RETURN_IF_ERROR(
+        ReadAntiquant(operands, dtype, k, n, has_offset, antiquant_group_size, args.aq));
   }
   std::optional<ffi::AnyBuffer> bias, x3;
   MC2_RETURN_IF_ERROR(operands.Next(
@@ -205,12 +207,12 @@ void RunMatmul(const MatmulArgs& p) {
 
 ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
                          ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
-                         bool has_x3, bool antiquant, bool has_offset, int64_t group_size,
+                         bool has_x3, bool antiquant, bool has_offset, int64_t antiquant_group_size,
                          int64_t parallelism) {
   return CatchAtBoundary(kOp, [&]() -> ffi::Error {
     MatmulArgs args;
     MC2_RETURN_IF_ERROR(ParseMatmulArgs(x1, x2, extra, *out, transpose_x2, has_bias, has_x3,
-                                        antiquant, has_offset, group_size, args));
+                                        antiquant, has_offset, antiquant_group_size, args));
     const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
     if (m == 0 || n == 0) return ffi::Error::Success();
     if (k == 0) {
@@ -236,7 +238,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2MatmulHandler, Mc2MatmulImpl,
                                   .Attr<bool>("has_x3")
                                   .Attr<bool>("antiquant")
                                   .Attr<bool>("has_offset")
-                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("antiquant_group_size")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

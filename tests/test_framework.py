@@ -157,7 +157,7 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
         has_x3=has_x3,
         antiquant=False,
         has_offset=False,
-        group_size=np.int64(0),
+        antiquant_group_size=np.int64(0),
         parallelism=np.int64(1),
     )
 

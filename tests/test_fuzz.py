@@ -703,7 +703,7 @@ def _matmul_attrs(**overrides):
         has_x3=False,
         antiquant=False,
         has_offset=False,
-        group_size=np.int64(0),
+        antiquant_group_size=np.int64(0),
         parallelism=np.int64(1),
     )
     attrs.update(overrides)

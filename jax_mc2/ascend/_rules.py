@@ -196,7 +196,7 @@ def _weight_quant_mm_all_reduce(ctx, operands, call: Call):
         call.tensor("offset"),
         call.tensor("x3"),
         *call.comm_tail(),
-        S.integer(call.params["group_size"]),
+        S.integer(call.params["antiquant_group_size"]),
         S.result(0, ctx.avals_out[0]),
     ]
     return emit(ctx, operands, call, function, S.encode(slots))

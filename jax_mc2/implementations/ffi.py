@@ -189,7 +189,7 @@ def matmul(
     parallelism: int,
     antiquant_scale=None,
     antiquant_offset=None,
-    group_size: int = 0,
+    antiquant_group_size: int = 0,
 ):
     """``round(x1 @ w + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``;
     without antiquant and where :func:`gemm_engine` picks XLA's GEMM, XLA's
@@ -198,7 +198,7 @@ def matmul(
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
     x3: the output shape. w is x2, or with ``antiquant_scale`` the int8 x2
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
-    offset [1], [n] or [ceil(k / group_size), n]).
+    offset [1], [n] or [ceil(k / antiquant_group_size), n]).
     """
     if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1]) == XLA_DOT:
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
@@ -215,7 +215,7 @@ def matmul(
         has_x3=x3 is not None,
         antiquant=antiquant_scale is not None,
         has_offset=antiquant_offset is not None,
-        group_size=np.int64(group_size),
+        antiquant_group_size=np.int64(antiquant_group_size),
         parallelism=np.int64(parallelism),
     )
 
@@ -226,7 +226,7 @@ def matmul_all_reduce(
     """``allReduce(x1 @ w + bias + x3)`` with :func:`matmul` on each rank and
     :func:`all_reduce` (the ``ffi`` counterpart of ``xla.matmul_all_reduce``),
     in ``comm_turn`` row chunks. Shapes as in :func:`matmul`; ``antiquant``:
-    its ``antiquant_scale`` / ``antiquant_offset`` / ``group_size``."""
+    its ``antiquant_scale`` / ``antiquant_offset`` / ``antiquant_group_size``."""
 
     def local(x1_c, x3_c):
         return matmul(

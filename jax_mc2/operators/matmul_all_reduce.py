@@ -124,7 +124,9 @@ def _bind_weight_quant(
         weight_quant_mm_all_reduce_p,
         {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "bias": bias, "x3": x3},
         transpose_x2=bool(transpose_x2),
-        group_size=validation.check_int(OP, "antiquant_group_size", group_size, minimum=0),
+        antiquant_group_size=validation.check_int(
+            OP, "antiquant_group_size", group_size, minimum=0
+        ),
         **collective_params(OP, axis_name, comm_turn, implementation),
     )
 

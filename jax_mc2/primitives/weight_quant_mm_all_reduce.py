@@ -36,23 +36,31 @@ OP = "mm_all_reduce_base"
 _F32 = jnp.float32
 
 
-def check_group_size(op, group_size, k):
+def check_antiquant_group_size(op, antiquant_group_size, k):
     """0 (no groups), or a multiple of 32 in [32, k - 1]."""
-    group_size = validation.check_int(op, "antiquant_group_size", group_size, minimum=0)
-    if group_size and (group_size % 32 or not 32 <= group_size <= k - 1):
+    antiquant_group_size = validation.check_int(
+        op, "antiquant_group_size", antiquant_group_size, minimum=0
+    )
+    if antiquant_group_size and (
+        antiquant_group_size % 32 or not 32 <= antiquant_group_size <= k - 1
+    ):
         raise validation.value_error(
             op,
             "antiquant_group_size must be 0 or a multiple of 32 in [32, k - 1] = "
-            f"[32, {k - 1}], got {group_size}",
+            f"[32, {k - 1}], got {antiquant_group_size}",
         )
-    return group_size
+    return antiquant_group_size
 
 
-def antiquant_scale_shape(scale_shape, n, k, group_size):
+def antiquant_scale_shape(scale_shape, n, k, antiquant_group_size):
     """The canonical (rows, cols) of a pertensor / perchannel / pergroup scale,
     or None when the shape fits none of them."""
-    if group_size:
-        return (-(-k // group_size), n) if tuple(scale_shape) == (-(-k // group_size), n) else None
+    if antiquant_group_size:
+        return (
+            (-(-k // antiquant_group_size), n)
+            if tuple(scale_shape) == (-(-k // antiquant_group_size), n)
+            else None
+        )
     if tuple(scale_shape) == (1,):
         return (1, 1)
     if tuple(scale_shape) in ((n,), (1, n)):
@@ -60,17 +68,17 @@ def antiquant_scale_shape(scale_shape, n, k, group_size):
     return None
 
 
-def dequantize_weights(x2, scale, offset, *, dtype, group_size, transpose_x2):
+def dequantize_weights(x2, scale, offset, *, dtype, antiquant_group_size, transpose_x2):
     """The int8 x2 (stored (k, n), or (n, k) transposed) dequantized to
     ``dtype`` with the kernel's arithmetic (lax ops: the ``xla`` numerics)."""
     k = x2.shape[1] if transpose_x2 else x2.shape[0]
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
-    rows, cols = antiquant_scale_shape(scale.shape, n, k, group_size)
+    rows, cols = antiquant_scale_shape(scale.shape, n, k, antiquant_group_size)
 
     def expand(a):  # scale/offset broadcast to the (k, n) weight
         a = a.reshape(rows, cols).astype(_F32)
-        if group_size:
-            a = jnp.repeat(a, group_size, axis=0)[:k]
+        if antiquant_group_size:
+            a = jnp.repeat(a, antiquant_group_size, axis=0)[:k]
         return a.T if transpose_x2 else a
 
     w = x2.astype(_F32)
@@ -98,7 +106,9 @@ def _split(operands, has_offset, has_bias, has_x3):
     return tuple(split_operands(OPERANDS, operands, flags).values())
 
 
-def _abstract_eval(*operands, transpose_x2, has_offset, has_bias, has_x3, group_size, **collective):
+def _abstract_eval(
+    *operands, transpose_x2, has_offset, has_bias, has_x3, antiquant_group_size, **collective
+):
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     targets.operator_support(OP)
     validation.check_rank(OP, "x1", x1, (2, 3), "(m, k) or (b, s, k)")
@@ -109,11 +119,12 @@ def _abstract_eval(*operands, transpose_x2, has_offset, has_bias, has_x3, group_
         )
     out_shape = check_matmul_shapes(OP, x1, x2, transpose_x2=transpose_x2)
     k, n = x1.shape[-1], out_shape[-1]
-    check_group_size(OP, group_size, k)
-    if antiquant_scale_shape(scale.shape, n, k, group_size) is None:
+    check_antiquant_group_size(OP, antiquant_group_size, k)
+    if antiquant_scale_shape(scale.shape, n, k, antiquant_group_size) is None:
+        g = antiquant_group_size
         rule = (
-            f"pergroup (ceil(k / {group_size}), n) = ({-(-k // group_size)}, {n})"
-            if group_size
+            f"pergroup (ceil(k / {g}), n) = ({-(-k // g)}, {n})"
+            if g
             else f"pertensor (1,) or perchannel (n,) / (1, n) with n = {n}"
         )
         raise validation.type_error(
@@ -129,19 +140,30 @@ def _abstract_eval(*operands, transpose_x2, has_offset, has_bias, has_x3, group_
     return reduced_result(OP, x1, out_shape, x1.dtype, operands, collective, x2=x2, limit_n=True)
 
 
-def _xla_composition(*operands, transpose_x2, has_offset, has_bias, has_x3, group_size, **params):
+def _xla_composition(
+    *operands, transpose_x2, has_offset, has_bias, has_x3, antiquant_group_size, **params
+):
     """``params``: axis_name, comm_turn."""
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
     w = dequantize_weights(
-        x2, scale, offset, dtype=x1.dtype, group_size=group_size, transpose_x2=transpose_x2
+        x2,
+        scale,
+        offset,
+        dtype=x1.dtype,
+        antiquant_group_size=antiquant_group_size,
+        transpose_x2=transpose_x2,
     )
     return xla.matmul_all_reduce(x1, w, bias, x3, transpose_x2=transpose_x2, **params)
 
 
-def _ffi_composition(*operands, has_offset, has_bias, has_x3, group_size, **params):
+def _ffi_composition(*operands, has_offset, has_bias, has_x3, antiquant_group_size, **params):
     """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     x1, x2, scale, offset, bias, x3 = _split(operands, has_offset, has_bias, has_x3)
-    antiquant = {"antiquant_scale": scale, "antiquant_offset": offset, "group_size": group_size}
+    antiquant = {
+        "antiquant_scale": scale,
+        "antiquant_offset": offset,
+        "antiquant_group_size": antiquant_group_size,
+    }
     return ffi.matmul_all_reduce(x1, x2, bias, x3, **params, **antiquant)
 
 
