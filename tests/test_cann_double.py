@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +25,8 @@ ACL_ERROR_RT_MEMORY_ALLOCATION = 207001
 ACL_ERROR_RT_STREAM_SYNC_TIMEOUT = 507046
 ACL_ERROR_REPEAT_INITIALIZE = 100002
 ACLNN_ERR_PARAM_INVALID = 161002
-HCCL_E_TIMEOUT = 9
+HCCL_E_PARA, HCCL_E_PTR, HCCL_E_INTERNAL, HCCL_E_TIMEOUT = 1, 2, 4, 9
+ACL_ERROR_RT_AICORE_EXCEPTION = 507015
 MEMCPY_HOST_TO_DEVICE, MEMCPY_DEVICE_TO_HOST = 1, 2
 ACL_FLOAT = 0
 ACL_FORMAT_ND = 2
@@ -112,6 +114,9 @@ class Cann:
         _declare(self.hccl, "HcclCommDestroy", ctypes.c_int, p)
         _declare(self.hccl, "HcclGetRankId", ctypes.c_int, p, ctypes.POINTER(ctypes.c_uint32))
         _declare(self.hccl, "HcclBarrier", ctypes.c_int, p, p)
+        # sendBuf, sendCounts, sdispls, sendType, recvBuf, recvCounts, rdispls,
+        # recvType, comm, stream (counts and displacements: host uint64_t arrays).
+        _declare(self.hccl, "HcclAlltoAllV", ctypes.c_int, p, p, p, i32, p, p, p, i32, p, p)
         _declare(self.core, "cann_double_live_counts", None, *[ctypes.POINTER(i64)] * 4)
         _declare(self.core, "cann_double_report", ctypes.c_char_p)
         _declare(self.core, "cann_double_clear_report", None)
@@ -534,6 +539,319 @@ def test_missing_rank_times_out_init(cann, device, monkeypatch):
     start = time.monotonic()
     assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == HCCL_E_TIMEOUT
     assert time.monotonic() - start < 2.0
+
+
+# --------------------------------------------------------------------------
+# HcclAlltoAllV
+
+#: HcclDataType code -> the NumPy dtype of its elements.
+HCCL_TYPES = {0: np.int8, 1: np.int16, 3: np.float16, 4: np.float32, 5: np.int64, 11: np.uint16}
+
+
+def _u64(values):
+    return (ctypes.c_uint64 * len(values))(*values)
+
+
+def _alltoallv(cann, comm, stream, send, counts, sdispls, recv, rcounts, rdispls, dtype=3):
+    """HcclAlltoAllV with Python lists for the count and displacement arrays
+    (None passes a null array)."""
+    arrays = [None if a is None else _u64(a) for a in (counts, sdispls, rcounts, rdispls)]
+    return cann.hccl.HcclAlltoAllV(
+        send, arrays[0], arrays[1], dtype, recv, arrays[2], arrays[3], dtype, comm, stream
+    )
+
+
+@pytest.fixture
+def one_rank(cann, device):
+    """A one-rank communicator on device 0, a stream and two 16-byte buffers."""
+    (comm,) = _init_all(cann, 1)
+    stream, send, recv = cann.stream(), cann.malloc(16), cann.malloc(16)
+    yield comm, stream, send, recv
+    for pointer in (send, recv):
+        cann.acl.aclrtFree(pointer)
+    cann.acl.aclrtDestroyStream(stream)
+    cann.hccl.HcclCommDestroy(comm)
+
+
+def test_alltoallv_one_rank_moves_its_block(cann, one_rank):
+    comm, stream, send, recv = one_rank
+    source = ctypes.create_string_buffer(bytes(range(16)))
+    cann.acl.aclrtMemcpy(send, 16, source, 16, MEMCPY_HOST_TO_DEVICE)
+    # Three float16 elements from element 2 of send to element 4 of recv.
+    assert _alltoallv(cann, comm, stream, send, [3], [2], recv, [3], [4]) == 0
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+    out = ctypes.create_string_buffer(16)
+    cann.acl.aclrtMemcpy(out, 16, recv, 16, MEMCPY_DEVICE_TO_HOST)
+    assert out.raw == b"\xff" * 8 + bytes(range(4, 10)) + b"\xff" * 2  # the rest untouched
+
+
+ALLTOALLV_REFUSED = {
+    # name: (arguments changed from a valid one-rank call, HcclResult, message)
+    "null-send-counts": (dict(counts=None), HCCL_E_PTR, "a count or displacement array is null"),
+    "null-sdispls": (dict(sdispls=None), HCCL_E_PTR, "a count or displacement array is null"),
+    "null-recv-counts": (dict(rcounts=None), HCCL_E_PTR, "a count or displacement array is null"),
+    "null-rdispls": (dict(rdispls=None), HCCL_E_PTR, "a count or displacement array is null"),
+    "send-count-past-the-end": (
+        dict(counts=[9], rcounts=[9]),
+        HCCL_E_PARA,
+        "send block 0 (displacement 0, count 9) is not in live device memory",
+    ),
+    "send-displacement-past-the-end": (
+        dict(sdispls=[7]),
+        HCCL_E_PARA,
+        "send block 0 (displacement 7, count 2) is not in live device memory",
+    ),
+    "receive-displacement-past-the-end": (
+        dict(rdispls=[8]),
+        HCCL_E_PARA,
+        "receive block 0 (displacement 8, count 2) is not in live device memory",
+    ),
+    "null-send-buffer": (
+        dict(send=None),
+        HCCL_E_PARA,
+        "send block 0 (displacement 0, count 2) is not in live device memory",
+    ),
+    "null-receive-buffer": (
+        dict(recv=None),
+        HCCL_E_PARA,
+        "receive block 0 (displacement 0, count 2) is not in live device memory",
+    ),
+    "same-buffer": (dict(recv="send"), HCCL_E_PARA, "recvBuf and sendBuf must differ"),
+    "int128": (dict(dtype=12), HCCL_E_PARA, "unsupported HcclDataType 12"),
+    "hifloat8": (dict(dtype=14), HCCL_E_PARA, "unsupported HcclDataType 14"),
+    "reserved": (dict(dtype=255), HCCL_E_PARA, "unsupported HcclDataType 255"),
+    "negative": (dict(dtype=-1), HCCL_E_PARA, "unsupported HcclDataType -1"),
+}
+
+
+@pytest.mark.parametrize("case", ALLTOALLV_REFUSED.values(), ids=ALLTOALLV_REFUSED.keys())
+def test_alltoallv_refuses_bad_arguments(cann, one_rank, case):
+    """Refused at the call with HCCL's status and the recent error, and
+    nothing enqueued (the stream stays clean)."""
+    comm, stream, send, recv = one_rank
+    changes, status, message = case
+    args = dict(send=send, counts=[2], sdispls=[0], recv=recv, rcounts=[2], rdispls=[0], dtype=3)
+    args.update(changes)
+    if args["recv"] == "send":
+        args["recv"] = send
+    assert _alltoallv(cann, comm, stream, **args) == status
+    assert cann.error().startswith("HcclAlltoAllV: " + message)
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+
+
+def test_alltoallv_refuses_mismatched_types_host_memory_and_dead_comms(cann, one_rank):
+    comm, stream, send, recv = one_rank
+    one = _u64([1])
+    zero = _u64([0])
+    assert cann.hccl.HcclAlltoAllV(send, one, zero, 3, recv, one, zero, 4, comm, stream) == 1
+    assert cann.error() == "HcclAlltoAllV: sendType and recvType differ"
+    host = ctypes.create_string_buffer(16)
+    assert _alltoallv(cann, comm, stream, ctypes.addressof(host), [1], [0], recv, [1], [0]) == 1
+    assert "send block 0 (displacement 0, count 1) is not in live device memory" in cann.error()
+    (dead,) = _init_all(cann, 1)
+    assert cann.hccl.HcclCommDestroy(dead) == 0
+    assert _alltoallv(cann, dead, stream, send, [1], [0], recv, [1], [0]) == HCCL_E_PTR
+    assert cann.error() == "HcclAlltoAllV: not a live communicator"
+    # Zero counts touch no memory: null buffers are fine then.
+    assert _alltoallv(cann, comm, stream, None, [0], [0], None, [0], [0]) == 0
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+
+
+def test_alltoallv_refuses_another_devices_thread(cann, one_rank):
+    comm, stream, send, recv = one_rank
+
+    def other_thread(_):
+        cann.acl.aclrtSetDevice(1)
+        result = _alltoallv(cann, comm, None, send, [1], [0], recv, [1], [0])
+        return result, cann.error()
+
+    assert _run_ranks(1, other_thread) == [
+        (
+            HCCL_E_PARA,
+            "HcclAlltoAllV: the communicator belongs to device 0, the thread's device is 1",
+        )
+    ]
+
+
+def test_alltoallv_injected_status(cann, one_rank, monkeypatch):
+    comm, stream, send, recv = one_rank
+    monkeypatch.setenv("CANN_DOUBLE_FAIL_PHASE", "HcclAlltoAllV:4")
+    assert _alltoallv(cann, comm, stream, send, [1], [0], recv, [1], [0]) == HCCL_E_INTERNAL
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS  # nothing enqueued
+    monkeypatch.delenv("CANN_DOUBLE_FAIL_PHASE")
+    assert _alltoallv(cann, comm, stream, send, [1], [0], recv, [1], [0]) == 0
+    assert cann.acl.aclrtSynchronizeStream(stream) == ACL_SUCCESS
+
+
+def _exchange(cann, comms, counts, dtype, recv_counts=None, stall=None):
+    """Every rank r sends counts[r][d] elements to rank d (displacements with
+    gaps) and receives them source-major with gaps; returns per rank (call
+    status, stream status, error, received array, expected array)."""
+    world = len(comms)
+    counts = np.asarray(counts)
+    recv_counts = counts.T if recv_counts is None else np.asarray(recv_counts)
+    item = np.dtype(HCCL_TYPES[dtype])
+
+    def layout(sizes):
+        displs = np.concatenate([[0], np.cumsum(np.asarray(sizes) + 1)[:-1]])  # one gap each
+        return [int(v) for v in displs], int(displs[-1] + sizes[-1] + 1)
+
+    def rank_work(rank):
+        cann.acl.aclrtSetDevice(rank)
+        stream = cann.stream()
+        sdispls, send_len = layout(counts[rank])
+        rdispls, recv_len = layout(recv_counts[rank])
+        data = np.zeros(send_len, item)
+        for d in range(world):
+            block = 1000 * rank + 100 * d + np.arange(counts[rank][d])
+            data[sdispls[d] : sdispls[d] + counts[rank][d]] = block.astype(item)
+        send, recv = cann.malloc(data.nbytes), cann.malloc(recv_len * item.itemsize)
+        cann.acl.aclrtMemcpy(send, data.nbytes, data.ctypes.data, data.nbytes, 1)
+        result = _alltoallv(
+            cann,
+            comms[rank],
+            stream,
+            send,
+            [int(c) for c in counts[rank]],
+            sdispls,
+            recv,
+            [int(c) for c in recv_counts[rank]],
+            rdispls,
+            dtype,
+        )
+        synced = cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 5000)
+        error = cann.error()
+        out = np.empty(recv_len, item)
+        cann.acl.aclrtMemcpy(out.ctypes.data, out.nbytes, recv, out.nbytes, 2)
+        want = np.frombuffer(b"\xff" * out.nbytes, item).copy()
+        for s in range(world):
+            block = 1000 * s + 100 * rank + np.arange(recv_counts[rank][s])
+            want[rdispls[s] : rdispls[s] + recv_counts[rank][s]] = block.astype(item)
+        for pointer in (send, recv):
+            cann.acl.aclrtFree(pointer)
+        cann.acl.aclrtDestroyStream(stream)
+        return result, synced, error, out, want
+
+    return _run_ranks(world, rank_work)
+
+
+@pytest.mark.parametrize("dtype", HCCL_TYPES, ids=[np.dtype(t).name for t in HCCL_TYPES.values()])
+def test_alltoallv_exchange_across_ranks(cann, device, dtype):
+    """Three ranks, zero counts for some pairs (and a rank sending itself
+    nothing): each receives its blocks source-major where rdispls say, in
+    elements of the data type; the gaps stay untouched."""
+    comms = _init_all(cann, 3)
+    counts = [[2, 0, 3], [1, 4, 0], [0, 2, 2]]
+    for result, synced, error, out, want in _exchange(cann, comms, counts, dtype):
+        assert (result, synced) == (0, ACL_SUCCESS), error
+        np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
+    for comm in comms:
+        assert cann.hccl.HcclCommDestroy(comm) == 0
+
+
+def test_alltoallv_exchange_across_processes(cann, library_dir, device):
+    """The root rank here, the other in a child process (through the hub):
+    the child sends 3 int16 elements, receives 2."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_ALLTOALLV.format(tests=str(HERE), folder=library_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline() == "ready\n"
+    root_info = ctypes.create_string_buffer(4108)
+    assert cann.hccl.HcclGetRootInfo(root_info) == 0
+    child.stdin.write(root_info.raw.hex() + "\n")
+    child.stdin.flush()
+    comm = ctypes.c_void_p()
+    assert cann.hccl.HcclCommInitRootInfo(2, root_info.raw, 0, ctypes.byref(comm)) == 0
+    stream = cann.stream()
+    data = np.array([10, 11, 12, 13], np.int16)  # 1 to itself, 2 to the child (from element 2)
+    send, recv = cann.malloc(8), cann.malloc(8)
+    cann.acl.aclrtMemcpy(send, 8, data.ctypes.data, 8, MEMCPY_HOST_TO_DEVICE)
+    assert _alltoallv(cann, comm.value, stream, send, [1, 2], [0, 2], recv, [1, 3], [0, 1], 1) == 0
+    assert cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 5000) == ACL_SUCCESS, cann.error()
+    out = np.empty(4, np.int16)
+    cann.acl.aclrtMemcpy(out.ctypes.data, 8, recv, 8, MEMCPY_DEVICE_TO_HOST)
+    np.testing.assert_array_equal(out, [10, 20, 21, 22])
+    child_out, _ = child.communicate(timeout=20)
+    assert child_out.split() == ["0", "0", "12,13"]
+    for pointer in (send, recv):
+        cann.acl.aclrtFree(pointer)
+    cann.acl.aclrtDestroyStream(stream)
+    assert cann.hccl.HcclCommDestroy(comm.value) == 0
+
+
+CHILD_ALLTOALLV = textwrap.dedent("""
+    import ctypes, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_cann_double import Cann, _alltoallv
+    cann = Cann({folder!r})
+    cann.acl.aclrtSetDevice(1)
+    print("ready", flush=True)
+    info = bytes.fromhex(sys.stdin.readline())
+    comm = ctypes.c_void_p()
+    assert cann.hccl.HcclCommInitRootInfo(2, info, 1, ctypes.byref(comm)) == 0
+    stream = cann.stream()
+    data = np.array([20, 21, 22], np.int16)  # all 3 to the root
+    send, recv = cann.malloc(6), cann.malloc(4)
+    cann.acl.aclrtMemcpy(send, 6, data.ctypes.data, 6, 1)
+    result = _alltoallv(cann, comm.value, stream, send, [3, 0], [0, 3], recv, [2, 0], [0, 2], 1)
+    synced = cann.acl.aclrtSynchronizeStreamWithTimeout(stream, 5000)
+    out = np.empty(2, np.int16)
+    cann.acl.aclrtMemcpy(out.ctypes.data, 4, recv, 4, 2)
+    print(result, synced, ",".join(str(v) for v in out), flush=True)
+    for pointer in (send, recv):
+        cann.acl.aclrtFree(pointer)
+    cann.acl.aclrtDestroyStream(stream)
+    cann.hccl.HcclCommDestroy(comm)
+""")
+
+
+def test_alltoallv_recv_counts_must_match_the_senders(cann, device):
+    """Rank 1 expects 3 elements from rank 0, which sends it 1: its stream
+    fails with the mismatch named; the others are unaffected."""
+    comms = _init_all(cann, 2)
+    counts = [[1, 1], [2, 2]]
+    recv_counts = [[1, 2], [3, 2]]
+    results = _exchange(cann, comms, counts, 1, recv_counts=recv_counts)
+    assert results[0][:2] == (0, ACL_SUCCESS)
+    result, synced, error, _, _ = results[1]
+    assert (result, synced) == (0, ACL_ERROR_RT_AICORE_EXCEPTION)
+    assert error == ("HcclAlltoAllV: recvCounts[0] = 3 on rank 1 but rank 0 sends it 1 elements")
+    for comm in comms:
+        cann.hccl.HcclCommDestroy(comm)
+
+
+def test_alltoallv_stalled_rank_fails_every_rank_and_breaks_the_comm(cann, device, monkeypatch):
+    """A stalled rank: every rank's stream fails with the stream timeout
+    (507046) within the communicator timeout; the communicator stays failed
+    (the next exchange fails at once with the same status), and a new one
+    works."""
+    monkeypatch.setenv("CANN_DOUBLE_HCCL_TIMEOUT_MS", "300")
+    comms = _init_all(cann, 2)
+    counts = [[1, 2], [3, 1]]
+    monkeypatch.setenv("CANN_DOUBLE_STALL_RANK", "*:1")
+    start = time.monotonic()
+    for result, synced, error, _, _ in _exchange(cann, comms, counts, 3):
+        assert (result, synced) == (0, ACL_ERROR_RT_STREAM_SYNC_TIMEOUT)
+        assert error.startswith("HcclAlltoAllV: HCCL_E_TIMEOUT")
+    assert time.monotonic() - start < 3.0
+    monkeypatch.delenv("CANN_DOUBLE_STALL_RANK")
+    start = time.monotonic()
+    for result, synced, error, _, _ in _exchange(cann, comms, counts, 3):
+        assert (result, synced) == (0, ACL_ERROR_RT_STREAM_SYNC_TIMEOUT)  # at once
+        assert error.startswith("HcclAlltoAllV: HCCL_E_TIMEOUT")
+    assert time.monotonic() - start < 0.3
+    for comm in comms:
+        cann.hccl.HcclCommDestroy(comm)
+    comms = _init_all(cann, 2)
+    for result, synced, error, out, want in _exchange(cann, comms, counts, 3):
+        assert (result, synced) == (0, ACL_SUCCESS), error
+        np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
+    for comm in comms:
+        cann.hccl.HcclCommDestroy(comm)
 
 
 def test_exit_report_lists_leaks(library_dir, tmp_path):
