@@ -167,18 +167,31 @@ std::map<std::pair<std::string, int>, CommEntry> g_comms;
 // What a communicator group was made from, kept across Shutdown so that a
 // compiled call finds (or re-creates) its communicators: a group whose
 // collective failed is marked broken and re-created by the next call that
-// needs it (HcclCommInitAll groups; the ranks live in this process).
+// needs it.
 //
 // Ranks run the same sequence of calls on a group, so each device counts its
-// calls per group: a failure in call n marks the group broken at n, and the
-// first rank to start a later call re-creates it (never a rank still in call
-// n, whose peers may be using the communicators).
+// calls per group (every call, failed or not): a failure in call n marks the
+// group broken at n, and the first of this process's ranks to start a later
+// call m re-creates this process's communicators of the group (never a rank
+// still in call n, whose peers may be using the communicators). A group whose
+// ranks all live here is re-made with HcclCommInitAll. A group spanning
+// processes is re-made as generation "<epoch>.<m>": the root info of that
+// generation travels through the key-value store (RootInfoExchange), so every
+// process re-creates the same generation at the same call and a stale one can
+// never be joined.
 struct GroupDef {
   std::vector<int> ordinals;
   bool init_all = false;
   int64_t broken_at = -1;        // the call whose collective failed, -1 if none
   int64_t recreated_at = 0;      // the call that created the current communicators
+  int64_t attempted_at = -1;     // the last call that tried to re-create them
+  std::string attempt_error;     // and why that failed
   std::map<int, int64_t> calls;  // calls per device ordinal
+  // Groups spanning processes:
+  int nranks = 0;
+  std::vector<std::pair<int, int>> rank_ordinals;  // this process's (rank, ordinal)
+  int64_t epoch = -1;                              // creations at lowering, minus one
+  std::string generation;                          // of the current communicators
   std::mutex mu;
 };
 std::map<std::string, std::shared_ptr<GroupDef>> g_groups;  // guarded by g_comm_mu
@@ -503,6 +516,139 @@ int DeviceCount(Status* status) {
 
 // ---------------------------------------------------------------- communicators
 
+namespace {
+
+std::mutex g_exchange_mu;
+RootInfoExchange g_exchange;  // guarded by g_exchange_mu
+
+// The key-value store timeout of a re-creation at call time: the stream
+// timeout, or 300 s where that is -1 (forever): a re-creation never blocks
+// without bound.
+int KvTimeoutMs() {
+  const int32_t ms = TimeoutMs();
+  return ms > 0 ? ms : 300000;
+}
+
+// Destroys this process's communicators of `key` (on `ordinals`).
+void DestroyComms(const Cann& c, const std::string& key, const std::vector<int>& ordinals) {
+  std::lock_guard<std::mutex> cl(g_comm_mu);
+  for (int o : ordinals) {
+    auto it = g_comms.find({key, o});
+    if (it != g_comms.end()) {
+      c.HcclCommDestroy(it->second.comm);
+      g_comms.erase(it);
+    }
+  }
+}
+
+// Lets kernels still queued from a failed call finish (or fail) on the old
+// communicators first; their status belongs to that call.
+void DrainStreams(const Cann& c, const std::vector<int>& ordinals) {
+  for (int o : ordinals) {
+    DeviceState* od = nullptr;
+    {
+      std::lock_guard<std::mutex> dl(g_dev_mu);
+      auto it = g_devices.find(o);
+      if (it != g_devices.end()) od = it->second.get();
+    }
+    if (od != nullptr && Enter(c, od).ok)
+      c.aclrtSynchronizeStreamWithTimeout(od->stream, TimeoutMs());
+  }
+}
+
+std::string Generation(const GroupDef& def, int64_t call) {
+  return std::to_string(def.epoch) + "." + std::to_string(call);
+}
+
+// Every local rank joins the communicator of `root_info` concurrently, one
+// thread each (HCCL's initialization is collective). All or nothing: a rank
+// that failed leaves none of this process's communicators behind.
+Status InitRootInfo(const Cann& c, const std::string& key, int nranks, const std::string& root_info,
+                    const std::vector<std::pair<int, int>>& rank_ordinals) {
+  if (root_info.size() != kHcclRootInfoBytes)
+    return Status::Error("HCCL root info must be " + std::to_string(kHcclRootInfoBytes) +
+                         " bytes, got " + std::to_string(root_info.size()));
+  ApplyHcclDeterminism(c);
+  std::vector<Status> results(rank_ordinals.size());
+  std::vector<CommEntry> entries(rank_ordinals.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < rank_ordinals.size(); ++i) {
+    threads.emplace_back([&, i] {
+      auto [rank, ordinal] = rank_ordinals[i];
+      DeviceState* d = nullptr;
+      Status s = GetDevice(c, ordinal, &d);
+      if (s.ok) s = Enter(c, d);
+      if (s.ok) {
+        HcclComm comm = nullptr;
+        HcclResult r = c.HcclCommInitRootInfo(static_cast<uint32_t>(nranks), root_info.data(),
+                                              static_cast<uint32_t>(rank), &comm);
+        if (r != 0) {
+          s = Status::Error("HcclCommInitRootInfo (rank " + std::to_string(rank) + " of " +
+                            std::to_string(nranks) + ") failed with HcclResult " + HcclErr(c, r) +
+                            ": " + RecentErr(c));
+        } else {
+          char name[kCommNameMaxLength + 1] = {0};
+          r = c.HcclGetCommName(comm, name);
+          entries[i] = CommEntry{comm, name, rank};
+          if (r != 0) s = Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(c, r));
+        }
+      }
+      results[i] = s;
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (auto& s : results) {
+    if (s.ok) continue;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      DeviceState* d = nullptr;
+      if (entries[i].comm != nullptr && GetDevice(c, rank_ordinals[i].second, &d).ok &&
+          Enter(c, d).ok)
+        c.HcclCommDestroy(entries[i].comm);
+    }
+    return s;
+  }
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < rank_ordinals.size(); ++i)
+    g_comms[{key, rank_ordinals[i].second}] = entries[i];
+  return Status::Ok();
+}
+
+// Generation `generation` of a group spanning processes: the root info from
+// the process holding rank 0 (through the exchange), then every local rank
+// joins. `def.mu` is held; the old communicators are gone.
+Status JoinLocked(const Cann& c, const std::string& key, GroupDef& def,
+                  const std::string& generation, int timeout_ms) {
+  RootInfoExchange exchange;
+  {
+    std::lock_guard<std::mutex> lock(g_exchange_mu);
+    exchange = g_exchange;
+  }
+  const std::string what = "generation " + generation +
+                           " of the HCCL communicator of replica group " + key + " (" +
+                           std::to_string(def.nranks) + " ranks across processes)";
+  if (!exchange)
+    return Status::Error(what + ": no key-value store to exchange HCCL's root info through " +
+                         "(jax.distributed is not initialized here)");
+  int root_ordinal = -1;
+  for (auto [r, o] : def.rank_ordinals)
+    if (r == 0) root_ordinal = o;
+  std::string root;
+  Status s;
+  if (root_ordinal >= 0) {
+    if (!(s = GetRootInfo(root_ordinal, &root)).ok) return Status::Error(what + ": " + s.message);
+    s = exchange(key, generation, &root, timeout_ms, &root);
+  } else {
+    s = exchange(key, generation, nullptr, timeout_ms, &root);
+  }
+  if (!s.ok) return Status::Error(what + ": " + s.message);
+  if (!(s = InitRootInfo(c, key, def.nranks, root, def.rank_ordinals)).ok)
+    return Status::Error(what + ": " + s.message);
+  def.generation = generation;
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals);
 
 Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
@@ -524,14 +670,8 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
     bool all = true;
     for (int o : ordinals) all = all && g_comms.count({key, o}) != 0;
     if (all && def->broken_at < 0) return Status::Ok();  // already there
-    for (int o : ordinals) {
-      auto it = g_comms.find({key, o});
-      if (it != g_comms.end()) {
-        c->HcclCommDestroy(it->second.comm);
-        g_comms.erase(it);
-      }
-    }
   }
+  DestroyComms(*c, key, ordinals);
   Status s = CommInitAllLocked(c, key, ordinals);
   if (s.ok) {
     def->broken_at = -1;
@@ -574,56 +714,63 @@ Status GetRootInfo(int ordinal, std::string* bytes) {
   if (!(s = Enter(*c, d)).ok) return s;
   bytes->assign(kHcclRootInfoBytes, '\0');
   HcclResult r = c->HcclGetRootInfo(bytes->data());
-  if (r != 0) return Status::Error("HcclGetRootInfo failed with HcclResult " + HcclErr(*c, r));
+  if (r != 0)
+    return Status::Error("HcclGetRootInfo failed with HcclResult " + HcclErr(*c, r) + ": " +
+                         RecentErr(*c));
   return Status::Ok();
 }
 
-Status CommInitRootInfo(const std::string& key, int nranks, const std::string& root_info,
-                        const std::vector<std::pair<int, int>>& rank_ordinals) {
+void SetRootInfoExchange(RootInfoExchange exchange) {
+  std::lock_guard<std::mutex> lock(g_exchange_mu);
+  g_exchange = std::move(exchange);
+}
+
+Status CommJoin(const std::string& key, int nranks,
+                const std::vector<std::pair<int, int>>& rank_ordinals, int timeout_ms) {
   std::string why;
   const Cann* c = LoadCann(&why);
   if (c == nullptr) return Status::Error(why);
-  if (root_info.size() != kHcclRootInfoBytes)
-    return Status::Error("HCCL root info must be " + std::to_string(kHcclRootInfoBytes) +
-                         " bytes, got " + std::to_string(root_info.size()));
-  ApplyHcclDeterminism(*c);
-  std::vector<Status> results(rank_ordinals.size());
-  std::vector<CommEntry> entries(rank_ordinals.size());
-  std::vector<std::thread> threads;
-  for (size_t i = 0; i < rank_ordinals.size(); ++i) {
-    threads.emplace_back([&, i] {
-      auto [rank, ordinal] = rank_ordinals[i];
-      DeviceState* d = nullptr;
-      Status s = GetDevice(*c, ordinal, &d);
-      if (s.ok) s = Enter(*c, d);
-      if (s.ok) {
-        HcclComm comm = nullptr;
-        HcclResult r = c->HcclCommInitRootInfo(static_cast<uint32_t>(nranks), root_info.data(),
-                                               static_cast<uint32_t>(rank), &comm);
-        if (r != 0) {
-          s = Status::Error("HcclCommInitRootInfo (rank " + std::to_string(rank) + " of " +
-                            std::to_string(nranks) + ") failed with HcclResult " + HcclErr(*c, r));
-        } else {
-          char name[kCommNameMaxLength + 1] = {0};
-          r = c->HcclGetCommName(comm, name);
-          if (r != 0) s = Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
-          entries[i] = CommEntry{comm, name, rank};
-        }
-      }
-      results[i] = s;
-    });
+  std::shared_ptr<GroupDef> def;
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    auto& slot = g_groups[key];
+    if (!slot) slot = std::make_shared<GroupDef>();
+    def = slot;
   }
-  for (auto& t : threads) t.join();
-  for (auto& s : results)
-    if (!s.ok) return s;
-  std::lock_guard<std::mutex> lock(g_comm_mu);
-  for (size_t i = 0; i < rank_ordinals.size(); ++i)
-    g_comms[{key, rank_ordinals[i].second}] = entries[i];
-  auto& slot = g_groups[key];
-  if (!slot) slot = std::make_shared<GroupDef>();
-  slot->init_all = false;
-  for (auto [r, o] : rank_ordinals) slot->ordinals.push_back(o);
-  return Status::Ok();
+  std::lock_guard<std::mutex> lock(def->mu);
+  def->init_all = false;
+  def->nranks = nranks;
+  def->rank_ordinals = rank_ordinals;
+  def->ordinals.clear();
+  for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    bool all = true;
+    for (int o : def->ordinals) all = all && g_comms.count({key, o}) != 0;
+    if (all && def->broken_at < 0) return Status::Ok();  // already there
+  }
+  DestroyComms(*c, key, def->ordinals);
+  int64_t latest = 0;
+  for (auto& [o, n] : def->calls) latest = std::max(latest, n);
+  ++def->epoch;
+  Status s = JoinLocked(*c, key, *def, Generation(*def, latest), timeout_ms);
+  if (s.ok) {
+    def->broken_at = -1;
+    def->recreated_at = latest;
+  }
+  return s;
+}
+
+std::string CommGeneration(const std::string& key) {
+  std::shared_ptr<GroupDef> def;
+  {
+    std::lock_guard<std::mutex> lock(g_comm_mu);
+    auto it = g_groups.find(key);
+    if (it == g_groups.end()) return "";
+    def = it->second;
+  }
+  std::lock_guard<std::mutex> lock(def->mu);
+  return def->generation;
 }
 
 bool HasComm(const std::string& key, int ordinal) {
@@ -651,6 +798,15 @@ std::pair<std::string, std::shared_ptr<GroupDef>> GroupOf(std::string_view keys,
   return {"", nullptr};
 }
 
+// Counts this device's call on its group: every call that names the group,
+// failed or not, so that ranks number their calls alike. 0 without a group.
+int64_t CountCall(std::string_view keys, int ordinal) {
+  auto [key, def] = GroupOf(keys, ordinal);
+  if (!def) return 0;
+  std::lock_guard<std::mutex> lock(def->mu);
+  return ++def->calls[ordinal];
+}
+
 void MarkBroken(std::string_view keys, int ordinal, int64_t call) {
   auto [key, def] = GroupOf(keys, ordinal);
   if (def) {
@@ -659,49 +815,36 @@ void MarkBroken(std::string_view keys, int ordinal, int64_t call) {
   }
 }
 
-// Counts this device's call on its group and makes sure its communicator
-// exists and is not broken: re-creates the whole group (HcclCommInitAll)
-// once, whichever of its ranks comes first to a call after the failure.
-Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t* call) {
+// Makes sure this device's communicator for its call `call` exists and is not
+// broken: re-creates this process's communicators of the group once,
+// whichever of its ranks comes first to a call after the failure (or after
+// Shutdown). A re-creation that fails leaves the group broken at `call`: the
+// other local ranks' call `call` fails at once, the next call tries again
+// (with the next generation).
+Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t call) {
   auto [key, def] = GroupOf(keys, ordinal);
-  *call = 0;
   if (!def) return Status::Ok();  // reported by the lookup
   std::lock_guard<std::mutex> lock(def->mu);
-  *call = ++def->calls[ordinal];
   const bool present = HasComm(key, ordinal);
-  if (present && (def->broken_at < 0 || *call <= def->broken_at)) return Status::Ok();
-  if (def->init_all) {
-    // Let kernels still queued from the failed call finish (or fail) on the
-    // old communicators first; their status belongs to that call.
-    for (int o : def->ordinals) {
-      DeviceState* od = nullptr;
-      {
-        std::lock_guard<std::mutex> dl(g_dev_mu);
-        auto it = g_devices.find(o);
-        if (it != g_devices.end()) od = it->second.get();
-      }
-      if (od != nullptr && Enter(c, od).ok)
-        c.aclrtSynchronizeStreamWithTimeout(od->stream, TimeoutMs());
-    }
-  }
-  if (!def->init_all)
+  if (present && (def->broken_at < 0 || call <= def->broken_at)) return Status::Ok();
+  if (call <= def->attempted_at)
     return Status::Error("the HCCL communicator of replica group " + key +
-                         (present ? " failed in an earlier call" : " was destroyed") +
-                         " and spans several processes: restart the processes");
-  {
-    std::lock_guard<std::mutex> cl(g_comm_mu);
-    for (int o : def->ordinals) {
-      auto it = g_comms.find({key, o});
-      if (it != g_comms.end()) {
-        c.HcclCommDestroy(it->second.comm);
-        g_comms.erase(it);
-      }
-    }
+                         " could not be re-created for this call: " + def->attempt_error);
+  def->attempted_at = call;
+  DrainStreams(c, def->ordinals);
+  DestroyComms(c, key, def->ordinals);
+  Status s = def->init_all ? CommInitAllLocked(&c, key, def->ordinals)
+                           : JoinLocked(c, key, *def, Generation(*def, call), KvTimeoutMs());
+  if (!s.ok) {
+    DestroyComms(c, key, def->ordinals);  // all or nothing
+    def->attempt_error = s.message;
+    def->broken_at = std::max(def->broken_at, call);
+    return Status::Error("re-creating the HCCL communicator of replica group " + key +
+                         " (it failed in an earlier call" + (present ? "" : " or was destroyed") +
+                         ") failed: " + s.message);
   }
-  Status s = CommInitAllLocked(&c, key, def->ordinals);
-  if (!s.ok) return s;
   def->broken_at = -1;
-  def->recreated_at = *call;
+  def->recreated_at = call;
   return Status::Ok();
 }
 
@@ -975,53 +1118,64 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     if (phase2 == nullptr) return error(why);
   }
 
-  DeviceState* d = nullptr;
-  Status s = GetDevice(*c, ordinal, &d);
-  if (!s.ok) return error(s.message);
-  std::lock_guard<std::mutex> lock(d->mu);
-  if (!(s = Enter(*c, d)).ok) return error(s.message);
-  aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
-
   // The lowering passes every replica group's key, '|'-separated; the
   // device's own communicator gives the group name and this rank's spec.
+  // Every call that gets this far counts on the group (ranks number their
+  // calls alike), and every failure from here until the stream has passed
+  // the collective marks the group broken: the peers' collective cannot
+  // complete without this rank, so they fail in the same call, and every
+  // process re-creates the group at the same next call.
+  const int64_t call = CountCall(group_key, ordinal);
+  bool collective_done = false;
+  auto broken = [&](Status st) {
+    if (!collective_done) MarkBroken(group_key, ordinal, call);
+    return st;
+  };
+  DeviceState* d = nullptr;
+  Status s = GetDevice(*c, ordinal, &d);
+  if (!s.ok) return broken(error(s.message));
+  std::lock_guard<std::mutex> lock(d->mu);
+  if (!(s = Enter(*c, d)).ok) return broken(error(s.message));
+  aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
+
   if (d->dirty && io.host) {
     // A failed call may have left work on the stream: wait for it, and
     // drop its status (it belongs to that call, already reported).
     const aclError rc = c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
     if (rc == kAclStreamSyncTimeout)
-      return error(function + ": the stream of JAX device " + std::to_string(ordinal) +
-                   " is still busy with an earlier failed call (status " + std::to_string(rc) +
-                   ")");
+      return broken(error(function + ": the stream of JAX device " + std::to_string(ordinal) +
+                          " is still busy with an earlier failed call (status " +
+                          std::to_string(rc) + ")"));
     d->dirty = false;
     Held none;
     ReleaseAll(*c, d->pool, none, true);
   }
-  int64_t call = 0;
-  if (!(s = EnsureComm(*c, group_key, ordinal, &call)).ok)
-    return error(function + ": " + s.message);
-  if (!(s = Enter(*c, d)).ok) return error(s.message);  // a re-created group may move the thread
+  if (!(s = EnsureComm(*c, group_key, ordinal, call)).ok)
+    return broken(error(function + ": " + s.message));
+  if (!(s = Enter(*c, d)).ok)
+    return broken(error(s.message));  // a re-created group may move the thread
   std::string group_name;
   int rank = 0;
   HcclComm comm = nullptr;
   if (!FindComm(group_key, ordinal, &group_name, &rank, &comm) &&
       ((*specs)[0].uses_group || alltoallv))
-    return error("no HCCL communicator for replica group " + std::string(group_key) +
-                 " on JAX device " + std::to_string(ordinal) +
-                 " (communicators are created when the call is lowered)");
+    return broken(error("no HCCL communicator for replica group " + std::string(group_key) +
+                        " on JAX device " + std::to_string(ordinal) +
+                        " (communicators are created when the call is lowered)"));
   if (specs->size() > 1 && static_cast<size_t>(rank) >= specs->size())
-    return error(function + ": no argument spec for rank " + std::to_string(rank));
+    return broken(error(function + ": no argument spec for rank " + std::to_string(rank)));
   const Spec* spec = &(*specs)[specs->size() > 1 ? rank : 0];
   AlltoAllvPlan plan;  // holds HcclAlltoAllV's host count arrays until the call ends
   if (alltoallv) {
-    if (!ParseAlltoAllv(*spec, &plan, &err)) return error(function + ": " + err);
+    if (!ParseAlltoAllv(*spec, &plan, &err)) return broken(error(function + ": " + err));
     // One spec line per rank, each with one count per rank: HCCL reads as
     // many entries as the communicator has ranks.
     if (plan.send_counts.size() != specs->size())
-      return error(function + ": the spec has " + std::to_string(specs->size()) +
-                   " rank lines but " + std::to_string(plan.send_counts.size()) +
-                   " counts per rank");
+      return broken(error(function + ": the spec has " + std::to_string(specs->size()) +
+                          " rank lines but " + std::to_string(plan.send_counts.size()) +
+                          " counts per rank"));
     if (io.operands.empty() || io.results.empty())
-      return error(function + ": the call needs one operand and one result");
+      return broken(error(function + ": the call needs one operand and one result"));
   }
 
   // Device memory for the operands and results (host bridge), copied in.
@@ -1029,7 +1183,10 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   std::vector<void*> dev_in(io.operands.size(), nullptr), dev_out(io.results.size(), nullptr);
   auto finish = [&](Status st, bool clean) {
     ReleaseAll(*c, d->pool, held, clean);
-    if (!clean) d->dirty = true;
+    if (!clean) {
+      d->dirty = true;
+      broken(Status::Ok());
+    }
     return st;
   };
   // A pool block of `bytes` held until `finish`; nullptr (with *failed set)
@@ -1082,7 +1239,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     if (!st.ok) {
       // Peers may be waiting in the exchange: their collective fails, and
       // the group's communicators are re-created by the next call.
-      MarkBroken(group_key, ordinal, call);
       return finish(error(st.message), false);
     }
     tm.phase2 = NowNs() - t3;
@@ -1170,7 +1326,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     if (st != 0) {
       // Not enqueued: the executor is still ours to destroy.
       if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
-      MarkBroken(group_key, ordinal, call);
     }
     if (st != 0)
       return finish(
@@ -1196,7 +1351,6 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
     tm.wait = NowNs() - t4;
     if (rc != kAclSuccess) {
-      MarkBroken(group_key, ordinal, call);
       std::string what = rc == kAclStreamSyncTimeout
                              ? " did not finish within " + std::to_string(TimeoutMs()) +
                                    " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
@@ -1205,6 +1359,7 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
                           std::to_string(rc) + ": " + RecentErr(*c)),
                     false);
     }
+    collective_done = true;  // a failure from here on is this rank's alone
     // Results come back only once the stream has passed the kernel, with a
     // synchronous copy: a call that timed out leaves nothing queued that
     // would write into XLA's host buffers later.

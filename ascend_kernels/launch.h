@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -30,9 +31,28 @@ int NpuOf(int ordinal);
 // ---- HCCL communicator registry, keyed by (group key, JAX device ordinal)
 Status CommInitAll(const std::string& key, const std::vector<int>& ordinals);
 Status GetRootInfo(int ordinal, std::string* bytes);
-// Every local rank (rank, ordinal) joins concurrently, one thread each.
-Status CommInitRootInfo(const std::string& key, int nranks, const std::string& root_info,
-                        const std::vector<std::pair<int, int>>& rank_ordinals);
+
+// Groups spanning processes. Every (re-)creation of a group's communicators
+// is a generation named "<epoch>.<call>": epoch counts the creations at
+// lowering (CommJoin), call is the group's call number at which the
+// communicators were made (0 at the first lowering). Ranks number their calls
+// on a group alike, so every process names the same generation.
+//
+// The exchange publishes (`publish` set: this process holds rank 0) or
+// fetches the root info of generation `generation` of group `key` through the
+// processes' key-value store, then waits there until every process of the
+// group has it; it returns an error, never blocks, past `timeout_ms`.
+using RootInfoExchange =
+    std::function<Status(const std::string& key, const std::string& generation,
+                         const std::string* publish, int timeout_ms, std::string* root_info)>;
+void SetRootInfoExchange(RootInfoExchange exchange);  // empty: none
+// This process's ranks (rank, ordinal) of an `nranks`-rank group join a new
+// generation (at lowering), one thread each, concurrently. A compiled call
+// re-creates a failed group itself (next generation, same exchange).
+Status CommJoin(const std::string& key, int nranks,
+                const std::vector<std::pair<int, int>>& rank_ordinals, int timeout_ms);
+// The generation of a group's current communicators ("" if none).
+std::string CommGeneration(const std::string& key);
 bool HasComm(const std::string& key, int ordinal);
 std::string CommName(const std::string& key, int ordinal);
 // Destroys communicators, frees pooled memory and streams.

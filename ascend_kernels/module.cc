@@ -26,6 +26,31 @@ using namespace jax_mc2::ascend;
 void Check(const Status& s) {
   if (!s.ok) throw std::runtime_error(s.message);
 }
+
+// The Python root-info exchange (guarded by the GIL; never freed, so that
+// nothing is released after the interpreter has gone).
+nb::object* g_exchange = nullptr;
+
+Status CallExchange(const std::string& key, const std::string& generation,
+                    const std::string* publish, int timeout_ms, std::string* root_info) {
+  nb::gil_scoped_acquire gil;
+  if (g_exchange == nullptr || !g_exchange->is_valid() || g_exchange->is_none())
+    return Status::Error("the key-value store exchange was removed (interpreter exit)");
+  try {
+    nb::object fn = *g_exchange;
+    nb::object got =
+        publish ? fn(key, generation, nb::bytes(publish->data(), publish->size()), timeout_ms)
+                : fn(key, generation, nb::none(), timeout_ms);
+    nb::bytes bytes = nb::cast<nb::bytes>(got);
+    root_info->assign(bytes.c_str(), bytes.size());
+    return Status::Ok();
+  } catch (nb::python_error& e) {
+    std::string type = nb::cast<std::string>(nb::str(e.type().attr("__name__")));
+    return Status::Error(type + ": " + nb::cast<std::string>(nb::str(e.value())));
+  } catch (const std::exception& e) {
+    return Status::Error(e.what());
+  }
+}
 }  // namespace
 
 NB_MODULE(_mc2_ascend, m) {
@@ -109,15 +134,30 @@ NB_MODULE(_mc2_ascend, m) {
     Check(GetRootInfo(ordinal, &bytes));
     return nb::bytes(bytes.data(), bytes.size());
   });
-  m.def("comm_init_root_info", [](const std::string& key, int nranks, nb::bytes root,
-                                  const std::vector<std::pair<int, int>>& rank_ordinals) {
-    std::string info(root.c_str(), root.size());
+  // exchange(key, generation, root_info_or_None, timeout_ms) -> root info
+  // bytes (jax_mc2/ascend/_comms.py); None removes it. Called from XLA's
+  // threads when a compiled call re-creates a group spanning processes.
+  m.def(
+      "set_root_info_exchange",
+      [](nb::object exchange) {
+        if (g_exchange == nullptr) g_exchange = new nb::object();
+        *g_exchange = exchange;
+        SetRootInfoExchange(exchange.is_none() ? RootInfoExchange()
+                                               : RootInfoExchange(CallExchange));
+      },
+      nb::arg("exchange").none());
+  m.def("comm_join", [](const std::string& key, int nranks,
+                        const std::vector<std::pair<int, int>>& rank_ordinals, int timeout_ms) {
     Status s;
     {
       nb::gil_scoped_release release;
-      s = CommInitRootInfo(key, nranks, info, rank_ordinals);
+      s = CommJoin(key, nranks, rank_ordinals, timeout_ms);
     }
     Check(s);
+  });
+  m.def("comm_generation", [](const std::string& key) {
+    nb::gil_scoped_release release;  // a re-creation holding the group calls into Python
+    return CommGeneration(key);
   });
   m.def("has_comm", &HasComm);
   m.def("comm_name", &CommName);

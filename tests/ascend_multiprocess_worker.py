@@ -75,6 +75,100 @@ def grad_fn(table):
 GRAD_NAMES = ("dx_dispatch", "dw_dispatch", "dx_combine", "dw_combine")
 
 
+def recovery(process_id, out_dir, mesh, put, args):
+    """Failed cross-process calls, each followed by a correct call of the same
+    jitted function in both processes (no restart): an injected status in
+    process 1, a stalled rank in process 0, an injected HcclAlltoAllV status
+    in the middle of a gradient, and a process that cannot get the new root
+    info in time. Saves every call's outcome and the group's generation
+    after it (recovery.json)."""
+    import json
+
+    import jax
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    import jax_mc2 as mc2
+    from jax_mc2.ascend import _comms
+    from jax_mc2.framework import _compat
+
+    client = _compat.distributed_client()
+    key = _comms.group_key(jax.devices())
+    fn = jax.jit(
+        jax.shard_map(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
+            mesh=mesh,
+            in_specs=(P(None, None, "tp"), P("tp", None)),
+            out_specs=P(),
+        )
+    )
+    ep = Mesh(np.array(jax.devices()), ("ep",))
+    table, operands = grad_case(len(jax.devices()))
+    grad = jax.jit(
+        jax.shard_map(
+            grad_fn(table),
+            mesh=ep,
+            in_specs=(P("ep"),) * len(operands),
+            out_specs=(P("ep"),) * len(GRAD_NAMES),
+        )
+    )
+    grad_args = [put(a, P("ep"), ep) for a in operands]
+    log = []
+
+    def call(name, f, f_args, env=None):
+        if env is not None and env[0] == process_id:
+            os.environ[env[1]] = env[2]
+        try:
+            outs = f(*f_args)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            got = [np.asarray(s.data) for o in outs for s in o.addressable_shards]
+            outcome = "ok"
+        except Exception as e:  # the error the user sees
+            got, outcome = None, f"{type(e).__name__}: {e}"
+        finally:
+            if env is not None:
+                os.environ.pop(env[1], None)
+        log.append({"call": name, "outcome": outcome, "generation": _comms.generation(key)})
+        return got
+
+    def wait_for(tag, other):
+        _compat.kv_set_bytes(client, f"test/{tag}/{process_id}", b"1")
+        _compat.kv_get_bytes(client, f"test/{tag}/{other}", 120_000)
+
+    def same(a, b):
+        return a is not None and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    mm_args = args[:2]
+    want = call("first", fn, mm_args)
+    stall = ("CANN_DOUBLE_STALL_RANK", "*:1")
+    call("injected status", fn, mm_args, (1, "CANN_DOUBLE_FAIL_PHASE", "aclnnMatmulAllReduce:4"))
+    log[-1]["same"] = same(call("after injected status", fn, mm_args), want)
+    call("stalled rank", fn, mm_args, (0, *stall))
+    log[-1]["same"] = same(call("after stalled rank", fn, mm_args), want)
+    want_grad = call("gradient", grad, grad_args)
+    call("HcclAlltoAllV status", grad, grad_args, (1, "CANN_DOUBLE_FAIL_PHASE", "HcclAlltoAllV:4"))
+    log[-1]["same"] = same(call("after HcclAlltoAllV status", grad, grad_args), want_grad)
+    # Process 1 re-creates alone (no root info comes), then process 0 alone
+    # (process 1 never arrives): both fail within the timeout; then together.
+    call(
+        "before a lone re-creation",
+        fn,
+        mm_args,
+        (1, "CANN_DOUBLE_FAIL_PHASE", "aclnnMatmulAllReduce:4"),
+    )
+    if process_id == 1:
+        call("alone", fn, mm_args)
+        wait_for("one-alone", 0)
+        wait_for("zero-alone", 0)
+    else:
+        wait_for("one-alone", 1)
+        call("alone", fn, mm_args)
+        wait_for("zero-alone", 1)
+    log[-1]["same"] = same(call("together", fn, mm_args), want)
+    with open(os.path.join(out_dir, f"recovery_{process_id}.json"), "w") as f:
+        json.dump(log, f, indent=1)
+
+
 def main():
     process_id, num_processes, port, out_dir = (
         int(sys.argv[1]),
@@ -132,6 +226,11 @@ def main():
         put(residual, P()),
         put(gamma, P()),
     )
+    if os.environ.get("ASCEND_WORKER_SCENARIO") == "recovery":
+        recovery(process_id, out_dir, mesh, put, args)
+        mc2.ascend.shutdown()
+        print("worker", process_id, "ok")
+        return
     outs = fn(*args)
     outs = fn(*args)  # twice: the communicator is cached
     results = {

@@ -8,11 +8,20 @@ processes (``jax.distributed``): the process holding the group's rank 0 calls
 key-value store; every process then joins with ``HcclCommInitRootInfo``, one
 thread per local rank. The launch core looks a communicator up by (group key,
 JAX device ordinal) and passes its ``HcclGetCommName`` name as ``group``.
+
+A group whose collective failed is re-created by the next call, compiled or
+not (the launch core does it): in one process with ``HcclCommInitAll``; across
+processes as a new *generation* ``"<epoch>.<call>"`` whose root info travels
+under its own key (:func:`_exchange`, called from the launch core), so every
+process re-creates the same generation at the same call and none can join a
+stale one.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
+import time
 
 import jax
 import numpy as np
@@ -23,6 +32,8 @@ from jax_mc2.framework import _compat
 _LOCK = threading.Lock()
 _CREATED: set[str] = set()
 KV_TIMEOUT_MS = 300_000
+#: The processes of each group spanning processes, by group key.
+_PROCESSES: dict[str, list[int]] = {}
 
 
 def _ordinal(device) -> int:
@@ -64,21 +75,64 @@ def ensure(devices) -> str:
         if len(local) == len(devices):
             _mc2_ascend.comm_init_all(key, [o for _, o in local])
         else:
-            client = _compat.distributed_client()
-            if client is None:
+            if _compat.distributed_client() is None:
                 raise RuntimeError(
                     f"implementation='ascend': replica group {key} spans several processes; "
                     "initialize jax.distributed first"
                 )
-            kv_key = f"jax_mc2/hccl_root_info/{key}"
-            if devices[0].process_index == me:
-                root = _mc2_ascend.get_root_info(_ordinal(devices[0]))
-                _compat.kv_set_bytes(client, kv_key, root)
-            else:
-                root = _compat.kv_get_bytes(client, kv_key, KV_TIMEOUT_MS)
-            _mc2_ascend.comm_init_root_info(key, len(devices), root, local)
+            _PROCESSES[key] = sorted({d.process_index for d in devices})
+            _mc2_ascend.set_root_info_exchange(_exchange)
+            _mc2_ascend.comm_join(key, len(devices), local, KV_TIMEOUT_MS)
         _CREATED.add(key)
     return key
+
+
+def root_info_key(key: str, generation: str) -> str:
+    """The key-value store key of a group's root info for one generation."""
+    return f"jax_mc2/hccl_root_info/{key}/{generation}"
+
+
+def _exchange(key: str, generation: str, root: bytes | None, timeout_ms: int) -> bytes:
+    """Publishes (``root`` given: this process holds rank 0) or fetches the
+    root info of ``generation`` of group ``key``, then waits until every
+    process of the group has it, so that all call HcclCommInitRootInfo
+    together (a process that failed early must not start HCCL's rendezvous
+    timer long before the others arrive). Raises past ``timeout_ms``; the
+    launch core calls it (from XLA's threads when a compiled call re-creates
+    a group) and reports the error with the operator."""
+    client = _compat.distributed_client()
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized (or was shut down)")
+    deadline = time.monotonic() + timeout_ms / 1000
+    kv_key = root_info_key(key, generation)
+    me = _process_index()
+    if root is not None:
+        _compat.kv_set_bytes(client, kv_key, root)
+    else:
+        try:
+            root = _compat.kv_get_bytes(client, kv_key, timeout_ms)
+        except Exception as e:  # jax's own error type varies by version
+            raise TimeoutError(
+                f"process {me} got no root info under key-value store key {kv_key!r} from the "
+                f"process holding rank 0 within {timeout_ms} ms ({type(e).__name__}: {e})"
+            ) from None
+    _compat.kv_set_bytes(client, f"{kv_key}/has/{me}", b"1")
+    for p in _PROCESSES.get(key, ()):
+        left = max(1, int((deadline - time.monotonic()) * 1000))
+        try:
+            _compat.kv_get_bytes(client, f"{kv_key}/has/{p}", left)
+        except Exception as e:
+            raise TimeoutError(
+                f"process {p} did not reach generation {generation} of the group within "
+                f"{timeout_ms} ms ({type(e).__name__}: {e})"
+            ) from None
+    return bytes(root)
+
+
+def generation(key: str) -> str:
+    """The generation of a group's current communicators in this process
+    ("" if it has none): ``"<epoch>.<call>"``."""
+    return _mc2_ascend.comm_generation(key)
 
 
 def for_lowering(ctx, axis_name: tuple[str, ...]) -> str:
@@ -106,3 +160,7 @@ def reset() -> None:
     """Forgets the created communicators (after shutdown)."""
     with _LOCK:
         _CREATED.clear()
+
+
+# The exchange refers to this module: drop it before the interpreter goes.
+atexit.register(lambda: _mc2_ascend.set_root_info_exchange(None))
