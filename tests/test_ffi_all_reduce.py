@@ -15,6 +15,13 @@ from jax.sharding import PartitionSpec as P
 from jax_mc2.implementations import ffi as _ffi
 
 
+@pytest.fixture(autouse=True)
+def _split_at_every_size(monkeypatch):
+    """The split path at the small shapes of these tests (by default it is
+    taken only from SPLIT_ALL_REDUCE_MIN_ELEMENTS elements a rank)."""
+    monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 0)
+
+
 def _both(mesh, axis, shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     ranks = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
@@ -63,6 +70,27 @@ def test_only_bfloat16_takes_the_split():
     assert "reduce_scatter" in lowered(jnp.bfloat16)
     assert "reduce_scatter" not in lowered(jnp.float16)
     assert "reduce_scatter" not in lowered(jnp.float32)
+
+
+def test_small_bfloat16_keeps_psum(monkeypatch):
+    """Below the size where the split measured faster, bfloat16 takes psum."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+
+    def lowered(rows):
+        fn = jax.shard_map(
+            lambda a: _ffi.all_reduce(a, "tp"),
+            mesh=mesh,
+            in_specs=P("tp"),
+            out_specs=P(),
+            check_vma=False,
+        )
+        return jax.jit(fn).lower(jnp.zeros((2 * rows, 4), jnp.bfloat16)).as_text()
+
+    monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 40)
+    assert "reduce_scatter" not in lowered(9)  # 36 elements a rank
+    assert "reduce_scatter" in lowered(10)  # 40
+    monkeypatch.undo()
+    assert "reduce_scatter" not in lowered(1024)  # the default threshold
 
 
 def test_all_reduce_without_an_axis_is_the_identity():

@@ -17,21 +17,19 @@ ACL_FORMAT: dict[str, int] = dict(_mc2_ascend.ACL_FORMAT)
 HCCL_DTYPE: dict[str, int] = dict(_mc2_ascend.HCCL_DTYPE)
 
 
-def dtype_code(dtype) -> int:
+def _code(table: dict[str, int], kind: str, dtype) -> int:
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     try:
-        return ACL_DTYPE[name]
+        return table[name]
     except KeyError:
-        raise NotImplementedError(
-            f"implementation='ascend': dtype {name} has no CANN aclDataType"
-        ) from None
+        raise NotImplementedError(f"implementation='ascend': dtype {name} has no {kind}") from None
+
+
+def dtype_code(dtype) -> int:
+    """The aclDataType code of ``dtype`` (a dtype or its name)."""
+    return _code(ACL_DTYPE, "CANN aclDataType", dtype)
 
 
 def hccl_dtype_code(dtype) -> int:
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    try:
-        return HCCL_DTYPE[name]
-    except KeyError:
-        raise NotImplementedError(
-            f"implementation='ascend': dtype {name} has no HcclDataType"
-        ) from None
+    """The HcclDataType code of ``dtype`` (a dtype or its name)."""
+    return _code(HCCL_DTYPE, "HcclDataType", dtype)
