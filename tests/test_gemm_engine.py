@@ -7,6 +7,7 @@ results keep fp32 accumulation and one rounding, and on XLA's GEMM equal the
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
 from jax_mc2 import quant
+from jax_mc2.framework import cpu
 from jax_mc2.implementations import ffi as _ffi
 
 
@@ -203,3 +205,36 @@ def test_openblas_threads_sleep_soon_unless_the_user_says_otherwise():
     env["OPENBLAS_THREAD_TIMEOUT"] = "12"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "12", out.stderr[-2000:]
+
+
+def _dot_operand_types(text):
+    return re.findall(r"stablehlo.dot_general.*?: \((tensor<[^)]*)\)", text)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_on_xla_gemm_is_widened_without_a_native_gemm(monkeypatch, native):
+    """XLA:CPU without AVX512-BF16 / AMX-BF16 gets bfloat16 operands widened
+    to float32 (a faster GEMM, the same exact products); with them, and for
+    float16, the mixed-precision dot stays."""
+    flags = ("avx2", "avx512_bf16") if native else ("avx2",)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    x = jnp.ones((8, 16), jnp.bfloat16)
+
+    def lowered(dtype):
+        fn = jax.jit(lambda a, b: mc2.mm_all_reduce_base(a, b, None, implementation="xla"))
+        return fn.lower(x.astype(dtype), x.T.astype(dtype)).as_text()
+
+    (operands,) = _dot_operand_types(lowered(jnp.bfloat16))
+    assert ("bf16" in operands) == native, operands
+    (operands,) = _dot_operand_types(lowered(jnp.float16))
+    assert "f16" in operands, operands
+
+
+def test_widened_bfloat16_matches_the_oracle():
+    rng = np.random.default_rng(8)
+    x1 = jnp.asarray(rng.standard_normal((24, 96)), jnp.bfloat16)
+    x2 = jnp.asarray(rng.standard_normal((96, 40)) / 9, jnp.bfloat16)
+    got = mc2.mm_all_reduce_base(x1, x2, None, implementation="xla")
+    want = oracle.mm_all_reduce_base([x1], [x2], [None], [None])
+    tol = oracle.tolerance(jnp.bfloat16, scale=np.abs(want).max() + 1, k=96)
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, rtol=0, atol=tol)

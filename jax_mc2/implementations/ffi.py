@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_mc2.framework.cpu import NATIVE_BF16_DOT, cpu_flags
 from jax_mc2.implementations import xla
 
 #: OpenBLAS's worker threads spin this long (2^n cycles, its smallest
@@ -86,20 +87,6 @@ BLAS, XLA_DOT = "blas", "xla"
 #: dot_general emitted around them, where the operator has such a path).
 GEMM_CHOICES = ("auto", BLAS, XLA_DOT)
 
-#: The CPU features the GEMM speeds depend on.
-CPU_FLAGS = (
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx_vnni",
-    "avx512_vnni",
-    "avx512_bf16",
-    "amx_tile",
-    "amx_int8",
-    "amx_bf16",
-)
-
 #: Where XLA's dot_general beats OpenBLAS sgemm on converted operands, by
 #: measurement (docs/semantics.md §12): operand dtype -> rules of (CPU
 #: features, any of which qualifies; the least per-rank k). XLA's GEMM is
@@ -108,27 +95,12 @@ CPU_FLAGS = (
 #: Elsewhere, and for float16, float32 and the fp8 / hifloat8 / MX /
 #: perblock rows everywhere, sgemm measured faster.
 XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int], ...]] = {
-    "bfloat16": ((frozenset({"avx512_bf16", "amx_bf16"}), 0),),
+    "bfloat16": ((NATIVE_BF16_DOT, 0),),
     "int8": (
         (frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 0),
         (frozenset({"avx2"}), 1024),
     ),
 }
-
-
-@functools.cache
-def cpu_flags() -> tuple[str, ...]:
-    """Which of :data:`CPU_FLAGS` this CPU has (from /proc/cpuinfo; empty
-    where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return tuple(flag for flag in CPU_FLAGS if flag in have)
-    except OSError:
-        pass
-    return ()
 
 
 def xla_gemm_min_k(dtype) -> int | None:
