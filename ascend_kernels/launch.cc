@@ -660,13 +660,15 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
     std::lock_guard<std::mutex> lock(g_comm_mu);
     auto& slot = g_groups[key];
     if (!slot) slot = std::make_shared<GroupDef>();
-    slot->ordinals = ordinals;
-    slot->init_all = true;
     def = slot;
   }
   std::lock_guard<std::mutex> lock(def->mu);
   {
+    // The definition changes under both locks: GroupOf reads it under
+    // g_comm_mu, EnsureComm under def->mu.
     std::lock_guard<std::mutex> cl(g_comm_mu);
+    def->ordinals = ordinals;
+    def->init_all = true;
     bool all = true;
     for (int o : ordinals) all = all && g_comms.count({key, o}) != 0;
     if (all && def->broken_at < 0) return Status::Ok();  // already there
@@ -738,13 +740,14 @@ Status CommJoin(const std::string& key, int nranks,
     def = slot;
   }
   std::lock_guard<std::mutex> lock(def->mu);
-  def->init_all = false;
-  def->nranks = nranks;
-  def->rank_ordinals = rank_ordinals;
-  def->ordinals.clear();
-  for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
   {
+    // Under both locks, as in CommInitAll.
     std::lock_guard<std::mutex> cl(g_comm_mu);
+    def->init_all = false;
+    def->nranks = nranks;
+    def->rank_ordinals = rank_ordinals;
+    def->ordinals.clear();
+    for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
     bool all = true;
     for (int o : def->ordinals) all = all && g_comms.count({key, o}) != 0;
     if (all && def->broken_at < 0) return Status::Ok();  // already there
@@ -826,6 +829,14 @@ Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t cal
   if (!def) return Status::Ok();  // reported by the lookup
   std::lock_guard<std::mutex> lock(def->mu);
   const bool present = HasComm(key, ordinal);
+  if (present && call < def->recreated_at)
+    // A rank that lagged behind a failure: its peers have re-created the
+    // group for a later call, and pairing this call with theirs would mix
+    // the data of different calls.
+    return Status::Error("call " + std::to_string(call) + " of replica group " + key +
+                         " predates the re-creation of its HCCL communicator for call " +
+                         std::to_string(def->recreated_at) +
+                         " after a failure; the next call uses the new communicator");
   if (present && (def->broken_at < 0 || call <= def->broken_at)) return Status::Ok();
   if (call <= def->attempted_at)
     return Status::Error("the HCCL communicator of replica group " + key +
@@ -1052,13 +1063,18 @@ void Shutdown() {
   std::string why;
   const Cann* c = LoadCann(&why);
   if (c == nullptr) return;
+  // Device locks are never taken inside g_dev_mu here: a launch holds its
+  // device's lock and then takes g_dev_mu (draining streams, re-creating a
+  // communicator), so the opposite order could deadlock.
+  std::vector<DeviceState*> devices;
   {
     std::lock_guard<std::mutex> lock(g_dev_mu);
-    for (auto& [o, d] : g_devices) {
-      std::lock_guard<std::mutex> dl(d->mu);
-      if (Enter(*c, d.get()).ok) {
-        c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
-      }
+    for (auto& [o, d] : g_devices) devices.push_back(d.get());
+  }
+  for (DeviceState* d : devices) {
+    std::lock_guard<std::mutex> dl(d->mu);
+    if (Enter(*c, d).ok) {
+      c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
     }
   }
   {
@@ -1070,10 +1086,9 @@ void Shutdown() {
     }
     g_comms.clear();
   }
-  std::lock_guard<std::mutex> lock(g_dev_mu);
-  for (auto& [o, d] : g_devices) {
+  for (DeviceState* d : devices) {
     std::lock_guard<std::mutex> dl(d->mu);
-    Enter(*c, d.get());
+    Enter(*c, d);
     for (auto& [sz, blk] : d->pool.free_blocks) c->aclrtFree(blk);
     for (auto& [sz, blk] : d->pool.quarantine) c->aclrtFree(blk);
     d->pool.free_blocks.clear();
@@ -1081,8 +1096,11 @@ void Shutdown() {
     c->aclrtDestroyStream(d->stream);
   }
   std::vector<int> npus;
-  for (auto& [o, d] : g_devices) npus.push_back(d->npu);
-  g_devices.clear();
+  {
+    std::lock_guard<std::mutex> lock(g_dev_mu);
+    for (auto& [o, d] : g_devices) npus.push_back(d->npu);
+    g_devices.clear();
+  }
   for (int n : npus) c->aclrtResetDevice(n);
 }
 

@@ -51,9 +51,9 @@ Status CallExchange(const std::string& key, const std::string& generation,
     return Status::Error(e.what());
   }
 }
-}  // namespace
 
-NB_MODULE(_mc2_ascend, m) {
+// The FFI registrations and the dtype / format code tables.
+void DefineTables(nb::module_& m) {
   m.def("registrations", []() {
     nb::dict d;
     d["mc2_ascend_host_bridge"] = nb::capsule(reinterpret_cast<void*>(Mc2AscendHostBridge));
@@ -75,7 +75,10 @@ NB_MODULE(_mc2_ascend, m) {
   m.attr("ACL_DTYPE") = dtypes;
   m.attr("ACL_FORMAT") = formats;
   m.attr("HCCL_DTYPE") = hccl_dtypes;
+}
 
+// Loading CANN, options and devices.
+void DefineLoader(nb::module_& m) {
   m.def("load", []() {
     std::string why;
     const Cann* c = LoadCann(&why);
@@ -121,6 +124,10 @@ NB_MODULE(_mc2_ascend, m) {
     Check(s);
     return n;
   });
+}
+
+// HCCL communicators: creation, root-info exchange, shutdown.
+void DefineCommunicators(nb::module_& m) {
   m.def("comm_init_all", [](const std::string& key, const std::vector<int>& ordinals) {
     Status s;
     {
@@ -165,6 +172,10 @@ NB_MODULE(_mc2_ascend, m) {
     nb::gil_scoped_release release;
     Shutdown();
   });
+}
+
+// The launch layer's timings and the copy benchmark (benchmarks/ascend.py).
+void DefineTimings(nb::module_& m) {
   m.def("launch_count", &LaunchCount);
   m.def("reset_timings", &ResetTimings);
   m.def("timings", []() {
@@ -191,4 +202,12 @@ NB_MODULE(_mc2_ascend, m) {
     Check(s);
     return nb::make_tuple(h2d, d2h);
   });
+}
+}  // namespace
+
+NB_MODULE(_mc2_ascend, m) {
+  DefineTables(m);
+  DefineLoader(m);
+  DefineCommunicators(m);
+  DefineTimings(m);
 }

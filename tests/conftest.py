@@ -190,6 +190,10 @@ FAST_WORLD = 2
 # tryfirst: before -m deselects and before any plugin reorders the items.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JAX_MC2_TESTS_EXPLICIT_SLOW_ONLY") == "1":
+        # Only the explicit marks (a subprocess suite that wants every case
+        # its own file does not mark slow).
+        return
     slow = pytest.mark.slow
     covered: dict = {}
     for item in items:

@@ -54,18 +54,22 @@ def test_all_reduce_over_two_axes():
     np.testing.assert_array_equal(got, want)
 
 
-def test_only_bfloat16_takes_the_split():
+def _lowered_on_two_ranks(x):
+    """The lowered text of the ffi all-reduce of x's two row shards."""
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    fn = jax.shard_map(
+        lambda a: _ffi.all_reduce(a, "tp"),
+        mesh=mesh,
+        in_specs=P("tp"),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.jit(fn).lower(x).as_text()
 
+
+def test_only_bfloat16_takes_the_split():
     def lowered(dtype):
-        fn = jax.shard_map(
-            lambda a: _ffi.all_reduce(a, "tp"),
-            mesh=mesh,
-            in_specs=P("tp"),
-            out_specs=P(),
-            check_vma=False,
-        )
-        return jax.jit(fn).lower(jnp.zeros((8, 4), dtype)).as_text()
+        return _lowered_on_two_ranks(jnp.zeros((8, 4), dtype))
 
     assert "reduce_scatter" in lowered(jnp.bfloat16)
     assert "reduce_scatter" not in lowered(jnp.float16)
@@ -74,17 +78,9 @@ def test_only_bfloat16_takes_the_split():
 
 def test_small_bfloat16_keeps_psum(monkeypatch):
     """Below the size where the split measured faster, bfloat16 takes psum."""
-    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
 
     def lowered(rows):
-        fn = jax.shard_map(
-            lambda a: _ffi.all_reduce(a, "tp"),
-            mesh=mesh,
-            in_specs=P("tp"),
-            out_specs=P(),
-            check_vma=False,
-        )
-        return jax.jit(fn).lower(jnp.zeros((2 * rows, 4), jnp.bfloat16)).as_text()
+        return _lowered_on_two_ranks(jnp.zeros((2 * rows, 4), jnp.bfloat16))
 
     monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 40)
     assert "reduce_scatter" not in lowered(9)  # 36 elements a rank

@@ -157,8 +157,9 @@ def test_int8_results_do_not_depend_on_the_gemm(monkeypatch, row):
 
 def test_int8_dequant_split_over_threads_gives_the_same_bits(monkeypatch):
     """A tall output (1500 x 160): the dequant epilogue after XLA's int8 dot
-    runs its rows in several chunks on XLA's thread pool; every row equals the
-    single-threaded sgemm path's."""
+    runs its rows in several chunks (on XLA's thread pool where it has
+    threads; this test does not see how many ran); every row equals the
+    sgemm path's."""
     rng = np.random.default_rng(3)
     m, k, n = 1500, 96, 160
     x1, x2, bias, raw = _int8_case(rng, (m,), k, n, transpose=False)

@@ -21,6 +21,9 @@ from jax_mc2 import _mc2_ffi
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTABLE_ENV = {**os.environ, "JAX_MC2_FFI_PORTABLE": "1"}
+#: The add + RMSNorm suite on the portable paths: every case of the file that
+#: its own marks do not call slow (not the inner loop's one-per-value split).
+SUITE_ENV = {**PORTABLE_ENV, "JAX_MC2_TESTS_EXPLICIT_SLOW_ONLY": "1"}
 
 # One ffi add + RMSNorm call per dtype, rows long enough for the 16-wide body
 # and both tails; prints the output bits.
@@ -83,7 +86,7 @@ def test_add_rms_norm_suite_on_the_portable_paths():
             "not slow",
             str(ROOT / "tests" / "test_add_rms_norm.py"),
         ],
-        env=PORTABLE_ENV,
+        env=SUITE_ENV,
         cwd=ROOT,
         capture_output=True,
         text=True,
