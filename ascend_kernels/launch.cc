@@ -196,6 +196,29 @@ struct GroupDef {
 };
 std::map<std::string, std::shared_ptr<GroupDef>> g_groups;  // guarded by g_comm_mu
 
+// The group's definition, added empty on first use.
+std::shared_ptr<GroupDef> FindOrAddGroup(const std::string& key) {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  auto& slot = g_groups[key];
+  if (!slot) slot = std::make_shared<GroupDef>();
+  return slot;
+}
+
+// Whether every device of the group has an unbroken communicator (the
+// caller holds g_comm_mu).
+bool IsLive(const std::string& key, const GroupDef& def) {
+  for (int o : def.ordinals)
+    if (g_comms.count({key, o}) == 0) return false;
+  return def.broken_at < 0;
+}
+
+// The highest call count among the group's devices (the caller holds def.mu).
+int64_t LatestCall(const GroupDef& def) {
+  int64_t latest = 0;
+  for (auto& [o, n] : def.calls) latest = std::max(latest, n);
+  return latest;
+}
+
 std::string HcclErr(const Cann& c, HcclResult r) {
   const char* s = c.HcclGetErrorString ? c.HcclGetErrorString(r) : nullptr;
   return std::to_string(r) + (s ? std::string(" (") + s + ")" : "");
@@ -655,13 +678,7 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
   std::string why;
   const Cann* c = LoadCann(&why);
   if (c == nullptr) return Status::Error(why);
-  std::shared_ptr<GroupDef> def;
-  {
-    std::lock_guard<std::mutex> lock(g_comm_mu);
-    auto& slot = g_groups[key];
-    if (!slot) slot = std::make_shared<GroupDef>();
-    def = slot;
-  }
+  std::shared_ptr<GroupDef> def = FindOrAddGroup(key);
   std::lock_guard<std::mutex> lock(def->mu);
   {
     // The definition changes under both locks: GroupOf reads it under
@@ -669,17 +686,13 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
     std::lock_guard<std::mutex> cl(g_comm_mu);
     def->ordinals = ordinals;
     def->init_all = true;
-    bool all = true;
-    for (int o : ordinals) all = all && g_comms.count({key, o}) != 0;
-    if (all && def->broken_at < 0) return Status::Ok();  // already there
+    if (IsLive(key, *def)) return Status::Ok();  // already there
   }
   DestroyComms(*c, key, ordinals);
   Status s = CommInitAllLocked(c, key, ordinals);
   if (s.ok) {
     def->broken_at = -1;
-    int64_t latest = 0;
-    for (auto& [o, n] : def->calls) latest = std::max(latest, n);
-    def->recreated_at = latest;
+    def->recreated_at = LatestCall(*def);
   }
   return s;
 }
@@ -732,13 +745,7 @@ Status CommJoin(const std::string& key, int nranks,
   std::string why;
   const Cann* c = LoadCann(&why);
   if (c == nullptr) return Status::Error(why);
-  std::shared_ptr<GroupDef> def;
-  {
-    std::lock_guard<std::mutex> lock(g_comm_mu);
-    auto& slot = g_groups[key];
-    if (!slot) slot = std::make_shared<GroupDef>();
-    def = slot;
-  }
+  std::shared_ptr<GroupDef> def = FindOrAddGroup(key);
   std::lock_guard<std::mutex> lock(def->mu);
   {
     // Under both locks, as in CommInitAll.
@@ -748,13 +755,10 @@ Status CommJoin(const std::string& key, int nranks,
     def->rank_ordinals = rank_ordinals;
     def->ordinals.clear();
     for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
-    bool all = true;
-    for (int o : def->ordinals) all = all && g_comms.count({key, o}) != 0;
-    if (all && def->broken_at < 0) return Status::Ok();  // already there
+    if (IsLive(key, *def)) return Status::Ok();  // already there
   }
   DestroyComms(*c, key, def->ordinals);
-  int64_t latest = 0;
-  for (auto& [o, n] : def->calls) latest = std::max(latest, n);
+  const int64_t latest = LatestCall(*def);
   ++def->epoch;
   Status s = JoinLocked(*c, key, *def, Generation(*def, latest), timeout_ms);
   if (s.ok) {

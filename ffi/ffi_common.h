@@ -304,6 +304,19 @@ struct MatmulShape {
   int64_t m = 1, k = 0, n = 0;
 };
 
+// Whether a matmul of `shape` has work to do (*work false for an empty
+// output); a contraction of k == 0 into a non-empty output is an error, and
+// k and n must fit the BLAS integer.
+inline ffi::Error CheckMatmulWork(const char* op, const MatmulShape& shape,
+                                  const ffi::AnyBuffer& x1, bool* work) {
+  *work = shape.m != 0 && shape.n != 0;
+  if (!*work) return ffi::Error::Success();
+  if (shape.k == 0) {
+    return InvalidArgument(op, "k must be at least 1, got x1 " + DimsToString(x1.dimensions()));
+  }
+  return CheckBlasDims(op, {{"k", shape.k}, {"n", shape.n}});
+}
+
 // Checks that x1, x2 and out form a matmul and fills `shape`.
 inline ffi::Error ParseMatmul(const std::string& op, const ffi::AnyBuffer& x1,
                               const ffi::AnyBuffer& x2, const ffi::AnyBuffer& out,

@@ -213,12 +213,9 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
     MatmulArgs args;
     MC2_RETURN_IF_ERROR(ParseMatmulArgs(x1, x2, extra, *out, transpose_x2, has_bias, has_x3,
                                         antiquant, has_offset, antiquant_group_size, args));
-    const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
-    if (m == 0 || n == 0) return ffi::Error::Success();
-    if (k == 0) {
-      return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1.dimensions()));
-    }
-    MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", k}, {"n", n}}));
+    bool work = false;
+    MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
+    if (!work) return ffi::Error::Success();
     BlasThreadsScope blas_threads(BlasThreads(parallelism));
     RunMatmul(args);
     return ffi::Error::Success();

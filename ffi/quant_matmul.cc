@@ -295,12 +295,9 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     Int8MatmulArgs args;
     MC2_RETURN_IF_ERROR(ParseInt8MatmulArgs(x1, x2, scale, extra, *out, transpose_x2, has_pertoken,
                                             has_bias, has_x3, has_comm_scale, args));
-    const int64_t m = args.shape.m, k = args.shape.k, n = args.shape.n;
-    if (m == 0 || n == 0) return ffi::Error::Success();
-    if (k == 0) {
-      return InvalidArgument(kOp, "k must be at least 1, got x1 " + DimsToString(x1.dimensions()));
-    }
-    MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", k}, {"n", n}}));
+    bool work = false;
+    MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
+    if (!work) return ffi::Error::Success();
     BlasThreadsScope blas_threads(BlasThreads(parallelism));
     RunInt8Matmul(args);
     return ffi::Error::Success();
