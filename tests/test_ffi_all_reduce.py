@@ -1,5 +1,6 @@
 """The ``ffi`` implementation's all-reduce (for bfloat16 a float32
-reduce-scatter and a bfloat16 all-gather) gives ``lax.psum``'s bits on CPU
+reduce-scatter and a bfloat16 all-gather; for float16 an all-to-all, a
+rank-ordered float16 sum and an all-gather) gives ``lax.psum``'s bits on CPU
 (docs/semantics.md §10.5)."""
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from jax_mc2.implementations import ffi as _ffi
 
 @pytest.fixture(autouse=True)
 def _split_at_every_size(monkeypatch):
-    """The split path at the small shapes of these tests (by default it is
-    taken only from SPLIT_ALL_REDUCE_MIN_ELEMENTS elements a rank)."""
+    """The split paths at the small shapes of these tests (by default they
+    are taken only from SPLIT_ALL_REDUCE_MIN_ELEMENTS / FLOAT16_SPLIT_MIN_ELEMENTS
+    elements a rank)."""
     monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_ffi, "FLOAT16_SPLIT_MIN_ELEMENTS", 0)
 
 
 def _both(mesh, axis, shape, dtype, seed=0):
@@ -48,10 +51,56 @@ def test_all_reduce_equals_psum_bit_for_bit(dtype, ranks, shape):
     np.testing.assert_array_equal(got, want)
 
 
-def test_all_reduce_over_two_axes():
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_all_reduce_over_two_axes(dtype):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
-    got, want = _both(mesh, ("dp", "tp"), (32, 24), jnp.bfloat16, seed=3)
+    got, want = _both(mesh, ("dp", "tp"), (32, 24), dtype, seed=3)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("axis", ["tp", ("dp", "tp")])
+def test_float16_all_reduce_over_a_sub_group(axis):
+    """Over tp alone inside dp x tp: each dp row reduces its own tp ranks."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8 * 16, 24)) * np.exp(2 * rng.standard_normal((8 * 16, 24)))
+    x = jnp.asarray(x, jnp.float16)
+
+    def run(fn):
+        spec = P(("dp", "tp"))
+        return jax.jit(
+            jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        )(x)
+
+    got = run(lambda a: _ffi.all_reduce(a, axis))
+    want = run(lambda a: lax.psum(a, axis))
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
+def test_float16_sum_order_and_signed_zeros_match_psum():
+    """Values whose float16 sum depends on the order (a large value and small
+    ones that vanish only when added to it one at a time), non-finite values
+    and all-negative-zero columns: the same bits as psum, never -0."""
+    ranks = 8
+    mesh = Mesh(np.array(jax.devices()[:ranks]), ("tp",))
+    x = np.zeros((ranks, 6), np.float16)
+    x[:, 0] = [2048, 1, 1, 1, 1, 1, 1, 1]  # 2048 + 1 rounds back to 2048 each step
+    x[:, 1] = [1, 1, 1, 1, 1, 1, 1, 2048]  # 7 + 2048 = 2055 -> 2056
+    x[:, 2] = -0.0
+    x[:, 3] = [1, -1, 0, 0, 0, 0, 0, -0.0]
+    x[:, 4] = [np.inf, 1, 1, 1, 1, 1, 1, 1]
+    x[:, 5] = [65504, 65504, -65504, 0, 0, 0, 0, 0]  # overflows to inf at the second step
+
+    def run(fn):
+        return jax.jit(
+            jax.shard_map(fn, mesh=mesh, in_specs=P("tp"), out_specs=P("tp"), check_vma=False)
+        )(jnp.asarray(x))
+
+    got = np.asarray(run(lambda a: _ffi.all_reduce(a, "tp"))).view(np.uint16)
+    want = np.asarray(run(lambda a: lax.psum(a, "tp"))).view(np.uint16)
+    np.testing.assert_array_equal(got, want)
+    assert np.asarray(got[:1]).view(np.float16)[0, 0] == 2048
+    assert not np.signbit(np.asarray(got).view(np.float16)[:, 2]).any()
 
 
 def _lowered_on_two_ranks(x):
@@ -67,13 +116,16 @@ def _lowered_on_two_ranks(x):
     return jax.jit(fn).lower(x).as_text()
 
 
-def test_only_bfloat16_takes_the_split():
+def test_each_dtype_takes_its_collectives():
     def lowered(dtype):
         return _lowered_on_two_ranks(jnp.zeros((8, 4), dtype))
 
     assert "reduce_scatter" in lowered(jnp.bfloat16)
-    assert "reduce_scatter" not in lowered(jnp.float16)
-    assert "reduce_scatter" not in lowered(jnp.float32)
+    float16 = lowered(jnp.float16)
+    assert "all_to_all" in float16 and "all_gather" in float16 and "all_reduce" not in float16
+    float32 = lowered(jnp.float32)
+    assert "all_reduce" in float32 and "reduce_scatter" not in float32
+    assert "all_to_all" not in float32
 
 
 def test_small_bfloat16_keeps_psum(monkeypatch):
@@ -89,6 +141,45 @@ def test_small_bfloat16_keeps_psum(monkeypatch):
     assert "reduce_scatter" not in lowered(1024)  # the default threshold
 
 
+def test_small_float16_keeps_psum(monkeypatch):
+    def lowered(rows):
+        return _lowered_on_two_ranks(jnp.zeros((2 * rows, 4), jnp.float16))
+
+    monkeypatch.setattr(_ffi, "FLOAT16_SPLIT_MIN_ELEMENTS", 40)
+    assert "all_to_all" not in lowered(9)  # 36 elements a rank
+    assert "all_to_all" in lowered(10)  # 40
+    monkeypatch.undo()
+    assert "all_to_all" not in lowered(1024)  # 4096 elements: below the default
+    assert "all_to_all" in lowered(1 << 13)  # 2^15
+
+
 def test_all_reduce_without_an_axis_is_the_identity():
     x = jnp.arange(6.0, dtype=jnp.bfloat16)
     assert _ffi.all_reduce(x, ()) is x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_operator_results_do_not_depend_on_the_split(dtype, monkeypatch):
+    """mm_all_reduce_base on 8 ranks: the split all-reduce (forced at this
+    size) and psum give the same bits."""
+    import jax_mc2 as mc2
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("tp",))
+    rng = np.random.default_rng(7)
+    x1 = jnp.asarray(rng.standard_normal((24, 64)), dtype)
+    x2 = jnp.asarray(rng.standard_normal((64, 40)), dtype)
+
+    def run():
+        fn = jax.shard_map(
+            lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ffi"),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None)),
+            out_specs=P(),
+            check_vma=False,
+        )
+        return np.asarray(jax.jit(fn)(x1, x2).astype(jnp.float32))
+
+    split = run()
+    monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(_ffi, "FLOAT16_SPLIT_MIN_ELEMENTS", 1 << 40)
+    np.testing.assert_array_equal(split, run())
