@@ -43,14 +43,15 @@ def _both(mesh, axis, shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("ranks", [2, 8])
+@pytest.mark.parametrize("world", [2, 8])
 @pytest.mark.parametrize("shape", [(64, 48), (3, 5), (1, 7, 16)])
-def test_all_reduce_equals_psum_bit_for_bit(dtype, ranks, shape):
-    mesh = Mesh(np.array(jax.devices()[:ranks]), ("tp",))
+def test_all_reduce_equals_psum_bit_for_bit(dtype, world, shape):
+    mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
     got, want = _both(mesh, "tp", shape, dtype)
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # 8 ranks
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_all_reduce_over_two_axes(dtype):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("dp", "tp"))
@@ -58,6 +59,7 @@ def test_all_reduce_over_two_axes(dtype):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow  # 8 ranks
 @pytest.mark.parametrize("axis", ["tp", ("dp", "tp")])
 def test_float16_all_reduce_over_a_sub_group(axis):
     """Over tp alone inside dp x tp: each dp row reduces its own tp ranks."""
@@ -158,6 +160,7 @@ def test_all_reduce_without_an_axis_is_the_identity():
     assert _ffi.all_reduce(x, ()) is x
 
 
+@pytest.mark.slow  # 8 ranks
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_operator_results_do_not_depend_on_the_split(dtype, monkeypatch):
     """mm_all_reduce_base on 8 ranks: the split all-reduce (forced at this
