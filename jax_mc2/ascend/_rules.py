@@ -16,7 +16,7 @@ import numpy as np
 from jax_mc2.ascend import _codes, _comms
 from jax_mc2.ascend import _spec as S
 from jax_mc2.ascend._native import native as _mc2_ascend
-from jax_mc2.framework import _compat, lowering, validation
+from jax_mc2.framework import _compat, lowering, validation, weight_format
 from jax_mc2.framework import implementation as _implementation
 from jax_mc2.framework.primitive import SPECS
 from jax_mc2.framework.quant import is_packed_scale
@@ -51,7 +51,14 @@ class Call:
 
     def weight(self, name: str = "x2", **kw):
         """x2 as a (k, n) tensor: contiguous [k, n], or (``transpose_x2``) the
-        transposed view of an [n, k] buffer."""
+        transposed view of an [n, k] buffer; with ``x2_format`` FRACTAL_NZ
+        the (k, n) view over the NZ buffer (``_spec.nz_weight``)."""
+        if self.params.get("x2_format") == weight_format.FRACTAL_NZ:
+            k = self.aval("x1").shape[-1]
+            transpose = bool(self.params["transpose_x2"])
+            return S.nz_weight(
+                self.index[name], self.aval(name), k, transpose_x2=transpose, op=self.op, **kw
+            )
         if self.params["transpose_x2"]:
             return S.transposed_weight(self.index[name], self.aval(name), **kw)
         return self.tensor(name, **kw)

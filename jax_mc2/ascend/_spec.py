@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from jax_mc2.ascend import _codes
+from jax_mc2.framework import weight_format
 
 STREAM_MODE_STOP_ON_FAILURE = 1
 
@@ -84,6 +85,27 @@ def transposed_weight(index, aval, **kw) -> Tensor:
     over the [n, k] buffer, the layout CANN's matmul operators accept."""
     n, k = aval.shape
     return Tensor("o", index, (k, n), aval.dtype, strides=(1, k), storage=(n * k,), **kw)
+
+
+def nz_weight(index, aval, k: int, *, transpose_x2: bool, op: str, **kw) -> Tensor:
+    """x2 in the FRACTAL_NZ layout (``aval``: its 4-D NZ buffer), described
+    as torch_npu describes an NZ weight to CANN: the (k, n) view with the
+    element strides of the ND matrix it stores, (n, 1), or (1, k) for a
+    transposed x2 stored (n, k); format FRACTAL_NZ (29); storage dims the
+    NZ shape; offset 0. k is x1's last dimension, n the padded extent."""
+    stored = weight_format.nz_stored_shape(op, aval, k, transpose_x2=transpose_x2)
+    n = stored[0] if transpose_x2 else stored[1]
+    strides = (1, k) if transpose_x2 else (n, 1)
+    return Tensor(
+        "o",
+        index,
+        (k, n),
+        aval.dtype,
+        strides=strides,
+        storage=aval.shape,
+        fmt=weight_format.FRACTAL_NZ,
+        **kw,
+    )
 
 
 NULL = "n"

@@ -6,7 +6,10 @@ binding order (an optional operand is present when its presence parameter,
 e.g. ``has_bias``, is true), the operator it serves (for error messages), its
 abstract evaluation, its batching (fold the batch into the rows, map over it,
 or a custom rule), its differentiation (JVP / transpose rules, or a reason it
-is not differentiable) and its ``xla`` / ``ffi`` lowering entries.
+is not differentiable) and its ``xla`` / ``ffi`` lowering entries. A spec
+with an ``nz_weight`` takes that operand in the ND or the FRACTAL_NZ layout
+(the static ``x2_format``); :func:`register` derives everything but the
+backends' own rules for the NZ layout from the ND ones.
 
 :data:`SPECS` maps each primitive name to its spec, so a backend registering
 its own lowering (``jax_mc2.framework.lowering.register``) can read a call's
@@ -24,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import _compat, lowering
+from jax_mc2.framework import _compat, lowering, weight_format
 from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
+from jax_mc2.framework.quant import from_fractal_nz
 
 #: How a fold-rows batching rule folds a batched row operand into its rows.
 FOLD_MATRIX = "matrix"  # [B, b, s, c] -> [B * b, s, c]; [B, m, c] stays a 3-D [b, s, c]
@@ -63,6 +67,29 @@ class Operand:
 
 
 @dataclasses.dataclass(frozen=True)
+class NzWeight:
+    """The matmul weight operand ``name`` of a primitive that takes it in
+    either layout, as the static ``x2_format`` parameter says
+    (``jax_mc2.framework.weight_format``): the stored matrix is (k, n), or
+    (n, k) when the boolean parameter ``transpose`` is true, with k the last
+    dimension of operand ``k_from``.
+
+    :func:`register` gives such a primitive one meaning for an NZ call, that
+    of the ND call with the weight converted by ``from_fractal_nz``: abstract
+    evaluation, the ``xla`` / ``ffi`` compositions and the JVP convert it and
+    run the spec's ND rules (the conversion is linear, so reverse mode returns
+    the weight's cotangent in the NZ layout, its padding zero). Batching
+    keeps the layout (a mapped call slices NZ weights into NZ weights).
+    Rules a backend registers itself (the ``ascend`` ones) get the NZ operand
+    and ``x2_format``.
+    """
+
+    name: str = "x2"
+    k_from: str = "x1"
+    transpose: str = "transpose_x2"
+
+
+@dataclasses.dataclass(frozen=True)
 class PrimitiveSpec:
     """Everything :func:`register` needs to define a primitive.
 
@@ -78,6 +105,8 @@ class PrimitiveSpec:
     a custom rule ``(spec, primitive) -> rule(args, dims, **params)``.
     Differentiation: ``jvp`` (and ``transpose``) rules, or
     ``not_differentiable``, the reason a JVP raises ``NotImplementedError``.
+    ``nz_weight``: the operand that may come in the FRACTAL_NZ layout
+    (:class:`NzWeight`); every rule above is written for the ND layout.
     """
 
     name: str
@@ -94,6 +123,7 @@ class PrimitiveSpec:
     jvp: Callable[..., Any] | None = None
     transpose: Callable[..., Any] | None = None
     not_differentiable: str | None = None
+    nz_weight: NzWeight | None = None
 
     def operator_name(self, params: Mapping[str, Any]) -> str:
         return self.operator(params) if callable(self.operator) else self.operator
@@ -138,6 +168,8 @@ def bind(primitive: _compat.core.Primitive, named: Mapping[str, Any], **params: 
     arrays and their presence parameters added to ``params``: the one
     canonicalizer of the operators' calls."""
     spec = SPECS[primitive.name]
+    if spec.nz_weight is not None:
+        params.setdefault("x2_format", weight_format.ND)
     _check_not_narrowed(spec.operator_name(params), named)
     arrays = {k: None if a is None else jnp.asarray(a) for k, a in named.items()}
     return primitive.bind(*spec.join(arrays), **spec.presence(arrays), **params)
@@ -159,6 +191,80 @@ def _check_not_narrowed(op: str, named: Mapping[str, Any]) -> None:
                 f"jax_enable_x64 off JAX would narrow it to {narrow.name}); pass the dtype the "
                 "operator documents for it"
             )
+
+
+def _is_nz(spec: PrimitiveSpec, params: Mapping[str, Any]) -> bool:
+    """Whether the call's weight comes in the FRACTAL_NZ layout (``x2_format``
+    checked)."""
+    op, fmt = spec.operator_name(params), params.get("x2_format", weight_format.ND)
+    return weight_format.check_x2_format(op, fmt) == weight_format.FRACTAL_NZ
+
+
+def _stored_shape(spec: PrimitiveSpec, named: Mapping[str, Any], params) -> tuple[int, int]:
+    """The 2-D matrix the NZ weight in ``named`` stores."""
+    w = spec.nz_weight
+    return weight_format.nz_stored_shape(
+        spec.operator_name(params),
+        named[w.name],
+        named[w.k_from].shape[-1],
+        transpose_x2=bool(params[w.transpose]),
+    )
+
+
+def _as_nd(spec: PrimitiveSpec, operands, params, convert) -> list[Any]:
+    """``operands`` with the NZ weight replaced by ``convert(weight, stored shape)``."""
+    named = spec.split(operands, params)
+    name = spec.nz_weight.name
+    named[name] = convert(named[name], _stored_shape(spec, named, params))
+    return spec.join(named)
+
+
+def _nd_abstract_eval(spec: PrimitiveSpec) -> Callable[..., Any]:
+    """The spec's abstract evaluation on the weight's logical (ND) aval."""
+
+    def abstract_eval(*operands, **params):
+        nz = _is_nz(spec, params)
+        params.pop("x2_format", None)
+        if nz:
+            operands = _as_nd(spec, operands, params, lambda a, shape: a.update(shape=shape))
+        return spec.abstract_eval(*operands, **params)
+
+    return abstract_eval
+
+
+def _nd_composition(spec: PrimitiveSpec, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``xla`` / ``ffi`` composition of the ND layout, run on the weight
+    converted from FRACTAL_NZ when the call has one."""
+
+    def composed(*operands, x2_format=weight_format.ND, **params):
+        if x2_format == weight_format.FRACTAL_NZ:
+            operands = _as_nd(spec, operands, params, from_fractal_nz)
+        return fn(*operands, **params)
+
+    return composed
+
+
+def _nd_jvp(spec: PrimitiveSpec, jvp: Callable[..., Any]) -> Callable[..., Any]:
+    """The JVP of an NZ call: the ND call's, the weight and its tangent
+    converted (a symbolic zero stays one, of the ND shape)."""
+
+    def rule(primals, tangents, **params):
+        if not _is_nz(spec, params):
+            return jvp(primals, tangents, **params)
+        name = spec.nz_weight.name
+        named = spec.split(primals, params)
+        shape = _stored_shape(spec, named, params)
+        dnamed = spec.split(tangents, params)
+        dw = dnamed[name]
+        if isinstance(dw, _compat.ad.Zero):
+            dnamed[name] = _compat.ad.Zero(dw.aval.update(shape=shape))
+        else:
+            dnamed[name] = from_fractal_nz(dw, shape)
+        named[name] = from_fractal_nz(named[name], shape)
+        nd = {**params, "x2_format": weight_format.ND}
+        return jvp(spec.join(named), spec.join(dnamed), **nd)
+
+    return rule
 
 
 def _refuse_jvp(spec: PrimitiveSpec) -> Callable[..., Any]:
@@ -233,20 +339,25 @@ def register(spec: PrimitiveSpec) -> _compat.core.Primitive:
     if spec.name in SPECS:
         raise ValueError(f"primitive {spec.name!r} is already registered")
     primitive = _compat.new_primitive(spec.name, multiple_results=spec.multiple_results)
+    abstract_eval, xla, ffi, jvp = spec.abstract_eval, spec.xla, spec.ffi, spec.jvp
+    if spec.nz_weight is not None:
+        abstract_eval = _nd_abstract_eval(spec)
+        xla, ffi = _nd_composition(spec, xla), _nd_composition(spec, ffi)
+        jvp = None if jvp is None else _nd_jvp(spec, jvp)
     if spec.effectful:
-        primitive.def_effectful_abstract_eval(spec.abstract_eval)
+        primitive.def_effectful_abstract_eval(abstract_eval)
     else:
-        primitive.def_abstract_eval(spec.abstract_eval)
+        primitive.def_abstract_eval(abstract_eval)
     lowering.register_implementations(
         primitive,
         spec.operator,
-        ffi=spec.ffi,
-        xla=spec.xla,
+        ffi=ffi,
+        xla=xla,
         multiple_results=spec.multiple_results,
         pass_context=spec.pass_context,
     )
-    if spec.jvp is not None:
-        _compat.ad.primitive_jvps[primitive] = spec.jvp
+    if jvp is not None:
+        _compat.ad.primitive_jvps[primitive] = jvp
     elif spec.not_differentiable is not None:
         _compat.ad.primitive_jvps[primitive] = _refuse_jvp(spec)
     if spec.transpose is not None:

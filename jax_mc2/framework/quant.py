@@ -31,6 +31,8 @@ import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jax_mc2.framework.weight_format import c0 as nz_block_width
+
 _U32 = jnp.uint32
 
 
@@ -505,10 +507,6 @@ def mx_quantize(
 # FRACTAL_NZ
 
 
-def _c0(dtype) -> int:
-    return max(1, 32 // np.dtype(dtype).itemsize)
-
-
 def to_fractal_nz(w: ArrayLike) -> Array:
     """ND ``[..., r, c]`` -> FRACTAL_NZ ``[..., ceil(c/c0), ceil(r/16), 16, c0]``.
 
@@ -519,7 +517,7 @@ def to_fractal_nz(w: ArrayLike) -> Array:
     if w.ndim < 2:
         raise TypeError(f"to_fractal_nz: w must be at least 2-D, got shape {w.shape}")
     *lead, r, c = w.shape
-    c0 = _c0(w.dtype)
+    c0 = nz_block_width(w.dtype)
     r1, c1 = -(-r // 16), -(-c // c0)
     padded = jnp.pad(w, [(0, 0)] * len(lead) + [(0, r1 * 16 - r), (0, c1 * c0 - c)])
     tiles = padded.reshape(*lead, r1, 16, c1, c0)
@@ -539,7 +537,7 @@ def from_fractal_nz(w_nz: ArrayLike, shape: Sequence[int]) -> Array:
         )
     *lead, c1, r1, r0, c0 = w_nz.shape
     r, c = shape[-2:]
-    if r0 != 16 or c0 != _c0(w_nz.dtype) or r1 != -(-r // 16) or c1 != -(-c // c0):
+    if r0 != 16 or c0 != nz_block_width(w_nz.dtype) or r1 != -(-r // 16) or c1 != -(-c // c0):
         raise TypeError(
             f"from_fractal_nz: w_nz shape {w_nz.shape} is not the FRACTAL_NZ layout of "
             f"{shape} for {w_nz.dtype}"

@@ -1,19 +1,21 @@
-"""Weight layouts an operator accepts for x2 (ND or FRACTAL_NZ), converted
-to the ND matrix the primitives take."""
+"""Weight layouts an operator accepts for x2 (ND or FRACTAL_NZ): checked
+here with the operator's messages, then bound as they are, with the
+primitive's ``x2_format`` (``jax_mc2.framework.weight_format``)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import quant, validation
-from jax_mc2.framework.validation import dtype_name, shape_str
+from jax_mc2.framework import validation, weight_format
+from jax_mc2.framework.validation import dtype_name
 
-_X2_FORMATS = (None, "ND", "FRACTAL_NZ")
+_X2_FORMATS = (None, weight_format.ND, weight_format.FRACTAL_NZ)
 
 
-def nz_weight_to_nd(op, x1, x2, *, transpose_x2, dtypes):
-    """A FRACTAL_NZ weight x2 as the ND (k, n) (or (n, k)) matrix it holds.
+def check_nz_weight(op, x1, x2, *, transpose_x2, dtypes):
+    """A FRACTAL_NZ weight x2 (as an array), its dtype one of ``dtypes`` and
+    its shape the NZ layout of the stored matrix.
 
     NZ of the stored 2-D matrix (r, c) is (ceil(c/c0), ceil(r/16), 16, c0)
     with c0 = 32 bytes / itemsize (32 for int8, 16 for fp16/bf16;
@@ -27,33 +29,19 @@ def nz_weight_to_nd(op, x1, x2, *, transpose_x2, dtypes):
         raise validation.type_error(
             op, f"a FRACTAL_NZ x2 must be {names} here, got {dtype_name(x2.dtype)}"
         )
-    c0 = 32 // np.dtype(x2.dtype).itemsize
-    k = np.shape(x1)[-1]
-    stored = "(n, k)" if transpose_x2 else "(k, n)"
-    layout = (
-        f"(ceil(k/{c0}), ceil(n/16), 16, {c0})"
-        if transpose_x2
-        else f"(ceil(n/{c0}), ceil(k/16), 16, {c0})"
-    )
-    k_blocks = -(-k // c0) if transpose_x2 else -(-k // 16)
-    k_axis = 0 if transpose_x2 else 1
-    if x2.ndim != 4 or tuple(x2.shape[2:]) != (16, c0) or x2.shape[k_axis] != k_blocks:
-        raise validation.type_error(
-            op,
-            f"a FRACTAL_NZ {dtype_name(x2.dtype)} x2 storing {stored} must be {layout} with "
-            f"k == x1.shape[-1] == {k}, got {shape_str(x2.shape)}",
-        )
-    shape = (x2.shape[1] * 16, k) if transpose_x2 else (k, x2.shape[0] * c0)
-    return quant.from_fractal_nz(x2, shape)
+    weight_format.nz_stored_shape(op, x2, np.shape(x1)[-1], transpose_x2=transpose_x2)
+    return x2
 
 
-def x2_from_format(op, x1, x2, x2_format, *, transpose_x2, dtypes):
-    """x2 as an ND matrix: itself for ``x2_format`` None / "ND", converted
-    from FRACTAL_NZ (:func:`nz_weight_to_nd`) for "FRACTAL_NZ"."""
+def x2_with_format(op, x1, x2, x2_format, *, transpose_x2, dtypes):
+    """``(x2, the primitive's x2_format)``: x2 itself and ND for ``x2_format``
+    None / "ND"; for "FRACTAL_NZ" x2 checked (:func:`check_nz_weight`) and
+    FRACTAL_NZ."""
     if x2_format not in _X2_FORMATS:
         raise validation.value_error(
             op, f"x2_format must be one of {_X2_FORMATS}, got {x2_format!r}"
         )
-    if x2_format != "FRACTAL_NZ":
-        return x2
-    return nz_weight_to_nd(op, x1, x2, transpose_x2=transpose_x2, dtypes=dtypes)
+    if x2_format != weight_format.FRACTAL_NZ:
+        return x2, weight_format.ND
+    x2 = check_nz_weight(op, x1, x2, transpose_x2=transpose_x2, dtypes=dtypes)
+    return x2, weight_format.FRACTAL_NZ

@@ -15,7 +15,7 @@ from jax_mc2.framework import validation
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import bind
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Format, Implementation
-from jax_mc2.operators._weight_format import x2_from_format
+from jax_mc2.operators._weight_format import x2_with_format
 from jax_mc2.primitives.mm_all_reduce import mm_all_reduce_p
 from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce
 from jax_mc2.primitives.weight_quant_mm_all_reduce import weight_quant_mm_all_reduce_p
@@ -73,7 +73,12 @@ def mm_all_reduce_base(
         dtype, together, full quantization only (low-bit communication).
       comm_turn: 0, or t > 0 row chunks, each with its own all-reduce.
       x2_format: None / "ND", or "FRACTAL_NZ" for x2 in the NZ layout of
-        ``quant.to_fractal_nz`` (every mode).
+        ``quant.to_fractal_nz`` (every mode): (ceil(n/c0), ceil(k/16), 16,
+        c0), transposed (ceil(k/c0), ceil(n/16), 16, c0), c0 = 32 bytes /
+        itemsize; n is the padded extent. The primitive takes it in that
+        layout: ``implementation="ascend"`` hands CANN the NZ tensor, xla
+        and ffi compute on ``quant.from_fractal_nz`` of it, and the gradient
+        w.r.t. an NZ x2 comes back in the NZ layout.
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
@@ -83,7 +88,9 @@ def mm_all_reduce_base(
     """
     validation.check_reduce_op(OP, reduce_op)
     transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
-    x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=_X2_DTYPES)
+    x2, x2_format = x2_with_format(
+        OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=_X2_DTYPES
+    )
     comm_scales = _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale)
     _check_antiquant_arguments(
         antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
@@ -93,6 +100,7 @@ def mm_all_reduce_base(
         "x3": x3,
         "comm_turn": comm_turn,
         "transpose_x2": transpose_x2,
+        "x2_format": x2_format,
         "implementation": implementation,
     }
     if antiquant_scale is not None:
@@ -105,18 +113,19 @@ def mm_all_reduce_base(
     return _bind_plain(x1, x2, axis_name, **common)
 
 
-def _bind_plain(x1, x2, axis_name, *, bias, x3, comm_turn, transpose_x2, implementation):
+def _bind_plain(x1, x2, axis_name, *, bias, x3, comm_turn, transpose_x2, x2_format, implementation):
     """The non-quantized mode."""
     return bind(
         mm_all_reduce_p,
         {"x1": x1, "x2": x2, "bias": bias, "x3": x3},
         transpose_x2=bool(transpose_x2),
+        x2_format=x2_format,
         **collective_params(OP, axis_name, comm_turn, implementation),
     )
 
 
 def _bind_weight_quant(
-    x1, x2, axis_name, antiquant, *, bias, x3, comm_turn, transpose_x2, implementation
+    x1, x2, axis_name, antiquant, *, bias, x3, comm_turn, transpose_x2, x2_format, implementation
 ):
     """The weight-only mode: ``antiquant`` is (scale, offset, group size)."""
     scale, offset, group_size = antiquant
@@ -124,6 +133,7 @@ def _bind_weight_quant(
         weight_quant_mm_all_reduce_p,
         {"x1": x1, "x2": x2, "scale": scale, "offset": offset, "bias": bias, "x3": x3},
         transpose_x2=bool(transpose_x2),
+        x2_format=x2_format,
         antiquant_group_size=validation.check_int(
             OP, "antiquant_group_size", group_size, minimum=0
         ),

@@ -8,10 +8,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import validation
+from jax_mc2.framework import validation, weight_format
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, DTypeLike, Format, Implementation
-from jax_mc2.operators._weight_format import nz_weight_to_nd, x2_from_format
+from jax_mc2.operators._weight_format import x2_with_format
 from jax_mc2.primitives.lowp_quant_mm_all_reduce import bind_low_precision, is_low_precision
 from jax_mc2.primitives.quant_mm_all_reduce import bind_int8_matmul_all_reduce, scale_layout
 
@@ -38,7 +38,8 @@ def quant_matmul_all_reduce(
       x1: int8 [m, k] or [b, s, k].
       x2: int8 [k, n], or [n, k] with ``transpose_x2=True``; with
         ``x2_format="FRACTAL_NZ"`` the NZ layout of that matrix
-        (``quant.to_fractal_nz``; see :func:`mm_all_reduce_base`).
+        (``quant.to_fractal_nz``), bound in that layout (see
+        :func:`mm_all_reduce_base`).
       axis_name: mesh axis name(s) bound by ``shard_map``, or None.
       dequant_scale: packed 64-bit scales from ``quant.trans_quant_param``
         (int64/uint64, or uint32 [..., 2] pairs without x64) -> float16
@@ -55,7 +56,9 @@ def quant_matmul_all_reduce(
       [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
     """
     transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
-    x2 = x2_from_format(OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,))
+    x2, x2_format = x2_with_format(
+        OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,)
+    )
     return bind_int8_matmul_all_reduce(
         OP,
         x1,
@@ -69,6 +72,7 @@ def quant_matmul_all_reduce(
         reduce_op=reduce_op,
         comm_turn=comm_turn,
         transpose_x2=transpose_x2,
+        x2_format=x2_format,
         implementation=implementation,
     )
 
@@ -125,7 +129,8 @@ def quant_matmul_all_reduce_v4(
         float16 / bfloat16 / float32 as the row allows.
       x1_format / x2_format: None / "ND", or "hifloat8" (both) for uint8
         HiFloat8 codes; ``x2_format="FRACTAL_NZ"``: an int8 x2 in the NZ
-        layout of ``quant.to_fractal_nz``.
+        layout of ``quant.to_fractal_nz`` (the int8 rows only; bound in that
+        layout, as :func:`mm_all_reduce_base` does).
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
@@ -173,14 +178,20 @@ def _int8_rows(
     transpose_x2,
     **common,
 ):
-    """The int8 rows: NZ weights back to ND, their call checks, then the bind
+    """The int8 rows: an NZ weight checked, their call checks, then the bind
     (``common``: bias, x3, reduce_op, comm_turn, implementation)."""
-    if x2_format == "FRACTAL_NZ":
-        x2 = nz_weight_to_nd(OP_V4, x1, x2, transpose_x2=transpose_x2, dtypes=(np.int8,))
+    x2, x2_format = x2_with_format(
+        OP_V4, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,)
+    )
+    stored = np.shape(x2)
+    if x2_format == weight_format.FRACTAL_NZ:
+        k = np.shape(x1)[-1]
+        stored = weight_format.nz_stored_shape(OP_V4, x2, k, transpose_x2=transpose_x2)
     _check_int8_row_statics(comm_quant_mode, group_size)
-    if out_dtype is not None and np.ndim(x2) == 2:
+    if out_dtype is not None and len(stored) == 2:
         # Checked before anything runs (an eager call would compute first).
-        _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, transpose_x2=transpose_x2)
+        n = stored[0 if transpose_x2 else 1]
+        _check_int8_out_dtype(out_dtype, n, x2_scale, x1_scale)
     return bind_int8_matmul_all_reduce(
         OP_V4,
         x1,
@@ -190,6 +201,7 @@ def _int8_rows(
         pertoken_scale=x1_scale,
         comm_quant_scales=comm_quant_scales,
         transpose_x2=transpose_x2,
+        x2_format=x2_format,
         **common,
     )
 
@@ -292,10 +304,10 @@ def _check_int8_row_statics(comm_quant_mode, group_size):
         )
 
 
-def _check_int8_out_dtype(out_dtype, x2, x2_scale, x1_scale, *, transpose_x2):
-    """``out_dtype`` may only repeat the output dtype the int8 row's scales select."""
+def _check_int8_out_dtype(out_dtype, n, x2_scale, x1_scale):
+    """``out_dtype`` may only repeat the output dtype the int8 row's scales
+    select (``n``: the weight's column count)."""
     scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
-    n = np.shape(x2)[0 if transpose_x2 else 1]
     selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
     if np.dtype(out_dtype) != selected:
         raise validation.type_error(

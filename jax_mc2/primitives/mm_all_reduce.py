@@ -13,6 +13,7 @@ from jax_mc2.framework import _compat
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
     FOLD_ROWS,
+    NzWeight,
     Operand,
     PrimitiveSpec,
     register,
@@ -94,5 +95,6 @@ mm_all_reduce_p = register(
         batching=FOLD_ROWS,
         fold_like="x1",
         jvp=_jvp,
+        nz_weight=NzWeight(),
     )
 )

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import targets, validation
+from jax_mc2.framework import targets, validation, weight_format
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
     FOLD_VECTOR,
+    NzWeight,
     Operand,
     PrimitiveSpec,
     bind,
@@ -307,6 +308,7 @@ quant_mm_all_reduce_p = register(
         ffi=_ffi_composition,
         batching=_batching,
         fold_like="x1",
+        nz_weight=NzWeight(),
         not_differentiable=(
             "the int8 quantized mode is not differentiable (int8 operands and packed "
             "scales); differentiate the floating-point model and quantize after training"
@@ -330,8 +332,10 @@ def bind_int8_matmul_all_reduce(
     comm_turn,
     transpose_x2,
     implementation,
+    x2_format=weight_format.ND,
 ):
-    """Canonicalizes the arguments and binds the int8 primitive for ``op``."""
+    """Canonicalizes the arguments and binds the int8 primitive for ``op``
+    (x2 in the layout ``x2_format`` names)."""
     validation.check_reduce_op(op, reduce_op)
     params = collective_params(op, axis_name, comm_turn, implementation)
     comm_1, comm_2 = comm_quant_scales or (None, None)
@@ -349,5 +353,6 @@ def bind_int8_matmul_all_reduce(
         },
         op=op,
         transpose_x2=bool(transpose_x2),
+        x2_format=x2_format,
         **params,
     )

@@ -19,6 +19,7 @@ from jax_mc2.framework import targets, validation
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
     FOLD_ROWS,
+    NzWeight,
     Operand,
     PrimitiveSpec,
     register,
@@ -177,6 +178,7 @@ weight_quant_mm_all_reduce_p = register(
         ffi=_ffi_composition,
         batching=FOLD_ROWS,
         fold_like="x1",
+        nz_weight=NzWeight(),
         not_differentiable=(
             "the weight-only quantized mode (antiquant_scale) is not differentiable; "
             "differentiate the floating-point model and quantize the weights after training"
