@@ -342,6 +342,17 @@ aclnnStatus ResolveNzWeight(const char* fn, const Tensor& t, int64_t k_hint, int
                     " for a transposed x2 (c0 = 32 bytes / itemsize), got " +
                     DimsString(d.storage_dims));
   }
+  // The buffer holds the whole NZ storage (aclnnCalculateMatmulWeightSizeV2's
+  // element count), padding included.
+  const int64_t itemsize = DtypeBits(d.dtype) / 8;
+  const int64_t elements = Numel(d.storage_dims);
+  std::string why;
+  if (d.data != nullptr && !CheckDeviceRange(d.data, elements * itemsize, &why)) {
+    return Fail(fn, kErrParamInvalid,
+                t.name + " FRACTAL_NZ storage " + DimsString(d.storage_dims) + " needs " +
+                    std::to_string(elements) + " elements (" + std::to_string(elements * itemsize) +
+                    " bytes) of device memory: " + why);
+  }
   w->nz = true;
   return kAclnnSuccess;
 }
@@ -354,7 +365,8 @@ aclnnStatus ResolveWeight(const char* fn, const Tensor& t, bool allow_nz, int64_
   if (t.desc.format == kFormatNz) {
     if (!allow_nz) {
       return Fail(fn, kErrParamInvalid,
-                  t.name + " format must be ND (2); FRACTAL_NZ is not supported here");
+                  t.name + " format must be ND (2), got FRACTAL_NZ (29): this operator takes " +
+                      t.name + " in ND only");
     }
     return ResolveNzWeight(fn, t, k_hint, n_hint, out);
   }
