@@ -73,12 +73,8 @@ def mm_all_reduce_base(
         dtype, together, full quantization only (low-bit communication).
       comm_turn: 0, or t > 0 row chunks, each with its own all-reduce.
       x2_format: None / "ND", or "FRACTAL_NZ" for x2 in the NZ layout of
-        ``quant.to_fractal_nz`` (every mode): (ceil(n/c0), ceil(k/16), 16,
-        c0), transposed (ceil(k/c0), ceil(n/16), 16, c0), c0 = 32 bytes /
-        itemsize; n is the padded extent. The primitive takes it in that
-        layout: ``implementation="ascend"`` hands CANN the NZ tensor, xla
-        and ffi compute on ``quant.from_fractal_nz`` of it, and the gradient
-        w.r.t. an NZ x2 comes back in the NZ layout.
+        ``quant.to_fractal_nz`` (every mode; docs/semantics.md §9), which
+        ``implementation="ascend"`` hands CANN as an NZ tensor.
       implementation: "xla", "ffi", "ascend" or None (platform default).
 
     Returns:
