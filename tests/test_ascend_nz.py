@@ -160,6 +160,31 @@ def test_ascend_nz_equals_nd_and_oracle(mode, transpose_x2, world):
         _assert_close(got, want, got.dtype, world, K_LOCAL)
 
 
+@pytest.mark.parametrize("n", [5, 16, 40])
+@pytest.mark.parametrize("transpose_x2", [False, True])
+def test_ascend_nz_with_k_one(transpose_x2, n):
+    """k == 1: for n <= 16 the plain and the transposed NZ storage shapes
+    coincide, and only the view's strides ((n, 1) or (1, 1)) say which matrix
+    the blocks hold."""
+    rng = np.random.default_rng(n)
+    x1 = rng.standard_normal((M, 1)).astype(np.float16)
+    stored = rng.standard_normal((n, 1) if transpose_x2 else (1, n)).astype(np.float16)
+    nz = np.asarray(quant.to_fractal_nz(stored))
+
+    def call(impl, w, fmt):
+        return np.asarray(
+            mc2.mm_all_reduce_base(
+                x1, w, None, transpose_x2=transpose_x2, x2_format=fmt, implementation=impl
+            )
+        )
+
+    got = call("ascend", nz, "FRACTAL_NZ")
+    want = call("ascend", stored, "ND")
+    assert got.shape == (M, -(-n // 16) * 16)  # n padded to the 16-wide blocks
+    np.testing.assert_array_equal(got[:, :n].view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(got[:, n:], 0)
+
+
 @pytest.mark.parametrize("impl", ["xla", "ffi"])
 @pytest.mark.parametrize("transpose_x2", [False, True])
 @pytest.mark.parametrize("mode", MODES)

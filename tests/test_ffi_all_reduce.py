@@ -29,17 +29,18 @@ def _both(mesh, axis, shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     ranks = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))]))
     # Values of mixed magnitudes, so that the summation order shows in the bits.
-    x = rng.standard_normal((ranks * shape[0], *shape[1:])) * np.exp2(rng.integers(-8, 8, 1))
-    x = jnp.asarray(x, dtype)
+    x = rng.standard_normal((ranks * shape[0], *shape[1:]))
+    x = jnp.asarray(x * np.exp2(rng.integers(-8, 8, x.shape)), dtype)
 
     def run(fn):
         return jax.jit(
             jax.shard_map(fn, mesh=mesh, in_specs=P(axis), out_specs=P(), check_vma=False)
         )(x)
 
-    got = run(lambda a: _ffi.all_reduce(a, axis))
-    want = run(lambda a: lax.psum(a, axis))
-    return np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    def bits(a):  # compares -0 with +0 and NaN payloads too
+        return np.asarray(a).view(np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint32)
+
+    return bits(run(lambda a: _ffi.all_reduce(a, axis))), bits(run(lambda a: lax.psum(a, axis)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
@@ -79,30 +80,38 @@ def test_float16_all_reduce_over_a_sub_group(axis):
     np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
 
 
-def test_float16_sum_order_and_signed_zeros_match_psum():
+def test_float16_sum_order_signed_zeros_and_nans_match_psum():
     """Values whose float16 sum depends on the order (a large value and small
-    ones that vanish only when added to it one at a time), non-finite values
-    and all-negative-zero columns: the same bits as psum, never -0."""
+    ones that vanish only when added to it one at a time), overflow,
+    infinities, all-negative-zero columns and NaNs with payloads: the same
+    bits as psum (never -0; NaNs canonical with their sign)."""
     ranks = 8
     mesh = Mesh(np.array(jax.devices()[:ranks]), ("tp",))
-    x = np.zeros((ranks, 6), np.float16)
+    x = np.ones((ranks, 8), np.float16)  # 8 elements a rank: the split path
     x[:, 0] = [2048, 1, 1, 1, 1, 1, 1, 1]  # 2048 + 1 rounds back to 2048 each step
     x[:, 1] = [1, 1, 1, 1, 1, 1, 1, 2048]  # 7 + 2048 = 2055 -> 2056
     x[:, 2] = -0.0
     x[:, 3] = [1, -1, 0, 0, 0, 0, 0, -0.0]
     x[:, 4] = [np.inf, 1, 1, 1, 1, 1, 1, 1]
     x[:, 5] = [65504, 65504, -65504, 0, 0, 0, 0, 0]  # overflows to inf at the second step
+    words = x.view(np.uint16)
+    words[0, 6] = 0x7E55  # a quiet NaN with a payload
+    words[3, 7] = 0xFC01  # a negative signalling NaN
 
     def run(fn):
         return jax.jit(
             jax.shard_map(fn, mesh=mesh, in_specs=P("tp"), out_specs=P("tp"), check_vma=False)
-        )(jnp.asarray(x))
+        )
 
-    got = np.asarray(run(lambda a: _ffi.all_reduce(a, "tp"))).view(np.uint16)
-    want = np.asarray(run(lambda a: lax.psum(a, "tp"))).view(np.uint16)
+    split = run(lambda a: _ffi.all_reduce(a, "tp"))
+    assert "all_to_all" in split.lower(jnp.asarray(x)).as_text()
+    got = np.asarray(split(jnp.asarray(x))).view(np.uint16)
+    want = np.asarray(run(lambda a: lax.psum(a, "tp"))(jnp.asarray(x))).view(np.uint16)
     np.testing.assert_array_equal(got, want)
-    assert np.asarray(got[:1]).view(np.float16)[0, 0] == 2048
-    assert not np.signbit(np.asarray(got).view(np.float16)[:, 2]).any()
+    values = got.view(np.float16)
+    assert values[0, 0] == 2048 and values[0, 1] == 2056
+    assert not np.signbit(values[:, 2]).any()
+    assert (got[:, 6] == 0x7E00).all() and (got[:, 7] == 0xFE00).all()
 
 
 def _lowered_on_two_ranks(x):

@@ -173,13 +173,17 @@ def _float16_all_reduce(x, axis_name, ranks: int):
     hands rank i the i-th slice of every rank's x, rank i adds them in rank
     order in float16 (XLA's fused adds, vectorized, where XLA:CPU's
     all-reduce loops over elements), and an all-gather returns the slices.
-    psum starts its sum from +0, so a sum of zeros is never -0; the last
-    step maps -0 to +0 to match."""
+    Two details of psum's result are matched at the end: its sum starts from
+    +0, so a sum of zeros is never -0; and it writes every NaN as the
+    canonical quiet NaN 0x7E00 with the NaN's sign, dropping payloads."""
     slices = lax.all_to_all(x.reshape(ranks, -1), axis_name, 0, 0, tiled=False)
     total = slices[0]
     for j in range(1, ranks):
         total = total + slices[j]
     total = jnp.where(total == 0, jnp.zeros_like(total), total)
+    sign = lax.bitcast_convert_type(total, jnp.uint16) & jnp.uint16(0x8000)
+    canonical_nan = lax.bitcast_convert_type(sign | jnp.uint16(0x7E00), jnp.float16)
+    total = jnp.where(jnp.isnan(total), canonical_nan, total)
     return lax.all_gather(total, axis_name).reshape(x.shape)
 
 

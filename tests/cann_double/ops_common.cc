@@ -329,8 +329,11 @@ aclnnStatus ResolveNzWeight(const char* fn, const Tensor& t, int64_t k_hint, int
   const int64_t c0 = 32 / (DtypeBits(d.dtype) / 8);
   const auto plain = NzShape(w->k, w->n, c0);       // stored (k, n)
   const auto transposed = NzShape(w->n, w->k, c0);  // stored (n, k)
-  const bool says_t = t.rank() == 2 && !IsContiguous(d.view_dims, d.strides) &&
-                      StridesTransposed(d.view_dims, d.strides);
+  // The (k, n) view's strides say which matrix the blocks hold: (n, 1) the
+  // stored (k, n), (1, k) the stored (n, k). With k == 1 and n <= 16 the two
+  // storage shapes coincide and only the strides tell them apart.
+  const std::vector<int64_t> t_strides{1, w->k}, p_strides{w->n, 1};
+  const bool says_t = t.rank() == 2 && d.strides == t_strides && d.strides != p_strides;
   if (!says_t && d.storage_dims == plain) {
     w->transposed = false;
   } else if (d.storage_dims == transposed) {
