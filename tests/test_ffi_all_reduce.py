@@ -139,29 +139,25 @@ def test_each_dtype_takes_its_collectives():
     assert "all_to_all" not in float32
 
 
-def test_small_bfloat16_keeps_psum(monkeypatch):
-    """Below the size where the split measured faster, bfloat16 takes psum."""
+@pytest.mark.parametrize(
+    "dtype, threshold, collective, first_split_rows",
+    [
+        (jnp.bfloat16, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", "reduce_scatter", (1 << 19) + 1),
+        (jnp.float16, "FLOAT16_SPLIT_MIN_ELEMENTS", "all_to_all", 1 << 13),
+    ],
+)
+def test_small_arrays_keep_psum(monkeypatch, dtype, threshold, collective, first_split_rows):
+    """Below the size where a split measured faster, psum itself (4 elements a row)."""
 
     def lowered(rows):
-        return _lowered_on_two_ranks(jnp.zeros((2 * rows, 4), jnp.bfloat16))
+        return _lowered_on_two_ranks(jnp.zeros((2 * rows, 4), dtype))
 
-    monkeypatch.setattr(_ffi, "SPLIT_ALL_REDUCE_MIN_ELEMENTS", 40)
-    assert "reduce_scatter" not in lowered(9)  # 36 elements a rank
-    assert "reduce_scatter" in lowered(10)  # 40
+    monkeypatch.setattr(_ffi, threshold, 40)
+    assert collective not in lowered(9)  # 36 elements a rank
+    assert collective in lowered(10)  # 40
     monkeypatch.undo()
-    assert "reduce_scatter" not in lowered(1024)  # the default threshold
-
-
-def test_small_float16_keeps_psum(monkeypatch):
-    def lowered(rows):
-        return _lowered_on_two_ranks(jnp.zeros((2 * rows, 4), jnp.float16))
-
-    monkeypatch.setattr(_ffi, "FLOAT16_SPLIT_MIN_ELEMENTS", 40)
-    assert "all_to_all" not in lowered(9)  # 36 elements a rank
-    assert "all_to_all" in lowered(10)  # 40
-    monkeypatch.undo()
-    assert "all_to_all" not in lowered(1024)  # 4096 elements: below the default
-    assert "all_to_all" in lowered(1 << 13)  # 2^15
+    assert collective not in lowered(1024)  # 4096 elements: below the defaults
+    assert collective in lowered(first_split_rows)  # the default threshold
 
 
 def test_all_reduce_without_an_axis_is_the_identity():
