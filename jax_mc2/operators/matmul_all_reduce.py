@@ -91,14 +91,8 @@ def mm_all_reduce_base(
     _check_antiquant_arguments(
         antiquant_scale, antiquant_offset, antiquant_group_size, dequant_scale, pertoken_scale
     )
-    common = {
-        "bias": bias,
-        "x3": x3,
-        "comm_turn": comm_turn,
-        "transpose_x2": transpose_x2,
-        "x2_format": x2_format,
-        "implementation": implementation,
-    }
+    common = dict(bias=bias, x3=x3, comm_turn=comm_turn, transpose_x2=transpose_x2)
+    common.update(x2_format=x2_format, implementation=implementation)
     if antiquant_scale is not None:
         antiquant = (antiquant_scale, antiquant_offset, antiquant_group_size)
         return _bind_weight_quant(x1, x2, axis_name, antiquant, **common)
