@@ -307,7 +307,10 @@ def test_kernel_rounding_matches_numpy(dtype, data):
     one = np.ones((1, 1), dtype)
     got = np.asarray(mc2.mm_all_reduce_base(a, one, None, x3=b, implementation="ffi"))
     with np.errstate(invalid="ignore", over="ignore"):
-        want = (a.astype(np.float32) + b.astype(np.float32)).astype(dtype)
+        # The GEMM accumulates a @ one from +0, so -0 @ 1 is +0 (as in CANN's
+        # accumulators); then x3 is added and the sum rounded once.
+        product = np.float32(0) + a.astype(np.float32)
+        want = (product + b.astype(np.float32)).astype(dtype)
     af, bf, wf = (x.astype(np.float32) for x in (a, b, want))
     finite = np.isfinite(af) & np.isfinite(bf)
     # XLA:CPU runs with fp32 denormals flushed to zero (its own ops as well as
