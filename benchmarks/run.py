@@ -66,17 +66,22 @@ MAX_ROUNDS = 200
 def time_interleaved(fns: dict, args: tuple, repeat: int) -> dict[str, float]:
     """Median milliseconds of each function, run round-robin after warm-up:
     ``repeat`` rounds, or more while a case has sampled for less than
-    ``MIN_SAMPLING_S`` (at most ``MAX_ROUNDS``)."""
+    ``MIN_SAMPLING_S`` (at most ``MAX_ROUNDS``). Each round starts one
+    function later than the last, so that no function always runs first or
+    always follows the same one (a fixed order measured a 1-2 % bias between
+    two copies of one program)."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
-    samples = {name: [] for name in fns}
+    names = list(fns)
+    samples = {name: [] for name in names}
     start = time.perf_counter()
     rounds = 0
     while rounds < repeat or (time.perf_counter() - start < MIN_SAMPLING_S and rounds < MAX_ROUNDS):
-        for name, fn in fns.items():
+        first = rounds % len(names)
+        for name in names[first:] + names[:first]:
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
+            jax.block_until_ready(fns[name](*args))
             samples[name].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
     return {name: statistics.median(s) for name, s in samples.items()}
