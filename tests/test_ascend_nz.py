@@ -305,6 +305,17 @@ def test_double_refuses_bad_nz_weights():
     assert re.search(
         r"aclnnMatmulAllReduce: x2 FRACTAL_NZ storage must be .*\(2, 3, 16, 16\)", message
     )
+    # The view's strides say which matrix the blocks store: (n, 1) or (1, k)
+    # only, and plain strides over the transposed storage are refused.
+    odd = ops.tensor((40, 32), (0, 0), 29, nz_shape, x2_buf)
+    status, message = ops.matmul_all_reduce(x1, odd)
+    assert status == 161002
+    assert "x2 in FRACTAL_NZ must have the strides (n, 1) = (32, 1)" in message
+    assert "or (1, k) = (1, 40) of a stored (n, k), got (0, 0)" in message
+    plain_over_t = ops.tensor((40, 32), (32, 1), 29, (3, 2, 16, 16), x2_buf)
+    status, message = ops.matmul_all_reduce(x1, plain_over_t)
+    assert status == 161002
+    assert re.search(r"x2 FRACTAL_NZ storage must be .*got \(3, 2, 16, 16\)", message)
     good = ops.tensor((40, 32), (32, 1), 29, nz_shape, x2_buf)
     status, message = ops.add_rms_norm(x1, good)
     assert status == 161002
@@ -314,7 +325,7 @@ def test_double_refuses_bad_nz_weights():
     assert status == 161002
     assert "x2 FRACTAL_NZ storage (2, 3, 16, 16) needs 1536 elements (3072 bytes)" in message
     assert "use after free" in message
-    for t in (x1, bad, good):
+    for t in (x1, bad, odd, plain_over_t, good):
         assert cann.nn.aclDestroyTensor(t) == 0
     assert cann.acl.aclrtFree(x1_buf) == 0
     if clean:  # the use after free above was this test's own

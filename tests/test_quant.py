@@ -456,3 +456,7 @@ def test_fractal_nz_errors():
         quant.to_fractal_nz(np.ones(4, np.float16))
     with pytest.raises(TypeError, match="is not the FRACTAL_NZ layout of"):
         quant.from_fractal_nz(np.ones((2, 2, 16, 16), np.float16), (40, 40))
+    # Leading (batch) dimensions must match too.
+    batched = quant.to_fractal_nz(np.ones((2, 16, 16), np.float16))
+    with pytest.raises(TypeError, match="is not the FRACTAL_NZ layout of"):
+        quant.from_fractal_nz(batched, (3, 16, 16))

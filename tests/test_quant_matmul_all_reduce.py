@@ -1049,6 +1049,22 @@ def test_fractal_nz_invalid_seed_004():
             dequant_scale=np.ones(32, oracle.BF16),
             x2_format="FRACTAL_NZ",
         )
+    # k comes from x1: a 0-d or 1-D x1 is named, not an IndexError.
+    nz = quant.to_fractal_nz(np.ones((16, 16), f16))
+    for x1 in (f16(1), np.ones(16, f16)):
+        with pytest.raises(TypeError, match=r"mm_all_reduce_base: x1 must be 2-D or 3-D"):
+            mc2.mm_all_reduce_base(x1, nz, None, x2_format="FRACTAL_NZ")
+
+
+def test_nz_primitive_bind_names_a_0d_x1():
+    """A direct bind of the primitive (no operator in front) with an NZ
+    weight and a 0-d x1 gets a TypeError naming x1."""
+    f16 = jnp.float16
+    nz = quant.to_fractal_nz(np.ones((16, 16), f16))
+    call = jax.make_jaxpr(lambda a, b: mc2.mm_all_reduce_base(a, b, None, x2_format="FRACTAL_NZ"))
+    eqn = call(np.ones((4, 16), f16), nz).eqns[-1]
+    with pytest.raises(TypeError, match=r"x1 must be at least 1-D \(its last dimension is k\)"):
+        jax.eval_shape(lambda a, b: eqn.primitive.bind(a, b, **eqn.params), S((), f16), nz)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

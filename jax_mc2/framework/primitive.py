@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import _compat, lowering, weight_format
+from jax_mc2.framework import _compat, lowering, validation, weight_format
 from jax_mc2.framework.batching import map_over_batch, move_batch_to_front
 from jax_mc2.framework.quant import from_fractal_nz
 
@@ -203,11 +203,13 @@ def _is_nz(spec: PrimitiveSpec, params: Mapping[str, Any]) -> bool:
 def _stored_shape(spec: PrimitiveSpec, named: Mapping[str, Any], params) -> tuple[int, int]:
     """The 2-D matrix the NZ weight in ``named`` stores."""
     w = spec.nz_weight
+    op, k_from = spec.operator_name(params), named[w.k_from]
+    if k_from.ndim < 1:
+        raise validation.type_error(
+            op, f"{w.k_from} must be at least 1-D (its last dimension is k), got shape ()"
+        )
     return weight_format.nz_stored_shape(
-        spec.operator_name(params),
-        named[w.name],
-        named[w.k_from].shape[-1],
-        transpose_x2=bool(params[w.transpose]),
+        op, named[w.name], k_from.shape[-1], transpose_x2=bool(params[w.transpose])
     )
 
 

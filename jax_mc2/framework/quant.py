@@ -537,7 +537,8 @@ def from_fractal_nz(w_nz: ArrayLike, shape: Sequence[int]) -> Array:
         )
     *lead, c1, r1, r0, c0 = w_nz.shape
     r, c = shape[-2:]
-    if r0 != 16 or c0 != nz_block_width(w_nz.dtype) or r1 != -(-r // 16) or c1 != -(-c // c0):
+    blocks = (r0, c0, r1, c1) == (16, nz_block_width(w_nz.dtype), -(-r // 16), -(-c // c0))
+    if tuple(lead) != shape[:-2] or not blocks:
         raise TypeError(
             f"from_fractal_nz: w_nz shape {w_nz.shape} is not the FRACTAL_NZ layout of "
             f"{shape} for {w_nz.dtype}"

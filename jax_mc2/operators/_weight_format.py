@@ -4,6 +4,7 @@ primitive's ``x2_format`` (``jax_mc2.framework.weight_format``)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,7 +30,10 @@ def check_nz_weight(op, x1, x2, *, transpose_x2, dtypes):
         raise validation.type_error(
             op, f"a FRACTAL_NZ x2 must be {names} here, got {dtype_name(x2.dtype)}"
         )
-    weight_format.nz_stored_shape(op, x2, np.shape(x1)[-1], transpose_x2=transpose_x2)
+    # k comes from x1, whose rank the primitive checks only later.
+    x1_shape = jax.ShapeDtypeStruct(np.shape(x1), np.bool_)
+    validation.check_rank(op, "x1", x1_shape, (2, 3), "(m, k) or (b, s, k)")
+    weight_format.nz_stored_shape(op, x2, x1_shape.shape[-1], transpose_x2=transpose_x2)
     return x2
 
 

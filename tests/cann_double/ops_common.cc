@@ -332,11 +332,19 @@ aclnnStatus ResolveNzWeight(const char* fn, const Tensor& t, int64_t k_hint, int
   // The (k, n) view's strides say which matrix the blocks hold: (n, 1) the
   // stored (k, n), (1, k) the stored (n, k). With k == 1 and n <= 16 the two
   // storage shapes coincide and only the strides tell them apart.
+  // A 4-D view (the storage itself) says it by the storage shape alone.
   const std::vector<int64_t> t_strides{1, w->k}, p_strides{w->n, 1};
-  const bool says_t = t.rank() == 2 && d.strides == t_strides && d.strides != p_strides;
-  if (!says_t && d.storage_dims == plain) {
+  const bool may_p = t.rank() == 4 || d.strides == p_strides;
+  const bool may_t = t.rank() == 4 || d.strides == t_strides;
+  if (!may_p && !may_t) {
+    return Fail(fn, kErrParamInvalid,
+                t.name + " in FRACTAL_NZ must have the strides (n, 1) = " + DimsString(p_strides) +
+                    " of a stored (k, n) or (1, k) = " + DimsString(t_strides) +
+                    " of a stored (n, k), got " + DimsString(d.strides));
+  }
+  if (may_p && d.storage_dims == plain) {
     w->transposed = false;
-  } else if (d.storage_dims == transposed) {
+  } else if (may_t && d.storage_dims == transposed) {
     w->transposed = true;
   } else {
     return Fail(fn, kErrParamInvalid,
