@@ -67,9 +67,8 @@ def time_interleaved(fns: dict, args: tuple, repeat: int) -> dict[str, float]:
     """Median milliseconds of each function, run round-robin after warm-up:
     ``repeat`` rounds, or more while a case has sampled for less than
     ``MIN_SAMPLING_S`` (at most ``MAX_ROUNDS``). Each round starts one
-    function later than the last, so that no function always runs first or
-    always follows the same one (a fixed order measured a 1-2 % bias between
-    two copies of one program)."""
+    function later than the last, so that no function always runs first (a
+    fixed order measured a 1-2 % bias between two copies of one program)."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))

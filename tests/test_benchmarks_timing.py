@@ -1,0 +1,43 @@
+"""The benchmark runner's interleaved timing: every contender is sampled in
+every round, and the round's first contender rotates, so that no contender
+always runs first or always follows the same one."""
+
+from __future__ import annotations
+
+from benchmarks import run
+
+
+def _recording(names, calls):
+    def make(name):
+        def fn(x):
+            calls.append(name)
+            return x
+
+        return fn
+
+    return {name: make(name) for name in names}
+
+
+def test_rounds_rotate_the_first_contender(monkeypatch):
+    monkeypatch.setattr(run, "MIN_SAMPLING_S", 0.0)
+    calls = []
+    names = ["ffi", "xla", "unfused jnp"]
+    medians = run.time_interleaved(_recording(names, calls), (1,), repeat=6)
+    assert set(medians) == set(names)
+    warm_up, timed = calls[: 2 * len(names)], calls[2 * len(names) :]
+    assert sorted(warm_up) == sorted(names * 2)
+    rounds = [timed[i : i + len(names)] for i in range(0, len(timed), len(names))]
+    assert len(rounds) == 6
+    for i, order in enumerate(rounds):
+        first = i % len(names)
+        assert order == names[first:] + names[:first]
+    assert {order[0] for order in rounds} == set(names)
+
+
+def test_short_cases_sample_for_the_minimum_time(monkeypatch):
+    monkeypatch.setattr(run, "MIN_SAMPLING_S", 0.05)
+    monkeypatch.setattr(run, "MAX_ROUNDS", 7)
+    calls = []
+    run.time_interleaved(_recording(["a", "b"], calls), (1,), repeat=1)
+    # Fast functions: sampling continues until MAX_ROUNDS.
+    assert len(calls) == 2 * 2 + 7 * 2
