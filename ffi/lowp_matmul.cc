@@ -91,13 +91,22 @@ void QuantizeRowPertile(const float* c, int64_t n, const Fp8Format& f, uint8_t* 
   const int64_t tiles = (n + kCommTile - 1) / kCommTile;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t j0 = t * kCommTile, j1 = std::min(n, j0 + kCommTile);
+    // A NaN in the tile makes its maximum, its scale and so every code of
+    // the tile NaN, as the xla implementation's max and clip do (std::max
+    // and std::min would drop the NaN).
     float amax = 0.0f;
-    for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(c[j]));
+    for (int64_t j = j0; j < j1; ++j) {
+      const float a = std::fabs(c[j]);
+      if (std::isnan(a) || a > amax) amax = a;
+      if (std::isnan(amax)) break;
+    }
     if (amax == 0.0f) amax = f.max_value;
     float sc = f.max_value / amax;
     if (sc == 0.0f) sc = 1.0f;
     for (int64_t j = j0; j < j1; ++j) {
-      const float v = std::min(f.max_value, std::max(-f.max_value, c[j] * sc));
+      float v = c[j] * sc;
+      if (v > f.max_value) v = f.max_value;
+      if (v < -f.max_value) v = -f.max_value;
       wire[j] = EncodeFp8(v, f.mant_bits, f.bias, f.max_value);
     }
     std::memcpy(wire + n + 4 * t, &sc, sizeof(float));

@@ -576,6 +576,51 @@ def test_fp8_pertile_comm_chain(impl, kind, out_dtype, world, mode):
         assert "all_reduce" not in text
 
 
+@pytest.mark.parametrize("impl", ["xla", "ffi"])
+def test_empty_m_in_the_perblock_and_mx_rows(impl):
+    """m = 0 (accepted on the generic target) with the default group_size:
+    the empty m direction has nothing to group, so its 0 field resolves to the
+    row's own size instead of failing to divide by a 0 scale extent."""
+    k, n = 128, 128
+    x1 = np.ones((0, k), E4M3)
+    y = mc2.quant_matmul_all_reduce_v4(
+        x1, np.ones((k, n), E4M3), None, x1_scale=np.ones((0, 1), np.float32),
+        x2_scale=np.ones((1, 1), np.float32), implementation=impl,
+    )  # fmt: skip
+    assert y.shape == (0, n) and y.dtype == jnp.bfloat16
+    w, w_scale = mc2.quant.mx_quantize(np.ones((n, k), np.float32))
+    y = mc2.quant_matmul_all_reduce_v4(
+        x1, w, None, x1_scale=np.ones((0, 2, 2), E8M0), x2_scale=w_scale,
+        transpose_x2=True, implementation=impl,
+    )  # fmt: skip
+    assert y.shape == (0, n) and y.dtype == jnp.bfloat16
+
+
+def test_fp8_pertile_comm_nan_makes_its_tile_nan():
+    """A NaN in a 1 x 128 tile of the pertile chain makes the tile's scale and
+    codes NaN in both implementations (the C++ max and clamp once dropped
+    it and sent -448); other rows are untouched and equal bit for bit."""
+    m, k, n = 2, 32, 8
+    x1 = np.ones((m, k), np.float32)
+    x1[0, 0] = np.nan
+    x1 = x1.astype(E4M3)
+    x2 = (np.arange(k * n).reshape(k, n) % 5 - 2).astype(E4M3)
+    s1, s2 = np.ones(m, np.float32), np.ones(n, np.float32)
+    got = {
+        impl: np.asarray(
+            mc2.quant_matmul_all_reduce_v4(
+                x1, x2, None, x1_scale=s1, x2_scale=s2, comm_quant_mode=1,
+                out_dtype=jnp.float32, implementation=impl,
+            )
+        )
+        for impl in ("xla", "ffi")
+    }  # fmt: skip
+    for impl, y in got.items():
+        assert np.isnan(y[0]).all(), (impl, y[0])
+        assert np.isfinite(y[1]).all(), (impl, y[1])
+    np.testing.assert_array_equal(got["ffi"][1], got["xla"][1])
+
+
 def test_fp8_pertile_comm_error_bound():
     # The chain stays within two fp8 quantization steps of the exact sum.
     rng = np.random.default_rng(2)

@@ -142,6 +142,12 @@ def classify(op, kind, x2_scale, x1_scale) -> str:
 
 def _resolve_group(op, group_size, dims, scale_dims, want, row):
     explicit = f"pass group_size=jax_mc2.quant.group_size{want} (= {quant.group_size(*want)})"
+    # An empty direction (m = 0 with a 0-extent scale) has nothing to group:
+    # its 0 field resolves to the row's own group size.
+    fields = quant.unpack_group_size(group_size)
+    empty = [f == 0 and d == 0 and sd == 0 for f, d, sd in zip(fields, dims, scale_dims)]
+    dims = tuple(w if e else d for w, e, d in zip(want, empty, dims))
+    scale_dims = tuple(1 if e else sd for e, sd in zip(empty, scale_dims))
     try:
         got = quant.resolve_group_size(group_size, dims, scale_dims)
     except ValueError as e:
@@ -409,7 +415,7 @@ def _row_scales(mode, x1, x1_scale):
         s = jnp.repeat(x1_scale, BLOCK, axis=-2)[..., :rows, :]
         return s.reshape(m, s.shape[-1])
     if mode == MX:
-        return x1_scale.reshape(m, -1)
+        return x1_scale.reshape(m, x1_scale.shape[-2] * x1_scale.shape[-1])
     return x1_scale
 
 
