@@ -74,6 +74,39 @@ def test_row_parallel_linear_add_rms_norm(impl, inplace, dtype):
         np.testing.assert_allclose(np.asarray(got).astype(np.float64), want, atol=tol)
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_row_parallel_linear_add_rms_norm_2d_x(impl):
+    """A 2-D x [m, k] takes a residual [b, s, n] with b * s == m; data_axis
+    splits x's rows and residual's b alike."""
+    rng = np.random.default_rng(3)
+    mesh = make_mesh((2, 2), ("dp", "tp"))
+    x = _rand(rng, (8, 32), np.float16)
+    w = _rand(rng, (32, 16), np.float16, 0.2)
+    residual = _rand(rng, (4, 2, 16), np.float16)
+    gamma = _rand(rng, (16,), np.float16)
+    y, norm = mc2.parallel.row_parallel_linear_add_rms_norm(
+        x, w, residual, gamma, mesh=mesh, axis="tp", data_axis="dp", implementation=impl
+    )
+    xs = [x[:, r * 16 : (r + 1) * 16] for r in range(2)]
+    ws = [w[r * 16 : (r + 1) * 16] for r in range(2)]
+    mm = oracle.mm_all_reduce_base(xs, ws, [None, None]).astype(np.float16)
+    want_y, want_norm = oracle.add_rms_norm(mm.reshape(4, 2, 16), residual, gamma, 1e-6)
+    for got, want in ((y, want_y), (norm, want_norm)):
+        assert got.shape == (4, 2, 16)
+        tol = oracle.tolerance(np.float16, 2, scale=np.abs(want).max(initial=0) + 1)
+        np.testing.assert_allclose(np.asarray(got).astype(np.float64), want, atol=tol)
+    with pytest.raises(TypeError, match=r"residual must be 3-D \(b, s, n\) with b \* s == m == 8"):
+        mc2.parallel.row_parallel_linear_add_rms_norm(
+            x, w, residual.reshape(8, 16), gamma, mesh=mesh, axis="tp"
+        )
+    with pytest.raises(
+        ValueError, match=r"residual.shape\[0\] = 1 must be a multiple of the 2 ranks of data_axis"
+    ):
+        mc2.parallel.row_parallel_linear_add_rms_norm(
+            x, w, residual.reshape(1, 8, 16), gamma, mesh=mesh, axis="tp", data_axis="dp"
+        )
+
+
 def test_wrapper_errors():
     mesh = make_mesh((2, 4), ("dp", "tp"))
     x, w = np.ones((8, 16), np.float32), np.ones((16, 4), np.float32)

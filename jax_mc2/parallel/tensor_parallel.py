@@ -291,15 +291,26 @@ def row_parallel_linear(
     return shard_map_global(shard, mesh, specs, out_spec, args, check_vma=True)
 
 
-def _check_norm_operands(op, x, residual, gamma, n):
-    """The global residual (b, s, n), x's leading dimensions, and gamma (n,),
+def _check_norm_operands(op, mesh, data_axis, x, residual, gamma, n):
+    """The global residual: (b, s, n) = x's leading dimensions for a 3-D x,
+    any (b, s, n) with b * s == m for a 2-D x (its b a multiple of the
+    ``data_axis`` ranks, which split it as they split x's rows); gamma (n,);
     both in x's dtype (the operator's rule, checked here in the wrapper's
     terms)."""
-    if np.shape(residual) != (*x.shape[:-1], n) or len(np.shape(residual)) != 3:
-        raise validation.type_error(
+    shape = np.shape(residual)
+    if x.ndim == 3:
+        ok = shape == (*x.shape[:-1], n)
+        rule = f"3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}"
+    else:
+        ok = len(shape) == 3 and shape[0] * shape[1] == x.shape[0] and shape[2] == n
+        rule = f"3-D (b, s, n) with b * s == m == {x.shape[0]} and n == {n}"
+    if not ok:
+        raise validation.type_error(op, f"residual must be {rule}, got {shape_str(shape)}")
+    if data_axis is not None and shape[0] % mesh.shape[data_axis]:
+        raise validation.value_error(
             op,
-            f"residual must be 3-D (b, s, n) = {shape_str((*x.shape[:-1], n))}, got "
-            f"{shape_str(np.shape(residual))}",
+            f"residual.shape[0] = {shape[0]} must be a multiple of the "
+            f"{mesh.shape[data_axis]} ranks of data_axis {data_axis!r}",
         )
     if np.shape(gamma) != (n,):
         raise validation.type_error(
@@ -342,7 +353,8 @@ def row_parallel_linear_add_rms_norm(
     Args:
       x: global [m, k] or [b, s, k], sharded on k along ``axis``.
       w: global [k, n] ([n, k] with ``transpose_w``), sharded on k.
-      residual: global [b, s, n]; gamma: [n]; both in x's dtype.
+      residual: global [b, s, n] (x's leading dimensions, or b * s == m for
+        a 2-D x); gamma: [n]; both in x's dtype.
       bias: [n], added once (on the first rank of ``axis``).
       epsilon: as in ``matmul_all_reduce_add_rms_norm``.
       mesh, axis, data_axis, comm_turn, transpose_w, implementation: as in
@@ -359,7 +371,7 @@ def row_parallel_linear_add_rms_norm(
     x, w, residual, gamma, bias = (_as_array(a) for a in (x, w, residual, gamma, bias))
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
-    _check_norm_operands(op, x, residual, gamma, n)
+    _check_norm_operands(op, mesh, data_axis, x, residual, gamma, n)
     _check_like_x(op, x, w=w, bias=bias)
     r_spec = P(data_axis, None, None)
     fn = inplace_matmul_all_reduce_add_rms_norm if inplace else matmul_all_reduce_add_rms_norm
