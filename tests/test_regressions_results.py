@@ -172,6 +172,26 @@ def _perblock_x():
 
 
 @pytest.mark.parametrize("dtype", _PERBLOCK_DTYPES, ids=str)
+def test_perblock_quantize_tiny_tile_stays_finite(dtype):
+    """A tile whose amax / fmax is below float32's smallest normal number (a
+    scale XLA:CPU would flush to 0) gets the scale 2^-126: zeros stay zero,
+    the values keep finite codes that dequantize back to them."""
+    x = np.zeros((4, 4), np.float32)
+    x[0, 0], x[1, 1] = 1e-37, -5e-38
+    v, s = jax_mc2.quant.perblock_quantize(x, block=4, dtype=dtype)
+    s = np.asarray(s)
+    assert s.shape == (1, 1) and s[0, 0] == np.finfo(np.float32).tiny
+    v = np.asarray(v)
+    decoded = (np.asarray(jax_mc2.quant.hifloat8_decode(v)) if dtype == "hifloat8" else v).astype(
+        np.float64
+    ) * np.float64(s[0, 0])
+    assert np.all(np.isfinite(decoded))
+    mask = x != 0
+    np.testing.assert_array_equal(decoded[~mask], 0.0)
+    np.testing.assert_allclose(decoded[mask], x[mask], rtol=0.13)
+
+
+@pytest.mark.parametrize("dtype", _PERBLOCK_DTYPES, ids=str)
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_perblock_quantize_non_finite_keeps_finite_neighbours(dtype, bad):
     x = _perblock_x()

@@ -412,7 +412,10 @@ def perblock_quantize(
     padded = jnp.pad(finite_abs, [(0, 0)] * len(lead) + [(0, rb * block - r), (0, cb * block - c)])
     tiles = padded.reshape(*lead, rb, block, cb, block)
     amax = jnp.max(tiles, axis=(-3, -1))
-    scales = jnp.where(amax > 0, amax * np.float32(1.0 / fmax), np.float32(1.0))
+    # At least the smallest normal float32: XLA:CPU flushes subnormals, and a
+    # tile whose amax is below fmax * 2^-126 would get scale 0 (and 0 / 0).
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    scales = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1.0 / fmax), tiny), np.float32(1.0))
     full = jnp.repeat(jnp.repeat(scales, block, axis=-2), block, axis=-1)[..., :r, :c]
     scaled = jnp.clip(xf / full, -fmax, fmax)
     values = hifloat8_encode(scaled) if hif8 else scaled.astype(dtype)
