@@ -335,6 +335,14 @@ INVALID = [
         ValueError,
         "reduce_op must be 'sum'",
     ),
+    (
+        S((4, 8), I8),
+        S((8, 4), I8),
+        None,
+        {},
+        TypeError,
+        r"quant_matmul_all_reduce: dequant_scale is required for int8 x1 and x2",
+    ),
 ]
 
 

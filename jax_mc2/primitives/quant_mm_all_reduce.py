@@ -337,6 +337,10 @@ def bind_int8_matmul_all_reduce(
     """Canonicalizes the arguments and binds the int8 primitive for ``op``
     (x2 in the layout ``x2_format`` names)."""
     validation.check_reduce_op(op, reduce_op)
+    if dequant_scale is None:
+        raise validation.type_error(
+            op, f"{_scale_names(op)[0]} is required for int8 x1 and x2 (the dequantization scale)"
+        )
     params = collective_params(op, axis_name, comm_turn, implementation)
     comm_1, comm_2 = comm_quant_scales or (None, None)
     return bind(
