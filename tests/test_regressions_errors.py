@@ -347,6 +347,40 @@ CASES = {
         r"mm_all_reduce_base: antiquant_offset .* got antiquant_offset=float16\(4,\) and "
         r"antiquant_group_size=0 with antiquant_scale=None",
     ),
+    # Dtype and int arguments that are not one: named, not numpy's or jnp's
+    # own error.
+    "v4_int8_out_dtype_not_a_dtype": (
+        lambda: mc2.quant_matmul_all_reduce_v4(
+            np.ones((4, 8), np.int8),
+            np.ones((8, 4), np.int8),
+            None,
+            x2_scale=np.ones(4, jnp.bfloat16),
+            out_dtype="bogus",
+        ),
+        TypeError,
+        r"quant_matmul_all_reduce_v4: out_dtype must be a dtype, got 'bogus'",
+    ),
+    "v4_int8_group_size_bool": (
+        lambda: mc2.quant_matmul_all_reduce_v4(
+            np.ones((4, 8), np.int8),
+            np.ones((8, 4), np.int8),
+            None,
+            x2_scale=np.ones(4, jnp.bfloat16),
+            group_size=False,
+        ),
+        ValueError,
+        r"quant_matmul_all_reduce_v4: group_size must be a Python int, got False",
+    ),
+    "rpl_w8a8_out_dtype_not_a_dtype": (
+        _rpl(quant=parallel.W8A8(np.ones(16), out_dtype="bogus")),
+        TypeError,
+        r"row_parallel_linear: W8A8.out_dtype must be a dtype, got 'bogus'",
+    ),
+    "moe_data_axes_repeated": (
+        _moe(mesh=make_mesh((2, 2), ("dp", "ep")), data_axes=("dp", "dp")),
+        ValueError,
+        r"expert_parallel_moe: data_axes must not repeat an axis, got \('dp', 'dp'\)",
+    ),
     # quant helpers.
     "trans_quant_param_round_mode_bool": (
         lambda: quant.trans_quant_param(np.ones(4, np.float32), round_mode=True),

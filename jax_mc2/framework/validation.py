@@ -65,6 +65,14 @@ def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
     return int(value)
 
 
+def check_dtype(op: str, name: str, value) -> np.dtype:
+    """``value`` as a NumPy dtype, or a TypeError naming ``name``."""
+    try:
+        return np.dtype(value)
+    except TypeError:
+        raise type_error(op, f"{name} must be a dtype, got {value!r}") from None
+
+
 def describe(value) -> str:
     """A short description of an argument for a message: None, or an array's
     dtype and shape, or the value's repr."""

@@ -273,12 +273,7 @@ def _low_precision_rows(
     params = collective_params(OP_V4, axis_name, comm_turn, implementation)
     if out_dtype is None:
         out_dtype = jnp.bfloat16
-    try:
-        out_dtype = np.dtype(out_dtype)
-    except TypeError:
-        raise validation.type_error(
-            OP_V4, f"out_dtype must be a dtype, got {out_dtype!r}"
-        ) from None
+    out_dtype = validation.check_dtype(OP_V4, "out_dtype", out_dtype)
     named = {"x1": x1, "x2": x2, "x2_scale": x2_scale, "x1_scale": x1_scale, "bias": bias, "x3": x3}
     return bind_low_precision(
         named,
@@ -292,6 +287,7 @@ def _low_precision_rows(
 
 
 def _check_int8_row_statics(comm_quant_mode, group_size):
+    group_size = validation.check_int(OP_V4, "group_size", group_size, minimum=0)
     if comm_quant_mode == 1:
         raise validation.value_error(
             OP_V4, "comm_quant_mode=1 (fp8 pertile communication) needs fp8 x1 and x2, got int8"
@@ -307,11 +303,12 @@ def _check_int8_row_statics(comm_quant_mode, group_size):
 def _check_int8_out_dtype(out_dtype, n, x2_scale, x1_scale):
     """``out_dtype`` may only repeat the output dtype the int8 row's scales
     select (``n``: the weight's column count)."""
+    out_dtype = validation.check_dtype(OP_V4, "out_dtype", out_dtype)
     scale = x2_scale if isinstance(x2_scale, np.ndarray) else jnp.asarray(x2_scale)
     selected, _ = scale_layout(OP_V4, "x2_scale", scale, n, pertoken=x1_scale is not None)
-    if np.dtype(out_dtype) != selected:
+    if out_dtype != selected:
         raise validation.type_error(
             OP_V4,
-            f"out_dtype {np.dtype(out_dtype).name} does not match the int8 row the scales "
+            f"out_dtype {out_dtype.name} does not match the int8 row the scales "
             f"select, whose output is {selected.name}",
         )

@@ -193,7 +193,7 @@ def expert_parallel_moe(
     top_k: int = 2,
     capacity_factor: float | None = None,
     shared_expert: SharedExpert | None = None,
-    data_axes: tuple[str, ...] | None = None,
+    data_axes: str | tuple[str, ...] | None = None,
     implementation: Implementation = None,
 ) -> MoEOutput:
     """Mixture of SwiGLU experts with expert parallelism over ``axis``.
@@ -215,8 +215,8 @@ def expert_parallel_moe(
       shared_expert: an optional :class:`SharedExpert` (replicated weights),
         computed alongside the routed experts by the operators' shared-expert
         matmuls and added to every token.
-      data_axes: the other mesh axes the tokens are sharded over (default:
-        every mesh axis but ``axis``).
+      data_axes: the other mesh axes the tokens are sharded over, a name or
+        a tuple of distinct names (default: every mesh axis but ``axis``).
       implementation: passed to the operators.
 
     Returns:
@@ -271,12 +271,14 @@ def _check_mesh_axes(mesh, axis, data_axes):
         )
     if data_axes is None:
         data_axes = tuple(a for a in mesh.axis_names if a != axis)
-    data_axes = tuple(data_axes)
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     for a in data_axes:
         if a not in mesh.axis_names or a == axis:
             raise validation.value_error(
                 OP, f"data_axes must be other axes of the mesh {mesh.axis_names}, got {data_axes}"
             )
+    if len(set(data_axes)) != len(data_axes):
+        raise validation.value_error(OP, f"data_axes must not repeat an axis, got {data_axes}")
     return data_axes
 
 

@@ -176,9 +176,10 @@ def _check_quant(op, quant, bias):
             f"bias must be a float array with quant=W8A8, added to the dequantized result; "
             f"got {jnp.result_type(bias)}",
         )
-    if jnp.dtype(quant.out_dtype) not in (jnp.float16, jnp.bfloat16):
+    out_dtype = validation.check_dtype(op, "W8A8.out_dtype", quant.out_dtype)
+    if out_dtype not in (jnp.float16, jnp.bfloat16):
         raise validation.value_error(
-            op, f"W8A8.out_dtype must be float16 or bfloat16, got {jnp.dtype(quant.out_dtype)}"
+            op, f"W8A8.out_dtype must be float16 or bfloat16, got {out_dtype}"
         )
 
 
