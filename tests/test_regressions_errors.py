@@ -376,6 +376,19 @@ CASES = {
         TypeError,
         r"row_parallel_linear: W8A8.out_dtype must be a dtype, got 'bogus'",
     ),
+    "rpl_w8a8_weight_scale_shape": (
+        _rpl(w=_W.astype(np.int8), quant=parallel.W8A8(np.ones(4))),
+        TypeError,
+        r"row_parallel_linear: W8A8.weight_scale must be \(n,\) = \(16,\), got \(4,\)",
+    ),
+    "rpl_w8a8_comm_scale_shape": (
+        _rpl(
+            w=_W.astype(np.int8),
+            quant=parallel.W8A8(np.ones(16), comm_quant_scales=(np.ones(16), np.ones(3))),
+        ),
+        TypeError,
+        r"W8A8.comm_quant_scales\[1\] must be \(n,\) = \(16,\), got \(3,\)",
+    ),
     "moe_data_axes_repeated": (
         _moe(mesh=make_mesh((2, 2), ("dp", "ep")), data_axes=("dp", "dp")),
         ValueError,

@@ -183,6 +183,27 @@ def _check_quant(op, quant, bias):
         )
 
 
+def _check_w8a8_scales(op, quant, n):
+    """W8A8's weight scale and communication scales: one per output column,
+    named in the wrapper's terms (the operator would name its own
+    dequant_scale / comm_quant_scale_*)."""
+    scales = {"W8A8.weight_scale": quant.weight_scale}
+    if quant.comm_quant_scales is not None:
+        if len(quant.comm_quant_scales) != 2:
+            raise validation.value_error(
+                op,
+                "W8A8.comm_quant_scales must be None or a pair (scale_1, scale_2), got "
+                f"{len(quant.comm_quant_scales)} arrays",
+            )
+        for i, scale in enumerate(quant.comm_quant_scales):
+            scales[f"W8A8.comm_quant_scales[{i}]"] = scale
+    for name, scale in scales.items():
+        if np.shape(scale) != (n,):
+            raise validation.type_error(
+                op, f"{name} must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(scale))}"
+            )
+
+
 def _w_spec(axis, transpose_w):
     """w is sharded on its k dimension: the first, or the second transposed."""
     return P(None, axis) if transpose_w else P(axis, None)
@@ -271,9 +292,11 @@ def row_parallel_linear(
     mesh = _check_mesh(op, mesh, axis, data_axis)
     x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     x_spec = _x_spec(x, axis, data_axis, op)
-    _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
+    n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
     if quant is None:
         _check_like_x(op, x, w=w, bias=bias)
+    else:
+        _check_w8a8_scales(op, quant, n)
     options = {
         "comm_turn": comm_turn,
         "transpose_x2": transpose_w,
