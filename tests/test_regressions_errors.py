@@ -376,6 +376,16 @@ CASES = {
         TypeError,
         r"row_parallel_linear: W8A8.out_dtype must be a dtype, got 'bogus'",
     ),
+    "mmar_antiquant_group_size_float_without_scale": (
+        lambda: mc2.mm_all_reduce_base(
+            np.ones((4, 8), np.float16),
+            np.ones((8, 4), np.float16),
+            None,
+            antiquant_group_size=0.0,
+        ),
+        ValueError,
+        r"mm_all_reduce_base: antiquant_group_size must be a Python int, got 0.0",
+    ),
     "rpl_w8a8_weight_scale_shape": (
         _rpl(w=_W.astype(np.int8), quant=parallel.W8A8(np.ones(4))),
         TypeError,

@@ -173,6 +173,7 @@ def _check_antiquant_arguments(
 ):
     """The weight-only mode's arguments come with antiquant_scale and without
     the full-quantization ones."""
+    validation.check_int(OP, "antiquant_group_size", antiquant_group_size, minimum=0)
     if antiquant_scale is None and (antiquant_offset is not None or antiquant_group_size != 0):
         raise validation.value_error(
             OP,
