@@ -85,6 +85,12 @@ def _mx(k):
     )
 
 
+def _v4_int8(**kw):
+    x1, x2 = np.ones((4, 8), np.int8), np.ones((8, 4), np.int8)
+    scale = np.ones(4, jnp.bfloat16)
+    return lambda: mc2.quant_matmul_all_reduce_v4(x1, x2, None, x2_scale=scale, **kw)
+
+
 def _exchange(axis_name, world=4):
     mesh = make_mesh((world,), ("ep",))
     return lambda: jax.shard_map(
@@ -350,24 +356,12 @@ CASES = {
     # Dtype and int arguments that are not one: named, not numpy's or jnp's
     # own error.
     "v4_int8_out_dtype_not_a_dtype": (
-        lambda: mc2.quant_matmul_all_reduce_v4(
-            np.ones((4, 8), np.int8),
-            np.ones((8, 4), np.int8),
-            None,
-            x2_scale=np.ones(4, jnp.bfloat16),
-            out_dtype="bogus",
-        ),
+        _v4_int8(out_dtype="bogus"),
         TypeError,
         r"quant_matmul_all_reduce_v4: out_dtype must be a dtype, got 'bogus'",
     ),
     "v4_int8_group_size_bool": (
-        lambda: mc2.quant_matmul_all_reduce_v4(
-            np.ones((4, 8), np.int8),
-            np.ones((8, 4), np.int8),
-            None,
-            x2_scale=np.ones(4, jnp.bfloat16),
-            group_size=False,
-        ),
+        _v4_int8(group_size=False),
         ValueError,
         r"quant_matmul_all_reduce_v4: group_size must be a Python int, got False",
     ),
