@@ -35,6 +35,23 @@ def test_traced_counts_are_refused_at_trace_time():
     with pytest.raises(NotImplementedError, match="needs static send_counts.*aclIntArray"):
         g.lower(jnp.tile(x, (2, 1)), jnp.tile(w, (2, 1, 1)), jnp.full((8,), 2, jnp.int32))
 
+    # With traced recv_counts too, the check of the given counts lowers first:
+    # the refusal is the same (not "no ascend lowering of mc2_check_counts").
+    def given(x, w, counts):
+        return mc2.alltoallv_grouped_matmul(
+            x, w, "ep", send_counts=counts, recv_counts=counts, max_recv_tokens=16,
+            implementation="ascend",
+        )[0]  # fmt: skip
+
+    g = jax.jit(
+        jax.shard_map(given, mesh=mesh, in_specs=(P("ep"), P("ep"), P("ep")), out_specs=P("ep"))
+    )
+    with pytest.raises(
+        NotImplementedError,
+        match=r"alltoallv_grouped_matmul: implementation='ascend' needs static send_counts",
+    ):
+        g.lower(jnp.tile(x, (2, 1)), jnp.tile(w, (2, 1, 1)), jnp.full((8,), 2, jnp.int32))
+
 
 def test_lowering_is_one_custom_call():
     mesh = make_mesh((4,), ("ep",))

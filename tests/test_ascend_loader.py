@@ -103,3 +103,51 @@ def test_an_explicit_target_wins(tmp_path):
         {"CANN_DOUBLE_SOC_NAME": "Ascend910_9391", "JAX_MC2_TARGET": "atlas-a2"}, tmp_path
     )
     assert "AFTER atlas-a2" in out
+
+
+def test_bind_devices_refuses_repeated_or_negative_npus():
+    import jax
+    import pytest
+
+    n = len(jax.local_devices(backend="cpu"))
+    for bad in ([0] * n, [-1, *range(1, n)], [0.5, *range(1, n)]):
+        with pytest.raises(ValueError, match="bind_devices: NPU ids must be distinct non-negative"):
+            jax_mc2.ascend.bind_devices(bad)
+
+
+def test_configure_refuses_bad_timeouts():
+    import pytest
+
+    for bad in (0, -7, True, 1.5, "soon", 2**31):
+        with pytest.raises(ValueError, match="configure: timeout_ms must be -1 .wait forever."):
+            jax_mc2.ascend.configure(timeout_ms=bad)
+
+
+def test_a_bad_environment_is_named_at_every_call(monkeypatch):
+    """A bad JAX_MC2_ASCEND_DEVICES / JAX_MC2_ASCEND_TIMEOUT_MS is an error
+    naming the operator and the variables, at every call until it is mended
+    (not once, then ignored)."""
+    import numpy as np
+    import pytest
+
+    monkeypatch.setattr(jax_mc2.ascend, "_ENV_APPLIED", False)
+    monkeypatch.setenv("JAX_MC2_ASCEND_DEVICES", "3,2")
+    x1, x2 = np.ones((2, 16), np.float16), np.ones((16, 4), np.float16)
+
+    def call():
+        return jax_mc2.mm_all_reduce_base(x1, x2, None, implementation="ascend")
+
+    for _ in range(2):
+        with pytest.raises(
+            ValueError,
+            match=r"mm_all_reduce_base: implementation='ascend': JAX_MC2_ASCEND_DEVICES='3,2'.*"
+            r"need \d+ NPU ids",
+        ):
+            call()
+    monkeypatch.setenv("JAX_MC2_ASCEND_DEVICES", "")
+    monkeypatch.setenv("JAX_MC2_ASCEND_TIMEOUT_MS", "abc")
+    with pytest.raises(ValueError, match=r"JAX_MC2_ASCEND_TIMEOUT_MS must be -1 .* got 'abc'"):
+        call()
+    monkeypatch.setenv("JAX_MC2_ASCEND_TIMEOUT_MS", "120000")
+    assert np.asarray(call()).shape == (2, 4)
+    assert jax_mc2.ascend._ENV_APPLIED

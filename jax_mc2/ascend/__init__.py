@@ -28,6 +28,7 @@ import atexit
 import os
 
 import jax
+import numpy as np
 
 from jax_mc2.ascend import (
     _comms,
@@ -84,7 +85,7 @@ def _check(op: str) -> None:
     if why is not None:
         raise NotImplementedError(f"{op}: implementation='ascend' is not available: {why}")
     _USED = True
-    _apply_env_once()
+    _apply_env_once(op)
     _apply_chip_target_once()
 
 
@@ -114,13 +115,21 @@ def bind_devices(npus) -> None:
     Call before the first ascend operator runs."""
     global _BOUND
     local = jax.local_devices(backend="cpu")
-    npus = [int(n) for n in npus]
+    npus = list(npus)
     if len(npus) < len(local):
         raise ValueError(
             f"bind_devices: {len(local)} local JAX CPU devices need {len(local)} NPU ids, got "
             f"{npus}"
         )
-    _mc2_ascend.bind_devices([(_ordinal(d), n) for d, n in zip(local, npus)])
+    used = npus[: len(local)]
+    ints = all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in used)
+    # One rank per NPU: HCCL refuses a communicator with an NPU twice.
+    if not ints or min(used) < 0 or len(set(used)) != len(used):
+        raise ValueError(
+            f"bind_devices: NPU ids must be distinct non-negative ints, one per local JAX CPU "
+            f"device, got {used}"
+        )
+    _mc2_ascend.bind_devices([(_ordinal(d), int(n)) for d, n in zip(local, used)])
     _BOUND = True
 
 
@@ -145,28 +154,58 @@ def configure(
       HCCL window size MC2's tiling reads; set before communicators exist.
     """
     if timeout_ms is not None:
-        _mc2_ascend.set_timeout_ms(int(timeout_ms))
+        _mc2_ascend.set_timeout_ms(_timeout_ms(timeout_ms, "configure: timeout_ms"))
     if deterministic is not None:
         _mc2_ascend.set_deterministic(bool(deterministic))
     if hccl_buffsize_mb is not None:
         os.environ["HCCL_BUFFSIZE"] = str(int(hccl_buffsize_mb))
 
 
+def _timeout_ms(raw, name: str) -> int:
+    """A stream timeout: -1 (wait forever) or a positive number of ms (an
+    int, or its decimal string from the environment)."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            value = None
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not is_int or not (value == -1 or 0 < value < 2**31):
+        raise ValueError(
+            f"{name} must be -1 (wait forever) or a positive number of milliseconds, got {raw!r}"
+        )
+    return int(value)
+
+
 _ENV_APPLIED = False
 
 
-def _apply_env_once() -> None:
+def _apply_env_once(op: str) -> None:
+    """The environment's launch options, from the first ascend call on (a bad
+    value is an error naming ``op`` and the variable, at every call until it
+    is mended)."""
     global _ENV_APPLIED
     if _ENV_APPLIED:
         return
-    _ENV_APPLIED = True
-    devices = os.environ.get("JAX_MC2_ASCEND_DEVICES")
-    if devices:
-        bind_devices([int(x) for x in devices.split(",") if x.strip()])
-    elif not _BOUND:
-        bind_devices(range(len(jax.local_devices(backend="cpu"))))
+    devices = os.environ.get("JAX_MC2_ASCEND_DEVICES", "").strip()
+    timeout = os.environ.get("JAX_MC2_ASCEND_TIMEOUT_MS", "").strip()
+    try:
+        npus = [int(x) for x in devices.split(",") if x.strip()] if devices else None
+        if npus is not None:
+            bind_devices(npus)
+        elif not _BOUND:
+            bind_devices(range(len(jax.local_devices(backend="cpu"))))
+        if timeout:
+            _mc2_ascend.set_timeout_ms(_timeout_ms(timeout, "JAX_MC2_ASCEND_TIMEOUT_MS"))
+    except ValueError as e:
+        raise ValueError(
+            f"{op}: implementation='ascend': JAX_MC2_ASCEND_DEVICES={devices!r} / "
+            f"JAX_MC2_ASCEND_TIMEOUT_MS={timeout!r}: {e}"
+        ) from None
     if os.environ.get("JAX_MC2_ASCEND_DETERMINISTIC", "") not in ("", "0"):
         _mc2_ascend.set_deterministic(True)
+    _ENV_APPLIED = True
 
 
 def soc_name() -> str:

@@ -227,16 +227,26 @@ def _rows_view(src, index, aval, rows):
     return S.Tensor(src, index, (rows, aval.shape[1]), aval.dtype, storage=aval.shape)
 
 
+def _traced_counts_refused(op: str, takes: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{op}: implementation='ascend' needs static send_counts (NumPy/Python integers): "
+        f"{takes}, not device tensors; use implementation='ffi' or 'xla' for traced counts"
+    )
+
+
 def _static_table(call: Call, function: str, arrays: str):
     """The static count table; traced counts are refused (``function`` takes
     host count arrays, ``arrays``)."""
     if call.params["send_table"] is None:
-        raise NotImplementedError(
-            f"{call.op}: implementation='ascend' needs static send_counts (NumPy/Python "
-            f"integers): {function} takes host count arrays ({arrays}), not device "
-            "tensors; use implementation='ffi' or 'xla' for traced counts"
-        )
+        raise _traced_counts_refused(call.op, f"{function} takes host count arrays ({arrays})")
     return np.asarray(call.params["send_table"], np.int64)
+
+
+@ascend_rule("mc2_check_counts")
+def _check_counts(ctx, operands, call: Call):
+    # Only traced counts (given recv_counts checked against the peers' send
+    # counts) bind this check, and it lowers before the operator itself.
+    raise _traced_counts_refused(call.op, "CANN's AlltoAllv operators take host count arrays")
 
 
 def _alltoallv_table(call: Call, function: str):
