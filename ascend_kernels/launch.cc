@@ -711,13 +711,23 @@ Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vecto
   std::vector<HcclComm> comms(ordinals.size(), nullptr);
   HcclResult r = c->HcclCommInitAll(static_cast<uint32_t>(npus.size()), npus.data(), comms.data());
   if (r != 0) return Status::Error("HcclCommInitAll failed with HcclResult " + HcclErr(*c, r));
-  std::lock_guard<std::mutex> lock(g_comm_mu);
+  // Every name first: on a failure no communicator is registered and all
+  // of them are destroyed (none is left behind unowned).
+  std::vector<CommEntry> entries(ordinals.size());
   for (size_t i = 0; i < ordinals.size(); ++i) {
     char name[kCommNameMaxLength + 1] = {0};
     r = c->HcclGetCommName(comms[i], name);
-    if (r != 0) return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
-    g_comms[{key, ordinals[i]}] = CommEntry{comms[i], name, static_cast<int>(i)};
+    if (r != 0) {
+      for (size_t j = 0; j < ordinals.size(); ++j) {
+        DeviceState* d = nullptr;
+        if (GetDevice(*c, ordinals[j], &d).ok && Enter(*c, d).ok) c->HcclCommDestroy(comms[j]);
+      }
+      return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+    }
+    entries[i] = CommEntry{comms[i], name, static_cast<int>(i)};
   }
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  for (size_t i = 0; i < ordinals.size(); ++i) g_comms[{key, ordinals[i]}] = entries[i];
   return Status::Ok();
 }
 

@@ -180,3 +180,41 @@ def test_missing_operator(tmp_path):
     out = _probe(_partial_cann(tmp_path, "libopapi.so"), tmp_path)
     assert "ERROR" in out
     assert "mm_all_reduce_base: CANN operator aclnnMatmulAllReduceGetWorkspaceSize not found" in out
+
+
+_COMM_NAME_FAILURE = textwrap.dedent(
+    """
+    import ctypes, os
+    import jax, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    import jax_mc2 as mc2
+    lib = ctypes.CDLL(
+        os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libcann_double_core.so")
+    )
+    lib.cann_double_report.restype = ctypes.c_char_p
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    f = jax.jit(jax.shard_map(
+        lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
+        mesh=mesh, in_specs=(P(None, "tp"), P("tp", None)), out_specs=P()))
+    x1, x2 = np.ones((4, 32), np.float16), np.ones((32, 8), np.float16)
+    os.environ["CANN_DOUBLE_FAIL_PHASE"] = "HcclGetCommName:5"
+    try:
+        f(x1, x2)
+        print("NO ERROR")
+    except Exception as e:
+        print("ERROR", e)
+    print("REPORT", lib.cann_double_report().decode().replace(chr(10), " "))
+    del os.environ["CANN_DOUBLE_FAIL_PHASE"]
+    print("RESULT", float(np.asarray(f(x1, x2))[0, 0]))
+    """
+)
+
+
+def test_comm_name_failure_leaves_no_communicator(tmp_path):
+    """HcclGetCommName failing after HcclCommInitAll: an error naming it, every
+    communicator of the group destroyed (none left unowned), and the next
+    call creates the group anew."""
+    out = run_python(_COMM_NAME_FAILURE, dict(os.environ), tmp_path)
+    assert "ERROR" in out and "HcclGetCommName failed with HcclResult 5" in out, out
+    assert " comms=0 " in out.split("REPORT", 1)[1].split("RESULT")[0] + " ", out
+    assert "RESULT 32.0" in out, out

@@ -598,6 +598,7 @@ int CommInitAll(uint32_t ranks, const int32_t* devices, HcclComm* comms) {
 }
 
 int GetCommName(HcclComm handle, char* name) {
+  if (int injected = InjectedStatus("HcclGetCommName")) return injected;
   Comm* comm = LiveComm(handle);
   if (comm == nullptr || name == nullptr) return kHcclErrPtr;
   std::snprintf(name, kCommNameMax, "%s", comm->name.c_str());
