@@ -84,7 +84,7 @@ def mm_all_reduce_base(
     """
     validation.check_reduce_op(OP, reduce_op)
     transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
-    x2, x2_format = x2_with_format(
+    x2, x2_format, _ = x2_with_format(
         OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=_X2_DTYPES
     )
     comm_scales = _comm_scales(comm_quant_scale_1, comm_quant_scale_2, dequant_scale)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import validation, weight_format
+from jax_mc2.framework import validation
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, DTypeLike, Format, Implementation
 from jax_mc2.operators._weight_format import x2_with_format
@@ -56,7 +56,7 @@ def quant_matmul_all_reduce(
       [m, n] or [b, s, n] float16 or bfloat16, replicated over ``axis_name``.
     """
     transpose_x2 = validation.check_bool(OP, "transpose_x2", transpose_x2)
-    x2, x2_format = x2_with_format(
+    x2, x2_format, _ = x2_with_format(
         OP, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,)
     )
     return bind_int8_matmul_all_reduce(
@@ -180,13 +180,9 @@ def _int8_rows(
 ):
     """The int8 rows: an NZ weight checked, their call checks, then the bind
     (``common``: bias, x3, reduce_op, comm_turn, implementation)."""
-    x2, x2_format = x2_with_format(
+    x2, x2_format, stored = x2_with_format(
         OP_V4, x1, x2, x2_format, transpose_x2=transpose_x2, dtypes=(np.int8,)
     )
-    stored = np.shape(x2)
-    if x2_format == weight_format.FRACTAL_NZ:
-        k = np.shape(x1)[-1]
-        stored = weight_format.nz_stored_shape(OP_V4, x2, k, transpose_x2=transpose_x2)
     _check_int8_row_statics(comm_quant_mode, group_size)
     if out_dtype is not None and len(stored) == 2:
         # Checked before anything runs (an eager call would compute first).
