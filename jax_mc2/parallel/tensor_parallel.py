@@ -112,13 +112,19 @@ def _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w):
         raise validation.value_error(
             op, f"k = {k} (x.shape[-1]) must be a multiple of the {ranks} ranks of axis {axis!r}"
         )
-    if data_axis is not None and x.shape[0] % mesh.shape[data_axis]:
+    _check_data_split(op, mesh, data_axis, "x", x.shape[0])
+    return n
+
+
+def _check_data_split(op, mesh, data_axis, name, rows):
+    """``name``'s first dimension, ``rows``, splits evenly over the
+    ``data_axis`` ranks (if any)."""
+    if data_axis is not None and rows % mesh.shape[data_axis]:
         raise validation.value_error(
             op,
-            f"x.shape[0] = {x.shape[0]} must be a multiple of the {mesh.shape[data_axis]} ranks "
+            f"{name}.shape[0] = {rows} must be a multiple of the {mesh.shape[data_axis]} ranks "
             f"of data_axis {data_axis!r}",
         )
-    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,12 +336,7 @@ def _check_norm_operands(op, mesh, data_axis, x, residual, gamma, n):
         rule = f"3-D (b, s, n) with b * s == m == {x.shape[0]} and n == {n}"
     if not ok:
         raise validation.type_error(op, f"residual must be {rule}, got {shape_str(shape)}")
-    if data_axis is not None and shape[0] % mesh.shape[data_axis]:
-        raise validation.value_error(
-            op,
-            f"residual.shape[0] = {shape[0]} must be a multiple of the "
-            f"{mesh.shape[data_axis]} ranks of data_axis {data_axis!r}",
-        )
+    _check_data_split(op, mesh, data_axis, "residual", shape[0])
     if np.shape(gamma) != (n,):
         raise validation.type_error(
             op, f"gamma must be (n,) = {shape_str((n,))}, got {shape_str(np.shape(gamma))}"
