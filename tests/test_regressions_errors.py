@@ -85,6 +85,11 @@ def _mx(k):
     )
 
 
+def _mmar(x1_dtype, x2_dtype, x2_shape=(8, 4), **kw):
+    x1, x2 = np.ones((4, 8), x1_dtype), np.ones(x2_shape, x2_dtype)
+    return lambda: mc2.mm_all_reduce_base(x1, x2, None, **kw)
+
+
 def _v4_int8(**kw):
     x1, x2 = np.ones((4, 8), np.int8), np.ones((8, 4), np.int8)
     scale = np.ones(4, jnp.bfloat16)
@@ -274,16 +279,12 @@ CASES = {
     ),
     # mm_all_reduce_base: the dtype the caller passed.
     "mmar_int64_x1": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.int64), np.ones((8, 4), np.float32), None
-        ),
+        _mmar(np.int64, np.float32),
         TypeError,
         r"mm_all_reduce_base: x1 dtype int64",
     ),
     "mmar_transpose_x2_str": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.float32), np.ones((4, 8), np.float32), None, transpose_x2="yes"
-        ),
+        _mmar(np.float32, np.float32, x2_shape=(4, 8), transpose_x2="yes"),
         ValueError,
         r"mm_all_reduce_base: transpose_x2 must be a bool, got 'yes'",
     ),
@@ -320,21 +321,15 @@ CASES = {
         r"and \w+ recv_counts",
     ),
     "mmar_pertoken_without_dequant": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.float32),
-            np.ones((8, 4), np.float32),
-            None,
-            pertoken_scale=np.ones(4, np.float32),
-        ),
+        _mmar(np.float32, np.float32, pertoken_scale=np.ones(4, np.float32)),
         TypeError,
         r"mm_all_reduce_base: pertoken_scale .* got pertoken_scale=float32\(4,\) with "
         r"dequant_scale=None",
     ),
     "mmar_one_comm_scale": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.int8),
-            np.ones((8, 4), np.int8),
-            None,
+        _mmar(
+            np.int8,
+            np.int8,
             dequant_scale=np.ones(4, np.float32),
             comm_quant_scale_1=np.ones(4, np.float16),
         ),
@@ -343,12 +338,7 @@ CASES = {
         r"together, got comm_quant_scale_1=float16\(4,\) and comm_quant_scale_2=None",
     ),
     "mmar_antiquant_offset_without_scale": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.float16),
-            np.ones((8, 4), np.int8),
-            None,
-            antiquant_offset=np.ones(4, np.float16),
-        ),
+        _mmar(np.float16, np.int8, antiquant_offset=np.ones(4, np.float16)),
         ValueError,
         r"mm_all_reduce_base: antiquant_offset .* got antiquant_offset=float16\(4,\) and "
         r"antiquant_group_size=0 with antiquant_scale=None",
@@ -371,12 +361,7 @@ CASES = {
         r"row_parallel_linear: W8A8.out_dtype must be a dtype, got 'bogus'",
     ),
     "mmar_antiquant_group_size_float_without_scale": (
-        lambda: mc2.mm_all_reduce_base(
-            np.ones((4, 8), np.float16),
-            np.ones((8, 4), np.float16),
-            None,
-            antiquant_group_size=0.0,
-        ),
+        _mmar(np.float16, np.float16, antiquant_group_size=0.0),
         ValueError,
         r"mm_all_reduce_base: antiquant_group_size must be a Python int, got 0.0",
     ),
