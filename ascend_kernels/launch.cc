@@ -583,6 +583,13 @@ std::string Generation(const GroupDef& def, int64_t call) {
   return std::to_string(def.epoch) + "." + std::to_string(call);
 }
 
+// Destroys a communicator no table holds yet (a creation that failed part
+// way), in its device's context.
+void DestroyUnregistered(const Cann& c, int ordinal, HcclComm comm) {
+  DeviceState* d = nullptr;
+  if (comm != nullptr && GetDevice(c, ordinal, &d).ok && Enter(c, d).ok) c.HcclCommDestroy(comm);
+}
+
 // Every local rank joins the communicator of `root_info` concurrently, one
 // thread each (HCCL's initialization is collective). All or nothing: a rank
 // that failed leaves none of this process's communicators behind.
@@ -622,12 +629,8 @@ Status InitRootInfo(const Cann& c, const std::string& key, int nranks, const std
   for (auto& t : threads) t.join();
   for (auto& s : results) {
     if (s.ok) continue;
-    for (size_t i = 0; i < entries.size(); ++i) {
-      DeviceState* d = nullptr;
-      if (entries[i].comm != nullptr && GetDevice(c, rank_ordinals[i].second, &d).ok &&
-          Enter(c, d).ok)
-        c.HcclCommDestroy(entries[i].comm);
-    }
+    for (size_t i = 0; i < entries.size(); ++i)
+      DestroyUnregistered(c, rank_ordinals[i].second, entries[i].comm);
     return s;
   }
   std::lock_guard<std::mutex> lock(g_comm_mu);
@@ -718,10 +721,7 @@ Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vecto
     char name[kCommNameMaxLength + 1] = {0};
     r = c->HcclGetCommName(comms[i], name);
     if (r != 0) {
-      for (size_t j = 0; j < ordinals.size(); ++j) {
-        DeviceState* d = nullptr;
-        if (GetDevice(*c, ordinals[j], &d).ok && Enter(*c, d).ok) c->HcclCommDestroy(comms[j]);
-      }
+      for (size_t j = 0; j < ordinals.size(); ++j) DestroyUnregistered(*c, ordinals[j], comms[j]);
       return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
     }
     entries[i] = CommEntry{comms[i], name, static_cast<int>(i)};
