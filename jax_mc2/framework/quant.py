@@ -11,6 +11,11 @@
   ``K | N<<16 | M<<32`` group-size word.
 - ``to_fractal_nz`` / ``from_fractal_nz``: the FRACTAL_NZ weight layout.
 
+The array helpers check their arguments in Python and then run one jitted
+computation (compiled once per shape and static argument): called eagerly,
+to prepare weights and scales, they cost one compilation instead of one per
+``jnp`` operation; inside a ``jit`` they are inlined.
+
 Packed 64-bit scales and ``jax_enable_x64``: with x64 enabled a packed scale
 is an ``int64`` array (as ``torch_npu.npu_trans_quant_param`` returns); with
 x64 disabled JAX cannot hold 64-bit integers, so the same words travel as a
@@ -22,6 +27,7 @@ current x64 setting; ``packed_scale_words`` reads either form (and NumPy
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -103,6 +109,13 @@ def trans_quant_param(
                 "trans_quant_param: offset shape must broadcast with scale shape "
                 f"{scale.shape}, got {offset.shape}"
             ) from None
+    return _trans_quant_param(
+        scale, offset, shape=shape, round_mode=int(round_mode), x64=jax.config.jax_enable_x64
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "round_mode", "x64"))
+def _trans_quant_param(scale, offset, *, shape, round_mode, x64):
     bits = lax.bitcast_convert_type(scale.astype(jnp.float32), _U32)
     low = _fp19_round_half_even(bits) if round_mode == 1 else bits & _u32(0xFFFFE000)
     high = jnp.full(shape, 1 << 14, _U32)  # bit 46
@@ -110,7 +123,7 @@ def trans_quant_param(
         o = jnp.clip(jnp.round(offset.astype(jnp.float32)), -256, 255).astype(jnp.int32)
         high = high | ((o.astype(_U32) & _u32(0x1FF)) << 5)  # bits 37..45
     low = jnp.broadcast_to(low, shape)
-    if jax.config.jax_enable_x64:
+    if x64:
         return ((high.astype(jnp.uint64) << 32) | low.astype(jnp.uint64)).astype(jnp.int64)
     return jnp.stack([low, high], axis=-1)
 
@@ -250,6 +263,11 @@ def hifloat8_decode(codes: ArrayLike, dtype: DTypeLike = jnp.float32) -> Array:
         raise TypeError(f"hifloat8_decode: codes must be uint8, got {codes.dtype}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"hifloat8_decode: dtype must be a floating dtype, got {np.dtype(dtype)}")
+    return _hifloat8_decode(codes, dtype=np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _hifloat8_decode(codes, *, dtype):
     return jnp.asarray(_HIF8_VALUES)[codes.astype(jnp.int32)].astype(dtype)
 
 
@@ -263,6 +281,11 @@ def hifloat8_encode(x: ArrayLike) -> Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"hifloat8_encode: x must be a float array, got {x.dtype}")
+    return _hifloat8_encode(x)
+
+
+@jax.jit
+def _hifloat8_encode(x):
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), _U32)
     sign = ((bits >> 31) << 7).astype(jnp.int32)
     biased = ((bits >> 23) & _u32(0xFF)).astype(jnp.int32)
@@ -403,7 +426,13 @@ def perblock_quantize(
             "perblock_quantize: dtype must be float8_e4m3fn, float8_e5m2 or 'hifloat8', "
             f"got {dtype!r}"
         )
-    fmax = 32768.0 if hif8 else float(ml_dtypes.finfo(np.dtype(dtype)).max)
+    return _perblock_quantize(x, block=block, dtype="hifloat8" if hif8 else np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "dtype"))
+def _perblock_quantize(x, *, block, dtype):
+    hif8 = _is_hifloat8(dtype)
+    fmax = 32768.0 if hif8 else float(ml_dtypes.finfo(dtype).max)
     *lead, r, c = x.shape
     rb, cb = -(-r // block), -(-c // block)
     xf = x.astype(jnp.float32)
@@ -418,7 +447,7 @@ def perblock_quantize(
     scales = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1.0 / fmax), tiny), np.float32(1.0))
     full = jnp.repeat(jnp.repeat(scales, block, axis=-2), block, axis=-1)[..., :r, :c]
     scaled = jnp.clip(xf / full, -fmax, fmax)
-    values = hifloat8_encode(scaled) if hif8 else scaled.astype(dtype)
+    values = _hifloat8_encode(scaled) if hif8 else scaled.astype(dtype)
     return values, scales
 
 
@@ -466,6 +495,12 @@ def mx_quantize(
         raise ValueError(
             f"mx_quantize: dtype must be float8_e4m3fn, float8_e5m2 or float4_e2m1fn, got {dtype!r}"
         )
+    return _mx_quantize(x, dtype=key, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "axis"))
+def _mx_quantize(x, *, dtype, axis):
+    key = dtype
     jdtype, emax = _MX_DTYPES[key]
     fmax = float(ml_dtypes.finfo(key).max)
     rows_last = x if axis in (-1, 1) else x.T
@@ -519,6 +554,11 @@ def to_fractal_nz(w: ArrayLike) -> Array:
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise TypeError(f"to_fractal_nz: w must be at least 2-D, got shape {w.shape}")
+    return _to_fractal_nz(w)
+
+
+@jax.jit
+def _to_fractal_nz(w):
     *lead, r, c = w.shape
     c0 = nz_block_width(w.dtype)
     r1, c1 = -(-r // 16), -(-c // c0)
@@ -546,6 +586,13 @@ def from_fractal_nz(w_nz: ArrayLike, shape: Sequence[int]) -> Array:
             f"from_fractal_nz: w_nz shape {w_nz.shape} is not the FRACTAL_NZ layout of "
             f"{shape} for {w_nz.dtype}"
         )
+    return _from_fractal_nz(w_nz, shape=shape)
+
+
+@functools.partial(jax.jit, static_argnames="shape")
+def _from_fractal_nz(w_nz, *, shape):
+    *lead, c1, r1, r0, c0 = w_nz.shape
+    r, c = shape[-2:]
     nd = len(lead)
     perm = list(range(nd)) + [nd + 1, nd + 2, nd, nd + 3]
     tiles = jnp.transpose(w_nz, perm).reshape(*lead, r1 * 16, c1 * c0)
