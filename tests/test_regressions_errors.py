@@ -114,6 +114,14 @@ def _moe_big():
 
 
 CASES = {
+    # A 2-D weight with trans_weight indexed w.shape[2] before the rank check.
+    "gmm_trans_weight_2d": (
+        lambda: mc2.grouped_matmul(
+            np.ones((4, 3), np.float32), np.ones((3, 5), np.float32), [2, 2], trans_weight=True
+        ),
+        TypeError,
+        r"grouped_matmul: w must be 3-D \(G, n, k\) with k == 3, got \(3, 5\)",
+    ),
     # row_parallel_linear validates global shapes and names itself.
     "rpl_wrong_weight": (
         _rpl(w=np.ones((32, 16), np.float32)),

@@ -41,6 +41,7 @@ OVERFLOW_SIZES = [
     np.int32([2**31 - 1, 2**31 - 1]),
     np.uint64([2**64 - 1, 5]),
     [3, 2**31 - 1],
+    [2**40, 1],  # a Python list past int32: read by NumPy, then clipped
 ]
 
 
@@ -383,3 +384,50 @@ def test_alltoallv_combine_traced_recv_counts_disagreeing_ffi_raises():
     y = _combine_traced("xla", send, recv, xs, ws)
     ok = _combine_traced("xla", send, np.ones_like(recv), xs, ws)
     np.testing.assert_array_equal(y, ok)
+
+
+# --- vmap with nothing mapped: what jacfwd binds and a vmapped closure makes ---
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_grouped_matmul_jacfwd_hessian_and_vmapped_closure(impl):
+    """JAX calls a primitive's vmap rule with no operand mapped too (jacfwd's
+    primal, a vmapped function that only closes over the operands): it used
+    to fail inside lax.map ("scan got no values")."""
+    x, w = _gmm_case(2)
+    sizes = np.array([3, 5])
+    gmm = lambda x_: jax_mc2.grouped_matmul(x_, w, sizes, implementation=impl)  # noqa: E731
+    want = _np_grouped(x, w, sizes)
+    jac = jax.jacfwd(gmm)(x)
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(jax.jacrev(gmm)(x)), atol=1e-6)
+    hess = jax.hessian(lambda x_: jnp.sum(gmm(x_) ** 2))(x)
+    np.testing.assert_allclose(
+        np.asarray(hess),
+        np.asarray(jax.jacrev(jax.grad(lambda x_: jnp.sum(gmm(x_) ** 2)))(x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    shifts = np.arange(2, dtype=np.float32)
+    got = jax.vmap(lambda b: b + gmm(x))(shifts)
+    np.testing.assert_allclose(np.asarray(got), want + shifts[:, None, None], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_add_rms_norm_jacfwd_matches_jacrev(impl):
+    rng = np.random.default_rng(3)
+    x1 = rng.standard_normal((4, 8)).astype(np.float32)
+    x2 = rng.standard_normal((8, 16)).astype(np.float32)
+    gamma = rng.standard_normal(16).astype(np.float32)
+
+    def norm(residual):
+        return jax_mc2.matmul_all_reduce_add_rms_norm(
+            x1, x2, residual, gamma, None, implementation=impl
+        )[1]
+
+    residual = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(jax.jacfwd(norm)(residual)),
+        np.asarray(jax.jacrev(norm)(residual)),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -63,6 +63,11 @@ def register_batching_rule(prim: core.Primitive, op_name, rule: Callable) -> Non
                 f"{op_name(params)}: axis_name {axis_data.name!r} is bound by jax.vmap; the "
                 "all-reduce runs over mesh axes only: bind the axis with jax.shard_map"
             )
+        if all(d is NOT_MAPPED for d in dims):
+            # JAX calls a fancy rule with nothing mapped too (jacfwd binds the
+            # primal unbatched, a vmapped closure over the operands): one call.
+            outs = prim.bind(*args, **params)
+            return outs, [NOT_MAPPED] * len(outs) if prim.multiple_results else NOT_MAPPED
         return rule(args, dims, **params)
 
     batching.fancy_primitive_batchers[prim] = fancy_rule

@@ -3,6 +3,7 @@ or ``lax.ragged_dot``."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,7 +37,9 @@ def grouped_matmul(
     is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
-    sizes = jnp.asarray(group_sizes)
+    # Only the shape and dtype are read here: NumPy holds a Python list of
+    # sizes past int32 (clipped below) that jnp.asarray would refuse.
+    sizes = group_sizes if isinstance(group_sizes, jax.Array) else np.asarray(group_sizes)
     if sizes.ndim != 1 or not jnp.issubdtype(sizes.dtype, jnp.integer):
         raise validation.type_error(
             OP,

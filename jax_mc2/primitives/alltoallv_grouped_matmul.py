@@ -48,7 +48,6 @@ from jax_mc2.framework.collective import exchange_counts, world_size_of
 from jax_mc2.framework.implementation import FFI, XLA
 from jax_mc2.framework.implementation import requested as requested_implementation
 from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
-from jax_mc2.framework.primitive import map_rule as framework_map_rule
 from jax_mc2.framework.primitive import split_operands as framework_split
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.implementations import ffi, xla
@@ -767,17 +766,6 @@ def _check_counts_ffi(given, derived, total, used, *, op, check_recv, rows, per_
     )
 
 
-def _check_counts_batching(spec, primitive):
-    mapped = framework_map_rule(spec, primitive)
-
-    def rule(args, dims, **params):
-        if all(d is _compat.NOT_MAPPED for d in dims):
-            return primitive.bind(*args, **params), _compat.NOT_MAPPED
-        return mapped(args, dims, **params)
-
-    return rule
-
-
 check_counts_p = register(
     PrimitiveSpec(
         name="mc2_check_counts",
@@ -787,7 +775,7 @@ check_counts_p = register(
         effectful=False,
         xla=_check_counts_xla,
         ffi=_check_counts_ffi,
-        batching=_check_counts_batching,
+        batching=MAP,
         not_differentiable="integer counts",
     )
 )

@@ -51,7 +51,7 @@ def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
             OP, f"x dtype must be float16, bfloat16 or float32, got {x.dtype.name}"
         )
     k = x.shape[1]
-    wk = w.shape[2] if trans_weight else w.shape[1] if w.ndim == 3 else None
+    wk = None if w.ndim != 3 else w.shape[2] if trans_weight else w.shape[1]
     if w.ndim != 3 or wk != k:
         layout = "(G, n, k)" if trans_weight else "(G, k, n)"
         raise validation.type_error(
