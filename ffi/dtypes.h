@@ -47,7 +47,9 @@ inline uint16_t FloatToFp16(float f) {
   uint32_t bits = FloatToBits(f);
   uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs > 0x7f800000u) {  // NaN: quiet, payload truncated (as F16C's vcvtps2ph)
+    return sign | 0x7e00u | static_cast<uint16_t>((abs >> 13) & 0x3ffu);
+  }
   if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: Inf
   if (abs < 0x38800000u) {                        // below 2^-14: subnormal
     // Add 0.5 so that the mantissa lands in the low bits; the FPU rounds

@@ -147,6 +147,33 @@ def test_y_rounded_before_statistics(dtype):
         assert np.all(np.abs(np.asarray(got).astype(np.float64) - want) <= ulp)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("m, n", [(16384, 4), (4096, 64), (256, 512)])
+def test_rstd_product_rounded_on_many_short_rows(dtype, m, n):
+    """Integer y with n a power of two makes the statistics exact in any
+    summation order, so both implementations must match the kernel's steps
+    bit for bit: y * rstd rounded to the dtype, then times gamma. Many short
+    rows are where XLA:CPU's YNNPACK fusion dropped a bf16 -> f32 convert
+    pair (the rounding of y * rstd) in the ``xla`` implementation."""
+    rng = np.random.default_rng(m + n)
+    x1 = rng.integers(-3, 4, (1, m, 8)).astype(dtype)
+    x2 = rng.integers(-3, 4, (8, n)).astype(dtype)
+    residual = rng.integers(-20, 21, (1, m, n)).astype(dtype)
+    gamma = rng.standard_normal(n).astype(dtype)
+    f32 = np.float32
+    y = (x1.astype(f32) @ x2.astype(f32) + residual.astype(f32)).astype(dtype)
+    yf = y.astype(f32)
+    ms = np.sum(yf * yf * f32(1 / n), axis=-1, keepdims=True, dtype=f32)
+    t = (yf * (f32(1) / np.sqrt(ms + f32(1e-6)))).astype(dtype)
+    want = (t.astype(f32) * gamma.astype(f32)).astype(dtype)
+    for impl in IMPLEMENTATIONS:
+        got_y, got = mc2.matmul_all_reduce_add_rms_norm(
+            x1, x2, residual, gamma, None, implementation=impl
+        )
+        np.testing.assert_array_equal(np.asarray(got_y), y)
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want.view(np.uint16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("n", [1, 7, 8, 15, 16, 17, 40, 1000])
 def test_add_rms_norm_kernel_rounding(dtype, n):
@@ -190,6 +217,32 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
         np.dtype(dtype), 2.0**-7
     )
     assert np.all(np.abs(got[~nan] - want[~nan]) <= np.abs(want[~nan]) * ulp)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+def test_nan_bits_do_not_depend_on_the_position(dtype):
+    """A NaN's bits in y are the same in the vector body and the scalar tail
+    of the ffi kernel (n = 9: one 8-wide vector and a tail of 1): quiet, the
+    payload kept. float16 equals the xla implementation's bits; XLA's
+    bfloat16 conversion drops the payload (0x7FC0), a NaN all the same."""
+    from jax_mc2.implementations import ffi as _ffi
+    from jax_mc2.implementations import xla as _xla
+
+    residual = np.ones((1, 1, 9), dtype)
+    bits = residual.view(np.uint16)
+    bits[0, 0, [0, 8]] = 0x7D01 if dtype == np.float16 else 0x7F81  # signalling, payload 1
+    zeros, gamma = np.zeros_like(residual), np.ones(9, dtype)
+    got = jax.jit(lambda a, b, c: _ffi.add_rms_norm(a, b, c, epsilon=1e-6, alias_residual=False))(
+        zeros, residual, gamma
+    )[0]
+    want = jax.jit(lambda a, b, c: _xla.add_rms_norm(a, b, c, epsilon=1e-6))(
+        zeros, residual, gamma
+    )[0]
+    got_bits = np.asarray(got).view(np.uint16)[0, 0]
+    want_bits = np.asarray(want).view(np.uint16)[0, 0]
+    assert got_bits[0] == got_bits[8] == (0x7F01 if dtype == np.float16 else 0x7FC1)
+    np.testing.assert_array_equal(got_bits[1:8], want_bits[1:8])
+    assert np.isnan(np.asarray(want, np.float32)[0, 0, [0, 8]]).all()
 
 
 def test_epsilon_is_used():

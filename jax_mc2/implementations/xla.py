@@ -100,6 +100,22 @@ def matmul_all_reduce(x1, x2, bias, x3, *, transpose_x2, axis_name, comm_turn):
     return chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
 
 
+def _rounded_to(x, dtype):
+    """float32 ``x`` rounded to ``dtype`` (half to even) and widened back.
+
+    For bfloat16 this is ``reduce_precision``, the same rounding: XLA:CPU's
+    YNNPACK fusion (jaxlib 0.10) drops a bf16 -> f32 convert pair inside the
+    fusions it takes (the RMSNorm of many short rows), which would skip the
+    rounding. float16 keeps the convert pair: ``reduce_precision`` with 5
+    exponent bits flushes float16's subnormals to zero.
+    """
+    if np.dtype(dtype) == np.dtype(jnp.bfloat16):
+        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if np.dtype(dtype) == np.dtype(_F32):
+        return x
+    return x.astype(dtype).astype(_F32)
+
+
 def add_rms_norm(mm, residual, gamma, *, epsilon):
     """``y = mm + residual``; ``norm_out = y / sqrt(mean(y^2) + eps) * gamma``.
 
@@ -113,10 +129,11 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
     n = residual.shape[-1]
     inv_n = np.float32(1.0 / n) if n else np.float32(0.0)  # n = 0: empty rows
     mean_square = jnp.sum(yf * yf * inv_n, axis=-1, keepdims=True)
-    rstd = np.float32(1.0) / jnp.sqrt(mean_square + np.float32(epsilon))
-    t = yf * rstd
-    if dtype != _F32:
-        t = t.astype(dtype).astype(_F32)
+    # The barrier keeps XLA's simplifier from rewriting 1 / sqrt into rsqrt,
+    # which is not always the correctly rounded quotient the kernel computes.
+    root = lax.optimization_barrier(jnp.sqrt(mean_square + np.float32(epsilon)))
+    rstd = np.float32(1.0) / root
+    t = _rounded_to(yf * rstd, dtype)
     norm_out = (t * gamma.astype(_F32)).astype(dtype)
     return y, norm_out
 
