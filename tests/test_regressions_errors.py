@@ -496,3 +496,22 @@ def test_make_mesh_explicit_axes_expert_parallel_moe():
     )
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def test_static_counts_received_rows_past_int32_are_named():
+    """A rank receives its column block of the per-rank table from every
+    peer: with two local experts that sum can pass int32 while every single
+    column and every row fits."""
+    a = 805_306_368  # 1.5 * 2^29
+    send = np.array([[a, a, 0, 0], [a, 0, 0, 0]])
+    f = jax.shard_map(
+        lambda x, w: mc2.alltoallv_grouped_matmul(x, w, "ep", send_counts=send)[0],
+        mesh=make_mesh((2,), ("ep",)),
+        in_specs=(P(), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+    with pytest.raises(
+        ValueError, match=r"sent \[1610612736, 805306368\] and received \[2415919104, 0\]"
+    ):
+        jax.eval_shape(f, S((2 * a, 8), jnp.float16), S((2, 8, 8), jnp.float16))

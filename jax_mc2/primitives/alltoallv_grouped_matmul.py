@@ -97,13 +97,14 @@ def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
         raise validation.value_error(
             op, f"{name} must fit int32 (<= {validation.INT32_MAX}), got {table.max()}"
         )
-    if (table.sum(axis=1) > validation.INT32_MAX).any() or (
-        table.sum(axis=0) > validation.INT32_MAX
-    ).any():
+    sent = table.sum(axis=1)
+    received = table.reshape(world, world, experts).sum(axis=(0, 2))  # rank r: column block r
+    if (sent > validation.INT32_MAX).any() or (received > validation.INT32_MAX).any():
         raise validation.value_error(
             op,
             f"{name}: every rank's sent and received rows must fit int32 "
-            f"(<= {validation.INT32_MAX}), got sums {table.sum(axis=1).tolist()}",
+            f"(<= {validation.INT32_MAX}), got sent {sent.tolist()} and received "
+            f"{received.tolist()}",
         )
     return table.astype(np.int64)
 
