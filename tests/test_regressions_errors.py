@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_mesh
+from conftest import IMPLEMENTATIONS, make_mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -454,6 +454,33 @@ def test_v4_comm_quant_mode_empty_m(impl):
         implementation=impl,
     )
     assert out.shape == (0, 128)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_low_bit_communication_empty_n(impl):
+    """n = 0 with the int8 chain and with the fp8 pertile communication: an
+    empty result (a reshape(-1, 0) raised ZeroDivisionError)."""
+    empty = jnp.ones((0,), jnp.bfloat16)
+    out = mc2.mm_all_reduce_base(
+        jnp.ones((2, 4), jnp.int8),
+        jnp.ones((4, 0), jnp.int8),
+        None,
+        dequant_scale=jnp.ones((1,), jnp.bfloat16),
+        comm_quant_scale_1=empty,
+        comm_quant_scale_2=empty,
+        implementation=impl,
+    )
+    assert out.shape == (2, 0) and out.dtype == jnp.bfloat16
+    out = mc2.quant_matmul_all_reduce_v4(
+        jnp.ones((2, 4), F8),
+        jnp.ones((4, 0), F8),
+        None,
+        x1_scale=jnp.ones((2,), jnp.float32),
+        x2_scale=jnp.ones((1,), jnp.float32),
+        comm_quant_mode=1,
+        implementation=impl,
+    )
+    assert out.shape == (2, 0)
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -586,8 +588,9 @@ def _composition(local_fn, operands, params, axis_name, comm_turn, reduce=None):
         fp8 = np.dtype(x1.dtype)
 
         def reduce(w):
+            rows = math.prod(w.shape[:-1])  # reshape(-1, 0) cannot infer the rows
             y = fp8_pertile_all_reduce(
-                w.reshape(-1, w.shape[-1]), n=n, fp8=fp8, out_dtype=out_dtype, axis_name=axis_name
+                w.reshape(rows, n), n=n, fp8=fp8, out_dtype=out_dtype, axis_name=axis_name
             )
             return y.reshape(*w.shape[:-1], n)
 

@@ -18,6 +18,8 @@ output dtype.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -226,8 +228,9 @@ def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
         s1, s2 = (s.reshape(-1) for s in comm)
 
         def reduce(q):
+            rows = math.prod(q.shape[:-1])  # reshape(-1, 0) cannot infer the rows
             y = xla.int8_comm_all_reduce(
-                q.reshape(-1, q.shape[-1]), s1, s2, out_dtype=out_dtype, axis_name=axis_name
+                q.reshape(rows, q.shape[-1]), s1, s2, out_dtype=out_dtype, axis_name=axis_name
             )
             return y.reshape(q.shape)
 
