@@ -157,6 +157,10 @@ void AddInPlace(float* a, const float* b, int64_t count);
 // Throws UnsupportedDtype for a dtype other than float16/bfloat16/float32.
 void RoundInPlace(ffi::DataType type, float* values, int64_t count);
 
+// ceil(a / b) for a >= 0, b >= 1, without the overflow of (a + b - 1) / b
+// (an attribute near INT64_MAX would wrap to a negative or zero count).
+inline int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
+
 inline bool IsFloatType(ffi::DataType type) {
   return type == ffi::DataType::F32 || type == ffi::DataType::F16 || type == ffi::DataType::BF16;
 }

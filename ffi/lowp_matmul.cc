@@ -161,7 +161,7 @@ __attribute__((target_clones("avx2", "default"))) void AccumulateBlockRow(
 void PerblockRows(const uint8_t* a8, const uint8_t* b8, const float* table, int64_t r0, int64_t r,
                   int64_t k, int64_t n, bool transpose_x2, int64_t block_k, const float* s1,
                   const float* s2, Scratch& scratch, float* c) {
-  const int64_t blocks = (k + block_k - 1) / block_k;
+  const int64_t blocks = CeilDiv(k, block_k);
   float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(r) * k);
   for (int64_t i = 0; i < r; ++i) Decode(a8 + (r0 + i) * k, k, table, a + i * k);
   // x2 decoded in column blocks of at most kMaxTileElements values.
@@ -308,8 +308,8 @@ ffi::Error ParseLowpShape(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   args.k = k;
   args.n = n;
   args.width = width;
-  args.kb_block = args.mode == kPerblock ? (k + args.block_k - 1) / args.block_k : 0;
-  args.kb_mx = args.mode == kMx ? 2 * ((k + 2 * kMxBlock - 1) / (2 * kMxBlock)) : 0;
+  args.kb_block = args.mode == kPerblock ? CeilDiv(k, args.block_k) : 0;
+  args.kb_mx = args.mode == kMx ? 2 * CeilDiv(k, 2 * kMxBlock) : 0;
   return ffi::Error::Success();
 }
 

@@ -88,9 +88,12 @@ struct MatmulArgs {
 ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_t k, int64_t n,
                          bool has_offset, int64_t antiquant_group_size, Antiquant& aq) {
   std::optional<ffi::AnyBuffer> scale, offset;
+  if (antiquant_group_size < 0) {
+    return InvalidArgument(
+        kOp, "antiquant_group_size must be >= 0, got " + std::to_string(antiquant_group_size));
+  }
   aq.antiquant_group_size = antiquant_group_size;
-  aq.scale_rows =
-      antiquant_group_size > 0 ? (k + antiquant_group_size - 1) / antiquant_group_size : 1;
+  aq.scale_rows = antiquant_group_size > 0 ? CeilDiv(k, antiquant_group_size) : 1;
   int64_t count = 0;
   auto scale_message = [&] {
     return "antiquant scale must have x1's dtype and " +

@@ -330,3 +330,49 @@ def test_lowp_matmul_still_computes():
     x2 = np.full((4, 3), 2.0, E4M3)
     got = _lowp(x1, x2, np.full(1, 0.5, F32), out_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(got, F32), np.full((2, 3), 6.0, F32))
+
+
+# --------------------------------------------------------------------------
+# Group and block sizes near INT64_MAX: ceil(k / size) must not wrap
+
+
+def test_matmul_huge_antiquant_group_size_is_one_group():
+    """(k + g - 1) / g wrapped to 0 scale rows for g near INT64_MAX, so an
+    empty scale passed the size check and was read out of bounds."""
+    x1, x2 = np.ones((4, 8), F32), np.ones((8, 4), np.int8)
+    attrs = _matmul_attrs(antiquant=True, antiquant_group_size=np.int64(2**63 - 1))
+    out = jax.ShapeDtypeStruct((4, 4), F32)
+    with pytest.raises(Exception, match="antiquant scale must have x1's dtype and 4 elements"):
+        _call(_ffi.MATMUL, out, x1, x2, np.ones(0, F32), **attrs)
+    got = _call(_ffi.MATMUL, out, x1, x2, np.full(4, 0.5, F32), **attrs)
+    np.testing.assert_array_equal(np.asarray(got), np.full((4, 4), 4.0, F32))
+    with pytest.raises(Exception, match="antiquant_group_size must be >= 0, got -32"):
+        _call(
+            _ffi.MATMUL,
+            out,
+            x1,
+            x2,
+            np.ones(4, F32),
+            **_matmul_attrs(antiquant=True, antiquant_group_size=np.int64(-32)),
+        )
+
+
+def test_lowp_perblock_huge_block_k_is_one_block():
+    """The same wrap for the perblock k-blocks: the kernel returned success
+    without writing its output."""
+    x1, x2 = np.ones((4, 8), E4M3), np.ones((8, 4), E4M3)
+    attrs = dict(
+        mode=np.int64(_mc2_ffi.lowp_modes()["perblock"]),
+        transpose_x2=False,
+        has_x1_scale=True,
+        has_bias=False,
+        has_x3=False,
+        comm=False,
+        block_k=np.int64(2**63 - 1),
+        parallelism=np.int64(1),
+    )
+    out = jax.ShapeDtypeStruct((4, 4), F32)
+    with pytest.raises(Exception, match="mc2_lowp_matmul_ffi"):
+        _call(_ffi.LOWP_MATMUL, out, x1, x2, np.ones(0, F32), np.ones(0, F32), **attrs)
+    got = _call(_ffi.LOWP_MATMUL, out, x1, x2, np.ones(4, F32), np.full(4, 0.5, F32), **attrs)
+    np.testing.assert_array_equal(np.asarray(got), np.full((4, 4), 4.0, F32))
