@@ -289,6 +289,22 @@ def test_hifloat8_round_trip_and_errors():
 # group_size
 
 
+@pytest.mark.parametrize("shape", [(128, 4), (128, 256), (8192, 4)])
+def test_perblock_quantize_divides_by_the_scale(shape):
+    """x / scale is the correctly rounded quotient: XLA:CPU turned the
+    division into a multiplication by the reciprocal when one tile spans
+    every column, which here moves 368 (a tie between e4m3fn's 352 and 384)
+    to 352."""
+    amax, x = np.float32(497.70462), np.float32(408.8288)
+    scale = amax * np.float32(1.0 / 448.0)
+    assert x / scale == np.float32(368.0)  # the premise: an exact tie
+    a = np.zeros(shape, np.float32)
+    a[0, 0], a[1, 0] = amax, x
+    values, scales = quant.perblock_quantize(a)
+    assert np.asarray(scales)[0, 0] == scale
+    assert float(np.asarray(values, np.float32)[1, 0]) == 384.0  # half to even
+
+
 def test_group_size():
     assert quant.group_size(128, 128, 128) == 549764202624
     assert quant.group_size(1, 1, 32) == 4295032864

@@ -596,13 +596,15 @@ def test_empty_m_in_the_perblock_and_mx_rows(impl):
     assert y.shape == (0, n) and y.dtype == jnp.bfloat16
 
 
-def test_fp8_pertile_comm_nan_makes_its_tile_nan():
+@pytest.mark.parametrize("m, n", [(2, 8), (64, 64)])
+def test_fp8_pertile_comm_nan_makes_its_tile_nan(m, n):
     """A NaN in a 1 x 128 tile of the pertile chain makes the tile's scale and
     codes NaN in both implementations (the C++ max and clamp once dropped
-    it and sent -448); other rows are untouched and equal bit for bit."""
-    m, k, n = 2, 32, 8
+    it and sent -448; XLA:CPU's YNNPACK max, taking the 64 x 64 case, drops
+    it too); other rows are untouched and equal bit for bit."""
+    k = 32
     x1 = np.ones((m, k), np.float32)
-    x1[0, 0] = np.nan
+    x1[::3, 0] = np.nan
     x1 = x1.astype(E4M3)
     x2 = (np.arange(k * n).reshape(k, n) % 5 - 2).astype(E4M3)
     s1, s2 = np.ones(m, np.float32), np.ones(n, np.float32)
@@ -616,9 +618,9 @@ def test_fp8_pertile_comm_nan_makes_its_tile_nan():
         for impl in ("xla", "ffi")
     }  # fmt: skip
     for impl, y in got.items():
-        assert np.isnan(y[0]).all(), (impl, y[0])
-        assert np.isfinite(y[1]).all(), (impl, y[1])
-    np.testing.assert_array_equal(got["ffi"][1], got["xla"][1])
+        assert np.isnan(y[::3]).all(), (impl, y[::3])
+        assert np.isfinite(y[1::3]).all(), (impl, y[1::3])
+    np.testing.assert_array_equal(got["ffi"], got["xla"])  # NaN == NaN here
 
 
 def test_fp8_pertile_comm_error_bound():

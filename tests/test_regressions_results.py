@@ -431,3 +431,29 @@ def test_add_rms_norm_jacfwd_matches_jacrev(impl):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# --- divisions XLA:CPU turned into reciprocal multiplications ---
+
+
+def test_comm_quantize_divides_by_huge_bfloat16_scales():
+    """q = int8(fp16(c / scale_1)): 1 / 2^127 is subnormal and flushed to 0
+    on CPU, so a reciprocal multiplication gave q = 0 where the quotient is
+    about 1."""
+    from jax_mc2.implementations import xla
+
+    bf16 = ml_dtypes.bfloat16
+    scale_1 = np.array([1.5 * 2.0**126, 2.0**127, 3.0], bf16)
+    c = np.array([[2.0**127, 1.5 * 2.0**127, 3.0]] * 4, bf16)
+    q = np.asarray(jax.jit(xla.comm_quantize)(c, scale_1))
+    np.testing.assert_array_equal(q, [[1, 2, 1]] * 4)
+
+
+def test_w8a8_scales_are_amax_over_127():
+    from jax_mc2.parallel import quantize_weight_int8
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((8, 8192)) * rng.uniform(0.1, 10, 8192)).astype(np.float32)
+    _, scale = quantize_weight_int8(w)
+    want = np.max(np.abs(w), axis=0) / np.float32(127.0)
+    np.testing.assert_array_equal(np.asarray(scale).view(np.uint32), want.view(np.uint32))

@@ -37,6 +37,7 @@ import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
 
+from jax_mc2.framework import numerics
 from jax_mc2.framework.weight_format import c0 as nz_block_width
 
 _U32 = jnp.uint32
@@ -446,7 +447,7 @@ def _perblock_quantize(x, *, block, dtype):
     tiny = np.float32(np.finfo(np.float32).tiny)
     scales = jnp.where(amax > 0, jnp.maximum(amax * np.float32(1.0 / fmax), tiny), np.float32(1.0))
     full = jnp.repeat(jnp.repeat(scales, block, axis=-2), block, axis=-1)[..., :r, :c]
-    scaled = jnp.clip(xf / full, -fmax, fmax)
+    scaled = jnp.clip(numerics.divide(xf, full), -fmax, fmax)
     values = _hifloat8_encode(scaled) if hif8 else scaled.astype(dtype)
     return values, scales
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import cpu
+from jax_mc2.framework import cpu, numerics
 
 _F32 = jnp.float32
 
@@ -100,22 +100,6 @@ def matmul_all_reduce(x1, x2, bias, x3, *, transpose_x2, axis_name, comm_turn):
     return chunked_matmul_all_reduce(local, x1, x3, axis_name=axis_name, comm_turn=comm_turn)
 
 
-def _rounded_to(x, dtype):
-    """float32 ``x`` rounded to ``dtype`` (half to even) and widened back.
-
-    For bfloat16 this is ``reduce_precision``, the same rounding: XLA:CPU's
-    YNNPACK fusion (jaxlib 0.10) drops a bf16 -> f32 convert pair inside the
-    fusions it takes (the RMSNorm of many short rows), which would skip the
-    rounding. float16 keeps the convert pair: ``reduce_precision`` with 5
-    exponent bits flushes float16's subnormals to zero.
-    """
-    if np.dtype(dtype) == np.dtype(jnp.bfloat16):
-        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
-    if np.dtype(dtype) == np.dtype(_F32):
-        return x
-    return x.astype(dtype).astype(_F32)
-
-
 def add_rms_norm(mm, residual, gamma, *, epsilon):
     """``y = mm + residual``; ``norm_out = y / sqrt(mean(y^2) + eps) * gamma``.
 
@@ -129,11 +113,8 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
     n = residual.shape[-1]
     inv_n = np.float32(1.0 / n) if n else np.float32(0.0)  # n = 0: empty rows
     mean_square = jnp.sum(yf * yf * inv_n, axis=-1, keepdims=True)
-    # The barrier keeps XLA's simplifier from rewriting 1 / sqrt into rsqrt,
-    # which is not always the correctly rounded quotient the kernel computes.
-    root = lax.optimization_barrier(jnp.sqrt(mean_square + np.float32(epsilon)))
-    rstd = np.float32(1.0) / root
-    t = _rounded_to(yf * rstd, dtype)
+    rstd = numerics.divide(np.float32(1.0), jnp.sqrt(mean_square + np.float32(epsilon)))
+    t = numerics.rounded_to(yf * rstd, dtype)
     norm_out = (t * gamma.astype(_F32)).astype(dtype)
     return y, norm_out
 
@@ -158,7 +139,8 @@ def comm_quantize(c, scale_1):
     before the int8 all-to-all of the low-bit communication (docs/semantics.md
     §5.1; the fp16 kernel's half division is a correctly rounded fp32
     division rounded to fp16)."""
-    return _int8_sat_rne((c.astype(_F32) / scale_1.astype(_F32)).astype(jnp.float16))
+    quotient = numerics.divide(c.astype(_F32), scale_1.astype(_F32))
+    return _int8_sat_rne(quotient.astype(jnp.float16))
 
 
 def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):

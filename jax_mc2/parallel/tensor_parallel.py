@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_mc2.framework import validation
+from jax_mc2.framework import numerics, validation
 from jax_mc2.framework.typing import Array, ArrayLike, DTypeLike, Implementation
 from jax_mc2.framework.validation import dtype_name, shape_str
 from jax_mc2.operators.matmul_all_reduce import mm_all_reduce_base
@@ -150,20 +150,20 @@ def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
 
     Returns ``(w_int8 [k, n], scale float32 [n])`` with
     ``w_int8 = round(w / scale)``, ``scale = max|w[:, j]| / 127`` (1 for an
-    all-zero column).
+    all-zero column or one holding a NaN).
     """
     w = jnp.asarray(w).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w), axis=0)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    amax = numerics.nan_max(jnp.abs(w), axis=0)
+    scale = jnp.where(amax > 0, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
+    return jnp.clip(jnp.round(numerics.divide(w, scale)), -127, 127).astype(jnp.int8), scale
 
 
 def _quantize_tokens(x):
     """Per-row symmetric int8 quantization of x [..., k]: (int8, f32 [rows])."""
     xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=-1)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
+    amax = numerics.nan_max(jnp.abs(xf), axis=-1)
+    scale = jnp.where(amax > 0, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
+    q = jnp.clip(jnp.round(numerics.divide(xf, scale[..., None])), -127, 127).astype(jnp.int8)
     return q, scale.reshape(-1)
 
 

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import quant, targets, validation
+from jax_mc2.framework import numerics, quant, targets, validation
 from jax_mc2.framework.primitive import (
     MAP,
     Operand,
@@ -511,7 +511,7 @@ def pertile_quantize(c, fp8):
     r, n = c.shape
     t = _ceil(n, COMM_TILE)
     tiles = jnp.pad(c, ((0, 0), (0, t * COMM_TILE - n))).reshape(r, t, COMM_TILE)
-    a = jnp.max(jnp.abs(tiles), axis=-1)
+    a = numerics.nan_max(jnp.abs(tiles), axis=-1)  # a NaN makes its tile NaN
     a = jnp.where(a == 0, fmax, a)
     sc = fmax / a
     sc = jnp.where(sc == 0, np.float32(1), sc)
@@ -537,9 +537,7 @@ def _wire_dequantize(wire, n, fp8):
     sc = lax.bitcast_convert_type(wire[..., n:].reshape(*lead, t, 4), _F32)
     q = jnp.pad(codes.astype(_F32), [(0, 0)] * len(lead) + [(0, t * COMM_TILE - n)])
     q = q.reshape(*lead, t, COMM_TILE)
-    # A true division, as the kernel's Div: the barrier keeps XLA from turning
-    # a division by a broadcast into a multiplication by its reciprocal.
-    deq = q / lax.optimization_barrier(jnp.broadcast_to(sc[..., None], q.shape))
+    deq = numerics.divide(q, sc[..., None])  # a true division, as the kernel's Div
     return deq.reshape(*lead, t * COMM_TILE)[..., :n]
 
 
@@ -588,10 +586,9 @@ def _composition(local_fn, operands, params, axis_name, comm_turn, reduce=None):
         fp8 = np.dtype(x1.dtype)
 
         def reduce(w):
-            rows = math.prod(w.shape[:-1])  # reshape(-1, 0) cannot infer the rows
-            y = fp8_pertile_all_reduce(
-                w.reshape(rows, n), n=n, fp8=fp8, out_dtype=out_dtype, axis_name=axis_name
-            )
+            # The wire rows [r, n + 4 ceil(n/128)]; reshape(-1, 0) cannot infer r.
+            wire = w.reshape(math.prod(w.shape[:-1]), w.shape[-1])
+            y = fp8_pertile_all_reduce(wire, n=n, fp8=fp8, out_dtype=out_dtype, axis_name=axis_name)
             return y.reshape(*w.shape[:-1], n)
 
     def local(x1_c, x3_c, s1_c):
