@@ -1354,11 +1354,10 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
                       false);
       held.blocks.emplace_back(RoundUp(ws_size), ws);
     }
+    // Phase 2 consumes the executor, failed or not (CANN deletes a
+    // non-repeatable executor on every path of its second phase); only one
+    // that never reached phase 2 (the workspace failure above) is ours.
     st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
-    if (st != 0) {
-      // Not enqueued: the executor is still ours to destroy.
-      if (c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
-    }
     if (st != 0)
       return finish(
           error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),

@@ -6,6 +6,7 @@ failed collective are re-created). Missing libraries and symbols are checked
 in fresh processes."""
 
 import os
+import re
 import subprocess
 import textwrap
 from typing import NamedTuple
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import make_mesh, run_python
+from conftest import cann_double_report, make_mesh, run_python
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -93,19 +94,22 @@ FAILURES = {
 @pytest.mark.parametrize("case", FAILURES.values(), ids=FAILURES.keys())
 def test_injected_failure(monkeypatch, case):
     """The failure comes back as an exception naming the aclnn function and
-    its status (the call returns: nothing hangs); then the same call and a
-    freshly traced one work again (a communicator broken by a failed
-    collective is re-created)."""
+    its status (the call returns: nothing hangs), without a misuse of CANN on
+    the way (e.g. destroying the executor a failed phase 2 already consumed);
+    then the same call and a freshly traced one work again (a communicator
+    broken by a failed collective is re-created)."""
     if case.empty_pools:
         mc2.ascend.shutdown()
     make = _single if case.world is None else lambda: _sharded(case.world)
     f = make()
     if not case.empty_pools:
         _works(f)
+    violations = re.search(r"violations: \d+", cann_double_report()).group()
     monkeypatch.setenv(case.variable, case.value)
     with pytest.raises(Exception, match=case.match):
         np.asarray(f(X1, X2))
     monkeypatch.delenv(case.variable)
+    assert re.search(r"violations: \d+", cann_double_report()).group() == violations
     _works(f)
     _works(make())
 

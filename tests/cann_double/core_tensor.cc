@@ -211,6 +211,13 @@ std::vector<int64_t> IntArrayValues(const aclIntArray* array, bool* ok) {
   return live && array ? array->values : std::vector<int64_t>{};
 }
 
+void ConsumeExecutor(aclOpExecutor* executor) {
+  if (executor != nullptr && Registry<aclOpExecutor>().State(executor) == HandleState::kLive &&
+      !executor->launched) {
+    RetireExecutor(executor);
+  }
+}
+
 aclOpExecutor* NewExecutor(const char* function, uint64_t workspace_size, Kernel kernel) {
   auto* executor = new aclOpExecutor;
   executor->function = function;
@@ -231,6 +238,7 @@ aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t works
   }
   if (!problem.empty()) {
     SetRecentError(std::string(function) + ": " + problem);
+    ConsumeExecutor(executor);
     return status;
   }
   executor->launched = true;
@@ -248,6 +256,7 @@ aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t works
   };
   if (Enqueue(function, stream, std::move(task)) != kAclSuccess) {
     executor->launched = false;
+    ConsumeExecutor(executor);
     return kErrRuntime;
   }
   return kAclnnSuccess;

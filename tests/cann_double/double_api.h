@@ -100,9 +100,15 @@ aclOpExecutor* NewExecutor(const char* function, uint64_t workspace_size, Kernel
 // and the stream, then enqueues the kernel on the stream and returns at once
 // (the stream is asynchronous). A kernel failure makes the stream's next
 // synchronization return the status; its message is kept for aclGetRecentErrMsg.
-// The executor is destroyed once the kernel has run.
+// The executor is destroyed once the kernel has run, and at once when phase
+// 2 fails: CANN's second phase deletes a (non-repeatable) executor on every
+// path, so aclDestroyAclOpExecutor after a failed phase 2 is a double destroy.
 aclnnStatus LaunchExecutor(const char* function, void* workspace, uint64_t workspace_size,
                            aclOpExecutor* executor, aclrtStream stream);
+
+// What a failed phase 2 does to its executor: destroys it unless it is
+// unknown, destroyed already or queued.
+void ConsumeExecutor(aclOpExecutor* executor);
 
 }  // namespace cann_double
 #pragma GCC visibility pop

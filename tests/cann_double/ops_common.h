@@ -177,7 +177,10 @@ aclnnStatus Injected(const char* fn);
 #define CD_PHASE2(name)                                                                         \
   extern "C" CANN_DOUBLE_EXPORT aclnnStatus name(void* workspace, uint64_t workspaceSize,       \
                                                  aclOpExecutor* executor, aclrtStream stream) { \
-    if (aclnnStatus s = ::cann_double::ops::Injected(#name)) return s;                          \
+    if (aclnnStatus s = ::cann_double::ops::Injected(#name)) {                                  \
+      ::cann_double::ConsumeExecutor(executor);                                                 \
+      return s;                                                                                 \
+    }                                                                                           \
     return ::cann_double::LaunchExecutor(#name, workspace, workspaceSize, executor, stream);    \
   }
 
