@@ -866,12 +866,17 @@ def test_chip_rules(op):
         with pytest.raises(
             NotImplementedError, match=r"H2 = mm_x.shape.1. = 12289 must be in \(0, 12288\]"
         ):
-            _shape_check(4, op=op, mm=((3, 12289), (12289, 4)))
+            _shape_check(4, op=op, mm=((4, 12289), (12289, 4)))
         with pytest.raises(NotImplementedError, match=r"H2 = mm_x.shape.1. = 0 must be in"):
-            _shape_check(4, op=op, mm=((3, 0), (0, 4)))
+            _shape_check(4, op=op, mm=((4, 0), (0, 4)))
         with pytest.raises(NotImplementedError, match=r"N2 = 65536 must be in \(0, 65535\]"):
-            _shape_check(4, op=op, mm=((3, 8), (8, 65536)))
-        _shape_check(4, op=op, mm=((3, 12288), (12288, 4)))
+            _shape_check(4, op=op, mm=((4, 8), (8, 65536)))
+        _shape_check(4, op=op, mm=((4, 12288), (12288, 4)))  # BSK = 8 = K * BS, K = 2
+        for bs in (3, 8):  # K = 8 / 3, and K = 1
+            with pytest.raises(
+                NotImplementedError, match=rf"BSK = 8 must be K \* BS with BS = .* = {bs} and top-k"
+            ):
+                _shape_check(4, op=op, mm=((bs, 8), (8, 4)))
     # generic: the math only
     _shape_check(2, op=op, h1=65536, dtype=jnp.float32)
 

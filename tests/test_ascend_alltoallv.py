@@ -66,6 +66,26 @@ def test_lowering_is_one_custom_call():
     assert "stablehlo.all_to_all" not in text and "stablehlo.all_gather" not in text
 
 
+def test_trans_mm_weight_without_a_shared_expert_runs():
+    """The flag means nothing without mm_x; CANN refuses transMmWeight = true
+    there, so the lowering passes false."""
+    mesh = make_mesh((2,), ("ep",))
+    counts = np.full((2, 4), 2)
+    x = np.arange(16 * 8, dtype=np.float32).reshape(16, 8).astype(np.float16) / 64
+    w = np.ones((4, 8, 4), np.float16)
+
+    def run(impl):
+        def f(x_, w_):
+            return mc2.alltoallv_grouped_matmul(
+                x_, w_, "ep", send_counts=counts, trans_mm_weight=True, implementation=impl
+            )[0]
+
+        g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")))
+        return np.asarray(g(x, w))
+
+    np.testing.assert_array_equal(run("ascend"), run("xla"))
+
+
 def test_a_rank_sending_nothing_is_refused_at_trace_time():
     mesh = make_mesh((2,), ("ep",))
     counts = np.array([[0, 0, 0, 0], [1, 1, 1, 1]])

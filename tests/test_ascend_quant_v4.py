@@ -11,6 +11,7 @@ import test_quant_v4_lowp as t
 from ascend_matrix import for_ascend
 
 import jax_mc2 as mc2
+from jax_mc2 import quant
 from jax_mc2.ascend import _rules
 
 # float32 output dropped (the packed-scale rows refuse it at lowering: see
@@ -118,16 +119,40 @@ def test_mxfp4_packs_two_values_per_byte():
     assert "tensor<4x32xui8>" in call and "tensor<8x32xui8>" in call
 
 
-@pytest.mark.parametrize("shape", [(2, 8), (3,), (2, 3)])
+@pytest.mark.parametrize("shape", [(2, 8), (4,), (3, 2, 6)])
 def test_fp4_packing_nibble_order(shape):
     """Row-major over the stored array, element 2j in the low nibble and
     2j + 1 in the high one (as the double's FLOAT4_E2M1 reader, and CANN,
-    read them); an odd count ends in a zero high nibble. The end-to-end MX
-    cases cannot see a swap within a pair: x1 and x2 (transposed) both pack
-    along k, and the dot product does not change when both permute k."""
+    read them). The end-to-end MX cases cannot see a swap within a pair: x1
+    and x2 (transposed) both pack along k, and the dot product does not
+    change when both permute k."""
     size = int(np.prod(shape))
     codes = (np.arange(size, dtype=np.uint8) * 7 % 16).reshape(shape)
     got = np.asarray(jax.jit(_rules._pack_fp4)(codes.view(ml_dtypes.float4_e2m1fn)))
-    flat = np.concatenate([codes.reshape(-1), np.zeros(size % 2, np.uint8)])
+    flat = codes.reshape(-1)
     want = (flat[0::2] | (flat[1::2] << 4)).reshape(_rules._packed_fp4_shape(shape))
     np.testing.assert_array_equal(got, want)
+
+
+def test_mxfp4_odd_k_is_refused():
+    """CANN's FLOAT4_E2M1 tensors pack two values a byte along the inner
+    axis, which must be even: k = 33 (ceil(33 / 32) = 2 blocks, as the
+    seed's MX rule asks) is refused at lowering, naming the rule."""
+    f4 = ml_dtypes.float4_e2m1fn
+    x1, x2 = np.zeros((4, 33), f4), np.zeros((8, 33), f4)
+    s1 = np.ones((4, 1, 2), ml_dtypes.float8_e8m0fnu)
+    s2 = np.ones((8, 1, 2), ml_dtypes.float8_e8m0fnu)
+    f = jax.jit(
+        lambda a, b: mc2.quant_matmul_all_reduce_v4(
+            a,
+            b,
+            None,
+            x2_scale=s2,
+            x1_scale=s1,
+            transpose_x2=True,
+            group_size=quant.group_size(1, 1, 32),
+            implementation="ascend",
+        )
+    )
+    with pytest.raises(NotImplementedError, match="float4_e2m1fn x1 / x2 with an even k.*k = 33"):
+        f.lower(x1, x2)

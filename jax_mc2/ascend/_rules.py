@@ -280,7 +280,8 @@ def _alltoallv_rank_spec(ctx, call: Call, dispatch: bool, sends, receives) -> st
         S.int_array(sends),
         S.int_array(receives),
         S.boolean(params["trans_weight"]),
-        S.boolean(params["trans_mm_weight"]),
+        # CANN refuses trans_mm_weight = true without the shared expert.
+        S.boolean(params["trans_mm_weight"] and call.present("mm_x")),
     ]
     if dispatch:
         slots.append(S.boolean(params["permute_out"]))
@@ -453,24 +454,17 @@ _host_kernel("mc2_grouped_matmul_wgrad", "grouped_matmul")
 
 
 def _packed_fp4_shape(shape):
-    """The packed buffer's shape, of the same rank: the last axis halved, or
-    (1, ..., 1, ceil(size / 2)) where the last axis is odd."""
-    if shape and shape[-1] % 2 == 0:
-        return (*shape[:-1], shape[-1] // 2)
-    return (*(1,) * (len(shape) - 1), (int(np.prod(shape)) + 1) // 2)
+    """The packed buffer's shape: the (even) last axis halved."""
+    return (*shape[:-1], shape[-1] // 2)
 
 
 def _pack_fp4(x):
-    """fp4 values (one per byte in JAX) as CANN's FLOAT4_E2M1 storage: the
-    array's elements in row-major order (so along the contiguous last axis),
-    two per byte, the even element in the low nibble; an odd count ends in a
-    zero high nibble."""
+    """fp4 values (one per byte in JAX) with an even last axis as CANN's
+    FLOAT4_E2M1 storage: two per byte along the last axis, the even element
+    in the low nibble."""
     codes = jax.lax.convert_element_type(jax.lax.bitcast_convert_type(x, jnp.uint4), jnp.uint8)
-    codes = codes.reshape(-1)
-    if codes.shape[0] % 2:
-        codes = jnp.concatenate([codes, jnp.zeros((1,), jnp.uint8)])
-    pairs = codes.reshape(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).reshape(_packed_fp4_shape(x.shape))
+    pairs = codes.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def _pack_fp4_operands(ctx, operands, indices):
@@ -505,6 +499,14 @@ def _lowp_quant_mm_all_reduce(ctx, operands, call: Call):
     function = "aclnnQuantMatmulAllReduceV4"
     _require_half_output_with_packed_scales(call, function)
     if np.dtype(call.aval("x1").dtype).name == "float4_e2m1fn":
+        k = call.aval("x1").shape[-1]
+        if k % 2:
+            raise validation.unsupported(
+                call.op,
+                f"implementation='ascend' takes float4_e2m1fn x1 / x2 with an even k (CANN's "
+                f"FLOAT4_E2M1 tensors hold two values a byte along the inner axis), got k = {k}; "
+                "an odd k runs with implementation='ffi' or 'xla'",
+            )
         # x1 and x2 (the MX rows take both in fp4): the descriptors keep the
         # logical fp4 dims and element strides (``call`` holds the logical
         # avals); the buffers become packed bytes.

@@ -367,6 +367,16 @@ def _check_chip(op, x, n1, rows_sent, mm_x, n2, out_rows, params):
         raise validation.unsupported(
             op, f"BSK = {bsk} must be in (0, {limits.max_tokens + 1}) on target {name!r}"
         )
+    # Seed 001: K = BSK / BS, the experts each of the shared expert's BS
+    # tokens is routed to, in [2, 8].
+    if mm_x is not None:
+        bs = mm_x.shape[0]
+        if bs < 1 or bsk % bs or not 2 <= bsk // bs <= 8:
+            raise validation.unsupported(
+                op,
+                f"with the shared expert, BSK = {bsk} must be K * BS with BS = mm_x.shape[0] = "
+                f"{bs} and top-k K in [2, 8] on target {name!r}",
+            )
     if limits.traffic_bytes is not None:
         lo, hi = limits.traffic_bytes
         width = h1 if op == OP_DISPATCH else n1

@@ -251,6 +251,11 @@ aclnnStatus CheckSharedExpert(const char* fn, const aclTensor* mm_x, const aclTe
                 "mmXOptional and mmWeightOptional must both be given or both be nullptr");
   }
   if (!p->mm_x.present) {
+    if (p->trans_mm_w) {
+      return Fail(fn, kErrParamInvalid,
+                  "transMmWeight must be false when there is no shared expert (mmXOptional, "
+                  "mmWeightOptional and mmYOptional are nullptr)");
+    }
     return MustBeNull(fn, "mmYOptional", mm_y,
                       "there is no shared expert (mmXOptional is nullptr)");
   }

@@ -825,6 +825,12 @@ aclnnStatus CheckMx(const char* fn, int64_t group_size, LowpPlan* plan) {
     return Fail(fn, kErrParamInvalid,
                 "FLOAT4_E2M1 x1/x2 need ceil(k/32) even, got k = " + std::to_string(plan->k));
   }
+  // Two values a byte along the inner axis: FLOAT4_E2M1 tensors have an even one.
+  if (plan->x1.dtype() == kFloat4E2m1 && plan->k % 2 != 0) {
+    return Fail(
+        fn, kErrParamInvalid,
+        "FLOAT4_E2M1 x1/x2 need an even inner dimension k, got k = " + std::to_string(plan->k));
+  }
   const int64_t dims[3] = {plan->m, plan->n, plan->k};
   const int64_t scale_dims[3] = {plan->m, plan->n, 2 * kb};
   const int64_t want[3] = {1, 1, kMxBlock};
