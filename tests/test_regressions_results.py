@@ -390,14 +390,24 @@ def test_alltoallv_combine_traced_recv_counts_disagreeing_ffi_raises():
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_grouped_matmul_jacfwd_hessian_and_vmapped_closure(impl):
-    """JAX calls a primitive's vmap rule with no operand mapped too (jacfwd's
-    primal, a vmapped function that only closes over the operands): it used
-    to fail inside lax.map ("scan got no values")."""
+def test_grouped_matmul_vmapped_closure(impl):
+    """JAX calls a primitive's vmap rule with no operand mapped too (here a
+    vmapped function that only closes over the operands; jacfwd's primal
+    below): it used to fail inside lax.map ("scan got no values")."""
+    x, w = _gmm_case(2)
+    sizes = np.array([3, 5])
+    shifts = np.arange(2, dtype=np.float32)
+    got = jax.vmap(lambda b: b + jax_mc2.grouped_matmul(x, w, sizes, implementation=impl))(shifts)
+    want = _np_grouped(x, w, sizes) + shifts[:, None, None]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_grouped_matmul_jacfwd_and_hessian(impl):
     x, w = _gmm_case(2)
     sizes = np.array([3, 5])
     gmm = lambda x_: jax_mc2.grouped_matmul(x_, w, sizes, implementation=impl)  # noqa: E731
-    want = _np_grouped(x, w, sizes)
     jac = jax.jacfwd(gmm)(x)
     np.testing.assert_allclose(np.asarray(jac), np.asarray(jax.jacrev(gmm)(x)), atol=1e-6)
     hess = jax.hessian(lambda x_: jnp.sum(gmm(x_) ** 2))(x)
@@ -407,11 +417,9 @@ def test_grouped_matmul_jacfwd_hessian_and_vmapped_closure(impl):
         rtol=1e-5,
         atol=1e-5,
     )
-    shifts = np.arange(2, dtype=np.float32)
-    got = jax.vmap(lambda b: b + gmm(x))(shifts)
-    np.testing.assert_allclose(np.asarray(got), want + shifts[:, None, None], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_add_rms_norm_jacfwd_matches_jacrev(impl):
     rng = np.random.default_rng(3)
