@@ -92,13 +92,11 @@ def test_mxfp4_sharded(out_dtype):
     )
 
 
-def test_mxfp4_packs_two_values_per_byte():
-    """x1 / x2 keep their logical FLOAT4_E2M1 (code 40) descriptors, element
-    strides included (x2 transposed: the (k, n) view of the stored [n, k]);
-    their buffers are packed bytes, low nibble first."""
+def _lowered_mxfp4(k):
+    """The lowered text of an ascend MXFP4 call, x1 (4, k) and x2 (8, k)
+    transposed, one 64-value scale block pair."""
     f4 = ml_dtypes.float4_e2m1fn
-    x1 = np.zeros((4, 64), f4)
-    x2 = np.zeros((8, 64), f4)
+    x1, x2 = np.zeros((4, k), f4), np.zeros((8, k), f4)
     s1 = np.ones((4, 1, 2), ml_dtypes.float8_e8m0fnu)
     s2 = np.ones((8, 1, 2), ml_dtypes.float8_e8m0fnu)
     f = jax.jit(
@@ -110,10 +108,18 @@ def test_mxfp4_packs_two_values_per_byte():
             x1_scale=s1,
             out_dtype=jnp.bfloat16,
             transpose_x2=True,
+            group_size=quant.group_size(1, 1, 32),
             implementation="ascend",
         )
     )
-    text = f.lower(x1, x2).as_text()
+    return f.lower(x1, x2).as_text()
+
+
+def test_mxfp4_packs_two_values_per_byte():
+    """x1 / x2 keep their logical FLOAT4_E2M1 (code 40) descriptors, element
+    strides included (x2 transposed: the (k, n) view of the stored [n, k]);
+    their buffers are packed bytes, low nibble first."""
+    text = _lowered_mxfp4(64)
     assert "to0/40/2/0/4,64/64,1/4,64" in text and "to1/40/2/0/64,8/1,64/512" in text
     call = next(line for line in text.splitlines() if "mc2_ascend_host_bridge" in line)
     assert "tensor<4x32xui8>" in call and "tensor<8x32xui8>" in call
@@ -138,21 +144,5 @@ def test_mxfp4_odd_k_is_refused():
     """CANN's FLOAT4_E2M1 tensors pack two values a byte along the inner
     axis, which must be even: k = 33 (ceil(33 / 32) = 2 blocks, as the
     seed's MX rule asks) is refused at lowering, naming the rule."""
-    f4 = ml_dtypes.float4_e2m1fn
-    x1, x2 = np.zeros((4, 33), f4), np.zeros((8, 33), f4)
-    s1 = np.ones((4, 1, 2), ml_dtypes.float8_e8m0fnu)
-    s2 = np.ones((8, 1, 2), ml_dtypes.float8_e8m0fnu)
-    f = jax.jit(
-        lambda a, b: mc2.quant_matmul_all_reduce_v4(
-            a,
-            b,
-            None,
-            x2_scale=s2,
-            x1_scale=s1,
-            transpose_x2=True,
-            group_size=quant.group_size(1, 1, 32),
-            implementation="ascend",
-        )
-    )
     with pytest.raises(NotImplementedError, match="float4_e2m1fn x1 / x2 with an even k.*k = 33"):
-        f.lower(x1, x2)
+        _lowered_mxfp4(33)
