@@ -465,3 +465,47 @@ def test_w8a8_scales_are_amax_over_127():
     _, scale = quantize_weight_int8(w)
     want = np.max(np.abs(w), axis=0) / np.float32(127.0)
     np.testing.assert_array_equal(np.asarray(scale).view(np.uint32), want.view(np.uint32))
+
+
+# --- a per-rank result varying over only some axes of a tuple axis_name ---
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", ["mm_all_reduce_base", "add_rms_norm"])
+def test_all_reduce_over_axes_the_result_varies_over_in_part(impl, op):
+    """x1 varies over "i" only, the all-reduce runs over ("i", "j"): lax.psum
+    refuses an operand that varies over some of its axes, which broke the
+    xla forward and every gradient ("psum can only accept axis_name ...")."""
+    from conftest import make_mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = make_mesh((2, 2), ("i", "j"))
+    rng = np.random.default_rng(5)
+    x1 = rng.standard_normal((4, 16)).astype(np.float32)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+
+    def per_rank(a):
+        return jax.lax.pcast(a, ("i",), to="varying") * (1.0 + jax.lax.axis_index("i"))
+
+    def ours(a):
+        if op == "mm_all_reduce_base":
+            return jax_mc2.mm_all_reduce_base(per_rank(a), w, ("i", "j"), implementation=impl)
+        return jax_mc2.matmul_all_reduce_add_rms_norm(
+            per_rank(a), w, np.zeros((1, 4, 8), np.float32), np.ones(8, np.float32), ("i", "j"),
+            implementation=impl,
+        )[1].reshape(4, 8)  # fmt: skip
+
+    def reference(a):
+        partial = jax.lax.pcast(per_rank(a) @ w, ("j",), to="varying")  # as psum needs
+        mm = jax.lax.psum(partial, ("i", "j"))
+        if op == "mm_all_reduce_base":
+            return mm
+        return mm * jax.lax.rsqrt(jnp.mean(mm * mm, axis=-1, keepdims=True) + 1e-6)
+
+    def run(fn):
+        f = jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P())
+        return f(x1), jax.grad(lambda a: jnp.sum(jnp.sin(f(a))))(x1)
+
+    (got, dgot), (want, dwant) = run(ours), run(reference)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dgot), np.asarray(dwant), rtol=1e-4, atol=1e-4)

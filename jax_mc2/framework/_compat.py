@@ -13,6 +13,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable
 
+from jax import lax
 from jax._src import config as _config
 from jax._src import core, dispatch
 from jax._src.interpreters import ad, batching, mlir
@@ -129,6 +130,17 @@ def config_optional_enum_state(name: str, values: list[str], default: str | None
     return _config.optional_enum_state(
         name, values, default, help, include_in_jit_key=True, include_in_trace_context=True
     )
+
+
+def varying_over(x, axes: Iterable[str]):
+    """``x`` cast to varying over all of ``axes`` where it varies over some
+    of them only (``pcast``): a collective over several mesh axes takes an
+    operand that varies over all of them or none, and an operator's per-rank
+    result may vary over only some (an x1 sharded over one axis of a tuple
+    axis_name). An operand varying over none of them stays as it is."""
+    have = core.typeof(x).mat.varying
+    missing = tuple(a for a in axes if a not in have)
+    return lax.pcast(x, missing, to="varying") if missing and have & set(axes) else x
 
 
 def match_vma(*args):

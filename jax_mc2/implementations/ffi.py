@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_mc2.framework import _compat
 from jax_mc2.framework.cpu import NATIVE_BF16_DOT, cpu_flags
 from jax_mc2.implementations import xla
 
@@ -155,6 +156,7 @@ def all_reduce(x, axis_name):
     itself."""
     if not axis_name:
         return x
+    x = _compat.varying_over(x, axis_name)
     ranks = int(lax.axis_size(axis_name))
     dtype = np.dtype(x.dtype)
     if ranks == 1 or x.size % ranks:

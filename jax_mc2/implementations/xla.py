@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import cpu, numerics
+from jax_mc2.framework import _compat, cpu, numerics
 
 _F32 = jnp.float32
 
@@ -61,7 +61,7 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
 
 
 def all_reduce(x, axis_name: tuple[str, ...]):
-    return lax.psum(x, axis_name) if axis_name else x
+    return lax.psum(_compat.varying_over(x, axis_name), axis_name) if axis_name else x
 
 
 def chunked_matmul_all_reduce(local_fn, x1, *row_operands, axis_name, comm_turn, reduce=None):
@@ -157,6 +157,7 @@ def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
     chunk = -(-m // ranks)
     padded = jnp.pad(q, ((0, chunk * ranks - m), (0, 0))).reshape(ranks, chunk, n)
     if axis_name:
+        padded = _compat.varying_over(padded, axis_name)
         padded = lax.all_to_all(padded, axis_name, 0, 0, tiled=False)
     # Exact in any order (|sum| <= 128 * ranks); added chunk by chunk, one
     # elementwise fusion (XLA:CPU's reduction over the leading axis is slow).

@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import numerics, quant, targets, validation
+from jax_mc2.framework import _compat, numerics, quant, targets, validation
 from jax_mc2.framework.primitive import (
     MAP,
     Operand,
@@ -553,6 +553,7 @@ def fp8_pertile_all_reduce(wire, *, n, fp8, out_dtype, axis_name):
     chunk = _ceil(r, ranks)
     padded = jnp.pad(wire, ((0, chunk * ranks - r), (0, 0))).reshape(ranks, chunk, width)
     if axis_name:
+        padded = _compat.varying_over(padded, axis_name)
         padded = lax.all_to_all(padded, axis_name, 0, 0, tiled=False)
     deq = _wire_dequantize(padded, n, fp8)
     acc = jnp.zeros((chunk, n), _F32)
