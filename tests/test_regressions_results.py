@@ -470,6 +470,7 @@ def test_w8a8_scales_are_amax_over_127():
 # --- a per-rank result varying over only some axes of a tuple axis_name ---
 
 
+@pytest.mark.slow  # 4-10 s a case (eager shard_map and its gradient)
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("op", ["mm_all_reduce_base", "add_rms_norm"])
 def test_all_reduce_over_axes_the_result_varies_over_in_part(impl, op):
