@@ -100,23 +100,30 @@ def _plain_case(rng, dtype, m=16, k=16, n=24):
     return x1, x2, bias, x3
 
 
-@pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
-@HALF_DTYPES
-def test_plain_one_device_rounds_once(impl, dtype):
-    rng = np.random.default_rng(101)
-    x1, x2, bias, x3 = _plain_case(rng, dtype)
+def _epilogue_f32(x1, w, bias, x3):
+    """f32(x1 @ w) + f32(bias) + f32(x3), unrounded, after checking the
+    premise that every fp32 sum in it is exact in any order."""
     m, n = x3.shape
     terms = np.concatenate(
         [
-            _products(x1, x2),
+            _products(x1, w),
             np.broadcast_to(bias.astype(np.float64)[None, :, None], (m, n, 1)),
             x3.astype(np.float64)[..., None],
         ],
         axis=-1,
     )
     assert_exact_fp32_sums(terms)
-    acc = (x1.astype(np.float64) @ x2.astype(np.float64)).astype(f32)
-    want = ((acc + bias.astype(f32)) + x3.astype(f32)).astype(dtype)
+    acc = (x1.astype(np.float64) @ w.astype(np.float64)).astype(f32)
+    return acc, (acc + bias.astype(f32)) + x3.astype(f32)
+
+
+@pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
+@HALF_DTYPES
+def test_plain_one_device_rounds_once(impl, dtype):
+    rng = np.random.default_rng(101)
+    x1, x2, bias, x3 = _plain_case(rng, dtype)
+    acc, exact = _epilogue_f32(x1, x2, bias, x3)
+    want = exact.astype(dtype)
     # Premise: rounding x1 @ x2 first, or rounding again after the bias,
     # gives other bits.
     mm_first = ((acc.astype(dtype).astype(f32) + bias.astype(f32)) + x3.astype(f32)).astype(dtype)
@@ -165,19 +172,7 @@ def _rank_partials(x1, x2, bias, x3, world, dtype):
     exact, rounded = [], []
     for r in range(world):
         cols = slice(r * k_local, (r + 1) * k_local)
-        a, w = x1[:, cols], x2[cols]
-        m, n = x3.shape
-        terms = np.concatenate(
-            [
-                _products(a, w),
-                np.broadcast_to(bias.astype(np.float64)[None, :, None], (m, n, 1)),
-                x3.astype(np.float64)[..., None],
-            ],
-            axis=-1,
-        )
-        assert_exact_fp32_sums(terms)
-        acc = (a.astype(np.float64) @ w.astype(np.float64)).astype(f32)
-        p = (acc + bias.astype(f32)) + x3.astype(f32)
+        _, p = _epilogue_f32(x1[:, cols], x2[cols], bias, x3)
         exact.append(p)
         rounded.append(p.astype(dtype))
     return exact, rounded
@@ -292,15 +287,7 @@ def test_weight_only_steps(impl, dtype, with_offset):
     x3 = (rng.integers(-256, 257, (m, n)) / 64).astype(dtype)
 
     w = _antiquant_weights(x2, scale, offset, dtype, f16_steps=dtype == F16)
-    terms = np.concatenate(
-        [
-            _products(x1, w),
-            np.broadcast_to(bias.astype(np.float64)[None, :, None], (m, n, 1)),
-            x3.astype(np.float64)[..., None],
-        ],
-        axis=-1,
-    )
-    assert_exact_fp32_sums(terms)
+    _epilogue_f32(x1, w, bias, x3)  # the premise: exact fp32 sums
 
     def finish(weights):
         acc = (x1.astype(np.float64) @ weights.astype(np.float64)).astype(f32)
