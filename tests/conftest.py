@@ -34,7 +34,22 @@ def _cann_double() -> None:
     os.environ["JAX_MC2_CANN_LIBRARY_PATH"] = out
 
 
+def _compilation_cache() -> None:
+    """Keeps XLA's compiled programs between runs in build/jax-compilation at
+    the repository root (JAX's persistent cache, keyed on the lowered program,
+    the compile options and the jaxlib version), so that a second run of the
+    suite skips most of the compilation. A JAX_COMPILATION_CACHE_DIR of the
+    caller's wins; JAX_MC2_TESTS_COMPILATION_CACHE=0 turns it off."""
+    if os.environ.get("JAX_MC2_TESTS_COMPILATION_CACHE") == "0":
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    default = os.path.join(os.path.dirname(here), "build", "jax-compilation")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", default)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 _cann_double()
+_compilation_cache()
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
