@@ -374,7 +374,9 @@ struct Int8Plan : MatmulAllReducePlan {
       for (int64_t j = 0; j < n; ++j) {
         int64_t a = std::llround(acc[i * n + j]);
         if (!b.empty()) a += static_cast<int64_t>(b[j]);
-        float y = static_cast<float>(a) * Col(s, j);
+        // The cube unit's int32 accumulator and bias add wrap (two's complement).
+        const auto wrapped = static_cast<int32_t>(static_cast<uint32_t>(a));
+        float y = static_cast<float>(wrapped) * Col(s, j);
         if (!token.empty()) y *= token[i];
         y = RoundTo(out_dtype, y);
         if (!x3v.empty()) y = RoundTo(out_dtype, y + x3v[i * n + j]);
