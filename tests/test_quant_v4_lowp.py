@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import oracle
 import pytest
-from conftest import IMPLEMENTATIONS, make_mesh
+from conftest import ALL_IMPLEMENTATIONS, IMPLEMENTATIONS, make_mesh
 from hlo import reductions
 from jax.sharding import PartitionSpec as P
 
@@ -599,28 +599,31 @@ def test_empty_m_in_the_perblock_and_mx_rows(impl):
 @pytest.mark.parametrize("m, n", [(2, 8), (64, 64)])
 def test_fp8_pertile_comm_nan_makes_its_tile_nan(m, n):
     """A NaN in a 1 x 128 tile of the pertile chain makes the tile's scale and
-    codes NaN in both implementations (the C++ max and clamp once dropped
-    it and sent -448; XLA:CPU's YNNPACK max, taking the 64 x 64 case, drops
-    it too); other rows are untouched and equal bit for bit."""
+    codes NaN in every implementation (the C++ max and clamp once dropped it
+    and sent -448, in the ffi kernel and in the CANN test double; XLA:CPU's
+    YNNPACK max, taking the 64 x 64 case, drops it too); other rows are
+    untouched and equal bit for bit."""
     k = 32
     x1 = np.ones((m, k), np.float32)
     x1[::3, 0] = np.nan
     x1 = x1.astype(E4M3)
     x2 = (np.arange(k * n).reshape(k, n) % 5 - 2).astype(E4M3)
     s1, s2 = np.ones(m, np.float32), np.ones(n, np.float32)
-    got = {
-        impl: np.asarray(
-            mc2.quant_matmul_all_reduce_v4(
-                x1, x2, None, x1_scale=s1, x2_scale=s2, comm_quant_mode=1,
+    got = {}
+    for impl in ALL_IMPLEMENTATIONS:  # on one rank: the ascend call runs inside shard_map
+        f = jax.shard_map(
+            lambda a, b, t, s, impl=impl: mc2.quant_matmul_all_reduce_v4(
+                a, b, "tp", x1_scale=t, x2_scale=s, comm_quant_mode=1,
                 out_dtype=jnp.float32, implementation=impl,
-            )
-        )
-        for impl in ("xla", "ffi")
-    }  # fmt: skip
+            ),
+            mesh=make_mesh((1,), ("tp",)), in_specs=(P(),) * 4, out_specs=P(),
+        )  # fmt: skip
+        got[impl] = np.asarray(jax.jit(f)(x1, x2, s1, s2))
     for impl, y in got.items():
         assert np.isnan(y[::3]).all(), (impl, y[::3])
         assert np.isfinite(y[1::3]).all(), (impl, y[1::3])
     np.testing.assert_array_equal(got["ffi"], got["xla"])  # NaN == NaN here
+    np.testing.assert_array_equal(got["ascend"], got["xla"])
 
 
 def test_fp8_pertile_comm_error_bound():

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace cann_double {
 namespace ops {
@@ -530,18 +531,26 @@ constexpr int64_t kMxBlock = 32;    // MX group along k
 constexpr int64_t kCommTile = 128;  // fp8 pertile communication tile along n
 
 // Per row, per 1 x 128 tile: a = max|tile| (FP8_MAX if 0), sc = FP8_MAX / a
-// (1 if 0), q = fp8(clip(tile * sc)) half to even.
+// (1 if 0), q = fp8(clip(tile * sc)) half to even. The max and the clip
+// propagate NaN: a NaN in the tile makes a, sc and every code of the tile NaN.
 void QuantizeTiles(const float* row, int64_t n, int fp8, uint8_t* codes, float* scales) {
   const float fmax = Float8Max(fp8);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t t = 0; t * kCommTile < n; ++t) {
     const int64_t j0 = t * kCommTile, j1 = std::min(n, j0 + kCommTile);
     float amax = 0.0f;
-    for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(row[j]));
+    bool has_nan = false;
+    for (int64_t j = j0; j < j1; ++j) {
+      has_nan = has_nan || std::isnan(row[j]);
+      amax = std::max(amax, std::fabs(row[j]));
+    }
+    if (has_nan) amax = nan;
     if (amax == 0.0f) amax = fmax;
     float sc = fmax / amax;
     if (sc == 0.0f) sc = 1.0f;
     for (int64_t j = j0; j < j1; ++j) {
-      codes[j] = EncodeFloat8(std::min(fmax, std::max(-fmax, row[j] * sc)), fp8);
+      const float v = row[j] * sc;
+      codes[j] = EncodeFloat8(std::isnan(v) ? v : std::min(fmax, std::max(-fmax, v)), fp8);
     }
     scales[t] = sc;
   }
