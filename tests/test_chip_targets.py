@@ -143,6 +143,40 @@ def test_operator_on_chip(op, chip):
                 _eval(op, world, comm_turn=1)
 
 
+def _mm_all_reduce_base_mode(mode, world):
+    """eval_shape of a mm_all_reduce_base call in ``mode`` on ``world`` ranks."""
+    m, k, n = 4, 16 * world, 8
+    x1 = jax.ShapeDtypeStruct((m, k), jnp.int8 if mode == "full quant" else jnp.bfloat16)
+    x2 = jax.ShapeDtypeStruct((k, n), jnp.int8 if mode != "float" else jnp.bfloat16)
+    kw = {}
+    if mode == "weight-only":
+        kw = dict(antiquant_scale=jax.ShapeDtypeStruct((n,), jnp.bfloat16))
+    elif mode == "full quant":
+        kw = dict(dequant_scale=jax.ShapeDtypeStruct((n,), jnp.bfloat16))
+    f = jax.shard_map(
+        lambda a, b, kw: mc2.mm_all_reduce_base(a, b, "tp", **kw),
+        mesh=make_mesh((world,), ("tp",)),
+        in_specs=(P(None, "tp"), P("tp", None), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+    return jax.eval_shape(f, x1, x2, kw)
+
+
+@pytest.mark.parametrize("mode", ["weight-only", "full quant"])
+def test_mm_all_reduce_base_quantized_modes_take_the_v4_card_counts_on_950(mode):
+    """On Ascend 950 the quantized modes of mm_all_reduce_base take the V4
+    kernel's card counts (1, 2, 4, 8, 16, 32, 64), while the floating mode
+    takes any count up to 64."""
+    with mc2.target(T.ASCEND_950):
+        _mm_all_reduce_base_mode("float", 3)
+        _mm_all_reduce_base_mode(mode, 4)
+        with pytest.raises(
+            NotImplementedError, match=r"world size 3 .*supported: 1, 2, 4, 8, 16, 32, 64"
+        ):
+            _mm_all_reduce_base_mode(mode, 3)
+
+
 def test_every_operator_and_chip_is_in_the_table():
     ops_in_profiles = {op for p in T.PROFILES.values() for op in p.operators}
     assert ops_in_profiles == set(OPS)

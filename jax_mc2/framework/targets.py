@@ -62,6 +62,9 @@ class OperatorSupport:
       math only).
     low_precision: the fp8 / hifloat8 / MX rows and the fp8 communication
       (quant_matmul_all_reduce_v4 on Ascend 950) exist.
+    quantized_world_sizes: the world sizes of the operator's quantized
+      modes where they differ from ``world_sizes`` (None: the same), with
+      ``quantized_source``.
     """
 
     world_sizes: frozenset[int] | None = None
@@ -72,6 +75,8 @@ class OperatorSupport:
     max_last_dim: int | None = None
     ep_limits: ExpertParallelLimits | None = None
     low_precision: bool = False
+    quantized_world_sizes: frozenset[int] | None = None
+    quantized_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,14 @@ PROFILES: dict[str, TargetProfile] = {
         (FLOAT16, BFLOAT16),
         {
             "mm_all_reduce_base": OperatorSupport(
-                _950_RANKS, _INT32_MAX, True, True, "Ascend 950: up to 64 ranks", max_last_dim=65535
+                _950_RANKS,
+                _INT32_MAX,
+                True,
+                True,
+                "Ascend 950: up to 64 ranks",
+                max_last_dim=65535,
+                quantized_world_sizes=_950_V4_RANKS,
+                quantized_source=("the quantized modes on Ascend 950: the V4 kernel's card counts"),
             ),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(
                 _950_RANKS, _INT32_MAX, True, False, "Ascend 950: up to 64 ranks"
@@ -277,11 +289,16 @@ def check_float_dtype(op: str, name: str, aval) -> None:
     raise TypeError(f"{op}: {name} dtype must be one of {allowed}, got {dtype.name}")
 
 
-def check_world_size(op: str, world_size: int, axis_name) -> None:
+def check_world_size(op: str, world_size: int, axis_name, *, quantized: bool = False) -> None:
+    """The current target's world sizes of ``op`` (of its quantized modes
+    with ``quantized``)."""
     support = operator_support(op)
     profile = current_profile()
-    if support.world_sizes is not None and world_size not in support.world_sizes:
-        sizes = sorted(support.world_sizes)
+    allowed, source = support.world_sizes, support.source
+    if quantized and support.quantized_world_sizes is not None:
+        allowed, source = support.quantized_world_sizes, support.quantized_source
+    if allowed is not None and world_size not in allowed:
+        sizes = sorted(allowed)
         shown = (
             f"{sizes[0]}..{sizes[-1]}"
             if sizes == list(range(sizes[0], sizes[-1] + 1)) and len(sizes) > 4
@@ -289,5 +306,5 @@ def check_world_size(op: str, world_size: int, axis_name) -> None:
         )
         raise NotImplementedError(
             f"{op}: world size {world_size} (axis_name={axis_name!r}) is not supported on "
-            f"target {profile.name!r}; supported: {shown} ({support.source})"
+            f"target {profile.name!r}; supported: {shown} ({source})"
         )

@@ -83,7 +83,9 @@ def check_chip_limits(op, x1, out_shape, collective, *, x2=None, limit_n=False):
     entries are ignored)."""
     support = targets.operator_support(op)
     comm_turn = collective["comm_turn"]
-    targets.check_world_size(op, collective["world_size"], collective["axis_name"])
+    targets.check_world_size(
+        op, collective["world_size"], collective["axis_name"], quantized=x2 is not None
+    )
     name = targets.get_target()
     if comm_turn != 0 and support.comm_turn_zero_only:
         raise validation.unsupported(
