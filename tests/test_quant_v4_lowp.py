@@ -596,6 +596,19 @@ def test_empty_m_in_the_perblock_and_mx_rows(impl):
     assert y.shape == (0, n) and y.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("impl", ["xla", "ffi"])
+def test_empty_n_in_the_mx_rows(impl):
+    """n = 0 (accepted on the generic target): the e8m0 scales [0, k/64, 2]
+    reshape to [0, k/32] without inferring a dimension from zero elements."""
+    k = 128
+    x1, x1_scale = mc2.quant.mx_quantize(np.ones((4, k), np.float32))
+    y = mc2.quant_matmul_all_reduce_v4(
+        x1, np.ones((0, k), E4M3), None, x1_scale=x1_scale,
+        x2_scale=np.ones((0, 2, 2), E8M0), transpose_x2=True, implementation=impl,
+    )  # fmt: skip
+    assert y.shape == (4, 0) and y.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("m, n", [(2, 8), (64, 64)])
 def test_fp8_pertile_comm_nan_makes_its_tile_nan(m, n):
     """A NaN in a 1 x 128 tile of the pertile chain makes the tile's scale and

@@ -542,3 +542,26 @@ def test_static_counts_received_rows_past_int32_are_named():
         ValueError, match=r"sent \[1610612736, 805306368\] and received \[2415919104, 0\]"
     ):
         jax.eval_shape(f, S((2 * a, 8), jnp.float16), S((2, 8, 8), jnp.float16))
+
+
+def test_quant_matmul_all_reduce_float32_scale_hint_names_existing_arguments():
+    """quant_matmul_all_reduce (seed 000) has no pertoken scale: the hint for a
+    float32 dequant scale names the packing helper and the operators that
+    take one, not an argument of its own it does not have."""
+    x1, x2 = np.ones((4, 8), np.int8), np.ones((8, 6), np.int8)
+    with pytest.raises(TypeError) as info:
+        mc2.quant_matmul_all_reduce(x1, x2, None, dequant_scale=np.ones(6, np.float32))
+    message = str(info.value)
+    assert message.startswith("quant_matmul_all_reduce: dequant_scale dtype must be")
+    assert "quant.trans_quant_param" in message and "mm_all_reduce_base (pertoken_scale)" in message
+    assert "needs pertoken_scale" not in message
+
+
+def test_group_size_with_bits_above_47_names_the_operator():
+    x1 = np.ones((4, 256), F8)
+    x2 = np.ones((256, 128), F8)
+    with pytest.raises(ValueError, match=r"^quant_matmul_all_reduce_v4: .*bits above 47 must be 0"):
+        mc2.quant_matmul_all_reduce_v4(
+            x1, x2, None, x1_scale=np.ones((1, 2), np.float32),
+            x2_scale=np.ones((2, 1), np.float32), group_size=(1 << 50) | (128 << 32) | (128 << 16),
+        )  # fmt: skip

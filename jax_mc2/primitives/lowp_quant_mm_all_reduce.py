@@ -146,11 +146,11 @@ def _resolve_group(op, group_size, dims, scale_dims, want, row):
     explicit = f"pass group_size=jax_mc2.quant.group_size{want} (= {quant.group_size(*want)})"
     # An empty direction (m = 0 with a 0-extent scale) has nothing to group:
     # its 0 field resolves to the row's own group size.
-    fields = quant.unpack_group_size(group_size)
-    empty = [f == 0 and d == 0 and sd == 0 for f, d, sd in zip(fields, dims, scale_dims)]
-    dims = tuple(w if e else d for w, e, d in zip(want, empty, dims))
-    scale_dims = tuple(1 if e else sd for e, sd in zip(empty, scale_dims))
     try:
+        fields = quant.unpack_group_size(group_size)
+        empty = [f == 0 and d == 0 and sd == 0 for f, d, sd in zip(fields, dims, scale_dims)]
+        dims = tuple(w if e else d for w, e, d in zip(want, empty, dims))
+        scale_dims = tuple(1 if e else sd for e, sd in zip(empty, scale_dims))
         got = quant.resolve_group_size(group_size, dims, scale_dims)
     except ValueError as e:
         raise validation.value_error(op, f"{e}: {explicit} ({row} rows)") from None
@@ -432,7 +432,7 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
     if mode == PERBLOCK:
         s = x2_scale.T if transpose_x2 else x2_scale
         return jnp.repeat(s, BLOCK, axis=1)[:, :n]
-    return x2_scale.reshape(n, -1)
+    return x2_scale.reshape(n, x2_scale.shape[-2] * x2_scale.shape[-1])
 
 
 def _round_out(y, x3, out_dtype):

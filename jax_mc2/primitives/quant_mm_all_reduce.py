@@ -57,6 +57,17 @@ def _scale_names(op):
     return "dequant_scale", "pertoken_scale"
 
 
+def _float32_scale_hint(op):
+    """Where a float32 dequant scale without a pertoken scale can go instead."""
+    if op == "quant_matmul_all_reduce":  # seed 000 has no pertoken scale
+        return (
+            "; pack a float32 scale with quant.trans_quant_param, or pass it with a pertoken "
+            "scale to mm_all_reduce_base (pertoken_scale) or quant_matmul_all_reduce_v4 "
+            "(x1_scale)"
+        )
+    return f"; a float32 scale needs {_scale_names(op)[1]} or quant.trans_quant_param"
+
+
 def scale_layout(op, name, scale, n, *, pertoken=False):
     """Checks a dequant scale; returns ``(output dtype, packed pair form?)``.
 
@@ -85,11 +96,7 @@ def scale_layout(op, name, scale, n, *, pertoken=False):
             f"{name} dtype must be int64/uint64 packed scales (or uint32 (low, high) pairs "
             f"[..., 2]) for float16 output, or bfloat16 for bfloat16 output, got "
             f"{dtype.name}{list(scale.shape)}"
-            + (
-                f"; a float32 scale needs {_scale_names(op)[1]} or quant.trans_quant_param"
-                if dtype == np.dtype(np.float32)
-                else ""
-            ),
+            + (_float32_scale_hint(op) if dtype == np.dtype(np.float32) else ""),
         )
     check_channel_scale(op, name, scale, n, pair=pair)
     return out_dtype, pair
