@@ -853,6 +853,13 @@ def test_chip_rules(op):
             _shape_check(4, op=op, counts=counts(4), **big)
         with pytest.raises(NotImplementedError, match=r"per-card traffic .* \[2 MB, 100 MB\]"):
             _shape_check(8, op=op)
+        # Every card's traffic counts, not only the busiest card's: rank 0
+        # sends 4 MB, the others 16 KiB.
+        uneven = counts(8)
+        uneven[1:] = 0
+        uneven[1:, 0] = 8
+        with pytest.raises(NotImplementedError, match=r"rank 1's per-card traffic 16384 bytes"):
+            _shape_check(8, op=op, counts=uneven, **big)
         with pytest.raises(TypeError, match="float32 is accepted only under the 'generic'"):
             _shape_check(8, op=op, counts=counts(8), dtype=jnp.float32, **big)
     with mc2.target("ascend-950"):

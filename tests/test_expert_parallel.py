@@ -191,6 +191,36 @@ def test_invalid_arguments(kwargs, error, match):
         mc2.parallel.expert_parallel_moe(x, rw, wg, wu, wd, mesh=mesh, **kwargs)
 
 
+@pytest.mark.parametrize("which", ["w_gate", "w_down", "shared_expert.w_up"])
+def test_weight_dtype_errors_name_the_wrapper_and_argument(which):
+    """A weight of another dtype than x is refused by expert_parallel_moe in
+    its own argument names (not by the inner grouped matmul's gmm_weight)."""
+    x, rw, wg, wu, wd, shared = _case(0)
+    args = dict(w_gate=wg, w_up=wu, w_down=wd)
+    if which.startswith("shared_expert."):
+        shared = shared._replace(w_up=shared.w_up.astype(np.float16))
+    else:
+        args[which] = args[which].astype(np.float16)
+    mesh = make_mesh((8,), ("ep",))
+    with pytest.raises(
+        TypeError, match=rf"^expert_parallel_moe: {which} dtype must equal x's dtype float32"
+    ):
+        mc2.parallel.expert_parallel_moe(x, rw, **args, mesh=mesh, axis="ep", shared_expert=shared)
+
+
+def test_more_than_32_local_experts_is_the_wrappers_error():
+    rng = np.random.default_rng(0)
+    g = 33
+    x = rng.standard_normal((8, H)).astype(np.float32)
+    rw = rng.standard_normal((H, g)).astype(np.float32)
+    wg = np.zeros((g, H, F), np.float32)
+    wd = np.zeros((g, F, H), np.float32)
+    with pytest.raises(ValueError, match=r"^expert_parallel_moe: G = 33 experts .* at most 32"):
+        mc2.parallel.expert_parallel_moe(
+            x, rw, wg, wg, wd, mesh=make_mesh((1,), ("ep",)), axis="ep"
+        )
+
+
 def test_data_axes_may_be_one_name():
     """data_axes="dp" is the one axis "dp" (it had been split into "d" and
     "p"): the call traces as with ("dp",)."""

@@ -375,9 +375,20 @@ def test_vmap_named_axis_refused(op):
 
 
 def test_unbound_axis_name():
+    """An unbound axis is named with the operator and the argument (JAX alone
+    says only "unbound axis name: tp")."""
     x = np.ones((4, 8), np.float16)
-    with pytest.raises(NameError, match="unbound axis name: tp"):
+    with pytest.raises(
+        NameError, match=r"^mm_all_reduce_base: axis_name=\('tp',\) .*unbound axis name: tp"
+    ):
         mc2.mm_all_reduce_base(x, np.ones((8, 2), np.float16), "tp")
+    with pytest.raises(NameError, match=r"^alltoallv_grouped_matmul: axis_name=\('ep',\)"):
+        mc2.alltoallv_grouped_matmul(
+            np.ones((2, 8), np.float16), np.ones((1, 8, 4), np.float16), "ep",
+            send_counts=np.array([2]),
+        )  # fmt: skip
+    with pytest.raises(NameError, match=r"^exchange_counts: axis_name=\('ep',\)"):
+        mc2.exchange_counts(np.array([2]), "ep")
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -565,3 +565,20 @@ def test_group_size_with_bits_above_47_names_the_operator():
             x1, x2, None, x1_scale=np.ones((1, 2), np.float32),
             x2_scale=np.ones((2, 1), np.float32), group_size=(1 << 50) | (128 << 32) | (128 << 16),
         )  # fmt: skip
+
+
+def test_ragged_static_counts_are_the_operators_type_error():
+    with pytest.raises(
+        TypeError, match=r"^alltoallv_grouped_matmul: send_counts must be a rectangular table"
+    ):
+        mc2.alltoallv_grouped_matmul(
+            np.ones((4, 8), np.float16), np.ones((1, 8, 4), np.float16), None,
+            send_counts=[[1, 1, 1, 1], [1, 1]],
+        )  # fmt: skip
+
+
+def test_group_sizes_past_int64_say_so():
+    with pytest.raises(
+        TypeError, match=r"group_sizes must be .* \(Python integers must fit int64\)"
+    ):
+        mc2.grouped_matmul(np.ones((2, 8), np.float32), np.ones((2, 8, 4), np.float32), [2**70, 1])

@@ -14,9 +14,19 @@ from jax_mc2.framework.typing import AxisName
 from jax_mc2.framework.validation import shape_str
 
 
-def world_size_of(axis_name: tuple[str, ...]) -> int:
-    """Size of the communication group; NameError if a name is unbound."""
-    return int(lax.axis_size(axis_name)) if axis_name else 1
+def world_size_of(op: str, axis_name: tuple[str, ...]) -> int:
+    """Size of the communication group; a NameError naming ``op`` and the
+    axis if a name is unbound."""
+    if not axis_name:
+        return 1
+    try:
+        return int(lax.axis_size(axis_name))
+    except NameError as e:
+        raise NameError(
+            f"{op}: axis_name={axis_name!r} names an axis that is not bound here ({e}); call "
+            "the operator inside shard_map over a mesh with that axis, or pass axis_name=None "
+            "for a group of one"
+        ) from None
 
 
 def collective_params(
@@ -29,7 +39,7 @@ def collective_params(
     comm_turn = validation.check_comm_turn(op, comm_turn)
     return {
         "axis_name": axes,
-        "world_size": world_size_of(axes),
+        "world_size": world_size_of(op, axes),
         "comm_turn": comm_turn,
         "implementation": impl,
     }
@@ -42,7 +52,7 @@ def exchange_counts(send_counts: ArrayLike, axis_name: AxisName) -> Array:
     ``send_counts`` (and the dispatch's send counts as its recv_counts)."""
     axis_name = validation.canonical_axis_name("exchange_counts", axis_name)
     send_counts = jnp.asarray(send_counts)
-    world = world_size_of(axis_name)
+    world = world_size_of("exchange_counts", axis_name)
     if (
         send_counts.ndim != 1
         or not jnp.issubdtype(send_counts.dtype, jnp.integer)

@@ -44,7 +44,8 @@ def grouped_matmul(
         raise validation.type_error(
             OP,
             f"group_sizes must be a 1-D integer array (G,), got "
-            f"{sizes.dtype.name}{shape_str(sizes.shape)}",
+            f"{sizes.dtype.name}{shape_str(sizes.shape)}"
+            + (" (Python integers must fit int64)" if sizes.dtype == object else ""),
         )
     if np.ndim(w) == 3 and sizes.shape[0] != np.shape(w)[0]:
         raise validation.type_error(

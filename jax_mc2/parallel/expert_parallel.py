@@ -40,6 +40,7 @@ from jax_mc2.operators.alltoallv_grouped_matmul import (
     grouped_matmul_alltoallv,
 )
 from jax_mc2.parallel.tensor_parallel import _as_array, check_mesh_type, shard_map_global
+from jax_mc2.primitives.alltoallv_grouped_matmul import MAX_COUNTS, MAX_LOCAL_EXPERTS
 
 OP = "expert_parallel_moe"
 _F32 = jnp.float32
@@ -231,6 +232,7 @@ def expert_parallel_moe(
     g = _check_weights(x, router_weight, w_gate, w_up, w_down)
     _check_moe_sizes(mesh, axis, data_axes, x.shape[0], g, world, top_k, capacity_factor)
     _check_shared_expert(shared_expert, x.shape[1])
+    _check_expert_dtypes(x, w_gate, w_up, w_down, shared_expert)
     all_axes = (*data_axes, axis)
     token_spec = P(all_axes)
     w_gate_up = jnp.concatenate([w_gate, w_up], axis=2)
@@ -310,11 +312,31 @@ def _check_weights(x, router_weight, w_gate, w_up, w_down):
     return g
 
 
+def _check_expert_dtypes(x, w_gate, w_up, w_down, shared_expert):
+    """The expert weights (and the shared expert's) have x's dtype: the
+    grouped matmuls take one dtype."""
+    weights = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
+    if shared_expert is not None:
+        weights.update({f"shared_expert.{k}": v for k, v in shared_expert._asdict().items()})
+    for name, w in weights.items():
+        if np.dtype(w.dtype) != np.dtype(x.dtype):
+            raise validation.type_error(
+                OP, f"{name} dtype must equal x's dtype {x.dtype}, got {np.dtype(w.dtype).name}"
+            )
+
+
 def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_factor):
-    """G divides over the axis, top_k fits G, T over the shards, capacity_factor > 0."""
+    """G divides over the axis within the operators' expert counts, top_k fits
+    G, T over the shards, capacity_factor > 0."""
     if g % world:
         raise validation.value_error(
             OP, f"G = {g} experts must be a multiple of the {axis!r} size {world}"
+        )
+    if g // world > MAX_LOCAL_EXPERTS or g > MAX_COUNTS:
+        raise validation.value_error(
+            OP,
+            f"G = {g} experts over the {axis!r} size {world} must give at most "
+            f"{MAX_LOCAL_EXPERTS} experts a rank and G <= {MAX_COUNTS}, got {g // world} a rank",
         )
     validation.check_int(OP, "top_k", top_k)
     if not 1 <= top_k <= g:

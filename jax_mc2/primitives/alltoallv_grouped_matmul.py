@@ -76,7 +76,12 @@ def is_static_counts(counts) -> bool:
 
 def static_count_table(op, name, counts, *, world, experts) -> np.ndarray:
     """A ``(W, E*W)`` int64 table from a per-rank matrix or one shared row."""
-    table = np.asarray(counts)
+    try:
+        table = np.asarray(counts)
+    except ValueError:  # NumPy refuses ragged nested lists
+        raise validation.type_error(
+            op, f"{name} must be a rectangular table of integers, got the ragged {counts!r}"
+        ) from None
     if table.dtype.kind not in "iu":
         raise validation.type_error(
             op, f"{name} must hold integers, got {counts!r} (dtype {table.dtype.name})"
@@ -379,15 +384,18 @@ def _check_chip(op, x, n1, rows_sent, mm_x, n2, out_rows, params):
             )
     if limits.traffic_bytes is not None:
         lo, hi = limits.traffic_bytes
-        width = h1 if op == OP_DISPATCH else n1
-        traffic = rows_sent * width * np.dtype(x.dtype).itemsize
-        if not lo <= traffic <= hi:
-            raise validation.unsupported(
-                op,
-                f"per-card traffic {traffic} bytes ({rows_sent} rows x {width} x "
-                f"{np.dtype(x.dtype).itemsize} B) must be in [{lo // 2**20} MB, "
-                f"{hi // 2**20} MB] on target {name!r}",
-            )
+        width, itemsize = (h1 if op == OP_DISPATCH else n1), np.dtype(x.dtype).itemsize
+        # Every card's: a static table's rows of each rank, else the buffer's.
+        for rank, sent in enumerate(rows_sent):
+            traffic = int(sent) * width * itemsize
+            if not lo <= traffic <= hi:
+                card = f"rank {rank}'s " if len(rows_sent) > 1 else ""
+                raise validation.unsupported(
+                    op,
+                    f"{card}per-card traffic {traffic} bytes ({int(sent)} rows x {width} x "
+                    f"{itemsize} B) must be in [{lo // 2**20} MB, {hi // 2**20} MB] on target "
+                    f"{name!r}",
+                )
 
 
 def _abstract_eval(prim, *operands, **params):
@@ -413,7 +421,7 @@ def _abstract_eval(prim, *operands, **params):
     if send is not None:
         _check_counts_operand(op, "send_counts", send, experts * world)
         _check_counts_operand(op, "recv_counts", recv, experts * world)
-        rows_sent = rows
+        rows_sent = (rows,)
     else:
         rows_sent = _check_static_counts(prim, op, rows, params)
     mm_out, n2 = [], None
@@ -449,7 +457,7 @@ def _check_gmm_weight(op, x, w, experts, trans):
 
 def _check_static_counts(prim, op, rows, params):
     """A static count table against gmm_x's rows and the capacities; returns
-    the most rows a rank sends."""
+    the rows each rank sends."""
     world, experts = params["world_size"], params["experts"]
     table = np.asarray(params["send_table"])
     sums = table.sum(axis=1)
@@ -473,7 +481,7 @@ def _check_static_counts(prim, op, rows, params):
             f"max_tokens_per_peer = {params['peer_capacity']} is smaller than the "
             f"{_max_chunk(table, experts)} rows one rank sends one peer with these counts",
         )
-    return int(sums.max(initial=0))
+    return tuple(int(v) for v in sums)
 
 
 def _check_shared_expert(op, x, mm_x, mm_w, trans):
@@ -854,7 +862,7 @@ def traced_counts(
 def _common_params(op, gmm_weight, axis_name, send_counts, recv_counts, implementation):
     axes = validation.canonical_axis_name(op, axis_name)
     impl = requested_implementation(op, implementation)
-    world = world_size_of(axes)
+    world = world_size_of(op, axes)
     w_shape = np.shape(gmm_weight)
     if len(w_shape) != 3:
         raise validation.type_error(
