@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <unordered_map>
 
@@ -46,7 +48,7 @@ std::atomic<int64_t> g_launches{0};
 // A stream-ordered pool of device memory for one stream. Blocks go back to
 // the free list only after the stream has synchronized past the kernel that
 // used them; after a failed synchronization they are quarantined until the
-// stream next synchronizes cleanly (or Shutdown).
+// stream next synchronizes cleanly (Shutdown frees them only then, too).
 struct Pool {
   std::multimap<size_t, void*> free_blocks;
   std::vector<std::pair<size_t, void*>> quarantine;
@@ -74,6 +76,12 @@ void ApplyDeterminism(const Cann& c) {
   if (c.aclrtCtxSetSysParamOpt) c.aclrtCtxSetSysParamOpt(kOptDeterministic, 1);
 }
 
+// The state of JAX device `ordinal`, made on first use. Making it is the one
+// aclrtSetDevice of the device (it also makes the calling thread's current
+// device that one): ACL counts every aclrtSetDevice of the process and
+// releases the device's default context only when as many aclrtResetDevice
+// calls have brought the count back to 0, so each set is paired with the one
+// reset in Shutdown, or undone here when making the state fails.
 Status GetDevice(const Cann& c, int ordinal, DeviceState** out) {
   std::lock_guard<std::mutex> lock(g_dev_mu);
   auto it = g_devices.find(ordinal);
@@ -90,22 +98,32 @@ Status GetDevice(const Cann& c, int ordinal, DeviceState** out) {
         c,
         "aclrtSetDevice(" + std::to_string(d->npu) + ") for JAX device " + std::to_string(ordinal),
         rc);
-  if ((rc = c.aclrtGetCurrentContext(&d->ctx)) != kAclSuccess)
-    return Fail(c, "aclrtGetCurrentContext", rc);
-  ApplyDeterminism(c);
-  if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess)
-    return Fail(c, "aclrtCreateStream", rc);
+  Status s;
+  if ((rc = c.aclrtGetCurrentContext(&d->ctx)) != kAclSuccess) {
+    s = Fail(c, "aclrtGetCurrentContext", rc);
+  } else {
+    ApplyDeterminism(c);
+    if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess) s = Fail(c, "aclrtCreateStream", rc);
+  }
+  if (!s.ok) {
+    c.aclrtResetDevice(d->npu);  // the set above (nothing was made in the context)
+    return s;
+  }
   *out = d.get();
   g_devices.emplace(ordinal, std::move(d));
   return Status::Ok();
 }
 
+// Binds the calling thread to the device: XLA runs handlers on its worker
+// threads (and HCCL creations run on threads of their own), so every entry
+// point that calls CANN for a device enters it first. Adopting the device's
+// context is enough: a context of another device also switches the thread's
+// device, and an aclrtSetDevice here would add to ACL's count of the device
+// at every call, never to be balanced.
 Status Enter(const Cann& c, DeviceState* d) {
-  // XLA runs handlers on its worker threads: bind the thread every call.
-  aclError rc = c.aclrtSetDevice(d->npu);
-  if (rc != kAclSuccess) return Fail(c, "aclrtSetDevice(" + std::to_string(d->npu) + ")", rc);
-  if ((rc = c.aclrtSetCurrentContext(d->ctx)) != kAclSuccess)
-    return Fail(c, "aclrtSetCurrentContext", rc);
+  aclError rc = c.aclrtSetCurrentContext(d->ctx);
+  if (rc != kAclSuccess)
+    return Fail(c, "aclrtSetCurrentContext (NPU " + std::to_string(d->npu) + ")", rc);
   return Status::Ok();
 }
 
@@ -552,16 +570,53 @@ int KvTimeoutMs() {
   return ms > 0 ? ms : 300000;
 }
 
-// Destroys this process's communicators of `key` (on `ordinals`).
-void DestroyComms(const Cann& c, const std::string& key, const std::vector<int>& ordinals) {
-  std::lock_guard<std::mutex> cl(g_comm_mu);
-  for (int o : ordinals) {
-    auto it = g_comms.find({key, o});
-    if (it != g_comms.end()) {
-      c.HcclCommDestroy(it->second.comm);
-      g_comms.erase(it);
+// Destroys communicator `comm` of JAX device `ordinal` from that device: HCCL
+// looks a communicator up in the table of the calling thread's device, and
+// from another device HcclCommDestroy returns HCCL_E_PARA and destroys
+// nothing. An error names the device, the HcclResult and CANN's message.
+Status DestroyComm(const Cann& c, int ordinal, HcclComm comm) {
+  if (comm == nullptr) return Status::Ok();
+  const std::string what =
+      "destroying the HCCL communicator of JAX device " + std::to_string(ordinal);
+  DeviceState* d = nullptr;
+  Status s = GetDevice(c, ordinal, &d);
+  if (s.ok) s = Enter(c, d);
+  if (!s.ok) return Status::Error(what + ": " + s.message);
+  const HcclResult r = c.HcclCommDestroy(comm);
+  if (r != 0)
+    return Status::Error(what + ": HcclCommDestroy failed with HcclResult " + HcclErr(c, r) + ": " +
+                         RecentErr(c));
+  return Status::Ok();
+}
+
+// Adds `s`'s message (when it failed) to `errors`, '; '-separated.
+void Collect(const Status& s, std::string* errors) {
+  if (s.ok) return;
+  if (!errors->empty()) *errors += "; ";
+  *errors += s.message;
+}
+
+// Destroys this process's communicators of `key` (on `ordinals`), each from
+// its own device. Every one leaves the registry, destroyed or not: one that
+// HCCL refused to destroy is abandoned (no later call could use it), and the
+// error says so.
+Status DestroyComms(const Cann& c, const std::string& key, const std::vector<int>& ordinals) {
+  std::vector<std::pair<int, HcclComm>> doomed;
+  {
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    for (int o : ordinals) {
+      auto it = g_comms.find({key, o});
+      if (it != g_comms.end()) {
+        doomed.emplace_back(o, it->second.comm);
+        g_comms.erase(it);
+      }
     }
   }
+  // Outside g_comm_mu: entering a device takes g_dev_mu.
+  std::string errors;
+  for (auto [o, comm] : doomed) Collect(DestroyComm(c, o, comm), &errors);
+  if (errors.empty()) return Status::Ok();
+  return Status::Error(errors + " (the communicator is abandoned)");
 }
 
 // Lets kernels still queued from a failed call finish (or fail) on the old
@@ -581,13 +636,6 @@ void DrainStreams(const Cann& c, const std::vector<int>& ordinals) {
 
 std::string Generation(const GroupDef& def, int64_t call) {
   return std::to_string(def.epoch) + "." + std::to_string(call);
-}
-
-// Destroys a communicator no table holds yet (a creation that failed part
-// way), in its device's context.
-void DestroyUnregistered(const Cann& c, int ordinal, HcclComm comm) {
-  DeviceState* d = nullptr;
-  if (comm != nullptr && GetDevice(c, ordinal, &d).ok && Enter(c, d).ok) c.HcclCommDestroy(comm);
 }
 
 // Every local rank joins the communicator of `root_info` concurrently, one
@@ -629,9 +677,11 @@ Status InitRootInfo(const Cann& c, const std::string& key, int nranks, const std
   for (auto& t : threads) t.join();
   for (auto& s : results) {
     if (s.ok) continue;
+    // A creation that failed part way: the communicators no table holds yet.
+    std::string errors;
     for (size_t i = 0; i < entries.size(); ++i)
-      DestroyUnregistered(c, rank_ordinals[i].second, entries[i].comm);
-    return s;
+      Collect(DestroyComm(c, rank_ordinals[i].second, entries[i].comm), &errors);
+    return errors.empty() ? s : Status::Error(s.message + "; then " + errors);
   }
   std::lock_guard<std::mutex> lock(g_comm_mu);
   for (size_t i = 0; i < rank_ordinals.size(); ++i)
@@ -691,8 +741,9 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
     def->init_all = true;
     if (IsLive(key, *def)) return Status::Ok();  // already there
   }
-  DestroyComms(*c, key, ordinals);
-  Status s = CommInitAllLocked(c, key, ordinals);
+  Status s = DestroyComms(*c, key, ordinals);
+  if (!s.ok) return s;
+  s = CommInitAllLocked(c, key, ordinals);
   if (s.ok) {
     def->broken_at = -1;
     def->recreated_at = LatestCall(*def);
@@ -703,13 +754,22 @@ Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
 Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals) {
   if (c->HcclCommInitAll == nullptr)
     return Status::Error("CANN symbol HcclCommInitAll not found in libhccl.so");
+  if (ordinals.empty()) return Status::Error("HcclCommInitAll: a group without devices");
   std::vector<int32_t> npus;
+  DeviceState* first = nullptr;
   for (int o : ordinals) {
     DeviceState* d = nullptr;
     Status s = GetDevice(*c, o, &d);
     if (!s.ok) return s;
+    if (first == nullptr) first = d;
     npus.push_back(d->npu);
   }
+  // HcclCommInitAll begins by reading the calling thread's current device
+  // and fails without one, and GetDevice sets a device only when it makes a
+  // device's state: a thread that never ran a call (a Python thread
+  // lowering a new group over devices in use) has none. Enter the first.
+  Status entered = Enter(*c, first);
+  if (!entered.ok) return entered;
   ApplyHcclDeterminism(*c);
   std::vector<HcclComm> comms(ordinals.size(), nullptr);
   HcclResult r = c->HcclCommInitAll(static_cast<uint32_t>(npus.size()), npus.data(), comms.data());
@@ -721,8 +781,11 @@ Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vecto
     char name[kCommNameMaxLength + 1] = {0};
     r = c->HcclGetCommName(comms[i], name);
     if (r != 0) {
-      for (size_t j = 0; j < ordinals.size(); ++j) DestroyUnregistered(*c, ordinals[j], comms[j]);
-      return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r));
+      std::string errors;
+      for (size_t j = 0; j < ordinals.size(); ++j)
+        Collect(DestroyComm(*c, ordinals[j], comms[j]), &errors);
+      return Status::Error("HcclGetCommName failed with HcclResult " + HcclErr(*c, r) +
+                           (errors.empty() ? "" : "; then " + errors));
     }
     entries[i] = CommEntry{comms[i], name, static_cast<int>(i)};
   }
@@ -767,10 +830,11 @@ Status CommJoin(const std::string& key, int nranks,
     for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
     if (IsLive(key, *def)) return Status::Ok();  // already there
   }
-  DestroyComms(*c, key, def->ordinals);
+  Status s = DestroyComms(*c, key, def->ordinals);
+  if (!s.ok) return s;
   const int64_t latest = LatestCall(*def);
   ++def->epoch;
-  Status s = JoinLocked(*c, key, *def, Generation(*def, latest), timeout_ms);
+  s = JoinLocked(*c, key, *def, Generation(*def, latest), timeout_ms);
   if (s.ok) {
     def->broken_at = -1;
     def->recreated_at = latest;
@@ -857,11 +921,15 @@ Status EnsureComm(const Cann& c, std::string_view keys, int ordinal, int64_t cal
                          " could not be re-created for this call: " + def->attempt_error);
   def->attempted_at = call;
   DrainStreams(c, def->ordinals);
-  DestroyComms(c, key, def->ordinals);
-  Status s = def->init_all ? CommInitAllLocked(&c, key, def->ordinals)
-                           : JoinLocked(c, key, *def, Generation(*def, call), KvTimeoutMs());
+  // The old communicators first: one HCCL refuses to destroy fails this
+  // attempt (it has left the registry; the next call tries again).
+  Status s = DestroyComms(c, key, def->ordinals);
+  if (s.ok)
+    s = def->init_all ? CommInitAllLocked(&c, key, def->ordinals)
+                      : JoinLocked(c, key, *def, Generation(*def, call), KvTimeoutMs());
   if (!s.ok) {
-    DestroyComms(c, key, def->ordinals);  // all or nothing
+    const Status undo = DestroyComms(c, key, def->ordinals);  // all or nothing
+    if (!undo.ok) s = Status::Error(s.message + "; then " + undo.message);
     def->attempt_error = s.message;
     def->broken_at = std::max(def->broken_at, call);
     return Status::Error("re-creating the HCCL communicator of replica group " + key +
@@ -1071,6 +1139,28 @@ Status RunAlltoAllv(const Cann& c, const AlltoAllvPlan& plan, HcclComm comm, acl
   }
   return Status::Ok();
 }
+
+// Waits until `d`'s stream has passed everything queued on it (the caller
+// holds d->mu). A wait that returns a kernel's failure is made once more:
+// the status may be a failed call's, whose kernel has ended (a call drops
+// such a status the same way). A timeout, a second failure, or a device
+// that cannot be entered is an error: work may still be running there.
+Status WaitIdle(const Cann& c, DeviceState* d) {
+  Status s = Enter(c, d);
+  if (!s.ok) return s;
+  aclError rc = c.aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+  if (rc != kAclSuccess && rc != kAclStreamSyncTimeout)
+    rc = c.aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+  if (rc == kAclSuccess) return Status::Ok();
+  return Fail(c, "aclrtSynchronizeStreamWithTimeout (" + std::to_string(TimeoutMs()) + " ms)", rc);
+}
+
+// What Shutdown could not do goes to stderr: it has no caller to return an
+// error to (jax_mc2.ascend.shutdown(), also run at exit).
+void ShutdownWarning(const std::string& message) {
+  std::fprintf(stderr, "jax_mc2.ascend shutdown: %s\n", message.c_str());
+}
+
 }  // namespace
 
 void Shutdown() {
@@ -1085,37 +1175,63 @@ void Shutdown() {
     std::lock_guard<std::mutex> lock(g_dev_mu);
     for (auto& [o, d] : g_devices) devices.push_back(d.get());
   }
+  // Every stream first. One that does not come back (the wait timed out or
+  // failed) may still run the kernel of a failed call, which uses that
+  // call's quarantined blocks, the stream and the device's communicators,
+  // and may write into the blocks at any time: those are deliberately
+  // leaked below (freeing them would hand the kernel freed device memory),
+  // and the device is not reset (that would take its context, and the
+  // stream, from under the kernel). A later call on the device makes its
+  // state afresh.
+  std::set<int> busy;
   for (DeviceState* d : devices) {
     std::lock_guard<std::mutex> dl(d->mu);
-    if (Enter(*c, d).ok) {
-      c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+    const Status idle = WaitIdle(*c, d);
+    if (!idle.ok) {
+      busy.insert(d->ordinal);
+      ShutdownWarning("the stream of JAX device " + std::to_string(d->ordinal) + " (NPU " +
+                      std::to_string(d->npu) + ") did not come back (" + idle.message +
+                      "): its stream, its HCCL communicators and the buffers of its failed "
+                      "call are left allocated, and the device is not reset");
     }
   }
+  // Communicators, each destroyed from its own device; a busy device's are
+  // abandoned.
+  std::vector<std::pair<int, HcclComm>> comms;
   {
     std::lock_guard<std::mutex> lock(g_comm_mu);
-    for (auto& [k, e] : g_comms) {
-      if (DeviceState* d = g_devices.count(k.second) ? g_devices[k.second].get() : nullptr)
-        Enter(*c, d);
-      c->HcclCommDestroy(e.comm);
-    }
+    for (auto& [k, e] : g_comms) comms.emplace_back(k.second, e.comm);
     g_comms.clear();
   }
+  for (auto [o, comm] : comms) {
+    if (busy.count(o)) continue;
+    const Status s = DestroyComm(*c, o, comm);
+    if (!s.ok) ShutdownWarning(s.message);
+  }
+  std::vector<int> reset;
   for (DeviceState* d : devices) {
     std::lock_guard<std::mutex> dl(d->mu);
-    Enter(*c, d);
+    const Status entered = Enter(*c, d);
+    if (!entered.ok) {
+      ShutdownWarning("JAX device " + std::to_string(d->ordinal) + ": " + entered.message +
+                      "; its memory and stream are left allocated");
+      continue;
+    }
+    // The free list only ever holds blocks the stream has passed.
     for (auto& [sz, blk] : d->pool.free_blocks) c->aclrtFree(blk);
-    for (auto& [sz, blk] : d->pool.quarantine) c->aclrtFree(blk);
     d->pool.free_blocks.clear();
+    if (busy.count(d->ordinal)) continue;  // the quarantine and the stream stay (see above)
+    for (auto& [sz, blk] : d->pool.quarantine) c->aclrtFree(blk);
     d->pool.quarantine.clear();
     c->aclrtDestroyStream(d->stream);
+    reset.push_back(d->npu);
   }
-  std::vector<int> npus;
   {
     std::lock_guard<std::mutex> lock(g_dev_mu);
-    for (auto& [o, d] : g_devices) npus.push_back(d->npu);
     g_devices.clear();
   }
-  for (int n : npus) c->aclrtResetDevice(n);
+  // One reset per device state: the pair of GetDevice's aclrtSetDevice.
+  for (int n : reset) c->aclrtResetDevice(n);
 }
 
 // ---------------------------------------------------------------- launch

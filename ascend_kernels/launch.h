@@ -55,7 +55,10 @@ Status CommJoin(const std::string& key, int nranks,
 std::string CommGeneration(const std::string& key);
 bool HasComm(const std::string& key, int ordinal);
 std::string CommName(const std::string& key, int ordinal);
-// Destroys communicators, frees pooled memory and streams.
+// Destroys communicators, frees pooled memory and streams, and resets the
+// devices. A device whose stream wait fails (a kernel of a failed call may
+// still run) keeps its stream, communicators and that call's buffers
+// (leaked) and is not reset; a later call makes its state afresh.
 void Shutdown();
 std::string SocName(Status* status);
 int DeviceCount(Status* status);

@@ -25,7 +25,7 @@ ACL_ERROR_RT_MEMORY_ALLOCATION = 207001
 ACL_ERROR_RT_STREAM_SYNC_TIMEOUT = 507046
 ACL_ERROR_REPEAT_INITIALIZE = 100002
 ACLNN_ERR_PARAM_INVALID = 161002
-HCCL_E_PARA, HCCL_E_PTR, HCCL_E_INTERNAL, HCCL_E_TIMEOUT = 1, 2, 4, 9
+HCCL_E_PARA, HCCL_E_PTR, HCCL_E_INTERNAL, HCCL_E_TIMEOUT, HCCL_E_RUNTIME = 1, 2, 4, 9, 15
 ACL_ERROR_RT_AICORE_EXCEPTION = 507015
 MEMCPY_HOST_TO_DEVICE, MEMCPY_DEVICE_TO_HOST = 1, 2
 ACL_FLOAT = 0
@@ -75,6 +75,8 @@ class Cann:
             "aclrtRecordEvent": [p, p],
             "aclrtStreamWaitEvent": [p, p],
             "aclrtGetDevice": [ctypes.POINTER(i32)],
+            "aclrtSetCurrentContext": [p],
+            "aclrtGetCurrentContext": [pp],
         }.items():
             _declare(self.acl, name, ctypes.c_int, *args)
         _declare(self.acl, "aclGetRecentErrMsg", ctypes.c_char_p)
@@ -123,6 +125,13 @@ class Cann:
         _declare(self.core, "cann_double_check_device_range", ctypes.c_int, p, sz)
         _declare(
             self.core,
+            "cann_double_device_set_counts",
+            ctypes.c_int,
+            ctypes.POINTER(i64),
+            ctypes.c_int,
+        )
+        _declare(
+            self.core,
             "cann_double_test_all_gather",
             ctypes.c_int,
             ctypes.c_char_p,
@@ -157,6 +166,17 @@ class Cann:
         counts = [ctypes.c_int64() for _ in range(4)]
         self.core.cann_double_live_counts(*map(ctypes.byref, counts))
         return tuple(count.value for count in counts)
+
+    def set_counts(self):
+        """Every device's aclrtSetDevice count (sets minus resets)."""
+        counts = (ctypes.c_int64 * 64)()
+        devices = self.core.cann_double_device_set_counts(counts, 64)
+        return list(counts[:devices])
+
+    def current_device(self):
+        """The calling thread's device (aclrtGetDevice), -1 without one."""
+        device = ctypes.c_int32(-1)
+        return device.value if self.acl.aclrtGetDevice(ctypes.byref(device)) == 0 else -1
 
     def comm_name(self, comm):
         name = ctypes.create_string_buffer(128)
@@ -410,6 +430,20 @@ def _init_all(cann, count):
     return list(comms)
 
 
+def _destroy_all(cann, comms):
+    """Destroys _init_all's communicators, each from a thread on its own
+    device (HCCL looks a communicator up in the calling device's table);
+    returns HcclCommDestroy's results."""
+
+    def destroy(rank):
+        cann.acl.aclrtSetDevice(rank)
+        result = cann.hccl.HcclCommDestroy(comms[rank])
+        cann.acl.aclrtResetDevice(rank)
+        return result
+
+    return _run_ranks(len(comms), destroy)
+
+
 def test_comm_init_all_all_gather_v(cann, device):
     comms = _init_all(cann, 4)
     name = cann.comm_name(comms[0])
@@ -426,8 +460,7 @@ def test_comm_init_all_all_gather_v(cann, device):
 
     expected = b"".join(bytes([rank]) * (rank + 1) for rank in range(4))
     assert _run_ranks(4, rank_work) == [((0, expected), 0, 0)] * 4
-    for comm in comms:
-        assert cann.hccl.HcclCommDestroy(comm) == 0
+    assert _destroy_all(cann, comms) == [0] * 4
 
 
 def test_root_info_across_threads(cann, device):
@@ -460,8 +493,111 @@ def test_stalled_rank_times_out_every_rank(cann, device, monkeypatch):
     results = _run_ranks(3, rank_work)
     assert [result for result, _ in results] == [HCCL_E_TIMEOUT] * 3
     assert all(elapsed < 2.0 for _, elapsed in results)
-    for comm in comms:
-        cann.hccl.HcclCommDestroy(comm)
+    assert _destroy_all(cann, comms) == [0] * 3
+
+
+def test_comm_destroy_needs_the_comms_device(cann, device):
+    """HCCL looks a communicator up in the table of the calling thread's
+    device: destroyed from another device it is HCCL_E_PARA, reported, and
+    still alive; from its own device it goes."""
+    comms = _init_all(cann, 2)
+    assert cann.hccl.HcclCommDestroy(comms[1]) == HCCL_E_PARA  # this thread is on device 0
+    assert (
+        "HcclCommDestroy: the communicator of device 1 destroyed from a thread whose current "
+        "device is 0" in cann.report()
+    )
+    rank = ctypes.c_uint32()
+    assert cann.hccl.HcclGetRankId(comms[1], ctypes.byref(rank)) == 0 and rank.value == 1
+    cann.core.cann_double_clear_report()
+    assert _destroy_all(cann, comms) == [0, 0]
+    assert cann.report().startswith("violations: 0\n")
+
+
+def test_init_all_and_root_info_need_a_device(cann, device):
+    """HcclCommInitAll and HcclGetRootInfo read the calling thread's device
+    first: a thread without one gets HCCL_E_RUNTIME; one that adopted a
+    context (aclrtSetCurrentContext, no aclrtSetDevice) has its device."""
+    context = ctypes.c_void_p()
+    assert cann.acl.aclrtGetCurrentContext(ctypes.byref(context)) == ACL_SUCCESS
+
+    def fresh_thread(_):
+        devices = (ctypes.c_int32 * 2)(0, 1)
+        comms = (ctypes.c_void_p * 2)()
+        root_info = ctypes.create_string_buffer(4108)
+        refused = (
+            cann.hccl.HcclCommInitAll(2, devices, comms),
+            cann.error(),
+            cann.hccl.HcclGetRootInfo(root_info),
+            cann.error(),
+        )
+        assert cann.acl.aclrtSetCurrentContext(context) == ACL_SUCCESS
+        return refused, cann.hccl.HcclCommInitAll(2, devices, comms), list(comms)
+
+    [(refused, adopted, comms)] = _run_ranks(1, fresh_thread)
+    assert refused == (
+        HCCL_E_RUNTIME,
+        "HcclCommInitAll: no device set on this thread (call aclrtSetDevice or "
+        "aclrtSetCurrentContext first)",
+        HCCL_E_RUNTIME,
+        "HcclGetRootInfo: no device set on this thread (call aclrtSetDevice or "
+        "aclrtSetCurrentContext first)",
+    )
+    assert adopted == 0
+    assert _destroy_all(cann, comms) == [0, 0]
+
+
+def test_set_current_context_switches_the_device(cann, device):
+    """A context of another device makes that device the thread's."""
+    context = ctypes.c_void_p()
+    assert cann.acl.aclrtGetCurrentContext(ctypes.byref(context)) == ACL_SUCCESS
+
+    def other_thread(_):
+        cann.acl.aclrtSetDevice(1)
+        before = cann.current_device()
+        assert cann.acl.aclrtSetCurrentContext(context) == ACL_SUCCESS
+        after = cann.current_device()
+        cann.acl.aclrtResetDevice(1)
+        return before, after
+
+    assert _run_ranks(1, other_thread) == [(1, 0)]
+
+
+def test_set_device_is_counted(cann, device):
+    """Every aclrtSetDevice counts (from any thread) and every
+    aclrtResetDevice takes one off, as ACL counts them."""
+    before = cann.set_counts()
+    assert len(before) == 8
+    assert cann.acl.aclrtSetDevice(5) == ACL_SUCCESS
+    assert _run_ranks(1, lambda _: cann.acl.aclrtSetDevice(5)) == [ACL_SUCCESS]
+    assert cann.set_counts()[5] == before[5] + 2
+    assert cann.acl.aclrtResetDevice(5) == ACL_SUCCESS
+    assert cann.acl.aclrtResetDevice(5) == ACL_SUCCESS
+    assert cann.set_counts() == before
+    assert cann.acl.aclrtSetDevice(0) == ACL_SUCCESS  # back on the fixture's device
+
+
+def test_last_reset_releases_the_default_context(library_dir):
+    """The default context lives until the device's count returns to 0 (in a
+    fresh process: the count starts at 0 there)."""
+    script = textwrap.dedent(f"""
+        import ctypes, sys
+        sys.path.insert(0, {str(HERE)!r})
+        from test_cann_double import Cann
+        cann = Cann({library_dir!r})
+        cann.acl.aclrtSetDevice(3)
+        cann.acl.aclrtSetDevice(3)
+        context = ctypes.c_void_p()
+        cann.acl.aclrtGetCurrentContext(ctypes.byref(context))
+        cann.acl.aclrtResetDevice(3)
+        alive = cann.acl.aclrtSetCurrentContext(context)
+        cann.acl.aclrtResetDevice(3)
+        gone = cann.acl.aclrtSetCurrentContext(context)
+        print(alive, gone, cann.set_counts()[3], cann.current_device())
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=20
+    )
+    assert out.stdout.split() == ["0", str(ACL_ERROR_RT_PARAM_INVALID), "0", "-1"]
 
 
 CHILD_RANK = textwrap.dedent("""
@@ -745,8 +881,7 @@ def test_alltoallv_exchange_across_ranks(cann, device, dtype):
     for result, synced, error, out, want in _exchange(cann, comms, counts, dtype):
         assert (result, synced) == (0, ACL_SUCCESS), error
         np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
-    for comm in comms:
-        assert cann.hccl.HcclCommDestroy(comm) == 0
+    assert _destroy_all(cann, comms) == [0] * 3
 
 
 def test_alltoallv_exchange_across_processes(cann, library_dir, device):
@@ -820,8 +955,7 @@ def test_alltoallv_recv_counts_must_match_the_senders(cann, device):
     result, synced, error, _, _ = results[1]
     assert (result, synced) == (0, ACL_ERROR_RT_AICORE_EXCEPTION)
     assert error == ("HcclAlltoAllV: recvCounts[0] = 3 on rank 1 but rank 0 sends it 1 elements")
-    for comm in comms:
-        cann.hccl.HcclCommDestroy(comm)
+    assert _destroy_all(cann, comms) == [0] * 2
 
 
 def test_alltoallv_stalled_rank_fails_every_rank_and_breaks_the_comm(cann, device, monkeypatch):
@@ -844,14 +978,12 @@ def test_alltoallv_stalled_rank_fails_every_rank_and_breaks_the_comm(cann, devic
         assert (result, synced) == (0, ACL_ERROR_RT_STREAM_SYNC_TIMEOUT)  # at once
         assert error.startswith("HcclAlltoAllV: HCCL_E_TIMEOUT")
     assert time.monotonic() - start < 0.3
-    for comm in comms:
-        cann.hccl.HcclCommDestroy(comm)
+    assert _destroy_all(cann, comms) == [0] * 2
     comms = _init_all(cann, 2)
     for result, synced, error, out, want in _exchange(cann, comms, counts, 3):
         assert (result, synced) == (0, ACL_SUCCESS), error
         np.testing.assert_array_equal(out.view(np.uint8), want.view(np.uint8))
-    for comm in comms:
-        cann.hccl.HcclCommDestroy(comm)
+    assert _destroy_all(cann, comms) == [0] * 2
 
 
 def test_exit_report_lists_leaks(library_dir, tmp_path):

@@ -60,10 +60,13 @@ CANN_DOUBLE_EXPORT aclError aclrtMemcpyAsync(void* dst, size_t dst_max, const vo
   return rt::MemcpyAsync(dst, dst_max, src, count, kind, stream);
 }
 
+// CANN_DOUBLE_FAIL_PHASE=aclrtCreateStream:N makes stream creation return N.
 CANN_DOUBLE_EXPORT aclError aclrtCreateStream(aclrtStream* stream) {
+  if (aclError injected = InjectedStatus("aclrtCreateStream")) return injected;
   return rt::CreateStream(stream);
 }
 CANN_DOUBLE_EXPORT aclError aclrtCreateStreamWithConfig(aclrtStream* stream, uint32_t, uint32_t) {
+  if (aclError injected = InjectedStatus("aclrtCreateStream")) return injected;
   return rt::CreateStream(stream);
 }
 CANN_DOUBLE_EXPORT aclError aclrtDestroyStream(aclrtStream stream) {

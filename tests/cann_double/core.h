@@ -43,6 +43,7 @@ constexpr int kHcclErrNotFound = 6;
 constexpr int kHcclErrTimeout = 9;
 constexpr int kHcclErrTcpConnect = 11;
 constexpr int kHcclErrTcpTransfer = 13;
+constexpr int kHcclErrRuntime = 15;
 constexpr int kHcclErrRemote = 21;
 
 // ---- shared state (core_state.cc) ----
@@ -184,4 +185,7 @@ CANN_DOUBLE_EXPORT void cann_double_live_counts(int64_t* allocs, int64_t* tensor
 CANN_DOUBLE_EXPORT const char* cann_double_report();
 CANN_DOUBLE_EXPORT void cann_double_clear_report();
 CANN_DOUBLE_EXPORT int cann_double_check_device_range(const void* ptr, size_t bytes);
+// The aclrtSetDevice count of devices 0 .. capacity-1 (sets minus resets, as
+// ACL counts them) into counts[]; returns the device count.
+CANN_DOUBLE_EXPORT int cann_double_device_set_counts(int64_t* counts, int capacity);
 }

@@ -532,8 +532,23 @@ int64_t LiveCommCount() {
 
 namespace hccl {
 
+// HcclGetRootInfo and HcclCommInitAll begin by reading the calling thread's
+// current device (a runtime query) and fail without one. The double returns
+// HCCL_E_RUNTIME (15), HcclResult's code for a failed runtime call; the code
+// real HCCL passes on from its query may differ by version.
+namespace {
+bool NeedsDevice(const char* function) {
+  if (CurrentDevice() >= 0) return true;
+  SetRecentError(std::string(function) +
+                 ": no device set on this thread (call aclrtSetDevice or "
+                 "aclrtSetCurrentContext first)");
+  return false;
+}
+}  // namespace
+
 int GetRootInfo(void* root_info) {
   if (root_info == nullptr) return kHcclErrPtr;
+  if (!NeedsDevice("HcclGetRootInfo")) return kHcclErrRuntime;
   RootInfoWire info{};
   std::memcpy(info.magic, kRootInfoMagic, sizeof info.magic);
   std::strcpy(info.host, "127.0.0.1");
@@ -579,6 +594,7 @@ int CommInitRootInfo(uint32_t ranks, const void* root_info, uint32_t rank, HcclC
 
 int CommInitAll(uint32_t ranks, const int32_t* devices, HcclComm* comms) {
   if (devices == nullptr || comms == nullptr) return kHcclErrPtr;
+  if (!NeedsDevice("HcclCommInitAll")) return kHcclErrRuntime;
   std::set<int32_t> distinct(devices, devices + ranks);
   if (ranks == 0 || distinct.size() != ranks || *distinct.begin() < 0 ||
       *distinct.rbegin() >= DeviceCount()) {
@@ -622,10 +638,19 @@ int GetRankId(HcclComm handle, uint32_t* rank) {
 int CommDestroy(HcclComm handle) {
   auto* comm = static_cast<Comm*>(handle);
   std::string problem;
+  const int device = CurrentDevice();
   {
     Comms& comms = GetComms();
     std::lock_guard<std::mutex> lock(comms.mutex);
-    if (comms.live.erase(comm)) {
+    if (comms.live.count(comm) && comm->device != device) {
+      // HCCL looks the communicator up in the table of the calling thread's
+      // device (every communicator, HcclCommInitAll's included: those are
+      // root-info communicators made on one thread per device): from
+      // another device it is not found, HCCL_E_PARA, and nothing is destroyed.
+      problem = "the communicator of device " + std::to_string(comm->device) +
+                " destroyed from a thread whose current device is " + std::to_string(device) +
+                " (not found in that device's table; nothing destroyed)";
+    } else if (comms.live.erase(comm)) {
       comms.destroyed.insert(comm);
     } else {
       problem =

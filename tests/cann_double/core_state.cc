@@ -152,12 +152,26 @@ aclError SetDevice(int32_t device) {
 aclError ResetDevice(int32_t device) {
   if (!ValidDevice(device)) return kRtErrInvalidDeviceId;
   State& state = GetState();
-  std::lock_guard<std::mutex> lock(state.mutex);
-  int& refcount = state.device_refcounts[device];
-  if (refcount > 0) --refcount;
-  if (current_context && current_context->device == device &&
-      current_context == state.default_contexts[device]) {
-    current_context = nullptr;
+  Context* released = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(state.mutex);
+    Context* context = state.default_contexts[device];
+    if (current_context && current_context->device == device && current_context == context) {
+      current_context = nullptr;
+    }
+    // ACL counts every aclrtSetDevice of the process (from any thread) and
+    // releases the device's default context only when the count returns to
+    // 0: a thread still holding it has no device any more, and the next
+    // aclrtSetDevice makes a new one.
+    int& refcount = state.device_refcounts[device];
+    if (refcount > 0 && --refcount == 0 && context != nullptr && context->alive) {
+      context->alive = false;
+      released = context;
+    }
+  }
+  // Outside the lock: the stream's worker may record a violation.
+  if (released != nullptr && released->default_stream != nullptr) {
+    DestroyStream(released->default_stream);
   }
   return kAclSuccess;
 }
@@ -309,6 +323,16 @@ void cann_double_clear_report() {
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
   state.violations.clear();
+}
+
+int cann_double_device_set_counts(int64_t* counts, int capacity) {
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  for (int device = 0; counts != nullptr && device < capacity; ++device) {
+    auto found = state.device_refcounts.find(device);
+    counts[device] = found == state.device_refcounts.end() ? 0 : found->second;
+  }
+  return DeviceCount();
 }
 
 int cann_double_check_device_range(const void* ptr, size_t bytes) {
