@@ -40,7 +40,8 @@ ffi::Error CheckCountsImpl(ffi::Buffer<ffi::S32> given, ffi::Buffer<ffi::S32> de
             ": traced recv_counts disagree with the peers' send_counts: " + "rank " +
             std::to_string(i / per_rank) + " recv_counts[" + std::to_string(i % per_rank) +
             "] = " + std::to_string(g[i]) + " but its peer sends " + std::to_string(d[i]) +
-            " (recv_counts[s*e + j] must equal rank s's send_counts[rank*e + j])");
+            " (recv_counts[s*e + j] must equal rank s's send_counts[rank*e + j] as it sends "
+            "them, a dispatch's clipped to the rows it has: jax_mc2.dispatch_counts)");
       }
     }
   }

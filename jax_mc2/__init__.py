@@ -10,6 +10,7 @@ from jax_mc2.implementations import ffi as _ffi  # noqa: F401  (registers the FF
 from jax_mc2.operators.alltoallv_grouped_matmul import (
     alltoallv_grouped_matmul as alltoallv_grouped_matmul,
 )
+from jax_mc2.operators.alltoallv_grouped_matmul import dispatch_counts as dispatch_counts
 from jax_mc2.operators.alltoallv_grouped_matmul import exchange_counts as exchange_counts
 from jax_mc2.operators.alltoallv_grouped_matmul import (
     grouped_matmul_alltoallv as grouped_matmul_alltoallv,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "alltoallv_grouped_matmul",
+    "dispatch_counts",
     "exchange_counts",
     "get_target",
     "grouped_matmul",

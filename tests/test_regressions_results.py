@@ -2,6 +2,8 @@
 wrong value (or an internal error on one implementation only) without any
 error; xla and ffi must agree with the documented semantics."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -516,3 +518,59 @@ def test_all_reduce_over_axes_the_result_varies_over_in_part(impl, op):
     (got, dgot), (want, dwant) = run(ours), run(reference)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dgot), np.asarray(dwant), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_dispatch_counts_give_the_combine_what_the_dispatch_sent(impl):
+    """Traced send counts past a rank's rows (rank 0 asks to send [3, 1] of
+    its 2 rows): the dispatch clips them, so counts built with
+    exchange_counts(send_counts) are not what the peers send, while those of
+    dispatch_counts make the round trip the identity."""
+    xs = np.array([[[10.0], [11.0]], [[20.0], [21.0]]], np.float32)
+    eye = np.ones((1, 1, 1), np.float32)
+    table = np.array([[3, 1], [1, 1]], np.int32)
+    mesh = make_mesh((2,), ("ep",))
+
+    def round_trip(x, c, clipped):
+        if clipped:
+            sent, received = jax_mc2.dispatch_counts(c[0], 2, "ep")
+        else:
+            sent, received = c[0], jax_mc2.exchange_counts(c[0], "ep")
+        y, _, _ = jax_mc2.alltoallv_grouped_matmul(
+            x[0], eye, "ep", send_counts=c[0], recv_counts=received, implementation=impl
+        )
+        back, _ = jax_mc2.grouped_matmul_alltoallv(
+            y, eye, "ep", send_counts=received, recv_counts=sent, max_out_tokens=2,
+            implementation=impl,
+        )  # fmt: skip
+        return back[None], sent[None], received[None]
+
+    def run(clipped):
+        f = jax.shard_map(
+            functools.partial(round_trip, clipped=clipped),
+            mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=(P("ep"),) * 3,
+        )  # fmt: skip
+        return [np.asarray(a) for a in jax.jit(f)(xs, table)]
+
+    back, sent, received = run(clipped=True)
+    np.testing.assert_array_equal(sent, [[2, 0], [1, 1]])
+    np.testing.assert_array_equal(received, [[2, 1], [0, 1]])
+    np.testing.assert_array_equal(back, xs)
+    # The unclipped counts: ffi refuses the dispatch's recv_counts (they are
+    # not what the peers send); xla, which cannot fail at run time, misroutes.
+    if impl == "ffi":
+        with pytest.raises(Exception, match=r"recv_counts\[0\] = 3 but its peer sends 2"):
+            run(clipped=False)
+    else:
+        wrong, _, _ = run(clipped=False)
+        assert not np.array_equal(wrong, xs)
+
+
+def test_dispatch_counts_validation():
+    with pytest.raises(ValueError, match="^dispatch_counts: rows must be >= 0, got -1"):
+        jax_mc2.dispatch_counts(np.array([1, 2]), -1, None)
+    with pytest.raises(TypeError, match=r"^dispatch_counts: send_counts must be a 1-D integer"):
+        jax_mc2.dispatch_counts(np.ones(2, np.float32), 4, None)
+    sent, received = jax_mc2.dispatch_counts(np.array([3, -1, 2]), 4, None)
+    np.testing.assert_array_equal(sent, [3, 0, 1])
+    np.testing.assert_array_equal(received, sent)

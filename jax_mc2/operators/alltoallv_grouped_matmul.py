@@ -7,17 +7,50 @@ and the exchange are described in
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
+from jax_mc2.framework import validation
 from jax_mc2.framework.collective import exchange_counts
 from jax_mc2.framework.typing import Array, ArrayLike, AxisName, Implementation
-from jax_mc2.framework.validation import check_bool
+from jax_mc2.framework.validation import check_bool, shape_str
 from jax_mc2.primitives.alltoallv_grouped_matmul import (
     OP_DISPATCH,
     bind_operator,
     combine_p,
     dispatch_p,
 )
+from jax_mc2.primitives.grouped_matmul import offsets_from_sizes
 
-__all__ = ["alltoallv_grouped_matmul", "exchange_counts", "grouped_matmul_alltoallv"]
+__all__ = [
+    "alltoallv_grouped_matmul",
+    "dispatch_counts",
+    "exchange_counts",
+    "grouped_matmul_alltoallv",
+]
+
+
+def dispatch_counts(send_counts: ArrayLike, rows: int, axis_name: AxisName) -> tuple[Array, Array]:
+    """The counts a dispatch of ``rows`` gmm_x rows a rank uses with the
+    traced ``send_counts`` (e*W,): ``(sent, received)``, int32 (e*W,).
+
+    A rank sends only rows it has: its counts are clipped in order so that
+    their running sum stops at ``rows`` (negative counts send nothing,
+    docs/semantics.md §6.6), and ``received`` is the all-to-all of every
+    rank's ``sent``. The combine that returns the dispatch's rows takes
+    ``send_counts=received, recv_counts=sent``. Counts that never exceed the
+    rows give ``(send_counts, exchange_counts(send_counts, axis_name))``.
+    """
+    op = "dispatch_counts"
+    rows = validation.check_int(op, "rows", rows, minimum=0)
+    counts = jnp.asarray(send_counts)
+    if counts.ndim != 1 or not jnp.issubdtype(counts.dtype, jnp.integer):
+        raise validation.type_error(
+            op,
+            f"send_counts must be a 1-D integer array (e*W,), got "
+            f"{counts.dtype.name}{shape_str(counts.shape)}",
+        )
+    sent = jnp.diff(offsets_from_sizes(counts, rows))
+    return sent, exchange_counts(sent, axis_name)
 
 
 def alltoallv_grouped_matmul(
@@ -58,10 +91,10 @@ def alltoallv_grouped_matmul(
         optional (derived from send_counts: statically, or by a small
         all-to-all of the traced counts). Checked against send_counts when
         static. Traced: the rows received are always what the peers send
-        (the all-to-all of their clipped send_counts); given traced
-        recv_counts that disagree with the peers' send_counts raise a
-        run-time error naming ``recv_counts`` under ``implementation="ffi"``
-        and are ignored under ``"xla"`` (docs/semantics.md §6.6).
+        (the all-to-all of their clipped send_counts, :func:`dispatch_counts`);
+        given traced recv_counts that disagree with them raise a run-time
+        error naming ``recv_counts`` under ``implementation="ffi"`` and are
+        ignored under ``"xla"`` (docs/semantics.md §6.6).
       mm_x: [BS, H2], with mm_weight [H2, N2] ([N2, H2] with
         ``trans_mm_weight``): the shared expert, ``mm_y = mm_x @ mm_weight``.
       permute_out_flag: also return ``permute_out`` [A_cap, H1].

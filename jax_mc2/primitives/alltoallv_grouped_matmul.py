@@ -835,7 +835,7 @@ def traced_counts(
     given_recv = jnp.asarray(given_recv)
     _check_counts_operand(op, "recv_counts", given_recv, experts * world)
     given = _clip_in_dtype(given_recv, bound)
-    derived = used_recv if used_send is send_c else exchange_counts(send_c, axes)
+    derived = used_recv  # what the peers send: a dispatch's counts clipped to its rows
     total = jnp.zeros((), _I32)  # no row check: rows past gmm_x read as zero rows
     if axes:
         # Every rank checks every rank's counts, so that all fail alike and
