@@ -190,7 +190,7 @@ PROFILES: dict[str, TargetProfile] = {
                 "Ascend 950: up to 64 ranks",
                 max_last_dim=65535,
                 quantized_world_sizes=_950_V4_RANKS,
-                quantized_source=("the quantized modes on Ascend 950: the V4 kernel's card counts"),
+                quantized_source="the quantized modes on Ascend 950: the V4 kernel's card counts",
             ),
             "matmul_all_reduce_add_rms_norm": OperatorSupport(
                 _950_RANKS, _INT32_MAX, True, False, "Ascend 950: up to 64 ranks"

@@ -319,9 +319,10 @@ def _check_expert_dtypes(x, w_gate, w_up, w_down, shared_expert):
     if shared_expert is not None:
         weights.update({f"shared_expert.{k}": v for k, v in shared_expert._asdict().items()})
     for name, w in weights.items():
-        if np.dtype(w.dtype) != np.dtype(x.dtype):
+        dtype = np.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
+        if dtype != np.dtype(x.dtype):
             raise validation.type_error(
-                OP, f"{name} dtype must equal x's dtype {x.dtype}, got {np.dtype(w.dtype).name}"
+                OP, f"{name} dtype must equal x's dtype {x.dtype}, got {dtype.name}"
             )
 
 
