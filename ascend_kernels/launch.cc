@@ -137,15 +137,22 @@ Status OpenDevice(int ordinal, const Cann** c, DeviceState** d) {
 
 size_t RoundUp(size_t n) { return (n + 511) & ~size_t{511}; }
 
-void* Acquire(const Cann& c, Pool& pool, size_t bytes, aclError* rc) {
+// A block of at least `bytes` from the pool (a cached one of at most twice
+// the size + 1 MiB) or from aclrtMalloc; `*size` is the block's own size,
+// under which it goes back to the pool (filing a larger cached block under
+// the smaller request would keep it from every request of its real size and
+// grow the pool).
+void* Acquire(const Cann& c, Pool& pool, size_t bytes, aclError* rc, size_t* size) {
   bytes = RoundUp(bytes == 0 ? 1 : bytes);
   auto it = pool.free_blocks.lower_bound(bytes);
   if (it != pool.free_blocks.end() && it->first <= 2 * bytes + (1 << 20)) {
     void* p = it->second;
+    *size = it->first;
     pool.free_blocks.erase(it);
     *rc = kAclSuccess;
     return p;
   }
+  *size = bytes;
   void* p = nullptr;
   *rc = c.aclrtMalloc(&p, bytes, kMallocHugeFirst);
   if (*rc != kAclSuccess && !pool.free_blocks.empty()) {  // give the cache back, retry once
@@ -1066,11 +1073,12 @@ Status RunAlltoAllv(const Cann& c, const AlltoAllvPlan& plan, HcclComm comm, acl
   const size_t item = plan.item;
   auto block = [&](size_t bytes, void** out) -> Status {
     aclError rc;
-    *out = Acquire(c, pool, bytes, &rc);
+    size_t size = 0;
+    *out = Acquire(c, pool, bytes, &rc, &size);
     if (*out == nullptr)
       return Status::Error(fn + ": aclrtMalloc of " + std::to_string(bytes) +
                            " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(c));
-    held.blocks.emplace_back(RoundUp(bytes ? bytes : 1), *out);
+    held.blocks.emplace_back(size, *out);
     return Status::Ok();
   };
   const uint64_t in_elems = io.operands[0].bytes / item, out_elems = io.results[0].bytes / item;
@@ -1341,13 +1349,14 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   // when aclrtMalloc fails.
   auto acquire = [&](size_t bytes, Status* failed) -> void* {
     aclError rc;
-    void* p = Acquire(*c, d->pool, bytes, &rc);
+    size_t size = 0;
+    void* p = Acquire(*c, d->pool, bytes, &rc, &size);
     if (p == nullptr) {
       *failed = error(function + ": aclrtMalloc of " + std::to_string(bytes) +
                       " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c));
       return nullptr;
     }
-    held.blocks.emplace_back(RoundUp(bytes ? bytes : 1), p);
+    held.blocks.emplace_back(size, p);
     return p;
   };
   if (io.host) {
@@ -1461,14 +1470,15 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
     void* ws = nullptr;
     if (ws_size > 0) {
       aclError rc;
-      ws = Acquire(*c, d->pool, ws_size, &rc);
+      size_t ws_block = 0;
+      ws = Acquire(*c, d->pool, ws_size, &rc, &ws_block);
       if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
       if (ws == nullptr)
         return finish(error(function + ": aclrtMalloc of the " + std::to_string(ws_size) +
                             "-byte workspace failed with status " + std::to_string(rc) + ": " +
                             RecentErr(*c)),
                       false);
-      held.blocks.emplace_back(RoundUp(ws_size), ws);
+      held.blocks.emplace_back(ws_block, ws);
     }
     // Phase 2 consumes the executor, failed or not (CANN deletes a
     // non-repeatable executor on every path of its second phase); only one
@@ -1560,7 +1570,8 @@ Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d
   if (!(s = Enter(*c, d)).ok) return s;
   std::vector<char> host(bytes, 1), back(bytes);
   aclError rc;
-  void* dev = Acquire(*c, d->pool, bytes, &rc);
+  size_t size = 0;
+  void* dev = Acquire(*c, d->pool, bytes, &rc, &size);
   if (dev == nullptr) return Fail(*c, "aclrtMalloc", rc);
   const int64_t t0 = NowNs();
   for (int i = 0; i < reps; ++i)
@@ -1569,7 +1580,7 @@ Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d
   for (int i = 0; i < reps; ++i)
     c->aclrtMemcpy(back.data(), bytes, dev, bytes, kMemcpyDeviceToHost);
   const int64_t t2 = NowNs();
-  d->pool.free_blocks.emplace(RoundUp(bytes), dev);
+  d->pool.free_blocks.emplace(size, dev);
   *h2d = (t1 - t0) * 1e-9;
   *d2h = (t2 - t1) * 1e-9;
   return Status::Ok();

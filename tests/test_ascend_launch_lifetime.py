@@ -186,3 +186,29 @@ def test_every_set_device_is_reset_by_shutdown(tmp_path):
     assert "IN_USE [1, 1, 0, 0, 0, 0, 0, 0]\n" in out, out
     assert "AFTER_SHUTDOWN [0, 0, 0, 0, 0, 0, 0, 0]\n" in out, out
     assert "violations: 0 " in out.split("REPORT", 1)[1], out
+
+
+def test_pooled_blocks_go_back_under_their_own_size():
+    """A cached block handed to a smaller request goes back to the pool under
+    its own size, so a later request of that size finds it: alternating a
+    large and a smaller call allocates nothing after the first of each (the
+    block was once filed under the smaller request, and the pool grew on
+    every large call after a small one)."""
+    from conftest import cann_double_live_counts
+
+    def call(m, n):
+        f = jax.jit(
+            jax.shard_map(
+                lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
+                mesh=Mesh(np.array(jax.devices()[7:8]), ("tp",)),
+                in_specs=(P(), P()),
+                out_specs=P(),
+            )
+        )
+        x1 = np.ones((m, 1024), oracle.BF16)
+        jax.block_until_ready(f(x1, np.ones((1024, n), oracle.BF16)))
+        return cann_double_live_counts()["allocations"]
+
+    call(1024, 1024)
+    settled = call(600, 600)
+    assert [call(1024, 1024), call(600, 600), call(1024, 1024)] == [settled] * 3
