@@ -636,8 +636,10 @@ void DrainStreams(const Cann& c, const std::vector<int>& ordinals) {
       auto it = g_devices.find(o);
       if (it != g_devices.end()) od = it->second.get();
     }
+    // Bounded like every wait of a re-creation: 300 s where the stream
+    // timeout is -1 (forever).
     if (od != nullptr && Enter(c, od).ok)
-      c.aclrtSynchronizeStreamWithTimeout(od->stream, TimeoutMs());
+      c.aclrtSynchronizeStreamWithTimeout(od->stream, KvTimeoutMs());
   }
 }
 
