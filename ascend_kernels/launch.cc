@@ -62,6 +62,9 @@ struct DeviceState {
   std::mutex mu;  // one call at a time on this device's stream
   Pool pool;
   bool dirty = false;  // a failed call may have left work on the stream
+  // ACL_OPT_DETERMINISTIC as last set on this context (the default: off);
+  // any thread that enters the device may set it.
+  std::atomic<bool> deterministic{false};
 };
 
 std::mutex g_dev_mu;
@@ -71,9 +74,23 @@ Status Fail(const Cann& c, const std::string& what, int code) {
   return Status::Error(what + " failed with status " + std::to_string(code) + ": " + RecentErr(c));
 }
 
-void ApplyDeterminism(const Cann& c) {
-  if (!g_deterministic.load()) return;
-  if (c.aclrtCtxSetSysParamOpt) c.aclrtCtxSetSysParamOpt(kOptDeterministic, 1);
+// Sets ACL_OPT_DETERMINISTIC on `d`'s context (the calling thread's current
+// one) when configure(deterministic=...) asks for another value than the
+// context has: so a change after the first call reaches the contexts made
+// before it.
+Status ApplyDeterminism(const Cann& c, DeviceState* d) {
+  const bool want = g_deterministic.load();
+  if (want == d->deterministic.load()) return Status::Ok();
+  if (c.aclrtCtxSetSysParamOpt == nullptr)
+    return Status::Error(
+        "configure(deterministic=True): aclrtCtxSetSysParamOpt not found in "
+        "libascendcl.so");
+  const aclError rc = c.aclrtCtxSetSysParamOpt(kOptDeterministic, want ? 1 : 0);
+  if (rc != kAclSuccess)
+    return Fail(c, "aclrtCtxSetSysParamOpt(ACL_OPT_DETERMINISTIC, " + std::to_string(want) + ")",
+                rc);
+  d->deterministic.store(want);
+  return Status::Ok();
 }
 
 // The state of JAX device `ordinal`, made on first use. Making it is the one
@@ -101,9 +118,8 @@ Status GetDevice(const Cann& c, int ordinal, DeviceState** out) {
   Status s;
   if ((rc = c.aclrtGetCurrentContext(&d->ctx)) != kAclSuccess) {
     s = Fail(c, "aclrtGetCurrentContext", rc);
-  } else {
-    ApplyDeterminism(c);
-    if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess) s = Fail(c, "aclrtCreateStream", rc);
+  } else if ((rc = c.aclrtCreateStream(&d->stream)) != kAclSuccess) {
+    s = Fail(c, "aclrtCreateStream", rc);
   }
   if (!s.ok) {
     c.aclrtResetDevice(d->npu);  // the set above (nothing was made in the context)
@@ -124,7 +140,7 @@ Status Enter(const Cann& c, DeviceState* d) {
   aclError rc = c.aclrtSetCurrentContext(d->ctx);
   if (rc != kAclSuccess)
     return Fail(c, "aclrtSetCurrentContext (NPU " + std::to_string(d->npu) + ")", rc);
-  return Status::Ok();
+  return ApplyDeterminism(c, d);
 }
 
 // CANN, loaded, and the state of JAX device `ordinal` (set up on first use).
@@ -249,8 +265,17 @@ std::string HcclErr(const Cann& c, HcclResult r) {
   return std::to_string(r) + (s ? std::string(" (") + s + ")" : "");
 }
 
-void ApplyHcclDeterminism(const Cann& c) {
-  if (g_deterministic.load() && c.HcclSetConfig) c.HcclSetConfig(kHcclDeterministic, 1);
+// HCCL_DETERMINISTIC for the communicators made next, when
+// configure(deterministic=True) asked for it.
+Status ApplyHcclDeterminism(const Cann& c) {
+  if (!g_deterministic.load()) return Status::Ok();
+  if (c.HcclSetConfig == nullptr)
+    return Status::Error("configure(deterministic=True): HcclSetConfig not found in libhccl.so");
+  const HcclResult r = c.HcclSetConfig(kHcclDeterministic, 1);
+  if (r != 0)
+    return Status::Error("HcclSetConfig(HCCL_DETERMINISTIC) failed with HcclResult " +
+                         HcclErr(c, r));
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------- argument spec
@@ -655,7 +680,7 @@ Status InitRootInfo(const Cann& c, const std::string& key, int nranks, const std
   if (root_info.size() != kHcclRootInfoBytes)
     return Status::Error("HCCL root info must be " + std::to_string(kHcclRootInfoBytes) +
                          " bytes, got " + std::to_string(root_info.size()));
-  ApplyHcclDeterminism(c);
+  if (Status det = ApplyHcclDeterminism(c); !det.ok) return det;
   std::vector<Status> results(rank_ordinals.size());
   std::vector<CommEntry> entries(rank_ordinals.size());
   std::vector<std::thread> threads;
@@ -779,7 +804,7 @@ Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vecto
   // lowering a new group over devices in use) has none. Enter the first.
   Status entered = Enter(*c, first);
   if (!entered.ok) return entered;
-  ApplyHcclDeterminism(*c);
+  if (Status det = ApplyHcclDeterminism(*c); !det.ok) return det;
   std::vector<HcclComm> comms(ordinals.size(), nullptr);
   HcclResult r = c->HcclCommInitAll(static_cast<uint32_t>(npus.size()), npus.data(), comms.data());
   if (r != 0) return Status::Error("HcclCommInitAll failed with HcclResult " + HcclErr(*c, r));

@@ -212,3 +212,30 @@ def test_pooled_blocks_go_back_under_their_own_size():
     call(1024, 1024)
     settled = call(600, 600)
     assert [call(1024, 1024), call(600, 600), call(1024, 1024)] == [settled] * 3
+
+
+def test_deterministic_reaches_contexts_made_before_it():
+    """configure(deterministic=True) after the first call: the next call sets
+    ACL_OPT_DETERMINISTIC (option 0) on the context that first call made,
+    and configure(deterministic=False) clears it again (it was set only when
+    a context was made)."""
+    import ctypes
+
+    acl = ctypes.CDLL(os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libascendcl.so"))
+
+    def option():
+        value = ctypes.c_int64(-1)
+        assert acl.aclrtCtxGetSysParamOpt(0, ctypes.byref(value)) == 0
+        return value.value
+
+    f = _sharded(jax.devices()[6:7])
+    _check(f(X1, X2))
+    assert option() == 0
+    try:
+        mc2.ascend.configure(deterministic=True)
+        _check(f(X1, X2))
+        assert option() == 1
+    finally:
+        mc2.ascend.configure(deterministic=False)
+    _check(f(X1, X2))
+    assert option() == 0
