@@ -23,41 +23,46 @@ ffi::Error CheckCountsImpl(ffi::Buffer<ffi::S32> given, ffi::Buffer<ffi::S32> de
                            ffi::Buffer<ffi::S32> total, ffi::Buffer<ffi::S32> used,
                            ffi::ResultBuffer<ffi::S32> out, std::string_view op, bool check_recv,
                            int64_t rows, int64_t per_rank) {
-  // given / derived hold every rank's counts and total every rank's row
-  // count (gathered), so that every rank fails alike and none is left
-  // waiting in a collective.
-  const size_t n = derived.element_count();
-  if (given.element_count() != n || out->element_count() != used.element_count() || per_rank < 1) {
-    return InvalidArgument(kOp, "given and derived must have one size, out that of used");
-  }
-  const int32_t* g = given.typed_data();
-  const int32_t* d = derived.typed_data();
-  if (check_recv) {
-    for (size_t i = 0; i < n; ++i) {
-      if (g[i] != d[i]) {
-        return ffi::Error::InvalidArgument(
-            std::string(op) +
-            ": traced recv_counts disagree with the peers' send_counts: " + "rank " +
-            std::to_string(i / per_rank) + " recv_counts[" + std::to_string(i % per_rank) +
-            "] = " + std::to_string(g[i]) + " but its peer sends " + std::to_string(d[i]) +
-            " (recv_counts[s*e + j] must equal rank s's send_counts[rank*e + j] as it sends "
-            "them, a dispatch's clipped to the rows it has: jax_mc2.dispatch_counts)");
+  // The messages are built in std::string: a failed allocation is an error,
+  // never an exception across the C ABI.
+  return CatchAtBoundary(kOp, [&]() -> ffi::Error {
+    // given / derived hold every rank's counts and total every rank's row
+    // count (gathered), so that every rank fails alike and none is left
+    // waiting in a collective.
+    const size_t n = derived.element_count();
+    if (given.element_count() != n || out->element_count() != used.element_count() ||
+        per_rank < 1) {
+      return InvalidArgument(kOp, "given and derived must have one size, out that of used");
+    }
+    const int32_t* g = given.typed_data();
+    const int32_t* d = derived.typed_data();
+    if (check_recv) {
+      for (size_t i = 0; i < n; ++i) {
+        if (g[i] != d[i]) {
+          return ffi::Error::InvalidArgument(
+              std::string(op) +
+              ": traced recv_counts disagree with the peers' send_counts: " + "rank " +
+              std::to_string(i / per_rank) + " recv_counts[" + std::to_string(i % per_rank) +
+              "] = " + std::to_string(g[i]) + " but its peer sends " + std::to_string(d[i]) +
+              " (recv_counts[s*e + j] must equal rank s's send_counts[rank*e + j] as it sends "
+              "them, a dispatch's clipped to the rows it has: jax_mc2.dispatch_counts)");
+        }
       }
     }
-  }
-  const int32_t* t = total.typed_data();
-  for (size_t r = 0; rows >= 0 && r < total.element_count(); ++r) {
-    if (t[r] > rows) {
-      return ffi::Error::InvalidArgument(
-          std::string(op) + ": rank " + std::to_string(r) + "'s traced send_counts lay out " +
-          std::to_string(t[r]) + " rows (after the max_tokens_per_peer clipping) but gmm_x has " +
-          std::to_string(rows) + " rows");
+    const int32_t* t = total.typed_data();
+    for (size_t r = 0; rows >= 0 && r < total.element_count(); ++r) {
+      if (t[r] > rows) {
+        return ffi::Error::InvalidArgument(
+            std::string(op) + ": rank " + std::to_string(r) + "'s traced send_counts lay out " +
+            std::to_string(t[r]) + " rows (after the max_tokens_per_peer clipping) but gmm_x has " +
+            std::to_string(rows) + " rows");
+      }
     }
-  }
-  if (used.element_count()) {
-    std::memcpy(out->typed_data(), used.typed_data(), used.element_count() * sizeof(int32_t));
-  }
-  return ffi::Error::Success();
+    if (used.element_count()) {
+      std::memcpy(out->typed_data(), used.typed_data(), used.element_count() * sizeof(int32_t));
+    }
+    return ffi::Error::Success();
+  });
 }
 
 }  // namespace
