@@ -513,6 +513,25 @@ def test_make_mesh_explicit_axes_row_parallel_linear():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("types", ["explicit-auto", "auto-explicit"])
+def test_mixed_explicit_and_auto_mesh_row_parallel_linear(types):
+    """A mesh with one Explicit and one Auto axis: the inputs are resharded
+    over the Explicit axes only (reshard refuses Auto axes), with the same
+    result as a Mesh of Auto axes; on 2 x 2 devices."""
+    from jax.sharding import AxisType
+
+    kinds = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+    axis_types = tuple(kinds[t] for t in types.split("-"))
+    x = _RNG.standard_normal((4, 16)).astype(np.float32)
+    w = _RNG.standard_normal((16, 8)).astype(np.float32)
+    b = _RNG.standard_normal(8).astype(np.float32)
+    kw = dict(bias=b, axis="tp", data_axis="dp")
+    want = parallel.row_parallel_linear(x, w, mesh=make_mesh((2, 2), ("dp", "tp")), **kw)
+    mixed = jax.make_mesh((2, 2), ("dp", "tp"), axis_types=axis_types, devices=jax.devices()[:4])
+    got = parallel.row_parallel_linear(x, w, mesh=mixed, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.slow
 def test_make_mesh_explicit_axes_expert_parallel_moe():
     want = parallel.expert_parallel_moe(

@@ -58,15 +58,30 @@ def check_mesh_type(op, mesh):
     return mesh
 
 
+def _explicit_part(mesh, spec):
+    """``spec`` with only ``mesh``'s Explicit axes named (``reshard`` refuses
+    Auto and Manual axes; shard_map itself splits those)."""
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit}
+
+    def keep(entry):
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept = tuple(n for n in names if n in explicit)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return P(*(keep(entry) for entry in spec))
+
+
 def shard_map_global(fn, mesh, in_specs, out_specs, args, **kwargs):
     """``jax.shard_map(fn, ...)(*args)`` on global arrays. On a mesh with
     Explicit axes (``jax.make_mesh``'s default) shard_map requires inputs
-    already sharded as ``in_specs``; they are resharded to them first (as
-    JAX's own error advises), so both kinds of mesh give the same result."""
+    already sharded as ``in_specs`` over those axes; they are resharded to
+    them first (as JAX's own error advises), so every kind of mesh, mixed
+    ones too, gives the same result."""
     if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         args = jax.tree.map(
             lambda spec, arg: jax.tree.map(
-                lambda a: jax.sharding.reshard(a, NamedSharding(mesh, spec)), arg
+                lambda a: jax.sharding.reshard(a, NamedSharding(mesh, _explicit_part(mesh, spec))),
+                arg,
             ),
             tuple(in_specs),
             tuple(args),
