@@ -475,6 +475,38 @@ def test_w8a8_scales_are_amax_over_127():
     np.testing.assert_array_equal(np.asarray(scale).view(np.uint32), want.view(np.uint32))
 
 
+def test_quantize_weight_int8_infinite_column_saturates_with_scale_1():
+    """A column holding an infinity takes scale 1 like a NaN column (its scale
+    was inf and its finite values 0, which dequantize to 0 * inf = NaN)."""
+    from jax_mc2.parallel import quantize_weight_int8
+
+    w = np.array([[np.inf, 1.0], [2.0, 3.0], [-np.inf, -300.0]], np.float32)
+    q, scale = quantize_weight_int8(w)
+    np.testing.assert_array_equal(np.asarray(scale), [1.0, 300.0 / np.float32(127)])
+    np.testing.assert_array_equal(np.asarray(q)[:, 0], [127, 2, -127])
+
+
+def test_quantize_weight_int8_needs_2d():
+    from jax_mc2.parallel import quantize_weight_int8
+
+    with pytest.raises(TypeError, match=r"^quantize_weight_int8: w must be 2-D \(k, n\)"):
+        quantize_weight_int8(np.ones((2, 3, 4), np.float32))
+
+
+def test_row_parallel_linear_w8a8_list_bias():
+    """A list bias with quant=W8A8, as without quant (it had failed in the
+    quant check before the list became an array)."""
+    from jax_mc2 import parallel
+
+    x = np.ones((4, 16), np.float32)
+    wq, ws = parallel.quantize_weight_int8(np.ones((16, 8), np.float32))
+    mesh = make_mesh((2,), ("tp",))
+    kw = dict(mesh=mesh, axis="tp", quant=parallel.W8A8(ws, out_dtype=jnp.bfloat16))
+    got = parallel.row_parallel_linear(x, wq, bias=[1.0] * 8, **kw)
+    want = parallel.row_parallel_linear(x, wq, bias=np.ones(8, np.float32), **kw)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 # --- a per-rank result varying over only some axes of a tuple axis_name ---
 
 

@@ -164,12 +164,19 @@ def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
     """Per-output-channel symmetric int8 quantization of w [k, n].
 
     Returns ``(w_int8 [k, n], scale float32 [n])`` with
-    ``w_int8 = round(w / scale)``, ``scale = max|w[:, j]| / 127`` (1 for an
-    all-zero column or one holding a NaN).
+    ``w_int8 = round(w / scale)`` clipped to [-127, 127],
+    ``scale = max|w[:, j]| / 127`` (1 for an all-zero column or one holding a
+    NaN or an infinity, whose other values then saturate).
     """
-    w = jnp.asarray(w).astype(jnp.float32)
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise validation.type_error(
+            "quantize_weight_int8", f"w must be 2-D (k, n), got shape {shape_str(w.shape)}"
+        )
+    w = w.astype(jnp.float32)
     amax = numerics.nan_max(jnp.abs(w), axis=0)
-    scale = jnp.where(amax > 0, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
+    usable = (amax > 0) & jnp.isfinite(amax)
+    scale = jnp.where(usable, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
     return jnp.clip(jnp.round(numerics.divide(w, scale)), -127, 127).astype(jnp.int8), scale
 
 
@@ -308,10 +315,10 @@ def row_parallel_linear(
       [m, n] or [b, s, n], replicated along ``axis``.
     """
     op = "row_parallel_linear"
+    x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     _check_quant(op, quant, bias)
     transpose_w = validation.check_bool(op, "transpose_w", transpose_w)
     mesh = _check_mesh(op, mesh, axis, data_axis)
-    x, w, bias = _as_array(x), _as_array(w), _as_array(bias)
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
     if quant is None:
