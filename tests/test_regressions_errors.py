@@ -386,6 +386,27 @@ CASES = {
         TypeError,
         r"W8A8.comm_quant_scales\[1\] must be \(n,\) = \(16,\), got \(3,\)",
     ),
+    "rpl_w8a8_float_w": (
+        _rpl(quant=parallel.W8A8(np.ones(16))),
+        TypeError,
+        r"row_parallel_linear: w dtype must be int8 with quant=W8A8 .*got float32",
+    ),
+    "rpl_w8a8_comm_scale_dtype": (
+        _rpl(
+            w=_W.astype(np.int8),
+            quant=parallel.W8A8(
+                np.ones(16), comm_quant_scales=(np.ones(16, np.float32), np.ones(16, np.float32))
+            ),
+        ),
+        TypeError,
+        r"row_parallel_linear: W8A8.comm_quant_scales\[0\] dtype must be W8A8.out_dtype "
+        r"bfloat16, got float32",
+    ),
+    "rpl_int8_x_without_quant": (
+        _rpl(x=_X.astype(np.int8), w=_W.astype(np.int8)),
+        TypeError,
+        r"row_parallel_linear: x dtype must be a float dtype, got int8 .*quant=W8A8",
+    ),
     "moe_data_axes_repeated": (
         _moe(mesh=make_mesh((2, 2), ("dp", "ep")), data_axes=("dp", "dp")),
         ValueError,

@@ -211,6 +211,39 @@ def _check_quant(op, quant, bias):
         )
 
 
+def _check_float_x(op, x):
+    """Without ``quant`` x is a float array (an int8 x is the operator's full
+    quantization mode, which the wrapper reaches through W8A8)."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise validation.type_error(
+            op,
+            f"x dtype must be a float dtype, got {dtype_name(jnp.result_type(x))} (int8 "
+            "weights take a float x and quant=W8A8(weight_scale))",
+        )
+
+
+def _check_w8a8_operands(op, quant, x, w, n):
+    """With W8A8: a float x, an int8 w (quantize_weight_int8's), and the
+    scales, in the wrapper's terms (the operator would name its own x1 / x2
+    / dequant_scale / comm_quant_scale_*)."""
+    _check_float_x(op, x)
+    if jnp.result_type(w) != jnp.int8:
+        raise validation.type_error(
+            op,
+            f"w dtype must be int8 with quant=W8A8 (quantize_weight_int8 makes it), got "
+            f"{dtype_name(jnp.result_type(w))}",
+        )
+    _check_w8a8_scales(op, quant, n)
+    out_dtype = jnp.dtype(quant.out_dtype)
+    for i, scale in enumerate(quant.comm_quant_scales or ()):
+        if jnp.result_type(scale) != out_dtype:
+            raise validation.type_error(
+                op,
+                f"W8A8.comm_quant_scales[{i}] dtype must be W8A8.out_dtype "
+                f"{dtype_name(out_dtype)}, got {dtype_name(jnp.result_type(scale))}",
+            )
+
+
 def _check_w8a8_scales(op, quant, n):
     """W8A8's weight scale and communication scales: one per output column,
     named in the wrapper's terms (the operator would name its own
@@ -322,9 +355,10 @@ def row_parallel_linear(
     x_spec = _x_spec(x, axis, data_axis, op)
     n = _check_global(op, mesh, axis, data_axis, x, w, bias, transpose_w)
     if quant is None:
+        _check_float_x(op, x)
         _check_like_x(op, x, w=w, bias=bias)
     else:
-        _check_w8a8_scales(op, quant, n)
+        _check_w8a8_operands(op, quant, x, w, n)
     options = {
         "comm_turn": comm_turn,
         "transpose_x2": transpose_w,
