@@ -61,6 +61,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_mc2  # noqa: E402, F401
 
@@ -129,6 +130,19 @@ def make_mesh(shape, names):
     """A Mesh over the first prod(shape) CPU devices."""
     n = int(np.prod(shape))
     return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def ascend_mm_all_reduce(mesh):
+    """Jitted ``mm_all_reduce_base(x1, x2, "tp", implementation="ascend")``
+    over ``mesh``'s "tp" axis: x1 split along k, x2 along its rows."""
+    return jax.jit(
+        jax.shard_map(
+            lambda a, b: jax_mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
+            mesh=mesh,
+            in_specs=(P(None, "tp"), P("tp", None)),
+            out_specs=P(),
+        )
+    )
 
 
 @pytest.fixture(autouse=True)

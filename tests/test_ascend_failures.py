@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import cann_double_report, make_mesh, run_python
-from jax.sharding import PartitionSpec as P
+from conftest import ascend_mm_all_reduce, cann_double_report, make_mesh, run_python
 
 import jax_mc2 as mc2
 
@@ -27,15 +26,7 @@ WANT = X1.astype(np.float64) @ X2.astype(np.float64)
 
 
 def _sharded(world):
-    mesh = make_mesh((world,), ("tp",))
-    return jax.jit(
-        jax.shard_map(
-            lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
-            mesh=mesh,
-            in_specs=(P(None, "tp"), P("tp", None)),
-            out_specs=P(),
-        )
-    )
+    return ascend_mm_all_reduce(make_mesh((world,), ("tp",)))
 
 
 def _single():

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import cann_double_report, run_python
+from conftest import ascend_mm_all_reduce, cann_double_report, run_python
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -26,15 +26,7 @@ WANT = X1.astype(np.float64) @ X2.astype(np.float64)
 
 def _sharded(devices):
     """mm_all_reduce_base over a one-axis mesh of `devices` (in rank order)."""
-    mesh = Mesh(np.array(devices), ("tp",))
-    return jax.jit(
-        jax.shard_map(
-            lambda a, b: mc2.mm_all_reduce_base(a, b, "tp", implementation="ascend"),
-            mesh=mesh,
-            in_specs=(P(None, "tp"), P("tp", None)),
-            out_specs=P(),
-        )
-    )
+    return ascend_mm_all_reduce(Mesh(np.array(devices), ("tp",)))
 
 
 def _check(got):
