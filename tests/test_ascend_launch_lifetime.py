@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import ascend_mm_all_reduce, cann_double_report, run_python
+from conftest import ascend_mm_all_reduce, cann_double_live_counts, cann_double_report, run_python
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -186,7 +186,6 @@ def test_pooled_blocks_go_back_under_their_own_size():
     large and a smaller call allocates nothing after the first of each (the
     block was once filed under the smaller request, and the pool grew on
     every large call after a small one)."""
-    from conftest import cann_double_live_counts
 
     def call(m, n):
         f = jax.jit(

@@ -203,7 +203,8 @@ def test_weight_dtype_errors_name_the_wrapper_and_argument(which):
         args[which] = args[which].astype(np.float16)
     mesh = make_mesh((8,), ("ep",))
     with pytest.raises(
-        TypeError, match=rf"^expert_parallel_moe: {which} dtype must equal x's dtype float32"
+        TypeError,
+        match=rf"^expert_parallel_moe: {which} dtype must equal x dtype float32, got float16",
     ):
         mc2.parallel.expert_parallel_moe(x, rw, **args, mesh=mesh, axis="ep", shared_expert=shared)
 

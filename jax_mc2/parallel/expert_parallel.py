@@ -39,7 +39,12 @@ from jax_mc2.operators.alltoallv_grouped_matmul import (
     exchange_counts,
     grouped_matmul_alltoallv,
 )
-from jax_mc2.parallel.tensor_parallel import _as_array, check_mesh_type, shard_map_global
+from jax_mc2.parallel.tensor_parallel import (
+    _as_array,
+    _check_like_x,
+    check_mesh_type,
+    shard_map_global,
+)
 from jax_mc2.primitives.alltoallv_grouped_matmul import MAX_COUNTS, MAX_LOCAL_EXPERTS
 
 OP = "expert_parallel_moe"
@@ -315,15 +320,15 @@ def _check_weights(x, router_weight, w_gate, w_up, w_down):
 def _check_expert_dtypes(x, w_gate, w_up, w_down, shared_expert):
     """The expert weights (and the shared expert's) have x's dtype: the
     grouped matmuls take one dtype."""
-    weights = {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}
-    if shared_expert is not None:
-        weights.update({f"shared_expert.{k}": v for k, v in shared_expert._asdict().items()})
-    for name, w in weights.items():
-        dtype = np.dtype(w.dtype if hasattr(w, "dtype") else np.asarray(w).dtype)
-        if dtype != np.dtype(x.dtype):
-            raise validation.type_error(
-                OP, f"{name} dtype must equal x's dtype {x.dtype}, got {dtype.name}"
-            )
+    shared = {} if shared_expert is None else shared_expert._asdict()
+    _check_like_x(
+        OP,
+        x,
+        w_gate=w_gate,
+        w_up=w_up,
+        w_down=w_down,
+        **{f"shared_expert.{k}": _as_array(v) for k, v in shared.items()},
+    )
 
 
 def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_factor):
