@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def reductions(text: str) -> int:
     """The all-reduces in ``text``: ``stablehlo.all_reduce`` ops, plus the
@@ -12,3 +14,32 @@ def reductions(text: str) -> int:
     splits = text.count("stablehlo.reduce_scatter") + text.count("stablehlo.all_to_all")
     assert text.count("stablehlo.all_gather") >= splits, "a split all-reduce without its gather"
     return text.count("stablehlo.all_reduce") + splits
+
+
+_CONVERT = re.compile(
+    r"(%[\w#.]+) = stablehlo\.convert (%[\w#.]+) : \(tensor<([^>]*)>\) -> tensor<([^>]*)>"
+)
+_WIDTH = {"f16": 16, "bf16": 16, "f32": 32, "f64": 64}
+
+
+def _element(tensor_type: str) -> str:
+    return tensor_type.split("x")[-1]
+
+
+def float_round_trips(text: str) -> list[str]:
+    """Converts in ``text`` that narrow a float (f32 -> f16 / bf16 / fp8)
+    whose result is widened straight back to a float: the pairs XLA:GPU
+    removes as "excess precision", skipping the rounding. One entry
+    ``"f32->f16->f32"`` per pair, per function (SSA names are per function)."""
+    found = []
+    for body in text.split("func.func")[1:]:
+        narrowed = {}
+        for result, source, src, dst in _CONVERT.findall(body):
+            a, b = _element(src), _element(dst)
+            if not (a.startswith(("f", "bf")) and b.startswith(("f", "bf"))):
+                continue
+            if source in narrowed:
+                found.append(f"{narrowed[source]}->{b}")
+            if _WIDTH.get(b, 8) < _WIDTH.get(a, 8):
+                narrowed[result] = f"{a}->{b}"
+    return found

@@ -10,6 +10,10 @@ are not always the same bits:
 - inside its YNNPACK fusions a round trip through bfloat16 is dropped, and
   a max reduction ignores NaN.
 
+XLA:GPU drops every round trip through a narrower float type (its "excess
+precision" default), so a rounding step between two fp32 steps goes through
+:func:`rounded_to`.
+
 Where the numerics the docs fix (docs/semantics.md) depend on such a step,
 the ``xla`` implementation and the quant helpers go through these functions.
 """
@@ -20,6 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
 from jax.typing import ArrayLike, DTypeLike
+
+#: float16's smallest normal, and the spacing of its subnormals (2^-14, 2^-24).
+_F16_MIN_NORMAL = np.float32(2.0**-14)
+_F16_GRID = np.float32(2.0**-24)
+_F16_GRID_INV = np.float32(2.0**24)
 
 
 def divide(a: ArrayLike, b: ArrayLike) -> Array:
@@ -37,14 +46,23 @@ def divide(a: ArrayLike, b: ArrayLike) -> Array:
 def rounded_to(x: Array, dtype: DTypeLike) -> Array:
     """float32 ``x`` rounded to ``dtype`` (half to even) and widened back.
 
-    For bfloat16 this is ``reduce_precision``, the same rounding, which the
-    YNNPACK fusion keeps. float16 keeps the convert pair: ``reduce_precision``
-    with 5 exponent bits would flush float16's subnormals to zero.
+    Written without a narrowing convert: XLA:GPU (and XLA:CPU's YNNPACK
+    fusions) drop a convert pair ``f32 -> f16 -> f32`` as "excess precision"
+    unless ``--xla_allow_excess_precision=false``, which would skip the
+    rounding. bfloat16 is ``reduce_precision`` (same exponent range as
+    float32, so the same rounding); float16 is ``reduce_precision`` on its
+    normal range and an explicit round to the 2^-24 grid on its subnormal
+    range, which ``reduce_precision`` would flush to zero.
     """
-    if np.dtype(dtype) == np.dtype(jnp.bfloat16):
-        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
-    if np.dtype(dtype) == np.dtype(x.dtype):
+    dt = np.dtype(dtype)
+    if dt == np.dtype(x.dtype):
         return x
+    if dt == np.dtype(jnp.bfloat16):
+        return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if dt == np.dtype(np.float16) and np.dtype(x.dtype) == np.dtype(np.float32):
+        normal = lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+        subnormal = lax.round(x * _F16_GRID_INV, lax.RoundingMethod.TO_NEAREST_EVEN) * _F16_GRID
+        return jnp.where(jnp.abs(x) < _F16_MIN_NORMAL, subnormal, normal)
     return x.astype(dtype).astype(x.dtype)
 
 

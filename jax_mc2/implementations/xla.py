@@ -108,8 +108,8 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
     multiplication by gamma (docs/semantics.md: the AddRmsNorm single-N kernel).
     """
     dtype = residual.dtype
-    y = (mm.astype(_F32) + residual.astype(_F32)).astype(dtype)
-    yf = y.astype(_F32)
+    yf = numerics.rounded_to(mm.astype(_F32) + residual.astype(_F32), dtype)
+    y = yf.astype(dtype)
     n = residual.shape[-1]
     inv_n = np.float32(1.0 / n) if n else np.float32(0.0)  # n = 0: empty rows
     mean_square = jnp.sum(yf * yf * inv_n, axis=-1, keepdims=True)
@@ -135,12 +135,13 @@ def _int8_sat_rne(x):
 
 
 def comm_quantize(c, scale_1):
-    """Per column ``q = int8(fp16(f32(c) / f32(scale_1)))``: the quantization
+    """Per column ``q = int8(fp16(f32(c) / f32(scale_1)))`` (c: the rank's
+    result rounded to the output dtype, as float32 or that dtype): the quantization
     before the int8 all-to-all of the low-bit communication (docs/semantics.md
     §5.1; the fp16 kernel's half division is a correctly rounded fp32
     division rounded to fp16)."""
     quotient = numerics.divide(c.astype(_F32), scale_1.astype(_F32))
-    return _int8_sat_rne(quotient.astype(jnp.float16))
+    return _int8_sat_rne(numerics.rounded_to(quotient, jnp.float16))
 
 
 def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
@@ -165,11 +166,8 @@ def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
     for r in range(1, ranks):
         acc = acc + padded[r].astype(_F32)
     ratio = scale_1.astype(_F32) / scale_2.astype(_F32)
-    q2 = _int8_sat_rne((acc * ratio).astype(jnp.float16))
+    q2 = _int8_sat_rne(numerics.rounded_to(acc * ratio, jnp.float16))
     gathered = lax.all_gather(q2, axis_name) if axis_name else q2[None]
     q2 = gathered.reshape(ranks * chunk, n)[:m]
-    if np.dtype(out_dtype) == np.dtype(np.float16):
-        y = q2.astype(jnp.float16).astype(_F32) * scale_2.astype(_F32)
-    else:
-        y = q2.astype(_F32) * scale_2.astype(_F32)
-    return y.astype(out_dtype)
+    # int8 values are exact in float16 and float32 alike.
+    return (q2.astype(_F32) * scale_2.astype(_F32)).astype(out_dtype)

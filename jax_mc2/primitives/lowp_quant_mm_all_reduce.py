@@ -437,10 +437,9 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
 
 def _round_out(y, x3, out_dtype):
     """Round to the output dtype, then add x3 in fp32 and round again."""
-    y = y.astype(out_dtype)
     if x3 is not None:
-        y = (y.astype(_F32) + x3.astype(_F32)).astype(out_dtype)
-    return y
+        y = numerics.rounded_to(y, out_dtype) + x3.astype(_F32)
+    return y.astype(out_dtype)
 
 
 def _mx_expand(scale, k):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import targets, validation, weight_format
+from jax_mc2.framework import numerics, targets, validation, weight_format
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
@@ -205,9 +205,12 @@ def _out_dtype(scale):
     return jnp.bfloat16 if np.dtype(scale.dtype) == np.dtype(jnp.bfloat16) else jnp.float16
 
 
-def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype):
+def local_int8_matmul(
+    x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype, widened=False
+):
     """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics):
-    ``f32(acc + bias) * scale * pertoken`` left to right in float32."""
+    ``f32(acc + bias) * scale * pertoken`` left to right in float32, rounded
+    to ``out_dtype`` (``widened``: the rounded values as float32)."""
     dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
     acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
     if bias is not None:
@@ -215,10 +218,9 @@ def local_int8_matmul(x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, ou
     y = acc.astype(_F32) * scale_f32
     if pertoken is not None:
         y = y * pertoken.reshape(*x1.shape[:-1], 1)
-    y = y.astype(out_dtype)
     if x3 is not None:
-        y = (y.astype(_F32) + x3.astype(_F32)).astype(out_dtype)
-    return y
+        y = numerics.rounded_to(y, out_dtype) + x3.astype(_F32)
+    return numerics.rounded_to(y, out_dtype) if widened else y.astype(out_dtype)
 
 
 def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
@@ -266,7 +268,10 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
 
     def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
         c = local_int8_matmul(
-            x1, x2, scale_f32, pertoken, bias, x3, transpose_x2=transpose_x2, out_dtype=out_dtype
+            *(x1, x2, scale_f32, pertoken, bias, x3),
+            transpose_x2=transpose_x2,
+            out_dtype=out_dtype,
+            widened=comm_scale is not None,
         )
         return c if comm_scale is None else xla.comm_quantize(c, comm_scale)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jax_mc2.framework import targets, validation
+from jax_mc2.framework import numerics, targets, validation
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
     FOLD_ROWS,
@@ -85,7 +85,7 @@ def dequantize_weights(x2, scale, offset, *, dtype, antiquant_group_size, transp
     w = x2.astype(_F32)
     if np.dtype(dtype) == np.dtype(np.float16):
         if offset is not None:
-            w = (w + expand(offset)).astype(dtype).astype(_F32)
+            w = numerics.rounded_to(w + expand(offset), dtype)
         return (w * expand(scale)).astype(dtype)
     if offset is not None:
         w = w + expand(offset)
