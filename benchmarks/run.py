@@ -13,6 +13,13 @@ The expert-parallel cases (grouped matmul against ``lax.ragged_dot`` and a
 dense batched einsum; the AlltoAllv dispatch operator on the mesh) are in
 ``benchmarks/expert_parallel.py``.
 
+On an accelerator (a GPU backend) the contenders are the ``xla``
+implementation and the same compositions; one device also runs 8192^3 (and
+the grouped matmul 16384 x 4096 x 4096), and each row's ratio is to the
+datasheet peak of its operand class (:data:`DATASHEET_PEAKS`) instead of the
+CPU's measured fp32 ceiling; the header prints XLA's bf16 dot at 8192^3.
+The multi-device rows need as many devices.
+
     python -m benchmarks.run [--json FILE] [--quick] [--suite all|tp|ep|ascend]
         [--implementations xla,ffi]
 """
@@ -117,6 +124,46 @@ def measure_ceiling(m, k, n, repeat) -> float:
     return 2 * m * k * n / (min(times.values()) * 1e-3) / 1e9
 
 
+#: Dense (no sparsity) datasheet peaks of the GPUs whose figures this runner
+#: records, in TFLOP/s (TOPS for int8), per operand class. The H200 has the
+#: H100 SXM's arithmetic (and more, faster memory). "float32" is the
+#: non-tensor-core rate.
+DATASHEET_PEAKS = {
+    "H100 SXM": {"float32": 67.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
+    "H200": {"float32": 67.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
+}
+
+
+def datasheet_peaks(device_kind: str) -> dict[str, float] | None:
+    """The peaks of ``device_kind`` (e.g. "NVIDIA H200"), None if not listed."""
+    if "H200" in device_kind:
+        return DATASHEET_PEAKS["H200"]
+    if "H100" in device_kind and "PCIe" not in device_kind:
+        return DATASHEET_PEAKS["H100 SXM"]
+    return None
+
+
+def operand_class(dtype) -> str:
+    """The datasheet class of an operand dtype: float32, 16-bit, float8 or int8."""
+    name = jnp.dtype(dtype).name
+    if name in ("float16", "bfloat16"):
+        return "16-bit"
+    if name.startswith("float8"):
+        return "float8"
+    return name
+
+
+def measure_dot(m, k, n, dtype, repeat) -> float:
+    """XLA's dot of ``dtype`` operands (fp32 accumulation) on one device, in
+    GFLOP/s: the measured ceiling on an accelerator."""
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal((k, n)), dtype)
+    dot = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    times = time_interleaved({"dot": dot}, (a, b), repeat)
+    return 2 * m * k * n / (times["dot"] * 1e-3) / 1e9
+
+
 def _mesh(devices):
     return Mesh(np.array(jax.devices()[:devices]), ("tp",))
 
@@ -208,6 +255,9 @@ def quant_case(m, k, n, dtype, devices, impls, repeat):
         spec = P(None, "tp") if name == "int8 dot_general" else out_spec
         wrapped[name] = _wrap(devices, in_specs, spec)(fn)
     return time_interleaved(wrapped, (x1, x2, bias, scale), repeat)
+
+
+quant_case.operand = "int8"
 
 
 def lowp_case(mode, m, k, n, devices, impls, repeat):
@@ -373,12 +423,16 @@ def _lowp(mode):
         return lowp_case(mode, m, k, n, devices, impls, repeat)
 
     case.dtypes = (jnp.bfloat16,)
+    case.operand = "float8"
     return case
 
 
-def ep_report(quick, impls, repeat, ndev, ceiling):
-    """The grouped-matmul and dispatch tables; returns their rows."""
+def ep_report(quick, impls, repeat, ndev, ceiling_of, accelerator=False):
+    """The grouped-matmul and dispatch tables; returns their rows.
+    ``ceiling_of(operand_class)`` is the GFLOP/s a row is compared with."""
     m, k, n, groups = (1024, 256, 256, 8) if quick else (4096, 1024, 1024, 8)
+    if accelerator and not quick:
+        m, k, n = 16384, 4096, 4096
     gmm_rows = []
     for routing in ("uniform", "zipf"):
         for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -386,6 +440,7 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
                 m, k, n, groups, routing, dtype, impls, repeat, time_interleaved
             )
             flops = 2 * m * k * n
+            ceiling = ceiling_of(operand_class(dtype))
             for name, ms in times.items():
                 gmm_rows.append(
                     {
@@ -397,7 +452,9 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
                         "gflops": round(flops / (ms * 1e-3) / 1e9, 1),
                         "vs_ragged_dot": round(times["lax.ragged_dot"] / ms, 2),
                         "vs_dense_einsum": round(times["dense batched einsum"] / ms, 2),
-                        "vs_ceiling": round(flops / (ms * 1e-3) / 1e9 / ceiling, 2),
+                        "vs_ceiling": (
+                            round(flops / (ms * 1e-3) / 1e9 / ceiling, 2) if ceiling else None
+                        ),
                     }
                 )
             print(f"  done grouped matmul {routing} {jnp.dtype(dtype).name}", flush=True)
@@ -407,14 +464,14 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
     )
     print(
         "| routing | dtype | contender | median ms | GFLOP/s | vs ragged_dot | "
-        "vs dense einsum | vs fp32 ceiling |"
+        f"vs dense einsum | {_ceiling_name(accelerator)} |"
     )
     print("|" + "---|" * 8)
     for r in gmm_rows:
         print(
             f"| {r['routing']} | {r['dtype']} | {r['contender']} | {r['median_ms']:.2f} | "
             f"{r['gflops']:.1f} | {r['vs_ragged_dot']:.2f} | {r['vs_dense_einsum']:.2f} | "
-            f"{r['vs_ceiling']:.2f} |"
+            f"{_fmt(r['vs_ceiling'])} |"
         )
     dispatch_rows = []
     if ndev > 1:
@@ -452,6 +509,14 @@ def ep_report(quick, impls, repeat, ndev, ceiling):
                 f"{r['gflops']:.1f} | {vs} | {r['bytes_moved_over_useful']:.2f} |"
             )
     return {"grouped_matmul": gmm_rows, "dispatch": dispatch_rows}
+
+
+def _ceiling_name(accelerator: bool) -> str:
+    return "vs datasheet peak" if accelerator else "vs fp32 ceiling"
+
+
+def _fmt(ratio) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}"
 
 
 def gemm_choices() -> str:
@@ -509,8 +574,26 @@ def main(argv=None):
     shapes_1 = [(512, 512, 512), (big, big, big)] if not args.quick else [(512, 512, 512)]
     shapes_8 = [(big, big, big), (1024, 4096, 1024)] if not args.quick else [(512, 1024, 512)]
     ndev = min(8, len(jax.devices()))
+    device_kind = jax.devices()[0].device_kind
+    # On an accelerator the CPU's shapes end inside launch overhead: one
+    # device also runs 8192^3, and rows compare with the datasheet peak of
+    # their operand class (the measured bf16 dot is printed beside it).
+    accelerator = backend != "cpu"
+    peaks = datasheet_peaks(device_kind) if accelerator else None
+    if accelerator:
+        if not args.quick:
+            shapes_1 = [(big, big, big), (8192, 8192, 8192)]
+        measured_bf16 = measure_dot(*shapes_1[-1], jnp.bfloat16, repeat)
 
-    ceiling = measure_ceiling(big, big, big, repeat)
+        def ceiling_of(cls):
+            return peaks[cls] * 1e3 if peaks else None
+
+    else:
+        ceiling = measure_ceiling(big, big, big, repeat)
+
+        def ceiling_of(cls):
+            return ceiling
+
     rows: list[Row] = []
     tp_cases = (
         ()
@@ -524,13 +607,15 @@ def main(argv=None):
             ("quant_matmul_all_reduce_v4 MXFP8", _lowp("mx")),
         )
     )
+    meshes = ((1, shapes_1), (ndev, shapes_8)) if ndev > 1 else ((1, shapes_1),)
     for opname, case in tp_cases:
-        for devices, shapes in ((1, shapes_1), (ndev, shapes_8)):
+        for devices, shapes in meshes:
             for m, k, n in shapes:
                 for dtype in getattr(case, "dtypes", (jnp.float16, jnp.bfloat16)):
                     times = case(m, k, n, dtype, devices, impls, repeat)
                     flops = 2 * m * k * n
                     base = times["unfused jnp"]
+                    ceiling = ceiling_of(getattr(case, "operand", None) or operand_class(dtype))
                     for name, ms in times.items():
                         gflops = flops / (ms * 1e-3) / 1e9
                         rows.append(
@@ -543,7 +628,7 @@ def main(argv=None):
                                 round(ms, 3),
                                 round(gflops, 1),
                                 round(base / ms, 2) if name != "unfused jnp" else 1.0,
-                                round(gflops / ceiling, 2),
+                                round(gflops / ceiling, 2) if ceiling else None,
                             )
                         )
                     print(
@@ -559,19 +644,29 @@ def main(argv=None):
     flags = ffi_impl.cpu_flags()
     print(f"CPU flags: {' '.join(flags) or 'unknown'} ({platform.processor() or '?'})")
     print(f"ffi GEMM (JAX_MC2_GEMM={os.environ.get('JAX_MC2_GEMM') or 'auto'}): {gemm_choices()}")
-    print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
+    if accelerator:
+        m, k, n = shapes_1[-1]
+        print(f"XLA bf16 dot, {m}x{k}x{n}, one device: {measured_bf16 / 1e3:.1f} TFLOP/s")
+        listed = ", ".join(f"{c} {v:g}" for c, v in peaks.items()) if peaks else "not listed"
+        print(f"datasheet dense peaks (TFLOP/s, TOPS for int8): {listed}\n")
+    else:
+        print(f"dense fp32 GEMM ceiling ({big}^3, one device): {ceiling:.1f} GFLOP/s\n")
     header = (
         "| operator | m x k x n | dtype | devices | implementation | median ms | "
-        "GFLOP/s | vs unfused jnp | vs fp32 ceiling |"
+        f"GFLOP/s | vs unfused jnp | {_ceiling_name(accelerator)} |"
     )
     print(header)
     print("|" + "---|" * 9)
     for r in rows:
         print(
             f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
-            f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {r.vs_ceiling:.2f} |"
+            f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {_fmt(r.vs_ceiling)} |"
         )
-    ep = ep_report(args.quick, impls, repeat, ndev, ceiling) if args.suite != "tp" else None
+    ep = (
+        ep_report(args.quick, impls, repeat, ndev, ceiling_of, accelerator)
+        if args.suite != "tp"
+        else None
+    )
     lowbit = None
     if ndev > 1 and args.suite != "ep":
         m, k, n = (512, 1024, 512) if args.quick else (2048, 2048, 2048)
@@ -595,7 +690,9 @@ def main(argv=None):
         "cpu_flags": list(ffi_impl.cpu_flags()),
         "gemm": gemm_choices(),
         "jax": jax.__version__,
-        "ceiling_gflops": ceiling,
+        "device_kind": device_kind,
+        "ceiling_gflops": measured_bf16 if accelerator else ceiling,
+        "datasheet_peaks": peaks,
         "rows": [asdict(r) for r in rows],
         "lowbit_comm": lowbit,
         "expert_parallel": ep,
