@@ -48,6 +48,19 @@ def _compilation_cache() -> None:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def _platform() -> str:
+    """The JAX platform the suite runs on: the CPU (an 8-device simulated
+    mesh) whatever accelerator the machine has, unless
+    JAX_MC2_TESTS_PLATFORM names another (e.g. "cuda"). There the cases
+    that can run do; those on meshes larger than the platform has devices,
+    and those of the CPU-only implementations (`ffi`, `ascend`), are
+    skipped (docs/development.md, Tests)."""
+    platform = os.environ.get("JAX_MC2_TESTS_PLATFORM") or "cpu"
+    os.environ["JAX_PLATFORMS"] = platform
+    return platform
+
+
+PLATFORM = _platform()
 _cann_double()
 _compilation_cache()
 
@@ -127,8 +140,11 @@ def run_python(code: str, env: dict, cwd) -> str:
 
 
 def make_mesh(shape, names):
-    """A Mesh over the first prod(shape) CPU devices."""
+    """A Mesh over the first prod(shape) devices (simulated CPU devices, or
+    those of JAX_MC2_TESTS_PLATFORM: the test is skipped where it has fewer)."""
     n = int(np.prod(shape))
+    if n > len(jax.devices()):
+        pytest.skip(f"needs {n} devices; {PLATFORM} has {len(jax.devices())}")
     return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
 
 
@@ -284,3 +300,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(slow)
         else:
             seen |= values
+
+
+#: What a call of a CPU-only implementation raises on another platform: the
+#: lowering's refusal, or XLA's for an FFI target registered for the CPU.
+_CPU_ONLY = ("lowers for cpu only", "No FFI handler registered for mc2_")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On JAX_MC2_TESTS_PLATFORM other than the CPU, a case that failed only
+    because it calls the `ffi` or `ascend` implementation is reported as
+    skipped, so that what fails there is what differs there."""
+    outcome = yield
+    report = outcome.get_result()
+    if PLATFORM == "cpu" or report.when != "call" or not report.failed or call.excinfo is None:
+        return
+    message = str(call.excinfo.value)
+    if any(text in message for text in _CPU_ONLY):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1], f"CPU only: {message[:200]}")
