@@ -2,6 +2,8 @@
 mode, the capacity factor (drops counted and modelled), the shared expert,
 ep=8 and dp=2 x ep=4 meshes, both implementations, and gradients."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +46,9 @@ def dense_moe(x, rw, wg, wu, wd, *, shards, capacity_factor=None, shared=None):
     wts = np.exp(top - top.max(1, keepdims=True))
     wts /= wts.sum(1, keepdims=True)
     t_local = T // shards
-    cap = None if capacity_factor is None else int(np.ceil(capacity_factor * t_local * K / G))
+    cap = None
+    if capacity_factor is not None:  # ceil(c t K / G) with c as written (1.1 = 11/10)
+        cap = -(-Fraction(str(capacity_factor)) * t_local * K // G)
     y = np.zeros((T, H))
     dropped = 0
     for shard in range(shards):
@@ -112,6 +116,10 @@ def test_capacities():
     caps = mc2.parallel.moe_capacities(64, 2, 8, 4, 1.0)
     assert caps == (16, 32, 128, 128)  # per expert, per peer, recv, assignments
     assert mc2.parallel.moe_capacities(64, 2, 8, 4, None) == (128, 128, 512, 128)
+    # 1.1 * 1000 / 10 is 110.00000000000001 in floats: the factor is taken as
+    # written, 11/10, so 110 assignments per expert, not 111.
+    assert mc2.parallel.moe_capacities(500, 2, 10, 2, 1.1).per_expert == 110
+    assert mc2.parallel.moe_capacities(500, 2, 10, 2, np.float32(1.1)).per_expert == 110
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ bytes).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import jax
@@ -89,7 +90,7 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
       world: ranks on the expert-parallel axis;
       capacity_factor: None (exact, no drops: every capacity is the worst
         case) or c > 0 (GShard: ``ceil(c * tokens * top_k / num_experts)``
-        assignments per expert and rank).
+        assignments per expert and rank, exact for c as written: 1.1 is 11/10).
 
     Returns:
       :class:`Capacities` ``(per_expert, per_peer, recv, assignments)``.
@@ -98,7 +99,10 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
     local = num_experts // world
     if capacity_factor is None:
         return Capacities(a, a, world * a, a)
-    c = max(1, math.ceil(capacity_factor * a / num_experts))
+    # In exact arithmetic on the factor as written (1.1 is 11/10): in floats
+    # 1.1 * 1000 / 10 is 110.00000000000001, whose ceiling is 111.
+    factor = Fraction(str(capacity_factor))
+    c = max(1, math.ceil(factor * a / num_experts))
     per_peer = min(a, local * c)
     return Capacities(c, per_peer, min(world * per_peer, num_experts * c), a)
 
