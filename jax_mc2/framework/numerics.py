@@ -10,7 +10,7 @@ are not always the same bits:
 - inside its YNNPACK fusions a round trip through bfloat16 is dropped, and
   a max reduction ignores NaN.
 
-XLA:GPU drops every round trip through a narrower float type (its "excess
+XLA:GPU drops a round trip through float16 or bfloat16 (its "excess
 precision" default), so a rounding step between two fp32 steps goes through
 :func:`rounded_to`.
 

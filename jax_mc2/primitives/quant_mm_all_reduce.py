@@ -268,7 +268,12 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
 
     def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
         c = local_int8_matmul(
-            *(x1, x2, scale_f32, pertoken, bias, x3),
+            x1,
+            x2,
+            scale_f32,
+            pertoken,
+            bias,
+            x3,
             transpose_x2=transpose_x2,
             out_dtype=out_dtype,
             widened=comm_scale is not None,
