@@ -895,7 +895,9 @@ def test_chip_rules(op):
 def _emulated_ragged_all_to_all(world):
     """lax.ragged_all_to_all's documented semantics from all_gathers: slice i
     of rank s goes to rank i // per, at its output_offsets[i]. A receiver
-    whose recv_sizes disagree with the senders' send_sizes gets NaNs."""
+    gets NaNs where its recv_sizes disagree with the senders' send_sizes, a
+    slice reaches outside the operand or the output (XLA only checks that in
+    debug builds), or two slices write one row."""
 
     def ragged(
         operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
@@ -909,6 +911,7 @@ def _emulated_ragged_all_to_all(world):
         rows = jnp.arange(output.shape[0])
         out = output
         mismatch = jnp.zeros((), bool)
+        writes = jnp.zeros(output.shape[0], jnp.int32)
         for s in range(world):
             for e in range(per):
                 i = me * per + e
@@ -916,8 +919,11 @@ def _emulated_ragged_all_to_all(world):
                 mask = (rows >= off) & (rows < off + size)
                 src_rows = jnp.clip(src + rows - off, 0, operand.shape[0] - 1)
                 out = jnp.where(mask[:, None], ops[s][src_rows], out)
+                writes = writes + mask
                 mismatch |= recv_sizes[s * per + e] != size
-                mismatch |= (src < 0) | (src + size > operand.shape[0])
+                mismatch |= (src < 0) | (src > operand.shape[0]) | (src + size > operand.shape[0])
+                mismatch |= (off < 0) | (off > output.shape[0]) | (off + size > output.shape[0])
+        mismatch |= jnp.any(writes > 1)
         return jnp.where(mismatch, jnp.nan, out)
 
     return ragged

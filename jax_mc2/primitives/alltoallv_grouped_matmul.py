@@ -237,8 +237,9 @@ def _zero_padded(x, rows):
 
 
 def _fit(offsets, sizes, rows):
-    """Receive slices clipped to an output of ``rows`` rows."""
-    return offsets, jnp.clip(jnp.minimum(sizes, rows - offsets), 0)
+    """Receive slices clipped to an output of ``rows`` rows (an empty slice
+    starts at most at ``rows``, inside the bounds XLA checks too)."""
+    return jnp.minimum(offsets, rows), jnp.clip(jnp.minimum(sizes, rows - offsets), 0)
 
 
 def _reply(offsets, sizes, world, axis_name):
