@@ -88,6 +88,8 @@ def draw(run: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = _panels(run)
+    peaks = run.get("datasheet_peaks")
+    dots = "vs datasheet peak" if peaks else "vs fp32 ceiling"
     fig, axes = plt.subplots(len(panels), 1, figsize=(13, 3.4 * len(panels)), squeeze=False)
     for ax, (title, cases, ratios, ceiling, base) in zip(axes[:, 0], panels):
         width = 0.8 / max(1, len(ratios))
@@ -111,15 +113,17 @@ def draw(run: dict, path: str) -> None:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, fontsize=7)
-        ax.set_ylabel(f"speed vs {base}\n(dots: vs fp32 ceiling)", fontsize=8)
+        ax.set_ylabel(f"speed vs {base}\n(dots: {dots})", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, loc="upper right", ncol=min(4, len(ratios)))
-    flags = " ".join(run.get("cpu_flags") or []) or "unknown"
-    fig.suptitle(
-        f"jax_mc2 on {run.get('cores')} cores, CPU flags: {flags}; "
-        f"fp32 ceiling {run.get('ceiling_gflops', 0):.0f} GFLOP/s",
-        fontsize=11,
-    )
+    if run.get("backend", "cpu") == "cpu":
+        flags = " ".join(run.get("cpu_flags") or []) or "unknown"
+        where = f"{run.get('cores')} cores, CPU flags: {flags}"
+        ceiling = f"fp32 ceiling {run.get('ceiling_gflops') or 0:.0f} GFLOP/s"
+    else:
+        where = run.get("device_kind") or run["backend"]
+        ceiling = f"bf16 dot {(run.get('bf16_dot_gflops') or 0) / 1e3:.0f} TFLOP/s"
+    fig.suptitle(f"jax_mc2 on {where}; {ceiling}", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=90)
     plt.close(fig)

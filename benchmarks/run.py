@@ -126,19 +126,22 @@ def measure_ceiling(m, k, n, repeat) -> float:
 
 #: Dense (no sparsity) datasheet peaks of the GPUs whose figures this runner
 #: records, in TFLOP/s (TOPS for int8), per operand class. The H200 has the
-#: H100 SXM's arithmetic (and more, faster memory). "float32" is the
-#: non-tensor-core rate.
+#: H100 SXM's arithmetic (and more, faster memory). "float32" is the TF32
+#: tensor-core rate: XLA:GPU's float32 dots at JAX's default precision.
 DATASHEET_PEAKS = {
-    "H100 SXM": {"float32": 67.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
-    "H200": {"float32": 67.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
+    "H100 SXM": {"float32": 495.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
+    "H200": {"float32": 495.0, "16-bit": 989.0, "float8": 1979.0, "int8": 1979.0},
 }
 
 
 def datasheet_peaks(device_kind: str) -> dict[str, float] | None:
-    """The peaks of ``device_kind`` (e.g. "NVIDIA H200"), None if not listed."""
+    """The peaks of ``device_kind`` (e.g. "NVIDIA H200"), None if not listed
+    (the PCIe and NVL parts run at other clocks)."""
+    if "PCIe" in device_kind or "NVL" in device_kind:
+        return None
     if "H200" in device_kind:
         return DATASHEET_PEAKS["H200"]
-    if "H100" in device_kind and "PCIe" not in device_kind:
+    if "H100" in device_kind:
         return DATASHEET_PEAKS["H100 SXM"]
     return None
 
@@ -586,7 +589,8 @@ def main(argv=None):
         measured_bf16 = measure_dot(*shapes_1[-1], jnp.bfloat16, repeat)
 
         def ceiling_of(cls):
-            return peaks[cls] * 1e3 if peaks else None
+            peak = (peaks or {}).get(cls)
+            return peak * 1e3 if peak else None
 
     else:
         ceiling = measure_ceiling(big, big, big, repeat)
@@ -691,7 +695,8 @@ def main(argv=None):
         "gemm": gemm_choices(),
         "jax": jax.__version__,
         "device_kind": device_kind,
-        "ceiling_gflops": measured_bf16 if accelerator else ceiling,
+        "ceiling_gflops": None if accelerator else ceiling,
+        "bf16_dot_gflops": measured_bf16 if accelerator else None,
         "datasheet_peaks": peaks,
         "rows": [asdict(r) for r in rows],
         "lowbit_comm": lowbit,

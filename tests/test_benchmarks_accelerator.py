@@ -16,6 +16,7 @@ def test_datasheet_peaks_by_device_kind():
     assert run.datasheet_peaks("NVIDIA H200")["16-bit"] == 989.0
     assert run.datasheet_peaks("NVIDIA H100 80GB HBM3") == run.DATASHEET_PEAKS["H100 SXM"]
     assert run.datasheet_peaks("NVIDIA H100 PCIe") is None  # other clocks, not listed
+    assert run.datasheet_peaks("NVIDIA H200 NVL") is None
     assert run.datasheet_peaks("cpu") is None
 
 
@@ -39,6 +40,7 @@ def test_runner_on_an_accelerator(monkeypatch, tmp_path, capsys):
     assert "vs datasheet peak" in text and "vs fp32 ceiling" not in text
     saved = json.loads(out.read_text())
     assert saved["datasheet_peaks"] == run.DATASHEET_PEAKS["H200"]
+    assert saved["ceiling_gflops"] is None and saved["bf16_dot_gflops"] > 0
     rows = saved["expert_parallel"]["grouped_matmul"]
     assert {r["contender"] for r in rows} == {
         "xla operator, 1 device",

@@ -63,3 +63,19 @@ def test_draw_writes_a_png(tmp_path):
     out = tmp_path / "bench.png"
     plot.draw(RUN, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draw_an_accelerator_run(tmp_path):
+    """A GPU run's JSON: no fp32 ceiling, the datasheet peaks and the bf16 dot."""
+    pytest.importorskip("matplotlib")
+    run = {
+        **RUN,
+        "backend": "gpu",
+        "device_kind": "NVIDIA H200",
+        "ceiling_gflops": None,
+        "bf16_dot_gflops": 573110.0,
+        "datasheet_peaks": {"16-bit": 989.0},
+    }
+    out = tmp_path / "gpu.png"
+    plot.draw(run, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
