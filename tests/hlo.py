@@ -43,3 +43,23 @@ def float_round_trips(text: str) -> list[str]:
             if _WIDTH.get(b, 8) < _WIDTH.get(a, 8):
                 narrowed[result] = f"{a}->{b}"
     return found
+
+
+_BARRIER = re.compile(r"(%[\w#.]+)(?::(\d+))? = stablehlo\.optimization_barrier")
+
+
+def unpinned_float8_widenings(text: str) -> list[str]:
+    """Converts in ``text`` that widen a float8 / float4 value (codes or e8m0
+    scales) not taken straight from an ``optimization_barrier``: XLA:GPU
+    folds such a widening into the convert that quantized the value, if the
+    program made it. One entry ``"f8E4M3FN->f32"`` per convert, per function."""
+    found = []
+    for body in text.split("func.func")[1:]:
+        pinned = set()
+        for name, count in _BARRIER.findall(body):
+            pinned |= {f"{name}#{i}" for i in range(int(count))} if count else {name}
+        for _, source, src, dst in _CONVERT.findall(body):
+            a, b = _element(src), _element(dst)
+            if a.startswith(("f8", "f4")) and source not in pinned:
+                found.append(f"{a}->{b}")
+    return found

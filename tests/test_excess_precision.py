@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_mesh
-from hlo import float_round_trips
+from hlo import float_round_trips, unpinned_float8_widenings
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
@@ -94,6 +94,18 @@ def _cases():
             ),
         )
     yield (
+        "add + RMSNorm 3-D x1, no collective",
+        lambda: _lowered(
+            lambda a, b, r, g: mc2.matmul_all_reduce_add_rms_norm(
+                a, b, r, g, None, implementation="xla"
+            ),
+            x1.reshape(1, m, k),
+            x2,
+            arr((1, m, n), F16),
+            arr((n,), F16),
+        ),
+    )
+    yield (
         "int8 x3",
         lambda: _lowered(
             lambda a, b, c: mc2.mm_all_reduce_base(
@@ -164,6 +176,98 @@ def test_xla_compositions_have_no_float_round_trip(name, lower):
     assert float_round_trips(lower()) == []
 
 
-def test_the_detector_sees_a_round_trip():
+def _fp8_cases():
+    rng = np.random.default_rng(2)
+    m, k, n = 8, 256, 256
+    a = rng.standard_normal((m, k)).astype(F32)
+    b = (rng.standard_normal((k, n)) / 16).astype(F32)
+    e4m3 = jnp.float8_e4m3fn
+
+    def pertoken(a, b):
+        # The quantization and the operator in one program: the case XLA:GPU
+        # would fold (f32 -> fp8 -> f32 is one chain of converts).
+        return mc2.quant_matmul_all_reduce_v4(
+            a.astype(e4m3),
+            b.astype(e4m3),
+            None,
+            x1_scale=jnp.ones((m,), F32),
+            x2_scale=jnp.ones((n,), F32),
+            out_dtype=BF16,
+            implementation="xla",
+        )
+
+    def mx(a, b):
+        (x1, s1), (x2, s2) = quant.mx_quantize(a), quant.mx_quantize(b.T)
+        return mc2.quant_matmul_all_reduce_v4(
+            x1,
+            x2,
+            None,
+            x1_scale=s1,
+            x2_scale=jnp.full(s2.shape, 2.0, F32).astype(jnp.float8_e8m0fnu),  # cast here
+            transpose_x2=True,
+            out_dtype=BF16,
+            implementation="xla",
+        )
+
+    def perblock(a, b):
+        (x1, s1), (x2, s2) = quant.perblock_quantize(a), quant.perblock_quantize(b)
+        return mc2.quant_matmul_all_reduce_v4(
+            x1,
+            x2,
+            None,
+            x1_scale=s1,
+            x2_scale=s2,
+            group_size=quant.group_size(128, 128, 128),
+            out_dtype=BF16,
+            implementation="xla",
+        )
+
+    def pertile_comm(a, b):
+        return jax.shard_map(
+            lambda x1, x2: mc2.quant_matmul_all_reduce_v4(
+                x1,
+                x2,
+                "tp",
+                x1_scale=jnp.ones((m,), F32),
+                x2_scale=jnp.ones((n,), F32),
+                comm_quant_mode=1,
+                out_dtype=BF16,
+                implementation="xla",
+            ),
+            mesh=make_mesh((2,), ("tp",)),
+            in_specs=(P(None, "tp"), P("tp", None)),
+            out_specs=P(),
+        )(a.astype(e4m3), b.astype(e4m3))
+
+    yield "fp8 pertoken", pertoken, (a, b)
+    yield "MXFP8", mx, (a, b)
+    yield "fp8 perblock", perblock, (a, b)
+    yield "fp8 pertile communication", pertile_comm, (a, b)
+
+
+@pytest.mark.parametrize("name,fn,args", list(_fp8_cases()), ids=[c[0] for c in _fp8_cases()])
+def test_float8_values_are_decoded_as_quantized(name, fn, args):
+    """Every widening of fp8 codes or e8m0 scales in the operators takes its
+    operand from an optimization barrier (numerics.pinned)."""
+    text = _lowered(fn, *args)
+    assert "f8E4M3FN" in text
+    assert unpinned_float8_widenings(text) == []
+
+
+def test_the_detectors_see_what_they_look_for():
     text = _lowered(lambda v: (v.astype(F16).astype(F32) * 2).astype(F16), np.ones(4, F32))
     assert float_round_trips(text) == ["f32->f16->f32"]
+    fp8 = jnp.float8_e4m3fn
+    text = _lowered(lambda v: v.astype(fp8).astype(F32), np.ones(4, F32))
+    assert unpinned_float8_widenings(text) == ["f8E4M3FN->f32"]
+    text = _lowered(lambda v: numerics.pinned(v.astype(fp8)).astype(F32), np.ones(4, F32))
+    assert unpinned_float8_widenings(text) == []
+
+
+def test_rounded_to_takes_float32_to_float16_or_bfloat16_only():
+    x = jnp.ones(3, F32)
+    assert numerics.rounded_to(x, F32) is x
+    with pytest.raises(TypeError, match="takes float32 values, got float16"):
+        numerics.rounded_to(x.astype(F16), BF16)
+    with pytest.raises(TypeError, match="not float8_e4m3fn"):
+        numerics.rounded_to(x, jnp.float8_e4m3fn)

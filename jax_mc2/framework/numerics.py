@@ -55,15 +55,37 @@ def rounded_to(x: Array, dtype: DTypeLike) -> Array:
     range, which ``reduce_precision`` would flush to zero.
     """
     dt = np.dtype(dtype)
-    if dt == np.dtype(x.dtype):
+    if np.dtype(x.dtype) != np.dtype(np.float32):
+        raise TypeError(f"rounded_to takes float32 values, got {np.dtype(x.dtype).name}")
+    if dt == np.dtype(np.float32):
         return x
     if dt == np.dtype(jnp.bfloat16):
         return lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
-    if dt == np.dtype(np.float16) and np.dtype(x.dtype) == np.dtype(np.float32):
+    if dt == np.dtype(np.float16):
         normal = lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
         subnormal = lax.round(x * _F16_GRID_INV, lax.RoundingMethod.TO_NEAREST_EVEN) * _F16_GRID
         return jnp.where(jnp.abs(x) < _F16_MIN_NORMAL, subnormal, normal)
-    return x.astype(dtype).astype(x.dtype)
+    raise TypeError(f"rounded_to rounds to float16 or bfloat16, not {dt.name}")
+
+
+def pinned(x: Array) -> Array:
+    """``x`` behind an optimization barrier, so that a convert widening it
+    is not folded into the convert that made it. XLA:GPU folds any chain of
+    float converts into one (``f32 -> float8 -> f32`` into nothing): a
+    float8 operand quantized in the same program would otherwise reach the
+    matmul unquantized."""
+    return lax.optimization_barrier(x)
+
+
+def widened(x: ArrayLike) -> Array:
+    """``x`` as float32. A float16, bfloat16 or float8 ``x`` is widened
+    behind :func:`pinned`, so it holds what its dtype holds even where the
+    program rounded it to that dtype just before; float32 and integer values
+    are converted as they are."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and np.dtype(x.dtype).itemsize < 4:
+        x = pinned(x)
+    return x.astype(jnp.float32)
 
 
 def nan_max(x: Array, axis: int) -> Array:

@@ -117,11 +117,11 @@ def trans_quant_param(
 
 @functools.partial(jax.jit, static_argnames=("shape", "round_mode", "x64"))
 def _trans_quant_param(scale, offset, *, shape, round_mode, x64):
-    bits = lax.bitcast_convert_type(scale.astype(jnp.float32), _U32)
+    bits = lax.bitcast_convert_type(numerics.widened(scale), _U32)
     low = _fp19_round_half_even(bits) if round_mode == 1 else bits & _u32(0xFFFFE000)
     high = jnp.full(shape, 1 << 14, _U32)  # bit 46
     if offset is not None:
-        o = jnp.clip(jnp.round(offset.astype(jnp.float32)), -256, 255).astype(jnp.int32)
+        o = jnp.clip(jnp.round(numerics.widened(offset)), -256, 255).astype(jnp.int32)
         high = high | ((o.astype(_U32) & _u32(0x1FF)) << 5)  # bits 37..45
     low = jnp.broadcast_to(low, shape)
     if x64:
@@ -183,7 +183,7 @@ def decode_scale(scale: Array) -> Array:
     ``float32(low & 0xFFFFE000)`` of packed words, or ``float32(bf16)``."""
     dtype = np.dtype(scale.dtype)
     if dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float32)):
-        return scale.astype(jnp.float32).reshape(-1)
+        return numerics.widened(scale).reshape(-1)
     if dtype in PACKED_WIDE:
         low = (scale.astype(jnp.uint64) & np.uint64(0xFFFFFFFF)).astype(jnp.uint32)
     else:
@@ -287,7 +287,7 @@ def hifloat8_encode(x: ArrayLike) -> Array:
 
 @jax.jit
 def _hifloat8_encode(x):
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), _U32)
+    bits = lax.bitcast_convert_type(numerics.widened(x), _U32)
     sign = ((bits >> 31) << 7).astype(jnp.int32)
     biased = ((bits >> 23) & _u32(0xFF)).astype(jnp.int32)
     mantissa = (bits & _u32(0x7FFFFF)).astype(jnp.int32)
@@ -436,7 +436,7 @@ def _perblock_quantize(x, *, block, dtype):
     fmax = 32768.0 if hif8 else float(ml_dtypes.finfo(dtype).max)
     *lead, r, c = x.shape
     rb, cb = -(-r // block), -(-c // block)
-    xf = x.astype(jnp.float32)
+    xf = numerics.widened(x)
     # The scale comes from the finite values only (docs/semantics.md §4.3).
     finite_abs = jnp.where(jnp.isfinite(xf), jnp.abs(xf), np.float32(0.0))
     padded = jnp.pad(finite_abs, [(0, 0)] * len(lead) + [(0, rb * block - r), (0, cb * block - c)])
@@ -508,7 +508,7 @@ def _mx_quantize(x, *, dtype, axis):
     rows, k = rows_last.shape
     nb = -(-k // MX_BLOCK)
     nb_even = 2 * (-(-k // (2 * MX_BLOCK)))
-    xf = rows_last.astype(jnp.float32)
+    xf = numerics.widened(rows_last)
     # OCP MX v1.0: a block holding a NaN or +-Inf gets the NaN scale (e8m0
     # 0xFF), so the whole block decodes as NaN; its element codes are those
     # of its finite values' amax (docs/semantics.md §3.2).

@@ -43,7 +43,7 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
         return lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
     def widened(a, b):
-        return lax.dot_general(a.astype(_F32), b.astype(_F32), dims)
+        return lax.dot_general(numerics.widened(a), numerics.widened(b), dims)
 
     if np.dtype(x1.dtype) == np.dtype(jnp.bfloat16) and not cpu.has_native_bf16_dot():
         # XLA:CPU without a native bfloat16 GEMM multiplies bfloat16 with
@@ -54,9 +54,9 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
     else:
         acc = mixed(x1, x2)
     if bias is not None:
-        acc = acc + bias.astype(_F32)
+        acc = acc + numerics.widened(bias)
     if x3 is not None:
-        acc = acc + x3.astype(_F32)
+        acc = acc + numerics.widened(x3)
     return acc.astype(x1.dtype)
 
 
@@ -108,14 +108,14 @@ def add_rms_norm(mm, residual, gamma, *, epsilon):
     multiplication by gamma (docs/semantics.md: the AddRmsNorm single-N kernel).
     """
     dtype = residual.dtype
-    yf = numerics.rounded_to(mm.astype(_F32) + residual.astype(_F32), dtype)
+    yf = numerics.rounded_to(numerics.widened(mm) + numerics.widened(residual), dtype)
     y = yf.astype(dtype)
     n = residual.shape[-1]
     inv_n = np.float32(1.0 / n) if n else np.float32(0.0)  # n = 0: empty rows
     mean_square = jnp.sum(yf * yf * inv_n, axis=-1, keepdims=True)
     rstd = numerics.divide(np.float32(1.0), jnp.sqrt(mean_square + np.float32(epsilon)))
     t = numerics.rounded_to(yf * rstd, dtype)
-    norm_out = (t * gamma.astype(_F32)).astype(dtype)
+    norm_out = (t * numerics.widened(gamma)).astype(dtype)
     return y, norm_out
 
 
@@ -140,7 +140,7 @@ def comm_quantize(c, scale_1):
     before the int8 all-to-all of the low-bit communication (docs/semantics.md
     §5.1; the fp16 kernel's half division is a correctly rounded fp32
     division rounded to fp16)."""
-    quotient = numerics.divide(c.astype(_F32), scale_1.astype(_F32))
+    quotient = numerics.divide(numerics.widened(c), numerics.widened(scale_1))
     return _int8_sat_rne(numerics.rounded_to(quotient, jnp.float16))
 
 
@@ -165,9 +165,9 @@ def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
     acc = padded[0].astype(_F32)
     for r in range(1, ranks):
         acc = acc + padded[r].astype(_F32)
-    ratio = scale_1.astype(_F32) / scale_2.astype(_F32)
+    ratio = numerics.widened(scale_1) / numerics.widened(scale_2)
     q2 = _int8_sat_rne(numerics.rounded_to(acc * ratio, jnp.float16))
     gathered = lax.all_gather(q2, axis_name) if axis_name else q2[None]
     q2 = gathered.reshape(ranks * chunk, n)[:m]
     # int8 values are exact in float16 and float32 alike.
-    return (q2.astype(_F32) * scale_2.astype(_F32)).astype(out_dtype)
+    return (q2.astype(_F32) * numerics.widened(scale_2)).astype(out_dtype)

@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jax_mc2.framework import validation
+from jax_mc2.framework import numerics, validation
 from jax_mc2.framework.typing import ArrayLike, Implementation
 from jax_mc2.framework.validation import shape_str
 from jax_mc2.operators.alltoallv_grouped_matmul import (
@@ -109,14 +109,18 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
 
 def swiglu(h):
     """[..., 2F] gate|up -> silu(gate) * up, computed in fp32."""
-    gate, up = jnp.split(h.astype(_F32), 2, axis=-1)
+    gate, up = jnp.split(numerics.widened(h), 2, axis=-1)
     return (jax.nn.silu(gate) * up).astype(h.dtype)
 
 
 def route(x, router_weight, top_k):
     """Top-k routing: (expert ids [t, k] int32, weights [t, k] fp32, the
     softmax over the k selected logits)."""
-    logits = jnp.dot(x.astype(_F32), router_weight.astype(_F32))
+    # Full fp32 products on every backend (XLA:GPU's default is TF32, which
+    # would move logits near a tie across it and route a token elsewhere).
+    logits = jnp.dot(
+        numerics.widened(x), numerics.widened(router_weight), precision=lax.Precision.HIGHEST
+    )
     top, ids = lax.top_k(logits, top_k)
     return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
 
@@ -182,10 +186,10 @@ def _local_moe(
         **mm,
     )
     # Back to assignment order (dropped assignments come back as zero rows).
-    per_assignment = out[jnp.argsort(order)].reshape(t, top_k, -1).astype(_F32)
-    y = jnp.einsum("tk,tkh->th", weights, per_assignment)
+    per_assignment = numerics.widened(out[jnp.argsort(order)].reshape(t, top_k, -1))
+    y = jnp.einsum("tk,tkh->th", weights, per_assignment, precision=lax.Precision.HIGHEST)
     if shared is not None:
-        y = y + out_shared.astype(_F32)
+        y = y + numerics.widened(out_shared)
     dropped = lax.psum(jnp.sum(~keep, dtype=jnp.int32), all_axes)
     per_expert = lax.psum(jnp.zeros(num_experts, jnp.int32).at[flat].add(1), all_axes)
     return y.astype(x.dtype), dropped, per_expert

@@ -173,7 +173,7 @@ def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
         raise validation.type_error(
             "quantize_weight_int8", f"w must be 2-D (k, n), got shape {shape_str(w.shape)}"
         )
-    w = w.astype(jnp.float32)
+    w = numerics.widened(w)
     amax = numerics.nan_max(jnp.abs(w), axis=0)
     usable = (amax > 0) & jnp.isfinite(amax)
     scale = jnp.where(usable, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
@@ -182,7 +182,7 @@ def quantize_weight_int8(w: ArrayLike) -> tuple[Array, Array]:
 
 def _quantize_tokens(x):
     """Per-row symmetric int8 quantization of x [..., k]: (int8, f32 [rows])."""
-    xf = x.astype(jnp.float32)
+    xf = numerics.widened(x)
     amax = numerics.nan_max(jnp.abs(xf), axis=-1)
     scale = jnp.where(amax > 0, numerics.divide(amax, np.float32(127.0)), np.float32(1.0))
     q = jnp.clip(jnp.round(numerics.divide(xf, scale[..., None])), -127, 127).astype(jnp.int8)

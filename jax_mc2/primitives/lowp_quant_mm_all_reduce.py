@@ -402,8 +402,9 @@ def _abstract_eval(*operands, **params):
 
 
 def decode_values(x, hif8):
-    """fp8 / fp4 values or HiFloat8 codes -> float32 (exact)."""
-    return quant.hifloat8_decode(x) if hif8 else x.astype(_F32)
+    """fp8 / fp4 values or HiFloat8 codes -> float32 (exact; the values as
+    quantized, even where the program quantized them: :func:`numerics.widened`)."""
+    return quant.hifloat8_decode(x) if hif8 else numerics.widened(x)
 
 
 def _row_scales(mode, x1, x1_scale):
@@ -438,13 +439,13 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
 def _round_out(y, x3, out_dtype):
     """Round to the output dtype, then add x3 in fp32 and round again."""
     if x3 is not None:
-        y = numerics.rounded_to(y, out_dtype) + x3.astype(_F32)
+        y = numerics.rounded_to(y, out_dtype) + numerics.widened(x3)
     return y.astype(out_dtype)
 
 
 def _mx_expand(scale, k):
     """e8m0 [rows, kb32] -> float32 [rows, k], one scale per 32 values."""
-    return jnp.repeat(scale.astype(_F32), MX_BLOCK, axis=-1)[:, :k]
+    return jnp.repeat(numerics.widened(scale), MX_BLOCK, axis=-1)[:, :k]
 
 
 def _dot(a, b, transpose_b):
@@ -534,7 +535,8 @@ def _wire_dequantize(wire, n, fp8):
     lead = wire.shape[:-1]
     t = _ceil(n, COMM_TILE)
     sc = lax.bitcast_convert_type(wire[..., n:].reshape(*lead, t, 4), _F32)
-    q = jnp.pad(codes.astype(_F32), [(0, 0)] * len(lead) + [(0, t * COMM_TILE - n)])
+    codes = numerics.widened(codes)  # the fp8 codes as quantized, on one rank too
+    q = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, t * COMM_TILE - n)])
     q = q.reshape(*lead, t, COMM_TILE)
     deq = numerics.divide(q, sc[..., None])  # a true division, as the kernel's Div
     return deq.reshape(*lead, t * COMM_TILE)[..., :n]
@@ -606,7 +608,7 @@ def _xla_composition(*operands, axis_name, comm_turn, **params):
         y = local_lowp_matmul(x1, x2, s2, s1, bias, mode=mode, hif8=hif8, transpose_x2=transpose_x2)
         x3_2d = None if x3 is None else x3.reshape(y.shape)
         if comm:
-            c = y if x3_2d is None else y + x3_2d.astype(_F32)
+            c = y if x3_2d is None else y + numerics.widened(x3_2d)
             out = pertile_wire(*pertile_quantize(c, np.dtype(x1.dtype)))
         else:
             out = _round_out(y, x3_2d, out_dtype)

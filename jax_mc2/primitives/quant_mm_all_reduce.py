@@ -219,7 +219,7 @@ def local_int8_matmul(
     if pertoken is not None:
         y = y * pertoken.reshape(*x1.shape[:-1], 1)
     if x3 is not None:
-        y = numerics.rounded_to(y, out_dtype) + x3.astype(_F32)
+        y = numerics.rounded_to(y, out_dtype) + numerics.widened(x3)
     return numerics.rounded_to(y, out_dtype) if widened else y.astype(out_dtype)
 
 

@@ -77,7 +77,7 @@ def dequantize_weights(x2, scale, offset, *, dtype, antiquant_group_size, transp
     rows, cols = antiquant_scale_shape(scale.shape, n, k, antiquant_group_size)
 
     def expand(a):  # scale/offset broadcast to the (k, n) weight
-        a = a.reshape(rows, cols).astype(_F32)
+        a = numerics.widened(a.reshape(rows, cols))
         if antiquant_group_size:
             a = jnp.repeat(a, antiquant_group_size, axis=0)[:k]
         return a.T if transpose_x2 else a
