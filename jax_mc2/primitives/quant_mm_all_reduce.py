@@ -206,11 +206,11 @@ def _out_dtype(scale):
 
 
 def local_int8_matmul(
-    x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype, widened=False
+    x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype, as_float32=False
 ):
     """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics):
     ``f32(acc + bias) * scale * pertoken`` left to right in float32, rounded
-    to ``out_dtype`` (``widened``: the rounded values as float32)."""
+    to ``out_dtype`` (``as_float32``: the rounded values as float32)."""
     dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
     acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
     if bias is not None:
@@ -220,7 +220,7 @@ def local_int8_matmul(
         y = y * pertoken.reshape(*x1.shape[:-1], 1)
     if x3 is not None:
         y = numerics.rounded_to(y, out_dtype) + numerics.widened(x3)
-    return numerics.rounded_to(y, out_dtype) if widened else y.astype(out_dtype)
+    return numerics.rounded_to(y, out_dtype) if as_float32 else y.astype(out_dtype)
 
 
 def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
@@ -267,18 +267,13 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
     del op
 
     def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
+        operands = (x1, x2, scale_f32, pertoken, bias, x3)
+        if comm_scale is None:
+            return local_int8_matmul(*operands, transpose_x2=transpose_x2, out_dtype=out_dtype)
         c = local_int8_matmul(
-            x1,
-            x2,
-            scale_f32,
-            pertoken,
-            bias,
-            x3,
-            transpose_x2=transpose_x2,
-            out_dtype=out_dtype,
-            widened=comm_scale is not None,
+            *operands, transpose_x2=transpose_x2, out_dtype=out_dtype, as_float32=True
         )
-        return c if comm_scale is None else xla.comm_quantize(c, comm_scale)
+        return xla.comm_quantize(c, comm_scale)
 
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
