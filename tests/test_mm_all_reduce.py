@@ -162,6 +162,8 @@ def test_ffi_and_xla_agree_bitwise_on_one_device(dtype):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("comm_turn", [slow(1), 3, slow(5), slow(100)])
 def test_comm_turn_identical(impl, comm_turn):
+    # Small k: one accumulation order; a larger GEMM may sum k in another
+    # order for fewer rows (docs/api.md: equal up to that order).
     rng = np.random.default_rng(11)
     x1, x2, bias, x3 = _case(rng, 4, np.float16, x3d=True, transpose_x2=False)
     kwargs = dict(x3d=True, transpose_x2=False, with_bias=True, with_x3=True)

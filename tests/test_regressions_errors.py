@@ -622,3 +622,64 @@ def test_group_sizes_past_int64_say_so():
         TypeError, match=r"group_sizes must be .* \(Python integers must fit int64\)"
     ):
         mc2.grouped_matmul(np.ones((2, 8), np.float32), np.ones((2, 8, 4), np.float32), [2**70, 1])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: mc2.mm_all_reduce_base(None, _W, None), "mm_all_reduce_base: x1 is required"),
+        (lambda: mc2.mm_all_reduce_base(_X, None, None), "mm_all_reduce_base: x2 is required"),
+        (
+            lambda: mc2.matmul_all_reduce_add_rms_norm(_X, _W, None, np.ones(16), None),
+            "matmul_all_reduce_add_rms_norm: residual is required",
+        ),
+        (lambda: mc2.grouped_matmul(_GX, None, [4, 0]), "grouped_matmul: w is required"),
+        (
+            lambda: mc2.alltoallv_grouped_matmul(None, _GW, None, send_counts=np.array([2, 2])),
+            "alltoallv_grouped_matmul: gmm_x is required",
+        ),
+        (
+            lambda: mc2.quant_matmul_all_reduce_v4(
+                _X.astype(F8), _W.astype(F8), None, x2_scale=None
+            ),
+            "quant_matmul_all_reduce_v4: x2_scale is required",
+        ),
+    ],
+)
+def test_a_required_argument_given_none_is_named(call, message):
+    # They raised IndexError (pop from empty list) or JAX's own ValueError.
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_v4_int8_x2_with_fp8_x1_is_named_as_a_mismatch():
+    # The message listed int8 among the dtypes x2 may have, and then said it was int8.
+    with pytest.raises(TypeError, match="x2 is int8 but the other operand is not"):
+        mc2.quant_matmul_all_reduce_v4(
+            _X.astype(F8),
+            _W.astype(np.int8),
+            None,
+            x1_scale=np.ones(8, np.float32),
+            x2_scale=np.ones(16, np.float32),
+            out_dtype=jnp.bfloat16,
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((64, 2, 8, 0, 1.0), "world must be >= 1, got 0"),  # was ZeroDivisionError
+        ((64, 2, 8, 4, -1.0), "capacity_factor must be None or a finite number > 0"),  # was 1
+        ((64, 2, 6, 4, None), "num_experts must be a positive multiple of world = 4, got 6"),
+        ((64, 0, 8, 4, None), "top_k must be >= 1, got 0"),
+    ],
+)
+def test_moe_capacities_checks_its_arguments(args, message):
+    with pytest.raises(ValueError, match=f"moe_capacities: {message}"):
+        parallel.moe_capacities(*args)
+
+
+def test_moe_without_tokens_is_refused_in_its_own_terms():
+    # It failed inside the dispatch, naming max_tokens_per_peer.
+    with pytest.raises(ValueError, match="expert_parallel_moe: T = 0 tokens must be a positive"):
+        _moe(x=_XM[:0])()

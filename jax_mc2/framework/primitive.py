@@ -170,7 +170,10 @@ def bind(primitive: _compat.core.Primitive, named: Mapping[str, Any], **params: 
     spec = SPECS[primitive.name]
     if spec.nz_weight is not None:
         params.setdefault("x2_format", weight_format.ND)
-    _check_not_narrowed(spec.operator_name(params), named)
+    op = spec.operator_name(params)
+    required = [o.name for o in spec.operands if o.flag is None and o.present is None]
+    validation.check_given(op, **{name: named[name] for name in required if name in named})
+    _check_not_narrowed(op, named)
     arrays = {k: None if a is None else jnp.asarray(a) for k, a in named.items()}
     return primitive.bind(*spec.join(arrays), **spec.presence(arrays), **params)
 

@@ -26,6 +26,13 @@ def type_error(op: str, message: str) -> TypeError:
     return TypeError(f"{op}: {message}")
 
 
+def check_given(op: str, **values) -> None:
+    """Each of ``values`` (required arguments, by name) is not None."""
+    for name, value in values.items():
+        if value is None:
+            raise type_error(op, f"{name} is required, got None")
+
+
 def value_error(op: str, message: str) -> ValueError:
     return ValueError(f"{op}: {message}")
 

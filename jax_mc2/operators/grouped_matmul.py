@@ -36,6 +36,7 @@ def grouped_matmul(
     accumulation, one rounding). Differentiable in x and w to any order (the weight gradient
     is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
     """
+    validation.check_given(OP, x=x, w=w, group_sizes=group_sizes)
     x, w = jnp.asarray(x), jnp.asarray(w)
     # Only the shape and dtype are read here: NumPy holds a Python list of
     # sizes past int32 (clipped below) that jnp.asarray would refuse.

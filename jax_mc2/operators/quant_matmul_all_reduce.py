@@ -137,6 +137,7 @@ def quant_matmul_all_reduce_v4(
       [m, n] or [b, s, n] in the row's output dtype, replicated over
       ``axis_name``.
     """
+    validation.check_given(OP_V4, x1=x1, x2=x2, x2_scale=x2_scale)
     transpose_x2 = validation.check_bool(OP_V4, "transpose_x2", transpose_x2)
     hif8 = _check_v4_call(
         x1_format, x2_format, comm_quant_mode, comm_quant_scale_1, comm_quant_scale_2

@@ -95,6 +95,15 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
     Returns:
       :class:`Capacities` ``(per_expert, per_peer, recv, assignments)``.
     """
+    op = "moe_capacities"
+    for name, value, least in (("tokens", tokens, 0), ("top_k", top_k, 1), ("world", world, 1)):
+        validation.check_int(op, name, value, minimum=least)
+    validation.check_int(op, "num_experts", num_experts)
+    if num_experts < world or num_experts % world:
+        raise validation.value_error(
+            op, f"num_experts must be a positive multiple of world = {world}, got {num_experts}"
+        )
+    _check_capacity_factor(op, capacity_factor)
     a = tokens * top_k
     local = num_experts // world
     if capacity_factor is None:
@@ -356,18 +365,11 @@ def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_fa
     if not 1 <= top_k <= g:
         raise validation.value_error(OP, f"top_k must be in [1, G = {g}], got {top_k}")
     shards = world * math.prod(mesh.shape[a] for a in data_axes)
-    if tokens % shards:
+    if tokens % shards or not tokens:
         raise validation.value_error(
-            OP, f"T = {tokens} tokens must be a multiple of the {shards} shards of x"
+            OP, f"T = {tokens} tokens must be a positive multiple of the {shards} shards of x"
         )
-    if capacity_factor is not None and (
-        isinstance(capacity_factor, (bool, np.bool_))
-        or not isinstance(capacity_factor, (int, float, np.integer, np.floating))
-        or not 0 < capacity_factor < math.inf
-    ):
-        raise validation.value_error(
-            OP, f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}"
-        )
+    _check_capacity_factor(OP, capacity_factor)
     caps = moe_capacities(tokens // shards, top_k, g, world, capacity_factor)
     for name, value in zip(caps._fields, caps):
         if value > validation.INT32_MAX:
@@ -377,6 +379,17 @@ def _check_moe_sizes(mesh, axis, data_axes, tokens, g, world, top_k, capacity_fa
                 f"{top_k}, G = {g}, W = {world}, capacity_factor = {capacity_factor}) must fit "
                 f"int32 (<= {validation.INT32_MAX}); use more shards or a capacity_factor",
             )
+
+
+def _check_capacity_factor(op, capacity_factor):
+    if capacity_factor is not None and (
+        isinstance(capacity_factor, (bool, np.bool_))
+        or not isinstance(capacity_factor, (int, float, np.integer, np.floating))
+        or not 0 < capacity_factor < math.inf
+    ):
+        raise validation.value_error(
+            op, f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}"
+        )
 
 
 def _check_shared_expert(shared_expert, hidden):

@@ -983,6 +983,7 @@ def bind_operator(
 ):
     """Canonicalizes a public call (counts, capacities) and binds ``prim``."""
     op = _op_name(prim)
+    validation.check_given(op, gmm_x=gmm_x, gmm_weight=gmm_weight, send_counts=send_counts)
     _check_mm_pair(op, mm_x, mm_weight)
     axes, impl, world, experts = _common_params(
         op, gmm_weight, axis_name, send_counts, recv_counts, implementation

@@ -106,6 +106,12 @@ def value_kind(op, name, aval, hif8: bool) -> str:
             f"uint8 {name} holds HiFloat8 codes only with x1_format='hifloat8' and "
             "x2_format='hifloat8'",
         )
+    if dtype == np.dtype(np.int8):  # x1 (or the formats) chose the low-precision rows
+        raise validation.type_error(
+            op,
+            f"{name} is int8 but the other operand is not: the int8 rows take int8 x1 and x2, "
+            "the low-precision rows float8 / float4 / HiFloat8 x1 and x2",
+        )
     raise validation.type_error(
         op,
         f"{name} dtype must be int8, float8_e4m3fn, float8_e5m2, float4_e2m1fn or uint8 "
