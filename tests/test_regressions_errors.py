@@ -683,3 +683,16 @@ def test_moe_without_tokens_is_refused_in_its_own_terms():
     # It failed inside the dispatch, naming max_tokens_per_peer.
     with pytest.raises(ValueError, match="expert_parallel_moe: T = 0 tokens must be a positive"):
         _moe(x=_XM[:0])()
+
+
+def test_packed_scale_words_take_python_ints_as_64_bit_words():
+    # A list went through jnp.asarray, which raised OverflowError past int32.
+    low, high = quant.packed_scale_words([1 << 46, 3])
+    assert low.tolist() == [0, 3] and high.tolist() == [1 << 14, 0]
+    with pytest.raises(TypeError, match="must fit in 64 bits"):
+        quant.packed_scale_words([1 << 70])
+
+
+def test_perblock_quantize_takes_a_numpy_integer_block():
+    _, scales = quant.perblock_quantize(np.ones((4, 4), np.float32), block=np.int64(2))
+    assert scales.shape == (2, 2)

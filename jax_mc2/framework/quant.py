@@ -136,6 +136,10 @@ def packed_scale_words(packed: ArrayLike) -> tuple[Array, Array]:
     ``uint32 [..., 2]`` pairs ``trans_quant_param`` returns without x64.
     Each half has the packed array's shape (``shape[:-1]`` for pairs).
     """
+    if isinstance(packed, (list, tuple)):  # Python ints as 64-bit words, not through int32
+        packed = np.asarray(packed)
+        if packed.dtype == object:
+            raise TypeError("packed scales: Python integers must fit in 64 bits")
     if isinstance(packed, np.ndarray) and packed.dtype in (np.int64, np.uint64):
         words = packed.view(np.uint64)
         return (
@@ -419,8 +423,9 @@ def perblock_quantize(
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise TypeError(f"perblock_quantize: x must be at least 2-D, got shape {x.shape}")
-    if not isinstance(block, int) or block < 1:
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"perblock_quantize: block must be a positive int, got {block!r}")
+    block = int(block)
     hif8 = _is_hifloat8(dtype)
     if not hif8 and np.dtype(dtype) not in _FP8_DTYPES:
         raise ValueError(
