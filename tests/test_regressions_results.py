@@ -606,3 +606,34 @@ def test_dispatch_counts_validation():
     sent, received = jax_mc2.dispatch_counts(np.array([3, -1, 2]), 4, None)
     np.testing.assert_array_equal(sent, [3, 0, 1])
     np.testing.assert_array_equal(received, sent)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("combine", [False, True])
+def test_alltoallv_gradient_of_rows_replicated_over_the_axis(impl, combine):
+    """gmm_x replicated over the EP axis: each rank sends the same rows, so
+    its gradient is the sum of the gradients of the copies. Reverse mode
+    raised "Expected cotangent type float32[8,3] but got float32[8,3]{V:ep}"."""
+    from jax import lax
+
+    world = 4
+    mesh = make_mesh((world,), ("ep",))
+    table = np.full((world, 2 * world), 1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, 3, 3)), jnp.float32)
+    op = jax_mc2.grouped_matmul_alltoallv if combine else jax_mc2.alltoallv_grouped_matmul
+
+    def loss(rows, w):
+        y = op(rows, w, "ep", send_counts=table, implementation=impl)[0]
+        return lax.psum(jnp.sum(jnp.sin(y)), "ep")
+
+    def grads(x_spec, rows):
+        f = jax.shard_map(loss, mesh=mesh, in_specs=(x_spec, P()), out_specs=P())
+        return jax.grad(jax.jit(f), argnums=(0, 1))(rows, w)
+
+    gx, gw = grads(P(), x)
+    copies_gx, copies_gw = grads(P("ep"), jnp.tile(x, (world, 1)))
+    want_gx = np.asarray(copies_gx).reshape(world, *x.shape).sum(0)
+    np.testing.assert_allclose(np.asarray(gx), want_gx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gw), np.asarray(copies_gw), rtol=1e-6, atol=1e-6)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from jax import lax
 from jax._src import config as _config
 from jax._src import core, dispatch
+from jax._src import mesh as _mesh
 from jax._src.interpreters import ad, batching, mlir
 
 __all__ = [
@@ -141,6 +142,17 @@ def varying_over(x, axes: Iterable[str]):
     have = core.typeof(x).mat.varying
     missing = tuple(a for a in axes if a not in have)
     return lax.pcast(x, missing, to="varying") if missing and have & set(axes) else x
+
+
+def varying_over_all(x, axes: Iterable[str]):
+    """``x`` cast to varying over every one of ``axes`` that is a manual
+    (``shard_map``) mesh axis here (``pcast``); in reverse mode the cast sums
+    the cotangent over the axes it added. Axes bound otherwise (``vmap``) are
+    left to the primitive's rules."""
+    manual = set(_mesh.get_abstract_mesh().manual_axes)
+    have = core.typeof(x).mat.varying
+    missing = tuple(a for a in axes if a in manual and a not in have)
+    return lax.pcast(x, missing, to="varying") if missing else x
 
 
 def match_vma(*args):

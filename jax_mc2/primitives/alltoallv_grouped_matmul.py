@@ -1013,11 +1013,14 @@ def bind_operator(
             implementation=impl,
         )
     has_mm = mm_x is not None
-    # Like lax ops, cast operands invariant along an axis another operand
-    # varies in (pvary), so reverse mode psums their cotangents.
+    # Every rank's rows go out (and their cotangents come back) over the axes:
+    # gmm_x varies over all of them, a replicated one by a cast whose
+    # transpose sums its cotangent. Like lax ops, cast the other operands
+    # invariant along an axis another one varies in (pvary), so reverse mode
+    # psums their cotangents.
     operands = list(
         _compat.match_vma(
-            jnp.asarray(gmm_x),
+            _compat.varying_over_all(jnp.asarray(gmm_x), axes),
             jnp.asarray(gmm_weight),
             *([] if table is not None else [send, recv]),
         )
