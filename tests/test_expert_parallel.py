@@ -254,7 +254,7 @@ def test_invalid_shapes():
         mc2.parallel.expert_parallel_moe(x, rw, wg, wu, wd[:, :5], mesh=mesh, axis="ep")
     with pytest.raises(ValueError, match="G = 6 experts must be a multiple of the 'ep' size 8"):
         mc2.parallel.expert_parallel_moe(x, rw[:, :6], wg[:6], wu[:6], wd[:6], mesh=mesh, axis="ep")
-    with pytest.raises(ValueError, match="T = 60 tokens must be a positive multiple of the 8 shards"):
+    with pytest.raises(ValueError, match="T = 60 tokens must be a positive multiple of the 8"):
         mc2.parallel.expert_parallel_moe(x[:60], rw, wg, wu, wd, mesh=mesh, axis="ep")
     _, _, _, _, _, shared = _case(0)
     for bad in (

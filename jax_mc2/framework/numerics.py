@@ -49,8 +49,9 @@ def rounded_to(x: Array, dtype: DTypeLike) -> Array:
     Written without a narrowing convert: XLA:GPU drops a convert pair
     ``f32 -> f16 -> f32`` (or bfloat16) as "excess precision" unless
     ``--xla_allow_excess_precision=false`` (XLA:CPU's YNNPACK fusions drop
-    the bfloat16 one), which would skip the rounding. bfloat16 is ``reduce_precision`` (same exponent range as
-    float32, so the same rounding); float16 is ``reduce_precision`` on its
+    the bfloat16 one), which would skip the rounding. bfloat16 is
+    ``reduce_precision`` (same exponent range as float32, so the same
+    rounding); float16 is ``reduce_precision`` on its
     normal range and an explicit round to the 2^-24 grid on its subnormal
     range, which ``reduce_precision`` would flush to zero.
     """
