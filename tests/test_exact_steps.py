@@ -550,3 +550,47 @@ def test_perblock_quantize_hifloat8_scales():
         assert code == (0x6E if tile[a, b] > 0 else 0xEE), (i, j, hex(code))
     assert codes[130, 270] == 0x6E and codes[131, 260] == 0xEE and codes[200, 200] == 0x6E
     assert codes[140, 290] == 0x80 and codes[0, 128] == 0x00
+
+
+# --------------------------------------------------------------------------
+# 7. Tangents of the bilinear products: one rounding of the fp32 sum
+#    f32(dx1 @ x2) + f32(x1 @ dx2), as the primal rounds once.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@HALF_DTYPES
+def test_shared_expert_tangent_rounds_once(impl, dtype):
+    """The dispatch's shared-expert output mm_y = mm_x @ mm_weight: its JVP
+    tangent rounded each product before summing them (two roundings more)."""
+    rng = np.random.default_rng(107)
+    mm_x, mm_w, _, _ = _plain_case(rng, dtype, m=8, k=16, n=24)
+    d_x, d_w, _, _ = _plain_case(rng, dtype, m=8, k=16, n=24)
+    terms = np.concatenate([_products(d_x, mm_w), _products(mm_x, d_w)], axis=-1)
+    assert_exact_fp32_sums(terms)
+    first = (d_x.astype(np.float64) @ mm_w.astype(np.float64)).astype(f32)
+    second = (mm_x.astype(np.float64) @ d_w.astype(np.float64)).astype(f32)
+    want = (first + second).astype(dtype)
+    # Premise: rounding each product first gives other bits.
+    each = (first.astype(dtype).astype(f32) + second.astype(dtype).astype(f32)).astype(dtype)
+    assert _differ(each, want) > want.size // 10
+
+    world, k_exp, n_exp = 2, 8, 4
+    x = np.ones((world, 2, k_exp), dtype)
+    w = np.ones((world, 1, k_exp, n_exp), dtype)
+    table = np.ones((world, world), np.int64)
+
+    def per_rank(x, w, mm_x, mm_w):
+        _, mm_y, _ = mc2.alltoallv_grouped_matmul(
+            x[0], w[0], "ep", send_counts=table, mm_x=mm_x, mm_weight=mm_w, implementation=impl
+        )
+        return mm_y
+
+    f = jax.shard_map(
+        per_rank,
+        mesh=make_mesh((world,), ("ep",)),
+        in_specs=(P("ep"), P("ep"), P(), P()),
+        out_specs=P(),
+    )
+    zeros = (np.zeros_like(x), np.zeros_like(w))
+    _, got = jax.jit(lambda p, t: jax.jvp(f, p, t))((x, w, mm_x, mm_w), (*zeros, d_x, d_w))
+    assert_bits(got, want)

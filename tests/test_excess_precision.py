@@ -271,3 +271,74 @@ def test_rounded_to_takes_float32_to_float16_or_bfloat16_only():
         numerics.rounded_to(x.astype(F16), BF16)
     with pytest.raises(TypeError, match="not float8_e4m3fn"):
         numerics.rounded_to(x, jnp.float8_e4m3fn)
+
+
+def _tangent_cases():
+    """The differentiable operators, each with every float operand in the
+    tangent: the JVP rules' roundings and widenings are compositions too."""
+    rng = np.random.default_rng(3)
+    m, k, n = 8, 64, 16
+
+    def arr(shape, dtype):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    for dtype in (F16, BF16):
+        name = jnp.dtype(dtype).name
+        x1, x2, x3 = arr((m, k), dtype), arr((k, n), dtype), arr((m, n), dtype)
+        for impl in ("xla", "ffi"):
+            yield (
+                f"mm_all_reduce_base {name} {impl}",
+                lambda a, b, c, impl=impl: mc2.mm_all_reduce_base(
+                    a, b, None, bias=c[0], x3=c, implementation=impl
+                ),
+                (x1, x2, x3),
+            )
+            yield (
+                f"add + RMSNorm {name} {impl}",
+                lambda a, b, r, g, impl=impl: mc2.matmul_all_reduce_add_rms_norm(
+                    a, b, r, g, None, implementation=impl
+                ),
+                (x1, x2, arr((1, m, n), dtype), arr((n,), dtype)),
+            )
+            yield (
+                f"grouped_matmul {name} {impl}",
+                lambda a, w, impl=impl: mc2.grouped_matmul(
+                    a, w, jnp.array([3, 0, 5], jnp.int32), implementation=impl
+                ),
+                (x1, arr((3, k, n), dtype)),
+            )
+            yield (
+                f"dispatch with the shared expert {name} {impl}",
+                _dispatch_with_shared_expert(impl),
+                (arr((2, 4, k), dtype), arr((2, 1, k, n), dtype), x1, x2),
+            )
+
+
+def _dispatch_with_shared_expert(impl):
+    table = np.full((2, 2), 2)
+
+    def per_rank(x, w, mm_x, mm_w):
+        y, mm_y, _ = mc2.alltoallv_grouped_matmul(
+            x[0], w[0], "ep", send_counts=table, mm_x=mm_x, mm_weight=mm_w, implementation=impl
+        )
+        return y[None], mm_y
+
+    return jax.shard_map(
+        per_rank,
+        mesh=make_mesh((2,), ("ep",)),
+        in_specs=(P("ep"), P("ep"), P(), P()),
+        out_specs=(P("ep"), P()),
+    )
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp"])
+@pytest.mark.parametrize(
+    "name,fn,args", list(_tangent_cases()), ids=[c[0] for c in _tangent_cases()]
+)
+def test_tangents_have_no_float_round_trip(name, fn, args, mode):
+    if mode == "jvp":
+        text = _lowered(lambda *a: jax.jvp(fn, a, a), *args)
+    else:
+        cts = jax.tree.map(lambda o: jnp.ones(o.shape, o.dtype), jax.eval_shape(fn, *args))
+        text = _lowered(lambda *a: jax.vjp(fn, *a)[1](cts), *args)
+    assert float_round_trips(text) == []

@@ -59,7 +59,6 @@ from jax_mc2.primitives.grouped_matmul import (
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
 OP_COMBINE = "grouped_matmul_alltoallv"
-_F32 = jnp.float32
 _I32 = jnp.int32
 MAX_LOCAL_EXPERTS = 32
 MAX_COUNTS = 256
@@ -730,8 +729,7 @@ def _jvp(prim, primals, tangents, **params):
     if mm_x is not None:
         result.append(outs[1])
         trans = params["trans_mm_weight"]
-        t_mm = xla.local_matmul(dmm_x, mm_w, transpose_x2=trans).astype(_F32)
-        t_mm = t_mm + xla.local_matmul(mm_x, dmm_w, transpose_x2=trans).astype(_F32)
+        t_mm = xla.product_tangent(mm_x, mm_w, dmm_x, dmm_w, transpose_x2=trans)
         tangent.append(t_mm.astype(mm_x.dtype))
     if params["permute_out"]:
         result.append(outs[-1])

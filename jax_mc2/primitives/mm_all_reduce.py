@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax import lax
-
-from jax_mc2.framework import _compat
+from jax_mc2.framework import _compat, numerics
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
     FOLD_ROWS,
@@ -23,7 +20,6 @@ from jax_mc2.implementations import ffi, xla
 from jax_mc2.primitives.matmul_family import check_matmul, reduced_result
 
 OP = "mm_all_reduce_base"
-_F32 = jnp.float32
 
 
 # --------------------------------------------------------------------------
@@ -74,13 +70,11 @@ def _jvp(primals, tangents, *, transpose_x2, has_bias, has_x3, axis_name, **para
     # The op is bilinear in (x1, x2) and linear in bias and x3; the tangent
     # is the same all-reduce of the fp32 sum of the linear parts. It is built
     # from lax ops so reverse mode transposes it with JAX's own rules.
-    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
-    acc = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
-    acc = acc + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
+    acc = xla.product_tangent(x1, x2, dx1, dx2, transpose_x2=transpose_x2)
     if dbias is not None:
-        acc = acc + dbias.astype(_F32)
+        acc = acc + numerics.widened(dbias)
     if dx3 is not None:
-        acc = acc + dx3.astype(_F32)
+        acc = acc + numerics.widened(dx3)
     return out, xla.all_reduce(acc.astype(out.dtype), axis_name)
 
 

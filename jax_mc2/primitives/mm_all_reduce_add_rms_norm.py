@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_mc2.framework import _compat, validation
+from jax_mc2.framework import _compat, numerics, validation
 from jax_mc2.framework.primitive import (
     FOLD_LEADING,
     FOLD_ROWS,
@@ -30,7 +30,6 @@ from jax_mc2.primitives.matmul_family import check_chip_limits, check_matmul
 
 OP = "matmul_all_reduce_add_rms_norm"
 INPLACE_OP = "inplace_matmul_all_reduce_add_rms_norm"
-_F32 = jnp.float32
 
 
 def _op_name(inplace: bool) -> str:
@@ -142,21 +141,22 @@ def _jvp(primals, tangents, *, epsilon, transpose_x2, has_bias, axis_name, **par
     dx1, dx2, dres, dgamma, dbias = _split(
         [_compat.ad.instantiate_zeros(t) for t in tangents], has_bias
     )
-    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
-    dmm = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
-    dmm = dmm + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
+    dmm = xla.product_tangent(x1, x2, dx1, dx2, transpose_x2=transpose_x2)
     if dbias is not None:
-        dmm = dmm + dbias.astype(_F32)
-    dmm = xla.all_reduce(dmm.astype(y.dtype), axis_name).astype(_F32)
+        dmm = dmm + numerics.widened(dbias)
+    # Widened behind barriers (numerics.widened): without a collective the
+    # tangent's rounding and the primal y's would be convert pairs that
+    # XLA:GPU removes.
+    dmm = numerics.widened(xla.all_reduce(dmm.astype(y.dtype), axis_name))
     # d(norm_out) from the primal y: norm = y * rstd * gamma,
     # rstd = (mean(y^2) + eps)^-1/2, d rstd = -rstd^3 * mean(y * dy).
-    yf = y.astype(_F32)
-    dy = dmm.reshape(residual.shape) + dres.astype(_F32)
+    yf = numerics.widened(y)
+    dy = dmm.reshape(residual.shape) + numerics.widened(dres)
     n = residual.shape[-1]
     rstd = lax.rsqrt(jnp.mean(yf * yf, axis=-1, keepdims=True) + np.float32(epsilon))
     drstd = -(rstd**3) * jnp.sum(yf * dy, axis=-1, keepdims=True) / n
-    g = gamma.astype(_F32)
-    dnorm = (dy * rstd + yf * drstd) * g + yf * rstd * dgamma.astype(_F32)
+    g = numerics.widened(gamma)
+    dnorm = (dy * rstd + yf * drstd) * g + yf * rstd * numerics.widened(dgamma)
     return (y, norm_out), (dy.astype(y.dtype), dnorm.astype(norm_out.dtype))
 
 
