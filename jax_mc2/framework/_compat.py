@@ -139,9 +139,7 @@ def varying_over(x, axes: Iterable[str]):
     operand that varies over all of them or none, and an operator's per-rank
     result may vary over only some (an x1 sharded over one axis of a tuple
     axis_name). An operand varying over none of them stays as it is."""
-    have = core.typeof(x).mat.varying
-    missing = tuple(a for a in axes if a not in have)
-    return lax.pcast(x, missing, to="varying") if missing and have & set(axes) else x
+    return varying_over_all(x, axes) if core.typeof(x).mat.varying & set(axes) else x
 
 
 def varying_over_all(x, axes: Iterable[str]):
@@ -149,6 +147,8 @@ def varying_over_all(x, axes: Iterable[str]):
     (``shard_map``) mesh axis here (``pcast``); in reverse mode the cast sums
     the cotangent over the axes it added. Axes bound otherwise (``vmap``) are
     left to the primitive's rules."""
+    if not _config._check_vma.value:
+        return x
     manual = set(_mesh.get_abstract_mesh().manual_axes)
     have = core.typeof(x).mat.varying
     missing = tuple(a for a in axes if a in manual and a not in have)
@@ -172,9 +172,12 @@ def result_aval(
 ):
     """An output aval of ``shape``/``dtype`` whose ``vma`` is the union of the
     inputs' varying axes, less the axes an all-reduce made invariant, plus
-    the axes an all-to-all makes varying (each rank receives other rows)."""
+    the axes an all-to-all makes varying (each rank receives other rows).
+    Under ``shard_map(check_vma=False)`` no aval carries varying axes, as
+    with lax's collectives."""
     varying = frozenset().union(*(a.mat.varying for a in inputs)) - frozenset(reduced_axes)
-    varying = varying | frozenset(varying_axes)
+    if _config._check_vma.value:
+        varying = varying | frozenset(varying_axes)
     aval = template.update(shape=tuple(shape), dtype=dtype, weak_type=False)
     return aval.update(manual_axis_type=aval.mat.update(varying=varying))
 
