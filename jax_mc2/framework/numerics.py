@@ -69,6 +69,15 @@ def rounded_to(x: Array, dtype: DTypeLike) -> Array:
     raise TypeError(f"rounded_to rounds to float16 or bfloat16, not {dt.name}")
 
 
+def x3_added(y: Array, x3: ArrayLike | None, dtype: DTypeLike) -> Array:
+    """The quantized rows' x3 step (docs/semantics.md §10.2): float32 ``y``
+    rounded to ``dtype``, then ``x3`` added in float32; ``y`` as it is
+    without x3. The caller makes the last rounding."""
+    if x3 is None:
+        return y
+    return rounded_to(y, dtype) + widened(x3)
+
+
 def pinned(x: Array) -> Array:
     """``x`` behind an optimization barrier, so that a convert widening it
     is not folded into the convert that made it. XLA:GPU folds any chain of

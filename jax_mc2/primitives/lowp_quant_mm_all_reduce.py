@@ -442,13 +442,6 @@ def _column_scales(mode, x2_scale, n, transpose_x2):
     return x2_scale.reshape(n, x2_scale.shape[-2] * x2_scale.shape[-1])
 
 
-def _round_out(y, x3, out_dtype):
-    """Round to the output dtype, then add x3 in fp32 and round again."""
-    if x3 is not None:
-        y = numerics.rounded_to(y, out_dtype) + numerics.widened(x3)
-    return y.astype(out_dtype)
-
-
 def _mx_expand(scale, k):
     """e8m0 [rows, kb32] -> float32 [rows, k], one scale per 32 values."""
     return jnp.repeat(numerics.widened(scale), MX_BLOCK, axis=-1)[:, :k]
@@ -617,7 +610,7 @@ def _xla_composition(*operands, axis_name, comm_turn, **params):
             c = y if x3_2d is None else y + numerics.widened(x3_2d)
             out = pertile_wire(*pertile_quantize(c, np.dtype(x1.dtype)))
         else:
-            out = _round_out(y, x3_2d, out_dtype)
+            out = numerics.x3_added(y, x3_2d, out_dtype).astype(out_dtype)
         return out.reshape(*x1.shape[:-1], out.shape[-1])
 
     return _composition(local, operands, params, axis_name, comm_turn)

@@ -218,8 +218,7 @@ def local_int8_matmul(
     y = acc.astype(_F32) * scale_f32
     if pertoken is not None:
         y = y * pertoken.reshape(*x1.shape[:-1], 1)
-    if x3 is not None:
-        y = numerics.rounded_to(y, out_dtype) + numerics.widened(x3)
+    y = numerics.x3_added(y, x3, out_dtype)
     return numerics.rounded_to(y, out_dtype) if as_float32 else y.astype(out_dtype)
 
 
