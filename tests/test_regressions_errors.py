@@ -672,6 +672,7 @@ def test_v4_int8_x2_with_fp8_x1_is_named_as_a_mismatch():
         ((64, 2, 8, 4, -1.0), "capacity_factor must be None or a finite number > 0"),  # was 1
         ((64, 2, 6, 4, None), "num_experts must be a positive multiple of world = 4, got 6"),
         ((64, 0, 8, 4, None), "top_k must be >= 1, got 0"),
+        ((10, 20, 8, 4, None), "top_k must be at most num_experts = 8, got 20"),  # was accepted
     ],
 )
 def test_moe_capacities_checks_its_arguments(args, message):
@@ -696,3 +697,22 @@ def test_packed_scale_words_take_python_ints_as_64_bit_words():
 def test_perblock_quantize_takes_a_numpy_integer_block():
     _, scales = quant.perblock_quantize(np.ones((4, 4), np.float32), block=np.int64(2))
     assert scales.shape == (2, 2)
+
+
+def test_moe_capacity_is_at_most_what_a_rank_can_send():
+    # A large factor gave per_expert = 10**10, which the operator then refused
+    # as past int32 and asked for "a capacity_factor", though one was given.
+    assert parallel.moe_capacities(4, 2, 8, 4, 1e10) == parallel.moe_capacities(4, 2, 8, 4, None)
+    assert parallel.moe_capacities(4, 2, 8, 4, 1e300).per_expert == 8
+
+
+def test_dispatch_counts_rows_past_int32_are_named():
+    # It raised OverflowError from inside jit, naming neither the function nor rows.
+    with pytest.raises(ValueError, match=r"dispatch_counts: rows must be <= 2147483647"):
+        mc2.dispatch_counts(np.array([1, 2]), 2**31, None)
+
+
+def test_resolve_group_size_needs_three_dims():
+    # It zipped (m, n, k) with shorter or longer sequences and dropped fields.
+    with pytest.raises(ValueError, match=r"dims and scale_dims must each be \(m, n, k\)"):
+        quant.resolve_group_size(0, (128, 128), (1, 1, 1))

@@ -372,9 +372,14 @@ def resolve_group_size(
     exactly (CANN's rule), e.g. ``dims=(m, n, k)`` of the matmul and
     ``scale_dims`` the matching extents of x1Scale/x2Scale.
     """
+    if len(dims) != 3 or len(scale_dims) != 3:
+        raise ValueError(
+            f"group_size: dims and scale_dims must each be (m, n, k), got {tuple(dims)} and "
+            f"{tuple(scale_dims)}"
+        )
     fields = unpack_group_size(value)
     out = []
-    for name, g, d, s in zip("mnk", fields, dims, scale_dims):
+    for name, g, d, s in zip("mnk", fields, dims, scale_dims, strict=True):
         if g == 0:
             if s <= 0 or d % s != 0:
                 raise ValueError(

@@ -41,7 +41,7 @@ def dispatch_counts(send_counts: ArrayLike, rows: int, axis_name: AxisName) -> t
     rows give ``(send_counts, exchange_counts(send_counts, axis_name))``.
     """
     op = "dispatch_counts"
-    rows = validation.check_int(op, "rows", rows, minimum=0)
+    rows = validation.check_int32(op, "rows", rows, minimum=0)
     counts = jnp.asarray(send_counts)
     if counts.ndim != 1 or not jnp.issubdtype(counts.dtype, jnp.integer):
         raise validation.type_error(

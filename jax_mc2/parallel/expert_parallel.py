@@ -90,7 +90,8 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
       world: ranks on the expert-parallel axis;
       capacity_factor: None (exact, no drops: every capacity is the worst
         case) or c > 0 (GShard: ``ceil(c * tokens * top_k / num_experts)``
-        assignments per expert and rank, exact for c as written: 1.1 is 11/10).
+        assignments per expert and rank, exact for c as written: 1.1 is 11/10;
+        at most ``tokens * top_k``, which drops nothing).
 
     Returns:
       :class:`Capacities` ``(per_expert, per_peer, recv, assignments)``.
@@ -103,6 +104,10 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
         raise validation.value_error(
             op, f"num_experts must be a positive multiple of world = {world}, got {num_experts}"
         )
+    if top_k > num_experts:
+        raise validation.value_error(
+            op, f"top_k must be at most num_experts = {num_experts}, got {top_k}"
+        )
     _check_capacity_factor(op, capacity_factor)
     a = tokens * top_k
     local = num_experts // world
@@ -111,7 +116,9 @@ def moe_capacities(tokens, top_k, num_experts, world, capacity_factor):
     # In exact arithmetic on the factor as written (1.1 is 11/10): in floats
     # 1.1 * 1000 / 10 is 110.00000000000001, whose ceiling is 111.
     factor = Fraction(str(capacity_factor))
-    c = max(1, math.ceil(factor * a / num_experts))
+    # A rank has at most a assignments for one expert: a larger capacity
+    # drops nothing either.
+    c = min(a, max(1, math.ceil(factor * a / num_experts)))
     per_peer = min(a, local * c)
     return Capacities(c, per_peer, min(world * per_peer, num_experts * c), a)
 
