@@ -66,10 +66,15 @@ struct DeviceState {
   // ACL_OPT_DETERMINISTIC as last set on this context (the default: off);
   // any thread that enters the device may set it.
   std::atomic<bool> deterministic{false};
+  bool retired = false;  // Shutdown has released it (under mu)
 };
 
 std::mutex g_dev_mu;
 std::map<int, std::unique_ptr<DeviceState>> g_devices;
+// States Shutdown released: kept, not freed, since a call that looked its
+// device up before Shutdown may still wait for the state's lock; it finds
+// the state retired (guarded by g_dev_mu).
+std::vector<std::unique_ptr<DeviceState>> g_retired;
 
 Status Fail(const Cann& c, const std::string& what, int code) {
   return Status::Error(what + " failed with status " + std::to_string(code) + ": " + RecentErr(c));
@@ -758,32 +763,46 @@ Status JoinLocked(const Cann& c, const std::string& key, GroupDef& def,
   return Status::Ok();
 }
 
+// (Re)defines the group `key` with `define(def)` and, unless all of its
+// communicators are live, destroys what is left of them and creates them
+// with `create(cann, def, latest)`, `latest` being the group's latest call.
+template <typename Define, typename Create>
+Status RedefineGroup(const std::string& key, Define define, Create create) {
+  std::string why;
+  const Cann* c = LoadCann(&why);
+  if (c == nullptr) return Status::Error(why);
+  std::shared_ptr<GroupDef> def = FindOrAddGroup(key);
+  std::lock_guard<std::mutex> lock(def->mu);  // CountCall waits: `latest` holds
+  {
+    // The definition changes under both locks: GroupOf reads it under
+    // g_comm_mu, EnsureComm under def->mu.
+    std::lock_guard<std::mutex> cl(g_comm_mu);
+    define(*def);
+    if (IsLive(key, *def)) return Status::Ok();  // already there
+  }
+  Status s = DestroyComms(*c, key, def->ordinals);
+  if (!s.ok) return s;
+  const int64_t latest = LatestCall(*def);
+  s = create(*c, *def, latest);
+  if (s.ok) {
+    def->broken_at = -1;
+    def->recreated_at = latest;
+  }
+  return s;
+}
+
 }  // namespace
 
 Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals);
 
 Status CommInitAll(const std::string& key, const std::vector<int>& ordinals) {
-  std::string why;
-  const Cann* c = LoadCann(&why);
-  if (c == nullptr) return Status::Error(why);
-  std::shared_ptr<GroupDef> def = FindOrAddGroup(key);
-  std::lock_guard<std::mutex> lock(def->mu);
-  {
-    // The definition changes under both locks: GroupOf reads it under
-    // g_comm_mu, EnsureComm under def->mu.
-    std::lock_guard<std::mutex> cl(g_comm_mu);
-    def->ordinals = ordinals;
-    def->init_all = true;
-    if (IsLive(key, *def)) return Status::Ok();  // already there
-  }
-  Status s = DestroyComms(*c, key, ordinals);
-  if (!s.ok) return s;
-  s = CommInitAllLocked(c, key, ordinals);
-  if (s.ok) {
-    def->broken_at = -1;
-    def->recreated_at = LatestCall(*def);
-  }
-  return s;
+  return RedefineGroup(
+      key,
+      [&](GroupDef& def) {
+        def.ordinals = ordinals;
+        def.init_all = true;
+      },
+      [&](const Cann& c, GroupDef&, int64_t) { return CommInitAllLocked(&c, key, ordinals); });
 }
 
 Status CommInitAllLocked(const Cann* c, const std::string& key, const std::vector<int>& ordinals) {
@@ -850,31 +869,19 @@ void SetRootInfoExchange(RootInfoExchange exchange) {
 
 Status CommJoin(const std::string& key, int nranks,
                 const std::vector<std::pair<int, int>>& rank_ordinals, int timeout_ms) {
-  std::string why;
-  const Cann* c = LoadCann(&why);
-  if (c == nullptr) return Status::Error(why);
-  std::shared_ptr<GroupDef> def = FindOrAddGroup(key);
-  std::lock_guard<std::mutex> lock(def->mu);
-  {
-    // Under both locks, as in CommInitAll.
-    std::lock_guard<std::mutex> cl(g_comm_mu);
-    def->init_all = false;
-    def->nranks = nranks;
-    def->rank_ordinals = rank_ordinals;
-    def->ordinals.clear();
-    for (auto [r, o] : rank_ordinals) def->ordinals.push_back(o);
-    if (IsLive(key, *def)) return Status::Ok();  // already there
-  }
-  Status s = DestroyComms(*c, key, def->ordinals);
-  if (!s.ok) return s;
-  const int64_t latest = LatestCall(*def);
-  ++def->epoch;
-  s = JoinLocked(*c, key, *def, Generation(*def, latest), timeout_ms);
-  if (s.ok) {
-    def->broken_at = -1;
-    def->recreated_at = latest;
-  }
-  return s;
+  return RedefineGroup(
+      key,
+      [&](GroupDef& def) {
+        def.init_all = false;
+        def.nranks = nranks;
+        def.rank_ordinals = rank_ordinals;
+        def.ordinals.clear();
+        for (auto [r, o] : rank_ordinals) def.ordinals.push_back(o);
+      },
+      [&](const Cann& c, GroupDef& def, int64_t latest) {
+        ++def.epoch;
+        return JoinLocked(c, key, def, Generation(def, latest), timeout_ms);
+      });
 }
 
 std::string CommGeneration(const std::string& key) {
@@ -1222,6 +1229,7 @@ void Shutdown() {
   std::set<int> busy;
   for (DeviceState* d : devices) {
     std::lock_guard<std::mutex> dl(d->mu);
+    d->retired = true;  // a call that takes the lock after this one fails
     const Status idle = WaitIdle(*c, d);
     if (!idle.ok) {
       busy.insert(d->ordinal);
@@ -1264,6 +1272,7 @@ void Shutdown() {
   }
   {
     std::lock_guard<std::mutex> lock(g_dev_mu);
+    for (auto& [o, d] : g_devices) g_retired.push_back(std::move(d));
     g_devices.clear();
   }
   // One reset per device state: the pair of GetDevice's aclrtSetDevice.
@@ -1319,6 +1328,9 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   Status s = GetDevice(*c, ordinal, &d);
   if (!s.ok) return broken(error(s.message));
   std::lock_guard<std::mutex> lock(d->mu);
+  if (d->retired)
+    return broken(error(function + ": jax_mc2.ascend.shutdown() ran while this call waited for " +
+                        "JAX device " + std::to_string(ordinal) + "; a new call starts afresh"));
   if (!(s = Enter(*c, d)).ok) return broken(error(s.message));
   aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
 

@@ -3,6 +3,7 @@ which thread and device each CANN call runs on, what a communicator's
 destruction needs, what shutdown may free after a stream wait failed, and
 that every aclrtSetDevice is balanced by an aclrtResetDevice."""
 
+import ast
 import os
 import re
 import textwrap
@@ -230,3 +231,48 @@ def test_deterministic_reaches_contexts_made_before_it():
         mc2.ascend.configure(deterministic=False)
     _check(f(X1, X2))
     assert option() == 0
+
+
+_SHUTDOWN_DURING_CALLS = _PRELUDE + textwrap.dedent(
+    """
+    np.asarray(single(x1, x2))
+    for rnd in range(3):
+        os.environ["CANN_DOUBLE_LAUNCH_DELAY_MS"] = "600"
+        outcomes = []
+
+        def call():
+            try:
+                outcomes.append(float(np.asarray(single(x1, x2))[0, 0]))
+            except Exception as e:
+                outcomes.append(str(e).splitlines()[0])
+
+        first = threading.Thread(target=call)  # holds device 0 for 600 ms
+        first.start()
+        time.sleep(0.2)
+        stopper = threading.Thread(target=mc2.ascend.shutdown)  # waits for device 0
+        stopper.start()
+        time.sleep(0.2)
+        second = threading.Thread(target=call)  # found device 0's state, waits for it
+        second.start()
+        for t in (first, stopper, second):
+            t.join()
+        del os.environ["CANN_DOUBLE_LAUNCH_DELAY_MS"]
+        print("OUTCOMES", rnd, outcomes)
+    print("AFTER", float(np.asarray(single(x1, x2))[0, 0]))
+    print("REPORT", report())
+    """
+)
+
+
+def test_a_call_waiting_for_its_device_during_shutdown(tmp_path):
+    """shutdown() freed every device's state while a call that had looked its
+    device up could still be waiting for the state's lock; that call then
+    used a destroyed stream in freed memory. The state is now kept and marked:
+    such a call fails with an error naming shutdown (or runs first, if it
+    takes the lock first), and the next call makes the state afresh."""
+    out = run_python(_SHUTDOWN_DURING_CALLS, dict(os.environ), tmp_path)
+    for line in re.findall(r"OUTCOMES \d+ (.*)", out):
+        for outcome in ast.literal_eval(line):  # a list of floats and messages
+            assert outcome == 32.0 or "shutdown() ran while this call waited" in outcome, out
+    assert "AFTER 32.0" in out, out
+    assert "violations: 0 " in out.split("REPORT", 1)[1], out
