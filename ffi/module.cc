@@ -1,6 +1,7 @@
 // The nanobind module: exposes the FFI handlers as capsules by target name.
 #include <nanobind/nanobind.h>
 
+#include "blas_workers.h"
 #include "lowp_modes.h"
 #include "mc2_ffi.h"
 
@@ -16,6 +17,7 @@ nb::capsule EncapsulateFfiHandler(T* fn) {
 }  // namespace
 
 NB_MODULE(_mc2_ffi, m) {
+  jax_mc2::InstallBlasWorkers();
   m.def("registrations", []() {
     nb::dict d;
     d["mc2_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2MatmulHandler);

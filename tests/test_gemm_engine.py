@@ -208,6 +208,36 @@ def test_openblas_threads_sleep_soon_unless_the_user_says_otherwise():
     assert out.stdout.strip() == "12", out.stderr[-2000:]
 
 
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core: OpenBLAS runs every GEMM on one thread")
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_openblas_jobs_run_in_the_callers_floating_point_mode(dtype):
+    """XLA's threads flush subnormals (docs/semantics.md §10.4); OpenBLAS's own
+    worker threads did not, so the bits of a multithreaded sgemm depended on
+    which thread computed a block: a subnormal x1 times an infinite x2 gave
+    NaN in half the rows and inf in the other half, and products below the
+    normal range survived in half of them. Every block now follows the
+    caller's mode: all NaN, all zero, as XLA's own dot."""
+    m = k = n = 256
+    tiny = np.float32(1e-39) if dtype == np.float32 else np.float32(2.0**-130)
+    x1 = np.zeros((m, k), np.float32)
+    x1[:, 0] = tiny
+    x2 = np.zeros((k, n), np.float32)
+    x2[0, :] = np.inf
+    out = jax.ShapeDtypeStruct((m, n), dtype)
+
+    def matmul(a, b):
+        # parallelism 1: OpenBLAS takes every core, so the GEMM is split.
+        attrs = dict(transpose_x2=False, has_bias=False, has_x3=False, antiquant=False)
+        attrs.update(has_offset=False, antiquant_group_size=np.int64(0), parallelism=np.int64(1))
+        a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+        return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(a, b, **attrs)).astype(np.float32)
+
+    assert np.isnan(matmul(x1, x2)).all()
+    x1[:, 0], x2[0, :] = 1e-20, 1e-20  # products of 1e-40: below float32's normal range
+    assert (matmul(x1, x2) == 0).all()
+    assert (np.asarray(jnp.asarray(x1, dtype) @ jnp.asarray(x2, dtype)) == 0).all()
+
+
 def _dot_operand_types(text):
     return re.findall(r"stablehlo.dot_general.*?: \((tensor<[^)]*)\)", text)
 
