@@ -22,11 +22,11 @@ from jax_mc2.framework.cpu import NATIVE_BF16_DOT, cpu_flags
 from jax_mc2.implementations import xla
 
 #: OpenBLAS's worker threads spin this long (2^n cycles, its smallest
-#: setting) after a call before they sleep, instead of its default 2^28:
-#: spinning threads take the cores from the XLA work that follows an ffi
-#: kernel. Measured (docs/benchmarks.md): programs mixing ffi matmuls with
-#: XLA ops 7-23 % faster, ffi-only chains within +-5 %. Read by OpenBLAS when
-#: it loads; a value the user set wins.
+#: setting) before they sleep, instead of its default 2^28: spinning threads
+#: took the cores from the XLA work that followed an ffi kernel (measured in
+#: docs/benchmarks.md). OpenBLAS's parallel jobs now run on jax_mc2's own
+#: workers (ffi/blas_workers.cc), so its threads only idle after start-up.
+#: Read by OpenBLAS when it loads; a value the user set wins.
 OPENBLAS_THREAD_TIMEOUT = "4"
 
 
