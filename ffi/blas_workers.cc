@@ -70,7 +70,10 @@ struct Job {
 // other's packed panels, so every job of a call gets a worker of its own.
 class Worker {
  public:
-  Worker() : thread_([this] { Loop(); }) { thread_.detach(); }
+  // Detached: it lives as long as the process (see Pool).
+  Worker() {
+    std::thread([this] { Loop(); }).detach();
+  }
 
   void Give(const Job& job) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -86,7 +89,6 @@ class Worker {
   std::condition_variable wake_;
   Job job_;
   bool has_job_ = false;
-  std::thread thread_;
 };
 
 // The idle workers, shared by every call. Never destroyed: detached workers

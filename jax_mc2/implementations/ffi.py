@@ -308,7 +308,7 @@ def int8_matmul(
     if gemm_engine(jnp.int8, x1.shape[-1]) == XLA_DOT:
         # XLA's int8 GEMM gives the same exact int32 accumulator; the
         # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
-        dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+        dims = xla.matmul_dims(x1, transpose_x2)
         acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
         return jax.ffi.ffi_call(INT8_DEQUANT, out)(acc, scale, *optional, **flags)
     return jax.ffi.ffi_call(INT8_MATMUL, out)(

@@ -31,13 +31,19 @@ def row_chunks(m: int, comm_turn: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def matmul_dims(x1, transpose_x2: bool):
+    """``lax.dot_general`` dimension numbers of ``x1 @ x2``: x1 [..., k]
+    against x2 [k, n] ([n, k] if transpose_x2), no batch dimensions."""
+    return (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+
+
 def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
     """One rank's ``x1 @ x2 + bias + x3``, fp32 accumulation, one rounding.
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2);
     bias: [n]; x3: the output shape [m, n] or [b, s, n].
     """
-    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    dims = matmul_dims(x1, transpose_x2)
 
     def mixed(a, b):
         return lax.dot_general(a, b, dims, preferred_element_type=_F32)
@@ -63,7 +69,7 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
 def product_tangent(x1, x2, dx1, dx2, *, transpose_x2=False):
     """The tangent of ``x1 @ x2``, ``dx1 @ x2 + x1 @ dx2``, in float32 (fp32
     accumulation, not rounded). Shapes as in :func:`local_matmul`."""
-    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    dims = matmul_dims(x1, transpose_x2)
     acc = lax.dot_general(dx1, x2, dims, preferred_element_type=_F32)
     return acc + lax.dot_general(x1, dx2, dims, preferred_element_type=_F32)
 

@@ -211,7 +211,7 @@ def local_int8_matmul(
     """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics):
     ``f32(acc + bias) * scale * pertoken`` left to right in float32, rounded
     to ``out_dtype`` (``as_float32``: the rounded values as float32)."""
-    dims = (((x1.ndim - 1,), (1 if transpose_x2 else 0,)), ((), ()))
+    dims = xla.matmul_dims(x1, transpose_x2)
     acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
     if bias is not None:
         acc = acc + bias
