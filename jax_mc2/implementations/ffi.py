@@ -19,7 +19,7 @@ from jax import lax
 
 from jax_mc2.framework import _compat
 from jax_mc2.framework.cpu import NATIVE_BF16_DOT, cpu_flags
-from jax_mc2.implementations import xla
+from jax_mc2.implementations import measured, xla
 
 #: OpenBLAS's worker threads spin this long (2^n cycles, its smallest
 #: setting) before they sleep, instead of its default 2^28: spinning threads
@@ -104,14 +104,20 @@ XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int], ...]] = {
 }
 
 
+def gemm_choice() -> str:
+    """``JAX_MC2_GEMM`` as read now: one of :data:`GEMM_CHOICES`."""
+    choice = os.environ.get("JAX_MC2_GEMM") or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    return choice
+
+
 def xla_gemm_min_k(dtype) -> int | None:
     """The least per-rank contraction depth k from which the ``ffi``
     implementation multiplies operands of ``dtype`` on XLA's GEMM (0: at
     every k; None: never, OpenBLAS sgemm), read now: ``JAX_MC2_GEMM``, or
     with ``auto`` the :data:`XLA_GEMM_RULES` this CPU's flags satisfy."""
-    choice = os.environ.get("JAX_MC2_GEMM") or "auto"
-    if choice not in GEMM_CHOICES:
-        raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    choice = gemm_choice()
     if choice != "auto":
         return 0 if choice == XLA_DOT else None
     flags = set(cpu_flags())
@@ -127,6 +133,72 @@ def gemm_engine(dtype, k: int = 0) -> str:
     either way."""
     min_k = xla_gemm_min_k(dtype)
     return XLA_DOT if min_k is not None and k >= min_k else BLAS
+
+
+#: The least per-rank int8 product (m * k * n multiply-adds) that
+#: :func:`int8_engine` times both ways where the table has no verdict: on
+#: a CPU without a native int8 GEMM the faster engine for mid-sized products
+#: differed between machines with the same CPU flags (docs/semantics.md §12).
+#: Smaller products take the table's choice.
+MEASURE_INT8_MIN_MACS = 1 << 24
+
+_measured_int8: dict[tuple, str] = {}
+
+
+def int8_engine(m: int, k: int, n: int, *, out_dtype, transpose_x2: bool, parallelism: int) -> str:
+    """``"xla"`` or ``"blas"``: the GEMM of :func:`int8_matmul` for a
+    per-rank product x1 [m, k] @ x2 [k, n] in a program run by
+    ``parallelism`` devices at once. :func:`gemm_engine`'s choice, except
+    with ``JAX_MC2_GEMM=auto`` on a CPU without a native int8 GEMM, in a
+    one-process run, for products of at least :data:`MEASURE_INT8_MIN_MACS`:
+    then both engines are timed on this shape when it is first lowered
+    (:func:`jax_mc2.implementations.measured.fastest`) and the faster one is
+    kept for the process (:func:`measured_int8_engines`). The int8 products
+    are exact either way, so the results are the same bits whichever runs.
+    """
+    if (
+        gemm_choice() != "auto"
+        or xla_gemm_min_k(jnp.int8) == 0
+        or m * k * n < MEASURE_INT8_MIN_MACS
+        or jax.process_count() > 1
+    ):
+        # Several processes could time differently and lower different
+        # programs; the table gives them all one answer.
+        return gemm_engine(jnp.int8, k)
+    key = (m, k, n, np.dtype(out_dtype).name, bool(transpose_x2), int(parallelism))
+    if key not in _measured_int8:
+        _measured_int8[key] = _time_int8_engines(*key)
+    return _measured_int8[key]
+
+
+def measured_int8_engines() -> dict[tuple, str]:
+    """The engines :func:`int8_engine` measured in this process:
+    ``(m, k, n, out_dtype, transpose_x2, parallelism) -> "xla" | "blas"``."""
+    return dict(_measured_int8)
+
+
+def _time_int8_engines(m, k, n, out_dtype, transpose_x2, parallelism) -> str:
+    rng = np.random.default_rng(0)
+    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
+    x2 = rng.integers(-128, 128, (n, k) if transpose_x2 else (k, n), dtype=np.int8)
+    scale = np.full(n, 1e-4, np.float32)
+
+    def on(engine):
+        def local(a, b, s):
+            return int8_matmul(
+                a,
+                b,
+                s,
+                out_dtype=jnp.dtype(out_dtype),
+                transpose_x2=transpose_x2,
+                parallelism=parallelism,
+                engine=engine,
+            )
+
+        return local
+
+    variants = {BLAS: on(BLAS), XLA_DOT: on(XLA_DOT)}
+    return measured.fastest(variants, (x1, x2, scale), parallelism=parallelism)
 
 
 #: The least per-rank element count from which a bfloat16 all-reduce runs as
@@ -283,11 +355,13 @@ def int8_matmul(
     transpose_x2,
     parallelism,
     comm_scale=None,
+    engine: str | None = None,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
     (custom call ``mc2_int8_matmul_ffi``, or where XLA's int8 GEMM is the
-    faster one, :func:`gemm_engine`, XLA's ``dot_general`` and the custom call
-    ``mc2_int8_dequant_ffi``; the int8 products are exact either way).
+    faster one, :func:`int8_engine`, XLA's ``dot_general`` and the custom
+    call ``mc2_int8_dequant_ffi``; the int8 products are exact either way;
+    ``engine`` overrides the choice).
 
     x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
     scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
@@ -305,7 +379,12 @@ def int8_matmul(
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
     )
-    if gemm_engine(jnp.int8, x1.shape[-1]) == XLA_DOT:
+    if engine is None:
+        m, k = int(np.prod(x1.shape[:-1])), x1.shape[-1]
+        engine = int8_engine(
+            m, k, n, out_dtype=out_dtype, transpose_x2=transpose_x2, parallelism=parallelism
+        )
+    if engine == XLA_DOT:
         # XLA's int8 GEMM gives the same exact int32 accumulator; the
         # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
         dims = xla.matmul_dims(x1, transpose_x2)
