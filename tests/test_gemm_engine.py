@@ -220,6 +220,13 @@ def test_fastest_runs_each_variant_on_per_rank_operands():
     with pytest.raises(ValueError, match="no variants"):
         measured.fastest({}, operands)
 
+    def broken(a, b):
+        raise RuntimeError("variant failed to trace")
+
+    # Timed on a thread of its own; its errors reach the caller.
+    with pytest.raises(RuntimeError, match="variant failed to trace"):
+        measured.fastest({"one": variant(1.0), "broken": broken}, operands)
+
 
 def _int8_case(rng, lead, k, n, *, transpose):
     x1 = rng.integers(-128, 128, (*lead, k), dtype=np.int8)

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import importlib
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,8 @@ def gemm_engine(dtype, k: int = 0) -> str:
 MEASURE_INT8_MIN_MACS = 1 << 24
 
 _measured_int8: dict[tuple, str] = {}
+# One timing at a time: two threads lowering at once would time each other.
+_measuring = threading.Lock()
 
 
 def int8_engine(m: int, k: int, n: int, *, out_dtype, transpose_x2: bool, parallelism: int) -> str:
@@ -156,19 +159,20 @@ def int8_engine(m: int, k: int, n: int, *, out_dtype, transpose_x2: bool, parall
     kept for the process (:func:`measured_int8_engines`). The int8 products
     are exact either way, so the results are the same bits whichever runs.
     """
+    # Several processes could time differently and lower different programs;
+    # the table gives them all one answer.
     if (
         gemm_choice() != "auto"
         or xla_gemm_min_k(jnp.int8) == 0
         or m * k * n < MEASURE_INT8_MIN_MACS
         or jax.process_count() > 1
     ):
-        # Several processes could time differently and lower different
-        # programs; the table gives them all one answer.
         return gemm_engine(jnp.int8, k)
     key = (m, k, n, np.dtype(out_dtype).name, bool(transpose_x2), int(parallelism))
-    if key not in _measured_int8:
-        _measured_int8[key] = _time_int8_engines(*key)
-    return _measured_int8[key]
+    with _measuring:
+        if key not in _measured_int8:
+            _measured_int8[key] = _time_int8_engines(*key)
+        return _measured_int8[key]
 
 
 def measured_int8_engines() -> dict[tuple, str]:
