@@ -523,28 +523,25 @@ def _fmt(ratio) -> str:
 
 
 def gemm_choices() -> str:
-    """The ``ffi`` implementation's GEMM per operand dtype on this machine."""
+    """The ``ffi`` implementation's GEMM per operand dtype on this machine,
+    for a program of one rank and for ranks that share the cores."""
+
+    def engine(min_k):
+        if min_k is None:
+            return ffi_impl.BLAS
+        if min_k == 0:
+            return ffi_impl.XLA_DOT
+        return f"{ffi_impl.BLAS}, {ffi_impl.XLA_DOT} for per-rank k >= {min_k}"
+
     parts = []
     for dtype in ("float16", "bfloat16", "int8"):
-        min_k = ffi_impl.xla_gemm_min_k(dtype)
-        if min_k is None:
-            parts.append(f"{dtype} {ffi_impl.BLAS}")
-        elif min_k == 0:
-            parts.append(f"{dtype} {ffi_impl.XLA_DOT}")
-        else:
-            parts.append(f"{dtype} {ffi_impl.BLAS}, {ffi_impl.XLA_DOT} for per-rank k >= {min_k}")
-        if dtype == "int8" and min_k != 0 and ffi_impl.gemm_choice() == "auto":
-            macs = ffi_impl.MEASURE_INT8_MIN_MACS.bit_length() - 1
-            parts[-1] += f" (timed both ways per shape from 2^{macs} multiply-adds per rank)"
+        alone, shared = (engine(ffi_impl.xla_gemm_min_k(dtype, p)) for p in (1, 2))
+        parts.append(
+            f"{dtype} {alone}"
+            if alone == shared
+            else f"{dtype} {alone} (one rank) / {shared} (ranks sharing the cores)"
+        )
     return "; ".join(parts)
-
-
-def measured_int8_choices() -> list[str]:
-    """The int8 GEMMs ``ffi`` timed and chose while lowering this run's cases."""
-    return [
-        f"{m}x{k}x{n} per rank, {ranks} rank(s), {dtype} out: {engine}"
-        for (m, k, n, dtype, _, ranks), engine in ffi_impl.measured_int8_engines().items()
-    ]
 
 
 def main(argv=None):
@@ -677,8 +674,6 @@ def main(argv=None):
             f"| {r.operator} | {r.shape} | {r.dtype} | {r.devices} | {r.implementation} | "
             f"{r.median_ms:.2f} | {r.gflops:.1f} | {r.vs_unfused:.2f} | {_fmt(r.vs_ceiling)} |"
         )
-    if measured_int8_choices():
-        print("\nint8 GEMM timed when lowered: " + "; ".join(measured_int8_choices()))
     ep = (
         ep_report(args.quick, impls, repeat, ndev, ceiling_of, accelerator)
         if args.suite != "tp"
@@ -706,7 +701,6 @@ def main(argv=None):
         "cores": os.cpu_count(),
         "cpu_flags": list(ffi_impl.cpu_flags()),
         "gemm": gemm_choices(),
-        "int8_gemm_measured": measured_int8_choices(),
         "jax": jax.__version__,
         "device_kind": device_kind,
         "ceiling_gflops": None if accelerator else ceiling,

@@ -39,29 +39,59 @@ def test_env_choice_is_validated(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
 @pytest.mark.parametrize("k", [64, 4096])
-def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype, k):
+@pytest.mark.parametrize("parallelism", [1, 8])
+def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype, k, parallelism):
     monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
     flags = set(_ffi.cpu_flags())
     rules = _ffi.XLA_GEMM_RULES.get(dtype, ())
-    want = any(features & flags and k >= min_k for features, min_k in rules)
-    assert _ffi.gemm_engine(dtype, k) == (_ffi.XLA_DOT if want else _ffi.BLAS)
+    want = any(
+        features & flags and k >= (alone_k if parallelism == 1 else shared_k)
+        for features, shared_k, alone_k in rules
+    )
+    assert _ffi.gemm_engine(dtype, k, parallelism) == (_ffi.XLA_DOT if want else _ffi.BLAS)
 
 
 def test_the_table_by_cpu(monkeypatch):
     monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
+    avx2 = ("avx2", "fma", "f16c")
     cases = [
-        # (CPU flags, dtype, k, engine)
-        (("avx2", "fma", "f16c"), "bfloat16", 4096, "blas"),
-        (("avx2", "fma", "f16c"), "int8", 512, "blas"),
-        (("avx2", "fma", "f16c"), "int8", 2048, "xla"),
-        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, "xla"),
-        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, "xla"),
-        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, "blas"),
-        ((), "int8", 4096, "blas"),
+        # (CPU flags, dtype, k, ranks sharing the cores, engine)
+        (avx2, "bfloat16", 4096, 1, "blas"),
+        (avx2, "int8", 512, 8, "blas"),
+        (avx2, "int8", 2048, 8, "xla"),
+        (avx2, "int8", 64, 1, "xla"),  # one rank: XLA's int8 GEMM at every k
+        (avx2, "int8", 512, 2, "blas"),
+        (avx2, "float16", 4096, 1, "blas"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, 8, "xla"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, 8, "xla"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, 1, "blas"),
+        ((), "int8", 4096, 1, "blas"),
     ]
-    for flags, dtype, k, engine in cases:
+    for flags, dtype, k, ranks, engine in cases:
         monkeypatch.setattr(_ffi, "cpu_flags", lambda flags=flags: flags)
-        assert _ffi.gemm_engine(dtype, k) == engine, (flags, dtype, k)
+        assert _ffi.gemm_engine(dtype, k, ranks) == engine, (flags, dtype, k, ranks)
+
+
+def test_ranks_sharing_the_cores_decide_the_int8_lowering(monkeypatch):
+    """With AVX2 alone, a per-rank k of 256: XLA's int8 GEMM for a program of
+    one rank, sgemm inside mc2_int8_matmul_ffi when 2 ranks share the cores."""
+    monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
+    monkeypatch.setattr(_ffi, "cpu_flags", lambda: ("avx2", "fma", "f16c"))
+    x1, x2 = np.ones((8, 512), np.int8), np.ones((512, 16), np.int8)
+    s = jnp.ones(16, jnp.bfloat16)
+    one = _lowered(lambda a, b: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s), x1, x2)
+    assert "mc2_int8_dequant_ffi" in one and "mc2_int8_matmul_ffi" not in one
+    two = _lowered(
+        jax.shard_map(
+            lambda a, b: mc2.quant_matmul_all_reduce(a, b, "tp", dequant_scale=s),
+            mesh=Mesh(np.array(jax.devices()[:2]), ("tp",)),
+            in_specs=(P(None, "tp"), P("tp", None)),
+            out_specs=P(),
+        ),
+        x1,
+        x2,
+    )
+    assert "mc2_int8_matmul_ffi" in two and "mc2_int8_dequant_ffi" not in two
 
 
 def test_the_choice_decides_the_lowering(monkeypatch):
@@ -90,142 +120,6 @@ def test_the_choice_decides_the_lowering(monkeypatch):
     f = np.ones((4, 8), np.float16)
     monkeypatch.setenv("JAX_MC2_GEMM", "xla")
     assert "custom_call" not in _lowered(lambda a, b: mc2.mm_all_reduce_base(a, b, None), f, f.T)
-
-
-NO_NATIVE_INT8 = ("avx2", "fma", "f16c")
-
-
-@pytest.fixture
-def fresh_int8_measurements(monkeypatch):
-    """A CPU without a native int8 GEMM, ``auto``, and no measurement yet."""
-    monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
-    monkeypatch.setattr(_ffi, "cpu_flags", lambda: NO_NATIVE_INT8)
-    monkeypatch.setattr(_ffi, "_measured_int8", {})
-
-
-def _int8_lowering(m, k, n, devices=1):
-    x1, x2 = np.ones((m, k * devices), np.int8), np.ones((k * devices, n), np.int8)
-    s = jnp.ones(n, jnp.bfloat16)
-    if devices == 1:
-        fn = lambda a, b: mc2.quant_matmul_all_reduce(a, b, None, dequant_scale=s)  # noqa: E731
-    else:
-        fn = jax.shard_map(
-            lambda a, b: mc2.quant_matmul_all_reduce(a, b, "tp", dequant_scale=s),
-            mesh=Mesh(np.array(jax.devices()[:devices]), ("tp",)),
-            in_specs=(P(None, "tp"), P("tp", None)),
-            out_specs=P(),
-        )
-    return _lowered(fn, x1, x2)
-
-
-def _uses_xla_int8_gemm(text):
-    assert ("mc2_int8_dequant_ffi" in text) != ("mc2_int8_matmul_ffi" in text)
-    return "mc2_int8_dequant_ffi" in text
-
-
-def test_int8_engine_is_measured_where_the_table_has_no_verdict(
-    monkeypatch, fresh_int8_measurements
-):
-    """Per-rank products of at least MEASURE_INT8_MIN_MACS take the engine
-    that timed faster on their shape, once per shape and process; smaller
-    ones, a user's JAX_MC2_GEMM and multi-process runs take the table."""
-    calls = []
-    verdict = {"engine": _ffi.XLA_DOT}
-
-    def fake_fastest(variants, operands, *, parallelism):
-        calls.append(([np.shape(a) for a in operands], parallelism))
-        assert set(variants) == {_ffi.BLAS, _ffi.XLA_DOT}
-        return verdict["engine"]
-
-    monkeypatch.setattr(_ffi.measured, "fastest", fake_fastest)
-    m, k, n = 256, 256, 256  # 2^24 multiply-adds; the table says sgemm (k < 1024)
-    assert _ffi.gemm_engine(jnp.int8, k) == _ffi.BLAS
-    assert _uses_xla_int8_gemm(_int8_lowering(m, k, n, devices=2))
-    assert calls == [([(m, k), (k, n), (n,)], 2)]
-    verdict["engine"] = _ffi.BLAS  # measured once: the first verdict stays
-    assert _uses_xla_int8_gemm(_int8_lowering(m, k, n, devices=2))
-    assert len(calls) == 1
-    assert not _uses_xla_int8_gemm(_int8_lowering(m, k, n))  # one device: its own shape class
-    assert calls[-1] == ([(m, k), (k, n), (n,)], 1)
-    assert _ffi.measured_int8_engines() == {
-        (m, k, n, "bfloat16", False, 2): _ffi.XLA_DOT,
-        (m, k, n, "bfloat16", False, 1): _ffi.BLAS,
-    }
-    assert not _uses_xla_int8_gemm(_int8_lowering(m - 1, k, n))  # below the size: the table
-    monkeypatch.setenv("JAX_MC2_GEMM", "blas")
-    assert not _uses_xla_int8_gemm(_int8_lowering(m, k, 2 * n))
-    monkeypatch.delenv("JAX_MC2_GEMM")
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    assert not _uses_xla_int8_gemm(_int8_lowering(m, k, 2 * n))
-    assert len(calls) == 2
-    monkeypatch.setattr(_ffi, "cpu_flags", lambda: ("avx2", "avx512_vnni"))
-    assert _uses_xla_int8_gemm(_int8_lowering(m, k, 4 * n))  # native int8: always XLA's
-    assert len(calls) == 2
-
-
-def test_int8_engine_measurement_runs_inside_a_lowering(monkeypatch, fresh_int8_measurements):
-    """The real timing, started while a shard_map program is being lowered
-    (under a transfer guard that forbids implicit transfers): it runs each
-    engine on as many devices as the program has ranks, and the program it
-    picks gives the same bits as sgemm."""
-    rng = np.random.default_rng(2)
-    m, k, n = 128, 256, 512  # per rank: 2^24 multiply-adds
-    x1 = rng.integers(-128, 128, (m, 2 * k), dtype=np.int8)
-    x2 = rng.integers(-128, 128, (2 * k, n), dtype=np.int8)
-    s = jnp.asarray(rng.random(n) * 1e-3, jnp.bfloat16)
-    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-
-    def program():
-        return jax.jit(
-            jax.shard_map(
-                lambda a, b: mc2.quant_matmul_all_reduce(a, b, "tp", dequant_scale=s),
-                mesh=mesh,
-                in_specs=(P(None, "tp"), P("tp", None)),
-                out_specs=P(),
-            )
-        )
-
-    a = jax.device_put(x1, jax.sharding.NamedSharding(mesh, P(None, "tp")))
-    b = jax.device_put(x2, jax.sharding.NamedSharding(mesh, P("tp", None)))
-    with jax.transfer_guard("disallow"):
-        got = program()(a, b)
-    engines = _ffi.measured_int8_engines()
-    assert list(engines) == [(m, k, n, "bfloat16", False, 2)]
-    assert engines[(m, k, n, "bfloat16", False, 2)] in (_ffi.BLAS, _ffi.XLA_DOT)
-    monkeypatch.setenv("JAX_MC2_GEMM", "blas")
-    want = program()(a, b)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
-def test_fastest_runs_each_variant_on_per_rank_operands():
-    from jax_mc2.implementations import measured
-
-    seen = []
-
-    def variant(scale):
-        def fn(a, b):
-            seen.append((a.shape, b.shape))
-            return a * scale + b
-
-        return fn
-
-    operands = (np.ones((4, 3), np.float32), np.ones(3, np.float32))
-    for ranks in (1, 3):
-        seen.clear()
-        name = measured.fastest(
-            {"one": variant(1.0), "two": variant(2.0)}, operands, parallelism=ranks
-        )
-        assert name in ("one", "two")
-        assert seen == [((4, 3), (3,))] * 2  # each traced once, with one rank's shapes
-    with pytest.raises(ValueError, match="no variants"):
-        measured.fastest({}, operands)
-
-    def broken(a, b):
-        raise RuntimeError("variant failed to trace")
-
-    # Timed on a thread of its own; its errors reach the caller.
-    with pytest.raises(RuntimeError, match="variant failed to trace"):
-        measured.fastest({"one": variant(1.0), "broken": broken}, operands)
 
 
 def _int8_case(rng, lead, k, n, *, transpose):

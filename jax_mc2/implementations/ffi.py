@@ -11,7 +11,6 @@ import ctypes
 import functools
 import importlib
 import os
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from jax import lax
 
 from jax_mc2.framework import _compat
 from jax_mc2.framework.cpu import NATIVE_BF16_DOT, cpu_flags
-from jax_mc2.implementations import measured, xla
+from jax_mc2.implementations import xla
 
 #: OpenBLAS's worker threads spin this long (2^n cycles, its smallest
 #: setting) before they sleep, instead of its default 2^28: spinning threads
@@ -91,118 +90,54 @@ GEMM_CHOICES = ("auto", BLAS, XLA_DOT)
 
 #: Where XLA's dot_general beats OpenBLAS sgemm on converted operands, by
 #: measurement (docs/semantics.md §12): operand dtype -> rules of (CPU
-#: features, any of which qualifies; the least per-rank k). XLA's GEMM is
-#: native for bfloat16 with AVX512-BF16 / AMX and for int8 with VNNI / AMX;
-#: with AVX2 alone its int8 GEMM wins only for deep products (k >= 1024).
+#: features, any of which qualifies; the least per-rank k when a program's
+#: ranks share the cores; the least k when its one rank runs alone). XLA's
+#: GEMM is native for bfloat16 with AVX512-BF16 / AMX and for int8 with
+#: VNNI / AMX. With AVX2 alone its int8 GEMM wins for a rank that has the
+#: cores to itself, and for deep products (k >= 1024) when ranks share them.
 #: Elsewhere, and for float16, float32 and the fp8 / hifloat8 / MX /
 #: perblock rows everywhere, sgemm measured faster.
-XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int], ...]] = {
-    "bfloat16": ((NATIVE_BF16_DOT, 0),),
+XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
+    "bfloat16": ((NATIVE_BF16_DOT, 0, 0),),
     "int8": (
-        (frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 0),
-        (frozenset({"avx2"}), 1024),
+        (frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 0, 0),
+        (frozenset({"avx2"}), 1024, 0),
     ),
 }
 
 
-def gemm_choice() -> str:
-    """``JAX_MC2_GEMM`` as read now: one of :data:`GEMM_CHOICES`."""
+def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
+    """The least per-rank contraction depth k from which the ``ffi``
+    implementation multiplies operands of ``dtype`` on XLA's GEMM (0: at
+    every k; None: never, OpenBLAS sgemm) in a program whose ``parallelism``
+    ranks run at once on this process's cores, read now: ``JAX_MC2_GEMM``,
+    or with ``auto`` the :data:`XLA_GEMM_RULES` this CPU's flags satisfy."""
     choice = os.environ.get("JAX_MC2_GEMM") or "auto"
     if choice not in GEMM_CHOICES:
         raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
-    return choice
-
-
-def xla_gemm_min_k(dtype) -> int | None:
-    """The least per-rank contraction depth k from which the ``ffi``
-    implementation multiplies operands of ``dtype`` on XLA's GEMM (0: at
-    every k; None: never, OpenBLAS sgemm), read now: ``JAX_MC2_GEMM``, or
-    with ``auto`` the :data:`XLA_GEMM_RULES` this CPU's flags satisfy."""
-    choice = gemm_choice()
     if choice != "auto":
         return 0 if choice == XLA_DOT else None
     flags = set(cpu_flags())
     rules = XLA_GEMM_RULES.get(np.dtype(dtype).name, ())
-    return min((min_k for features, min_k in rules if features & flags), default=None)
+    alone = parallelism <= 1
+    return min(
+        (
+            alone_k if alone else shared_k
+            for features, shared_k, alone_k in rules
+            if features & flags
+        ),
+        default=None,
+    )
 
 
-def gemm_engine(dtype, k: int = 0) -> str:
+def gemm_engine(dtype, k: int = 0, parallelism: int = 1) -> str:
     """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
-    operands of ``dtype`` with a per-rank contraction depth ``k``, read when a
-    call is lowered (:func:`xla_gemm_min_k`). The results do not depend on it
-    beyond the order of the fp32 accumulation: int8 products are exact
-    either way."""
-    min_k = xla_gemm_min_k(dtype)
+    operands of ``dtype`` with a per-rank contraction depth ``k`` in a
+    program of ``parallelism`` concurrent ranks, read when a call is lowered
+    (:func:`xla_gemm_min_k`). The results do not depend on it beyond the
+    order of the fp32 accumulation: int8 products are exact either way."""
+    min_k = xla_gemm_min_k(dtype, parallelism)
     return XLA_DOT if min_k is not None and k >= min_k else BLAS
-
-
-#: The least per-rank int8 product (m * k * n multiply-adds) that
-#: :func:`int8_engine` times both ways where the table has no verdict: on
-#: a CPU without a native int8 GEMM the faster engine for mid-sized products
-#: differed between machines with the same CPU flags (docs/semantics.md §12).
-#: Smaller products take the table's choice.
-MEASURE_INT8_MIN_MACS = 1 << 24
-
-_measured_int8: dict[tuple, str] = {}
-# One timing at a time: two threads lowering at once would time each other.
-_measuring = threading.Lock()
-
-
-def int8_engine(m: int, k: int, n: int, *, out_dtype, transpose_x2: bool, parallelism: int) -> str:
-    """``"xla"`` or ``"blas"``: the GEMM of :func:`int8_matmul` for a
-    per-rank product x1 [m, k] @ x2 [k, n] in a program run by
-    ``parallelism`` devices at once. :func:`gemm_engine`'s choice, except
-    with ``JAX_MC2_GEMM=auto`` on a CPU without a native int8 GEMM, in a
-    one-process run, for products of at least :data:`MEASURE_INT8_MIN_MACS`:
-    then both engines are timed on this shape when it is first lowered
-    (:func:`jax_mc2.implementations.measured.fastest`) and the faster one is
-    kept for the process (:func:`measured_int8_engines`). The int8 products
-    are exact either way, so the results are the same bits whichever runs.
-    """
-    # Several processes could time differently and lower different programs;
-    # the table gives them all one answer.
-    if (
-        gemm_choice() != "auto"
-        or xla_gemm_min_k(jnp.int8) == 0
-        or m * k * n < MEASURE_INT8_MIN_MACS
-        or jax.process_count() > 1
-    ):
-        return gemm_engine(jnp.int8, k)
-    key = (m, k, n, np.dtype(out_dtype).name, bool(transpose_x2), int(parallelism))
-    with _measuring:
-        if key not in _measured_int8:
-            _measured_int8[key] = _time_int8_engines(*key)
-        return _measured_int8[key]
-
-
-def measured_int8_engines() -> dict[tuple, str]:
-    """The engines :func:`int8_engine` measured in this process:
-    ``(m, k, n, out_dtype, transpose_x2, parallelism) -> "xla" | "blas"``."""
-    return dict(_measured_int8)
-
-
-def _time_int8_engines(m, k, n, out_dtype, transpose_x2, parallelism) -> str:
-    rng = np.random.default_rng(0)
-    x1 = rng.integers(-128, 128, (m, k), dtype=np.int8)
-    x2 = rng.integers(-128, 128, (n, k) if transpose_x2 else (k, n), dtype=np.int8)
-    scale = np.full(n, 1e-4, np.float32)
-
-    def on(engine):
-        def local(a, b, s):
-            return int8_matmul(
-                a,
-                b,
-                s,
-                out_dtype=jnp.dtype(out_dtype),
-                transpose_x2=transpose_x2,
-                parallelism=parallelism,
-                engine=engine,
-            )
-
-        return local
-
-    variants = {BLAS: on(BLAS), XLA_DOT: on(XLA_DOT)}
-    return measured.fastest(variants, (x1, x2, scale), parallelism=parallelism)
 
 
 #: The least per-rank element count from which a bfloat16 all-reduce runs as
@@ -291,7 +226,7 @@ def matmul(
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
     offset [1], [n] or [ceil(k / antiquant_group_size), n]).
     """
-    if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1]) == XLA_DOT:
+    if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1], parallelism) == XLA_DOT:
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
         # epilogue (bias, x3, rounding) fuses into XLA's output pass.
         return xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
@@ -359,13 +294,11 @@ def int8_matmul(
     transpose_x2,
     parallelism,
     comm_scale=None,
-    engine: str | None = None,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
     (custom call ``mc2_int8_matmul_ffi``, or where XLA's int8 GEMM is the
-    faster one, :func:`int8_engine`, XLA's ``dot_general`` and the custom
-    call ``mc2_int8_dequant_ffi``; the int8 products are exact either way;
-    ``engine`` overrides the choice).
+    faster one, :func:`gemm_engine`, XLA's ``dot_general`` and the custom call
+    ``mc2_int8_dequant_ffi``; the int8 products are exact either way).
 
     x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
     scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
@@ -383,12 +316,7 @@ def int8_matmul(
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
     )
-    if engine is None:
-        m, k = int(np.prod(x1.shape[:-1])), x1.shape[-1]
-        engine = int8_engine(
-            m, k, n, out_dtype=out_dtype, transpose_x2=transpose_x2, parallelism=parallelism
-        )
-    if engine == XLA_DOT:
+    if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
         # XLA's int8 GEMM gives the same exact int32 accumulator; the
         # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
         dims = xla.matmul_dims(x1, transpose_x2)
