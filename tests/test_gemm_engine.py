@@ -73,8 +73,9 @@ def test_the_table_by_cpu(monkeypatch):
 
 
 def test_ranks_sharing_the_cores_decide_the_int8_lowering(monkeypatch):
-    """With AVX2 alone, a per-rank k of 256: XLA's int8 GEMM for a program of
-    one rank, sgemm inside mc2_int8_matmul_ffi when 2 ranks share the cores."""
+    """With AVX2 alone and k < 1024 (512 on one rank, 256 a rank on two):
+    XLA's int8 GEMM for a program of one rank, sgemm inside
+    mc2_int8_matmul_ffi when 2 ranks share the cores."""
     monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
     monkeypatch.setattr(_ffi, "cpu_flags", lambda: ("avx2", "fma", "f16c"))
     x1, x2 = np.ones((8, 512), np.int8), np.ones((512, 16), np.int8)
