@@ -23,7 +23,6 @@ NB_MODULE(_mc2_ffi, m) {
     d["mc2_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2MatmulHandler);
     d["mc2_add_rms_norm_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2AddRmsNormHandler);
     d["mc2_int8_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2Int8MatmulHandler);
-    d["mc2_int8_dequant_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2Int8DequantHandler);
     d["mc2_grouped_matmul_ffi"] = EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulHandler);
     d["mc2_grouped_matmul_wgrad_ffi"] =
         EncapsulateFfiHandler(jax_mc2::Mc2GroupedMatmulWgradHandler);

@@ -10,10 +10,6 @@
 // of magnitude <= 1024 * 128 * 128 = 2^24, exact in fp32, and the chunks are
 // added in int32.
 //
-// mc2_int8_dequant_ffi is the same epilogue on an int32 accumulator acc
-// [..., n] computed elsewhere (XLA's int8 dot_general, where it is the
-// faster GEMM; docs/semantics.md §12): the results are bit for bit those of
-// mc2_int8_matmul_ffi, since both accumulators are exact.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,13 +21,11 @@
 #include "blas.h"
 #include "ffi_common.h"
 #include "mc2_ffi.h"
-#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
 
 constexpr char kOp[] = "mc2_int8_matmul_ffi";
-constexpr char kDequantOp[] = "mc2_int8_dequant_ffi";
 constexpr int64_t kChunkK = 1024;
 constexpr int64_t kMaxTileElements = int64_t{1} << 24;
 
@@ -272,21 +266,6 @@ void RunInt8Matmul(const Int8MatmulArgs& p) {
   }
 }
 
-// The dequantization epilogue on an int32 accumulator [m, n] (checked),
-// its rows spread over XLA's intra-op thread pool: a pass over memory that
-// XLA's own fused epilogue also runs on several threads.
-void RunInt8Dequant(ffi::ThreadPool& pool, const Int8MatmulArgs& p, const int32_t* acc) {
-  const int64_t n = p.shape.n;
-  // At least ~64 Ki elements a chunk: below that, scheduling costs more.
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / n);
-  ParallelRows(pool, p.shape.m, min_rows, [&](int64_t begin, int64_t end) {
-    Scratch scratch;
-    float* row = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(n));
-    std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
-    for (int64_t i = begin; i < end; ++i) FinishRow(p, i, row, acc + i * n, x3_row.data());
-  });
-}
-
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
@@ -304,49 +283,7 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
   });
 }
 
-ffi::Error Mc2Int8DequantImpl(ffi::ThreadPool pool, ffi::AnyBuffer acc, ffi::AnyBuffer scale,
-                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
-                              bool has_pertoken, bool has_bias, bool has_x3, bool has_comm_scale) {
-  return CatchAtBoundary(kDequantOp, [&]() -> ffi::Error {
-    auto dims = acc.dimensions();
-    if (acc.element_type() != ffi::DataType::S32 || dims.size() < 1) {
-      return InvalidArgument(kDequantOp,
-                             "acc must be int32 of rank >= 1, got " + DimsToString(dims));
-    }
-    auto out_dims = out->dimensions();
-    if (out_dims.size() != dims.size() || !std::equal(dims.begin(), dims.end(), out_dims.begin())) {
-      return InvalidArgument(kDequantOp, "out must have acc's shape " + DimsToString(dims) +
-                                             ", got " + DimsToString(out_dims));
-    }
-    MC2_RETURN_IF_ERROR(CheckOutType(kDequantOp, *out, has_comm_scale));
-    Int8MatmulArgs args;
-    args.shape.n = dims.back();
-    args.shape.m = 1;
-    for (size_t i = 0; i + 1 < dims.size(); ++i) args.shape.m *= dims[i];
-    MC2_RETURN_IF_ERROR(ReadScale(kDequantOp, scale, args));
-    args.out_type = out->element_type();
-    MC2_RETURN_IF_ERROR(ReadInt8Optionals(kDequantOp, extra, has_pertoken, has_bias, has_x3,
-                                          has_comm_scale, *out, args));
-    args.out = out->untyped_data();
-    if (args.shape.m == 0 || args.shape.n == 0) return ffi::Error::Success();
-    RunInt8Dequant(pool, args, static_cast<const int32_t*>(acc.untyped_data()));
-    return ffi::Error::Success();
-  });
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8DequantHandler, Mc2Int8DequantImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // acc int32 [..., n]
-                                  .Arg<ffi::AnyBuffer>()  // scale f32 (1,) or (n,)
-                                  .RemainingArgs()        // pertoken?, bias?, x3?, comm scale?
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<bool>("has_pertoken")
-                                  .Attr<bool>("has_bias")
-                                  .Attr<bool>("has_x3")
-                                  .Attr<bool>("has_comm_scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8MatmulHandler, Mc2Int8MatmulImpl,
                               ffi::Ffi::Bind()

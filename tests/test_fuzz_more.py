@@ -52,6 +52,7 @@ from test_quant_v4_lowp import call_kwargs, decode, finish, make_case, rank_y
 import jax_mc2 as mc2
 from jax_mc2 import _mc2_ffi
 from jax_mc2.implementations import ffi as _ffi
+from jax_mc2.implementations import xla
 from jax_mc2.primitives import lowp_quant_mm_all_reduce as lowp
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -103,9 +104,9 @@ INT8_BAD = (
 @FUZZ
 @given(st.data(), st.sampled_from((None,) * 6 + INT8_BAD))
 def test_fuzz_ffi_int8_matmul(data, bad):
-    """Direct calls of mc2_int8_matmul_ffi and of its epilogue alone
-    (mc2_int8_dequant_ffi): every optional operand, both layouts, the
-    comm-scale quantization; bad operands are errors."""
+    """Direct calls of mc2_int8_matmul_ffi: every optional operand, both
+    layouts, the comm-scale quantization, the same bits as XLA's int8 GEMM
+    with the lax epilogue; bad operands are errors."""
     draw = data.draw
     rng = _rng(draw)
     m, k, n = (
@@ -168,26 +169,21 @@ def test_fuzz_ffi_int8_matmul(data, bad):
         bad,
     )
     w = want_x2.T if t else want_x2
-    if bad not in ("x1_dtype", "x2_dtype", "k_mismatch", "k_zero"):
-        # The same epilogue on an accumulator computed elsewhere (XLA's int8
-        # dot): the same errors for the operands it shares, the same bits.
-        acc32 = (want_x1.astype(np.int64) @ w.astype(np.int64)).astype(I32)
-        got_dequant = _handler_error(
-            lambda: _call(
-                _ffi.INT8_DEQUANT,
-                jax.ShapeDtypeStruct((m, n), result_type),
-                acc32,
-                *operands[2:],
-                has_pertoken=has["pertoken"],
-                has_bias=has["bias"],
-                has_x3=has["x3"],
-                has_comm_scale=has["comm"],
-            ),
-            "mc2_int8_dequant_ffi",
-            bad,
+    if bad is None:
+        # XLA's int8 GEMM with the epilogue in lax ops (the ffi path where
+        # XLA's GEMM is the faster one): the same bits.
+        on_xla = xla.local_int8_matmul(
+            x1,
+            x2,
+            scale,
+            tok if has["pertoken"] else None,
+            bias if has["bias"] else None,
+            x3 if has["x3"] else None,
+            transpose_x2=t,
+            out_dtype=out_type,
+            comm_scale=cs if has["comm"] else None,
         )
-        if bad is None:
-            np.testing.assert_array_equal(np.asarray(got_dequant), np.asarray(got))
+        np.testing.assert_array_equal(np.asarray(on_xla), np.asarray(got))
     if bad is not None:
         return
     # The model: exact int32 accumulation, fp32 dequant, roundings in order.

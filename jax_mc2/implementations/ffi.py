@@ -52,7 +52,6 @@ _mc2_ffi = importlib.import_module("jax_mc2._mc2_ffi")
 MATMUL = "mc2_matmul_ffi"
 ADD_RMS_NORM = "mc2_add_rms_norm_ffi"
 INT8_MATMUL = "mc2_int8_matmul_ffi"
-INT8_DEQUANT = "mc2_int8_dequant_ffi"
 GROUPED_MATMUL = "mc2_grouped_matmul_ffi"
 GROUPED_MATMUL_WGRAD = "mc2_grouped_matmul_wgrad_ffi"
 LOWP_MATMUL = "mc2_lowp_matmul_ffi"
@@ -63,7 +62,6 @@ TARGETS = (
     MATMUL,
     ADD_RMS_NORM,
     INT8_MATMUL,
-    INT8_DEQUANT,
     GROUPED_MATMUL,
     GROUPED_MATMUL_WGRAD,
     LOWP_MATMUL,
@@ -296,9 +294,9 @@ def int8_matmul(
     comm_scale=None,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
-    (custom call ``mc2_int8_matmul_ffi``, or where XLA's int8 GEMM is the
-    faster one, :func:`gemm_engine`, XLA's ``dot_general`` and the custom call
-    ``mc2_int8_dequant_ffi``; the int8 products are exact either way).
+    (custom call ``mc2_int8_matmul_ffi``; where :func:`gemm_engine` picks
+    XLA's int8 GEMM, :func:`jax_mc2.implementations.xla.local_int8_matmul`:
+    the same exact int32 accumulator and the same epilogue in lax ops).
 
     x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
     scale: float32 [1] or [n]; pertoken: float32 [m]; bias: int32 [n];
@@ -306,6 +304,20 @@ def int8_matmul(
     ``out_dtype``) the result is quantized for the int8 low-bit
     communication, ``int8(fp16(out / comm_scale))``, and returned as int8.
     """
+    if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
+        # The epilogue fuses into XLA's output pass, which a custom call after
+        # XLA's dot ran slower than (docs/semantics.md §12).
+        return xla.local_int8_matmul(
+            x1,
+            x2,
+            scale,
+            pertoken,
+            bias,
+            x3,
+            transpose_x2=transpose_x2,
+            out_dtype=out_dtype,
+            comm_scale=comm_scale,
+        )
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     dtype = jax.numpy.int8 if comm_scale is not None else out_dtype
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), dtype)
@@ -316,12 +328,6 @@ def int8_matmul(
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
     )
-    if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
-        # XLA's int8 GEMM gives the same exact int32 accumulator; the
-        # kernel-faithful epilogue stays in C++ (mc2_int8_dequant_ffi).
-        dims = xla.matmul_dims(x1, transpose_x2)
-        acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
-        return jax.ffi.ffi_call(INT8_DEQUANT, out)(acc, scale, *optional, **flags)
     return jax.ffi.ffi_call(INT8_MATMUL, out)(
         x1,
         x2,

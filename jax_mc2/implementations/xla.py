@@ -158,6 +158,43 @@ def comm_quantize(c, scale_1):
     return _int8_sat_rne(numerics.rounded_to(quotient, jnp.float16))
 
 
+def local_int8_matmul(
+    x1,
+    x2,
+    scale_f32,
+    pertoken=None,
+    bias=None,
+    x3=None,
+    *,
+    transpose_x2,
+    out_dtype,
+    comm_scale=None,
+):
+    """One rank's dequantized int8 matmul, ``round(round(f32(x1 @ x2 + bias) *
+    scale * pertoken) + x3)``: the int32 sum with the bias wraps, then one
+    conversion to float32 and the products left to right in float32
+    (docs/semantics.md §10.2).
+
+    x1: int8 [m, k] or [b, s, k]; x2: int8 [k, n] ([n, k] if transpose_x2);
+    scale_f32: float32 [1] or [n]; pertoken: float32 [m] (or the leading
+    shape of x1); bias: int32 [n]; x3: the output shape in ``out_dtype``.
+    With ``comm_scale`` ([n], ``out_dtype``) the rounded result is quantized
+    for the int8 low-bit communication (:func:`comm_quantize`) and returned
+    as int8.
+    """
+    dims = matmul_dims(x1, transpose_x2)
+    acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
+    if bias is not None:
+        acc = acc + bias
+    y = acc.astype(_F32) * scale_f32
+    if pertoken is not None:
+        y = y * pertoken.reshape(*x1.shape[:-1], 1)
+    y = numerics.x3_added(y, x3, out_dtype)
+    if comm_scale is None:
+        return y.astype(out_dtype)
+    return comm_quantize(numerics.rounded_to(y, out_dtype), comm_scale)
+
+
 def int8_comm_all_reduce(q, scale_1, scale_2, *, out_dtype, axis_name):
     """The low-bit communication chain of docs/semantics.md §5.1 on int8 q [m, n]:
 

@@ -18,13 +18,13 @@ output dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jax_mc2.framework import numerics, targets, validation, weight_format
+from jax_mc2.framework import targets, validation, weight_format
 from jax_mc2.framework.collective import collective_params
 from jax_mc2.framework.primitive import (
     FOLD_MATRIX,
@@ -47,7 +47,6 @@ from jax_mc2.primitives.matmul_family import (
 )
 
 OP = "quant_matmul_all_reduce"
-_F32 = jnp.float32
 
 
 def _scale_names(op):
@@ -205,26 +204,9 @@ def _out_dtype(scale):
     return jnp.bfloat16 if np.dtype(scale.dtype) == np.dtype(jnp.bfloat16) else jnp.float16
 
 
-def local_int8_matmul(
-    x1, x2, scale_f32, pertoken, bias, x3, *, transpose_x2, out_dtype, as_float32=False
-):
-    """One rank's dequantized int8 matmul with lax ops (the ``xla`` numerics):
-    ``f32(acc + bias) * scale * pertoken`` left to right in float32, rounded
-    to ``out_dtype`` (``as_float32``: the rounded values as float32)."""
-    dims = xla.matmul_dims(x1, transpose_x2)
-    acc = lax.dot_general(x1, x2, dims, preferred_element_type=jnp.int32)
-    if bias is not None:
-        acc = acc + bias
-    y = acc.astype(_F32) * scale_f32
-    if pertoken is not None:
-        y = y * pertoken.reshape(*x1.shape[:-1], 1)
-    y = numerics.x3_added(y, x3, out_dtype)
-    return numerics.rounded_to(y, out_dtype) if as_float32 else y.astype(out_dtype)
-
-
 def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
     """Row chunks (comm_turn) of ``local_fn(x1, x2, scale, pertoken, bias, x3,
-    out_dtype, comm_scale)``, each reduced by ``reduce`` (a function of the
+    out_dtype=, comm_scale=)``, each reduced by ``reduce`` (a function of the
     array; default the ``xla`` all-reduce over ``axis_name``); with comm
     scales ``local_fn`` returns the int8 quantized result and the int8
     low-bit communication chain reduces it. x3 and the pertoken scales
@@ -243,7 +225,9 @@ def _composition(local_fn, operands, flags, axis_name, comm_turn, reduce=None):
             return y.reshape(q.shape)
 
     return xla.chunked_matmul_all_reduce(
-        lambda a, c, token: local_fn(a, x2, scale_f32, token, bias, c, out_dtype, s1),
+        lambda a, c, token: local_fn(
+            a, x2, scale_f32, token, bias, c, out_dtype=out_dtype, comm_scale=s1
+        ),
         x1,
         x3,
         pertoken,
@@ -264,36 +248,13 @@ def _flags(params):
 
 def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params):
     del op
-
-    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
-        operands = (x1, x2, scale_f32, pertoken, bias, x3)
-        if comm_scale is None:
-            return local_int8_matmul(*operands, transpose_x2=transpose_x2, out_dtype=out_dtype)
-        c = local_int8_matmul(
-            *operands, transpose_x2=transpose_x2, out_dtype=out_dtype, as_float32=True
-        )
-        return xla.comm_quantize(c, comm_scale)
-
+    local = functools.partial(xla.local_int8_matmul, transpose_x2=transpose_x2)
     return _composition(local, operands, _flags(params), axis_name, comm_turn)
 
 
 def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallelism, **params):
     del op
-
-    def local(x1, x2, scale_f32, pertoken, bias, x3, out_dtype, comm_scale):
-        return ffi.int8_matmul(
-            x1,
-            x2,
-            scale_f32,
-            pertoken,
-            bias,
-            x3,
-            out_dtype=out_dtype,
-            transpose_x2=transpose_x2,
-            parallelism=parallelism,
-            comm_scale=comm_scale,
-        )
-
+    local = functools.partial(ffi.int8_matmul, transpose_x2=transpose_x2, parallelism=parallelism)
     reduce = ffi.reducer(axis_name)
     return _composition(local, operands, _flags(params), axis_name, comm_turn, reduce)
 
