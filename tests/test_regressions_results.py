@@ -169,6 +169,40 @@ def test_int8_accumulator_plus_bias_wraps_in_int32(impl, bias_value):
     np.testing.assert_array_equal(_int8_on_one_rank(x1, x2, bias, scale, impl), want)
 
 
+@pytest.mark.parametrize("engine", ["blas", "xla"])
+@pytest.mark.parametrize("bias_value", [2**31 - 1, -(2**31)])
+def test_int8_wrap_on_either_gemm_of_the_ffi_implementation(monkeypatch, engine, bias_value):
+    """The wrap of acc + bias in the C++ epilogue after sgemm and in the lax
+    epilogue after XLA's int8 dot, with x3 and a pertoken scale."""
+    monkeypatch.setenv("JAX_MC2_GEMM", engine)
+    m, k, n = 3, 64, 4
+    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
+    x2 = np.full((k, n), 127, np.int8)
+    bias = np.full(n, bias_value, np.int32)
+    scale = np.full(n, 1.3e-5, np.float32)  # finite float16 results near 2^31 * scale
+    pertoken = np.array([1.0, 1.5, 0.25], np.float32)
+    x3 = np.full((m, n), 3.0, np.float16)
+    out = jax.jit(
+        lambda a, b: jax_mc2.mm_all_reduce_base(
+            a,
+            b,
+            None,
+            bias=bias,
+            x3=x3,
+            dequant_scale=scale,
+            pertoken_scale=pertoken,
+            implementation="ffi",
+        )
+    )(x1, x2)
+    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
+    wrapped = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)
+    assert (wrapped != acc).all()
+    y = (wrapped.astype(np.float32) * scale * pertoken[:, None]).astype(np.float16)
+    want = (y.astype(np.float32) + x3.astype(np.float32)).astype(np.float16)
+    assert np.isfinite(want).all()
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+
 # --- quant: non-finite values in a perblock tile / MX block (semantics §3.2, §4.3) ---
 
 _PERBLOCK_DTYPES = [jnp.float8_e4m3fn, jnp.float8_e5m2, "hifloat8"]
