@@ -10,6 +10,9 @@
 // of magnitude <= 1024 * 128 * 128 = 2^24, exact in fp32, and the chunks are
 // added in int32.
 //
+// Where XLA's int8 GEMM is the faster one (docs/semantics.md §12), the ffi
+// implementation does not call this handler: it emits XLA's dot_general and
+// the same epilogue in lax ops, which give the same bits.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

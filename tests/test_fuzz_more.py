@@ -168,24 +168,23 @@ def test_fuzz_ffi_int8_matmul(data, bad):
         "mc2_int8_matmul_ffi",
         bad,
     )
-    w = want_x2.T if t else want_x2
-    if bad is None:
-        # XLA's int8 GEMM with the epilogue in lax ops (the ffi path where
-        # XLA's GEMM is the faster one): the same bits.
-        on_xla = xla.local_int8_matmul(
-            x1,
-            x2,
-            scale,
-            tok if has["pertoken"] else None,
-            bias if has["bias"] else None,
-            x3 if has["x3"] else None,
-            transpose_x2=t,
-            out_dtype=out_type,
-            comm_scale=cs if has["comm"] else None,
-        )
-        np.testing.assert_array_equal(np.asarray(on_xla), np.asarray(got))
     if bad is not None:
         return
+    # XLA's int8 GEMM with the epilogue in lax ops (the ffi path where XLA's
+    # GEMM is the faster one): the same bits.
+    on_xla = xla.local_int8_matmul(
+        x1,
+        x2,
+        scale,
+        tok if has["pertoken"] else None,
+        bias if has["bias"] else None,
+        x3 if has["x3"] else None,
+        transpose_x2=t,
+        out_dtype=out_type,
+        comm_scale=cs if has["comm"] else None,
+    )
+    np.testing.assert_array_equal(np.asarray(on_xla), np.asarray(got))
+    w = want_x2.T if t else want_x2
     # The model: exact int32 accumulation, fp32 dequant, roundings in order.
     acc = want_x1.astype(np.int64) @ w.astype(np.int64) + (bias if has["bias"] else 0)
     y = acc.astype(F32) * np.broadcast_to(scale, (n,))
