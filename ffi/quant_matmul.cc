@@ -110,15 +110,15 @@ struct Int8MatmulArgs {
 };
 
 // The scale, float32 with 1 or n elements, broadcast to n.
-ffi::Error ReadScale(const char* op, const ffi::AnyBuffer& scale, Int8MatmulArgs& args) {
+ffi::Error ReadScale(const ffi::AnyBuffer& scale, Int8MatmulArgs& args) {
   const int64_t n = args.shape.n;
   if (scale.element_type() != ffi::DataType::F32) {
-    return InvalidArgument(op, "scale must be float32");
+    return InvalidArgument(kOp, "scale must be float32");
   }
   const int64_t len = static_cast<int64_t>(scale.element_count());
   if (len != 1 && len != n) {
-    return InvalidArgument(op, "scale must have 1 or n = " + std::to_string(n) + " elements, got " +
-                                   DimsToString(scale.dimensions()));
+    return InvalidArgument(kOp, "scale must have 1 or n = " + std::to_string(n) +
+                                    " elements, got " + DimsToString(scale.dimensions()));
   }
   const float* data = static_cast<const float*>(scale.untyped_data());
   args.col_scale = MakeVector<float>(n);
@@ -129,20 +129,20 @@ ffi::Error ReadScale(const char* op, const ffi::AnyBuffer& scale, Int8MatmulArgs
 // The output's dtype: int8 with a comm scale (the result is rounded to the
 // comm scale's dtype, the operator's output dtype, then quantized), a float
 // dtype without.
-ffi::Error CheckOutType(const char* op, const ffi::AnyBuffer& out, bool has_comm_scale) {
+ffi::Error CheckOutType(const ffi::AnyBuffer& out, bool has_comm_scale) {
   if (has_comm_scale != (out.element_type() == ffi::DataType::S8) ||
       (!has_comm_scale && !IsFloatType(out.element_type()))) {
-    return InvalidArgument(op, "out must be int8 with a comm scale, a float dtype without");
+    return InvalidArgument(kOp, "out must be int8 with a comm scale, a float dtype without");
   }
   return ffi::Error::Success();
 }
 
 // The optional operands: pertoken?, bias?, x3?, comm scale? (in that order).
-ffi::Error ReadInt8Optionals(const char* op, ffi::RemainingArgs extra, bool has_pertoken,
-                             bool has_bias, bool has_x3, bool has_comm_scale,
-                             const ffi::AnyBuffer& out, Int8MatmulArgs& args) {
+ffi::Error ReadInt8Optionals(ffi::RemainingArgs extra, bool has_pertoken, bool has_bias,
+                             bool has_x3, bool has_comm_scale, const ffi::AnyBuffer& out,
+                             Int8MatmulArgs& args) {
   const int64_t m = args.shape.m, n = args.shape.n;
-  OptionalOperands operands(op, extra);
+  OptionalOperands operands(kOp, extra);
   const size_t expected =
       size_t{has_pertoken} + size_t{has_bias} + size_t{has_x3} + size_t{has_comm_scale};
   MC2_RETURN_IF_ERROR(operands.ExpectCount(expected));
@@ -196,12 +196,12 @@ ffi::Error ParseInt8MatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x
   if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
     return InvalidArgument(kOp, "x1 and x2 must be int8");
   }
-  MC2_RETURN_IF_ERROR(CheckOutType(kOp, out, has_comm_scale));
+  MC2_RETURN_IF_ERROR(CheckOutType(out, has_comm_scale));
   MC2_RETURN_IF_ERROR(ParseMatmul(kOp, x1, x2, out, transpose_x2, args.shape));
-  MC2_RETURN_IF_ERROR(ReadScale(kOp, scale, args));
+  MC2_RETURN_IF_ERROR(ReadScale(scale, args));
   args.out_type = out.element_type();
   MC2_RETURN_IF_ERROR(
-      ReadInt8Optionals(kOp, extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
+      ReadInt8Optionals(extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
   args.transpose_x2 = transpose_x2;
   args.x1 = static_cast<const int8_t*>(x1.untyped_data());
   args.x2 = static_cast<const int8_t*>(x2.untyped_data());
