@@ -153,17 +153,27 @@ def _int8_on_one_rank(x1, x2, bias, scale, impl):
     return np.asarray(jax.jit(f)(x1, x2, bias, scale), np.float32)
 
 
+def _wrapping_operands(m, k, n, bias_value):
+    """int8 x1 [m, k] and x2 [k, n] at the int8 extremes that push x1 @ x2
+    toward ``bias_value``'s sign, and the int32 bias [n] of that value."""
+    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
+    return x1, np.full((k, n), 127, np.int8), np.full(n, bias_value, np.int32)
+
+
+def _acc_and_wrapped(x1, x2, bias):
+    """``x1 @ x2 + bias`` exactly (int64) and in two's-complement int32."""
+    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
+    return acc, ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)
+
+
 @pytest.mark.parametrize("impl", ALL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("bias_value", [2**31 - 1, -(2**31)])
 def test_int8_accumulator_plus_bias_wraps_in_int32(impl, bias_value):
-    m, k, n = 2, 64, 4
-    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
-    x2 = np.full((k, n), 127, np.int8)
+    n = 4
+    x1, x2, bias = _wrapping_operands(2, 64, n, bias_value)
     x2[:, 1] = -128
-    bias = np.full(n, bias_value, np.int32)
     scale = np.ones(n, jnp.bfloat16)
-    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
-    wrapped = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)  # two's complement
+    acc, wrapped = _acc_and_wrapped(x1, x2, bias)
     assert (wrapped != acc).any()
     want = wrapped.astype(np.float32).astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(_int8_on_one_rank(x1, x2, bias, scale, impl), want)
@@ -175,10 +185,8 @@ def test_int8_wrap_on_either_gemm_of_the_ffi_implementation(monkeypatch, engine,
     """The wrap of acc + bias in the C++ epilogue after sgemm and in the lax
     epilogue after XLA's int8 dot, with x3 and a pertoken scale."""
     monkeypatch.setenv("JAX_MC2_GEMM", engine)
-    m, k, n = 3, 64, 4
-    x1 = np.full((m, k), 127 if bias_value > 0 else -128, np.int8)
-    x2 = np.full((k, n), 127, np.int8)
-    bias = np.full(n, bias_value, np.int32)
+    m, n = 3, 4
+    x1, x2, bias = _wrapping_operands(m, 64, n, bias_value)
     scale = np.full(n, 1.3e-5, np.float32)  # finite float16 results near 2^31 * scale
     pertoken = np.array([1.0, 1.5, 0.25], np.float32)
     x3 = np.full((m, n), 3.0, np.float16)
@@ -194,8 +202,7 @@ def test_int8_wrap_on_either_gemm_of_the_ffi_implementation(monkeypatch, engine,
             implementation="ffi",
         )
     )(x1, x2)
-    acc = x1.astype(np.int64) @ x2.astype(np.int64) + bias.astype(np.int64)
-    wrapped = ((acc + 2**31) % 2**32 - 2**31).astype(np.int32)
+    acc, wrapped = _acc_and_wrapped(x1, x2, bias)
     assert (wrapped != acc).all()
     y = (wrapped.astype(np.float32) * scale * pertoken[:, None]).astype(np.float16)
     want = (y.astype(np.float32) + x3.astype(np.float32)).astype(np.float16)
