@@ -1,9 +1,9 @@
 // The nanobind module: exposes the FFI handlers as capsules by target name.
 #include <nanobind/nanobind.h>
 
-#include "blas_workers.h"
 #include "lowp_modes.h"
 #include "mc2_ffi.h"
+#include "workers.h"
 
 namespace nb = nanobind;
 

@@ -1,4 +1,5 @@
-// OpenBLAS's parallel jobs on workers that run in the calling thread's
+// jax_mc2's worker threads: they run OpenBLAS's parallel jobs and the row
+// passes of the handlers (parallel_rows.h), each in the calling thread's
 // floating-point mode.
 //
 // OpenBLAS splits a large GEMM into jobs, one per thread, and runs them on
@@ -11,11 +12,10 @@
 // but it lets the caller run the jobs
 // (openblas_set_threads_callback_function): here every job runs with the
 // calling thread's mode, so a GEMM's bits never depend on the split.
-#include "blas_workers.h"
+#include "workers.h"
 
 #include <pthread.h>
 
-#include <cfenv>
 #include <condition_variable>
 #include <cstddef>
 #include <mutex>
@@ -23,32 +23,10 @@
 #include <vector>
 
 #include "cblas.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
+#include "fp_mode.h"
 
 namespace jax_mc2 {
 namespace {
-
-// The floating-point mode of a thread: MXCSR on x86 (where the
-// flush-to-zero and denormals-are-zero bits live), the C environment
-// elsewhere (on aarch64 it holds FPCR, flush-to-zero included).
-struct FpMode {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned int csr;
-  static FpMode Current() { return {_mm_getcsr()}; }
-  void Set() const { _mm_setcsr(csr); }
-#else
-  std::fenv_t env;
-  static FpMode Current() {
-    FpMode m;
-    std::fegetenv(&m.env);
-    return m;
-  }
-  void Set() const { std::fesetenv(&env); }
-#endif
-};
 
 // One call's jobs: how many have yet to finish.
 struct Batch {
@@ -58,10 +36,9 @@ struct Batch {
 };
 
 struct Job {
-  openblas_dojob_callback dojob = nullptr;
-  int thread_num = 0;
-  void* data = nullptr;
-  int dojob_data = 0;
+  WorkerTask task = nullptr;
+  void* context = nullptr;
+  int index = 0;
   FpMode mode{};
   Batch* batch = nullptr;
 };
@@ -145,7 +122,7 @@ void Worker::Loop() {
       has_job_ = false;
     }
     job.mode.Set();
-    job.dojob(job.thread_num, job.data, job.dojob_data);
+    job.task(job.context, job.index);
     own.Set();
     g_pool->Return(this);
     std::lock_guard<std::mutex> lock(job.batch->mu);
@@ -153,22 +130,13 @@ void Worker::Loop() {
   }
 }
 
-// OpenBLAS's callback: job 0 on the calling thread, the others on workers
-// in the caller's mode; returns when all have run (OpenBLAS calls it with
-// sync = 1 and expects that).
+// OpenBLAS's callback: its jobs through RunOnWorkers (OpenBLAS calls it
+// with sync = 1 and expects it to return when all have run).
 void RunJobs(int /*sync*/, openblas_dojob_callback dojob, int numjobs, size_t jobdata_elsize,
              void* jobdata, int dojob_data) {
-  if (numjobs <= 0) return;
-  Batch batch;
-  batch.pending = numjobs - 1;
-  const FpMode mode = FpMode::Current();
   char* data = static_cast<char*>(jobdata);
-  for (int i = 1; i < numjobs; ++i) {
-    g_pool->Take()->Give(Job{dojob, i, data + i * jobdata_elsize, dojob_data, mode, &batch});
-  }
-  dojob(0, data, dojob_data);
-  std::unique_lock<std::mutex> lock(batch.mu);
-  batch.done.wait(lock, [&] { return batch.pending == 0; });
+  auto job = [&](int i) { dojob(i, data + i * jobdata_elsize, dojob_data); };
+  RunOnWorkers(numjobs, job);
 }
 
 // A forked child has none of the parent's threads: it starts a pool of its
@@ -176,6 +144,17 @@ void RunJobs(int /*sync*/, openblas_dojob_callback dojob, int numjobs, size_t jo
 void AfterForkInChild() { g_pool = new Pool(); }
 
 }  // namespace
+
+void RunOnWorkers(int count, WorkerTask task, void* context) {
+  if (count <= 0) return;
+  Batch batch;
+  batch.pending = count - 1;
+  const FpMode mode = FpMode::Current();
+  for (int i = 1; i < count; ++i) g_pool->Take()->Give(Job{task, context, i, mode, &batch});
+  task(context, 0);
+  std::unique_lock<std::mutex> lock(batch.mu);
+  batch.done.wait(lock, [&] { return batch.pending == 0; });
+}
 
 void InstallBlasWorkers() {
   static std::once_flag once;
