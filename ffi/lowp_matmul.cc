@@ -32,6 +32,7 @@
 #include "lowp_codecs.h"
 #include "lowp_modes.h"
 #include "mc2_ffi.h"
+#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
@@ -384,33 +385,40 @@ ffi::Error ReadLowpScalesAndOptionals(const ffi::AnyBuffer& x2_scale, ffi::Remai
   return ffi::Error::Success();
 }
 
-// The fp32 tiles of one k-chunk (modes scaled and MX): x1 rows r0 .. r0 + r,
-// columns k0 .. k0 + kc into a [r, kc]; x2 rows k0.. of (k, n) into
-// b [kc, n], or columns k0.. of (n, k) into b [n, kc].
-void DecodeChunk(const LowpArgs& p, int64_t r0, int64_t r, int64_t k0, int64_t kc, float* a,
-                 float* b) {
-  const int64_t k = p.k, n = p.n;
+// The fp32 tiles of one k-chunk (modes scaled and MX), a range of rows at a
+// time: x1 rows r0 + begin .. r0 + end, columns k0 .. k0 + kc into rows
+// begin .. end of a [r, kc].
+void DecodeLhsRows(const LowpArgs& p, int64_t r0, int64_t begin, int64_t end, int64_t k0,
+                   int64_t kc, float* a) {
   const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
   const uint8_t* s1m = static_cast<const uint8_t*>(p.x1_scale);
-  const uint8_t* s2m = static_cast<const uint8_t*>(p.x2_scale);
-  for (int64_t i = 0; i < r; ++i) {
-    const uint8_t* src = p.x1 + (r0 + i) * k + k0;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint8_t* src = p.x1 + (r0 + i) * p.k + k0;
     if (p.mode == kMx) {
       DecodeMx(src, k0, kc, p.table, s1m + (r0 + i) * p.kb_mx, e8m0, a + i * kc);
     } else {
       Decode(src, kc, p.table, a + i * kc);
     }
   }
-  if (p.transpose_x2) {
-    for (int64_t j = 0; j < n; ++j) {
-      if (p.mode == kMx) {
-        DecodeMx(p.x2 + j * k + k0, k0, kc, p.table, s2m + j * p.kb_mx, e8m0, b + j * kc);
-      } else {
-        Decode(p.x2 + j * k + k0, kc, p.table, b + j * kc);
-      }
+}
+
+// Rows begin .. end of b: of [kc, n] (x2 rows k0 + begin.. of (k, n)), or of
+// [n, kc] (columns k0.. of rows begin.. of (n, k)).
+void DecodeRhsRows(const LowpArgs& p, int64_t begin, int64_t end, int64_t k0, int64_t kc,
+                   float* b) {
+  const int64_t k = p.k, n = p.n;
+  if (!p.transpose_x2) {
+    Decode(p.x2 + (k0 + begin) * n, (end - begin) * n, p.table, b + begin * n);
+    return;
+  }
+  const float* e8m0 = DecodeTable(ffi::DataType::F8E8M0FNU);
+  const uint8_t* s2m = static_cast<const uint8_t*>(p.x2_scale);
+  for (int64_t j = begin; j < end; ++j) {
+    if (p.mode == kMx) {
+      DecodeMx(p.x2 + j * k + k0, k0, kc, p.table, s2m + j * p.kb_mx, e8m0, b + j * kc);
+    } else {
+      Decode(p.x2 + j * k + k0, kc, p.table, b + j * kc);
     }
-  } else {
-    Decode(p.x2 + k0 * n, kc * n, p.table, b);
   }
 }
 
@@ -441,8 +449,10 @@ void OutputRow(const LowpArgs& p, int64_t row_index, const float* col_scale, flo
   StoreFromFloat(p.out_type, row, n, p.out, row_index * n);
 }
 
-// The matmul itself, on checked operands with m, n, k >= 1.
-void RunLowpMatmul(const LowpArgs& p) {
+// The matmul itself, on checked operands with m, n, k >= 1. The decoding and
+// output passes of the scaled and MX modes are split by rows over
+// `parallel`.
+void RunLowpMatmul(const LowpArgs& p, const RowParallel& parallel) {
   const int64_t m = p.m, k = p.k, n = p.n;
   // Perblock decodes all of k per row block (PerblockRows); the other modes
   // k-chunks of at most kChunkK.
@@ -454,7 +464,6 @@ void RunLowpMatmul(const LowpArgs& p) {
   float* a =
       perblock ? nullptr : scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * kc_max);
   float* b = perblock ? nullptr : scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(kc_max) * n);
-  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
   const float* s2f = static_cast<const float*>(p.x2_scale);
   // The scaled mode's x2 scale as a full row (pertensor broadcast).
   std::vector<float> col_scale = MakeVector<float>(p.mode == kScaled ? n : 0);
@@ -469,12 +478,19 @@ void RunLowpMatmul(const LowpArgs& p) {
     }
     for (int64_t k0 = 0; !perblock && k0 < k; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, k - k0);
-      DecodeChunk(p, r0, r, k0, kc, a, b);
+      parallel.Run(
+          r, kc, [&](int64_t begin, int64_t end) { DecodeLhsRows(p, r0, begin, end, k0, kc, a); });
+      parallel.Run(p.transpose_x2 ? n : kc, p.transpose_x2 ? kc : n,
+                   [&](int64_t begin, int64_t end) { DecodeRhsRows(p, begin, end, k0, kc, b); });
       Sgemm(false, p.transpose_x2, r, n, kc, a, kc, b, p.transpose_x2 ? kc : n, c, n,
             k0 == 0 ? 0.0f : 1.0f);
     }
-    for (int64_t i = 0; i < r; ++i)
-      OutputRow(p, r0 + i, col_scale.data(), c + i * n, x3_row.data());
+    parallel.Run(r, n, [&](int64_t begin, int64_t end) {
+      std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+      for (int64_t i = begin; i < end; ++i) {
+        OutputRow(p, r0 + i, col_scale.data(), c + i * n, x3_row.data());
+      }
+    });
   }
 }
 
@@ -495,8 +511,9 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     args.x2 = static_cast<const uint8_t*>(x2.untyped_data());
     args.out_type = out->element_type();
     args.out = out->untyped_data();
-    BlasThreadsScope blas_threads(BlasThreads(parallelism));
-    RunLowpMatmul(args);
+    const int threads = BlasThreads(parallelism);
+    BlasThreadsScope blas_threads(threads);
+    RunLowpMatmul(args, RowParallel(threads));
     return ffi::Error::Success();
   });
 }

@@ -19,6 +19,7 @@
 #include "blas.h"
 #include "ffi_common.h"
 #include "mc2_ffi.h"
+#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
@@ -39,36 +40,55 @@ struct Antiquant {
 };
 
 // Dequantizes the int8 x2 (as stored: (k, n), or (n, k) transposed) into
-// fp32 values of w, already rounded to `dtype`.
-void DequantizeWeights(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t n,
-                       bool transpose_x2, const Antiquant& aq, float* w) {
-  std::vector<float> scale = MakeVector<float>(aq.scale_rows * aq.scale_cols);
-  std::vector<float> offset = MakeVector<float>(aq.offset ? scale.size() : 0);
-  LoadAsFloat(dtype, aq.scale, 0, scale.size(), scale.data());
-  if (aq.offset) LoadAsFloat(dtype, aq.offset, 0, offset.size(), offset.data());
-  const int64_t rows = transpose_x2 ? n : k, cols = transpose_x2 ? k : n;
-  std::vector<float> row = MakeVector<float>(cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t kk = transpose_x2 ? c : r, j = transpose_x2 ? r : c;
-      const int64_t group = aq.antiquant_group_size > 0 ? kk / aq.antiquant_group_size : 0;
-      const int64_t idx =
-          (aq.scale_rows > 1 ? group * aq.scale_cols : 0) + (aq.scale_cols > 1 ? j : 0);
-      float v = static_cast<float>(x2[r * cols + c]);
-      if (dtype == ffi::DataType::F16) {
-        // fp16 arithmetic: each step rounded to fp16.
-        if (aq.offset) v = Fp16ToFloat(FloatToFp16(v + offset[idx]));
-        v = Fp16ToFloat(FloatToFp16(v * scale[idx]));
-      } else {
-        if (aq.offset) v += offset[idx];
-        v *= scale[idx];
-      }
-      row[c] = v;
-    }
-    RoundInPlace(dtype, row.data(), cols);  // bf16: one rounding of the fp32 result
-    std::copy(row.begin(), row.end(), w + r * cols);
+// fp32 values of w, already rounded to `dtype`, a range of stored rows at a
+// time.
+class WeightDequantizer {
+ public:
+  WeightDequantizer(ffi::DataType dtype, const int8_t* x2, int64_t k, int64_t n, bool transpose_x2,
+                    const Antiquant& aq)
+      : dtype_(dtype),
+        x2_(x2),
+        transpose_x2_(transpose_x2),
+        cols_(transpose_x2 ? k : n),
+        aq_(aq),
+        scale_(MakeVector<float>(aq.scale_rows * aq.scale_cols)),
+        offset_(MakeVector<float>(aq.offset ? scale_.size() : 0)) {
+    LoadAsFloat(dtype, aq.scale, 0, scale_.size(), scale_.data());
+    if (aq.offset) LoadAsFloat(dtype, aq.offset, 0, offset_.size(), offset_.data());
   }
-}
+
+  // Stored rows [begin, end) into w (the whole dequantized matrix).
+  void Rows(int64_t begin, int64_t end, float* w) const {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = w + r * cols_;
+      for (int64_t c = 0; c < cols_; ++c) {
+        const int64_t kk = transpose_x2_ ? c : r, j = transpose_x2_ ? r : c;
+        const int64_t group = aq_.antiquant_group_size > 0 ? kk / aq_.antiquant_group_size : 0;
+        const int64_t idx =
+            (aq_.scale_rows > 1 ? group * aq_.scale_cols : 0) + (aq_.scale_cols > 1 ? j : 0);
+        float v = static_cast<float>(x2_[r * cols_ + c]);
+        if (dtype_ == ffi::DataType::F16) {
+          // fp16 arithmetic: each step rounded to fp16.
+          if (aq_.offset) v = Fp16ToFloat(FloatToFp16(v + offset_[idx]));
+          v = Fp16ToFloat(FloatToFp16(v * scale_[idx]));
+        } else {
+          if (aq_.offset) v += offset_[idx];
+          v *= scale_[idx];
+        }
+        row[c] = v;
+      }
+      RoundInPlace(dtype_, row, cols_);  // bf16: one rounding of the fp32 result
+    }
+  }
+
+ private:
+  ffi::DataType dtype_;
+  const int8_t* x2_;
+  bool transpose_x2_;
+  int64_t cols_;
+  const Antiquant& aq_;
+  std::vector<float> scale_, offset_;
+};
 
 // One call's checked operands.
 struct MatmulArgs {
@@ -163,48 +183,68 @@ ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   return ffi::Error::Success();
 }
 
-// The matmul itself, on checked operands with m, n, k >= 1.
-void RunMatmul(const MatmulArgs& p) {
+// The fp32 weights: x2 itself for float32, else converted (or dequantized)
+// once into scratch, since every row block reads them whole.
+const float* Fp32Weights(const MatmulArgs& p, const RowParallel& parallel, Scratch& scratch) {
+  const int64_t k = p.shape.k, n = p.shape.n;
+  if (!p.antiquant && p.dtype == ffi::DataType::F32) return static_cast<const float*>(p.x2);
+  float* w = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(k) * n);
+  const int64_t rows = p.transpose_x2 ? n : k, cols = p.transpose_x2 ? k : n;
+  if (p.antiquant) {
+    const WeightDequantizer dequantize(p.dtype, static_cast<const int8_t*>(p.x2), k, n,
+                                       p.transpose_x2, p.aq);
+    parallel.Run(rows, cols, [&](int64_t begin, int64_t end) { dequantize.Rows(begin, end, w); });
+  } else {
+    parallel.Run(rows, cols, [&](int64_t begin, int64_t end) {
+      LoadAsFloat(p.dtype, p.x2, begin * cols, (end - begin) * cols, w + begin * cols);
+    });
+  }
+  return w;
+}
+
+// The matmul itself, on checked operands with m, n, k >= 1. The passes
+// around the sgemm (conversions, epilogue) are split by rows over
+// `parallel`; float32 operands and outputs are used in place.
+void RunMatmul(const MatmulArgs& p, const RowParallel& parallel) {
   const ffi::DataType dtype = p.dtype;
+  const bool in_place = dtype == ffi::DataType::F32;
   const int64_t m = p.shape.m, k = p.shape.k, n = p.shape.n;
-  const bool transpose_x2 = p.transpose_x2;
   std::vector<float> bias_f = MakeVector<float>(p.bias ? n : 0);
   if (p.bias) LoadAsFloat(dtype, p.bias, 0, n, bias_f.data());
 
-  // The weights are read whole by every row block: convert them once.
   Scratch scratch;
-  float* w = scratch.Get(ScratchSlot::kRhs, static_cast<size_t>(k) * n);
-  if (p.antiquant) {
-    DequantizeWeights(dtype, static_cast<const int8_t*>(p.x2), k, n, transpose_x2, p.aq, w);
-  } else {
-    LoadAsFloat(dtype, p.x2, 0, k * n, w);
-  }
+  const float* w = Fp32Weights(p, parallel, scratch);
   const int64_t rows = std::min(m, std::max<int64_t>(64, kMaxTileElements / std::max(n, k)));
   // Uninitialized: every element is written before it is read.
-  float* a = scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * k);
-  float* c = scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
-  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+  float* a_tile =
+      in_place ? nullptr : scratch.Get(ScratchSlot::kLhs, static_cast<size_t>(rows) * k);
+  float* c_tile =
+      in_place ? nullptr : scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
-    LoadAsFloat(dtype, p.x1, r0 * k, r * k, a);
-    Sgemm(false, transpose_x2, r, n, k, a, k, w, transpose_x2 ? k : n, c, n);
-    if (!p.bias && !p.x3) {
-      StoreFromFloat(dtype, c, r * n, p.out, r0 * n);
-      continue;
+    const float* a = in_place ? static_cast<const float*>(p.x1) + r0 * k : a_tile;
+    float* c = in_place ? static_cast<float*>(p.out) + r0 * n : c_tile;
+    if (!in_place) {
+      parallel.Run(r, k, [&](int64_t begin, int64_t end) {
+        LoadAsFloat(dtype, p.x1, (r0 + begin) * k, (end - begin) * k, a_tile + begin * k);
+      });
     }
+    Sgemm(false, p.transpose_x2, r, n, k, a, k, w, p.transpose_x2 ? k : n, c, n);
+    if (in_place && !p.bias && !p.x3) continue;
     // Epilogue, one row at a time while it is in cache: + bias, + x3, one
     // rounding to the dtype.
-    for (int64_t i = 0; i < r; ++i) {
-      float* row = c + i * n;
-      if (p.bias) {
-        AddInPlace(row, bias_f.data(), n);
+    parallel.Run(r, n, [&](int64_t begin, int64_t end) {
+      std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+      for (int64_t i = begin; i < end; ++i) {
+        float* row = c + i * n;
+        if (p.bias) AddInPlace(row, bias_f.data(), n);
+        if (p.x3) {
+          LoadAsFloat(dtype, p.x3, (r0 + i) * n, n, x3_row.data());
+          AddInPlace(row, x3_row.data(), n);
+        }
+        if (!in_place) StoreFromFloat(dtype, row, n, p.out, (r0 + i) * n);
       }
-      if (p.x3) {
-        LoadAsFloat(dtype, p.x3, (r0 + i) * n, n, x3_row.data());
-        AddInPlace(row, x3_row.data(), n);
-      }
-      StoreFromFloat(dtype, row, n, p.out, (r0 + i) * n);
-    }
+    });
   }
 }
 
@@ -219,8 +259,10 @@ ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArg
     bool work = false;
     MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
     if (!work) return ffi::Error::Success();
-    BlasThreadsScope blas_threads(BlasThreads(parallelism));
-    RunMatmul(args);
+    const int threads = BlasThreads(parallelism);
+    BlasThreadsScope blas_threads(threads);
+    const RowParallel parallel(threads);
+    RunMatmul(args, parallel);
     return ffi::Error::Success();
   });
 }

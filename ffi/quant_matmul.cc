@@ -24,6 +24,7 @@
 #include "blas.h"
 #include "ffi_common.h"
 #include "mc2_ffi.h"
+#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
@@ -231,8 +232,10 @@ void FinishRow(const Int8MatmulArgs& p, int64_t i, float* row, const int32_t* ac
   }
 }
 
-// The matmul itself, on checked operands with m, n, k >= 1.
-void RunInt8Matmul(const Int8MatmulArgs& p) {
+// The matmul itself, on checked operands with m, n, k >= 1. The passes
+// around each sgemm (int8 to fp32, the int32 sums, the epilogue) are split by
+// rows over `parallel`.
+void RunInt8Matmul(const Int8MatmulArgs& p, const RowParallel& parallel) {
   const int64_t m = p.shape.m, k = p.shape.k, n = p.shape.n;
   const bool transpose_x2 = p.transpose_x2;
   const int8_t* a8 = p.x1;
@@ -248,24 +251,36 @@ void RunInt8Matmul(const Int8MatmulArgs& p) {
   ScratchOf<int32_t> int_scratch;
   int32_t* acc =
       single_chunk ? nullptr : int_scratch.Get(ScratchSlot::kOut, static_cast<size_t>(rows) * n);
-  std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
   for (int64_t r0 = 0; r0 < m; r0 += rows) {
     const int64_t r = std::min(rows, m - r0);
     for (int64_t k0 = 0; k0 < k; k0 += kc_max) {
       const int64_t kc = std::min(kc_max, k - k0);
-      for (int64_t i = 0; i < r; ++i) LoadInt8(a8 + (r0 + i) * k + k0, kc, a + i * kc);
+      parallel.Run(r, kc, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) LoadInt8(a8 + (r0 + i) * k + k0, kc, a + i * kc);
+      });
       // x2's chunk: rows k0..k0+kc of (k, n), or columns of (n, k).
       if (transpose_x2) {
-        for (int64_t j = 0; j < n; ++j) LoadInt8(b8 + j * k + k0, kc, b + j * kc);
+        parallel.Run(n, kc, [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) LoadInt8(b8 + j * k + k0, kc, b + j * kc);
+        });
       } else {
-        LoadInt8(b8 + k0 * n, kc * n, b);
+        parallel.Run(kc, n, [&](int64_t begin, int64_t end) {
+          LoadInt8(b8 + (k0 + begin) * n, (end - begin) * n, b + begin * n);
+        });
       }
       Sgemm(false, transpose_x2, r, n, kc, a, kc, b, transpose_x2 ? kc : n, c, n);
-      if (!single_chunk) AccumulateInt32(c, r * n, k0 == 0, acc);
+      if (!single_chunk) {
+        parallel.Run(r, n, [&](int64_t begin, int64_t end) {
+          AccumulateInt32(c + begin * n, (end - begin) * n, k0 == 0, acc + begin * n);
+        });
+      }
     }
-    for (int64_t i = 0; i < r; ++i) {
-      FinishRow(p, r0 + i, c + i * n, single_chunk ? nullptr : acc + i * n, x3_row.data());
-    }
+    parallel.Run(r, n, [&](int64_t begin, int64_t end) {
+      std::vector<float> x3_row = MakeVector<float>(p.x3 ? n : 0);
+      for (int64_t i = begin; i < end; ++i) {
+        FinishRow(p, r0 + i, c + i * n, single_chunk ? nullptr : acc + i * n, x3_row.data());
+      }
+    });
   }
 }
 
@@ -280,8 +295,9 @@ ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     bool work = false;
     MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
     if (!work) return ffi::Error::Success();
-    BlasThreadsScope blas_threads(BlasThreads(parallelism));
-    RunInt8Matmul(args);
+    const int threads = BlasThreads(parallelism);
+    BlasThreadsScope blas_threads(threads);
+    RunInt8Matmul(args, RowParallel(threads));
     return ffi::Error::Success();
   });
 }

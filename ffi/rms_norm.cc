@@ -12,8 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "blas.h"
 #include "ffi_common.h"
 #include "mc2_ffi.h"
+#include "parallel_rows.h"
 
 namespace jax_mc2 {
 namespace {
@@ -61,11 +63,11 @@ struct AddRmsNormRows {
   float epsilon;
 };
 
-// The reference row loop, one step per pass over the row.
-void AddRmsNormPortable(const AddRmsNormRows& p, int64_t rows) {
+// The reference row loop, one step per pass over the row; rows [begin, end).
+void AddRmsNormPortable(const AddRmsNormRows& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   std::vector<float> a = MakeVector<float>(n), b = MakeVector<float>(n), out = MakeVector<float>(n);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = begin; r < end; ++r) {
     LoadAsFloat(p.dtype, p.mm, r * n, n, a.data());
     LoadAsFloat(p.dtype, p.residual, r * n, n, b.data());
     AddInPlace(a.data(), b.data(), n);
@@ -145,12 +147,12 @@ struct Bf16Lanes {
 // first), in two passes over each row: add, round, store y and accumulate;
 // then scale, round, multiply by gamma and store norm_out.
 template <typename L>
-MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t rows) {
+MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const int64_t body = n - n % 16;
   std::vector<float> v = MakeVector<float>(n);
   const __m256 inv_n = _mm256_set1_ps(p.inv_n);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = begin; r < end; ++r) {
     const int64_t base = r * n;
     __m256 acc_lo = _mm256_setzero_ps(), acc_hi = _mm256_setzero_ps();
     for (int64_t j = 0; j < body; j += 16) {
@@ -201,7 +203,7 @@ MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t rows) {
 
 ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
                       const ffi::AnyBuffer& gamma, ffi::AnyBuffer& y_buffer,
-                      ffi::AnyBuffer& norm_buffer, float epsilon) {
+                      ffi::AnyBuffer& norm_buffer, float epsilon, const RowParallel& parallel) {
   ffi::AnyBuffer* y = &y_buffer;
   ffi::AnyBuffer* norm_out = &norm_buffer;
   const ffi::DataType dtype = mm.element_type();
@@ -235,26 +237,31 @@ ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
                          n,
                          static_cast<float>(1.0 / static_cast<double>(n)),
                          epsilon};
-  const int64_t rows = total / n;
+  void (*rows_fn)(const AddRmsNormRows&, int64_t, int64_t) = nullptr;
   if (!HasAvx2F16c()) {
-    AddRmsNormPortable(p, rows);
+    rows_fn = AddRmsNormPortable;
   } else if (dtype == ffi::DataType::F16) {
-    AddRmsNormAvx2<Fp16Lanes>(p, rows);
+    rows_fn = AddRmsNormAvx2<Fp16Lanes>;
   } else if (dtype == ffi::DataType::BF16) {
-    AddRmsNormAvx2<Bf16Lanes>(p, rows);
+    rows_fn = AddRmsNormAvx2<Bf16Lanes>;
   } else if (dtype == ffi::DataType::F32) {
-    AddRmsNormAvx2<F32Lanes>(p, rows);
+    rows_fn = AddRmsNormAvx2<F32Lanes>;
   } else {
     throw UnsupportedDtype("AddRmsNorm", dtype);
   }
+  // Rows are independent (y may be residual's buffer: each row reads its
+  // own residual row before writing it).
+  parallel.Run(total / n, n, [&](int64_t begin, int64_t end) { rows_fn(p, begin, end); });
   return ffi::Error::Success();
 }
 
 ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::AnyBuffer gamma,
                              ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> norm_out,
-                             float epsilon) {
-  return CatchAtBoundary(kOp,
-                         [&] { return AddRmsNorm(mm, residual, gamma, *y, *norm_out, epsilon); });
+                             float epsilon, int64_t parallelism) {
+  return CatchAtBoundary(kOp, [&] {
+    const RowParallel parallel(BlasThreads(parallelism));
+    return AddRmsNorm(mm, residual, gamma, *y, *norm_out, epsilon, parallel);
+  });
 }
 
 }  // namespace
@@ -266,6 +273,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2AddRmsNormHandler, Mc2AddRmsNormImpl,
                                   .Arg<ffi::AnyBuffer>()  // gamma
                                   .Ret<ffi::AnyBuffer>()  // y
                                   .Ret<ffi::AnyBuffer>()  // norm_out
-                                  .Attr<float>("epsilon"));
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

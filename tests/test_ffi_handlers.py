@@ -144,7 +144,15 @@ def test_add_rms_norm_unsupported_dtype():
     a = np.ones((2, 8), I32)
     out = jax.ShapeDtypeStruct((2, 8), I32)
     with pytest.raises(Exception, match="mc2_add_rms_norm_ffi: .* must share one float dtype"):
-        _call(_ffi.ADD_RMS_NORM, (out, out), a, a, np.ones(8, I32), epsilon=np.float32(1e-6))
+        _call(
+            _ffi.ADD_RMS_NORM,
+            (out, out),
+            a,
+            a,
+            np.ones(8, I32),
+            epsilon=np.float32(1e-6),
+            parallelism=np.int64(1),
+        )
 
 
 def _grouped(x, w, offsets, src, dst, y_shape, y_dtype=F32, permute_out=False):

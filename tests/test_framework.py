@@ -252,6 +252,7 @@ def _raw_lowp(x2_scale, *, mode):
                 np.ones((2, 4), np.float32),
                 np.ones(3, np.float32),
                 epsilon=np.float32(1e-6),
+                parallelism=np.int64(1),
             ),
             r"mc2_add_rms_norm_ffi: mm, y and norm_out must have residual's 8 elements and gamma "
             r"\(n,\) = \(4,\)",

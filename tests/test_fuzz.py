@@ -777,7 +777,7 @@ def test_fuzz_ffi_handlers(d1, d2, mkn, bias_kind, t, handler, data):
         try:
             y, norm = jax.block_until_ready(
                 jax.ffi.ffi_call(_ffi.ADD_RMS_NORM, (out, out))(
-                    mm, res, gamma, epsilon=np.float32(1e-6)
+                    mm, res, gamma, epsilon=np.float32(1e-6), parallelism=np.int64(1)
                 )
             )
         except Exception as e:

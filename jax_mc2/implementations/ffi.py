@@ -262,10 +262,13 @@ def matmul_all_reduce(
     )
 
 
-def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
+def add_rms_norm(
+    mm, residual, gamma, *, epsilon: float, alias_residual: bool, parallelism: int = 1
+):
     """``(y, norm_out)`` of add + RMSNorm (custom call ``mc2_add_rms_norm_ffi``).
 
     With ``alias_residual``, ``y`` is written into ``residual``'s buffer.
+    ``parallelism``: the programs XLA runs at once, which share the cores.
     """
     out = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
     return jax.ffi.ffi_call(
@@ -277,6 +280,7 @@ def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool):
         residual,
         gamma,
         epsilon=np.float32(epsilon),
+        parallelism=np.int64(parallelism),
     )
 
 

@@ -116,7 +116,14 @@ def _ffi_composition(*operands, epsilon, has_bias, inplace, **params):
     """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
     mm = ffi.matmul_all_reduce(x1, x2, bias, None, **params)
-    return ffi.add_rms_norm(mm, residual, gamma, epsilon=epsilon, alias_residual=inplace)
+    return ffi.add_rms_norm(
+        mm,
+        residual,
+        gamma,
+        epsilon=epsilon,
+        alias_residual=inplace,
+        parallelism=params["parallelism"],
+    )
 
 
 def _xla_composition(*operands, epsilon, has_bias, inplace, **params):
