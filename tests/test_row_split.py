@@ -33,11 +33,21 @@ M, K, N = 300, 256, 264
 F32_TINY = np.finfo(np.float32).tiny
 
 
-def _both(call):
-    """The outputs of ``call(parallelism)`` split and serial, as NumPy."""
+def _both(target, out, *operands, aliases=None, **attrs):
+    """The handler's outputs split and serial (checked equal), as NumPy."""
+
+    def call(parallelism):
+        fn = jax.ffi.ffi_call(target, out, input_output_aliases=aliases)
+        return jax.jit(lambda *ops: fn(*ops, **attrs, parallelism=parallelism))(*operands)
+
     split, serial = (jax.tree.map(np.asarray, call(p)) for p in (SPLIT, SERIAL))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), split, serial)
     return split
+
+
+def _matmul_attrs(**flags):
+    attrs = dict(transpose_x2=False, has_bias=False, has_x3=False, antiquant=False)
+    return attrs | dict(has_offset=False, antiquant_group_size=np.int64(0)) | flags
 
 
 def _ints(rng, shape, dtype, bound=8):
@@ -62,22 +72,9 @@ def test_matmul_with_bias_and_x3(dtype):
     bias[::4] = 0  # and out = x3 (subnormal or flushed) where both are zero
     x3 = _with_subnormals(rng, rng.standard_normal((M, N)), dtype)
 
-    def call(parallelism):
-        return jax.ffi.ffi_call(_ffi.MATMUL, jax.ShapeDtypeStruct((M, N), dtype))(
-            x1,
-            x2,
-            bias,
-            x3,
-            transpose_x2=False,
-            has_bias=True,
-            has_x3=True,
-            antiquant=False,
-            has_offset=False,
-            antiquant_group_size=np.int64(0),
-            parallelism=parallelism,
-        )
-
-    got = _both(call)
+    out = jax.ShapeDtypeStruct((M, N), dtype)
+    attrs = _matmul_attrs(has_bias=True, has_x3=True)
+    got = _both(_ffi.MATMUL, out, x1, x2, bias, x3, **attrs)
     exact = x1.astype(np.float64) @ x2.astype(np.float64)
     rows = np.arange(M) % 3 != 0  # away from the x3-only rows, mostly integers
     np.testing.assert_allclose(
@@ -97,22 +94,14 @@ def test_matmul_antiquant_per_group(transpose_x2):
     scale = (2.0 ** rng.integers(-2, 2, (groups, N))).astype(np.float16)
     offset = rng.integers(-2, 3, (groups, N)).astype(np.float16)
 
-    def call(parallelism):
-        return jax.ffi.ffi_call(_ffi.MATMUL, jax.ShapeDtypeStruct((M, N), np.float16))(
-            x1,
-            x2,
-            scale,
-            offset,
-            transpose_x2=transpose_x2,
-            has_bias=False,
-            has_x3=False,
-            antiquant=True,
-            has_offset=True,
-            antiquant_group_size=np.int64(64),
-            parallelism=parallelism,
-        )
-
-    _both(call)
+    attrs = _matmul_attrs(
+        transpose_x2=transpose_x2,
+        antiquant=True,
+        has_offset=True,
+        antiquant_group_size=np.int64(64),
+    )
+    out = jax.ShapeDtypeStruct((M, N), np.float16)
+    _both(_ffi.MATMUL, out, x1, x2, scale, offset, **attrs)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.float32])
@@ -124,35 +113,17 @@ def test_add_rms_norm(dtype, inplace):
     residual = _with_subnormals(rng, rng.standard_normal((1, M, N)), dtype)
     gamma = rng.standard_normal(N).astype(dtype)
 
-    def call(parallelism):
-        out = jax.ShapeDtypeStruct(residual.shape, dtype)
-        return jax.jit(
-            lambda a, b, c: jax.ffi.ffi_call(
-                _ffi.ADD_RMS_NORM, (out, out), input_output_aliases={1: 0} if inplace else None
-            )(a, b, c, epsilon=np.float32(1e-6), parallelism=parallelism)
-        )(mm, residual, gamma)
-
-    _both(call)
+    out = jax.ShapeDtypeStruct(residual.shape, dtype)
+    aliases = {1: 0} if inplace else None
+    epsilon = np.float32(1e-6)
+    _both(_ffi.ADD_RMS_NORM, (out, out), mm, residual, gamma, aliases=aliases, epsilon=epsilon)
 
 
-def _lowp_call(mode, x1, x2, x2_scale, *extra, transpose_x2, has_x1_scale, has_bias, has_x3):
-    def call(parallelism):
-        return jax.ffi.ffi_call(_ffi.LOWP_MATMUL, jax.ShapeDtypeStruct((M, N), jnp.bfloat16))(
-            x1,
-            x2,
-            x2_scale,
-            *extra,
-            mode=np.int64(_mc2_ffi.lowp_modes()[mode]),
-            transpose_x2=transpose_x2,
-            has_x1_scale=has_x1_scale,
-            has_bias=has_bias,
-            has_x3=has_x3,
-            comm=False,
-            block_k=np.int64(128),
-            parallelism=parallelism,
-        )
-
-    return call
+def _lowp(mode, *operands, **flags):
+    """mc2_lowp_matmul_ffi split and serial, bfloat16 out."""
+    attrs = dict(mode=np.int64(_mc2_ffi.lowp_modes()[mode]), comm=False, block_k=np.int64(128))
+    out = jax.ShapeDtypeStruct((M, N), jnp.bfloat16)
+    return _both(_ffi.LOWP_MATMUL, out, *operands, **attrs, **flags)
 
 
 @pytest.mark.parametrize("transpose_x2", [False, True])
@@ -165,20 +136,8 @@ def test_lowp_scaled_with_pertoken_bias_and_x3(transpose_x2):
     x1_scale = rng.uniform(0.5, 2.0, M).astype(np.float32)
     bias = _ints(rng, (N,), np.float32)
     x3 = rng.standard_normal((M, N)).astype(jnp.bfloat16)
-    call = _lowp_call(
-        "pertoken",
-        x1,
-        x2,
-        x2_scale,
-        x1_scale,
-        bias,
-        x3,
-        transpose_x2=transpose_x2,
-        has_x1_scale=True,
-        has_bias=True,
-        has_x3=True,
-    )
-    _both(call)
+    flags = dict(transpose_x2=transpose_x2, has_x1_scale=True, has_bias=True, has_x3=True)
+    _lowp("pertoken", x1, x2, x2_scale, x1_scale, bias, x3, **flags)
 
 
 def test_lowp_mx():
@@ -190,18 +149,8 @@ def test_lowp_mx():
     # Scales 2^-2 .. 2^2: the products stay exact.
     x1_scale = rng.integers(125, 130, (M, blocks)).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
     x2_scale = rng.integers(125, 130, (N, blocks)).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
-    call = _lowp_call(
-        "mx",
-        x1,
-        x2,
-        x2_scale,
-        x1_scale,
-        transpose_x2=True,
-        has_x1_scale=True,
-        has_bias=False,
-        has_x3=False,
-    )
-    _both(call)
+    flags = dict(transpose_x2=True, has_x1_scale=True, has_bias=False, has_x3=False)
+    _lowp("mx", x1, x2, x2_scale, x1_scale, **flags)
 
 
 @pytest.mark.parametrize("k", [K, 1500])  # one k-chunk; two (the int32 sums of the chunks)
@@ -215,20 +164,7 @@ def test_int8_matmul_with_pertoken_bias_and_x3(k, transpose_x2):
     bias = rng.integers(-1000, 1000, N).astype(np.int32)
     x3 = rng.standard_normal((M, N)).astype(np.float16)
 
-    def call(parallelism):
-        return jax.ffi.ffi_call(_ffi.INT8_MATMUL, jax.ShapeDtypeStruct((M, N), np.float16))(
-            x1,
-            x2,
-            scale,
-            pertoken,
-            bias,
-            x3,
-            transpose_x2=transpose_x2,
-            has_pertoken=True,
-            has_bias=True,
-            has_x3=True,
-            has_comm_scale=False,
-            parallelism=parallelism,
-        )
-
-    _both(call)
+    flags = dict(has_pertoken=True, has_bias=True, has_x3=True, has_comm_scale=False)
+    out = jax.ShapeDtypeStruct((M, N), np.float16)
+    operands = (x1, x2, scale, pertoken, bias, x3)
+    _both(_ffi.INT8_MATMUL, out, *operands, transpose_x2=transpose_x2, **flags)
