@@ -1,7 +1,7 @@
 // The floating-point mode of a thread, captured on one thread and set on
-// another, so that work a handler hands to other threads computes the bits
-// the calling thread would (docs/semantics.md §10.4: under XLA the calling
-// thread flushes subnormals to zero; a pool thread may not).
+// another, so that work a handler hands to the workers (workers.cc) computes
+// the bits the calling thread would (docs/semantics.md §10.4: under XLA the
+// calling thread flushes subnormals to zero).
 #pragma once
 
 #include <cfenv>
@@ -29,18 +29,6 @@ struct FpMode {
   }
   void Set() const { std::fesetenv(&env); }
 #endif
-};
-
-// Runs the scope in `mode`, then restores the thread's own.
-class ScopedFpMode {
- public:
-  explicit ScopedFpMode(const FpMode& mode) : own_(FpMode::Current()) { mode.Set(); }
-  ~ScopedFpMode() { own_.Set(); }
-  ScopedFpMode(const ScopedFpMode&) = delete;
-  ScopedFpMode& operator=(const ScopedFpMode&) = delete;
-
- private:
-  FpMode own_;
 };
 
 }  // namespace jax_mc2
