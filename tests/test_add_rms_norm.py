@@ -195,7 +195,11 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
         np.dtype(dtype), 0x7F800001
     )
     gamma = rng.uniform(0.5, 2.0, n).astype(dtype)
-    f = jax.jit(lambda a, b, c: _ffi.add_rms_norm(a, b, c, epsilon=1e-6, alias_residual=False))
+    f = jax.jit(
+        lambda a, b, c: _ffi.add_rms_norm(
+            a, b, c, epsilon=1e-6, alias_residual=False, parallelism=1
+        )
+    )
     got_y, got_norm = (np.asarray(v) for v in f(mm, residual, gamma))
 
     f32 = np.float32
@@ -232,9 +236,11 @@ def test_nan_bits_do_not_depend_on_the_position(dtype):
     bits = residual.view(np.uint16)
     bits[0, 0, [0, 8]] = 0x7D01 if dtype == np.float16 else 0x7F81  # signalling, payload 1
     zeros, gamma = np.zeros_like(residual), np.ones(9, dtype)
-    got = jax.jit(lambda a, b, c: _ffi.add_rms_norm(a, b, c, epsilon=1e-6, alias_residual=False))(
-        zeros, residual, gamma
-    )[0]
+    got = jax.jit(
+        lambda a, b, c: _ffi.add_rms_norm(
+            a, b, c, epsilon=1e-6, alias_residual=False, parallelism=1
+        )
+    )(zeros, residual, gamma)[0]
     want = jax.jit(lambda a, b, c: _xla.add_rms_norm(a, b, c, epsilon=1e-6))(
         zeros, residual, gamma
     )[0]

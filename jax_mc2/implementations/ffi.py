@@ -262,9 +262,7 @@ def matmul_all_reduce(
     )
 
 
-def add_rms_norm(
-    mm, residual, gamma, *, epsilon: float, alias_residual: bool, parallelism: int = 1
-):
+def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool, parallelism: int):
     """``(y, norm_out)`` of add + RMSNorm (custom call ``mc2_add_rms_norm_ffi``).
 
     With ``alias_residual``, ``y`` is written into ``residual``'s buffer.
