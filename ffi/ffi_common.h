@@ -144,6 +144,21 @@ inline void StoreFromFloat(ffi::DataType type, const float* src, int64_t count, 
   }
 }
 
+// values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
+// applies when it writes an intermediate in the dtype and reads it back.
+// Throws UnsupportedDtype for a dtype other than float16/bfloat16/float32.
+void RoundInPlace(ffi::DataType type, float* values, int64_t count);
+
+// A result rounded to `type` and stored in a buffer of `stored`: the same
+// dtype, or float32 holding the bfloat16-rounded values (the handlers'
+// `bf16_as_f32`: a bfloat16 result that an all-reduce sums in float32,
+// docs/semantics.md §10.5). Rounds `src` in place when the two differ.
+inline void StoreRounded(ffi::DataType type, ffi::DataType stored, float* src, int64_t count,
+                         void* data, int64_t offset) {
+  if (stored != type) RoundInPlace(type, src, count);
+  StoreFromFloat(stored, src, count, data, offset);
+}
+
 // int8 -> fp32 (exact) and fp32 holding exact integers -> int32 (+=).
 void LoadInt8(const int8_t* src, int64_t count, float* dst);
 void AccumulateInt32(const float* src, int64_t count, bool first, int32_t* acc);
@@ -151,11 +166,6 @@ void AccumulateInt32(const float* src, int64_t count, bool first, int32_t* acc);
 // a[i] += b[i] for `count` elements (a and b must not overlap), vectorized:
 // the bias / x3 / residual additions of the kernels' row epilogues.
 void AddInPlace(float* a, const float* b, int64_t count);
-
-// values[i] = float(round_to_dtype(values[i])): the rounding a kernel step
-// applies when it writes an intermediate in the dtype and reads it back.
-// Throws UnsupportedDtype for a dtype other than float16/bfloat16/float32.
-void RoundInPlace(ffi::DataType type, float* values, int64_t count);
 
 // ceil(a / b) for a >= 0, b >= 1, without the overflow of (a + b - 1) / b
 // (an attribute near INT64_MAX would wrap to a negative or zero count).
@@ -177,6 +187,18 @@ inline std::string DimsToString(ffi::Span<const int64_t> dims) {
 
 inline ffi::Error InvalidArgument(const std::string& op, const std::string& what) {
   return ffi::Error::InvalidArgument(op + ": " + what);
+}
+
+// The dtype a handler stores a result rounded to `type` in (see
+// StoreRounded): `type`, or float32 with `bf16_as_f32`, which only a
+// bfloat16 result may ask for.
+inline ffi::Error StoredType(const std::string& op, ffi::DataType type, bool bf16_as_f32,
+                             ffi::DataType* stored) {
+  if (bf16_as_f32 && type != ffi::DataType::BF16) {
+    return InvalidArgument(op, "bf16_as_f32 needs a bfloat16 result");
+  }
+  *stored = bf16_as_f32 ? ffi::DataType::F32 : type;
+  return ffi::Error::Success();
 }
 
 // A set of dtypes.

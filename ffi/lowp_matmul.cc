@@ -238,7 +238,8 @@ struct LowpArgs {
   const float* bias = nullptr;     // optional
   const void* x3 = nullptr;        // optional
   ffi::DataType x3_type = ffi::DataType::F32;
-  ffi::DataType out_type;
+  ffi::DataType out_type;  // the result's dtype
+  ffi::DataType stored;    // out's: out_type, or float32 (bf16_as_f32)
   void* out;
 };
 
@@ -446,7 +447,7 @@ void OutputRow(const LowpArgs& p, int64_t row_index, const float* col_scale, flo
     RoundInPlace(p.out_type, row, n);
     AddInPlace(row, x3_row, n);
   }
-  StoreFromFloat(p.out_type, row, n, p.out, row_index * n);
+  StoreRounded(p.out_type, p.stored, row, n, p.out, row_index * n);
 }
 
 // The matmul itself, on checked operands with m, n, k >= 1. The decoding and
@@ -497,7 +498,8 @@ void RunLowpMatmul(const LowpArgs& p, const RowParallel& parallel) {
 ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer x2_scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              int64_t mode, bool transpose_x2, bool has_x1_scale, bool has_bias,
-                             bool has_x3, bool comm, int64_t block_k, int64_t parallelism) {
+                             bool has_x3, bool comm, int64_t block_k, bool bf16_as_f32,
+                             int64_t parallelism) {
   return CatchAtBoundary(kOp, [&]() -> ffi::Error {
     LowpArgs args;
     MC2_RETURN_IF_ERROR(CheckLowpConfig(x1, x2, *out, mode, transpose_x2, has_x1_scale, has_bias,
@@ -505,11 +507,16 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
     MC2_RETURN_IF_ERROR(ParseLowpShape(x1, x2, *out, args));
     MC2_RETURN_IF_ERROR(
         ReadLowpScalesAndOptionals(x2_scale, extra, has_x1_scale, has_bias, has_x3, args));
+    // With bf16_as_f32 the float32 out holds bfloat16 values (never the wire).
+    args.out_type = bf16_as_f32 && !comm ? ffi::DataType::BF16 : out->element_type();
+    MC2_RETURN_IF_ERROR(StoredType(kOp, args.out_type, bf16_as_f32, &args.stored));
+    if (out->element_type() != args.stored) {
+      return InvalidArgument(kOp, "bf16_as_f32 needs a float32 out and no communication");
+    }
     if (args.m == 0 || args.n == 0) return ffi::Error::Success();
     MC2_RETURN_IF_ERROR(CheckBlasDims(kOp, {{"k", args.k}, {"n", args.n}}));
     args.x1 = static_cast<const uint8_t*>(x1.untyped_data());
     args.x2 = static_cast<const uint8_t*>(x2.untyped_data());
-    args.out_type = out->element_type();
     args.out = out->untyped_data();
     const int threads = BlasThreads(parallelism);
     BlasThreadsScope blas_threads(threads);
@@ -534,6 +541,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2LowpMatmulHandler, Mc2LowpMatmulImpl,
                                   .Attr<bool>("has_x3")
                                   .Attr<bool>("comm")
                                   .Attr<int64_t>("block_k")
+                                  .Attr<bool>("bf16_as_f32")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

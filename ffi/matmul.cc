@@ -102,6 +102,7 @@ struct MatmulArgs {
   const void* bias = nullptr;  // optional
   const void* x3 = nullptr;    // optional
   void* out;
+  ffi::DataType stored;  // out's dtype: dtype, or float32 (bf16_as_f32)
 };
 
 // The antiquant scale and offset (the first optional operands).
@@ -141,10 +142,14 @@ ffi::Error ReadAntiquant(OptionalOperands& operands, ffi::DataType dtype, int64_
 ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
                            ffi::RemainingArgs extra, ffi::AnyBuffer& out, bool transpose_x2,
                            bool has_bias, bool has_x3, bool antiquant, bool has_offset,
-                           int64_t antiquant_group_size, MatmulArgs& args) {
+                           int64_t antiquant_group_size, bool bf16_as_f32, MatmulArgs& args) {
   const ffi::DataType dtype = x1.element_type();
   const ffi::DataType w_type = antiquant ? ffi::DataType::S8 : dtype;
-  if (!IsFloatType(dtype) || x2.element_type() != w_type || out.element_type() != dtype) {
+  MC2_RETURN_IF_ERROR(StoredType(kOp, dtype, bf16_as_f32, &args.stored));
+  if (bf16_as_f32 && out.element_type() != args.stored) {
+    return InvalidArgument(kOp, "bf16_as_f32 needs a float32 out");
+  }
+  if (!IsFloatType(dtype) || x2.element_type() != w_type || out.element_type() != args.stored) {
     return InvalidArgument(kOp, antiquant ? "x1 and out must share one float dtype, x2 int8"
                                           : "x1, x2 and out must share one float dtype");
   }
@@ -242,7 +247,7 @@ void RunMatmul(const MatmulArgs& p, const RowParallel& parallel) {
           LoadAsFloat(dtype, p.x3, (r0 + i) * n, n, x3_row.data());
           AddInPlace(row, x3_row.data(), n);
         }
-        if (!in_place) StoreFromFloat(dtype, row, n, p.out, (r0 + i) * n);
+        if (!in_place) StoreRounded(dtype, p.stored, row, n, p.out, (r0 + i) * n);
       }
     });
   }
@@ -251,11 +256,12 @@ void RunMatmul(const MatmulArgs& p, const RowParallel& parallel) {
 ffi::Error Mc2MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::RemainingArgs extra,
                          ffi::Result<ffi::AnyBuffer> out, bool transpose_x2, bool has_bias,
                          bool has_x3, bool antiquant, bool has_offset, int64_t antiquant_group_size,
-                         int64_t parallelism) {
+                         bool bf16_as_f32, int64_t parallelism) {
   return CatchAtBoundary(kOp, [&]() -> ffi::Error {
     MatmulArgs args;
     MC2_RETURN_IF_ERROR(ParseMatmulArgs(x1, x2, extra, *out, transpose_x2, has_bias, has_x3,
-                                        antiquant, has_offset, antiquant_group_size, args));
+                                        antiquant, has_offset, antiquant_group_size, bf16_as_f32,
+                                        args));
     bool work = false;
     MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
     if (!work) return ffi::Error::Success();
@@ -281,6 +287,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2MatmulHandler, Mc2MatmulImpl,
                                   .Attr<bool>("antiquant")
                                   .Attr<bool>("has_offset")
                                   .Attr<int64_t>("antiquant_group_size")
+                                  .Attr<bool>("bf16_as_f32")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

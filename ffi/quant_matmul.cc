@@ -108,6 +108,7 @@ struct Int8MatmulArgs {
   const void* x3 = nullptr;         // optional
   std::vector<float> comm_scale;    // empty without a comm scale
   void* out;
+  ffi::DataType stored;  // out's dtype: out_type, or float32 (bf16_as_f32)
 };
 
 // The scale, float32 with 1 or n elements, broadcast to n.
@@ -192,7 +193,7 @@ ffi::Error ReadInt8Optionals(ffi::RemainingArgs extra, bool has_pertoken, bool h
 ffi::Error ParseInt8MatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
                                const ffi::AnyBuffer& scale, ffi::RemainingArgs extra,
                                ffi::AnyBuffer& out, bool transpose_x2, bool has_pertoken,
-                               bool has_bias, bool has_x3, bool has_comm_scale,
+                               bool has_bias, bool has_x3, bool has_comm_scale, bool bf16_as_f32,
                                Int8MatmulArgs& args) {
   if (x1.element_type() != ffi::DataType::S8 || x2.element_type() != ffi::DataType::S8) {
     return InvalidArgument(kOp, "x1 and x2 must be int8");
@@ -200,7 +201,12 @@ ffi::Error ParseInt8MatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x
   MC2_RETURN_IF_ERROR(CheckOutType(out, has_comm_scale));
   MC2_RETURN_IF_ERROR(ParseMatmul(kOp, x1, x2, out, transpose_x2, args.shape));
   MC2_RETURN_IF_ERROR(ReadScale(scale, args));
-  args.out_type = out.element_type();
+  // With bf16_as_f32 the float32 out holds bfloat16 values (never with a comm scale).
+  args.out_type = bf16_as_f32 && !has_comm_scale ? ffi::DataType::BF16 : out.element_type();
+  MC2_RETURN_IF_ERROR(StoredType(kOp, args.out_type, bf16_as_f32, &args.stored));
+  if (out.element_type() != (has_comm_scale ? ffi::DataType::S8 : args.stored)) {
+    return InvalidArgument(kOp, "bf16_as_f32 needs a float32 out and no comm scale");
+  }
   MC2_RETURN_IF_ERROR(
       ReadInt8Optionals(extra, has_pertoken, has_bias, has_x3, has_comm_scale, out, args));
   args.transpose_x2 = transpose_x2;
@@ -228,7 +234,7 @@ void FinishRow(const Int8MatmulArgs& p, int64_t i, float* row, const int32_t* ac
     RoundInPlace(p.out_type, row, n);
     QuantizeForComm(row, p.comm_scale.data(), n, static_cast<int8_t*>(p.out) + i * n);
   } else {
-    StoreFromFloat(p.out_type, row, n, p.out, i * n);
+    StoreRounded(p.out_type, p.stored, row, n, p.out, i * n);
   }
 }
 
@@ -287,11 +293,11 @@ void RunInt8Matmul(const Int8MatmulArgs& p, const RowParallel& parallel) {
 ffi::Error Mc2Int8MatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffer scale,
                              ffi::RemainingArgs extra, ffi::Result<ffi::AnyBuffer> out,
                              bool transpose_x2, bool has_pertoken, bool has_bias, bool has_x3,
-                             bool has_comm_scale, int64_t parallelism) {
+                             bool has_comm_scale, bool bf16_as_f32, int64_t parallelism) {
   return CatchAtBoundary(kOp, [&]() -> ffi::Error {
     Int8MatmulArgs args;
     MC2_RETURN_IF_ERROR(ParseInt8MatmulArgs(x1, x2, scale, extra, *out, transpose_x2, has_pertoken,
-                                            has_bias, has_x3, has_comm_scale, args));
+                                            has_bias, has_x3, has_comm_scale, bf16_as_f32, args));
     bool work = false;
     MC2_RETURN_IF_ERROR(CheckMatmulWork(kOp, args.shape, x1, &work));
     if (!work) return ffi::Error::Success();
@@ -316,6 +322,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2Int8MatmulHandler, Mc2Int8MatmulImpl,
                                   .Attr<bool>("has_bias")
                                   .Attr<bool>("has_x3")
                                   .Attr<bool>("has_comm_scale")
+                                  .Attr<bool>("bf16_as_f32")
                                   .Attr<int64_t>("parallelism"));
 
 }  // namespace jax_mc2

@@ -32,6 +32,7 @@ def _matmul_attrs(**overrides):
         antiquant=False,
         has_offset=False,
         antiquant_group_size=np.int64(0),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
     attrs.update(overrides)
@@ -72,6 +73,7 @@ def test_lowp_mode_outside_the_table_is_an_error():
             has_x3=False,
             comm=False,
             block_k=np.int64(128),
+            bf16_as_f32=False,
             parallelism=np.int64(1),
         )
 
@@ -118,6 +120,7 @@ def test_int8_matmul_unsupported_dtype():
             has_bias=False,
             has_x3=False,
             has_comm_scale=False,
+            bf16_as_f32=False,
             parallelism=np.int64(1),
         )
 
@@ -136,6 +139,7 @@ def test_int8_matmul_comm_scale_dtype():
             has_bias=False,
             has_x3=False,
             has_comm_scale=True,
+            bf16_as_f32=False,
             parallelism=np.int64(1),
         )
 
@@ -248,6 +252,7 @@ def _lowp(x1, x2, x2_scale, *extra, out_dtype=F32, has_x3=False):
         has_x3=has_x3,
         comm=False,
         block_k=np.int64(128),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
 
@@ -307,6 +312,7 @@ def test_lowp_perblock_huge_block_k_is_one_block():
         has_x3=False,
         comm=False,
         block_k=np.int64(2**63 - 1),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
     out = jax.ShapeDtypeStruct((4, 4), F32)

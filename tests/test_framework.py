@@ -158,6 +158,7 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
         antiquant=False,
         has_offset=False,
         antiquant_group_size=np.int64(0),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
 
@@ -173,6 +174,7 @@ def _raw_int8(x2_dtype, scale):
         has_bias=False,
         has_x3=False,
         has_comm_scale=False,
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
 
@@ -191,6 +193,7 @@ def _raw_lowp(x2_scale, *, mode):
         has_x3=False,
         comm=False,
         block_k=np.int64(0),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
 

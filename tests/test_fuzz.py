@@ -704,6 +704,7 @@ def _matmul_attrs(**overrides):
         antiquant=False,
         has_offset=False,
         antiquant_group_size=np.int64(0),
+        bf16_as_f32=False,
         parallelism=np.int64(1),
     )
     attrs.update(overrides)

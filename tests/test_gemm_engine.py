@@ -237,7 +237,12 @@ def test_openblas_jobs_run_in_the_callers_floating_point_mode(dtype):
     def matmul(a, b):
         # parallelism 1: OpenBLAS takes every core, so the GEMM is split.
         attrs = dict(transpose_x2=False, has_bias=False, has_x3=False, antiquant=False)
-        attrs.update(has_offset=False, antiquant_group_size=np.int64(0), parallelism=np.int64(1))
+        attrs.update(
+            has_offset=False,
+            antiquant_group_size=np.int64(0),
+            bf16_as_f32=False,
+            parallelism=np.int64(1),
+        )
         a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(a, b, **attrs)).astype(np.float32)
 

@@ -47,7 +47,8 @@ def _both(target, out, *operands, aliases=None, **attrs):
 
 def _matmul_attrs(**flags):
     attrs = dict(transpose_x2=False, has_bias=False, has_x3=False, antiquant=False)
-    return attrs | dict(has_offset=False, antiquant_group_size=np.int64(0)) | flags
+    attrs |= dict(has_offset=False, antiquant_group_size=np.int64(0), bf16_as_f32=False)
+    return attrs | flags
 
 
 def _ints(rng, shape, dtype, bound=8):
@@ -122,6 +123,7 @@ def test_add_rms_norm(dtype, inplace):
 def _lowp(mode, *operands, **flags):
     """mc2_lowp_matmul_ffi split and serial, bfloat16 out."""
     attrs = dict(mode=np.int64(_mc2_ffi.lowp_modes()[mode]), comm=False, block_k=np.int64(128))
+    attrs["bf16_as_f32"] = False
     out = jax.ShapeDtypeStruct((M, N), jnp.bfloat16)
     return _both(_ffi.LOWP_MATMUL, out, *operands, **attrs, **flags)
 
@@ -165,6 +167,7 @@ def test_int8_matmul_with_pertoken_bias_and_x3(k, transpose_x2):
     x3 = rng.standard_normal((M, N)).astype(np.float16)
 
     flags = dict(has_pertoken=True, has_bias=True, has_x3=True, has_comm_scale=False)
+    flags["bf16_as_f32"] = False
     out = jax.ShapeDtypeStruct((M, N), np.float16)
     operands = (x1, x2, scale, pertoken, bias, x3)
     _both(_ffi.INT8_MATMUL, out, *operands, transpose_x2=transpose_x2, **flags)

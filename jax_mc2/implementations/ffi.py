@@ -152,30 +152,48 @@ SPLIT_ALL_REDUCE_MIN_ELEMENTS = (1 << 21) + 1
 FLOAT16_SPLIT_MIN_ELEMENTS = 1 << 15
 
 
-def all_reduce(x, axis_name):
-    """The ``ffi`` implementation's all-reduce over ``axis_name`` (CPU): the
-    same values as ``lax.psum`` in x's dtype, bit for bit (docs/semantics.md
-    §10.5). XLA:CPU sums a bfloat16 all-reduce in float32 in rank order and
-    rounds once, and a float16 one in float16, rank by rank, in one loop
-    over the elements. Large arrays whose size the ranks divide take the
-    same sums in a faster shape: bfloat16 (from
-    :data:`SPLIT_ALL_REDUCE_MIN_ELEMENTS`) as a float32 reduce-scatter and a
-    bfloat16 all-gather, float16 (from :data:`FLOAT16_SPLIT_MIN_ELEMENTS`)
-    as :func:`_float16_all_reduce`. Other dtypes and sizes take ``lax.psum``
-    itself."""
+def bf16_as_f32(dtype, axis_name) -> bool:
+    """Whether a one-rank result in ``dtype`` headed for :func:`all_reduce`
+    over ``axis_name`` is better written as float32 holding the rounded
+    bfloat16 values (the custom calls' ``bf16_as_f32``): bfloat16 over two
+    ranks or more, whose all-reduce XLA:CPU sums in float32 from a float32
+    copy of its operand, a pass over the array that a float32 result does not
+    need (docs/semantics.md §10.5)."""
+    return (
+        bool(axis_name)
+        and np.dtype(dtype) == np.dtype(jnp.bfloat16)
+        and int(lax.axis_size(axis_name)) > 1
+    )
+
+
+def all_reduce(x, axis_name, dtype=None):
+    """The ``ffi`` implementation's all-reduce over ``axis_name`` (CPU) of a
+    result in ``dtype`` (default: x's): the same values as ``lax.psum`` in
+    that dtype, bit for bit (docs/semantics.md §10.5). x is in ``dtype``, or
+    for bfloat16 float32 holding bfloat16 values (:func:`bf16_as_f32`).
+    XLA:CPU sums a bfloat16 all-reduce in float32 in rank order and rounds
+    once, and a float16 one in float16, rank by rank, in one loop over the
+    elements. Large arrays whose size the ranks divide take the same sums in
+    a faster shape: bfloat16 (from :data:`SPLIT_ALL_REDUCE_MIN_ELEMENTS`) as
+    a float32 reduce-scatter and a bfloat16 all-gather, float16 (from
+    :data:`FLOAT16_SPLIT_MIN_ELEMENTS`) as :func:`_float16_all_reduce`.
+    Other dtypes and sizes take ``lax.psum`` itself."""
+    dtype = np.dtype(x.dtype if dtype is None else dtype)
+    widened = np.dtype(x.dtype) != dtype
+    if widened and (dtype != np.dtype(jnp.bfloat16) or np.dtype(x.dtype) != np.dtype(jnp.float32)):
+        raise TypeError(f"all_reduce: a {dtype} result held as {x.dtype}")
     if not axis_name:
-        return x
+        return x.astype(dtype) if widened else x
     x = _compat.varying_over(x, axis_name)
     ranks = int(lax.axis_size(axis_name))
-    dtype = np.dtype(x.dtype)
     if ranks == 1 or x.size % ranks:
-        return lax.psum(x, axis_name)
+        return lax.psum(x, axis_name).astype(dtype)
     if dtype == np.dtype(jnp.float16) and x.size >= FLOAT16_SPLIT_MIN_ELEMENTS:
         return _float16_all_reduce(x, axis_name, ranks)
     if dtype != np.dtype(jnp.bfloat16) or x.size < SPLIT_ALL_REDUCE_MIN_ELEMENTS:
-        return lax.psum(x, axis_name)
+        return lax.psum(x, axis_name).astype(dtype)
     wide = x.reshape(ranks, -1).astype(jnp.float32)
-    part = lax.psum_scatter(wide, axis_name, scatter_dimension=0).astype(x.dtype)
+    part = lax.psum_scatter(wide, axis_name, scatter_dimension=0).astype(dtype)
     return lax.all_gather(part, axis_name).reshape(x.shape)
 
 
@@ -198,9 +216,10 @@ def _float16_all_reduce(x, axis_name, ranks: int):
     return lax.all_gather(total, axis_name).reshape(x.shape)
 
 
-def reducer(axis_name):
-    """:func:`all_reduce` over ``axis_name``, as a function of the array."""
-    return functools.partial(all_reduce, axis_name=axis_name)
+def reducer(axis_name, dtype=None):
+    """:func:`all_reduce` over ``axis_name`` of a result in ``dtype``, as a
+    function of the array."""
+    return functools.partial(all_reduce, axis_name=axis_name, dtype=dtype)
 
 
 def matmul(
@@ -214,10 +233,13 @@ def matmul(
     antiquant_scale=None,
     antiquant_offset=None,
     antiquant_group_size: int = 0,
+    bf16_as_f32: bool = False,
 ):
     """``round(x1 @ w + bias + x3)`` on one rank (custom call ``mc2_matmul_ffi``;
     without antiquant and where :func:`gemm_engine` picks XLA's GEMM, XLA's
     ``dot_general`` with fp32 accumulation and the epilogue in lax ops).
+    With ``bf16_as_f32`` (bfloat16 x1) the bfloat16 result is returned as
+    float32 (:func:`bf16_as_f32`).
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
     x3: the output shape. w is x2, or with ``antiquant_scale`` the int8 x2
@@ -227,9 +249,10 @@ def matmul(
     if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1], parallelism) == XLA_DOT:
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
         # epilogue (bias, x3, rounding) fuses into XLA's output pass.
-        return xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
+        y = xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
+        return y.astype(jnp.float32) if bf16_as_f32 else y
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
-    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), x1.dtype)
+    out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), jnp.float32 if bf16_as_f32 else x1.dtype)
     operands = [x1, x2]
     operands += [a for a in (antiquant_scale, antiquant_offset, bias, x3) if a is not None]
     return jax.ffi.ffi_call(MATMUL, out)(
@@ -240,6 +263,7 @@ def matmul(
         antiquant=antiquant_scale is not None,
         has_offset=antiquant_offset is not None,
         antiquant_group_size=np.int64(antiquant_group_size),
+        bf16_as_f32=bool(bf16_as_f32),
         parallelism=np.int64(parallelism),
     )
 
@@ -252,13 +276,27 @@ def matmul_all_reduce(
     in ``comm_turn`` row chunks. Shapes as in :func:`matmul`; ``antiquant``:
     its ``antiquant_scale`` / ``antiquant_offset`` / ``antiquant_group_size``."""
 
+    wide = bf16_as_f32(x1.dtype, axis_name)
+
     def local(x1_c, x3_c):
         return matmul(
-            x1_c, x2, bias, x3_c, transpose_x2=transpose_x2, parallelism=parallelism, **antiquant
+            x1_c,
+            x2,
+            bias,
+            x3_c,
+            transpose_x2=transpose_x2,
+            parallelism=parallelism,
+            bf16_as_f32=wide,
+            **antiquant,
         )
 
     return xla.chunked_matmul_all_reduce(
-        local, x1, x3, axis_name=axis_name, comm_turn=comm_turn, reduce=reducer(axis_name)
+        local,
+        x1,
+        x3,
+        axis_name=axis_name,
+        comm_turn=comm_turn,
+        reduce=reducer(axis_name, x1.dtype),
     )
 
 
@@ -294,6 +332,7 @@ def int8_matmul(
     transpose_x2,
     parallelism,
     comm_scale=None,
+    bf16_as_f32: bool = False,
 ):
     """``round(round(f32(x1 @ x2 + bias) * scale * pertoken) + x3)`` on one rank
     (custom call ``mc2_int8_matmul_ffi``; where :func:`gemm_engine` picks
@@ -305,11 +344,13 @@ def int8_matmul(
     x3: the output shape in ``out_dtype``. With ``comm_scale`` ([n],
     ``out_dtype``) the result is quantized for the int8 low-bit
     communication, ``int8(fp16(out / comm_scale))``, and returned as int8.
+    Without it, ``bf16_as_f32`` returns a bfloat16 result as float32
+    (:func:`bf16_as_f32`).
     """
     if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
         # The epilogue fuses into XLA's output pass, which a custom call after
         # XLA's dot ran slower than (docs/semantics.md §12).
-        return xla.local_int8_matmul(
+        y = xla.local_int8_matmul(
             x1,
             x2,
             scale,
@@ -320,8 +361,9 @@ def int8_matmul(
             out_dtype=out_dtype,
             comm_scale=comm_scale,
         )
+        return y.astype(jnp.float32) if bf16_as_f32 else y
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
-    dtype = jax.numpy.int8 if comm_scale is not None else out_dtype
+    dtype = jnp.int8 if comm_scale is not None else jnp.float32 if bf16_as_f32 else out_dtype
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), dtype)
     optional = [a for a in (pertoken, bias, x3, comm_scale) if a is not None]
     flags = dict(
@@ -337,6 +379,7 @@ def int8_matmul(
         *optional,
         transpose_x2=bool(transpose_x2),
         **flags,
+        bf16_as_f32=bool(bf16_as_f32),
         parallelism=np.int64(parallelism),
     )
 
@@ -413,6 +456,7 @@ def lowp_matmul(
     comm: bool,
     block_k: int,
     parallelism: int,
+    bf16_as_f32: bool = False,
 ):
     """One rank's fp8 / hifloat8 / MX matmul + dequant (custom call
     ``mc2_lowp_matmul_ffi``; see ffi/lowp_matmul.cc for the modes).
@@ -423,11 +467,13 @@ def lowp_matmul(
     1 (perblock): x2_scale float32 [kb, n], x1_scale float32 [m, kb] per
     ``block_k`` rows of k; 2 (MX): float8_e8m0fnu [n, kb32] and [m, kb32].
     bias: float32 [n]; x3: [m, n] of a float dtype. With ``comm`` the result
-    is the fp8 pertile communication wire, float8_e4m3fn [m, n + 4 * ceil(n / 128)].
+    is the fp8 pertile communication wire, float8_e4m3fn [m, n + 4 * ceil(n / 128)];
+    without, ``bf16_as_f32`` returns a bfloat16 result as float32
+    (:func:`bf16_as_f32`).
     """
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     width = n + 4 * (-(-n // 128)) if comm else n
-    dtype = jax.numpy.float8_e4m3fn if comm else out_dtype
+    dtype = jnp.float8_e4m3fn if comm else jnp.float32 if bf16_as_f32 else out_dtype
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], width), dtype)
     operands = [x1, x2, x2_scale] + [a for a in (x1_scale, bias, x3) if a is not None]
     return jax.ffi.ffi_call(LOWP_MATMUL, out)(
@@ -439,6 +485,7 @@ def lowp_matmul(
         has_x3=x3 is not None,
         comm=bool(comm),
         block_k=np.int64(block_k),
+        bf16_as_f32=bool(bf16_as_f32),
         parallelism=np.int64(parallelism),
     )
 

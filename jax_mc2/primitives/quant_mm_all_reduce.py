@@ -254,8 +254,20 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
 
 def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallelism, **params):
     del op
-    local = functools.partial(ffi.int8_matmul, transpose_x2=transpose_x2, parallelism=parallelism)
-    reduce = ffi.reducer(axis_name)
+    out_dtype = _out_dtype(operands[2])  # the dequant scale's
+    wide = ffi.bf16_as_f32(out_dtype, axis_name)
+
+    def local(*args, comm_scale, **kw):
+        return ffi.int8_matmul(
+            *args,
+            comm_scale=comm_scale,
+            transpose_x2=transpose_x2,
+            parallelism=parallelism,
+            bf16_as_f32=wide and comm_scale is None,
+            **kw,
+        )
+
+    reduce = ffi.reducer(axis_name, out_dtype)
     return _composition(local, operands, _flags(params), axis_name, comm_turn, reduce)
 
 
