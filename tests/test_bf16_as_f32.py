@@ -106,22 +106,12 @@ def test_lowp_matmul():
     bias = jnp.asarray(rng.standard_normal(N), F32)
     x3 = jnp.asarray(_with_specials(rng.standard_normal((M, N))), BF16)
 
+    operands = (x1, x2, x2_scale, x1_scale, bias, x3)
+    mode = _mc2_ffi.lowp_modes()[lowp.PERTOKEN]
+    options = dict(transpose_x2=False, out_dtype=BF16, comm=False, block_k=128, parallelism=1)
+
     def call(wide):
-        return _ffi.lowp_matmul(
-            x1,
-            x2,
-            x2_scale,
-            x1_scale,
-            bias,
-            x3,
-            mode=_mc2_ffi.lowp_modes()[lowp.PERTOKEN],
-            transpose_x2=False,
-            out_dtype=BF16,
-            comm=False,
-            block_k=128,
-            parallelism=1,
-            bf16_as_f32=wide,
-        )
+        return _ffi.lowp_matmul(*operands, mode=mode, bf16_as_f32=wide, **options)
 
     got = _same_bits(call)
     assert np.isnan(got[0, 2]) and np.isinf(got[0, 0])
@@ -151,16 +141,9 @@ def test_only_a_bfloat16_result_may_be_widened():
         _handler(_ffi.INT8_MATMUL, np.int8, i1, i2, scale, comm_scale, has_comm_scale=True, **int8)
 
     e4m3 = ml_dtypes.float8_e4m3fn
-    lowp_attrs = dict(
-        mode=np.int64(_mc2_ffi.lowp_modes()[lowp.PERTOKEN]),
-        transpose_x2=False,
-        has_x1_scale=False,
-        has_bias=False,
-        has_x3=False,
-        block_k=np.int64(128),
-        bf16_as_f32=True,
-        parallelism=np.int64(1),
-    )
+    lowp_attrs = dict(mode=np.int64(_mc2_ffi.lowp_modes()[lowp.PERTOKEN]), transpose_x2=False)
+    lowp_attrs |= dict(has_x1_scale=False, has_bias=False, has_x3=False, block_k=np.int64(128))
+    lowp_attrs |= dict(bf16_as_f32=True, parallelism=np.int64(1))
     f1, f2 = np.ones((2, 4), e4m3), np.ones((4, 3), e4m3)
     with pytest.raises(Exception, match="mc2_lowp_matmul_ffi: bf16_as_f32 needs a float32 out"):
         _handler(_ffi.LOWP_MATMUL, BF16, f1, f2, np.ones(1, F32), comm=False, **lowp_attrs)
