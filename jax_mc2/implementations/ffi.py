@@ -152,7 +152,7 @@ SPLIT_ALL_REDUCE_MIN_ELEMENTS = (1 << 21) + 1
 FLOAT16_SPLIT_MIN_ELEMENTS = 1 << 15
 
 
-def bf16_as_f32(dtype, axis_name) -> bool:
+def widened_for_all_reduce(dtype, axis_name) -> bool:
     """Whether a one-rank result in ``dtype`` headed for :func:`all_reduce`
     over ``axis_name`` is better written as float32 holding the rounded
     bfloat16 values (the custom calls' ``bf16_as_f32``): bfloat16 over two
@@ -170,7 +170,7 @@ def all_reduce(x, axis_name, dtype=None):
     """The ``ffi`` implementation's all-reduce over ``axis_name`` (CPU) of a
     result in ``dtype`` (default: x's): the same values as ``lax.psum`` in
     that dtype, bit for bit (docs/semantics.md §10.5). x is in ``dtype``, or
-    for bfloat16 float32 holding bfloat16 values (:func:`bf16_as_f32`).
+    for bfloat16 float32 holding bfloat16 values (:func:`widened_for_all_reduce`).
     XLA:CPU sums a bfloat16 all-reduce in float32 in rank order and rounds
     once, and a float16 one in float16, rank by rank, in one loop over the
     elements. Large arrays whose size the ranks divide take the same sums in
@@ -239,7 +239,7 @@ def matmul(
     without antiquant and where :func:`gemm_engine` picks XLA's GEMM, XLA's
     ``dot_general`` with fp32 accumulation and the epilogue in lax ops).
     With ``bf16_as_f32`` (bfloat16 x1) the bfloat16 result is returned as
-    float32 (:func:`bf16_as_f32`).
+    float32 (:func:`widened_for_all_reduce`).
 
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2); bias: [n];
     x3: the output shape. w is x2, or with ``antiquant_scale`` the int8 x2
@@ -275,8 +275,7 @@ def matmul_all_reduce(
     :func:`all_reduce` (the ``ffi`` counterpart of ``xla.matmul_all_reduce``),
     in ``comm_turn`` row chunks. Shapes as in :func:`matmul`; ``antiquant``:
     its ``antiquant_scale`` / ``antiquant_offset`` / ``antiquant_group_size``."""
-
-    wide = bf16_as_f32(x1.dtype, axis_name)
+    wide = widened_for_all_reduce(x1.dtype, axis_name)
 
     def local(x1_c, x3_c):
         return matmul(
@@ -345,7 +344,7 @@ def int8_matmul(
     ``out_dtype``) the result is quantized for the int8 low-bit
     communication, ``int8(fp16(out / comm_scale))``, and returned as int8.
     Without it, ``bf16_as_f32`` returns a bfloat16 result as float32
-    (:func:`bf16_as_f32`).
+    (:func:`widened_for_all_reduce`).
     """
     if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
         # The epilogue fuses into XLA's output pass, which a custom call after
@@ -469,7 +468,7 @@ def lowp_matmul(
     bias: float32 [n]; x3: [m, n] of a float dtype. With ``comm`` the result
     is the fp8 pertile communication wire, float8_e4m3fn [m, n + 4 * ceil(n / 128)];
     without, ``bf16_as_f32`` returns a bfloat16 result as float32
-    (:func:`bf16_as_f32`).
+    (:func:`widened_for_all_reduce`).
     """
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
     width = n + 4 * (-(-n // 128)) if comm else n

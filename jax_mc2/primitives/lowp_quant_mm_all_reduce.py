@@ -621,7 +621,7 @@ _FFI_MODES = ffi.LOWP_MODES  # the kernel's modes, from the C++ module
 
 def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     transpose_x2, out_dtype = params["transpose_x2"], params["out_dtype"]
-    wide = ffi.bf16_as_f32(out_dtype, axis_name)
+    wide = ffi.widened_for_all_reduce(out_dtype, axis_name)
 
     def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
         if x3 is not None:

@@ -255,7 +255,7 @@ def _xla_composition(*operands, op, transpose_x2, axis_name, comm_turn, **params
 def _ffi_composition(*operands, op, transpose_x2, axis_name, comm_turn, parallelism, **params):
     del op
     out_dtype = _out_dtype(operands[2])  # the dequant scale's
-    wide = ffi.bf16_as_f32(out_dtype, axis_name)
+    wide = ffi.widened_for_all_reduce(out_dtype, axis_name)
 
     def local(*args, comm_scale, **kw):
         return ffi.int8_matmul(
