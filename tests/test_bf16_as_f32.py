@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jax_mc2 as mc2
-from jax_mc2 import _mc2_ffi
+from jax_mc2 import _mc2_ffi, quant
 from jax_mc2.implementations import ffi as _ffi
 from jax_mc2.primitives import lowp_quant_mm_all_reduce as lowp
 
@@ -198,11 +198,8 @@ def test_sharded_bfloat16_operators_widen(dtype, world, wide, monkeypatch):
     mesh = Mesh(np.array(jax.devices()[:world]), ("tp",))
     x1, x2 = jnp.zeros((8, 16), dtype), jnp.zeros((16, 8), dtype)
     i1, i2 = jnp.zeros((8, 16), jnp.int8), jnp.zeros((16, 8), jnp.int8)
-    scale = jnp.ones(8, BF16 if dtype == BF16 else jnp.float32)
-    if dtype != BF16:
-        from jax_mc2 import quant
-
-        scale = quant.trans_quant_param(np.ones(8, F32))
+    # The dequant scale sets the int8 output dtype: bfloat16, or packed words for float16.
+    scale = jnp.ones(8, BF16) if dtype == BF16 else quant.trans_quant_param(np.ones(8, F32))
 
     def lowered(fn, *args):
         sharded = jax.shard_map(
