@@ -159,6 +159,38 @@ def test_add_rms_norm_unsupported_dtype():
         )
 
 
+def test_custom_call_passes_each_attribute_in_the_type_its_handler_binds():
+    x = np.arange(16, dtype=F32).reshape(2, 8)
+    gamma = np.ones(8, F32)
+    out = jax.ShapeDtypeStruct((2, 8), F32)
+    # The handler binds float32 and int64: a Python float (float64) or an
+    # int32, passed as they are, do not match its signature.
+    with pytest.raises(Exception, match="Wrong scalar data type"):
+        _call(_ffi.ADD_RMS_NORM, (out, out), x, x, gamma, epsilon=1e-6, parallelism=np.int32(1))
+    results = [
+        jax.block_until_ready(
+            _ffi._custom_call(
+                _ffi.ADD_RMS_NORM, (out, out), x, x, gamma, epsilon=eps, parallelism=ranks
+            )
+        )
+        for eps, ranks in (
+            (1e-6, 1),
+            (np.float64(1e-6), np.int32(1)),
+            (np.float32(1e-6), np.int64(1)),
+        )
+    ]
+    for y, norm in results[1:]:
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(norm, results[0][1])
+
+
+def test_custom_call_refuses_an_attribute_type_it_does_not_map():
+    x = np.ones((2, 8), F32)
+    out = jax.ShapeDtypeStruct((2, 8), F32)
+    with pytest.raises(TypeError, match="mc2_add_rms_norm_ffi: attribute epsilon"):
+        _ffi._custom_call(_ffi.ADD_RMS_NORM, (out, out), x, x, x[0], epsilon=[1e-6], parallelism=1)
+
+
 def _grouped(x, w, offsets, src, dst, y_shape, y_dtype=F32, permute_out=False):
     y = jax.ShapeDtypeStruct(y_shape, y_dtype)
     p = jax.ShapeDtypeStruct((src.shape[0], x.shape[1]), x.dtype)

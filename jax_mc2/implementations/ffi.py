@@ -222,6 +222,26 @@ def reducer(axis_name, dtype=None):
     return functools.partial(all_reduce, axis_name=axis_name, dtype=dtype)
 
 
+def _custom_call(target: str, out, *operands, aliases=None, **attributes):
+    """``jax.ffi.ffi_call`` of ``target`` on ``operands``, with each attribute
+    in the type its C++ handler binds: bools (Python or NumPy) as bool, other
+    integers as int64, floats as float32, strings as they are. ``aliases``:
+    ``{operand index: result index}`` buffers shared in place."""
+    typed = {}
+    for name, value in attributes.items():
+        if isinstance(value, (bool, np.bool_)):
+            typed[name] = bool(value)
+        elif isinstance(value, (int, np.integer)):
+            typed[name] = np.int64(value)
+        elif isinstance(value, (float, np.floating)):
+            typed[name] = np.float32(value)
+        elif isinstance(value, str):
+            typed[name] = value
+        else:
+            raise TypeError(f"{target}: attribute {name} has unsupported type {type(value)}")
+    return jax.ffi.ffi_call(target, out, input_output_aliases=aliases)(*operands, **typed)
+
+
 def matmul(
     x1,
     x2,
@@ -255,16 +275,18 @@ def matmul(
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], n), jnp.float32 if bf16_as_f32 else x1.dtype)
     operands = [x1, x2]
     operands += [a for a in (antiquant_scale, antiquant_offset, bias, x3) if a is not None]
-    return jax.ffi.ffi_call(MATMUL, out)(
+    return _custom_call(
+        MATMUL,
+        out,
         *operands,
-        transpose_x2=bool(transpose_x2),
+        transpose_x2=transpose_x2,
         has_bias=bias is not None,
         has_x3=x3 is not None,
         antiquant=antiquant_scale is not None,
         has_offset=antiquant_offset is not None,
-        antiquant_group_size=np.int64(antiquant_group_size),
-        bf16_as_f32=bool(bf16_as_f32),
-        parallelism=np.int64(parallelism),
+        antiquant_group_size=antiquant_group_size,
+        bf16_as_f32=bf16_as_f32,
+        parallelism=parallelism,
     )
 
 
@@ -306,16 +328,15 @@ def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool, p
     ``parallelism``: the programs XLA runs at once, which share the cores.
     """
     out = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
-    return jax.ffi.ffi_call(
+    return _custom_call(
         ADD_RMS_NORM,
         (out, out),
-        input_output_aliases={1: 0} if alias_residual else None,
-    )(
         mm.reshape(residual.shape),
         residual,
         gamma,
-        epsilon=np.float32(epsilon),
-        parallelism=np.int64(parallelism),
+        aliases={1: 0} if alias_residual else None,
+        epsilon=float(epsilon),
+        parallelism=parallelism,
     )
 
 
@@ -371,15 +392,17 @@ def int8_matmul(
         has_x3=x3 is not None,
         has_comm_scale=comm_scale is not None,
     )
-    return jax.ffi.ffi_call(INT8_MATMUL, out)(
+    return _custom_call(
+        INT8_MATMUL,
+        out,
         x1,
         x2,
         scale,
         *optional,
-        transpose_x2=bool(transpose_x2),
+        transpose_x2=transpose_x2,
         **flags,
-        bf16_as_f32=bool(bf16_as_f32),
-        parallelism=np.int64(parallelism),
+        bf16_as_f32=bf16_as_f32,
+        parallelism=parallelism,
     )
 
 
@@ -410,15 +433,17 @@ def grouped_matmul(
     y = jax.ShapeDtypeStruct((out_rows, n), x.dtype)
     out_types = (y, jax.ShapeDtypeStruct((src_index.shape[0], x.shape[1]), x.dtype))
     i32 = jnp.int32  # int64 under jax_enable_x64 otherwise
-    return jax.ffi.ffi_call(GROUPED_MATMUL, out_types if permute_out else y)(
+    return _custom_call(
+        GROUPED_MATMUL,
+        out_types if permute_out else y,
         x,
         w,
         group_offsets.astype(i32),
         src_index.astype(i32),
         dst_index.astype(i32),
-        transpose_w=bool(transpose_w),
-        has_permute_out=bool(permute_out),
-        parallelism=np.int64(parallelism),
+        transpose_w=transpose_w,
+        has_permute_out=permute_out,
+        parallelism=parallelism,
     )
 
 
@@ -432,12 +457,14 @@ def grouped_matmul_wgrad(x, dy, group_offsets, *, transpose_w: bool, parallelism
     """
     groups, k, n = group_offsets.shape[0] - 1, x.shape[1], dy.shape[1]
     shape = (groups, n, k) if transpose_w else (groups, k, n)
-    return jax.ffi.ffi_call(GROUPED_MATMUL_WGRAD, jax.ShapeDtypeStruct(shape, x.dtype))(
+    return _custom_call(
+        GROUPED_MATMUL_WGRAD,
+        jax.ShapeDtypeStruct(shape, x.dtype),
         x,
         dy,
         group_offsets.astype(jnp.int32),
-        transpose_w=bool(transpose_w),
-        parallelism=np.int64(parallelism),
+        transpose_w=transpose_w,
+        parallelism=parallelism,
     )
 
 
@@ -475,17 +502,19 @@ def lowp_matmul(
     dtype = jnp.float8_e4m3fn if comm else jnp.float32 if bf16_as_f32 else out_dtype
     out = jax.ShapeDtypeStruct((*x1.shape[:-1], width), dtype)
     operands = [x1, x2, x2_scale] + [a for a in (x1_scale, bias, x3) if a is not None]
-    return jax.ffi.ffi_call(LOWP_MATMUL, out)(
+    return _custom_call(
+        LOWP_MATMUL,
+        out,
         *operands,
-        mode=np.int64(mode),
-        transpose_x2=bool(transpose_x2),
+        mode=mode,
+        transpose_x2=transpose_x2,
         has_x1_scale=x1_scale is not None,
         has_bias=bias is not None,
         has_x3=x3 is not None,
-        comm=bool(comm),
-        block_k=np.int64(block_k),
-        bf16_as_f32=bool(bf16_as_f32),
-        parallelism=np.int64(parallelism),
+        comm=comm,
+        block_k=block_k,
+        bf16_as_f32=bf16_as_f32,
+        parallelism=parallelism,
     )
 
 
@@ -499,13 +528,15 @@ def check_counts(
     differ from ``derived`` (what the peers send), or when ``total`` (the
     rows the send counts lay out) exceeds ``rows`` (>= 0)."""
     out = jax.ShapeDtypeStruct(used.shape, jnp.int32)
-    return jax.ffi.ffi_call(CHECK_COUNTS, out)(
+    return _custom_call(
+        CHECK_COUNTS,
+        out,
         given.astype(jnp.int32),
         derived.astype(jnp.int32),
         jnp.reshape(total, (-1,)).astype(jnp.int32),
         used.astype(jnp.int32),
-        op=str(op),
-        check_recv=bool(check_recv),
-        rows=np.int64(rows),
-        per_rank=np.int64(per_rank),
+        op=op,
+        check_recv=check_recv,
+        rows=rows,
+        per_rank=per_rank,
     )
