@@ -19,6 +19,7 @@ import sys
 COLOURS = {
     "ffi": "#1f77b4",
     "xla": "#ff7f0e",
+    "unfused jnp (again)": "#c7c7c7",
     "int8 dot_general": "#7f7f7f",
     "prescaled jnp": "#bcbd22",
     "ffi grouped matmul kernel": "#17becf",

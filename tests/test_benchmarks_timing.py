@@ -47,3 +47,31 @@ def test_short_cases_sample_for_the_minimum_time(monkeypatch):
     run.time_interleaved(_recording(["a", "b"], calls), (1,), repeat=1)
     # Fast functions: sampling continues until MAX_ROUNDS.
     assert len(calls) == 2 * 2 + 7 * 2
+
+
+def test_twin_is_a_function_of_its_own_with_the_same_results():
+    def unfused(x):
+        return x * 2
+
+    fns = run.with_twin({"ffi": abs, "unfused jnp": unfused})
+    assert list(fns) == ["ffi", "unfused jnp", run.TWIN]
+    twin = fns[run.TWIN]
+    assert twin is not unfused and twin(3) == unfused(3) == 6
+
+
+def test_every_operator_case_times_the_twin(monkeypatch):
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(run, "MIN_SAMPLING_S", 0.0)
+    cases = [
+        run.mm_case,
+        run.norm_case,
+        run.quant_case,
+        run._lowp("pertoken"),
+        run._lowp("perblock"),
+        run._lowp("mx"),
+    ]
+    for case in cases:
+        times = case(128, 128, 128, jnp.bfloat16, 1, ["xla"], 1)
+        assert {"xla", "unfused jnp", run.TWIN} <= set(times), case
+        assert all(ms > 0 for ms in times.values())
