@@ -25,7 +25,7 @@ from jax_mc2.implementations import xla
 #: setting) before they sleep, instead of its default 2^28: spinning threads
 #: took the cores from the XLA work that followed an ffi kernel (measured in
 #: docs/benchmarks.md). OpenBLAS's parallel jobs now run on jax_mc2's own
-#: workers (ffi/blas_workers.cc), so its threads only idle after start-up.
+#: workers (ffi/workers.cc), so its threads only idle after start-up.
 #: Read by OpenBLAS when it loads; a value the user set wins.
 OPENBLAS_THREAD_TIMEOUT = "4"
 
