@@ -223,17 +223,40 @@ inline constexpr DtypeSet kFloatTypes = {ffi::DataType::F32, ffi::DataType::F16,
 
 // What an operand must be: a dtype of `dtypes`; with `rank` >= 0, that rank;
 // each of `dims` (the first `rank` entries) that is >= 0, that size; with
-// `count` >= 0, that many elements.
+// `count` >= 0, that many elements; with `rows_of`, the leading dimensions
+// of `rows_of` and a last dimension of `last` (see RowsBy).
 struct BufferSpec {
   DtypeSet dtypes;
   int64_t count = -1;
   int rank = -1;
   std::array<int64_t, 4> dims = {-1, -1, -1, -1};
+  const ffi::AnyBuffer* rows_of = nullptr;
+  int64_t last = -1;
 };
+
+// An operand [..., n] of a dtype of `dtypes` with the leading dimensions of
+// x1 [..., k]: the shape of a matmul's output (an x3). The same element
+// count in another shape is an error.
+inline BufferSpec RowsBy(DtypeSet dtypes, const ffi::AnyBuffer& x1, int64_t n) {
+  return BufferSpec{dtypes, -1, -1, {-1, -1, -1, -1}, &x1, n};
+}
+
+// Whether dims [..., last] has the leading dimensions of x1_dims [..., k].
+template <typename A, typename B>
+bool SameRows(const A& x1_dims, const B& dims, int64_t last) {
+  if (x1_dims.size() != dims.size() || dims.size() == 0 || dims.back() != last) return false;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) {
+    if (x1_dims[i] != dims[i]) return false;
+  }
+  return true;
+}
 
 inline bool Matches(const ffi::AnyBuffer& b, const BufferSpec& spec) {
   if (!spec.dtypes.Contains(b.element_type())) return false;
   if (spec.count >= 0 && static_cast<int64_t>(b.element_count()) != spec.count) return false;
+  if (spec.rows_of != nullptr && !SameRows(spec.rows_of->dimensions(), b.dimensions(), spec.last)) {
+    return false;
+  }
   if (spec.rank < 0) return true;
   auto dims = b.dimensions();
   if (static_cast<int64_t>(dims.size()) != spec.rank) return false;
@@ -359,8 +382,7 @@ inline ffi::Error ParseMatmul(const std::string& op, const ffi::AnyBuffer& x1,
   for (size_t i = 0; i + 1 < x1_dims.size(); ++i) shape.m *= x1_dims[i];
   shape.n = transpose_x2 ? x2_dims[0] : x2_dims[1];
   const int64_t x2_k = transpose_x2 ? x2_dims[1] : x2_dims[0];
-  if (x2_k != shape.k || static_cast<int64_t>(out.element_count()) != shape.m * shape.n ||
-      out_dims.back() != shape.n) {
+  if (x2_k != shape.k || !SameRows(x1_dims, out_dims, shape.n)) {
     return InvalidArgument(op, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
                                    ", x2 " + DimsToString(x2_dims) + ", out " +
                                    DimsToString(out_dims));

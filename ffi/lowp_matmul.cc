@@ -299,8 +299,7 @@ ffi::Error ParseLowpShape(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   const int64_t n = transpose_x2 ? x2_dims[0] : x2_dims[1];
   const int64_t tiles = (n + kCommTile - 1) / kCommTile;
   const int64_t width = args.comm ? n + 4 * tiles : n;
-  if ((transpose_x2 ? x2_dims[1] : x2_dims[0]) != k || out_dims.back() != width ||
-      static_cast<int64_t>(out.element_count()) != m * width) {
+  if ((transpose_x2 ? x2_dims[1] : x2_dims[0]) != k || !SameRows(x1_dims, out_dims, width)) {
     return InvalidArgument(kOp, "shapes do not form a matmul: x1 " + DimsToString(x1_dims) +
                                     ", x2 " + DimsToString(x2_dims) + ", out " +
                                     DimsToString(out_dims));
@@ -315,10 +314,11 @@ ffi::Error ParseLowpShape(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   return ffi::Error::Success();
 }
 
-// `name` must have `count` elements of `type`.
-ffi::Error CheckCount(const char* name, const ffi::AnyBuffer& b, ffi::DataType type,
-                      int64_t count) {
-  return CheckBuffer(kOp, b, BufferSpec{type, count}, [&] {
+// `name` must have `count` elements of `type` (with `rank` >= 0, in that
+// many dimensions).
+ffi::Error CheckCount(const char* name, const ffi::AnyBuffer& b, ffi::DataType type, int64_t count,
+                      int rank = -1) {
+  return CheckBuffer(kOp, b, BufferSpec{type, count, rank}, [&] {
     return std::string(name) + " has the wrong dtype or size: expected " + std::to_string(count) +
            " elements, got " + DimsToString(b.dimensions());
   });
@@ -343,10 +343,11 @@ ScaleSpec X1ScaleSpec(const LowpArgs& a) {
 }
 
 // The scales: scaled f32 [1 or n] (+ [m]); perblock f32 [kb, n] (+ [m, kb]);
-// MX e8m0 [n, kb32] (+ [m, kb32]); then bias f32 [n] and x3 [m, n].
-ffi::Error ReadLowpScalesAndOptionals(const ffi::AnyBuffer& x2_scale, ffi::RemainingArgs extra,
-                                      bool has_x1_scale, bool has_bias, bool has_x3,
-                                      LowpArgs& args) {
+// MX e8m0 [n, kb32] (+ [m, kb32]); then bias f32 [n] and x3 [..., n] (x1's
+// leading dimensions).
+ffi::Error ReadLowpScalesAndOptionals(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2_scale,
+                                      ffi::RemainingArgs extra, bool has_x1_scale, bool has_bias,
+                                      bool has_x3, LowpArgs& args) {
   const int64_t m = args.m, n = args.n;
   args.s2_len = static_cast<int64_t>(x2_scale.element_count());
   if (args.mode == kScaled) {
@@ -372,11 +373,12 @@ ffi::Error ReadLowpScalesAndOptionals(const ffi::AnyBuffer& x2_scale, ffi::Remai
     return InvalidArgument(kOp, "MX needs x1 scales");
   }
   MC2_RETURN_IF_ERROR(operands.Next(has_bias, bias));
-  if (bias) MC2_RETURN_IF_ERROR(CheckCount("bias", *bias, ffi::DataType::F32, n));
+  if (bias) MC2_RETURN_IF_ERROR(CheckCount("bias", *bias, ffi::DataType::F32, n, 1));
   MC2_RETURN_IF_ERROR(operands.Next(
-      has_x3, BufferSpec{kFloatTypes, m * n},
+      has_x3, RowsBy(kFloatTypes, x1, n),
       [&] {
-        return "x3 must be a float array of m * n elements, got " + DimsToString(x3->dimensions());
+        return "x3 must be a float array of shape [..., n] with x1's leading dimensions, got " +
+               DimsToString(x3->dimensions());
       },
       x3));
   args.x1_scale = DataOrNull(s1);
@@ -506,7 +508,7 @@ ffi::Error Mc2LowpMatmulImpl(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::AnyBuffe
                                         block_k, comm, args));
     MC2_RETURN_IF_ERROR(ParseLowpShape(x1, x2, *out, args));
     MC2_RETURN_IF_ERROR(
-        ReadLowpScalesAndOptionals(x2_scale, extra, has_x1_scale, has_bias, has_x3, args));
+        ReadLowpScalesAndOptionals(x1, x2_scale, extra, has_x1_scale, has_bias, has_x3, args));
     // With bf16_as_f32 the float32 out holds bfloat16 values (never the wire).
     args.out_type = bf16_as_f32 && !comm ? ffi::DataType::BF16 : out->element_type();
     MC2_RETURN_IF_ERROR(StoredType(kOp, args.out_type, bf16_as_f32, &args.stored));

@@ -164,14 +164,14 @@ ffi::Error ParseMatmulArgs(const ffi::AnyBuffer& x1, const ffi::AnyBuffer& x2,
   }
   std::optional<ffi::AnyBuffer> bias, x3;
   MC2_RETURN_IF_ERROR(operands.Next(
-      has_bias, BufferSpec{dtype, n},
+      has_bias, BufferSpec{dtype, n, 1},
       [&] {
         return "bias must be (n,) = (" + std::to_string(n) + ",) of the x1 dtype, got " +
                DimsToString(bias->dimensions());
       },
       bias));
   MC2_RETURN_IF_ERROR(operands.Next(
-      has_x3, BufferSpec{dtype, m * n},
+      has_x3, RowsBy(dtype, x1, n),
       [&] {
         return "x3 must have the output shape " + DimsToString(out.dimensions()) + ", got " +
                DimsToString(x3->dimensions());

@@ -170,14 +170,14 @@ ffi::Error ReadInt8Optionals(ffi::RemainingArgs extra, bool has_pertoken, bool h
       },
       pertoken));
   MC2_RETURN_IF_ERROR(operands.Next(
-      has_bias, BufferSpec{ffi::DataType::S32, n},
+      has_bias, BufferSpec{ffi::DataType::S32, n, 1},
       [&] {
         return "bias must be int32 (n,) = (" + std::to_string(n) + ",), got " +
                DimsToString(bias->dimensions());
       },
       bias));
   MC2_RETURN_IF_ERROR(operands.Next(
-      has_x3, BufferSpec{args.out_type, m * n},
+      has_x3, RowsBy(args.out_type, out, n),
       [&] {
         return "x3 must have the output shape " + DimsToString(out.dimensions()) +
                " and dtype, got " + DimsToString(x3->dimensions());

@@ -107,6 +107,49 @@ def test_matmul_optional_operand_count_and_dtype():
         _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), np.float16), **_matmul_attrs(has_x3=True))
 
 
+def test_matmul_handlers_check_shapes_not_only_element_counts():
+    """An x3, bias or out with the right element count in another shape is an
+    error in the three matmul handlers, never read in the wrong layout."""
+    x1, x2 = np.ones((2, 4), F32), np.ones((4, 3), F32)
+    out = jax.ShapeDtypeStruct((2, 3), F32)
+    x3_transposed = np.ones((3, 2), F32)
+    with pytest.raises(Exception, match=r"x3 must have the output shape \(2, 3\), got \(3, 2\)"):
+        _call(_ffi.MATMUL, out, x1, x2, x3_transposed, **_matmul_attrs(has_x3=True))
+    with pytest.raises(
+        Exception, match=r"bias must be \(n,\) = \(3,\) of the x1 dtype, got \(1, 3\)"
+    ):
+        _call(_ffi.MATMUL, out, x1, x2, np.ones((1, 3), F32), **_matmul_attrs(has_bias=True))
+    with pytest.raises(Exception, match="shapes do not form a matmul"):
+        _call(
+            _ffi.MATMUL,
+            jax.ShapeDtypeStruct((3, 2, 3), F32),
+            np.ones((2, 3, 4), F32),
+            x2,
+            **_matmul_attrs(),
+        )
+    int8_attrs = dict(
+        transpose_x2=False,
+        has_pertoken=False,
+        has_bias=False,
+        has_x3=True,
+        has_comm_scale=False,
+        bf16_as_f32=False,
+        parallelism=np.int64(1),
+    )
+    i8 = np.ones((2, 4), np.int8), np.ones((4, 3), np.int8), np.ones(1, F32)
+    with pytest.raises(Exception, match=r"x3 must have the output shape \(2, 3\)"):
+        _call(_ffi.INT8_MATMUL, out, *i8, x3_transposed, **int8_attrs)
+    s2 = np.ones(1, F32)
+    e4 = np.ones((2, 4), E4M3), np.ones((4, 3), E4M3)
+    with pytest.raises(Exception, match=r"x3 must be a float array of shape \[\.\.\., n\]"):
+        _lowp(*e4, s2, x3_transposed, has_x3=True)
+    # The right shapes still compute: x1 @ x2 + x3.
+    got = _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), F32), **_matmul_attrs(has_x3=True))
+    np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), 5.0, F32))
+    got = _lowp(*e4, s2, np.ones((2, 3), F32), has_x3=True)
+    np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), 5.0, F32))
+
+
 def test_int8_matmul_unsupported_dtype():
     with pytest.raises(Exception, match="mc2_int8_matmul_ffi: x1 and x2 must be int8"):
         _call(
@@ -296,7 +339,7 @@ def test_lowp_matmul_unsupported_dtypes():
     x1, x2 = np.ones((2, 4), E4M3), np.ones((4, 3), E4M3)
     with pytest.raises(Exception, match="out must be float16, bfloat16 or float32"):
         _lowp(x1, x2, s2, out_dtype=I32)
-    with pytest.raises(Exception, match="x3 must be a float array of m \\* n elements"):
+    with pytest.raises(Exception, match=r"x3 must be a float array of shape \[\.\.\., n\]"):
         _lowp(x1, x2, s2, np.ones((2, 3), I32), has_x3=True)
 
 
