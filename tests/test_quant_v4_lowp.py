@@ -37,7 +37,7 @@ GS_MX = 32 | 1 << 16 | 1 << 32  # (1, 1, 32)
 def _hif8_values():
     """code -> value, by enumerating each Dot class of the HiFloat8 format:
     S | Dot | exponent field (sign bit + |E| without its leading 1) | mantissa."""
-    values = {0x00: 0.0, 0x80: np.nan, 0x6F: np.inf, 0xEF: -np.inf}
+    values = {0x00: 0.0, 0x6F: np.inf}  # the positive codes; the sign bit mirrors them
     # (Dot prefix, prefix length, exponent field bits, mantissa bits, |E| of field 0)
     classes = [(0b11, 2, 4, 1, 8), (0b10, 2, 3, 2, 4), (0b01, 2, 2, 3, 2), (0b001, 3, 1, 3, 1)]
     for dot, dot_len, ebits, mbits, base in classes:
@@ -56,8 +56,7 @@ def _hif8_values():
     table = np.zeros(256)
     for code, value in values.items():
         table[code] = value
-        if code not in (0x00, 0x80):
-            table[code | 0x80] = -value
+        table[code | 0x80] = np.nan if code == 0x00 else -value
     return table
 
 
@@ -71,7 +70,10 @@ def test_hif8_model_checkpoints():
     pins |= {0x7E: 2**-15, 0x07: 2**-16, 0x01: 2**-22}
     for code, value in pins.items():
         assert HIF8[code] == value and HIF8[code | 0x80] == -value
-    assert np.isnan(HIF8[0x80]) and HIF8[0x6F] == np.inf
+    assert np.isnan(HIF8[0x80]) and HIF8[0x6F] == np.inf and HIF8[0xEF] == -np.inf
+    # Every code but 0x00 / 0x80 is the negation of its positive twin.
+    positive = np.arange(1, 0x80)
+    np.testing.assert_array_equal(HIF8[positive | 0x80], -HIF8[positive])
 
 
 def decode(x, kind):
