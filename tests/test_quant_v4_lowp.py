@@ -976,6 +976,13 @@ INVALID = [
         TypeError,
         r"x1_scale must be perblock \(ceil\(m/128\), ceil\(k/128\)\) = \(2, 2\), got \(2, 3\)",
     ),
+    (  # a pertoken scale given as a column: the message names the 1-D form
+        (S((4, 64), F8), S((64, 8), F8), S((8,), jnp.float32)),
+        {"x1_scale": S((4, 1), jnp.float32)},
+        TypeError,
+        r"= \(1, 1\), got \(4, 1\); an x1_scale with x1's rank selects these rows, a pertoken "
+        r"one is 1-D \(m,\) = \(4,\)",
+    ),
     (
         (S((256, 256), F8), S((256, 384), F8), S((3, 2), jnp.float32)),
         {"x1_scale": S((2, 2), jnp.float32)},

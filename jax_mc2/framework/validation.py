@@ -57,10 +57,13 @@ def check_same_dtype(op: str, name: str, aval, ref_name: str, ref_aval) -> None:
         )
 
 
-def check_shape(op: str, name: str, aval, expected, rule: str) -> None:
+def check_shape(op: str, name: str, aval, expected, rule: str, hint: str = "") -> None:
+    """A TypeError unless ``aval`` has the shape ``expected`` (``rule`` says
+    how it is made; ``hint``, if any, ends the message)."""
     if tuple(aval.shape) != tuple(expected):
         raise type_error(
-            op, f"{name} must be {rule} = {shape_str(expected)}, got {shape_str(aval.shape)}"
+            op,
+            f"{name} must be {rule} = {shape_str(expected)}, got {shape_str(aval.shape)}{hint}",
         )
 
 

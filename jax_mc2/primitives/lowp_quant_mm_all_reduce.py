@@ -291,7 +291,10 @@ def _check_perblock(op, x1, x2_scale, x1_scale, bias, n, group_size, transpose_x
     else:
         want1 = (_ceil(m, BLOCK), kb)
         rule1 = "(ceil(m/128), ceil(k/128))"
-    validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}")
+    pertoken = (
+        f"; an x1_scale with x1's rank selects these rows, a pertoken one is 1-D (m,) = ({m},)"
+    )
+    validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}", pertoken)
     want2 = (nb, kb) if transpose_x2 else (kb, nb)
     rule2 = (
         "(ceil(n/128), ceil(k/128)) (transpose_x2)"
