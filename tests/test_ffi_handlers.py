@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from handler_attrs import int8_matmul_attrs, matmul_attrs
 
 from jax_mc2 import _mc2_ffi
 from jax_mc2.implementations import ffi as _ffi
@@ -22,21 +23,6 @@ E4M3 = ml_dtypes.float8_e4m3fn
 def _call(target, out, *operands, **attrs):
     result = jax.ffi.ffi_call(target, out)(*operands, **attrs)
     return jax.block_until_ready(result)
-
-
-def _matmul_attrs(**overrides):
-    attrs = dict(
-        transpose_x2=False,
-        has_bias=False,
-        has_x3=False,
-        antiquant=False,
-        has_offset=False,
-        antiquant_group_size=np.int64(0),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
-    )
-    attrs.update(overrides)
-    return attrs
 
 
 # --------------------------------------------------------------------------
@@ -92,7 +78,7 @@ def test_matmul_unsupported_dtype():
             jax.ShapeDtypeStruct((2, 3), I32),
             x,
             np.ones((4, 3), I32),
-            **_matmul_attrs(),
+            **matmul_attrs(),
         )
 
 
@@ -100,11 +86,11 @@ def test_matmul_optional_operand_count_and_dtype():
     x1, x2 = np.ones((2, 4), F32), np.ones((4, 3), F32)
     out = jax.ShapeDtypeStruct((2, 3), F32)
     with pytest.raises(Exception, match="expected 1 optional operands, got 0"):
-        _call(_ffi.MATMUL, out, x1, x2, **_matmul_attrs(has_bias=True))
+        _call(_ffi.MATMUL, out, x1, x2, **matmul_attrs(has_bias=True))
     with pytest.raises(Exception, match=r"bias must be \(n,\) = \(3,\) of the x1 dtype"):
-        _call(_ffi.MATMUL, out, x1, x2, np.ones(3, I32), **_matmul_attrs(has_bias=True))
+        _call(_ffi.MATMUL, out, x1, x2, np.ones(3, I32), **matmul_attrs(has_bias=True))
     with pytest.raises(Exception, match="x3 must have the output shape"):
-        _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), np.float16), **_matmul_attrs(has_x3=True))
+        _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), np.float16), **matmul_attrs(has_x3=True))
 
 
 def test_matmul_handlers_check_shapes_not_only_element_counts():
@@ -114,37 +100,28 @@ def test_matmul_handlers_check_shapes_not_only_element_counts():
     out = jax.ShapeDtypeStruct((2, 3), F32)
     x3_transposed = np.ones((3, 2), F32)
     with pytest.raises(Exception, match=r"x3 must have the output shape \(2, 3\), got \(3, 2\)"):
-        _call(_ffi.MATMUL, out, x1, x2, x3_transposed, **_matmul_attrs(has_x3=True))
+        _call(_ffi.MATMUL, out, x1, x2, x3_transposed, **matmul_attrs(has_x3=True))
     with pytest.raises(
         Exception, match=r"bias must be \(n,\) = \(3,\) of the x1 dtype, got \(1, 3\)"
     ):
-        _call(_ffi.MATMUL, out, x1, x2, np.ones((1, 3), F32), **_matmul_attrs(has_bias=True))
+        _call(_ffi.MATMUL, out, x1, x2, np.ones((1, 3), F32), **matmul_attrs(has_bias=True))
     with pytest.raises(Exception, match="shapes do not form a matmul"):
         _call(
             _ffi.MATMUL,
             jax.ShapeDtypeStruct((3, 2, 3), F32),
             np.ones((2, 3, 4), F32),
             x2,
-            **_matmul_attrs(),
+            **matmul_attrs(),
         )
-    int8_attrs = dict(
-        transpose_x2=False,
-        has_pertoken=False,
-        has_bias=False,
-        has_x3=True,
-        has_comm_scale=False,
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
-    )
     i8 = np.ones((2, 4), np.int8), np.ones((4, 3), np.int8), np.ones(1, F32)
     with pytest.raises(Exception, match=r"x3 must have the output shape \(2, 3\)"):
-        _call(_ffi.INT8_MATMUL, out, *i8, x3_transposed, **int8_attrs)
+        _call(_ffi.INT8_MATMUL, out, *i8, x3_transposed, **int8_matmul_attrs(has_x3=True))
     s2 = np.ones(1, F32)
     e4 = np.ones((2, 4), E4M3), np.ones((4, 3), E4M3)
     with pytest.raises(Exception, match=r"x3 must be a float array of shape \[\.\.\., n\]"):
         _lowp(*e4, s2, x3_transposed, has_x3=True)
     # The right shapes still compute: x1 @ x2 + x3.
-    got = _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), F32), **_matmul_attrs(has_x3=True))
+    got = _call(_ffi.MATMUL, out, x1, x2, np.ones((2, 3), F32), **matmul_attrs(has_x3=True))
     np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), 5.0, F32))
     got = _lowp(*e4, s2, np.ones((2, 3), F32), has_x3=True)
     np.testing.assert_array_equal(np.asarray(got), np.full((2, 3), 5.0, F32))
@@ -158,13 +135,7 @@ def test_int8_matmul_unsupported_dtype():
             np.ones((2, 4), F32),
             np.ones((4, 3), np.int8),
             np.ones(1, F32),
-            transpose_x2=False,
-            has_pertoken=False,
-            has_bias=False,
-            has_x3=False,
-            has_comm_scale=False,
-            bf16_as_f32=False,
-            parallelism=np.int64(1),
+            **int8_matmul_attrs(),
         )
 
 
@@ -177,13 +148,7 @@ def test_int8_matmul_comm_scale_dtype():
             np.ones((4, 3), np.int8),
             np.ones(1, F32),
             np.ones(3, F32),
-            transpose_x2=False,
-            has_pertoken=False,
-            has_bias=False,
-            has_x3=False,
-            has_comm_scale=True,
-            bf16_as_f32=False,
-            parallelism=np.int64(1),
+            **int8_matmul_attrs(has_comm_scale=True),
         )
 
 
@@ -358,7 +323,7 @@ def test_matmul_huge_antiquant_group_size_is_one_group():
     """(k + g - 1) / g wrapped to 0 scale rows for g near INT64_MAX, so an
     empty scale passed the size check and was read out of bounds."""
     x1, x2 = np.ones((4, 8), F32), np.ones((8, 4), np.int8)
-    attrs = _matmul_attrs(antiquant=True, antiquant_group_size=np.int64(2**63 - 1))
+    attrs = matmul_attrs(antiquant=True, antiquant_group_size=np.int64(2**63 - 1))
     out = jax.ShapeDtypeStruct((4, 4), F32)
     with pytest.raises(Exception, match="antiquant scale must have x1's dtype and 4 elements"):
         _call(_ffi.MATMUL, out, x1, x2, np.ones(0, F32), **attrs)
@@ -371,7 +336,7 @@ def test_matmul_huge_antiquant_group_size_is_one_group():
             x1,
             x2,
             np.ones(4, F32),
-            **_matmul_attrs(antiquant=True, antiquant_group_size=np.int64(-32)),
+            **matmul_attrs(antiquant=True, antiquant_group_size=np.int64(-32)),
         )
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
+from handler_attrs import int8_matmul_attrs, matmul_attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -152,14 +153,7 @@ def _raw_matmul(out_shape, *operands, transpose_x2=False, has_bias=False, has_x3
     out = jax.ShapeDtypeStruct(out_shape, operands[0].dtype)
     return jax.ffi.ffi_call(_ffi.MATMUL, out)(
         *operands,
-        transpose_x2=transpose_x2,
-        has_bias=has_bias,
-        has_x3=has_x3,
-        antiquant=False,
-        has_offset=False,
-        antiquant_group_size=np.int64(0),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
+        **matmul_attrs(transpose_x2=transpose_x2, has_bias=has_bias, has_x3=has_x3),
     )
 
 
@@ -169,13 +163,7 @@ def _raw_int8(x2_dtype, scale):
         np.ones((4, 8), np.int8),
         np.ones((8, 4), x2_dtype),
         scale,
-        transpose_x2=False,
-        has_pertoken=False,
-        has_bias=False,
-        has_x3=False,
-        has_comm_scale=False,
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
+        **int8_matmul_attrs(),
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import oracle
 import pytest
 from conftest import make_mesh
+from handler_attrs import matmul_attrs
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
@@ -696,21 +697,6 @@ def test_fuzz_quant_helpers(xs):
 # Direct FFI handler calls
 
 
-def _matmul_attrs(**overrides):
-    attrs = dict(
-        transpose_x2=False,
-        has_bias=False,
-        has_x3=False,
-        antiquant=False,
-        has_offset=False,
-        antiquant_group_size=np.int64(0),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
-    )
-    attrs.update(overrides)
-    return attrs
-
-
 def flush_subnormals(a):
     """``a`` with its bfloat16 / float32 subnormals flushed to (signed) zero,
     as the CPU kernels see them (docs/semantics.md §10.4)."""
@@ -750,7 +736,7 @@ def test_fuzz_ffi_handlers(d1, d2, mkn, bias_kind, t, handler, data):
         try:
             got = jax.block_until_ready(
                 jax.ffi.ffi_call(_ffi.MATMUL, jax.ShapeDtypeStruct((m, n), d1))(
-                    *operands, **_matmul_attrs(transpose_x2=t, has_bias=bias_kind is not None)
+                    *operands, **matmul_attrs(transpose_x2=t, has_bias=bias_kind is not None)
                 )
             )
         except Exception as e:  # the FFI error JAX surfaces
