@@ -980,8 +980,8 @@ INVALID = [
         (S((4, 64), F8), S((64, 8), F8), S((8,), jnp.float32)),
         {"x1_scale": S((4, 1), jnp.float32)},
         TypeError,
-        r"= \(1, 1\), got \(4, 1\); an x1_scale with x1's rank selects these rows, a pertoken "
-        r"one is 1-D \(m,\) = \(4,\)",
+        r"= \(1, 1\), got \(4, 1\); an x1_scale of 2 or more dimensions selects these rows, "
+        r"a pertoken one is 1-D \(m,\) = \(4,\)",
     ),
     (
         (S((256, 256), F8), S((256, 384), F8), S((3, 2), jnp.float32)),

@@ -292,7 +292,8 @@ def _check_perblock(op, x1, x2_scale, x1_scale, bias, n, group_size, transpose_x
         want1 = (_ceil(m, BLOCK), kb)
         rule1 = "(ceil(m/128), ceil(k/128))"
     pertoken = (
-        f"; an x1_scale with x1's rank selects these rows, a pertoken one is 1-D (m,) = ({m},)"
+        "; an x1_scale of 2 or more dimensions selects these rows, "
+        f"a pertoken one is 1-D (m,) = ({m},)"
     )
     validation.check_shape(op, "x1_scale", x1_scale, want1, f"perblock {rule1}", pertoken)
     want2 = (nb, kb) if transpose_x2 else (kb, nb)
