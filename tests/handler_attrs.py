@@ -35,3 +35,20 @@ def int8_matmul_attrs(**overrides):
         parallelism=np.int64(1),
     )
     return attrs | overrides
+
+
+def lowp_matmul_attrs(mode, **overrides):
+    """``mc2_lowp_matmul_ffi`` in the low-precision ``mode`` (the handler's
+    integer code): x2_scale alone, 128-wide k-blocks, on one thread."""
+    attrs = dict(
+        mode=np.int64(mode),
+        transpose_x2=False,
+        has_x1_scale=False,
+        has_bias=False,
+        has_x3=False,
+        comm=False,
+        block_k=np.int64(128),
+        bf16_as_f32=False,
+        parallelism=np.int64(1),
+    )
+    return attrs | overrides

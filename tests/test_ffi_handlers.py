@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from handler_attrs import int8_matmul_attrs, matmul_attrs
+from handler_attrs import int8_matmul_attrs, lowp_matmul_attrs, matmul_attrs
 
 from jax_mc2 import _mc2_ffi
 from jax_mc2.implementations import ffi as _ffi
@@ -52,15 +52,7 @@ def test_lowp_mode_outside_the_table_is_an_error():
             x1,
             x2,
             np.ones(1, F32),
-            mode=np.int64(bad),
-            transpose_x2=False,
-            has_x1_scale=False,
-            has_bias=False,
-            has_x3=False,
-            comm=False,
-            block_k=np.int64(128),
-            bf16_as_f32=False,
-            parallelism=np.int64(1),
+            **lowp_matmul_attrs(bad),
         )
 
 
@@ -285,15 +277,7 @@ def _lowp(x1, x2, x2_scale, *extra, out_dtype=F32, has_x3=False):
         x2,
         x2_scale,
         *extra,
-        mode=np.int64(_mc2_ffi.lowp_modes()[lowp.PERTOKEN]),
-        transpose_x2=False,
-        has_x1_scale=False,
-        has_bias=False,
-        has_x3=has_x3,
-        comm=False,
-        block_k=np.int64(128),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
+        **lowp_matmul_attrs(_mc2_ffi.lowp_modes()[lowp.PERTOKEN], has_x3=has_x3),
     )
 
 
@@ -344,16 +328,8 @@ def test_lowp_perblock_huge_block_k_is_one_block():
     """The same wrap for the perblock k-blocks: the kernel returned success
     without writing its output."""
     x1, x2 = np.ones((4, 8), E4M3), np.ones((8, 4), E4M3)
-    attrs = dict(
-        mode=np.int64(_mc2_ffi.lowp_modes()["perblock"]),
-        transpose_x2=False,
-        has_x1_scale=True,
-        has_bias=False,
-        has_x3=False,
-        comm=False,
-        block_k=np.int64(2**63 - 1),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
+    attrs = lowp_matmul_attrs(
+        _mc2_ffi.lowp_modes()["perblock"], has_x1_scale=True, block_k=np.int64(2**63 - 1)
     )
     out = jax.ShapeDtypeStruct((4, 4), F32)
     with pytest.raises(Exception, match="mc2_lowp_matmul_ffi"):

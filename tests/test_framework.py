@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
-from handler_attrs import int8_matmul_attrs, matmul_attrs
+from handler_attrs import int8_matmul_attrs, lowp_matmul_attrs, matmul_attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -174,15 +174,7 @@ def _raw_lowp(x2_scale, *, mode):
         np.ones((4, 8), f8),
         np.ones((8, 4), f8),
         x2_scale,
-        mode=np.int64(mode),
-        transpose_x2=False,
-        has_x1_scale=False,
-        has_bias=False,
-        has_x3=False,
-        comm=False,
-        block_k=np.int64(0),
-        bf16_as_f32=False,
-        parallelism=np.int64(1),
+        **lowp_matmul_attrs(mode, block_k=np.int64(0)),
     )
 
 
