@@ -72,41 +72,56 @@ class Worker {
 // may still be waiting when static destructors run at exit.
 class Pool {
  public:
-  // A worker for one job: an idle one, else a new one; if none can be made,
-  // waits for one to come back (the other calls' jobs all have workers, so
-  // one does).
-  Worker* Take() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!idle_.empty()) return Pop();
+  // Makes idle workers until there are `count` (fewer if no thread can be
+  // made).
+  void Reserve(int count) {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (static_cast<int>(idle_.size()) < count && Make()) {
     }
-    try {
-      return new Worker();
-    } catch (...) {
-      // No thread to be had (resource exhaustion): wait for a worker of
-      // another call to come back.
-    }
+  }
+
+  // Calls give(worker, i) for i in [1, count) with `count - 1` workers
+  // taken together: idle ones, then new ones. A call never holds some
+  // workers while it waits for more, so calls cannot wait on each other's
+  // partial sets: where no thread can be made, a call waits, holding none,
+  // until other calls' workers come back. Reserve, at load, makes as many
+  // as one call can use (a core each, the caller's aside).
+  template <typename Give>
+  void TakeAll(int count, Give&& give) {
     std::unique_lock<std::mutex> lock(mu_);
-    returned_.wait(lock, [&] { return !idle_.empty(); });
-    return Pop();
+    while (static_cast<int>(idle_.size()) < count - 1) {
+      if (!Make()) returned_.wait(lock);
+    }
+    for (int i = 1; i < count; ++i) {
+      Worker* w = idle_.back();
+      idle_.pop_back();
+      give(w, i);
+    }
   }
 
   void Return(Worker* w) {
     std::lock_guard<std::mutex> lock(mu_);
-    idle_.push_back(w);
-    returned_.notify_one();
+    idle_.push_back(w);  // never reallocates: capacity covers every worker made
+    returned_.notify_all();
   }
 
  private:
-  Worker* Pop() {  // under mu_
-    Worker* w = idle_.back();
-    idle_.pop_back();
-    return w;
+  // One new idle worker (under mu_); false if no thread could be made.
+  bool Make() {
+    try {
+      idle_.reserve(++made_);
+      idle_.push_back(new Worker());
+      return true;
+    } catch (...) {
+      --made_;
+      return false;
+    }
   }
 
   std::mutex mu_;
   std::condition_variable returned_;
   std::vector<Worker*> idle_;
+  size_t made_ = 0;  // workers made: idle_'s capacity is kept at least this
 };
 
 Pool* g_pool = new Pool();
@@ -150,7 +165,7 @@ void RunOnWorkers(int count, WorkerTask task, void* context) {
   Batch batch;
   batch.pending = count - 1;
   const FpMode mode = FpMode::Current();
-  for (int i = 1; i < count; ++i) g_pool->Take()->Give(Job{task, context, i, mode, &batch});
+  g_pool->TakeAll(count, [&](Worker* w, int i) { w->Give(Job{task, context, i, mode, &batch}); });
   task(context, 0);
   std::unique_lock<std::mutex> lock(batch.mu);
   batch.done.wait(lock, [&] { return batch.pending == 0; });
@@ -160,6 +175,7 @@ void InstallBlasWorkers() {
   static std::once_flag once;
   std::call_once(once, [] {
     pthread_atfork(nullptr, nullptr, AfterForkInChild);
+    g_pool->Reserve(static_cast<int>(std::thread::hardware_concurrency()) - 1);
     scipy_openblas_set_threads_callback_function(RunJobs);
   });
 }

@@ -10,12 +10,14 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
+from handler_attrs import matmul_attrs
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -236,20 +238,35 @@ def test_openblas_jobs_run_in_the_callers_floating_point_mode(dtype):
 
     def matmul(a, b):
         # parallelism 1: OpenBLAS takes every core, so the GEMM is split.
-        attrs = dict(transpose_x2=False, has_bias=False, has_x3=False, antiquant=False)
-        attrs.update(
-            has_offset=False,
-            antiquant_group_size=np.int64(0),
-            bf16_as_f32=False,
-            parallelism=np.int64(1),
-        )
         a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(a, b, **attrs)).astype(np.float32)
+        return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(a, b, **matmul_attrs()))
 
-    assert np.isnan(matmul(x1, x2)).all()
+    assert np.isnan(matmul(x1, x2).astype(np.float32)).all()
     x1[:, 0], x2[0, :] = 1e-20, 1e-20  # products of 1e-40: below float32's normal range
-    assert (matmul(x1, x2) == 0).all()
+    assert (matmul(x1, x2).astype(np.float32) == 0).all()
     assert (np.asarray(jnp.asarray(x1, dtype) @ jnp.asarray(x2, dtype)) == 0).all()
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core: no call hands jobs to the workers")
+def test_concurrent_calls_share_the_workers():
+    """Calls from several threads at once, each splitting its GEMM and its
+    row passes over the shared workers (parallelism 1), and calls that ask
+    for another thread count (parallelism 2 waits for the others' scope to
+    close): every result is the one a lone call gives."""
+    rng = np.random.default_rng(0)
+    x1 = jnp.asarray(rng.standard_normal((384, 256)), jnp.bfloat16)
+    x2 = jnp.asarray(rng.standard_normal((256, 320)), jnp.bfloat16)
+    out = jax.ShapeDtypeStruct((384, 320), jnp.bfloat16)
+
+    def matmul(parallelism):
+        attrs = matmul_attrs(parallelism=np.int64(parallelism))
+        return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(x1, x2, **attrs))
+
+    want = matmul(1)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(matmul, [1, 1, 2, 1, 1, 2] * 4))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
 
 
 def _dot_operand_types(text):
