@@ -901,6 +901,11 @@ bool HasComm(const std::string& key, int ordinal) {
   return g_comms.count({key, ordinal}) != 0;
 }
 
+size_t CommCount() {
+  std::lock_guard<std::mutex> lock(g_comm_mu);
+  return g_comms.size();
+}
+
 std::string CommName(const std::string& key, int ordinal) {
   std::lock_guard<std::mutex> lock(g_comm_mu);
   auto it = g_comms.find({key, ordinal});

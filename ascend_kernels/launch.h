@@ -54,6 +54,8 @@ Status CommJoin(const std::string& key, int nranks,
 // The generation of a group's current communicators ("" if none).
 std::string CommGeneration(const std::string& key);
 bool HasComm(const std::string& key, int ordinal);
+// The HCCL communicators that exist in this process (one per group and device).
+size_t CommCount();
 std::string CommName(const std::string& key, int ordinal);
 // Destroys communicators, frees pooled memory and streams, and resets the
 // devices. A device whose stream wait fails (a kernel of a failed call may

@@ -167,6 +167,7 @@ void DefineCommunicators(nb::module_& m) {
     return CommGeneration(key);
   });
   m.def("has_comm", &HasComm);
+  m.def("comm_count", &CommCount);
   m.def("comm_name", &CommName);
   m.def("shutdown", []() {
     nb::gil_scoped_release release;

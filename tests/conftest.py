@@ -95,6 +95,18 @@ def cann_double_live_counts() -> dict:
     return dict(zip(("allocations", "tensors", "executors", "int_arrays"), (v.value for v in vals)))
 
 
+def cann_double_device_sys_param(device: int, option: int) -> int:
+    """The double's value of aclrtCtxSetSysParamOpt's ``option`` on NPU
+    ``device``'s default context (-1: no live context)."""
+    import ctypes
+
+    lib = ctypes.CDLL(
+        os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libcann_double_core.so")
+    )
+    lib.cann_double_device_sys_param.restype = ctypes.c_int64
+    return lib.cann_double_device_sys_param(device, option)
+
+
 def cann_double_report() -> str:
     import ctypes
 

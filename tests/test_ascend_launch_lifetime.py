@@ -13,7 +13,13 @@ import jax
 import numpy as np
 import oracle
 import pytest
-from conftest import ascend_mm_all_reduce, cann_double_live_counts, cann_double_report, run_python
+from conftest import (
+    ascend_mm_all_reduce,
+    cann_double_device_sys_param,
+    cann_double_live_counts,
+    cann_double_report,
+    run_python,
+)
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -206,28 +212,38 @@ def test_pooled_blocks_go_back_under_their_own_size():
     assert [call(1024, 1024), call(600, 600), call(1024, 1024)] == [settled] * 3
 
 
-def test_deterministic_reaches_contexts_made_before_it():
-    """configure(deterministic=True) after the first call: the next call sets
-    ACL_OPT_DETERMINISTIC (option 0) on the context that first call made,
-    and configure(deterministic=False) clears it again (it was set only when
-    a context was made)."""
-    import ctypes
+def test_hccl_settings_change_only_without_communicators():
+    """HCCL reads HCCL_DETERMINISTIC and HCCL_BUFFSIZE when it creates a
+    communicator, so configure() refuses to change either while any exists
+    (the setting would reach the device contexts and the tiling but not the
+    communicators); after shutdown() it applies, and the compiled call
+    creates its communicator anew with ACL_OPT_DETERMINISTIC (option 0) on
+    its new context, and a context made after it is turned off again starts
+    without it."""
 
-    acl = ctypes.CDLL(os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libascendcl.so"))
-
-    def option():
-        value = ctypes.c_int64(-1)
-        assert acl.aclrtCtxGetSysParamOpt(0, ctypes.byref(value)) == 0
-        return value.value
+    def option():  # JAX device 6 is NPU 6 here
+        return cann_double_device_sys_param(6, 0)
 
     f = _sharded(jax.devices()[6:7])
     _check(f(X1, X2))
     assert option() == 0
+    refused = r"configure: {}={} would not reach the \d+ HCCL communicator.*shutdown\(\) first"
+    with pytest.raises(ValueError, match=refused.format("deterministic", "True")):
+        mc2.ascend.configure(deterministic=True)
+    buffsize = os.environ.get("HCCL_BUFFSIZE")
+    with pytest.raises(ValueError, match=refused.format("hccl_buffsize_mb", "300")):
+        mc2.ascend.configure(hccl_buffsize_mb=300)
+    assert os.environ.get("HCCL_BUFFSIZE") == buffsize
+    mc2.ascend.configure(deterministic=False)  # no change: accepted
+    _check(f(X1, X2))
+    assert option() == 0
     try:
+        mc2.ascend.shutdown()
         mc2.ascend.configure(deterministic=True)
         _check(f(X1, X2))
         assert option() == 1
     finally:
+        mc2.ascend.shutdown()
         mc2.ascend.configure(deterministic=False)
     _check(f(X1, X2))
     assert option() == 0

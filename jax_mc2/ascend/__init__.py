@@ -151,14 +151,60 @@ def configure(
       ACL_OPT_DETERMINISTIC on each device context and HCCL_DETERMINISTIC
       (HcclSetConfig) before communicators are created.
     - ``hccl_buffsize_mb`` (``HCCL_BUFFSIZE``, CANN's own; default 200): the
-      HCCL window size MC2's tiling reads; set before communicators exist.
+      HCCL window size MC2's tiling reads.
+
+    HCCL takes ``deterministic`` and ``hccl_buffsize_mb`` when it creates a
+    communicator, and every lowering of an ascend call creates its group's:
+    changing either while communicators exist is a ValueError (call
+    :func:`shutdown` first, on every process; later calls create them anew).
     """
     if timeout_ms is not None:
-        _mc2_ascend.set_timeout_ms(_timeout_ms(timeout_ms, "configure: timeout_ms"))
+        timeout_ms = _timeout_ms(timeout_ms, "configure: timeout_ms")
     if deterministic is not None:
-        _mc2_ascend.set_deterministic(bool(deterministic))
+        deterministic = bool(deterministic)
+        _refuse_with_communicators("deterministic", deterministic, deterministic != _DETERMINISTIC)
     if hccl_buffsize_mb is not None:
-        os.environ["HCCL_BUFFSIZE"] = str(int(hccl_buffsize_mb))
+        is_int = isinstance(hccl_buffsize_mb, (int, np.integer)) and not isinstance(
+            hccl_buffsize_mb, bool
+        )
+        if not is_int or hccl_buffsize_mb <= 0:
+            raise ValueError(
+                f"configure: hccl_buffsize_mb must be a positive number of MB, "
+                f"got {hccl_buffsize_mb!r}"
+            )
+        buffsize = str(int(hccl_buffsize_mb))
+        _refuse_with_communicators(
+            "hccl_buffsize_mb", hccl_buffsize_mb, buffsize != os.environ.get("HCCL_BUFFSIZE", "200")
+        )
+    if timeout_ms is not None:
+        _mc2_ascend.set_timeout_ms(timeout_ms)
+    if deterministic is not None:
+        _set_deterministic(deterministic)
+    if hccl_buffsize_mb is not None:
+        os.environ["HCCL_BUFFSIZE"] = buffsize
+
+
+#: The determinism last asked for.
+_DETERMINISTIC = False
+
+
+def _set_deterministic(on: bool) -> None:
+    global _DETERMINISTIC
+    _mc2_ascend.set_deterministic(on)
+    _DETERMINISTIC = on
+
+
+def _refuse_with_communicators(name: str, value, changes: bool) -> None:
+    """A ValueError if setting ``name`` to ``value`` changes it while HCCL
+    communicators exist (they keep what they were created with)."""
+    count = _mc2_ascend.comm_count()
+    if changes and count:
+        raise ValueError(
+            f"configure: {name}={value!r} would not reach the {count} HCCL "
+            f"communicator(s) that exist (HCCL reads it when it creates one, at the "
+            f"lowering of an ascend call); call jax_mc2.ascend.shutdown() first, on "
+            f"every process: later calls create them anew"
+        )
 
 
 def _timeout_ms(raw, name: str) -> int:
@@ -204,7 +250,7 @@ def _apply_env_once(op: str) -> None:
             f"JAX_MC2_ASCEND_TIMEOUT_MS={timeout!r}: {e}"
         ) from None
     if os.environ.get("JAX_MC2_ASCEND_DETERMINISTIC", "") not in ("", "0"):
-        _mc2_ascend.set_deterministic(True)
+        _set_deterministic(True)
     _ENV_APPLIED = True
 
 

@@ -36,15 +36,13 @@ CANN_DOUBLE_EXPORT aclError aclrtGetCurrentContext(aclrtContext* context) {
 
 CANN_DOUBLE_EXPORT const char* aclrtGetSocName() { return rt::SocName(); }
 CANN_DOUBLE_EXPORT aclError aclrtCtxSetSysParamOpt(int option, int64_t value) {
-  return rt::SetSysParamOpt(option, value);
+  return rt::CtxSetSysParamOpt(option, value);
 }
 CANN_DOUBLE_EXPORT aclError aclrtSetSysParamOpt(int option, int64_t value) {
   return rt::SetSysParamOpt(option, value);
 }
 CANN_DOUBLE_EXPORT aclError aclrtCtxGetSysParamOpt(int option, int64_t* value) {
-  if (value == nullptr) return kRtErrParamInvalid;
-  *value = rt::SysParamOpt(option);
-  return kAclSuccess;
+  return rt::CtxGetSysParamOpt(option, value);
 }
 
 CANN_DOUBLE_EXPORT aclError aclrtMalloc(void** pointer, size_t size, int policy) {

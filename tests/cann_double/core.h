@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -77,6 +78,7 @@ struct Context {
   int device = -1;
   bool alive = true;
   aclrtStream default_stream = nullptr;
+  std::map<int, int64_t> sys_params;  // aclrtCtxSetSysParamOpt's, under the state's mutex
 };
 Context* CurrentContext();
 void SetCurrentContextForThread(Context* context);
@@ -95,8 +97,15 @@ aclError DestroyContext(aclrtContext context);
 aclError SetCurrentContext(aclrtContext context);
 aclError GetCurrentContext(aclrtContext* context);
 const char* SocName();
+// aclrtSetSysParamOpt: the process's value, which contexts without one of
+// their own read.
 aclError SetSysParamOpt(int option, int64_t value);
-int64_t SysParamOpt(int option);
+// aclrtCtxSetSysParamOpt / aclrtCtxGetSysParamOpt: the calling thread's
+// current context's value (107002 without a live current context).
+aclError CtxSetSysParamOpt(int option, int64_t value);
+aclError CtxGetSysParamOpt(int option, int64_t* value);
+// `option` on `device`'s live default context; -1 if it has none.
+int64_t DeviceSysParam(int device, int option);
 
 // ---- device memory (core_memory.cc) ----
 aclError Malloc(void** pointer, size_t size, int policy);
@@ -184,6 +193,10 @@ CANN_DOUBLE_EXPORT void cann_double_live_counts(int64_t* allocs, int64_t* tensor
                                                 int64_t* executors, int64_t* int_arrays);
 CANN_DOUBLE_EXPORT const char* cann_double_report();
 CANN_DOUBLE_EXPORT void cann_double_clear_report();
+// The value of `option` on the default context of `device` (the process's
+// value where the context has none of its own); -1 if the device has no live
+// default context.
+CANN_DOUBLE_EXPORT int64_t cann_double_device_sys_param(int device, int option);
 CANN_DOUBLE_EXPORT int cann_double_check_device_range(const void* ptr, size_t bytes);
 // The aclrtSetDevice count of devices 0 .. capacity-1 (sets minus resets, as
 // ACL counts them) into counts[]; returns the device count.

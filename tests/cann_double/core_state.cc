@@ -249,11 +249,51 @@ aclError SetSysParamOpt(int option, int64_t value) {
   return kAclSuccess;
 }
 
-int64_t SysParamOpt(int option) {
+namespace {
+
+// `option` as `context` reads it: its own value, else the process's, else 0.
+int64_t SysParamOf(const State& state, const Context* context, int option) {
+  auto own = context->sys_params.find(option);
+  if (own != context->sys_params.end()) return own->second;
+  auto process = state.sys_params.find(option);
+  return process == state.sys_params.end() ? 0 : process->second;
+}
+
+}  // namespace
+
+aclError CtxSetSysParamOpt(int option, int64_t value) {
+  if (option < 0 || option > 3) return kRtErrParamInvalid;
+  Context* context = current_context;
+  if (!IsLiveContext(context)) {
+    SetRecentError("aclrtCtxSetSysParamOpt: no live current context on this thread");
+    return kRtErrContextNull;
+  }
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  auto found = state.sys_params.find(option);
-  return found == state.sys_params.end() ? 0 : found->second;
+  context->sys_params[option] = value;
+  return kAclSuccess;
+}
+
+aclError CtxGetSysParamOpt(int option, int64_t* value) {
+  if (value == nullptr || option < 0 || option > 3) return kRtErrParamInvalid;
+  Context* context = current_context;
+  if (!IsLiveContext(context)) {
+    SetRecentError("aclrtCtxGetSysParamOpt: no live current context on this thread");
+    return kRtErrContextNull;
+  }
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  *value = SysParamOf(state, context, option);
+  return kAclSuccess;
+}
+
+int64_t DeviceSysParam(int device, int option) {
+  State& state = GetState();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  auto found = state.default_contexts.find(device);
+  if (found == state.default_contexts.end() || found->second == nullptr || !found->second->alive)
+    return -1;
+  return SysParamOf(state, found->second, option);
 }
 
 }  // namespace rt
@@ -317,6 +357,10 @@ const char* cann_double_report() {
   CheckAllGuards();
   report = BuildReport();
   return report.c_str();
+}
+
+int64_t cann_double_device_sys_param(int device, int option) {
+  return rt::DeviceSysParam(device, option);
 }
 
 void cann_double_clear_report() {
