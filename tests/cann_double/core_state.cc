@@ -261,30 +261,32 @@ int64_t SysParamOf(const State& state, const Context* context, int option) {
 
 }  // namespace
 
-aclError CtxSetSysParamOpt(int option, int64_t value) {
+// Runs `access(state, context)` under the state's mutex on the calling
+// thread's current context; 107002 without a live one.
+template <typename Access>
+aclError WithCurrentContext(const char* function, int option, Access&& access) {
   if (option < 0 || option > 3) return kRtErrParamInvalid;
   Context* context = current_context;
   if (!IsLiveContext(context)) {
-    SetRecentError("aclrtCtxSetSysParamOpt: no live current context on this thread");
+    SetRecentError(std::string(function) + ": no live current context on this thread");
     return kRtErrContextNull;
   }
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  context->sys_params[option] = value;
+  access(state, context);
   return kAclSuccess;
 }
 
+aclError CtxSetSysParamOpt(int option, int64_t value) {
+  return WithCurrentContext("aclrtCtxSetSysParamOpt", option,
+                            [&](State&, Context* context) { context->sys_params[option] = value; });
+}
+
 aclError CtxGetSysParamOpt(int option, int64_t* value) {
-  if (value == nullptr || option < 0 || option > 3) return kRtErrParamInvalid;
-  Context* context = current_context;
-  if (!IsLiveContext(context)) {
-    SetRecentError("aclrtCtxGetSysParamOpt: no live current context on this thread");
-    return kRtErrContextNull;
-  }
-  State& state = GetState();
-  std::lock_guard<std::mutex> lock(state.mutex);
-  *value = SysParamOf(state, context, option);
-  return kAclSuccess;
+  if (value == nullptr) return kRtErrParamInvalid;
+  return WithCurrentContext("aclrtCtxGetSysParamOpt", option, [&](State& state, Context* context) {
+    *value = SysParamOf(state, context, option);
+  });
 }
 
 int64_t DeviceSysParam(int device, int option) {
