@@ -1100,6 +1100,36 @@ Status EnqueueCopies(const Cann& c, const std::vector<int64_t>& perm, size_t ite
   return Status::Ok();
 }
 
+// Device mode: zeroes, on `stream`, the bytes of each result past those the
+// spec's c<result>=<bytes> entries say the kernel writes (the padding rows of
+// the AlltoAllv outputs), copying from a zeroed block that `block(bytes,
+// &ptr)` takes from the pool (held until the call ends; its errors are
+// returned as they are, the others name `fn`). The host bridge zeroes them in
+// host memory instead.
+template <typename Block>
+Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spec, const CallIo& io,
+                           const std::vector<void*>& dev_out, aclrtStream stream, Block&& block) {
+  for (size_t r = 0; r < io.results.size(); ++r) {
+    size_t written = io.results[r].bytes;
+    for (auto [res, b] : spec.partial)
+      if (res >= 0 && static_cast<size_t>(res) == r)
+        written = std::min(written, static_cast<size_t>(b));
+    const size_t tail = io.results[r].bytes - written;
+    if (tail == 0) continue;
+    void* zeros = nullptr;
+    Status s = block(tail, &zeros);
+    if (!s.ok) return s;
+    const std::vector<char> host(tail, 0);
+    aclError rc = c.aclrtMemcpy(zeros, tail, host.data(), tail, kMemcpyHostToDevice);
+    if (rc == kAclSuccess)
+      rc = c.aclrtMemcpyAsync(static_cast<char*>(dev_out[r]) + written, tail, zeros, tail,
+                              kMemcpyDeviceToDevice, stream);
+    if (rc != kAclSuccess)
+      return Status::Error(fn + ": " + Fail(c, "zeroing the padding rows", rc).message);
+  }
+  return Status::Ok();
+}
+
 // Enqueues one rank's HcclAlltoAllV call on `stream`: operand 0 (through the
 // `pre` copies into a staging buffer when there are any) is exchanged into
 // result 0 (through a staging buffer and the `post` copies when there are
@@ -1167,24 +1197,7 @@ Status RunAlltoAllv(const Cann& c, const AlltoAllvPlan& plan, HcclComm comm, acl
                              io.results[0].bytes, recv, stream);
     if (!s.ok) return Status::Error(fn + ": " + s.message);
   }
-  if (!io.host) {
-    size_t written = io.results[0].bytes;
-    for (auto [res, b] : spec.partial)
-      if (res == 0) written = std::min(written, static_cast<size_t>(b));
-    const size_t tail = io.results[0].bytes - written;
-    if (tail > 0) {
-      void* zeros = nullptr;
-      Status s = block(tail, &zeros);
-      if (!s.ok) return s;
-      const std::vector<char> host(tail, 0);
-      aclError rc = c.aclrtMemcpy(zeros, tail, host.data(), tail, kMemcpyHostToDevice);
-      if (rc == kAclSuccess)
-        rc = c.aclrtMemcpyAsync(static_cast<char*>(dev_out[0]) + written, tail, zeros, tail,
-                                kMemcpyDeviceToDevice, stream);
-      if (rc != kAclSuccess)
-        return Status::Error(fn + ": " + Fail(c, "zeroing the padding rows", rc).message);
-    }
-  }
+  if (!io.host) return ZeroPaddingOnStream(c, fn, spec, io, dev_out, stream, block);
   return Status::Ok();
 }
 
@@ -1534,6 +1547,15 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
           error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),
           false);
     tm.phase2 = NowNs() - t3;
+    if (!io.host) {
+      auto block = [&](size_t bytes, void** out) {
+        Status failed;
+        *out = acquire(bytes, &failed);
+        return *out ? Status::Ok() : failed;
+      };
+      Status zeroed = ZeroPaddingOnStream(*c, function, *spec, io, dev_out, stream, block);
+      if (!zeroed.ok) return finish(error(zeroed.message), false);
+    }
   }
 
   // Wait for the stream, then the results back (host bridge).
