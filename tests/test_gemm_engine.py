@@ -252,7 +252,8 @@ def test_concurrent_calls_share_the_workers():
     """Calls from several threads at once, each splitting its GEMM and its
     row passes over the shared workers (parallelism 1), and calls that ask
     for another thread count (parallelism 2 waits for the others' scope to
-    close): every result is the one a lone call gives."""
+    close): every result is the one a lone call with its thread count
+    gives."""
     rng = np.random.default_rng(0)
     x1 = jnp.asarray(rng.standard_normal((384, 256)), jnp.bfloat16)
     x2 = jnp.asarray(rng.standard_normal((256, 320)), jnp.bfloat16)
@@ -262,11 +263,12 @@ def test_concurrent_calls_share_the_workers():
         attrs = matmul_attrs(parallelism=np.int64(parallelism))
         return np.asarray(jax.ffi.ffi_call(_ffi.MATMUL, out)(x1, x2, **attrs))
 
-    want = matmul(1)
+    parallelisms = [1, 1, 2, 1, 1, 2] * 4
+    want = {p: matmul(p) for p in set(parallelisms)}
     with ThreadPoolExecutor(max_workers=6) as pool:
-        results = list(pool.map(matmul, [1, 1, 2, 1, 1, 2] * 4))
-    for got in results:
-        np.testing.assert_array_equal(got, want)
+        results = list(pool.map(matmul, parallelisms))
+    for p, got in zip(parallelisms, results):
+        np.testing.assert_array_equal(got, want[p])
 
 
 def _dot_operand_types(text):

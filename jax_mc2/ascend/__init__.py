@@ -39,6 +39,7 @@ from jax_mc2.ascend._comms import _ordinal
 from jax_mc2.ascend._native import native as _mc2_ascend
 from jax_mc2.framework import implementation as _implementation
 from jax_mc2.framework import targets
+from jax_mc2.framework.validation import check_int
 
 __all__ = [
     "ACL_DTYPE",
@@ -164,15 +165,7 @@ def configure(
         deterministic = bool(deterministic)
         _refuse_with_communicators("deterministic", deterministic, deterministic != _DETERMINISTIC)
     if hccl_buffsize_mb is not None:
-        is_int = isinstance(hccl_buffsize_mb, (int, np.integer)) and not isinstance(
-            hccl_buffsize_mb, bool
-        )
-        if not is_int or hccl_buffsize_mb <= 0:
-            raise ValueError(
-                f"configure: hccl_buffsize_mb must be a positive number of MB, "
-                f"got {hccl_buffsize_mb!r}"
-            )
-        buffsize = str(int(hccl_buffsize_mb))
+        buffsize = str(check_int("configure", "hccl_buffsize_mb", hccl_buffsize_mb, minimum=1))
         _refuse_with_communicators(
             "hccl_buffsize_mb", hccl_buffsize_mb, buffsize != os.environ.get("HCCL_BUFFSIZE", "200")
         )
