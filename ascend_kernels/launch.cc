@@ -271,16 +271,25 @@ std::string HcclErr(const Cann& c, HcclResult r) {
   return std::to_string(r) + (s ? std::string(" (") + s + ")" : "");
 }
 
-// HCCL_DETERMINISTIC for the communicators made next, when
-// configure(deterministic=True) asked for it.
+// HCCL_DETERMINISTIC as last set by HcclSetConfig: -1 never (HCCL's default).
+std::atomic<int> g_hccl_deterministic{-1};
+
+// HCCL_DETERMINISTIC for the communicators made next: set when
+// configure(deterministic=True) asks for it, and set back to 0 when it is
+// turned off after that (HCCL's setting is process-wide and outlives the
+// communicators made under it).
 Status ApplyHcclDeterminism(const Cann& c) {
-  if (!g_deterministic.load()) return Status::Ok();
+  const int want = g_deterministic.load() ? 1 : 0;
+  const int set = g_hccl_deterministic.load();
+  if (want == set || (want == 0 && set < 0)) return Status::Ok();
   if (c.HcclSetConfig == nullptr)
-    return Status::Error("configure(deterministic=True): HcclSetConfig not found in libhccl.so");
-  const HcclResult r = c.HcclSetConfig(kHcclDeterministic, 1);
+    return Status::Error("configure(deterministic=" + std::string(want ? "True" : "False") +
+                         "): HcclSetConfig not found in libhccl.so");
+  const HcclResult r = c.HcclSetConfig(kHcclDeterministic, want);
   if (r != 0)
-    return Status::Error("HcclSetConfig(HCCL_DETERMINISTIC) failed with HcclResult " +
-                         HcclErr(c, r));
+    return Status::Error("HcclSetConfig(HCCL_DETERMINISTIC, " + std::to_string(want) +
+                         ") failed with HcclResult " + HcclErr(c, r));
+  g_hccl_deterministic.store(want);
   return Status::Ok();
 }
 

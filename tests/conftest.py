@@ -107,6 +107,19 @@ def cann_double_device_sys_param(device: int, option: int) -> int:
     return lib.cann_double_device_sys_param(device, option)
 
 
+def cann_double_comm_counts() -> tuple[int, int]:
+    """The double's live HCCL communicators, and how many of them were made
+    while HCCL_DETERMINISTIC (HcclSetConfig) was 1."""
+    import ctypes
+
+    lib = ctypes.CDLL(
+        os.path.join(os.environ["JAX_MC2_CANN_LIBRARY_PATH"], "libcann_double_core.so")
+    )
+    live, deterministic = ctypes.c_int64(), ctypes.c_int64()
+    lib.cann_double_comm_counts(ctypes.byref(live), ctypes.byref(deterministic))
+    return live.value, deterministic.value
+
+
 def cann_double_report() -> str:
     import ctypes
 

@@ -15,6 +15,7 @@ import oracle
 import pytest
 from conftest import (
     ascend_mm_all_reduce,
+    cann_double_comm_counts,
     cann_double_device_sys_param,
     cann_double_live_counts,
     cann_double_report,
@@ -218,15 +219,22 @@ def test_hccl_settings_change_only_without_communicators():
     (the setting would reach the device contexts and the tiling but not the
     communicators); after shutdown() it applies, and the compiled call
     creates its communicator anew with ACL_OPT_DETERMINISTIC (option 0) on
-    its new context, and a context made after it is turned off again starts
-    without it."""
+    its new context and HCCL_DETERMINISTIC set; once it is turned off again,
+    a new context and a new communicator are made without either (HCCL's
+    setting is process-wide, so it is set back to 0)."""
 
     def option():  # JAX device 6 is NPU 6 here
         return cann_double_device_sys_param(6, 0)
 
+    def deterministic_comms():
+        live, deterministic = cann_double_comm_counts()
+        assert live > 0
+        return deterministic
+
     f = _sharded(jax.devices()[6:7])
     _check(f(X1, X2))
     assert option() == 0
+    assert deterministic_comms() == 0
     refused = r"configure: {}={} would not reach the \d+ HCCL communicator.*shutdown\(\) first"
     with pytest.raises(ValueError, match=refused.format("deterministic", "True")):
         mc2.ascend.configure(deterministic=True)
@@ -242,11 +250,13 @@ def test_hccl_settings_change_only_without_communicators():
         mc2.ascend.configure(deterministic=True)
         _check(f(X1, X2))
         assert option() == 1
+        assert deterministic_comms() == cann_double_comm_counts()[0]
     finally:
         mc2.ascend.shutdown()
         mc2.ascend.configure(deterministic=False)
     _check(f(X1, X2))
     assert option() == 0
+    assert deterministic_comms() == 0
 
 
 _SHUTDOWN_DURING_CALLS = _PRELUDE + textwrap.dedent(

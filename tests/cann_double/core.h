@@ -183,6 +183,8 @@ int AlltoAllV(const void* send_buf, const void* send_counts, const void* sdispls
 const char* ErrorString(int code);
 }  // namespace hccl
 int64_t LiveCommCount();
+// The live communicators made while HCCL_DETERMINISTIC was set.
+int64_t LiveDeterministicCommCount();
 
 }  // namespace cann_double
 #pragma GCC visibility pop
@@ -197,6 +199,9 @@ CANN_DOUBLE_EXPORT void cann_double_clear_report();
 // value where the context has none of its own); -1 if the device has no live
 // default context.
 CANN_DOUBLE_EXPORT int64_t cann_double_device_sys_param(int device, int option);
+// The live communicators, and those of them made while HCCL_DETERMINISTIC
+// (HcclSetConfig) was 1.
+CANN_DOUBLE_EXPORT void cann_double_comm_counts(int64_t* live, int64_t* deterministic);
 CANN_DOUBLE_EXPORT int cann_double_check_device_range(const void* ptr, size_t bytes);
 // The aclrtSetDevice count of devices 0 .. capacity-1 (sets minus resets, as
 // ACL counts them) into counts[]; returns the device count.

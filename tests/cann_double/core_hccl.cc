@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -315,6 +316,15 @@ int ConnectHub(const RootInfoWire& info, Clock::time_point deadline) {
 
 // ---- communicators ----
 
+namespace {
+
+// HcclSetConfig's HCCL_DETERMINISTIC (config 0): process-wide, read when a
+// communicator is made.
+constexpr int kConfigDeterministic = 0;
+std::atomic<int32_t> g_deterministic{0};
+
+}  // namespace
+
 struct Comm {
   std::string name;
   int rank = 0;
@@ -326,6 +336,7 @@ struct Comm {
   std::mutex mutex;                   // one collective at a time per rank
   uint64_t next_round = 0;
   int broken = kHcclSuccess;
+  int32_t deterministic = 0;  // HCCL_DETERMINISTIC when it was made
 };
 
 namespace {
@@ -351,6 +362,7 @@ Comm* LiveComm(HcclComm handle) {
 
 Comm* NewComm(const std::string& name, int rank, int size, int device, int timeout_ms) {
   auto* comm = new Comm;
+  comm->deterministic = g_deterministic.load();
   comm->name = name;
   comm->rank = rank;
   comm->size = size;
@@ -530,6 +542,14 @@ int64_t LiveCommCount() {
   return static_cast<int64_t>(comms.live.size());
 }
 
+int64_t LiveDeterministicCommCount() {
+  Comms& comms = GetComms();
+  std::lock_guard<std::mutex> lock(comms.mutex);
+  int64_t count = 0;
+  for (const Comm* comm : comms.live) count += comm->deterministic != 0;
+  return count;
+}
+
 namespace hccl {
 
 // HcclGetRootInfo and HcclCommInitAll begin by reading the calling thread's
@@ -672,11 +692,8 @@ int CommDestroy(HcclComm handle) {
 }
 
 int SetConfig(int config, int32_t value) {
-  static std::mutex mutex;
-  static std::map<int, int32_t>* values = new std::map<int, int32_t>;
-  if (config != 0) return kHcclErrNotFound;  // only HCCL_DETERMINISTIC exists
-  std::lock_guard<std::mutex> lock(mutex);
-  (*values)[config] = value;
+  if (config != kConfigDeterministic) return kHcclErrNotFound;  // the only one there is
+  g_deterministic.store(value);
   return kHcclSuccess;
 }
 

@@ -141,7 +141,7 @@ aclError SetDevice(int32_t device) {
   std::lock_guard<std::mutex> lock(state.mutex);
   Context*& context = state.default_contexts[device];
   if (context == nullptr || !context->alive) {
-    context = new Context{device};
+    context = new Context{device, true, nullptr, {}};
     state.contexts.push_back(context);
   }
   ++state.device_refcounts[device];
@@ -198,7 +198,7 @@ aclError CreateContext(aclrtContext* handle, int32_t device) {
   if (!ValidDevice(device)) return kRtErrInvalidDeviceId;
   State& state = GetState();
   std::lock_guard<std::mutex> lock(state.mutex);
-  Context* context = new Context{device};
+  Context* context = new Context{device, true, nullptr, {}};
   state.contexts.push_back(context);
   current_context = context;  // as in ACL: the new context becomes current
   *handle = context;
@@ -363,6 +363,11 @@ const char* cann_double_report() {
 
 int64_t cann_double_device_sys_param(int device, int option) {
   return rt::DeviceSysParam(device, option);
+}
+
+void cann_double_comm_counts(int64_t* live, int64_t* deterministic) {
+  if (live) *live = LiveCommCount();
+  if (deterministic) *deterministic = LiveDeterministicCommCount();
 }
 
 void cann_double_clear_report() {
