@@ -201,6 +201,29 @@ void ReleaseAll(const Cann& c, Pool& pool, Held& held, bool stream_clean) {
   (void)c;
 }
 
+// The pool blocks one call takes, held until it ends (ReleaseAll).
+struct CallMemory {
+  const Cann& c;
+  Pool& pool;
+  Held held;
+
+  // A block of at least `bytes` in *out; aclrtMalloc's failure is an error
+  // naming `fn` and what the block was for (`what`: "" for plain bytes).
+  Status Take(const std::string& fn, size_t bytes, void** out, const std::string& what = "") {
+    aclError rc;
+    size_t size = 0;
+    *out = Acquire(c, pool, bytes, &rc, &size);
+    if (*out == nullptr) {
+      const std::string n = std::to_string(bytes);
+      return Status::Error(fn + ": aclrtMalloc of " +
+                           (what.empty() ? n + " bytes" : "the " + n + "-byte " + what) +
+                           " failed with status " + std::to_string(rc) + ": " + RecentErr(c));
+    }
+    held.blocks.emplace_back(size, *out);
+    return Status::Ok();
+  }
+};
+
 // ---------------------------------------------------------------- communicators
 
 struct CommEntry {
@@ -1111,13 +1134,11 @@ Status EnqueueCopies(const Cann& c, const std::vector<int64_t>& perm, size_t ite
 
 // Device mode: zeroes, on `stream`, the bytes of each result past those the
 // spec's c<result>=<bytes> entries say the kernel writes (the padding rows of
-// the AlltoAllv outputs), copying from a zeroed block that `block(bytes,
-// &ptr)` takes from the pool (held until the call ends; its errors are
-// returned as they are, the others name `fn`). The host bridge zeroes them in
-// host memory instead.
-template <typename Block>
+// the AlltoAllv outputs), copying from a zeroed block of the call's memory.
+// The errors name `fn`. The host bridge zeroes them in host memory instead.
 Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spec, const CallIo& io,
-                           const std::vector<void*>& dev_out, aclrtStream stream, Block&& block) {
+                           const std::vector<void*>& dev_out, aclrtStream stream,
+                           CallMemory& memory) {
   for (size_t r = 0; r < io.results.size(); ++r) {
     size_t written = io.results[r].bytes;
     for (auto [res, b] : spec.partial)
@@ -1126,7 +1147,7 @@ Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spe
     const size_t tail = io.results[r].bytes - written;
     if (tail == 0) continue;
     void* zeros = nullptr;
-    Status s = block(tail, &zeros);
+    Status s = memory.Take(fn, tail, &zeros);
     if (!s.ok) return s;
     const std::vector<char> host(tail, 0);
     aclError rc = c.aclrtMemcpy(zeros, tail, host.data(), tail, kMemcpyHostToDevice);
@@ -1139,6 +1160,34 @@ Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spe
   return Status::Ok();
 }
 
+// One side of the exchange (send or receive) and its size in elements.
+struct ExchangeSide {
+  char* data = nullptr;
+  uint64_t elems = 0;
+};
+
+// One side of the exchange: `buffer` (`bytes`, operand 0 or result 0) itself,
+// or, when `copies` stage it, a pool block sized for the copies and the
+// exchange's `counts` at `displs`. `own` is the place of `buffer` in each
+// copy triple (0: the copies read it, the send side; 1: they write it, the
+// receive side).
+Status StageSide(CallMemory& memory, const std::string& fn, const std::vector<int64_t>& copies,
+                 int own, const std::vector<uint64_t>& displs, const std::vector<uint64_t>& counts,
+                 size_t item, void* buffer, size_t bytes, ExchangeSide* side) {
+  side->data = static_cast<char*>(buffer);
+  side->elems = bytes / item;
+  if (copies.empty()) return Status::Ok();
+  if (NeededElements({}, {}, copies, own) > side->elems)
+    return Status::Error(fn + ": a copy " + (own == 0 ? "reads" : "writes") + " past the " +
+                         std::to_string(side->elems) + "-element " +
+                         (own == 0 ? "operand" : "result"));
+  side->elems = NeededElements(displs, counts, copies, 1 - own);
+  void* block = nullptr;
+  Status s = memory.Take(fn, side->elems * item, &block);
+  side->data = static_cast<char*>(block);
+  return s;
+}
+
 // Enqueues one rank's HcclAlltoAllV call on `stream`: operand 0 (through the
 // `pre` copies into a staging buffer when there are any) is exchanged into
 // result 0 (through a staging buffer and the `post` copies when there are
@@ -1147,66 +1196,39 @@ Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spe
 // the host. Staging buffers are pool blocks held until the call ends.
 Status RunAlltoAllv(const Cann& c, const AlltoAllvPlan& plan, HcclComm comm, aclrtStream stream,
                     const CallIo& io, const std::vector<void*>& dev_in,
-                    const std::vector<void*>& dev_out, const Spec& spec, Pool& pool, Held& held) {
+                    const std::vector<void*>& dev_out, const Spec& spec, CallMemory& memory) {
   const std::string fn = kHcclAlltoAllV;
   const size_t item = plan.item;
-  auto block = [&](size_t bytes, void** out) -> Status {
-    aclError rc;
-    size_t size = 0;
-    *out = Acquire(c, pool, bytes, &rc, &size);
-    if (*out == nullptr)
-      return Status::Error(fn + ": aclrtMalloc of " + std::to_string(bytes) +
-                           " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(c));
-    held.blocks.emplace_back(size, *out);
-    return Status::Ok();
-  };
-  const uint64_t in_elems = io.operands[0].bytes / item, out_elems = io.results[0].bytes / item;
-  // The send buffer: operand 0 itself, or a staging buffer the `pre` copies fill.
-  char* send = static_cast<char*>(dev_in[0]);
-  uint64_t send_elems = in_elems;
+  // The send buffer: operand 0 itself, or a staging buffer the `pre` copies
+  // fill; the receive buffer: result 0 itself, or one the `post` copies read.
+  ExchangeSide send, recv;
+  Status s = StageSide(memory, fn, plan.pre, 0, plan.sdispls, plan.send_counts, item, dev_in[0],
+                       io.operands[0].bytes, &send);
+  if (!s.ok) return s;
   if (!plan.pre.empty()) {
-    if (NeededElements({}, {}, plan.pre, 0) > in_elems)
-      return Status::Error(fn + ": a copy reads past the " + std::to_string(in_elems) +
-                           "-element operand");
-    send_elems = NeededElements(plan.sdispls, plan.send_counts, plan.pre, 1);
-    void* p = nullptr;
-    Status s = block(send_elems * item, &p);
-    if (!s.ok) return s;
-    send = static_cast<char*>(p);
-    if (!(s = EnqueueCopies(c, plan.pre, item, send, send_elems * item,
-                            static_cast<const char*>(dev_in[0]), stream))
-             .ok)
-      return Status::Error(fn + ": " + s.message);
+    s = EnqueueCopies(c, plan.pre, item, send.data, send.elems * item,
+                      static_cast<const char*>(dev_in[0]), stream);
+    if (!s.ok) return Status::Error(fn + ": " + s.message);
   }
-  // The receive buffer: result 0 itself, or a staging buffer the `post` copies read.
-  char* recv = static_cast<char*>(dev_out[0]);
-  uint64_t recv_elems = out_elems;
-  if (!plan.post.empty()) {
-    if (NeededElements({}, {}, plan.post, 1) > out_elems)
-      return Status::Error(fn + ": a copy writes past the " + std::to_string(out_elems) +
-                           "-element result");
-    recv_elems = NeededElements(plan.rdispls, plan.recv_counts, plan.post, 0);
-    void* p = nullptr;
-    Status s = block(recv_elems * item, &p);
-    if (!s.ok) return s;
-    recv = static_cast<char*>(p);
-  }
-  if (NeededElements(plan.sdispls, plan.send_counts, {}, 0) > send_elems ||
-      NeededElements(plan.rdispls, plan.recv_counts, {}, 0) > recv_elems)
+  s = StageSide(memory, fn, plan.post, 1, plan.rdispls, plan.recv_counts, item, dev_out[0],
+                io.results[0].bytes, &recv);
+  if (!s.ok) return s;
+  if (NeededElements(plan.sdispls, plan.send_counts, {}, 0) > send.elems ||
+      NeededElements(plan.rdispls, plan.recv_counts, {}, 0) > recv.elems)
     return Status::Error(fn + ": the counts and displacements reach past the " +
-                         std::to_string(send_elems) + "-element send or " +
-                         std::to_string(recv_elems) + "-element receive buffer");
-  const HcclResult r =
-      c.HcclAlltoAllV(send, plan.send_counts.data(), plan.sdispls.data(), plan.dtype, recv,
-                      plan.recv_counts.data(), plan.rdispls.data(), plan.dtype, comm, stream);
+                         std::to_string(send.elems) + "-element send or " +
+                         std::to_string(recv.elems) + "-element receive buffer");
+  const HcclResult r = c.HcclAlltoAllV(send.data, plan.send_counts.data(), plan.sdispls.data(),
+                                       plan.dtype, recv.data, plan.recv_counts.data(),
+                                       plan.rdispls.data(), plan.dtype, comm, stream);
   if (r != 0)
     return Status::Error(fn + " failed with HcclResult " + HcclErr(c, r) + ": " + RecentErr(c));
   if (!plan.post.empty()) {
-    Status s = EnqueueCopies(c, plan.post, item, static_cast<char*>(dev_out[0]),
-                             io.results[0].bytes, recv, stream);
+    s = EnqueueCopies(c, plan.post, item, static_cast<char*>(dev_out[0]), io.results[0].bytes,
+                      recv.data, stream);
     if (!s.ok) return Status::Error(fn + ": " + s.message);
   }
-  if (!io.host) return ZeroPaddingOnStream(c, fn, spec, io, dev_out, stream, block);
+  if (!io.host) return ZeroPaddingOnStream(c, fn, spec, io, dev_out, stream, memory);
   return Status::Ok();
 }
 
@@ -1308,38 +1330,323 @@ void Shutdown() {
 
 // ---------------------------------------------------------------- launch
 
+namespace {
+
+// What a call runs: an aclnn operator (two phases), or HCCL's own AlltoAllV
+// (the data movement of the AlltoAllv operators' gradients).
+struct Entry {
+  bool alltoallv = false;
+  Caller caller = nullptr;
+  void* phase1 = nullptr;
+  void* phase2 = nullptr;
+};
+
+Status ResolveEntry(const Cann& c, const std::string& function, Entry* entry) {
+  entry->alltoallv = function == kHcclAlltoAllV;
+  if (entry->alltoallv) {
+    if (c.HcclAlltoAllV == nullptr) return Status::Error(MissingSymbol(c, function, "libhccl.so"));
+    return Status::Ok();
+  }
+  auto caller = Callers().find(function);
+  if (caller == Callers().end()) return Status::Error("unknown aclnn function " + function);
+  entry->caller = caller->second;
+  std::string why;
+  entry->phase1 = AclnnSymbol(c, function + "GetWorkspaceSize", &why);
+  if (entry->phase1 == nullptr) return Status::Error(why);
+  entry->phase2 = AclnnSymbol(c, function, &why);
+  if (entry->phase2 == nullptr) return Status::Error(why);
+  return Status::Ok();
+}
+
+// Makes the device ready for a call (the caller holds d->mu): not retired,
+// entered, and, on the host bridge, its stream past a failed call's work.
+Status ReadyDevice(const Cann& c, DeviceState* d, const std::string& function, int ordinal,
+                   const CallIo& io) {
+  if (d->retired)
+    return Status::Error(function + ": jax_mc2.ascend.shutdown() ran while this call waited for " +
+                         "JAX device " + std::to_string(ordinal) + "; a new call starts afresh");
+  Status s = Enter(c, d);
+  if (!s.ok || !d->dirty || !io.host) return s;
+  // A failed call may have left work on the stream: wait for it, and drop
+  // its status (it belongs to that call, already reported).
+  const aclError rc = c.aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
+  if (rc == kAclStreamSyncTimeout)
+    return Status::Error(function + ": the stream of JAX device " + std::to_string(ordinal) +
+                         " is still busy with an earlier failed call (status " +
+                         std::to_string(rc) + ")");
+  d->dirty = false;
+  Held none;
+  ReleaseAll(c, d->pool, none, true);
+  return Status::Ok();
+}
+
+// The communicator side of a call: its group's name, this rank, and the
+// rank's argument spec (with the AlltoAllV plan when it runs HCCL's own).
+struct Peer {
+  std::string group_name;
+  int rank = 0;
+  HcclComm comm = nullptr;
+  const Spec* spec = nullptr;
+  AlltoAllvPlan plan;  // holds HcclAlltoAllV's host count arrays until the call ends
+};
+
+Status JoinGroup(const Cann& c, DeviceState* d, const std::string& function,
+                 std::string_view group_key, int ordinal, int64_t call,
+                 const std::vector<Spec>& specs, const Entry& entry, const CallIo& io, Peer* peer) {
+  Status s = EnsureComm(c, group_key, ordinal, call);
+  if (!s.ok) return Status::Error(function + ": " + s.message);
+  if (!(s = Enter(c, d)).ok) return s;  // a re-created group may move the thread
+  if (!FindComm(group_key, ordinal, &peer->group_name, &peer->rank, &peer->comm) &&
+      (specs[0].uses_group || entry.alltoallv))
+    return Status::Error("no HCCL communicator for replica group " + std::string(group_key) +
+                         " on JAX device " + std::to_string(ordinal) +
+                         " (communicators are created when the call is lowered)");
+  if (specs.size() > 1 && static_cast<size_t>(peer->rank) >= specs.size())
+    return Status::Error(function + ": no argument spec for rank " + std::to_string(peer->rank));
+  peer->spec = &specs[specs.size() > 1 ? peer->rank : 0];
+  if (!entry.alltoallv) return Status::Ok();
+  std::string err;
+  if (!ParseAlltoAllv(*peer->spec, &peer->plan, &err)) return Status::Error(function + ": " + err);
+  // One spec line per rank, each with one count per rank: HCCL reads as many
+  // entries as the communicator has ranks.
+  if (peer->plan.send_counts.size() != specs.size())
+    return Status::Error(function + ": the spec has " + std::to_string(specs.size()) +
+                         " rank lines but " + std::to_string(peer->plan.send_counts.size()) +
+                         " counts per rank");
+  if (io.operands.empty() || io.results.empty())
+    return Status::Error(function + ": the call needs one operand and one result");
+  return Status::Ok();
+}
+
+// The state the steps of one call share once it holds its device.
+struct CallState {
+  CallState(const Cann& cann, const std::string& fn, const CallIo& call_io, aclrtStream s,
+            Pool& pool)
+      : c(cann),
+        function(fn),
+        io(call_io),
+        stream(s),
+        memory{cann, pool, {}},
+        desc{&cann, {}, {}} {}
+
+  const Cann& c;
+  const std::string& function;
+  const CallIo& io;
+  aclrtStream stream;
+  CallMemory memory;
+  std::vector<void*> dev_in, dev_out;  // the operands and results on the NPU
+  Timings tm;
+  Descriptors desc;  // the aclnn arguments', kept until the stream has passed the kernel
+};
+
+// The operands and results in device memory: on the host bridge pool blocks,
+// the operands copied in; in device mode XLA's own buffers.
+Status StageBuffers(CallState& s) {
+  const CallIo& io = s.io;
+  s.dev_in.assign(io.operands.size(), nullptr);
+  s.dev_out.assign(io.results.size(), nullptr);
+  if (!io.host) {
+    for (size_t i = 0; i < io.operands.size(); ++i) s.dev_in[i] = io.operands[i].data;
+    for (size_t i = 0; i < io.results.size(); ++i) s.dev_out[i] = io.results[i].data;
+    return Status::Ok();
+  }
+  for (size_t i = 0; i < io.operands.size(); ++i) {
+    const size_t bytes = io.operands[i].bytes;
+    Status taken = s.memory.Take(s.function, bytes, &s.dev_in[i]);
+    if (!taken.ok) return taken;
+    if (bytes == 0) continue;
+    // Synchronous: once it returns nothing reads XLA's host buffer any more,
+    // whatever happens to the stream later.
+    const int64_t t0 = NowNs();
+    const aclError rc =
+        s.c.aclrtMemcpy(s.dev_in[i], bytes, io.operands[i].data, bytes, kMemcpyHostToDevice);
+    s.tm.copy_in += NowNs() - t0;
+    s.tm.bytes_in += static_cast<int64_t>(bytes);
+    if (rc != kAclSuccess)
+      return Status::Error(s.function + ": " +
+                           Fail(s.c, "aclrtMemcpy (host to device)", rc).message);
+  }
+  for (size_t i = 0; i < io.results.size(); ++i) {
+    Status taken = s.memory.Take(s.function, io.results[i].bytes, &s.dev_out[i]);
+    if (!taken.ok) return taken;
+  }
+  return Status::Ok();
+}
+
+// The aclnn arguments of `spec`'s slots; their descriptors go into s.desc.
+Status MakeArgs(CallState& s, const Spec& spec, const std::string& group_name,
+                std::vector<ArgVal>* args) {
+  const std::string& function = s.function;
+  args->reserve(spec.slots.size());
+  for (size_t k = 0; k < spec.slots.size(); ++k) {
+    const Slot& sl = spec.slots[k];
+    ArgVal a;
+    a.kind = sl.kind;
+    switch (sl.kind) {
+      case 't': {
+        const auto& bufs = sl.src == 'r' ? s.dev_out : s.dev_in;
+        if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
+          return Status::Error(function + ": argument " + std::to_string(k) +
+                               " names a missing buffer");
+        a.tensor = s.c.aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
+                                       sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
+                                       bufs[sl.index]);
+        if (a.tensor == nullptr)
+          return Status::Error(function + ": aclCreateTensor failed for argument " +
+                               std::to_string(k) + ": " + RecentErr(s.c));
+        s.desc.tensors.push_back(a.tensor);
+        break;
+      }
+      case 'a': {
+        aclIntArray* arr = s.c.aclCreateIntArray(sl.dims.data(), sl.dims.size());
+        if (arr == nullptr)
+          return Status::Error(function + ": aclCreateIntArray failed for argument " +
+                               std::to_string(k) + ": " + RecentErr(s.c));
+        s.desc.arrays.push_back(arr);
+        a.array = arr;
+        break;
+      }
+      case 's':
+        a.str = sl.text.c_str();
+        break;
+      case 'g':
+        a.str = group_name.c_str();
+        break;
+      case 'i':
+      case 'b':
+        a.i = sl.i;
+        break;
+      case 'd':
+        a.d = sl.d;
+        break;
+      default:
+        break;
+    }
+    args->push_back(a);
+  }
+  return Status::Ok();
+}
+
+// Enqueues the aclnn operator: phase 1 (the workspace size and executor),
+// then phase 2 on the stream with a pooled workspace; in device mode also
+// the zeroing of the results' padding rows.
+Status RunAclnn(CallState& s, const Entry& entry, const Spec& spec, const std::string& group_name) {
+  const std::string& function = s.function;
+  std::vector<ArgVal> args;
+  Status st = MakeArgs(s, spec, group_name, &args);
+  if (!st.ok) return st;
+  const int64_t t1 = NowNs();
+  uint64_t ws_size = 0;
+  aclOpExecutor* executor = nullptr;
+  aclnnStatus rc = 0;
+  std::string err;
+  if (!entry.caller(entry.phase1, args, &ws_size, &executor, &rc, &err))
+    return Status::Error(function + ": " + err);
+  if (rc != 0)
+    return Status::Error(function + "GetWorkspaceSize failed with status " + std::to_string(rc) +
+                         ": " + RecentErr(s.c));
+  s.tm.phase1 = NowNs() - t1;
+  const int64_t t2 = NowNs();
+  void* ws = nullptr;
+  if (ws_size > 0 && !(st = s.memory.Take(function, ws_size, &ws, "workspace")).ok) {
+    if (s.c.aclDestroyAclOpExecutor) s.c.aclDestroyAclOpExecutor(executor);
+    return st;
+  }
+  // Phase 2 consumes the executor, failed or not (CANN deletes a
+  // non-repeatable executor on every path of its second phase); only one
+  // that never reached phase 2 (the workspace failure above) is ours.
+  rc = reinterpret_cast<AclnnPhase2_t>(entry.phase2)(ws, ws_size, executor, s.stream);
+  if (rc != 0)
+    return Status::Error(function + " failed with status " + std::to_string(rc) + ": " +
+                         RecentErr(s.c));
+  s.tm.phase2 = NowNs() - t2;
+  if (s.io.host) return Status::Ok();
+  return ZeroPaddingOnStream(s.c, function, spec, s.io, s.dev_out, s.stream, s.memory);
+}
+
+// Waits until the stream has passed the kernel; the host bridge's error
+// names the timeout's setting.
+Status WaitForStream(const CallState& s) {
+  const aclError rc = s.c.aclrtSynchronizeStreamWithTimeout(s.stream, TimeoutMs());
+  if (rc == kAclSuccess) return Status::Ok();
+  if (!s.io.host)
+    return Status::Error(s.function + " failed on the stream: status " + std::to_string(rc) + ": " +
+                         RecentErr(s.c));
+  const std::string what = rc == kAclStreamSyncTimeout
+                               ? " did not finish within " + std::to_string(TimeoutMs()) +
+                                     " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
+                               : " failed on the stream";
+  return Status::Error(s.function + what + ": aclrtSynchronizeStreamWithTimeout status " +
+                       std::to_string(rc) + ": " + RecentErr(s.c));
+}
+
+// Host bridge: the bytes of each result to copy back (the rest, the padding
+// rows past a spec's c<result>=<bytes>, zeroed in host memory) and the
+// operand a result reads back from (-1: the result itself).
+void PlanReadBack(const Spec& spec, const CallIo& io, std::vector<size_t>* count,
+                  std::vector<int>* from) {
+  from->assign(io.results.size(), -1);
+  count->resize(io.results.size());
+  for (size_t i = 0; i < io.results.size(); ++i) (*count)[i] = io.results[i].bytes;
+  for (auto [r, o] : spec.readback)
+    if (r >= 0 && static_cast<size_t>(r) < from->size()) (*from)[r] = o;
+  for (auto [r, b] : spec.partial) {
+    if (r < 0 || static_cast<size_t>(r) >= count->size()) continue;
+    (*count)[r] = std::min((*count)[r], static_cast<size_t>(b));
+    std::memset(static_cast<char*>(io.results[r].data) + (*count)[r], 0,
+                io.results[r].bytes - (*count)[r]);
+  }
+}
+
+// Host bridge: the results back once the stream has passed the kernel, with
+// synchronous copies, so that a call that timed out leaves nothing queued
+// that would write into XLA's host buffers later.
+Status ReadBack(CallState& s, const std::vector<size_t>& count, const std::vector<int>& from) {
+  for (size_t i = 0; i < s.io.results.size(); ++i) {
+    if (count[i] == 0) continue;
+    void* src = from[i] >= 0 ? s.dev_in[from[i]] : s.dev_out[i];
+    const int64_t t0 = NowNs();
+    const aclError rc = s.c.aclrtMemcpy(s.io.results[i].data, s.io.results[i].bytes, src, count[i],
+                                        kMemcpyDeviceToHost);
+    s.tm.copy_out += NowNs() - t0;
+    s.tm.bytes_out += static_cast<int64_t>(count[i]);
+    if (rc != kAclSuccess)
+      return Status::Error(s.function + ": " +
+                           Fail(s.c, "aclrtMemcpy (device to host)", rc).message);
+  }
+  return Status::Ok();
+}
+
+void AddTimings(const Timings& tm) {
+  std::lock_guard<std::mutex> lock(g_timing_mu);
+  g_timings.calls += 1;
+  g_timings.copy_in += tm.copy_in;
+  g_timings.copy_out += tm.copy_out;
+  g_timings.wait += tm.wait;
+  g_timings.phase1 += tm.phase1;
+  g_timings.phase2 += tm.phase2;
+  g_timings.total += tm.total;
+  g_timings.bytes_in += tm.bytes_in;
+  g_timings.bytes_out += tm.bytes_out;
+}
+
+}  // namespace
+
 Status Launch(int ordinal, std::string_view op_view, std::string_view function_view,
               std::string_view spec_text, std::string_view group_key, const CallIo& io) {
   const int64_t t0 = NowNs();
   g_launches.fetch_add(1);
-  Timings tm;
   const std::string op(op_view), function(function_view);
   auto error = [&](const std::string& m) { return Status::Error(op + ": " + m); };
   std::string why;
   const Cann* c = LoadCann(&why);
   if (c == nullptr) return error(why);
-  std::string err;
-  const std::vector<Spec>* specs = CachedSpecs(spec_text, &err);
-  if (specs == nullptr) return error(function + ": " + err);
-  // An aclnn operator (two phases), or HCCL's own AlltoAllV (the data
-  // movement of the AlltoAllv operators' gradients).
-  const bool alltoallv = function == kHcclAlltoAllV;
-  Caller caller = nullptr;
-  void *phase1 = nullptr, *phase2 = nullptr;
-  if (alltoallv) {
-    if (c->HcclAlltoAllV == nullptr) return error(MissingSymbol(*c, function, "libhccl.so"));
-  } else {
-    auto caller_it = Callers().find(function);
-    if (caller_it == Callers().end()) return error("unknown aclnn function " + function);
-    caller = caller_it->second;
-    phase1 = AclnnSymbol(*c, function + "GetWorkspaceSize", &why);
-    if (phase1 == nullptr) return error(why);
-    phase2 = AclnnSymbol(*c, function, &why);
-    if (phase2 == nullptr) return error(why);
-  }
+  const std::vector<Spec>* specs = CachedSpecs(spec_text, &why);
+  if (specs == nullptr) return error(function + ": " + why);
+  Entry entry;
+  Status s = ResolveEntry(*c, function, &entry);
+  if (!s.ok) return error(s.message);
 
-  // The lowering passes every replica group's key, '|'-separated; the
-  // device's own communicator gives the group name and this rank's spec.
   // Every call that gets this far counts on the group (ranks number their
   // calls alike), and every failure from here until the stream has passed
   // the collective marks the group broken: the peers' collective cannot
@@ -1347,294 +1654,59 @@ Status Launch(int ordinal, std::string_view op_view, std::string_view function_v
   // process re-creates the group at the same next call.
   const int64_t call = CountCall(group_key, ordinal);
   bool collective_done = false;
-  auto broken = [&](Status st) {
+  auto broken = [&](const Status& st) {
     if (!collective_done) MarkBroken(group_key, ordinal, call);
-    return st;
+    return error(st.message);
   };
   DeviceState* d = nullptr;
-  Status s = GetDevice(*c, ordinal, &d);
-  if (!s.ok) return broken(error(s.message));
+  if (!(s = GetDevice(*c, ordinal, &d)).ok) return broken(s);
   std::lock_guard<std::mutex> lock(d->mu);
-  if (d->retired)
-    return broken(error(function + ": jax_mc2.ascend.shutdown() ran while this call waited for " +
-                        "JAX device " + std::to_string(ordinal) + "; a new call starts afresh"));
-  if (!(s = Enter(*c, d)).ok) return broken(error(s.message));
-  aclrtStream stream = io.host ? d->stream : static_cast<aclrtStream>(io.stream);
+  Peer peer;
+  if (!(s = ReadyDevice(*c, d, function, ordinal, io)).ok ||
+      !(s = JoinGroup(*c, d, function, group_key, ordinal, call, *specs, entry, io, &peer)).ok)
+    return broken(s);
 
-  if (d->dirty && io.host) {
-    // A failed call may have left work on the stream: wait for it, and
-    // drop its status (it belongs to that call, already reported).
-    const aclError rc = c->aclrtSynchronizeStreamWithTimeout(d->stream, TimeoutMs());
-    if (rc == kAclStreamSyncTimeout)
-      return broken(error(function + ": the stream of JAX device " + std::to_string(ordinal) +
-                          " is still busy with an earlier failed call (status " +
-                          std::to_string(rc) + ")"));
-    d->dirty = false;
-    Held none;
-    ReleaseAll(*c, d->pool, none, true);
-  }
-  if (!(s = EnsureComm(*c, group_key, ordinal, call)).ok)
-    return broken(error(function + ": " + s.message));
-  if (!(s = Enter(*c, d)).ok)
-    return broken(error(s.message));  // a re-created group may move the thread
-  std::string group_name;
-  int rank = 0;
-  HcclComm comm = nullptr;
-  if (!FindComm(group_key, ordinal, &group_name, &rank, &comm) &&
-      ((*specs)[0].uses_group || alltoallv))
-    return broken(error("no HCCL communicator for replica group " + std::string(group_key) +
-                        " on JAX device " + std::to_string(ordinal) +
-                        " (communicators are created when the call is lowered)"));
-  if (specs->size() > 1 && static_cast<size_t>(rank) >= specs->size())
-    return broken(error(function + ": no argument spec for rank " + std::to_string(rank)));
-  const Spec* spec = &(*specs)[specs->size() > 1 ? rank : 0];
-  AlltoAllvPlan plan;  // holds HcclAlltoAllV's host count arrays until the call ends
-  if (alltoallv) {
-    if (!ParseAlltoAllv(*spec, &plan, &err)) return broken(error(function + ": " + err));
-    // One spec line per rank, each with one count per rank: HCCL reads as
-    // many entries as the communicator has ranks.
-    if (plan.send_counts.size() != specs->size())
-      return broken(error(function + ": the spec has " + std::to_string(specs->size()) +
-                          " rank lines but " + std::to_string(plan.send_counts.size()) +
-                          " counts per rank"));
-    if (io.operands.empty() || io.results.empty())
-      return broken(error(function + ": the call needs one operand and one result"));
-  }
-
-  // Device memory for the operands and results (host bridge), copied in.
-  Held held;
-  std::vector<void*> dev_in(io.operands.size(), nullptr), dev_out(io.results.size(), nullptr);
-  auto finish = [&](Status st, bool clean) {
-    ReleaseAll(*c, d->pool, held, clean);
-    if (!clean) {
-      d->dirty = true;
-      broken(Status::Ok());
-    }
-    return st;
+  CallState state(*c, function, io, io.host ? d->stream : static_cast<aclrtStream>(io.stream),
+                  d->pool);
+  // Every failure from here may leave work on the stream: the call's blocks
+  // are quarantined and the device is marked dirty.
+  auto failed = [&](const Status& st) {
+    ReleaseAll(*c, d->pool, state.memory.held, false);
+    d->dirty = true;
+    return broken(st);
   };
-  // A pool block of `bytes` held until `finish`; nullptr (with *failed set)
-  // when aclrtMalloc fails.
-  auto acquire = [&](size_t bytes, Status* failed) -> void* {
-    aclError rc;
-    size_t size = 0;
-    void* p = Acquire(*c, d->pool, bytes, &rc, &size);
-    if (p == nullptr) {
-      *failed = error(function + ": aclrtMalloc of " + std::to_string(bytes) +
-                      " bytes failed with status " + std::to_string(rc) + ": " + RecentErr(*c));
-      return nullptr;
-    }
-    held.blocks.emplace_back(size, p);
-    return p;
-  };
+  if (!(s = StageBuffers(state)).ok) return failed(s);
+  if (entry.alltoallv) {
+    const int64_t t1 = NowNs();
+    // Peers may be waiting in the exchange: their collective fails, and the
+    // group's communicators are re-created by the next call.
+    s = RunAlltoAllv(*c, peer.plan, peer.comm, state.stream, io, state.dev_in, state.dev_out,
+                     *peer.spec, state.memory);
+    if (!s.ok) return failed(s);
+    state.tm.phase2 = NowNs() - t1;
+  } else if (!(s = RunAclnn(state, entry, *peer.spec, peer.group_name)).ok) {
+    return failed(s);
+  }
   if (io.host) {
-    for (size_t i = 0; i < io.operands.size(); ++i) {
-      Status failed;
-      void* p = acquire(io.operands[i].bytes, &failed);
-      if (p == nullptr) return finish(failed, false);
-      dev_in[i] = p;
-      // Synchronous: once it returns nothing reads XLA's host buffer any more,
-      // whatever happens to the stream later.
-      if (io.operands[i].bytes) {
-        const int64_t tc = NowNs();
-        const aclError rc = c->aclrtMemcpy(p, io.operands[i].bytes, io.operands[i].data,
-                                           io.operands[i].bytes, kMemcpyHostToDevice);
-        tm.copy_in += NowNs() - tc;
-        tm.bytes_in += static_cast<int64_t>(io.operands[i].bytes);
-        if (rc != kAclSuccess)
-          return finish(
-              error(function + ": " + Fail(*c, "aclrtMemcpy (host to device)", rc).message), false);
-      }
-    }
-    for (size_t i = 0; i < io.results.size(); ++i) {
-      Status failed;
-      dev_out[i] = acquire(io.results[i].bytes, &failed);
-      if (dev_out[i] == nullptr) return finish(failed, false);
-    }
-  } else {
-    for (size_t i = 0; i < io.operands.size(); ++i) dev_in[i] = io.operands[i].data;
-    for (size_t i = 0; i < io.results.size(); ++i) dev_out[i] = io.results[i].data;
-  }
-
-  // Descriptors (aclnn), kept until the stream has passed the kernel.
-  Descriptors desc{c, {}, {}};
-  if (alltoallv) {
-    const int64_t t3 = NowNs();
-    Status st = RunAlltoAllv(*c, plan, comm, stream, io, dev_in, dev_out, *spec, d->pool, held);
-    if (!st.ok) {
-      // Peers may be waiting in the exchange: their collective fails, and
-      // the group's communicators are re-created by the next call.
-      return finish(error(st.message), false);
-    }
-    tm.phase2 = NowNs() - t3;
-  } else {
-    std::vector<ArgVal> args;
-    args.reserve(spec->slots.size());
-    for (size_t k = 0; k < spec->slots.size(); ++k) {
-      const Slot& sl = spec->slots[k];
-      ArgVal a;
-      a.kind = sl.kind;
-      switch (sl.kind) {
-        case 't': {
-          const auto& bufs = sl.src == 'r' ? dev_out : dev_in;
-          if (sl.index < 0 || static_cast<size_t>(sl.index) >= bufs.size())
-            return finish(
-                error(function + ": argument " + std::to_string(k) + " names a missing buffer"),
-                false);
-          a.tensor = c->aclCreateTensor(sl.dims.data(), sl.dims.size(), sl.dtype, sl.strides.data(),
-                                        sl.offset, sl.format, sl.storage.data(), sl.storage.size(),
-                                        bufs[sl.index]);
-          if (a.tensor == nullptr)
-            return finish(error(function + ": aclCreateTensor failed for argument " +
-                                std::to_string(k) + ": " + RecentErr(*c)),
-                          false);
-          desc.tensors.push_back(a.tensor);
-          break;
-        }
-        case 'a': {
-          aclIntArray* arr = c->aclCreateIntArray(sl.dims.data(), sl.dims.size());
-          if (arr == nullptr)
-            return finish(error(function + ": aclCreateIntArray failed for argument " +
-                                std::to_string(k) + ": " + RecentErr(*c)),
-                          false);
-          desc.arrays.push_back(arr);
-          a.array = arr;
-          break;
-        }
-        case 's':
-          a.str = sl.text.c_str();
-          break;
-        case 'g':
-          a.str = group_name.c_str();
-          break;
-        case 'i':
-        case 'b':
-          a.i = sl.i;
-          break;
-        case 'd':
-          a.d = sl.d;
-          break;
-        default:
-          break;
-      }
-      args.push_back(a);
-    }
-
-    // Phase 1.
+    std::vector<size_t> count;
+    std::vector<int> from;
+    PlanReadBack(*peer.spec, io, &count, &from);
     const int64_t t2 = NowNs();
-    uint64_t ws_size = 0;
-    aclOpExecutor* executor = nullptr;
-    aclnnStatus st = 0;
-    if (!caller(phase1, args, &ws_size, &executor, &st, &err))
-      return finish(error(function + ": " + err), false);
-    if (st != 0)
-      return finish(error(function + "GetWorkspaceSize failed with status " + std::to_string(st) +
-                          ": " + RecentErr(*c)),
-                    false);
-    tm.phase1 = NowNs() - t2;
-
-    // Phase 2 with a pooled workspace.
-    const int64_t t3 = NowNs();
-    void* ws = nullptr;
-    if (ws_size > 0) {
-      aclError rc;
-      size_t ws_block = 0;
-      ws = Acquire(*c, d->pool, ws_size, &rc, &ws_block);
-      if (ws == nullptr && c->aclDestroyAclOpExecutor) c->aclDestroyAclOpExecutor(executor);
-      if (ws == nullptr)
-        return finish(error(function + ": aclrtMalloc of the " + std::to_string(ws_size) +
-                            "-byte workspace failed with status " + std::to_string(rc) + ": " +
-                            RecentErr(*c)),
-                      false);
-      held.blocks.emplace_back(ws_block, ws);
-    }
-    // Phase 2 consumes the executor, failed or not (CANN deletes a
-    // non-repeatable executor on every path of its second phase); only one
-    // that never reached phase 2 (the workspace failure above) is ours.
-    st = reinterpret_cast<AclnnPhase2_t>(phase2)(ws, ws_size, executor, stream);
-    if (st != 0)
-      return finish(
-          error(function + " failed with status " + std::to_string(st) + ": " + RecentErr(*c)),
-          false);
-    tm.phase2 = NowNs() - t3;
-    if (!io.host) {
-      auto block = [&](size_t bytes, void** out) {
-        Status failed;
-        *out = acquire(bytes, &failed);
-        return *out ? Status::Ok() : failed;
-      };
-      Status zeroed = ZeroPaddingOnStream(*c, function, *spec, io, dev_out, stream, block);
-      if (!zeroed.ok) return finish(error(zeroed.message), false);
-    }
-  }
-
-  // Wait for the stream, then the results back (host bridge).
-  const int64_t t4 = NowNs();
-  if (io.host) {
-    std::vector<int> from(io.results.size(), -1);
-    std::vector<size_t> count(io.results.size());
-    for (size_t i = 0; i < io.results.size(); ++i) count[i] = io.results[i].bytes;
-    for (auto [r, o] : spec->readback)
-      if (r >= 0 && static_cast<size_t>(r) < from.size()) from[r] = o;
-    for (auto [r, b] : spec->partial) {
-      if (r < 0 || static_cast<size_t>(r) >= count.size()) continue;
-      count[r] = std::min(count[r], static_cast<size_t>(b));
-      std::memset(static_cast<char*>(io.results[r].data) + count[r], 0,
-                  io.results[r].bytes - count[r]);
-    }
-    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
-    tm.wait = NowNs() - t4;
-    if (rc != kAclSuccess) {
-      std::string what = rc == kAclStreamSyncTimeout
-                             ? " did not finish within " + std::to_string(TimeoutMs()) +
-                                   " ms (JAX_MC2_ASCEND_TIMEOUT_MS)"
-                             : " failed on the stream";
-      return finish(error(function + what + ": aclrtSynchronizeStreamWithTimeout status " +
-                          std::to_string(rc) + ": " + RecentErr(*c)),
-                    false);
-    }
+    s = WaitForStream(state);
+    state.tm.wait = NowNs() - t2;
+    if (!s.ok) return failed(s);
     collective_done = true;  // a failure from here on is this rank's alone
-    // Results come back only once the stream has passed the kernel, with a
-    // synchronous copy: a call that timed out leaves nothing queued that
-    // would write into XLA's host buffers later.
-    for (size_t i = 0; i < io.results.size(); ++i) {
-      if (count[i] == 0) continue;
-      void* src = from[i] >= 0 ? dev_in[from[i]] : dev_out[i];
-      const int64_t tc = NowNs();
-      aclError rc2 = c->aclrtMemcpy(io.results[i].data, io.results[i].bytes, src, count[i],
-                                    kMemcpyDeviceToHost);
-      tm.copy_out += NowNs() - tc;
-      tm.bytes_out += static_cast<int64_t>(count[i]);
-      if (rc2 != kAclSuccess)
-        return finish(
-            error(function + ": " + Fail(*c, "aclrtMemcpy (device to host)", rc2).message), false);
-    }
+    if (!(s = ReadBack(state, count, from)).ok) return failed(s);
+  } else if (!(s = WaitForStream(state)).ok) {
+    // Device mode: the buffers are XLA's, but the pooled workspace may be
+    // reused only once the stream has passed the kernel, so this first
+    // version of the seam synchronizes too (an event-ordered pool would not).
+    return failed(s);
   }
-  tm.total = NowNs() - t0;
-  // Device mode: the buffers are XLA's; the pooled workspace may be reused
-  // only once the stream has passed the kernel, so this first version of
-  // the seam synchronizes too (an event-ordered pool would not).
-  if (!io.host) {
-    aclError rc = c->aclrtSynchronizeStreamWithTimeout(stream, TimeoutMs());
-    if (rc != kAclSuccess)
-      return finish(error(function + " failed on the stream: status " + std::to_string(rc) + ": " +
-                          RecentErr(*c)),
-                    false);
-  }
-  Status done = finish(Status::Ok(), true);
-  tm.total = NowNs() - t0;
-  {
-    std::lock_guard<std::mutex> lock(g_timing_mu);
-    g_timings.calls += 1;
-    g_timings.copy_in += tm.copy_in;
-    g_timings.copy_out += tm.copy_out;
-    g_timings.wait += tm.wait;
-    g_timings.phase1 += tm.phase1;
-    g_timings.phase2 += tm.phase2;
-    g_timings.total += tm.total;
-    g_timings.bytes_in += tm.bytes_in;
-    g_timings.bytes_out += tm.bytes_out;
-  }
-  return done;
+  ReleaseAll(*c, d->pool, state.memory.held, true);
+  state.tm.total = NowNs() - t0;
+  AddTimings(state.tm);
+  return Status::Ok();
 }
 
 Status CopyBenchmark(int ordinal, size_t bytes, int reps, double* h2d, double* d2h) {

@@ -68,6 +68,14 @@ FAILURES = {
         r" 207001: \S",
         empty_pools=True,
     ),
+    # Operands x1 and x2 and the result take the first three blocks.
+    "workspace-allocation": Failure(
+        "CANN_DOUBLE_FAIL_MALLOC",
+        "4",
+        r"mm_all_reduce_base: aclnnMatmulAllReduce: aclrtMalloc of the \d+-byte workspace failed"
+        r" with status 207001: \S",
+        empty_pools=True,
+    ),
     "sync-timeout": Failure(
         "CANN_DOUBLE_SYNC_TIMEOUT",
         "1",
