@@ -290,7 +290,7 @@ def test_inplace_aliases_residual(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("comm_turn", [2, 7])
-def test_comm_turn_identical_and_lowered(impl, comm_turn):
+def test_comm_turn_identical_and_lowered(impl, comm_turn, monkeypatch):
     rng = np.random.default_rng(6)
     x1, x2, residual, gamma, bias = _case(rng, 4, oracle.BF16, x3d=True, transpose_x2=False)
     mesh = make_mesh((4,), ("tp",))
@@ -313,8 +313,13 @@ def test_comm_turn_identical_and_lowered(impl, comm_turn):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     text = build(comm_turn).lower(*args).as_text()
     assert reductions(text) == comm_turn
-    if impl == "ffi":
-        assert text.count("custom_call @mc2_matmul_ffi") == comm_turn
+    # The chunks' matmuls are custom calls on sgemm, XLA's dots on XLA's GEMM
+    # (the CPU's flags pick one for bfloat16); add + RMSNorm is one custom call.
+    for gemm in ("blas", "xla") if impl == "ffi" else ():
+        monkeypatch.setenv("JAX_MC2_GEMM", gemm)
+        text = build(comm_turn).lower(*args).as_text()
+        assert text.count("custom_call @mc2_matmul_ffi") == (comm_turn if gemm == "blas" else 0)
+        assert text.count("stablehlo.dot_general") == (0 if gemm == "blas" else comm_turn)
         assert text.count("custom_call @mc2_add_rms_norm_ffi") == 1
     text = build(0).lower(*args).as_text()
     assert reductions(text) == 1
