@@ -563,7 +563,7 @@ def gemm_choices() -> str:
         return f"{ffi_impl.BLAS}, {ffi_impl.XLA_DOT} for per-rank k >= {min_k}"
 
     parts = []
-    for dtype in ("float16", "bfloat16", "int8"):
+    for dtype in ("float16", "bfloat16", "int8", ffi_impl.FLOAT8):
         alone, shared = (engine(ffi_impl.xla_gemm_min_k(dtype, p)) for p in (1, 2))
         parts.append(
             f"{dtype} {alone}"

@@ -20,6 +20,12 @@ import pytest
 from handler_attrs import matmul_attrs
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from test_quant_v4_lowp import ROW_IDS as LOWP_ROW_IDS
+from test_quant_v4_lowp import ROWS as LOWP_ROWS
+from test_quant_v4_lowp import call_kwargs as lowp_kwargs
+from test_quant_v4_lowp import finish as lowp_finish
+from test_quant_v4_lowp import make_case as lowp_case
+from test_quant_v4_lowp import rank_y as lowp_rank_y
 
 import jax_mc2 as mc2
 from jax_mc2 import quant
@@ -39,7 +45,7 @@ def test_env_choice_is_validated(monkeypatch):
     assert _ffi.gemm_engine(jnp.float32) == _ffi.BLAS
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "int8", _ffi.FLOAT8])
 @pytest.mark.parametrize("k", [64, 4096])
 @pytest.mark.parametrize("parallelism", [1, 8])
 def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype, k, parallelism):
@@ -56,22 +62,35 @@ def test_auto_follows_the_cpu_feature_table(monkeypatch, dtype, k, parallelism):
 def test_the_table_by_cpu(monkeypatch):
     monkeypatch.delenv("JAX_MC2_GEMM", raising=False)
     avx2 = ("avx2", "fma", "f16c")
+    avx512 = ("avx2", "avx512f")
     cases = [
-        # (CPU flags, dtype, k, ranks sharing the cores, engine)
-        (avx2, "bfloat16", 4096, 1, "blas"),
-        (avx2, "int8", 512, 8, "blas"),
-        (avx2, "int8", 2048, 8, "xla"),
-        (avx2, "int8", 64, 1, "xla"),  # one rank: XLA's int8 GEMM at every k
-        (avx2, "int8", 512, 2, "blas"),
-        (avx2, "float16", 4096, 1, "blas"),
-        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, 8, "xla"),
-        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, 8, "xla"),
-        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, 1, "blas"),
-        ((), "int8", 4096, 1, "blas"),
+        # (CPU flags, dtype, k, ranks sharing the cores, per-rank m*k*n or None, engine)
+        (avx2, "bfloat16", 4096, 1, None, "blas"),
+        (avx2, "int8", 512, 8, None, "blas"),
+        (avx2, "int8", 2048, 8, None, "xla"),
+        (avx2, "int8", 64, 1, None, "xla"),  # one rank: XLA's int8 GEMM at every k
+        (avx2, "int8", 512, 2, None, "blas"),
+        (avx2, "float16", 4096, 1, None, "blas"),
+        (avx2, "float16", 512, 1, 512**3, "blas"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, 8, None, "xla"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, 8, None, "xla"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, 1, None, "blas"),
+        ((), "int8", 4096, 1, None, "blas"),
+        # AVX-512: XLA's GEMM for small products (float16 for a rank alone)
+        (avx512, "float16", 512, 1, 512**3, "xla"),
+        (avx512, "float16", 1024, 1, 1024**3, "blas"),
+        (avx512, "float16", 512, 8, 2**29, "blas"),
+        (avx2, _ffi.FLOAT8, 512, 1, 512**3, "blas"),
+        (avx512, _ffi.FLOAT8, 1024, 1, 1024**3, "xla"),
+        (avx512, _ffi.FLOAT8, 2048, 1, 2048**3, "blas"),
+        (avx512, _ffi.FLOAT8, 512, 8, 2**29, "xla"),
+        (avx512, _ffi.FLOAT8, 256, 8, 2**30, "blas"),
+        (avx512, _ffi.FLOAT8, 64, 1, None, "blas"),  # the product unknown: by k alone
     ]
-    for flags, dtype, k, ranks, engine in cases:
+    for flags, dtype, k, ranks, product, engine in cases:
         monkeypatch.setattr(_ffi, "cpu_flags", lambda flags=flags: flags)
-        assert _ffi.gemm_engine(dtype, k, ranks) == engine, (flags, dtype, k, ranks)
+        got = _ffi.gemm_engine(dtype, k, ranks, product)
+        assert got == engine, (flags, dtype, k, ranks, product)
 
 
 def test_ranks_sharing_the_cores_decide_the_int8_lowering(monkeypatch):
@@ -186,6 +205,46 @@ def test_int8_results_do_not_depend_on_the_gemm(monkeypatch, row):
         fn = _comm_quant_op(kw, n) if comm else _op(kw)
         results[engine] = np.asarray(fn(x1, x2).astype(jnp.float32))
     np.testing.assert_array_equal(results["xla"], results["blas"])
+
+
+@pytest.mark.parametrize("mode,kind,out_dtype", LOWP_ROWS, ids=LOWP_ROW_IDS)
+def test_lowp_rows_on_either_gemm(monkeypatch, mode, kind, out_dtype):
+    """quant_matmul_all_reduce_v4's fp8 / hifloat8 / MX rows: on XLA's GEMM
+    the ``ffi`` implementation is the ``xla`` implementation's program (the
+    perblock rows keep their kernel); on sgemm it is the kernel. Both give
+    the oracle's bits here (the sums are exact in fp32, in any order)."""
+    rng = np.random.default_rng(len(mode) + 3 * len(kind))
+    transpose_x2 = mode == "mx"
+    m, k, n = (12, 256, 20) if mode != "perblock" else (130, 300, 136)
+    x1, x2, s1, s2, bias = lowp_case(
+        rng,
+        mode,
+        kind,
+        m=m,
+        k=k,
+        n=n,
+        transpose_x2=transpose_x2,
+        with_bias=mode != "perblock",
+        pow2=True,
+    )
+    kw = lowp_kwargs(mode, kind, s1, s2, bias, None, out_dtype, transpose_x2)
+    want = lowp_finish(
+        lowp_rank_y(mode, kind, x1, x2, s1, s2, bias, transpose_x2=transpose_x2), None, out_dtype
+    )
+
+    def op(impl):
+        return jax.jit(
+            lambda a, b: mc2.quant_matmul_all_reduce_v4(a, b, None, implementation=impl, **kw)
+        )
+
+    for engine in ("blas", "xla"):
+        monkeypatch.setenv("JAX_MC2_GEMM", engine)
+        kernel = engine == "blas" or mode == "perblock"
+        assert ("mc2_lowp_matmul_ffi" in op("ffi").lower(x1, x2).as_text()) == kernel
+        got = np.asarray(op("ffi")(x1, x2))
+        np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+        if not kernel:
+            np.testing.assert_array_equal(got, np.asarray(op("xla")(x1, x2)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib
+import math
 import os
 
 import jax
@@ -81,6 +82,9 @@ for _name, _capsule in REGISTERED.items():
 # Which GEMM computes the products (docs/semantics.md §12)
 
 BLAS, XLA_DOT = "blas", "xla"
+#: The rule key of the fp8 / hifloat8 / MX rows (their values decoded to
+#: float32 and multiplied on a float32 GEMM).
+FLOAT8 = "float8"
 #: ``JAX_MC2_GEMM``: ``auto`` (the default: the table below), ``blas``
 #: (OpenBLAS sgemm inside the custom calls) or ``xla`` (XLA's own
 #: dot_general emitted around them, where the operator has such a path).
@@ -103,6 +107,30 @@ XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
     ),
 }
 
+#: Where XLA's GEMM beats sgemm on small products only, by measurement
+#: (docs/semantics.md §12): operand class -> rules of (CPU features, any of
+#: which qualifies; the per-rank product m * k * n below which XLA's GEMM is
+#: used when a program's ranks share the cores; the same when its one rank
+#: runs alone). On AVX-512 CPUs XLA's float32 GEMM led sgemm up to about
+#: 2^30 multiply-adds a rank (2^31 for a rank alone: the fp8 / hifloat8 / MX
+#: rows at 1024^3), and sgemm led from there on.
+XLA_GEMM_SMALL_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
+    "float16": ((frozenset({"avx512f"}), 0, 1 << 30),),
+    FLOAT8: ((frozenset({"avx512f"}), 1 << 30, 1 << 31),),
+}
+
+
+def _rule_key(dtype) -> str:
+    return dtype if isinstance(dtype, str) and dtype == FLOAT8 else np.dtype(dtype).name
+
+
+def _gemm_choice() -> str:
+    """``JAX_MC2_GEMM``, checked."""
+    choice = os.environ.get("JAX_MC2_GEMM") or "auto"
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    return choice
+
 
 def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
     """The least per-rank contraction depth k from which the ``ffi``
@@ -110,13 +138,11 @@ def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
     every k; None: never, OpenBLAS sgemm) in a program whose ``parallelism``
     ranks run at once on this process's cores, read now: ``JAX_MC2_GEMM``,
     or with ``auto`` the :data:`XLA_GEMM_RULES` this CPU's flags satisfy."""
-    choice = os.environ.get("JAX_MC2_GEMM") or "auto"
-    if choice not in GEMM_CHOICES:
-        raise ValueError(f"JAX_MC2_GEMM must be one of {GEMM_CHOICES}, got {choice!r}")
+    choice = _gemm_choice()
     if choice != "auto":
         return 0 if choice == XLA_DOT else None
     flags = set(cpu_flags())
-    rules = XLA_GEMM_RULES.get(np.dtype(dtype).name, ())
+    rules = XLA_GEMM_RULES.get(_rule_key(dtype), ())
     alone = parallelism <= 1
     return min(
         (
@@ -128,14 +154,46 @@ def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
     )
 
 
-def gemm_engine(dtype, k: int = 0, parallelism: int = 1) -> str:
+def xla_gemm_max_product(dtype, parallelism: int = 1) -> int:
+    """The per-rank product m * k * n below which the ``ffi`` implementation
+    multiplies operands of ``dtype`` on XLA's GEMM whatever their k (0:
+    none) in a program of ``parallelism`` concurrent ranks: with ``auto``
+    the :data:`XLA_GEMM_SMALL_RULES` this CPU's flags satisfy."""
+    if _gemm_choice() != "auto":
+        return 0
+    flags = set(cpu_flags())
+    rules = XLA_GEMM_SMALL_RULES.get(_rule_key(dtype), ())
+    alone = parallelism <= 1
+    return max(
+        (
+            alone_max if alone else shared_max
+            for features, shared_max, alone_max in rules
+            if features & flags
+        ),
+        default=0,
+    )
+
+
+def gemm_engine(dtype, k: int = 0, parallelism: int = 1, product: int | None = None) -> str:
     """``"xla"`` or ``"blas"``: the GEMM the ``ffi`` implementation uses for
-    operands of ``dtype`` with a per-rank contraction depth ``k`` in a
+    operands of ``dtype`` with a per-rank contraction depth ``k`` (and
+    ``product``, the per-rank m * k * n, where the caller knows it) in a
     program of ``parallelism`` concurrent ranks, read when a call is lowered
-    (:func:`xla_gemm_min_k`). The results do not depend on it beyond the
-    order of the fp32 accumulation: int8 products are exact either way."""
+    (:func:`xla_gemm_min_k`, :func:`xla_gemm_max_product`). The results do
+    not depend on it beyond the order of the fp32 accumulation: int8
+    products are exact either way."""
     min_k = xla_gemm_min_k(dtype, parallelism)
-    return XLA_DOT if min_k is not None and k >= min_k else BLAS
+    if min_k is not None and k >= min_k:
+        return XLA_DOT
+    if product is not None and product < xla_gemm_max_product(dtype, parallelism):
+        return XLA_DOT
+    return BLAS
+
+
+def product_size(x1, x2, transpose_x2: bool) -> int:
+    """m * k * n of ``x1 @ x2`` (x1 [..., k]; x2 [k, n], or [n, k] transposed)."""
+    n = x2.shape[0] if transpose_x2 else x2.shape[1]
+    return math.prod(x1.shape) * n
 
 
 #: The least per-rank element count from which a bfloat16 all-reduce runs as
@@ -266,7 +324,11 @@ def matmul(
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
     offset [1], [n] or [ceil(k / antiquant_group_size), n]).
     """
-    if antiquant_scale is None and gemm_engine(x1.dtype, x1.shape[-1], parallelism) == XLA_DOT:
+    product = product_size(x1, x2, transpose_x2)
+    if (
+        antiquant_scale is None
+        and gemm_engine(x1.dtype, x1.shape[-1], parallelism, product) == XLA_DOT
+    ):
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
         # epilogue (bias, x3, rounding) fuses into XLA's output pass.
         y = xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)

@@ -26,6 +26,7 @@ all-reduce by the fp8 pertile chain of docs/semantics.md §5.2.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -604,19 +605,26 @@ def _composition(local_fn, operands, params, axis_name, comm_turn, reduce=None):
     )
 
 
+def _xla_local(x1, x2, s2, s1, bias, x3, *, mode, comm, hif8, transpose_x2, out_dtype):
+    """One rank's result in ``out_dtype`` (or its fp8 pertile wire with
+    ``comm``), the ``xla`` numerics: XLA's float32 GEMM on the decoded values."""
+    y = local_lowp_matmul(x1, x2, s2, s1, bias, mode=mode, hif8=hif8, transpose_x2=transpose_x2)
+    x3_2d = None if x3 is None else x3.reshape(y.shape)
+    if comm:
+        c = y if x3_2d is None else y + numerics.widened(x3_2d)
+        out = pertile_wire(*pertile_quantize(c, np.dtype(x1.dtype)))
+    else:
+        out = numerics.x3_added(y, x3_2d, out_dtype).astype(out_dtype)
+    return out.reshape(*x1.shape[:-1], out.shape[-1])
+
+
 def _xla_composition(*operands, axis_name, comm_turn, **params):
-    hif8, transpose_x2, out_dtype = params["hif8"], params["transpose_x2"], params["out_dtype"]
-
-    def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
-        y = local_lowp_matmul(x1, x2, s2, s1, bias, mode=mode, hif8=hif8, transpose_x2=transpose_x2)
-        x3_2d = None if x3 is None else x3.reshape(y.shape)
-        if comm:
-            c = y if x3_2d is None else y + numerics.widened(x3_2d)
-            out = pertile_wire(*pertile_quantize(c, np.dtype(x1.dtype)))
-        else:
-            out = numerics.x3_added(y, x3_2d, out_dtype).astype(out_dtype)
-        return out.reshape(*x1.shape[:-1], out.shape[-1])
-
+    local = functools.partial(
+        _xla_local,
+        hif8=params["hif8"],
+        transpose_x2=params["transpose_x2"],
+        out_dtype=params["out_dtype"],
+    )
     return _composition(local, operands, params, axis_name, comm_turn)
 
 
@@ -628,6 +636,25 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     wide = ffi.widened_for_all_reduce(out_dtype, axis_name)
 
     def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
+        product = ffi.product_size(x1, x2, transpose_x2)
+        engine = ffi.gemm_engine(ffi.FLOAT8, x1.shape[-1], parallelism, product)
+        if mode != PERBLOCK and engine == ffi.XLA_DOT:
+            # The products on XLA's float32 GEMM (docs/semantics.md §12); the
+            # perblock rows' per-block products stay in the kernel.
+            y = _xla_local(
+                x1,
+                x2,
+                s2,
+                s1,
+                bias,
+                x3,
+                mode=mode,
+                comm=comm,
+                hif8=params["hif8"],
+                transpose_x2=transpose_x2,
+                out_dtype=out_dtype,
+            )
+            return y.astype(jnp.float32) if wide and not comm else y
         if x3 is not None:
             x3 = x3.reshape(*x1.shape[:-1], x3.shape[-1])
         if np.dtype(x1.dtype) == F4_E2M1:
