@@ -555,16 +555,20 @@ def gemm_choices() -> str:
     """The ``ffi`` implementation's GEMM per operand dtype on this machine,
     for a program of one rank and for ranks that share the cores."""
 
-    def engine(min_k):
-        if min_k is None:
-            return ffi_impl.BLAS
-        if min_k == 0:
+    def engine(min_k, max_product):
+        if min_k == 0 or max_product >= ffi_impl.UNLIMITED:
             return ffi_impl.XLA_DOT
-        return f"{ffi_impl.BLAS}, {ffi_impl.XLA_DOT} for per-rank k >= {min_k}"
+        choices = [f"{ffi_impl.XLA_DOT} for per-rank k >= {min_k}"] if min_k is not None else []
+        if max_product:
+            choices.append(f"{ffi_impl.XLA_DOT} below 2^{max_product.bit_length() - 1} m*k*n")
+        return ", ".join([ffi_impl.BLAS, *choices])
 
     parts = []
     for dtype in ("float16", "bfloat16", "int8", ffi_impl.FLOAT8):
-        alone, shared = (engine(ffi_impl.xla_gemm_min_k(dtype, p)) for p in (1, 2))
+        alone, shared = (
+            engine(ffi_impl.xla_gemm_min_k(dtype, p), ffi_impl.xla_gemm_max_product(dtype, p))
+            for p in (1, 2)
+        )
         parts.append(
             f"{dtype} {alone}"
             if alone == shared

@@ -127,6 +127,22 @@ def _lowered_on_two_ranks(x):
     return jax.jit(fn).lower(x).as_text()
 
 
+def test_bfloat16_all_gather_carries_two_bytes_a_value():
+    """The split bfloat16 all-reduce gathers bfloat16 bits, not float32
+    (XLA:CPU moves a conversion past an all-gather of floats)."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    fn = jax.shard_map(
+        lambda a: _ffi.all_reduce(a.astype(jnp.float32), "tp", jnp.bfloat16),
+        mesh=mesh,
+        in_specs=P("tp"),
+        out_specs=P(),
+        check_vma=False,
+    )
+    compiled = jax.jit(fn).lower(jnp.zeros((16, 8), jnp.bfloat16)).compile().as_text()
+    gathers = [line for line in compiled.splitlines() if " all-gather(" in line]
+    assert gathers and all(line.split("=")[1].strip().startswith("u16[") for line in gathers)
+
+
 def test_each_dtype_takes_its_collectives():
     def lowered(dtype):
         return _lowered_on_two_ranks(jnp.zeros((8, 4), dtype))

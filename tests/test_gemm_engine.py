@@ -72,8 +72,15 @@ def test_the_table_by_cpu(monkeypatch):
         (avx2, "int8", 512, 2, None, "blas"),
         (avx2, "float16", 4096, 1, None, "blas"),
         (avx2, "float16", 512, 1, 512**3, "blas"),
-        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, 8, None, "xla"),
-        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, 8, None, "xla"),
+        # Native bfloat16 / int8 GEMMs: XLA's, but for the large products of
+        # ranks sharing the cores
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 64, 8, 2**20, "xla"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 256, 8, 2**30, "blas"),
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "bfloat16", 4096, 1, 2**36, "xla"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 64, 8, 2**20, "xla"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 256, 8, 2**30, "blas"),
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 1024, 8, 2**32, "xla"),  # AVX2's k rule
+        (("avx2", "avx512f", "avx512_vnni"), "int8", 2048, 1, 2**33, "xla"),
         (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "float16", 4096, 1, None, "blas"),
         ((), "int8", 4096, 1, None, "blas"),
         # AVX-512: XLA's GEMM for small products (float16 for a rank alone)

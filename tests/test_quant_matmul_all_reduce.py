@@ -161,7 +161,8 @@ def test_sharded_values(impl, kind, world):
         assert "mc2_int8" not in text
         return
     # The int8 GEMM follows the CPU and the ranks sharing the cores (semantics §12).
-    if _ffi.gemm_engine(jnp.int8, k_local, world) == _ffi.XLA_DOT:
+    product = int(np.prod(x1.shape[:-1])) * k_local * x2.shape[1]
+    if _ffi.gemm_engine(jnp.int8, k_local, world, product) == _ffi.XLA_DOT:
         # XLA's int8 GEMM, the epilogue in lax ops
         assert "custom_call" not in text and "stablehlo.dot_general" in text
     else:

@@ -90,31 +90,33 @@ FLOAT8 = "float8"
 #: dot_general emitted around them, where the operator has such a path).
 GEMM_CHOICES = ("auto", BLAS, XLA_DOT)
 
-#: Where XLA's dot_general beats OpenBLAS sgemm on converted operands, by
-#: measurement (docs/semantics.md §12): operand dtype -> rules of (CPU
-#: features, any of which qualifies; the least per-rank k when a program's
-#: ranks share the cores; the least k when its one rank runs alone). XLA's
-#: GEMM is native for bfloat16 with AVX512-BF16 / AMX and for int8 with
-#: VNNI / AMX. With AVX2 alone its int8 GEMM wins for a rank that has the
-#: cores to itself, and for deep products (k >= 1024) when ranks share them.
-#: Elsewhere, and for float16, float32 and the fp8 / hifloat8 / MX /
-#: perblock rows everywhere, sgemm measured faster.
+#: Where XLA's dot_general beats OpenBLAS sgemm on converted operands from
+#: some depth on, by measurement (docs/semantics.md §12): operand dtype ->
+#: rules of (CPU features, any of which qualifies; the least per-rank k when
+#: a program's ranks share the cores; the least k when its one rank runs
+#: alone). With AVX2 XLA's int8 GEMM wins for a rank that has the cores to
+#: itself, and for deep products (k >= 1024) when ranks share them.
 XLA_GEMM_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
-    "bfloat16": ((NATIVE_BF16_DOT, 0, 0),),
-    "int8": (
-        (frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 0, 0),
-        (frozenset({"avx2"}), 1024, 0),
-    ),
+    "int8": ((frozenset({"avx2"}), 1024, 0),),
 }
 
-#: Where XLA's GEMM beats sgemm on small products only, by measurement
+#: No limit on a product's size.
+UNLIMITED = 1 << 62
+
+#: Where XLA's GEMM beats sgemm on products below a size, by measurement
 #: (docs/semantics.md §12): operand class -> rules of (CPU features, any of
 #: which qualifies; the per-rank product m * k * n below which XLA's GEMM is
 #: used when a program's ranks share the cores; the same when its one rank
-#: runs alone). On AVX-512 CPUs XLA's float32 GEMM led sgemm up to about
-#: 2^30 multiply-adds a rank (2^31 for a rank alone: the fp8 / hifloat8 / MX
-#: rows at 1024^3), and sgemm led from there on.
+#: runs alone). XLA's GEMM is native for bfloat16 with AVX512-BF16 / AMX and
+#: for int8 with VNNI / AMX, and led sgemm there, except on large products
+#: (2^30 multiply-adds a rank and more) of ranks that share the cores. On
+#: AVX-512 CPUs its float32 GEMM led sgemm up to about 2^30 multiply-adds a
+#: rank (2^31 for the fp8 / hifloat8 / MX rows of a rank alone), and sgemm
+#: led from there on. Elsewhere, and for the perblock rows everywhere, sgemm
+#: measured faster.
 XLA_GEMM_SMALL_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
+    "bfloat16": ((NATIVE_BF16_DOT, 1 << 30, UNLIMITED),),
+    "int8": ((frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 1 << 30, UNLIMITED),),
     "float16": ((frozenset({"avx512f"}), 0, 1 << 30),),
     FLOAT8: ((frozenset({"avx512f"}), 1 << 30, 1 << 31),),
 }
@@ -252,7 +254,12 @@ def all_reduce(x, axis_name, dtype=None):
         return lax.psum(x, axis_name).astype(dtype)
     wide = x.reshape(ranks, -1).astype(jnp.float32)
     part = lax.psum_scatter(wide, axis_name, scatter_dimension=0).astype(dtype)
-    return lax.all_gather(part, axis_name).reshape(x.shape)
+    # The all-gather carries the bfloat16 bits as uint16: XLA:CPU would move
+    # a float conversion past it and gather float32, twice the bytes (the
+    # uint16 gather measured 1.1-1.2x the float32 one at 2^20 and 2^22
+    # elements a rank on 8 devices).
+    bits = lax.all_gather(lax.bitcast_convert_type(part, jnp.uint16), axis_name)
+    return lax.bitcast_convert_type(bits, dtype).reshape(x.shape)
 
 
 def _float16_all_reduce(x, axis_name, ranks: int):
@@ -429,7 +436,8 @@ def int8_matmul(
     Without it, ``bf16_as_f32`` returns a bfloat16 result as float32
     (:func:`widened_for_all_reduce`).
     """
-    if gemm_engine(jnp.int8, x1.shape[-1], parallelism) == XLA_DOT:
+    product = product_size(x1, x2, transpose_x2)
+    if gemm_engine(jnp.int8, x1.shape[-1], parallelism, product) == XLA_DOT:
         # The epilogue fuses into XLA's output pass, which a custom call after
         # XLA's dot ran slower than (docs/semantics.md §12).
         y = xla.local_int8_matmul(
