@@ -24,8 +24,8 @@ from test_quant_v4_lowp import ROW_IDS as LOWP_ROW_IDS
 from test_quant_v4_lowp import ROWS as LOWP_ROWS
 from test_quant_v4_lowp import call_kwargs as lowp_kwargs
 from test_quant_v4_lowp import finish as lowp_finish
-from test_quant_v4_lowp import make_case as lowp_case
 from test_quant_v4_lowp import rank_y as lowp_rank_y
+from test_quant_v4_lowp import single_device_case as lowp_single_case
 
 import jax_mc2 as mc2
 from jax_mc2 import quant
@@ -222,18 +222,7 @@ def test_lowp_rows_on_either_gemm(monkeypatch, mode, kind, out_dtype):
     the oracle's bits here (the sums are exact in fp32, in any order)."""
     rng = np.random.default_rng(len(mode) + 3 * len(kind))
     transpose_x2 = mode == "mx"
-    m, k, n = (12, 256, 20) if mode != "perblock" else (130, 300, 136)
-    x1, x2, s1, s2, bias = lowp_case(
-        rng,
-        mode,
-        kind,
-        m=m,
-        k=k,
-        n=n,
-        transpose_x2=transpose_x2,
-        with_bias=mode != "perblock",
-        pow2=True,
-    )
+    x1, x2, s1, s2, bias = lowp_single_case(rng, mode, kind, transpose_x2=transpose_x2, pow2=True)
     kw = lowp_kwargs(mode, kind, s1, s2, bias, None, out_dtype, transpose_x2)
     want = lowp_finish(
         lowp_rank_y(mode, kind, x1, x2, s1, s2, bias, transpose_x2=transpose_x2), None, out_dtype

@@ -270,28 +270,29 @@ def call_kwargs(mode, kind, s1, s2, bias, x3, out_dtype, transpose_x2):
     return kw
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("mode,kind,out_dtype", ALL_ROW_PARAMS)
-def test_rows_single_device_bit_exact(impl, mode, kind, out_dtype):
-    rng = np.random.default_rng(len(mode) * 7 + len(kind))
-    transpose_x2 = mode == "mx" or kind == "float8_e5m2"
+def single_device_case(rng, mode, kind, *, transpose_x2, pow2):
+    """x1 [m, k], x2 and their scales and bias for a one-device call: tail
+    blocks of 128 in m, k and n for the perblock rows, whole MX blocks."""
     if mode == "perblock":
         m, k, n = 130, 300, 136  # row, k and column tail blocks
     elif mode == "mx":
         m, k, n = 12, 256, 20
     else:
         m, k, n = 12, 200, 20
-    x1, x2, s1, s2, bias = make_case(
-        rng,
-        mode,
-        kind,
-        m=m,
-        k=k,
-        n=n,
-        transpose_x2=transpose_x2,
-        with_bias=mode != "perblock",
-        pow2=mode == "perblock" or out_dtype == F32,
+    with_bias = mode != "perblock"
+    return make_case(
+        rng, mode, kind, m=m, k=k, n=n, transpose_x2=transpose_x2, with_bias=with_bias, pow2=pow2
     )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mode,kind,out_dtype", ALL_ROW_PARAMS)
+def test_rows_single_device_bit_exact(impl, mode, kind, out_dtype):
+    rng = np.random.default_rng(len(mode) * 7 + len(kind))
+    transpose_x2 = mode == "mx" or kind == "float8_e5m2"
+    pow2 = mode == "perblock" or out_dtype == F32
+    x1, x2, s1, s2, bias = single_device_case(rng, mode, kind, transpose_x2=transpose_x2, pow2=pow2)
+    m, n = x1.shape[0], x2.shape[0] if transpose_x2 else x2.shape[1]
     x3_dtype = F32 if out_dtype == BF16 else out_dtype  # x3 may differ from the output dtype
     x3 = rng.standard_normal((m, n)).astype(x3_dtype)
     y = rank_y(mode, kind, x1, x2, s1, s2, bias, transpose_x2=transpose_x2)

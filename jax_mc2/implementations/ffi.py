@@ -134,6 +134,14 @@ def _gemm_choice() -> str:
     return choice
 
 
+def _thresholds(table, dtype, parallelism: int) -> list[int]:
+    """The thresholds of ``table``'s rules for ``dtype`` that this CPU's flags
+    satisfy: each rule's shared-cores value, or with one rank its alone value."""
+    flags = set(cpu_flags())
+    index = 2 if parallelism <= 1 else 1
+    return [rule[index] for rule in table.get(_rule_key(dtype), ()) if rule[0] & flags]
+
+
 def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
     """The least per-rank contraction depth k from which the ``ffi``
     implementation multiplies operands of ``dtype`` on XLA's GEMM (0: at
@@ -143,17 +151,7 @@ def xla_gemm_min_k(dtype, parallelism: int = 1) -> int | None:
     choice = _gemm_choice()
     if choice != "auto":
         return 0 if choice == XLA_DOT else None
-    flags = set(cpu_flags())
-    rules = XLA_GEMM_RULES.get(_rule_key(dtype), ())
-    alone = parallelism <= 1
-    return min(
-        (
-            alone_k if alone else shared_k
-            for features, shared_k, alone_k in rules
-            if features & flags
-        ),
-        default=None,
-    )
+    return min(_thresholds(XLA_GEMM_RULES, dtype, parallelism), default=None)
 
 
 def xla_gemm_max_product(dtype, parallelism: int = 1) -> int:
@@ -163,17 +161,7 @@ def xla_gemm_max_product(dtype, parallelism: int = 1) -> int:
     the :data:`XLA_GEMM_SMALL_RULES` this CPU's flags satisfy."""
     if _gemm_choice() != "auto":
         return 0
-    flags = set(cpu_flags())
-    rules = XLA_GEMM_SMALL_RULES.get(_rule_key(dtype), ())
-    alone = parallelism <= 1
-    return max(
-        (
-            alone_max if alone else shared_max
-            for features, shared_max, alone_max in rules
-            if features & flags
-        ),
-        default=0,
-    )
+    return max(_thresholds(XLA_GEMM_SMALL_RULES, dtype, parallelism), default=0)
 
 
 def gemm_engine(dtype, k: int = 0, parallelism: int = 1, product: int | None = None) -> str:

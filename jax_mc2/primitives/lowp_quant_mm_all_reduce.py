@@ -634,6 +634,9 @@ _FFI_MODES = ffi.LOWP_MODES  # the kernel's modes, from the C++ module
 def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     transpose_x2, out_dtype = params["transpose_x2"], params["out_dtype"]
     wide = ffi.widened_for_all_reduce(out_dtype, axis_name)
+    xla_local = functools.partial(
+        _xla_local, hif8=params["hif8"], transpose_x2=transpose_x2, out_dtype=out_dtype
+    )
 
     def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
         product = ffi.product_size(x1, x2, transpose_x2)
@@ -641,19 +644,7 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
         if mode != PERBLOCK and engine == ffi.XLA_DOT:
             # The products on XLA's float32 GEMM (docs/semantics.md §12); the
             # perblock rows' per-block products stay in the kernel.
-            y = _xla_local(
-                x1,
-                x2,
-                s2,
-                s1,
-                bias,
-                x3,
-                mode=mode,
-                comm=comm,
-                hif8=params["hif8"],
-                transpose_x2=transpose_x2,
-                out_dtype=out_dtype,
-            )
+            y = xla_local(x1, x2, s2, s1, bias, x3, mode=mode, comm=comm)
             return y.astype(jnp.float32) if wide and not comm else y
         if x3 is not None:
             x3 = x3.reshape(*x1.shape[:-1], x3.shape[-1])
