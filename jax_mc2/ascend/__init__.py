@@ -28,7 +28,6 @@ import atexit
 import os
 
 import jax
-import numpy as np
 
 from jax_mc2.ascend import (
     _comms,
@@ -39,7 +38,7 @@ from jax_mc2.ascend._comms import _ordinal
 from jax_mc2.ascend._native import native as _mc2_ascend
 from jax_mc2.framework import implementation as _implementation
 from jax_mc2.framework import targets
-from jax_mc2.framework.validation import check_int
+from jax_mc2.framework.validation import check_int, is_int
 
 __all__ = [
     "ACL_DTYPE",
@@ -123,7 +122,7 @@ def bind_devices(npus) -> None:
             f"{npus}"
         )
     used = npus[: len(local)]
-    ints = all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in used)
+    ints = all(is_int(n) for n in used)
     # One rank per NPU: HCCL refuses a communicator with an NPU twice.
     if not ints or min(used) < 0 or len(set(used)) != len(used):
         raise ValueError(
@@ -209,8 +208,7 @@ def _timeout_ms(raw, name: str) -> int:
             value = int(raw.strip())
         except ValueError:
             value = None
-    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not is_int or not (value == -1 or 0 < value < 2**31):
+    if not is_int(value) or not (value == -1 or 0 < value < 2**31):
         raise ValueError(
             f"{name} must be -1 (wait forever) or a positive number of milliseconds, got {raw!r}"
         )

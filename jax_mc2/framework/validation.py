@@ -67,8 +67,13 @@ def check_shape(op: str, name: str, aval, expected, rule: str, hint: str = "") -
         )
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_int(op: str, name: str, value, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise value_error(op, f"{name} must be a Python int, got {value!r}")
     if minimum is not None and value < minimum:
         raise value_error(op, f"{name} must be >= {minimum}, got {value}")
