@@ -85,6 +85,7 @@ def test_the_table_by_cpu(monkeypatch):
         ((), "int8", 4096, 1, None, "blas"),
         # AVX-512: XLA's GEMM for small products (float16 for a rank alone)
         (avx512, "float16", 512, 1, 512**3, "xla"),
+        (avx512, "float16", 768, 1, 768**3, "blas"),
         (avx512, "float16", 1024, 1, 1024**3, "blas"),
         (avx512, "float16", 512, 8, 2**29, "blas"),
         (avx2, _ffi.FLOAT8, 512, 1, 512**3, "blas"),

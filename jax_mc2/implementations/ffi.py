@@ -110,14 +110,14 @@ UNLIMITED = 1 << 62
 #: runs alone). XLA's GEMM is native for bfloat16 with AVX512-BF16 / AMX and
 #: for int8 with VNNI / AMX, and led sgemm there, except on large products
 #: (2^30 multiply-adds a rank and more) of ranks that share the cores. On
-#: AVX-512 CPUs its float32 GEMM led sgemm up to about 2^30 multiply-adds a
-#: rank (2^31 for the fp8 / hifloat8 / MX rows of a rank alone), and sgemm
-#: led from there on. Elsewhere, and for the perblock rows everywhere, sgemm
-#: measured faster.
+#: AVX-512 CPUs its GEMM led sgemm on small products: the fp8 / hifloat8 /
+#: MX rows up to about 2^30 multiply-adds a rank (2^31 for a rank alone),
+#: float16 for a rank alone up to about 2^28; sgemm led from there on.
+#: Elsewhere, and for the perblock rows everywhere, sgemm measured faster.
 XLA_GEMM_SMALL_RULES: dict[str, tuple[tuple[frozenset[str], int, int], ...]] = {
     "bfloat16": ((NATIVE_BF16_DOT, 1 << 30, UNLIMITED),),
     "int8": ((frozenset({"avx_vnni", "avx512_vnni", "amx_int8"}), 1 << 30, UNLIMITED),),
-    "float16": ((frozenset({"avx512f"}), 0, 1 << 30),),
+    "float16": ((frozenset({"avx512f"}), 0, 1 << 28),),
     FLOAT8: ((frozenset({"avx512f"}), 1 << 30, 1 << 31),),
 }
 
