@@ -1132,6 +1132,14 @@ Status EnqueueCopies(const Cann& c, const std::vector<int64_t>& perm, size_t ite
   return Status::Ok();
 }
 
+// The bytes of result `r` (`bytes` long) that the kernel writes: all of them,
+// or fewer where the spec's c<result>=<bytes> entries say so.
+size_t WrittenBytes(const Spec& spec, size_t r, size_t bytes) {
+  for (auto [res, b] : spec.partial)
+    if (res >= 0 && static_cast<size_t>(res) == r) bytes = std::min(bytes, static_cast<size_t>(b));
+  return bytes;
+}
+
 // Device mode: zeroes, on `stream`, the bytes of each result past those the
 // spec's c<result>=<bytes> entries say the kernel writes (the padding rows of
 // the AlltoAllv outputs), copying from a zeroed block of the call's memory.
@@ -1140,10 +1148,7 @@ Status ZeroPaddingOnStream(const Cann& c, const std::string& fn, const Spec& spe
                            const std::vector<void*>& dev_out, aclrtStream stream,
                            CallMemory& memory) {
   for (size_t r = 0; r < io.results.size(); ++r) {
-    size_t written = io.results[r].bytes;
-    for (auto [res, b] : spec.partial)
-      if (res >= 0 && static_cast<size_t>(res) == r)
-        written = std::min(written, static_cast<size_t>(b));
+    const size_t written = WrittenBytes(spec, r, io.results[r].bytes);
     const size_t tail = io.results[r].bytes - written;
     if (tail == 0) continue;
     void* zeros = nullptr;
@@ -1587,14 +1592,13 @@ void PlanReadBack(const Spec& spec, const CallIo& io, std::vector<size_t>* count
                   std::vector<int>* from) {
   from->assign(io.results.size(), -1);
   count->resize(io.results.size());
-  for (size_t i = 0; i < io.results.size(); ++i) (*count)[i] = io.results[i].bytes;
   for (auto [r, o] : spec.readback)
     if (r >= 0 && static_cast<size_t>(r) < from->size()) (*from)[r] = o;
-  for (auto [r, b] : spec.partial) {
-    if (r < 0 || static_cast<size_t>(r) >= count->size()) continue;
-    (*count)[r] = std::min((*count)[r], static_cast<size_t>(b));
-    std::memset(static_cast<char*>(io.results[r].data) + (*count)[r], 0,
-                io.results[r].bytes - (*count)[r]);
+  for (size_t i = 0; i < io.results.size(); ++i) {
+    const Buffer& result = io.results[i];
+    (*count)[i] = WrittenBytes(spec, i, result.bytes);
+    if ((*count)[i] < result.bytes)
+      std::memset(static_cast<char*>(result.data) + (*count)[i], 0, result.bytes - (*count)[i]);
   }
 }
 
