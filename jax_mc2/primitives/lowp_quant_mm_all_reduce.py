@@ -618,14 +618,18 @@ def _xla_local(x1, x2, s2, s1, bias, x3, *, mode, comm, hif8, transpose_x2, out_
     return out.reshape(*x1.shape[:-1], out.shape[-1])
 
 
-def _xla_composition(*operands, axis_name, comm_turn, **params):
-    local = functools.partial(
+def _bound_xla_local(params):
+    """:func:`_xla_local` with the call's static parameters bound."""
+    return functools.partial(
         _xla_local,
         hif8=params["hif8"],
         transpose_x2=params["transpose_x2"],
         out_dtype=params["out_dtype"],
     )
-    return _composition(local, operands, params, axis_name, comm_turn)
+
+
+def _xla_composition(*operands, axis_name, comm_turn, **params):
+    return _composition(_bound_xla_local(params), operands, params, axis_name, comm_turn)
 
 
 _FFI_MODES = ffi.LOWP_MODES  # the kernel's modes, from the C++ module
@@ -634,9 +638,7 @@ _FFI_MODES = ffi.LOWP_MODES  # the kernel's modes, from the C++ module
 def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     transpose_x2, out_dtype = params["transpose_x2"], params["out_dtype"]
     wide = ffi.widened_for_all_reduce(out_dtype, axis_name)
-    xla_local = functools.partial(
-        _xla_local, hif8=params["hif8"], transpose_x2=transpose_x2, out_dtype=out_dtype
-    )
+    xla_local = _bound_xla_local(params)
 
     def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
         product = ffi.product_size(x1, x2, transpose_x2)
