@@ -611,31 +611,91 @@ def test_vma_typing_and_eval_shape(op):
     assert seen["mm"] == "bfloat16[5,3]"
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_lowered_hlo(impl):
-    world, experts = 4, 2
-    table = np.full((world, experts * world), 2)
+def _round_trip_hlo(impl, table, experts):
+    """The StableHLO of a dispatch and its combine with the static ``table``."""
+    world = table.shape[0]
+    recv = ep_oracle.recv_table(table, experts)  # the combine sends back what came
     mesh = make_mesh((world,), ("ep",))
 
     def f(x, w):
         y, _, _ = mc2.alltoallv_grouped_matmul(
             x, w[0], "ep", send_counts=table, implementation=impl
         )
-        back, _ = mc2.grouped_matmul_alltoallv(
-            y, w[0], "ep", send_counts=table, implementation=impl
-        )
+        back, _ = mc2.grouped_matmul_alltoallv(y, w[0], "ep", send_counts=recv, implementation=impl)
         return back
 
-    text = (
+    return (
         jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("ep"), P("ep")), out_specs=P("ep")))
         .lower(
-            jnp.ones((world * 16, 8), jnp.float16), jnp.ones((world, experts, 8, 8), jnp.float16)
+            jnp.ones((world * int(table.sum(1).max()), 8), jnp.float16),
+            jnp.ones((world, experts, 8, 8), jnp.float16),
         )
         .as_text()
     )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_lowered_hlo(impl, monkeypatch):
+    monkeypatch.setenv("JAX_MC2_GEMM", "blas")
+    world, experts = 4, 2
+    text = _round_trip_hlo(impl, np.full((world, experts * world), 2), experts)
     assert text.count("all_to_all") == 2
     assert "all_gather" not in text and "all_reduce" not in text
     assert text.count("mc2_grouped_matmul_ffi") == (2 if impl == "ffi" else 0)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zeros"])
+def test_static_counts_lower_to_one_dot_a_group_on_xla_gemm(kind, monkeypatch):
+    """With static counts and XLA's GEMM chosen, the ffi implementation's
+    grouped products are one dot a non-empty group, the rank's group sizes
+    picked by a switch on the rank when ranks' sizes differ; no grouped
+    custom call."""
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+    world, experts = 4, 2
+    table = count_table(kind, world, experts, np.random.default_rng(1))
+    text = _round_trip_hlo("ffi", table, experts)
+    assert text.count("all_to_all") == 2
+    assert "mc2_grouped_matmul_ffi" not in text
+    # Rank r's groups (the same rows for the dispatch's output and the
+    # combine's input): what it receives for each of its experts.
+    groups = ep_oracle.recv_table(table, experts).reshape(world, world, experts).sum(1)
+    distinct = np.unique(groups, axis=0)
+    if kind == "uniform":
+        assert len(distinct) == 1 and "stablehlo.case" not in text
+    else:
+        assert len(distinct) > 1 and text.count("stablehlo.case") == 2
+    assert text.count("stablehlo.dot_general") == 2 * int((distinct > 0).sum())
+
+
+@pytest.mark.parametrize("gemm", ["xla", "blas"])
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+@pytest.mark.parametrize(
+    "world, kind, dtype",
+    [(1, "skewed", oracle.BF16), (4, "zeros", np.float32), slow(2, "random", np.float16)],
+)
+def test_static_counts_on_either_gemm(gemm, op, world, kind, dtype, monkeypatch):
+    """The ffi implementation with static counts on XLA's GEMM (one dot a
+    group) and on the C++ kernel: both match the oracle, transposed weights
+    and permute_out included."""
+    monkeypatch.setenv("JAX_MC2_GEMM", gemm)
+    rng = np.random.default_rng(world + len(kind))
+    experts = 2
+    table = count_table(kind, world, experts, rng)
+    if op == "dispatch":
+        xs, ws = _dispatch_case(rng, world, experts, table, dtype, trans=True)
+        y, perm = run_dispatch(
+            world, "ffi", table, xs, ws, traced=False, trans=True, permute_out=True
+        )
+        want = ep_oracle.dispatch(list(xs), list(ws), table, trans=True, dtype=dtype)
+        for r in range(world):
+            _check_padded(perm[r], want[r][0], dtype)
+            _check_padded(y[r], want[r][1], dtype)
+    else:
+        xs, ws = _combine_case(rng, world, experts, table, dtype, trans=True)
+        (y,) = run_combine(world, "ffi", table, xs, ws, traced=False, trans=True)
+        want = ep_oracle.combine(list(xs), list(ws), table, trans=True, dtype=dtype)
+        for r in range(world):
+            _check_padded(y[r], want[r], dtype)
 
 
 # --------------------------------------------------------------------------

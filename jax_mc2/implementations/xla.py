@@ -66,6 +66,27 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
     return acc.astype(x1.dtype)
 
 
+def grouped_matmul_static(x, w, sizes, *, transpose_w: bool = False):
+    """``y[o_g:o_(g+1)] = x[o_g:o_(g+1)] @ w[g]`` for group sizes known when
+    tracing (``o`` their running sum): one :func:`local_matmul` a group, so
+    each product runs on XLA's own GEMM (fp32 accumulation, one rounding);
+    rows past the groups are zero, and a weight is read only by its own rows.
+
+    x: [rows, k]; w: [G, k, n] ([G, n, k] if transpose_w); sizes: G Python
+    ints >= 0 summing to at most rows. Returns [rows, n] in x's dtype.
+    """
+    rows = x.shape[0]
+    n = w.shape[1] if transpose_w else w.shape[2]
+    parts, start = [], 0
+    for g, size in enumerate(sizes):
+        if size:
+            parts.append(local_matmul(x[start : start + size], w[g], transpose_x2=transpose_w))
+        start += size
+    if start < rows:
+        parts.append(jnp.zeros((rows - start, n), x.dtype))
+    return jnp.concatenate(parts) if parts else jnp.zeros((rows, n), x.dtype)
+
+
 def product_tangent(x1, x2, dx1, dx2, *, transpose_x2=False):
     """The tangent of ``x1 @ x2``, ``dx1 @ x2 + x1 @ dx2``, in float32 (fp32
     accumulation, not rounded). Shapes as in :func:`local_matmul`."""

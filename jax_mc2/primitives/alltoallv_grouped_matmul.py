@@ -132,13 +132,19 @@ def _max_chunk(table, experts):
 # implementations; cheap integer work on E*W counts and the row indices).
 
 
+def _xp(counts):
+    """NumPy for a static table's counts (known when tracing), jnp for traced ones."""
+    return np if isinstance(counts, np.ndarray) else jnp
+
+
 def _clip_chunks(counts, world, experts, capacity):
     """Per-peer counts by expert, [W, E], clipped so each peer's chunk holds
     at most ``capacity`` rows. Returns (kept rows, offset inside the chunk)."""
+    xp = _xp(counts)
     c = counts.reshape(world, experts)
-    end = jnp.cumsum(c, axis=1, dtype=_I32)
-    start = jnp.minimum(end - c, capacity)
-    return jnp.minimum(end, capacity) - start, start
+    end = xp.cumsum(c, axis=1, dtype=np.int32)
+    start = xp.minimum(end - c, capacity)
+    return xp.minimum(end, capacity) - start, start
 
 
 def _expert_major(kept):
@@ -152,13 +158,16 @@ def _expert_major(kept):
 def _group_offsets(kept, rows):
     """(E + 1,) int32 group boundaries of the expert-major rows, capped at
     ``rows`` (rows past the capacity are dropped)."""
-    sizes = kept.sum(axis=0, dtype=_I32)
-    return jnp.minimum(jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(sizes, dtype=_I32)]), rows)
+    xp = _xp(kept)
+    sizes = kept.sum(axis=0, dtype=np.int32)
+    ends = xp.cumsum(sizes, dtype=np.int32)
+    return xp.minimum(xp.concatenate([xp.zeros(1, np.int32), ends]), rows)
 
 
 def group_offsets(counts, world, experts, capacity, rows):
     """The group boundaries of the expert-major rows the per-peer ``counts``
-    (E*W,) lay out, each peer chunk clipped to ``capacity``."""
+    (E*W,) lay out, each peer chunk clipped to ``capacity`` (NumPy for NumPy
+    counts)."""
     return _group_offsets(_clip_chunks(counts, world, experts, capacity)[0], rows)
 
 
@@ -500,15 +509,20 @@ def _check_shared_expert(op, x, mm_x, mm_w, trans):
     return mm_w.shape[0] if trans else mm_w.shape[1]
 
 
+def static_tables(params):
+    """The static (send, recv) count tables [W, E*W] as int32 NumPy."""
+    world, experts = params["world_size"], params["experts"]
+    table = np.asarray(params["send_table"], np.int32)
+    return table, transpose_count_table(table, world=world, experts=experts).astype(np.int32)
+
+
 def rank_counts(params, send, recv):
     """This rank's (send, recv) int32 count vectors: the traced operands, or
     its row of the static tables."""
     if params["send_table"] is None:
         # Negative traced counts count as 0 in both implementations.
         return jnp.maximum(send.astype(_I32), 0), jnp.maximum(recv.astype(_I32), 0)
-    world, experts = params["world_size"], params["experts"]
-    table = np.asarray(params["send_table"], np.int32)
-    recv_table = transpose_count_table(table, world=world, experts=experts).astype(np.int32)
+    table, recv_table = static_tables(params)
     if not params["axis_name"]:
         return jnp.asarray(table[0]), jnp.asarray(recv_table[0])
     rank = lax.axis_index(params["axis_name"])
@@ -527,6 +541,49 @@ def combine_group_offsets(params, send, rows):
     send_c, _ = rank_counts(params, send, send)
     world, experts, cap = params["world_size"], params["experts"], params["peer_capacity"]
     return group_offsets(send_c, world, experts, cap, rows)
+
+
+def _xla_gemm_group_sizes(params, w, rows, parallelism, *, received):
+    """Each rank's static group sizes [W, E] of its ``rows`` expert-major
+    rows when the ``ffi`` implementation runs the grouped products on XLA's
+    GEMM (docs/semantics.md §12): the counts are static and
+    :func:`ffi.gemm_engine` picks XLA's GEMM for w's dtype at this size.
+    None otherwise (the C++ kernel). ``received``: the dispatch's output
+    rows (laid out by the received counts), else the combine's input rows
+    (by the sent counts)."""
+    if params["send_table"] is None:
+        return None
+    trans = params["trans_weight"]
+    k, n = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
+    if ffi.gemm_engine(w.dtype, k, parallelism, product=rows * k * n) != ffi.XLA_DOT:
+        return None
+    world, experts, cap = params["world_size"], params["experts"], params["peer_capacity"]
+    table = static_tables(params)[1 if received else 0]
+    if not params["axis_name"]:
+        table = table[:1]  # the rank alone uses row 0 (rank_counts)
+    return np.stack([np.diff(group_offsets(row, world, experts, cap, rows)) for row in table])
+
+
+def _grouped_matmul_by_rank(x, w, sizes, params):
+    """The grouped matmul of x's expert-major rows on XLA's GEMM with each
+    rank's static group sizes (rows of ``sizes`` [W, E]): one program when
+    the ranks' sizes agree, else a ``lax.switch`` on the rank."""
+    distinct, which = np.unique(sizes, axis=0, return_inverse=True)
+
+    def branch_of(row):
+        def run(x, w):
+            y = xla.grouped_matmul_static(
+                x, w, [int(v) for v in row], transpose_w=params["trans_weight"]
+            )
+            return _compat.match_vma(y, x, w)[0]  # a branch of zeros varies too
+
+        return run
+
+    branches = [branch_of(row) for row in distinct]
+    if len(branches) == 1:
+        return branches[0](x, w)
+    branch = jnp.asarray(which.reshape(-1).astype(np.int32))[lax.axis_index(params["axis_name"])]
+    return lax.switch(branch, branches, x, w)
 
 
 def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
@@ -550,9 +607,12 @@ def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
     slots = _token_slots(send_c, world, experts, cap, x.shape[0])
     received = _exchange(take_rows(x, slots), params["axis_name"])
     gather, offsets = _expert_rows_index(recv_c, world, experts, cap, out_rows)
+    static = None
+    if w is not None and impl == FFI:
+        static = _xla_gemm_group_sizes(params, w, out_rows, parallelism, received=True)
     if w is None:
         outs.append(take_rows(received, gather))
-    elif impl == FFI:
+    elif impl == FFI and static is None:
         res = ffi.grouped_matmul(
             received,
             w,
@@ -567,7 +627,12 @@ def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
         outs += list(res) if params["permute_out"] else [res]
     else:
         permuted = take_rows(received, gather)
-        outs.append(grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"]))
+        if static is not None:
+            outs.append(_grouped_matmul_by_rank(permuted, w, static, params))
+        else:
+            outs.append(
+                grouped_matmul_xla(permuted, w, offsets, trans_weight=params["trans_weight"])
+            )
         if params["permute_out"]:
             outs.append(permuted)
     return _with_shared(outs, mm_x, mm_w, params, impl, parallelism)
@@ -589,7 +654,10 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
     cap, out_rows = params["peer_capacity"], params["out_rows"]
     send_c, recv_c = rank_counts(params, send, recv)
     rows = x.shape[0]
+    static = None
     if w is not None and impl == FFI:
+        static = _xla_gemm_group_sizes(params, w, rows, parallelism, received=False)
+    if w is not None and impl == FFI and static is None:
         # The grouped matmul scatters its rows straight into the chunks.
         dst, offsets = _expert_rows_index(send_c, world, experts, cap, rows)
         buf = ffi.grouped_matmul(
@@ -605,7 +673,9 @@ def _combine_composition(*operands, impl, parallelism, platforms, **params):
         )
     else:
         local = x
-        if w is not None:
+        if static is not None:
+            local = _grouped_matmul_by_rank(x, w, static, params)
+        elif w is not None:
             offsets = group_offsets(send_c, world, experts, cap, rows)
             local = grouped_matmul_xla(x, w, offsets, trans_weight=params["trans_weight"])
         if uses_ragged_exchange(impl, platforms) and params["axis_name"]:
