@@ -462,6 +462,25 @@ def test_grads(impl, op, traced):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_grads_static_counts_on_xla_gemm(op, monkeypatch):
+    """Static counts with XLA's GEMM chosen: the gradients (in gmm_x the
+    other operator, in the weights the grouped weight gradient, each with
+    every rank's group sizes) check numerically, and no grouped kernel is
+    left in the gradient's program."""
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+    fn, args = _grad_case(4, False, "ffi", op)
+    jax.test_util.check_grads(fn, args, order=1, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+    def loss(*a):
+        return sum(jnp.sum(jnp.sin(o)) for o in fn(*a))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).as_text()
+    assert "mc2_grouped_matmul" not in text
+    assert text.count("stablehlo.case") >= 3  # forward, gmm_x and weight gradients
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_transpose_of_dispatch_is_combine(impl):
     """The VJP of the dispatch data movement in gmm_x is the combine with the

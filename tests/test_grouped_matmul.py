@@ -167,6 +167,65 @@ def test_public_grouped_matmul_matches_ragged_dot_layout(impl):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", ["xla", "blas"])
+@pytest.mark.parametrize("dtype", [oracle.BF16, np.float32])
+@pytest.mark.parametrize("trans", [False, True])
+def test_static_sizes_on_either_gemm(gemm, dtype, trans, monkeypatch):
+    """Sizes known while tracing (NumPy): the ffi implementation multiplies
+    one group at a time on XLA's GEMM, or runs the C++ kernels; the values
+    and both gradients equal NumPy's either way (sizes past the rows
+    clipped), and the lowering shows which ran."""
+    monkeypatch.setenv("JAX_MC2_GEMM", gemm)
+    rng = np.random.default_rng(9)
+    x, w, _ = _case(rng, dtype, trans)
+    sizes = np.array([3, 0, 5, 20], np.int64)  # the last clipped to the 3 rows left
+    offsets = np.array([0, 3, 3, 8, 11])
+    dy = rng.standard_normal((x.shape[0], w.shape[1] if trans else w.shape[2])).astype(dtype)
+
+    def f(a, b):
+        return mc2.grouped_matmul(a, b, sizes, trans_weight=trans, implementation="ffi")
+
+    y, vjp = jax.vjp(jax.jit(f), x, w)
+    dx, dw = jax.jit(vjp)(dy)
+    tol = 1.6e-2 if dtype == oracle.BF16 else 1e-5
+    for got, want in (
+        (y, _np_gmm(x, w, offsets, trans)),
+        (dx, _np_gmm(dy, w, offsets, not trans)),
+        (dw, _np_wgrad(x, dy, offsets, trans)),
+    ):
+        want = want.astype(dtype).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol)
+    text = jax.jit(lambda a, b, d: jax.vjp(f, a, b)[1](d)).lower(x, w, dy).as_text()
+    kernels = text.count("mc2_grouped_matmul_ffi") + text.count("mc2_grouped_matmul_wgrad_ffi")
+    assert kernels == (0 if gemm == "xla" else 2)
+    # traced sizes keep the kernels on either GEMM
+    traced = jax.jit(
+        lambda a, b, g: mc2.grouped_matmul(a, b, g, trans_weight=trans, implementation="ffi")
+    )
+    assert "mc2_grouped_matmul_ffi" in traced.lower(x, w, sizes).as_text()
+
+
+@pytest.mark.slow
+def test_static_sizes_second_order_on_xla_gemm(monkeypatch):
+    """Hessian-vector products with static sizes on XLA's GEMM (the weight
+    gradient's JVP and transposes carry the sizes)."""
+    monkeypatch.setenv("JAX_MC2_GEMM", "xla")
+    x, w, _ = _case(np.random.default_rng(10), np.float32, False)
+
+    def loss(a, b):
+        return jnp.sum(jnp.sin(mc2.grouped_matmul(a, b, np.array(SIZES), implementation="ffi")))
+
+    jax.test_util.check_grads(loss, (x, w), order=2, modes=("fwd", "rev"), atol=2e-2, rtol=2e-2)
+
+
+def test_static_sizes_are_checked():
+    x, w, offsets = _case(np.random.default_rng(11), np.float32, False)
+    with pytest.raises(ValueError, match=r"static_sizes must hold G = 4 sizes >= 0 summing"):
+        grouped_matmul(x, w, offsets, static_sizes=((3, 0, 5),))
+    with pytest.raises(ValueError, match=r"at most the 11 rows per rank, got \(9, 0, 5, 1\)"):
+        grouped_matmul(x, w, offsets, static_sizes=((9, 0, 5, 1),))
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_non_finite_weight_stays_in_its_group(impl):
     """An inf in expert 0's weight reaches only expert 0's rows (lax.ragged_dot

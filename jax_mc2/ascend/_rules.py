@@ -431,8 +431,8 @@ def _data_movement(ctx, operands, call: Call, dispatch: bool):
 
 # ----------------------------------------------------------------------------
 # The local grouped matmul and its weight gradient (no communication: the
-# expert GEMMs of the AlltoAllv operators' gradients) run on the host, through
-# the ffi implementation's C++ kernels (docs/ascend.md, "Gradients").
+# expert GEMMs of the AlltoAllv operators' gradients) run on the host as the
+# ffi implementation runs them (docs/ascend.md, "Gradients").
 
 
 def _host_kernel(primitive_name: str, op: str) -> None:

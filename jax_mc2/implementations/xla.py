@@ -87,6 +87,45 @@ def grouped_matmul_static(x, w, sizes, *, transpose_w: bool = False):
     return jnp.concatenate(parts) if parts else jnp.zeros((rows, n), x.dtype)
 
 
+def grouped_weight_gradient_static(x, dy, sizes, *, transpose_w: bool = False):
+    """``dw[g] = x[o_g:o_(g+1)]^T @ dy[o_g:o_(g+1)]`` for group sizes known
+    when tracing: one dot a group on XLA's GEMM (fp32 accumulation, one
+    rounding); an empty group's gradient is zero.
+
+    x: [rows, k]; dy: [rows, n]; sizes: G Python ints >= 0 summing to at
+    most rows. Returns [G, k, n] ([G, n, k] if transpose_w) in x's dtype.
+    """
+    k, n = x.shape[1], dy.shape[1]
+    shape = (n, k) if transpose_w else (k, n)
+    parts, start = [], 0
+    for size in sizes:
+        a, b = (dy, x) if transpose_w else (x, dy)
+        rows = slice(start, start + size)
+        dims = (((0,), (0,)), ((), ()))
+        acc = lax.dot_general(a[rows], b[rows], dims, preferred_element_type=_F32)
+        parts.append(acc.astype(x.dtype) if size else jnp.zeros(shape, x.dtype))
+        start += size
+    return jnp.stack(parts)
+
+
+def by_rank(fn, rows_by_rank, axis_name, *operands):
+    """``fn(row, *operands)`` with this rank's row of ``rows_by_rank`` (one
+    tuple of Python ints per rank along ``axis_name``): one program when
+    every rank's row is the same, else a ``lax.switch`` on the rank over the
+    distinct rows. Each branch's result varies over the operands' mesh axes
+    (a branch that does not read them, e.g. all zeros, too)."""
+    distinct = sorted(set(rows_by_rank))
+
+    def branch(row):
+        return lambda *ops: _compat.match_vma(fn(row, *ops), *ops)[0]
+
+    if len(distinct) == 1:
+        return fn(distinct[0], *operands)
+    which = np.array([distinct.index(row) for row in rows_by_rank], np.int32)
+    index = jnp.asarray(which)[lax.axis_index(axis_name)]
+    return lax.switch(index, [branch(row) for row in distinct], *operands)
+
+
 def product_tangent(x1, x2, dx1, dx2, *, transpose_x2=False):
     """The tangent of ``x1 @ x2``, ``dx1 @ x2 + x1 @ dx2``, in float32 (fp32
     accumulation, not rounded). Shapes as in :func:`local_matmul`."""

@@ -10,7 +10,12 @@ import numpy as np
 from jax_mc2.framework import validation
 from jax_mc2.framework.typing import Array, ArrayLike, Implementation
 from jax_mc2.framework.validation import shape_str
-from jax_mc2.primitives.grouped_matmul import OP, grouped_matmul_offsets, offsets_from_sizes
+from jax_mc2.primitives.grouped_matmul import (
+    OP,
+    grouped_matmul_offsets,
+    offsets_from_sizes,
+    static_group_sizes,
+)
 
 _I32 = jnp.int32
 
@@ -34,7 +39,10 @@ def grouped_matmul(
     own dtype and the running sum saturates at m, so no int32 sum overflows:
     docs/semantics.md §6.6). Returns [m, n] in x's dtype (fp32
     accumulation, one rounding). Differentiable in x and w to any order (the weight gradient
-    is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU).
+    is a grouped ``x_g^T @ dy_g``, also a C++ kernel on CPU). With sizes
+    known while tracing (NumPy or Python integers), the ``ffi``
+    implementation multiplies one group at a time on XLA's GEMM where that
+    GEMM is the faster (docs/semantics.md §12).
     """
     validation.check_given(OP, x=x, w=w, group_sizes=group_sizes)
     x, w = jnp.asarray(x), jnp.asarray(w)
@@ -56,7 +64,9 @@ def grouped_matmul(
         )
     # Negative sizes count as empty groups; sizes and their sums saturate at
     # the row count without int32 overflow (docs/semantics.md §6).
-    offsets = offsets_from_sizes(group_sizes, x.shape[0] if x.ndim else 0)
+    rows = x.shape[0] if x.ndim else 0
+    offsets = offsets_from_sizes(group_sizes, rows)
+    static = None if isinstance(sizes, jax.Array) else (static_group_sizes(sizes, rows),)
     return grouped_matmul_offsets(
-        x, w, offsets, trans_weight=trans_weight, implementation=implementation
+        x, w, offsets, trans_weight=trans_weight, implementation=implementation, static_sizes=static
     )

@@ -543,47 +543,47 @@ def combine_group_offsets(params, send, rows):
     return group_offsets(send_c, world, experts, cap, rows)
 
 
-def _xla_gemm_group_sizes(params, w, rows, parallelism, *, received):
-    """Each rank's static group sizes [W, E] of its ``rows`` expert-major
-    rows when the ``ffi`` implementation runs the grouped products on XLA's
-    GEMM (docs/semantics.md §12): the counts are static and
-    :func:`ffi.gemm_engine` picks XLA's GEMM for w's dtype at this size.
-    None otherwise (the C++ kernel). ``received``: the dispatch's output
-    rows (laid out by the received counts), else the combine's input rows
-    (by the sent counts)."""
+def static_group_sizes(params, rows, *, received):
+    """Each rank's group sizes (one tuple of E Python ints per rank) of its
+    ``rows`` expert-major rows when the counts are static, else None.
+    ``received``: the dispatch's output rows (laid out by the received
+    counts), else the combine's input rows (by the sent counts). Without an
+    axis the rank alone uses row 0 (as :func:`rank_counts`)."""
     if params["send_table"] is None:
-        return None
-    trans = params["trans_weight"]
-    k, n = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
-    if ffi.gemm_engine(w.dtype, k, parallelism, product=rows * k * n) != ffi.XLA_DOT:
         return None
     world, experts, cap = params["world_size"], params["experts"], params["peer_capacity"]
     table = static_tables(params)[1 if received else 0]
     if not params["axis_name"]:
-        table = table[:1]  # the rank alone uses row 0 (rank_counts)
-    return np.stack([np.diff(group_offsets(row, world, experts, cap, rows)) for row in table])
+        table = table[:1]
+    return tuple(
+        tuple(int(v) for v in np.diff(group_offsets(row, world, experts, cap, rows)))
+        for row in table
+    )
+
+
+def _on_xla_gemm(w, rows, parallelism, trans):
+    """Whether the ``ffi`` implementation's grouped products of ``rows``
+    rows with the weights w run on XLA's GEMM (docs/semantics.md §12)."""
+    k, n = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
+    return ffi.gemm_engine(w.dtype, k, parallelism, product=rows * k * n) == ffi.XLA_DOT
+
+
+def _xla_gemm_group_sizes(params, w, rows, parallelism, *, received):
+    """:func:`static_group_sizes` when the ``ffi`` implementation runs these
+    grouped products on XLA's GEMM, one dot a group; None for the C++ kernel."""
+    if not _on_xla_gemm(w, rows, parallelism, params["trans_weight"]):
+        return None
+    return static_group_sizes(params, rows, received=received)
 
 
 def _grouped_matmul_by_rank(x, w, sizes, params):
     """The grouped matmul of x's expert-major rows on XLA's GEMM with each
-    rank's static group sizes (rows of ``sizes`` [W, E]): one program when
-    the ranks' sizes agree, else a ``lax.switch`` on the rank."""
-    distinct, which = np.unique(sizes, axis=0, return_inverse=True)
+    rank's static group sizes."""
 
-    def branch_of(row):
-        def run(x, w):
-            y = xla.grouped_matmul_static(
-                x, w, [int(v) for v in row], transpose_w=params["trans_weight"]
-            )
-            return _compat.match_vma(y, x, w)[0]  # a branch of zeros varies too
+    def run(row, x, w):
+        return xla.grouped_matmul_static(x, w, row, transpose_w=params["trans_weight"])
 
-        return run
-
-    branches = [branch_of(row) for row in distinct]
-    if len(branches) == 1:
-        return branches[0](x, w)
-    branch = jnp.asarray(which.reshape(-1).astype(np.int32))[lax.axis_index(params["axis_name"])]
-    return lax.switch(branch, branches, x, w)
+    return xla.by_rank(run, sizes, params["axis_name"], x, w)
 
 
 def _dispatch_composition(*operands, impl, parallelism, platforms, **params):
@@ -780,15 +780,20 @@ def _jvp(prim, primals, tangents, **params):
     if w is not None:
         # The weight's tangent runs through the local grouped-matmul
         # primitive, whose transpose is the grouped weight gradient.
-        trans, impl = params["trans_weight"], params["implementation"]
+        local = dict(
+            trans_weight=params["trans_weight"],
+            implementation=params["implementation"],
+            rank_axis=params["axis_name"],
+        )
         if is_dispatch:
             offsets = dispatch_group_offsets(params, send, recv)
-            t_y = t_y + grouped_matmul_offsets(
-                outs[-1], dw, offsets, trans_weight=trans, implementation=impl
-            )
+            rows = params["out_rows"]
+            sizes = static_group_sizes(params, rows, received=True)
+            t_y = t_y + grouped_matmul_offsets(outs[-1], dw, offsets, static_sizes=sizes, **local)
         else:
             offsets = combine_group_offsets(params, send, x.shape[0])
-            z = grouped_matmul_offsets(x, dw, offsets, trans_weight=trans, implementation=impl)
+            sizes = static_group_sizes(params, x.shape[0], received=False)
+            z = grouped_matmul_offsets(x, dw, offsets, static_sizes=sizes, **local)
             t_y = (
                 t_y
                 + prim.bind(

@@ -9,7 +9,9 @@ same kernels as their forward pass.
 with group offsets ``o`` (G + 1,) int32, ``o[0] == 0``, non-decreasing, at
 most the row count. fp32 accumulation, one rounding to x's dtype. ``ffi``:
 the C++ kernels ``mc2_grouped_matmul_ffi`` / ``mc2_grouped_matmul_wgrad_ffi``
-(one BLAS sgemm per group); ``xla``: ``lax.ragged_dot`` and its transpose.
+(one BLAS sgemm per group), or, when the group sizes are known when tracing
+(``static_sizes``) and ``ffi.gemm_engine`` picks XLA's GEMM for the dtype,
+one XLA dot a group; ``xla``: ``lax.ragged_dot`` and its transpose.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from jax_mc2.framework import _compat, validation
 from jax_mc2.framework.implementation import requested as requested_implementation
 from jax_mc2.framework.primitive import MAP, Operand, PrimitiveSpec, register
 from jax_mc2.framework.validation import shape_str
-from jax_mc2.implementations import ffi
+from jax_mc2.implementations import ffi, xla
 
 OP = "grouped_matmul"
 _F32 = jnp.float32
@@ -43,7 +45,18 @@ def _check_offsets(offsets, groups):
         )
 
 
-def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
+def _check_static_sizes(static_sizes, groups, rows):
+    """Each rank's static group sizes: G ints >= 0 summing to at most rows."""
+    for sizes in static_sizes or ():
+        if len(sizes) != groups or min(sizes, default=0) < 0 or sum(sizes) > rows:
+            raise validation.value_error(
+                OP,
+                f"static_sizes must hold G = {groups} sizes >= 0 summing to at most the "
+                f"{rows} rows per rank, got {sizes}",
+            )
+
+
+def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size, **static):
     del implementation, world_size
     validation.check_rank(OP, "x", x, (2,), "(rows, k)")
     if x.dtype not in _FLOAT_DTYPES:
@@ -59,13 +72,15 @@ def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size):
         )
     validation.check_same_dtype(OP, "w", w, "x", x)
     _check_offsets(offsets, w.shape[0])
+    _check_static_sizes(static["static_sizes"], w.shape[0], x.shape[0])
     n = w.shape[1] if trans_weight else w.shape[2]
     return _compat.result_aval(x, (x.shape[0], n), x.dtype, [x, w, offsets])
 
 
-def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_size):
+def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_size, **static):
     del implementation, world_size
     groups = offsets.shape[0] - 1
+    _check_static_sizes(static["static_sizes"], groups, x.shape[0])
     k, n = x.shape[1], dy.shape[1]
     shape = (groups, n, k) if trans_weight else (groups, k, n)
     return _compat.result_aval(x, shape, x.dtype, [x, dy, offsets])
@@ -84,13 +99,26 @@ def _selected_dense_gmm(x, w, offsets):
     return jnp.sum(jnp.where(mine, products, 0.0), axis=0)
 
 
+def _clip_static_sizes(sizes, rows):
+    """NumPy integer sizes clipped to [0, rows] in their own dtype, as int64."""
+    sizes = np.asarray(sizes)
+    hi = min(rows, int(np.iinfo(sizes.dtype).max))
+    return np.clip(sizes, 0, hi).astype(np.int64)
+
+
+def static_group_sizes(sizes, rows: int) -> tuple[int, ...]:
+    """The group sizes :func:`offsets_from_sizes` lays out, for sizes known
+    while tracing (NumPy or Python integers): each clipped to [0, rows], the
+    running sum saturating at ``rows``."""
+    ends = np.minimum(np.cumsum(_clip_static_sizes(sizes, rows)), rows)
+    return tuple(int(v) for v in np.diff(ends, prepend=0))
+
+
 def _clip_sizes(sizes, rows):
     """Each size clipped to [0, rows] in its own dtype (NumPy sizes in NumPy,
     so that int64/uint64 values past int32 never wrap), then int32."""
     if not isinstance(sizes, jax.Array):
-        sizes = np.asarray(sizes)
-        hi = min(rows, int(np.iinfo(sizes.dtype).max))
-        return jnp.asarray(np.clip(sizes, 0, hi).astype(np.int32))
+        return jnp.asarray(_clip_static_sizes(sizes, rows).astype(np.int32))
     sizes = jnp.asarray(sizes)
     hi = min(rows, int(jnp.iinfo(sizes.dtype).max))
     return jnp.clip(sizes, 0, hi).astype(_I32)
@@ -130,7 +158,22 @@ def grouped_matmul_xla(x, w, offsets, *, trans_weight):
     return lax.cond(finite, ragged, _selected_dense_gmm, x, w, offsets).astype(x.dtype)
 
 
-def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism):
+def _on_xla_gemm(dtype, rows, k, n, parallelism, static_sizes):
+    """Whether the ``ffi`` rules multiply on XLA's GEMM, one dot a group:
+    static sizes, and :func:`ffi.gemm_engine` picks it for this product."""
+    if static_sizes is None:
+        return False
+    return ffi.gemm_engine(dtype, k, parallelism, product=rows * k * n) == ffi.XLA_DOT
+
+
+def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism, static_sizes, rank_axis):
+    k, n = x.shape[1], w.shape[1] if trans_weight else w.shape[2]
+    if _on_xla_gemm(x.dtype, x.shape[0], k, n, parallelism, static_sizes):
+
+        def run(sizes, x, w):
+            return xla.grouped_matmul_static(x, w, sizes, transpose_w=trans_weight)
+
+        return xla.by_rank(run, static_sizes, rank_axis, x, w)
     rows = jnp.arange(x.shape[0], dtype=_I32)
     return ffi.grouped_matmul(
         x,
@@ -157,7 +200,13 @@ def _wgrad_xla(x, dy, offsets, *, trans_weight):
     return (jnp.swapaxes(dw, 1, 2) if trans_weight else dw).astype(x.dtype)
 
 
-def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism):
+def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism, static_sizes, rank_axis):
+    if _on_xla_gemm(x.dtype, x.shape[0], x.shape[1], dy.shape[1], parallelism, static_sizes):
+
+        def run(sizes, x, dy):
+            return xla.grouped_weight_gradient_static(x, dy, sizes, transpose_w=trans_weight)
+
+        return xla.by_rank(run, static_sizes, rank_axis, x, dy)
     return ffi.grouped_matmul_wgrad(
         x, dy, offsets, transpose_w=trans_weight, parallelism=parallelism
     )
@@ -167,11 +216,24 @@ def _bind(prim, *operands, **params):
     return prim.bind(*_compat.match_vma(*operands), **params)
 
 
-def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implementation=None):
+def grouped_matmul_offsets(
+    x,
+    w,
+    group_offsets,
+    *,
+    trans_weight=False,
+    implementation=None,
+    static_sizes=None,
+    rank_axis=None,
+):
     """``y[o_g:o_(g+1)] = x[o_g:o_(g+1)] @ w[g]``, other rows 0.
 
     x: [rows, k]; w: [G, k, n] ([G, n, k] with ``trans_weight``);
     group_offsets: int32 [G + 1] starting at 0, non-decreasing, <= rows.
+    static_sizes: when known while tracing, each rank's group sizes (one
+    tuple of G ints per rank along ``rank_axis``, or one tuple without an
+    axis), the same values as ``diff(group_offsets)``; they let the ``ffi``
+    implementation multiply one group at a time on XLA's GEMM.
     Returns [rows, n] in x's dtype (fp32 accumulation, one rounding).
     """
     return _bind(
@@ -182,6 +244,8 @@ def grouped_matmul_offsets(x, w, group_offsets, *, trans_weight=False, implement
         trans_weight=validation.check_bool(OP, "trans_weight", trans_weight),
         implementation=requested_implementation(OP, implementation),
         world_size=1,
+        static_sizes=static_sizes,
+        rank_axis=rank_axis,
     )
 
 
@@ -257,6 +321,10 @@ def _register_bilinear(name, operands, abstract_eval, xla_rule, ffi_rule, transp
     def jvp(primals, tangents, **params):
         return _bilinear_jvp(prim, primals, tangents, **params)
 
+    def xla_composition(*operands, trans_weight, static_sizes, rank_axis):
+        del static_sizes, rank_axis  # lax.ragged_dot reads the offsets
+        return xla_rule(*operands, trans_weight=trans_weight)
+
     prim = register(
         PrimitiveSpec(
             name=name,
@@ -264,7 +332,7 @@ def _register_bilinear(name, operands, abstract_eval, xla_rule, ffi_rule, transp
             operands=operands,
             abstract_eval=abstract_eval,
             effectful=False,
-            xla=xla_rule,
+            xla=xla_composition,
             ffi=ffi_rule,
             batching=MAP,
             jvp=jvp,
