@@ -1,6 +1,9 @@
 // mc2_add_rms_norm_ffi: the epilogue of matmul + all-reduce + add + RMSNorm,
 // run on the all-reduced matmul output `mm`:
 //   y        = round(mm + residual)
+// `mm` is in the dtype, or (float16 / bfloat16) the float32 matmul
+// accumulator of one rank, rounded to the dtype as it is loaded: the same
+// values as rounding it first, without a pass that writes them.
 //   norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
 // Statistics are fp32 over the already-rounded y; each element's square is
 // scaled by 1/n before the sum, and the fp16 and bf16 paths round where the
@@ -53,6 +56,7 @@ __attribute__((target_clones("avx2", "default"))) float SumOfScaledSquares(const
 // One call's operands, as rows of n elements.
 struct AddRmsNormRows {
   ffi::DataType dtype;
+  ffi::DataType mm_dtype;  // dtype, or F32: an accumulator rounded on load
   const void* mm;
   const void* residual;
   const float* gamma;  // fp32 copy
@@ -63,12 +67,18 @@ struct AddRmsNormRows {
   float epsilon;
 };
 
+// `count` values of mm from element `offset`, in the dtype's values.
+void LoadMm(const AddRmsNormRows& p, int64_t offset, int64_t count, float* dst) {
+  LoadAsFloat(p.mm_dtype, p.mm, offset, count, dst);
+  if (p.mm_dtype != p.dtype) RoundInPlace(p.dtype, dst, count);
+}
+
 // The reference row loop, one step per pass over the row; rows [begin, end).
 void AddRmsNormPortable(const AddRmsNormRows& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   std::vector<float> a = MakeVector<float>(n), b = MakeVector<float>(n), out = MakeVector<float>(n);
   for (int64_t r = begin; r < end; ++r) {
-    LoadAsFloat(p.dtype, p.mm, r * n, n, a.data());
+    LoadMm(p, r * n, n, a.data());
     LoadAsFloat(p.dtype, p.residual, r * n, n, b.data());
     AddInPlace(a.data(), b.data(), n);
     // y is rounded to the dtype first; the statistics read the rounded y.
@@ -142,11 +152,17 @@ struct Bf16Lanes {
   }
 };
 
+// mm as a float32 accumulator, each lane rounded to L's format on load.
+template <typename L>
+struct RoundedF32Lanes {
+  MC2_AVX2 static __m256 Load(const void* p, int64_t i) { return L::Round(F32Lanes::Load(p, i)); }
+};
+
 // The same arithmetic as AddRmsNormPortable, bit for bit (the sum of
 // squares runs over the same 16 interleaved partial sums, the tail into the
 // first), in two passes over each row: add, round, store y and accumulate;
-// then scale, round, multiply by gamma and store norm_out.
-template <typename L>
+// then scale, round, multiply by gamma and store norm_out. M loads mm.
+template <typename L, typename M = L>
 MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t begin, int64_t end) {
   const int64_t n = p.n;
   const int64_t body = n - n % 16;
@@ -158,9 +174,9 @@ MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t begin, int64_t end
     for (int64_t j = 0; j < body; j += 16) {
       // Both loads come before the stores: y may be residual's buffer.
       const __m256 lo =
-          L::Round(_mm256_add_ps(L::Load(p.mm, base + j), L::Load(p.residual, base + j)));
+          L::Round(_mm256_add_ps(M::Load(p.mm, base + j), L::Load(p.residual, base + j)));
       const __m256 hi =
-          L::Round(_mm256_add_ps(L::Load(p.mm, base + j + 8), L::Load(p.residual, base + j + 8)));
+          L::Round(_mm256_add_ps(M::Load(p.mm, base + j + 8), L::Load(p.residual, base + j + 8)));
       L::Store(p.y, base + j, lo);
       L::Store(p.y, base + j + 8, hi);
       _mm256_storeu_ps(v.data() + j, lo);
@@ -174,7 +190,7 @@ MC2_AVX2 void AddRmsNormAvx2(const AddRmsNormRows& p, int64_t begin, int64_t end
     if (body < n) {
       const int64_t tail = n - body;
       float b[16];
-      LoadAsFloat(p.dtype, p.mm, base + body, tail, v.data() + body);
+      LoadMm(p, base + body, tail, v.data() + body);
       LoadAsFloat(p.dtype, p.residual, base + body, tail, b);
       AddInPlace(v.data() + body, b, tail);
       RoundInPlace(p.dtype, v.data() + body, tail);
@@ -206,10 +222,14 @@ ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
                       ffi::AnyBuffer& norm_buffer, float epsilon, const RowParallel& parallel) {
   ffi::AnyBuffer* y = &y_buffer;
   ffi::AnyBuffer* norm_out = &norm_buffer;
-  const ffi::DataType dtype = mm.element_type();
-  if (!IsFloatType(dtype) || residual.element_type() != dtype || gamma.element_type() != dtype ||
-      y->element_type() != dtype || norm_out->element_type() != dtype) {
-    return InvalidArgument(kOp, "mm, residual, gamma, y and norm_out must share one float dtype");
+  const ffi::DataType dtype = residual.element_type();
+  const ffi::DataType mm_dtype = mm.element_type();
+  if (!IsFloatType(dtype) || gamma.element_type() != dtype || y->element_type() != dtype ||
+      norm_out->element_type() != dtype) {
+    return InvalidArgument(kOp, "residual, gamma, y and norm_out must share one float dtype");
+  }
+  if (mm_dtype != dtype && mm_dtype != ffi::DataType::F32) {
+    return InvalidArgument(kOp, "mm must be in residual's dtype or float32 (an accumulator)");
   }
   auto dims = residual.dimensions();
   if (dims.size() == 0) return InvalidArgument(kOp, "residual must have at least one dimension");
@@ -229,6 +249,7 @@ ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
   std::vector<float> g = MakeVector<float>(n);
   LoadAsFloat(dtype, gamma.untyped_data(), 0, n, g.data());
   const AddRmsNormRows p{dtype,
+                         mm_dtype,
                          mm.untyped_data(),
                          residual.untyped_data(),
                          g.data(),
@@ -241,9 +262,11 @@ ffi::Error AddRmsNorm(const ffi::AnyBuffer& mm, const ffi::AnyBuffer& residual,
   if (!HasAvx2F16c()) {
     rows_fn = AddRmsNormPortable;
   } else if (dtype == ffi::DataType::F16) {
-    rows_fn = AddRmsNormAvx2<Fp16Lanes>;
+    rows_fn = mm_dtype == dtype ? AddRmsNormAvx2<Fp16Lanes>
+                                : AddRmsNormAvx2<Fp16Lanes, RoundedF32Lanes<Fp16Lanes>>;
   } else if (dtype == ffi::DataType::BF16) {
-    rows_fn = AddRmsNormAvx2<Bf16Lanes>;
+    rows_fn = mm_dtype == dtype ? AddRmsNormAvx2<Bf16Lanes>
+                                : AddRmsNormAvx2<Bf16Lanes, RoundedF32Lanes<Bf16Lanes>>;
   } else if (dtype == ffi::DataType::F32) {
     rows_fn = AddRmsNormAvx2<F32Lanes>;
   } else {
@@ -268,7 +291,7 @@ ffi::Error Mc2AddRmsNormImpl(ffi::AnyBuffer mm, ffi::AnyBuffer residual, ffi::An
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Mc2AddRmsNormHandler, Mc2AddRmsNormImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // mm (all-reduced)
+                                  .Arg<ffi::AnyBuffer>()  // mm (all-reduced, or f32 acc)
                                   .Arg<ffi::AnyBuffer>()  // residual
                                   .Arg<ffi::AnyBuffer>()  // gamma
                                   .Ret<ffi::AnyBuffer>()  // y

@@ -224,6 +224,56 @@ def test_add_rms_norm_kernel_rounding(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("n", [7, 16, 40])
+@pytest.mark.parametrize("alias", [False, True], ids=["out-of-place", "inplace"])
+def test_add_rms_norm_kernel_takes_a_float32_accumulator(dtype, n, alias):
+    """mm as one rank's float32 accumulator: the kernel rounds it to the
+    dtype as it reads it, the same bits as given the rounded mm (halfway
+    values, overflow to inf and NaN included); mm of a third dtype is refused."""
+    from jax_mc2.implementations import ffi as _ffi
+
+    rng = np.random.default_rng(n)
+    acc = rng.standard_normal((3, n)).astype(np.float32) * 4
+    acc[0, :] = (rng.integers(-200, 200, n) + 0.5) * 2.0**-6  # ties in both dtypes
+    acc[1, 0] = 3.4e38 if dtype == oracle.BF16 else 7e4  # rounds to inf
+    acc[2, n // 2] = np.nan
+    residual = rng.standard_normal((3, n)).astype(dtype)
+    gamma = rng.uniform(0.5, 2.0, n).astype(dtype)
+
+    def run(mm):
+        f = functools.partial(_ffi.add_rms_norm, epsilon=1e-6, alias_residual=alias, parallelism=1)
+        return [np.asarray(v).astype(np.float32) for v in jax.jit(f)(mm, residual, gamma)]
+
+    with np.errstate(over="ignore"):
+        rounded = acc.astype(dtype)
+    assert np.isinf(rounded[1, 0].astype(np.float32))
+    for got, want in zip(run(acc), run(rounded)):
+        np.testing.assert_array_equal(got, want)
+    other = np.float16 if dtype == oracle.BF16 else oracle.BF16
+    with pytest.raises(Exception, match="mm must be in residual's dtype or float32"):
+        run(acc.astype(other))
+
+
+@pytest.mark.parametrize("gemm", ["xla", "blas"])
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
+def test_one_rank_on_xla_gemm_hands_the_accumulator_over(gemm, dtype, monkeypatch):
+    """One rank on XLA's GEMM: the kernel gets the float32 accumulator (no
+    rounding pass before it); on sgemm, the matmul kernel's rounded result.
+    Both match the oracle."""
+    monkeypatch.setenv("JAX_MC2_GEMM", gemm)
+    rng = np.random.default_rng(3)
+    x1, x2, residual, gamma, bias = _case(rng, 1, dtype, x3d=True, transpose_x2=False)
+    f = jax.jit(
+        lambda *a: mc2.matmul_all_reduce_add_rms_norm(*a, None, bias=bias, implementation="ffi")
+    )
+    text = f.lower(x1, x2, residual, gamma).as_text()
+    call = next(line for line in text.splitlines() if "custom_call @mc2_add_rms_norm_ffi" in line)
+    assert ("(tensor<2x6x32xf32>" in call) == (gemm == "xla"), call
+    want = _oracle(x1, x2, residual, gamma, bias, 1, transpose_x2=False, epsilon=1e-6)
+    _check(f(x1, x2, residual, gamma), want, dtype, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, oracle.BF16], ids=["float16", "bfloat16"])
 def test_nan_bits_do_not_depend_on_the_position(dtype):
     """A NaN's bits in y are the same in the vector body and the scalar tail
     of the ffi kernel (n = 9: one 8-wide vector and a tail of 1): quiet, the

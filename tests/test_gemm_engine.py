@@ -218,8 +218,8 @@ def test_int8_results_do_not_depend_on_the_gemm(monkeypatch, row):
 @pytest.mark.parametrize("mode,kind,out_dtype", LOWP_ROWS, ids=LOWP_ROW_IDS)
 def test_lowp_rows_on_either_gemm(monkeypatch, mode, kind, out_dtype):
     """quant_matmul_all_reduce_v4's fp8 / hifloat8 / MX rows: on XLA's GEMM
-    the ``ffi`` implementation is the ``xla`` implementation's program (the
-    perblock rows keep their kernel); on sgemm it is the kernel. Both give
+    the ``ffi`` implementation is the ``xla`` implementation's program; on
+    sgemm it is the kernel. Both give
     the oracle's bits here (the sums are exact in fp32, in any order)."""
     rng = np.random.default_rng(len(mode) + 3 * len(kind))
     transpose_x2 = mode == "mx"
@@ -236,7 +236,7 @@ def test_lowp_rows_on_either_gemm(monkeypatch, mode, kind, out_dtype):
 
     for engine in ("blas", "xla"):
         monkeypatch.setenv("JAX_MC2_GEMM", engine)
-        kernel = engine == "blas" or mode == "perblock"
+        kernel = engine == "blas"
         assert ("mc2_lowp_matmul_ffi" in op("ffi").lower(x1, x2).as_text()) == kernel
         got = np.asarray(op("ffi")(x1, x2))
         np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))

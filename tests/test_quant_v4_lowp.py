@@ -451,7 +451,7 @@ def test_rows_sharded(impl, mode, kind, out_dtype, world):
     # The kernel, or where the CPU's table picks XLA's GEMM the xla program
     # (docs/semantics.md §12); the perblock rows always keep the kernel.
     engine = _ffi.gemm_engine(_ffi.FLOAT8, k_local, world, m * k_local * n)
-    kernel = impl == "ffi" and (mode == "perblock" or engine == _ffi.BLAS)
+    kernel = impl == "ffi" and engine == _ffi.BLAS
     assert text.count("custom_call @mc2_lowp_matmul_ffi") == (1 if kernel else 0)
 
 

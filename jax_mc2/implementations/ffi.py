@@ -180,6 +180,12 @@ def gemm_engine(dtype, k: int = 0, parallelism: int = 1, product: int | None = N
     return BLAS
 
 
+def on_xla_gemm(x1, x2, transpose_x2: bool, parallelism: int) -> bool:
+    """Whether :func:`matmul` multiplies x1 and x2 on XLA's GEMM."""
+    product = product_size(x1, x2, transpose_x2)
+    return gemm_engine(x1.dtype, x1.shape[-1], parallelism, product) == XLA_DOT
+
+
 def product_size(x1, x2, transpose_x2: bool) -> int:
     """m * k * n of ``x1 @ x2`` (x1 [..., k]; x2 [k, n], or [n, k] transposed)."""
     n = x2.shape[0] if transpose_x2 else x2.shape[1]
@@ -319,11 +325,7 @@ def matmul(
     dequantized as ``(x2 + antiquant_offset) * antiquant_scale`` (scale and
     offset [1], [n] or [ceil(k / antiquant_group_size), n]).
     """
-    product = product_size(x1, x2, transpose_x2)
-    if (
-        antiquant_scale is None
-        and gemm_engine(x1.dtype, x1.shape[-1], parallelism, product) == XLA_DOT
-    ):
+    if antiquant_scale is None and on_xla_gemm(x1, x2, transpose_x2, parallelism):
         # The same fp32 accumulation and single rounding, on XLA's GEMM; the
         # epilogue (bias, x3, rounding) fuses into XLA's output pass.
         y = xla.local_matmul(x1, x2, bias, x3, transpose_x2=transpose_x2)
@@ -381,7 +383,9 @@ def matmul_all_reduce(
 def add_rms_norm(mm, residual, gamma, *, epsilon: float, alias_residual: bool, parallelism: int):
     """``(y, norm_out)`` of add + RMSNorm (custom call ``mc2_add_rms_norm_ffi``).
 
-    With ``alias_residual``, ``y`` is written into ``residual``'s buffer.
+    mm: residual's shape (or element count), in its dtype or float32 (one
+    rank's unrounded accumulator, which the kernel rounds to the dtype as it
+    reads it). With ``alias_residual``, ``y`` is written into ``residual``'s buffer.
     ``parallelism``: the programs XLA runs at once, which share the cores.
     """
     out = jax.ShapeDtypeStruct(residual.shape, residual.dtype)

@@ -43,6 +43,11 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
     x1: [m, k] or [b, s, k]; x2: [k, n] ([n, k] if transpose_x2);
     bias: [n]; x3: the output shape [m, n] or [b, s, n].
     """
+    return local_accumulator(x1, x2, bias, x3, transpose_x2=transpose_x2).astype(x1.dtype)
+
+
+def local_accumulator(x1, x2, bias=None, x3=None, *, transpose_x2=False):
+    """The float32 ``x1 @ x2 + bias + x3`` that :func:`local_matmul` rounds."""
     dims = matmul_dims(x1, transpose_x2)
 
     def mixed(a, b):
@@ -63,7 +68,7 @@ def local_matmul(x1, x2, bias=None, x3=None, *, transpose_x2=False):
         acc = acc + numerics.widened(bias)
     if x3 is not None:
         acc = acc + numerics.widened(x3)
-    return acc.astype(x1.dtype)
+    return acc
 
 
 def grouped_matmul_static(x, w, sizes, *, transpose_w: bool = False):
@@ -95,15 +100,16 @@ def grouped_weight_gradient_static(x, dy, sizes, *, transpose_w: bool = False):
     x: [rows, k]; dy: [rows, n]; sizes: G Python ints >= 0 summing to at
     most rows. Returns [G, k, n] ([G, n, k] if transpose_w) in x's dtype.
     """
-    k, n = x.shape[1], dy.shape[1]
-    shape = (n, k) if transpose_w else (k, n)
+    a, b = (dy, x) if transpose_w else (x, dy)
+    contract_rows = (((0,), (0,)), ((), ()))
     parts, start = [], 0
     for size in sizes:
-        a, b = (dy, x) if transpose_w else (x, dy)
-        rows = slice(start, start + size)
-        dims = (((0,), (0,)), ((), ()))
-        acc = lax.dot_general(a[rows], b[rows], dims, preferred_element_type=_F32)
-        parts.append(acc.astype(x.dtype) if size else jnp.zeros(shape, x.dtype))
+        if size:
+            rows = slice(start, start + size)
+            acc = lax.dot_general(a[rows], b[rows], contract_rows, preferred_element_type=_F32)
+            parts.append(acc.astype(x.dtype))
+        else:
+            parts.append(jnp.zeros((a.shape[1], b.shape[1]), x.dtype))
         start += size
     return jnp.stack(parts)
 

@@ -543,7 +543,7 @@ def combine_group_offsets(params, send, rows):
     return group_offsets(send_c, world, experts, cap, rows)
 
 
-def static_group_sizes(params, rows, *, received):
+def rank_group_sizes(params, rows, *, received):
     """Each rank's group sizes (one tuple of E Python ints per rank) of its
     ``rows`` expert-major rows when the counts are static, else None.
     ``received``: the dispatch's output rows (laid out by the received
@@ -569,11 +569,11 @@ def _on_xla_gemm(w, rows, parallelism, trans):
 
 
 def _xla_gemm_group_sizes(params, w, rows, parallelism, *, received):
-    """:func:`static_group_sizes` when the ``ffi`` implementation runs these
+    """:func:`rank_group_sizes` when the ``ffi`` implementation runs these
     grouped products on XLA's GEMM, one dot a group; None for the C++ kernel."""
     if not _on_xla_gemm(w, rows, parallelism, params["trans_weight"]):
         return None
-    return static_group_sizes(params, rows, received=received)
+    return rank_group_sizes(params, rows, received=received)
 
 
 def _grouped_matmul_by_rank(x, w, sizes, params):
@@ -787,12 +787,11 @@ def _jvp(prim, primals, tangents, **params):
         )
         if is_dispatch:
             offsets = dispatch_group_offsets(params, send, recv)
-            rows = params["out_rows"]
-            sizes = static_group_sizes(params, rows, received=True)
+            sizes = rank_group_sizes(params, params["out_rows"], received=True)
             t_y = t_y + grouped_matmul_offsets(outs[-1], dw, offsets, static_sizes=sizes, **local)
         else:
             offsets = combine_group_offsets(params, send, x.shape[0])
-            sizes = static_group_sizes(params, x.shape[0], received=False)
+            sizes = rank_group_sizes(params, x.shape[0], received=False)
             z = grouped_matmul_offsets(x, dw, offsets, static_sizes=sizes, **local)
             t_y = (
                 t_y

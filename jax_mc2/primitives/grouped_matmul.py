@@ -56,8 +56,10 @@ def _check_static_sizes(static_sizes, groups, rows):
             )
 
 
-def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size, **static):
-    del implementation, world_size
+def _abstract_eval(
+    x, w, offsets, *, trans_weight, implementation, world_size, static_sizes, rank_axis
+):
+    del implementation, world_size, rank_axis
     validation.check_rank(OP, "x", x, (2,), "(rows, k)")
     if x.dtype not in _FLOAT_DTYPES:
         raise validation.type_error(
@@ -72,15 +74,17 @@ def _abstract_eval(x, w, offsets, *, trans_weight, implementation, world_size, *
         )
     validation.check_same_dtype(OP, "w", w, "x", x)
     _check_offsets(offsets, w.shape[0])
-    _check_static_sizes(static["static_sizes"], w.shape[0], x.shape[0])
+    _check_static_sizes(static_sizes, w.shape[0], x.shape[0])
     n = w.shape[1] if trans_weight else w.shape[2]
     return _compat.result_aval(x, (x.shape[0], n), x.dtype, [x, w, offsets])
 
 
-def _wgrad_abstract_eval(x, dy, offsets, *, trans_weight, implementation, world_size, **static):
-    del implementation, world_size
+def _wgrad_abstract_eval(
+    x, dy, offsets, *, trans_weight, implementation, world_size, static_sizes, rank_axis
+):
+    del implementation, world_size, rank_axis
     groups = offsets.shape[0] - 1
-    _check_static_sizes(static["static_sizes"], groups, x.shape[0])
+    _check_static_sizes(static_sizes, groups, x.shape[0])
     k, n = x.shape[1], dy.shape[1]
     shape = (groups, n, k) if trans_weight else (groups, k, n)
     return _compat.result_aval(x, shape, x.dtype, [x, dy, offsets])

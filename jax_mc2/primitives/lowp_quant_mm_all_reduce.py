@@ -643,9 +643,8 @@ def _ffi_composition(*operands, axis_name, comm_turn, parallelism, **params):
     def local(x1, x2, s2, s1, bias, x3, *, mode, comm):
         product = ffi.product_size(x1, x2, transpose_x2)
         engine = ffi.gemm_engine(ffi.FLOAT8, x1.shape[-1], parallelism, product)
-        if mode != PERBLOCK and engine == ffi.XLA_DOT:
-            # The products on XLA's float32 GEMM (docs/semantics.md §12); the
-            # perblock rows' per-block products stay in the kernel.
+        if engine == ffi.XLA_DOT:
+            # The products on XLA's float32 GEMM (docs/semantics.md §12).
             y = xla_local(x1, x2, s2, s1, bias, x3, mode=mode, comm=comm)
             return y.astype(jnp.float32) if wide and not comm else y
         if x3 is not None:

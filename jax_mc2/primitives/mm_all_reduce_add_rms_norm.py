@@ -115,7 +115,13 @@ def _abstract_eval(*operands, epsilon, transpose_x2, has_bias, inplace, **collec
 def _ffi_composition(*operands, epsilon, has_bias, inplace, **params):
     """``params``: transpose_x2, axis_name, comm_turn, parallelism."""
     x1, x2, residual, gamma, bias = _split(operands, has_bias)
-    mm = ffi.matmul_all_reduce(x1, x2, bias, None, **params)
+    transpose_x2 = params["transpose_x2"]
+    if not params["axis_name"] and ffi.on_xla_gemm(x1, x2, transpose_x2, params["parallelism"]):
+        # One rank on XLA's GEMM: the kernel rounds the float32 accumulator
+        # as it reads it, the same values without a pass that writes them.
+        mm = xla.local_accumulator(x1, x2, bias, transpose_x2=transpose_x2)
+    else:
+        mm = ffi.matmul_all_reduce(x1, x2, bias, None, **params)
     return ffi.add_rms_norm(
         mm,
         residual,
