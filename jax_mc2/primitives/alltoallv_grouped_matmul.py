@@ -55,6 +55,8 @@ from jax_mc2.primitives.grouped_matmul import (
     grouped_matmul_offsets,
     grouped_matmul_xla,
     offsets_from_sizes,
+    on_xla_gemm,
+    static_grouped_matmul,
 )
 
 OP_DISPATCH = "alltoallv_grouped_matmul"
@@ -561,29 +563,20 @@ def rank_group_sizes(params, rows, *, received):
     )
 
 
-def _on_xla_gemm(w, rows, parallelism, trans):
-    """Whether the ``ffi`` implementation's grouped products of ``rows``
-    rows with the weights w run on XLA's GEMM (docs/semantics.md §12)."""
-    k, n = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
-    return ffi.gemm_engine(w.dtype, k, parallelism, product=rows * k * n) == ffi.XLA_DOT
-
-
 def _xla_gemm_group_sizes(params, w, rows, parallelism, *, received):
     """:func:`rank_group_sizes` when the ``ffi`` implementation runs these
     grouped products on XLA's GEMM, one dot a group; None for the C++ kernel."""
-    if not _on_xla_gemm(w, rows, parallelism, params["trans_weight"]):
-        return None
-    return rank_group_sizes(params, rows, received=received)
+    sizes = rank_group_sizes(params, rows, received=received)
+    k, n = (w.shape[2], w.shape[1]) if params["trans_weight"] else (w.shape[1], w.shape[2])
+    return sizes if on_xla_gemm(w.dtype, rows, k, n, parallelism, sizes) else None
 
 
 def _grouped_matmul_by_rank(x, w, sizes, params):
     """The grouped matmul of x's expert-major rows on XLA's GEMM with each
     rank's static group sizes."""
-
-    def run(row, x, w):
-        return xla.grouped_matmul_static(x, w, row, transpose_w=params["trans_weight"])
-
-    return xla.by_rank(run, sizes, params["axis_name"], x, w)
+    return static_grouped_matmul(
+        x, w, sizes, params["axis_name"], trans_weight=params["trans_weight"]
+    )
 
 
 def _dispatch_composition(*operands, impl, parallelism, platforms, **params):

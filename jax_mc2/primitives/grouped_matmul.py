@@ -162,22 +162,29 @@ def grouped_matmul_xla(x, w, offsets, *, trans_weight):
     return lax.cond(finite, ragged, _selected_dense_gmm, x, w, offsets).astype(x.dtype)
 
 
-def _on_xla_gemm(dtype, rows, k, n, parallelism, static_sizes):
-    """Whether the ``ffi`` rules multiply on XLA's GEMM, one dot a group:
-    static sizes, and :func:`ffi.gemm_engine` picks it for this product."""
+def on_xla_gemm(dtype, rows, k, n, parallelism, static_sizes) -> bool:
+    """Whether the ``ffi`` rules multiply ``rows`` rows (k deep, n wide) on
+    XLA's GEMM, one dot a group: static sizes, and :func:`ffi.gemm_engine`
+    picks it for this product (docs/semantics.md §12)."""
     if static_sizes is None:
         return False
     return ffi.gemm_engine(dtype, k, parallelism, product=rows * k * n) == ffi.XLA_DOT
 
 
+def static_grouped_matmul(x, w, static_sizes, rank_axis, *, trans_weight):
+    """The grouped matmul on XLA's GEMM with each rank's static group sizes
+    (one tuple per rank along ``rank_axis``)."""
+
+    def run(sizes, x, w):
+        return xla.grouped_matmul_static(x, w, sizes, transpose_w=trans_weight)
+
+    return xla.by_rank(run, static_sizes, rank_axis, x, w)
+
+
 def _ffi_gmm(x, w, offsets, *, trans_weight, parallelism, static_sizes, rank_axis):
     k, n = x.shape[1], w.shape[1] if trans_weight else w.shape[2]
-    if _on_xla_gemm(x.dtype, x.shape[0], k, n, parallelism, static_sizes):
-
-        def run(sizes, x, w):
-            return xla.grouped_matmul_static(x, w, sizes, transpose_w=trans_weight)
-
-        return xla.by_rank(run, static_sizes, rank_axis, x, w)
+    if on_xla_gemm(x.dtype, x.shape[0], k, n, parallelism, static_sizes):
+        return static_grouped_matmul(x, w, static_sizes, rank_axis, trans_weight=trans_weight)
     rows = jnp.arange(x.shape[0], dtype=_I32)
     return ffi.grouped_matmul(
         x,
@@ -205,7 +212,7 @@ def _wgrad_xla(x, dy, offsets, *, trans_weight):
 
 
 def _wgrad_ffi(x, dy, offsets, *, trans_weight, parallelism, static_sizes, rank_axis):
-    if _on_xla_gemm(x.dtype, x.shape[0], x.shape[1], dy.shape[1], parallelism, static_sizes):
+    if on_xla_gemm(x.dtype, x.shape[0], x.shape[1], dy.shape[1], parallelism, static_sizes):
 
         def run(sizes, x, dy):
             return xla.grouped_weight_gradient_static(x, dy, sizes, transpose_w=trans_weight)
