@@ -1,13 +1,13 @@
 // mc2_add_rms_norm_ffi: the epilogue of matmul + all-reduce + add + RMSNorm,
 // run on the all-reduced matmul output `mm`:
 //   y        = round(mm + residual)
-// `mm` is in the dtype, or (float16 / bfloat16) the float32 matmul
-// accumulator of one rank, rounded to the dtype as it is loaded: the same
-// values as rounding it first, without a pass that writes them.
 //   norm_out = y / sqrt(mean(y^2) + epsilon) * gamma
 // Statistics are fp32 over the already-rounded y; each element's square is
 // scaled by 1/n before the sum, and the fp16 and bf16 paths round where the
-// Ascend AddRmsNorm kernel rounds (see the per-dtype comments).
+// Ascend AddRmsNorm kernel rounds (see the per-dtype comments). `mm` is in
+// the dtype, or (float16 / bfloat16) the float32 matmul accumulator of one
+// rank, rounded to the dtype as it is loaded: the same values as rounding it
+// first, without a pass that writes them.
 #include <immintrin.h>
 
 #include <cmath>
